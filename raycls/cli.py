@@ -1,0 +1,156 @@
+"""The `raycls` command: a table of subcommands, each a thin shell over one package function.
+
+Errors a user can cause (RayclsError) print one message and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from raycls.errors import RayclsError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Ray-distributed hyperparameter search for image classification.")  # fmt: skip
+space_app = typer.Typer(no_args_is_help=True, help="Inspect search-space YAMLs.")
+app.add_typer(space_app, name="space")
+console = Console()
+
+SetOption = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a config path: --set train.lr=0.01 (repeatable).")
+]
+StorageOption = Annotated[
+    Optional[str],
+    typer.Option("--storage", help="Results root: a path or s3:// / gs:// URI. Default $RAYCLS_STORAGE or ./raycls_results."),
+]
+
+
+def storage_root(storage: str | None) -> str:
+    return storage or os.environ.get("RAYCLS_STORAGE") or str(Path("raycls_results").absolute())
+
+
+# ------------------------------------------------------------------------------------------- train
+@app.command()
+def train(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML; its `base` config is trained.")],
+    set_: SetOption = None,
+    no_ray: Annotated[bool, typer.Option("--no-ray", help="Run in this process (breakpoint() works).")] = False,
+    fast_dev_run: Annotated[bool, typer.Option("--fast-dev-run", help="Two batches of each split per epoch.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: under the storage root).")] = None,
+    storage: StorageOption = None,
+) -> None:
+    """Train one trial with the space's `base` config (plus --set overrides)."""
+    from raycls.config import load_experiment, parse_overrides, resolve_trial
+
+    experiment = load_experiment(space, parse_overrides(set_ or []))
+    config = resolve_trial(experiment)
+    out = out or Path(storage_root(storage)) / experiment.name / "train" / time.strftime("%Y%m%d-%H%M%S")
+    if "://" in str(out):
+        raise RayclsError(f"--out {out}: `raycls train` writes to a local folder; use --out DIR")
+    started = time.perf_counter()
+    if no_ray:
+        summary = _train_in_process(config, out, experiment.experiment.metric, experiment.experiment.mode, fast_dev_run)
+    else:
+        from raycls.train.ray_train import train_with_ray
+
+        console.print(f"[dim]Ray Train: {experiment.experiment.resources.workers} worker(s); use --no-ray to debug in-process[/]")
+        summary = train_with_ray(config, out, resources=experiment.experiment.resources,
+                                 metric=experiment.experiment.metric, mode=experiment.experiment.mode,
+                                 fast_dev_run=fast_dev_run, on_epoch=_print_epoch)  # fmt: skip
+    _print_summary(summary, time.perf_counter() - started)
+    console.print(f"Wrote config.json, metrics.json and checkpoints/ to [bold]{out}[/]")
+
+
+def _print_epoch(metrics: dict[str, float]) -> None:
+    shown = {k: metrics[k] for k in ("epoch", "train_loss", "val_loss", "val_acc", "images_per_s") if k in metrics}
+    console.print("  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
+
+def _train_in_process(config, out: Path, metric: str, mode: str, fast_dev_run: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from raycls.train import run_local
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("{task.fields[metrics]}"), console=console) as bar:  # fmt: skip
+        state = {"epoch": 1, "task": bar.add_task("epoch 1", total=None, metrics="")}
+
+        def on_progress(done: int, total: int) -> None:
+            bar.update(state["task"], completed=done, total=total)
+
+        def on_epoch(metrics: dict[str, float]) -> None:
+            text = f"val_acc={metrics.get('val_acc', float('nan')):.4f} loss={metrics.get('train_loss', float('nan')):.4f}"
+            bar.update(state["task"], metrics=text)
+            if metrics["epoch"] < config.train.epochs:
+                state["epoch"] += 1
+                state["task"] = bar.add_task(f"epoch {state['epoch']}", total=None, metrics="")
+
+        return run_local(config, out, metric=metric, mode=mode, fast_dev_run=fast_dev_run,
+                         progress=on_progress, on_epoch=on_epoch)  # fmt: skip
+
+
+def _print_summary(summary, seconds: float) -> None:
+    table = Table(title=f"Trial finished in {seconds:.1f} s (best epoch {summary.best_epoch} by {summary.metric})")
+    table.add_column("metric")
+    table.add_column("final", justify="right")
+    table.add_column("best", justify="right")
+    for key, value in summary.final.items():
+        best = summary.best.get(key)
+        table.add_row(key, f"{value:.4g}", "" if best is None else f"{best:.4g}")
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------------- space
+@space_app.command("validate")
+def space_validate(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML to check.")],
+    samples: Annotated[int, typer.Option(help="How many parameter sets to sample and resolve.")] = 3,
+    set_: SetOption = None,
+) -> None:
+    """Check a search-space YAML and print parameter sets sampled from it."""
+    from raycls.config import load_experiment, parse_overrides
+    from raycls.config.sampling import sample_configs
+
+    experiment = load_experiment(space, parse_overrides(set_ or []))
+    table = Table(title=f"{experiment.name}: {len(experiment.space.params)} parameters, "
+                        f"{experiment.experiment.trials} trials by {experiment.search.algorithm}")  # fmt: skip
+    table.add_column("parameter")
+    table.add_column("distribution")
+    table.add_column("when")
+    for path, param in experiment.space.params.items():
+        spec = param.model_dump(exclude={"when", "type"})
+        table.add_row(path, f"{param.type} {spec}", str(param.when or ""))
+    console.print(table)
+    for i, (params, _config) in enumerate(sample_configs(experiment, samples, seed=experiment.search.seed)):
+        console.print(f"sample {i + 1}: {params}")
+    console.print(f"[green]OK[/] {space}")
+
+
+# -------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except RayclsError as err:
+        console.print(f"[red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as err:  # click's usage errors
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Typed, frozen configs: one small model per component, and the TrialConfig that holds them.
+
+A TrialConfig fully determines a trial together with its `seed`; it round-trips through JSON exactly, so the
+leaderboard can store it and `raycls train --trial` can replay it. Field names are the field's own words and
+are the same in YAML, code and leaderboard columns (`train.lr`, `model.name`, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+from raycls.registry import check_name
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Frozen(BaseModel):
+    """Unknown keys are errors (a typo must never be silently ignored); instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DataConfig(Frozen):
+    name: str = "digits"
+    # None: $RAYCLS_DATA, else ~/.cache/raycls/data. Each dataset lives in its own subfolder of root.
+    root: str | None = None
+    # ImageFolder datasets only: the folder holding train/ (and optionally val/, test/).
+    path: str | None = None
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    # Keep a stratified subset of this many training images (quick runs, tests); None keeps all.
+    train_subset: PositiveInt | None = None
+    # Resize images on the device to this side length; None keeps the dataset's native size.
+    image_size: PositiveInt | None = None
+    # ImageFolder datasets are decoded once to this side length (they may be any size on disk).
+    folder_size: PositiveInt = 64
+    download: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return check_name("dataset", name)
+
+
+class ModelConfig(Frozen):
+    name: str = "small_cnn"
+    pretrained: bool = False
+    # Width multiplier of raycls's own small CNN (channels of its first stage); timm models take `kwargs`.
+    width: PositiveInt = 32
+    drop_rate: Fraction = 0.0
+    drop_path_rate: Fraction = 0.0
+    # Small inputs (<= 64 px) get a CIFAR stem on ResNet-like models (3x3 conv, no max-pool) and a small
+    # patch on ViTs; "auto" decides from the image size.
+    small_input: Literal["auto", "on", "off"] = "auto"
+    # Passed through to timm.create_model (e.g. {patch_size: 4}).
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return check_name("model", name)
+
+
+class PhaseConfig(Frozen):
+    """Common to every phase; each phase registers its own subclass in PHASE_CONFIGS."""
+
+    name: str
+
+
+class SupervisedConfig(PhaseConfig):
+    name: Literal["supervised"] = "supervised"
+    label_smoothing: Fraction = 0.0
+    # MixUp / CutMix (timm's implementation); 0 disables each.
+    mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+
+
+# Phase configs live here (not in phases/) so that a config validates without importing the training code;
+# phases/ registers one implementation per name and a contract test checks the two registries agree.
+PHASE_CONFIGS: dict[str, type[PhaseConfig]] = {"supervised": SupervisedConfig}
+
+
+class TrainConfig(Frozen):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 512
+    optimizer: str = "sgd"
+    lr: Annotated[float, Field(gt=0.0)] = 0.1
+    weight_decay: Annotated[float, Field(ge=0.0)] = 5e-4
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    nesterov: bool = True
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    scheduler: str = "cosine"
+    # Linear warm-up, in epochs (fractions allowed), before the schedule proper.
+    warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
+    # The cosine schedule ends at lr * min_lr_ratio.
+    min_lr_ratio: Fraction = 0.0
+    # Clip the global gradient norm to this value; None disables clipping.
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = None
+    # bf16 autocast: "auto" turns it on for CUDA only (CPU bf16 matmuls are slower than fp32 on most CPUs).
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    # channels_last memory format: "auto" turns it on for CUDA only.
+    channels_last: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        return check_name("optimizer", name)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        return check_name("scheduler", name)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainConfig":
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
+        return self
+
+
+class AugmentConfig(Frozen):
+    """Train-time augmentations, run on the device on whole batches. Each field names a registered op."""
+
+    hflip: bool = False
+    # Random crop back to the input size after reflect-padding by this many pixels; 0 disables.
+    random_crop: Annotated[int, Field(ge=0)] = 0
+    # Cutout: zero one square of this side per image; 0 disables.
+    cutout: Annotated[int, Field(ge=0)] = 0
+
+
+class EvalConfig(Frozen):
+    # Top-k accuracy reported beside top-1 (capped at the number of classes).
+    topk: PositiveInt = 5
+
+
+class TrialConfig(Frozen):
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    phase: SerializeAsAny[PhaseConfig] = Field(default_factory=SupervisedConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("phase", mode="before")
+    @classmethod
+    def _dispatch_phase(cls, value: Any) -> Any:
+        # Each phase has its own config class; pick it by `name` so its own fields are validated.
+        if isinstance(value, dict):
+            name = value.get("name", "supervised")
+            if name not in PHASE_CONFIGS:
+                raise ValueError(f"unknown phase {name!r}; known: {', '.join(sorted(PHASE_CONFIGS))}")
+            return PHASE_CONFIGS[name].model_validate({**value, "name": name})
+        return value
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrialConfig":
+        return cls.model_validate_json(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

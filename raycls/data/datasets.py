@@ -1,0 +1,303 @@
+"""The dataset registry: every dataset is read into uint8 arrays held in memory (and later on the device).
+
+Small-image datasets (digits, MNIST, CIFAR) fit in memory many times over, and device-resident batches are
+what makes small-model training fast (airbench's lesson). Each reader looks in `<root>/<folder>/` first, in
+the format of the real copies in shared/data (see its README) and in torchvision's layout, and downloads
+through torchvision only when the files are missing and `data.download` is true.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import lzma
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raycls.config.schema import DataConfig
+from raycls.errors import DataError
+from raycls.registry import Registry
+
+
+@dataclass(frozen=True)
+class ArrayData:
+    """Images as uint8 [N, C, H, W] and integer labels [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise DataError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray | torch.Tensor) -> "ArrayData":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return ArrayData(self.images[index], self.labels[index], self.classes)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[-1])
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """What a reader returns: the training pool (validation is carved from it) and the test set if any."""
+
+    train: ArrayData | None
+    test: ArrayData | None
+
+
+Reader = Callable[[DataConfig, Path], RawDataset]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    read: Reader
+    # Evaluation-only datasets (CIFAR-10.1) have no training split.
+    eval_only: bool = False
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def register_dataset(name: str, *, eval_only: bool = False) -> Callable[[Reader], Reader]:
+    def add(read: Reader) -> Reader:
+        DATASETS.register(name)(DatasetSpec(read, eval_only))
+        return read
+
+    return add
+
+
+def data_root(config: DataConfig) -> Path:
+    root = config.root or os.environ.get("RAYCLS_DATA") or Path.home() / ".cache" / "raycls" / "data"
+    return Path(root).expanduser()
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("RAYCLS_CACHE", Path.home() / ".cache" / "raycls" / "cache")).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def from_hwc(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> ArrayData:
+    array = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2))
+    return ArrayData(torch.from_numpy(array), torch.as_tensor(np.asarray(labels), dtype=torch.long), classes)
+
+
+def _download_error(name: str, where: Path, err: Exception) -> DataError:
+    return DataError(
+        f"dataset {name!r}: files not found under {where} and the download failed ({type(err).__name__}: {err}). "
+        f"Put the files there, point data.root / $RAYCLS_DATA at a folder holding them, or go online."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- digits
+@register_dataset("digits")
+def read_digits(config: DataConfig, root: Path) -> RawDataset:
+    """The 1,797 real 8x8 handwritten digits that ship inside scikit-learn: no download, trains in seconds."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # Pixel values are 0..16 (counts of set pixels in 4x4 blocks); scale to the uint8 range.
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    classes = tuple(str(c) for c in digits.target_names)
+    return RawDataset(ArrayData(torch.from_numpy(images), torch.as_tensor(digits.target), classes), None)
+
+
+# ------------------------------------------------------------------------------------- MNIST family
+def read_idx(path: Path) -> np.ndarray:
+    """The IDX format of MNIST's files (optionally gzipped): magic, dims, then raw uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise DataError(f"{path}: header says {shape} but holds {array.size} values")
+    return array.reshape(shape)
+
+
+def _find(folders: list[Path], stem: str) -> Path | None:
+    for folder in folders:
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _read_mnist_like(config: DataConfig, root: Path, folder: str, tv_name: str, classes: tuple[str, ...]) -> RawDataset:
+    base = root / folder
+    folders = [base, base / tv_name / "raw"]
+    stems = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
+    if any(_find(folders, stem) is None for pair in stems.values() for stem in pair):
+        if not config.download:
+            raise DataError(f"dataset {config.name!r}: IDX files not found under {base} and data.download is false")
+        import torchvision.datasets as tvd
+
+        try:
+            for train in (True, False):
+                getattr(tvd, tv_name)(root=str(base), train=train, download=True)
+        except Exception as err:  # torchvision raises URLError, RuntimeError, ... depending on the failure
+            raise _download_error(config.name, base, err) from err
+    splits = {}
+    for split, (images_stem, labels_stem) in stems.items():
+        images = read_idx(_find(folders, images_stem))  # type: ignore[arg-type]
+        labels = read_idx(_find(folders, labels_stem))  # type: ignore[arg-type]
+        splits[split] = ArrayData(torch.from_numpy(images.copy())[:, None], torch.as_tensor(labels.astype(np.int64)), classes)
+    return RawDataset(splits["train"], splits["test"])
+
+
+@register_dataset("mnist")
+def read_mnist(config: DataConfig, root: Path) -> RawDataset:
+    return _read_mnist_like(config, root, "mnist", "MNIST", tuple(str(i) for i in range(10)))
+
+
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+
+
+@register_dataset("fashion_mnist")
+def read_fashion_mnist(config: DataConfig, root: Path) -> RawDataset:
+    return _read_mnist_like(config, root, "fashion-mnist", "FashionMNIST", FASHION_CLASSES)
+
+
+# ------------------------------------------------------------------------------------------ CIFAR family
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """Load `.npy`, or `.npy.xz` through a one-time decompressed cache (lzma costs ~10 s for CIFAR-10)."""
+    if path.suffix != ".xz":
+        return np.load(path, mmap_mode="r")
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = cache_dir() / f"{path.stem}.{key}.npy"
+    if not cached.exists():
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        with lzma.open(path) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+        os.replace(tmp, cached)  # atomic: concurrent workers never read a half-written cache
+    return np.load(cached, mmap_mode="r")
+
+
+def _array_file(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.npy", f"{stem}.npy.xz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+@register_dataset("cifar10")
+def read_cifar10(config: DataConfig, root: Path) -> RawDataset:
+    base = root / "cifar10"
+    files = {s: (_array_file(base, f"{s}_images"), _array_file(base, f"{s}_labels")) for s in ("train", "test")}
+    if all(a and b for a, b in files.values()):
+        # The array format of shared/data: uint8 [N, 32, 32, 3] HWC, labels uint8 [N].
+        return RawDataset(
+            *(from_hwc(load_npy(files[s][0]), load_npy(files[s][1]), CIFAR10_CLASSES) for s in ("train", "test"))  # type: ignore[arg-type]
+        )
+    return _read_torchvision_cifar(config, base, "CIFAR10")
+
+
+@register_dataset("cifar100")
+def read_cifar100(config: DataConfig, root: Path) -> RawDataset:
+    return _read_torchvision_cifar(config, root / "cifar100", "CIFAR100")
+
+
+def _read_torchvision_cifar(config: DataConfig, base: Path, tv_name: str) -> RawDataset:
+    import torchvision.datasets as tvd
+
+    try:
+        splits = [getattr(tvd, tv_name)(root=str(base), train=t, download=config.download) for t in (True, False)]
+    except Exception as err:
+        raise _download_error(config.name, base, err) from err
+    return RawDataset(*(from_hwc(s.data, np.asarray(s.targets), tuple(s.classes)) for s in splits))
+
+
+CIFAR10_1_URL = "https://github.com/modestyachts/CIFAR-10.1/raw/master/datasets/"
+CIFAR10_1_FILES = ("cifar10.1_v6_data.npy", "cifar10.1_v6_labels.npy")
+
+
+@register_dataset("cifar10_1", eval_only=True)
+def read_cifar10_1(config: DataConfig, root: Path) -> RawDataset:
+    """CIFAR-10.1 (Recht et al. 2018), v6: 2,000 new test images for CIFAR-10 models; evaluation only."""
+    base = root / "cifar10_1"
+    paths = [base / name for name in CIFAR10_1_FILES]
+    if not all(p.is_file() for p in paths):
+        if not config.download:
+            raise DataError(f"dataset 'cifar10_1': {', '.join(CIFAR10_1_FILES)} not found under {base}")
+        from torchvision.datasets.utils import download_url
+
+        try:
+            for name in CIFAR10_1_FILES:
+                download_url(CIFAR10_1_URL + name, str(base), name)
+        except Exception as err:
+            raise _download_error("cifar10_1", base, err) from err
+    images, labels = (np.load(p) for p in paths)
+    return RawDataset(None, from_hwc(images, labels, CIFAR10_CLASSES))
+
+
+# ------------------------------------------------------------------------------------------- folder
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def read_image_folder(folder: Path, size: int) -> ArrayData:
+    """ImageFolder layout: one subfolder per class. Images are decoded once, as RGB, resized to size x size."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist")
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise DataError(f"image folder {folder} has no class subfolders (expected {folder}/<class>/<image>)")
+    images, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for file in files:
+            try:
+                with Image.open(file) as image:
+                    rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            except (UnidentifiedImageError, OSError) as err:
+                raise DataError(f"unreadable image {file}: {err}") from None
+            images.append(np.asarray(rgb, dtype=np.uint8))
+            labels.append(label)
+    return from_hwc(np.stack(images), np.asarray(labels), tuple(p.name for p in class_dirs))
+
+
+@register_dataset("folder")
+def read_folder(config: DataConfig, root: Path) -> RawDataset:
+    if config.path is None:
+        raise DataError("dataset 'folder' needs data.path: a folder holding train/<class>/<image> (and val/ or test/)")
+    base = Path(config.path).expanduser()
+    if not base.is_dir():
+        raise DataError(f"data.path {base} does not exist")
+    train_dir = base / "train" if (base / "train").is_dir() else base
+    test_dir = next((base / n for n in ("test", "val") if (base / n).is_dir()), None)
+    train = read_image_folder(train_dir, config.folder_size)
+    test = read_image_folder(test_dir, config.folder_size) if test_dir else None
+    if test is not None and test.classes != train.classes:
+        raise DataError(f"{test_dir} classes {test.classes} differ from {train_dir} classes {train.classes}")
+    return RawDataset(train, test)

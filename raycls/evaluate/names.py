@@ -1,0 +1,32 @@
+"""Metric names, defined once. ASHA, W&B, Parquet columns and `metrics.json` all use these strings."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+EPOCH = "epoch"
+LR = "lr"
+TRAIN_LOSS = "train_loss"
+VAL_LOSS = "val_loss"
+VAL_ACC = "val_acc"
+IMAGES_PER_S = "images_per_s"  # training images per second, all workers together
+EPOCH_S = "epoch_s"  # seconds of training + validation in the epoch (time spent in the loop)
+
+
+def val_topk(k: int) -> str:
+    return f"val_top{k}"
+
+
+Mode = Literal["max", "min"]
+
+# Which way is better, for picking the best epoch of a metric. Unlisted metrics are not ranked.
+MODES: dict[str, Mode] = {
+    VAL_ACC: "max",
+    VAL_LOSS: "min",
+    TRAIN_LOSS: "min",
+    **{val_topk(k): "max" for k in (2, 3, 5, 10)},
+}
+
+
+def mode_of(metric: str) -> Mode:
+    return MODES.get(metric, "max")

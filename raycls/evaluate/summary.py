@@ -1,0 +1,55 @@
+"""From a trial's per-epoch metrics to its summary: final values, best values, best epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from raycls.evaluate.names import EPOCH, Mode, mode_of
+
+
+@dataclass(frozen=True)
+class Summary:
+    metric: str
+    mode: Mode
+    best_epoch: int | None = None
+    # Every metric at the epoch where `metric` was best (the leaderboard's row).
+    at_best: dict[str, float] = field(default_factory=dict)
+    # Every metric at the last epoch.
+    final: dict[str, float] = field(default_factory=dict)
+    # Each ranked metric's own best value over epochs (metrics.json's "best").
+    best: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "mode": self.mode, "best_epoch": self.best_epoch,
+                "at_best": self.at_best, "final": self.final, "best": self.best}  # fmt: skip
+
+
+def _better(a: float, b: float, mode: Mode) -> bool:
+    return a > b if mode == "max" else a < b
+
+
+def summarize(history: Sequence[dict[str, float]], metric: str, mode: Mode | None = None) -> Summary:
+    mode = mode or mode_of(metric)
+    if not history:
+        return Summary(metric, mode)
+    scored = [h for h in history if metric in h]
+    best_row = scored[0] if scored else history[-1]
+    for row in scored[1:]:
+        if _better(row[metric], best_row[metric], mode):
+            best_row = row
+    best: dict[str, float] = {}
+    for row in history:
+        for key, value in row.items():
+            if key == EPOCH:
+                continue
+            if key not in best or _better(value, best[key], mode_of(key)):
+                best[key] = value
+    return Summary(
+        metric=metric,
+        mode=mode,
+        best_epoch=int(best_row.get(EPOCH, len(history))),
+        at_best=dict(best_row),
+        final=dict(history[-1]),
+        best=best,
+    )

@@ -1,0 +1,49 @@
+"""Reading and writing model weights. Lives with the models so a phase that loads a teacher, or a chain that
+starts from a previous phase, never reaches into train/. Files are plain state_dicts: loadable with
+`torch.load(path, weights_only=True)` (no pickled code runs when a checkpoint is opened).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from raycls.errors import CheckpointError
+
+WEIGHTS_FILE = "model.pt"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers: its state_dict keys carry no prefixes."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    atomic_save({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, path)
+
+
+def load_weights(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from None

@@ -1,0 +1,59 @@
+"""The backbone registry: raycls's own models by name, and every timm model by its timm name.
+
+A factory returns a classifier with timm's interface (`forward_features`, `forward_head(x, pre_logits=...)`,
+`num_features`), so phases can put their own heads on the embedding of any backbone.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from raycls.config.schema import ModelConfig
+from raycls.errors import RegistryError
+from raycls.registry import Registry
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    num_classes: int
+    in_chans: int
+    image_size: int
+
+
+ModelFactory = Callable[[ModelConfig, InputSpec], nn.Module]
+
+
+class ModelRegistry(Registry[ModelFactory]):
+    """Registered names first; any other name that timm knows is built by `timm_factory`."""
+
+    fallback: ModelFactory | None = None
+
+    def get(self, name: str) -> ModelFactory:
+        if name in self._entries:
+            return self._entries[name]
+        import timm
+
+        if self.fallback is not None and timm.is_model(name):
+            return self.fallback
+        close = difflib.get_close_matches(name, self.names() + timm.list_models(), n=5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise RegistryError(
+            f"unknown model {name!r}: raycls models are {', '.join(self.names())}, "
+            f"or any timm model (timm.list_models()){hint}"
+        )
+
+    def __contains__(self, name: object) -> bool:
+        import timm
+
+        return name in self._entries or (isinstance(name, str) and timm.is_model(name))
+
+
+MODELS = ModelRegistry("model")
+
+
+def create_model(config: ModelConfig, spec: InputSpec) -> nn.Module:
+    return MODELS.get(config.name)(config, spec)

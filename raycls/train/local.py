@@ -1,0 +1,60 @@
+"""One trial in this process, no Ray: `raycls train --no-ray` (so `breakpoint()` works) and tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from raycls.config.schema import TrialConfig
+from raycls.evaluate.names import Mode
+from raycls.evaluate.summary import Summary, summarize
+from raycls.files import replace_dir, write_json_atomic
+from raycls.train.loop import Metrics, ProgressFn, RunContext, fit
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class KeepBestReporter:
+    """Keeps `checkpoints/last` and `checkpoints/best` (by `metric`) under `out`."""
+
+    def __init__(self, out: Path, metric: str, mode: Mode, on_epoch: Callable[[Metrics], None] | None = None):
+        self.out, self.metric, self.mode, self.on_epoch = out, metric, mode, on_epoch
+        self.best: float | None = None
+
+    def __call__(self, metrics: Metrics, checkpoint: Path | None) -> None:
+        if checkpoint is not None:
+            replace_dir(checkpoint, self.out / "checkpoints" / "last")
+            value = metrics.get(self.metric)
+            if value is not None and (self.best is None or (value > self.best if self.mode == "max" else value < self.best)):
+                self.best = value
+                replace_dir(checkpoint, self.out / "checkpoints" / "best")
+        if self.on_epoch is not None:
+            self.on_epoch(metrics)
+
+
+def run_local(
+    config: TrialConfig,
+    out: Path,
+    *,
+    metric: str = "val_acc",
+    mode: Mode = "max",
+    fast_dev_run: bool = False,
+    device: torch.device | None = None,
+    progress: ProgressFn | None = None,
+    on_epoch: Callable[[Metrics], None] | None = None,
+) -> Summary:
+    """Train `config`; write config.json, metrics.json and checkpoints/{last,best} into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / CONFIG_FILE, config.to_dict())
+    ctx = RunContext(device=device or default_device(), limit_batches=2 if fast_dev_run else None, progress=progress)
+    history = fit(config, KeepBestReporter(out, metric, mode, on_epoch), ctx)
+    summary = summarize(history, metric, mode)
+    write_json_atomic(out / METRICS_FILE, {**summary.to_dict(), "history": history})
+    return summary
