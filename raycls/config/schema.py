@@ -11,7 +11,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from raycls.registry import check_name
+from raycls.errors import RegistryError
+from raycls.registry import check_name as _check_name
+
+
+def check_name(family: str, name: str) -> str:
+    # pydantic collects ValueErrors (with their location); a RegistryError is a KeyError, so convert it.
+    try:
+        return _check_name(family, name)
+    except RegistryError as err:
+        raise ValueError(str(err)) from None
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]

@@ -95,8 +95,9 @@ def cache_dir() -> Path:
 
 
 def from_hwc(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...]) -> ArrayData:
-    array = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2))
-    return ArrayData(torch.from_numpy(array), torch.as_tensor(np.asarray(labels), dtype=torch.long), classes)
+    # A real copy: the source may be a read-only memory map of the dataset cache.
+    array = np.array(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2), order="C", copy=True)
+    return ArrayData(torch.from_numpy(array), torch.tensor(np.array(labels, dtype=np.int64)), classes)
 
 
 def _download_error(name: str, where: Path, err: Exception) -> DataError:

@@ -1,0 +1,34 @@
+"""Shared fixtures. Real data comes from ../shared/data (see its README) or $RAYCLS_TEST_DATA."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RAYCLS_TEST_DATA", REPO.parent / "shared" / "data"))
+
+# Offline machines: make hub lookups fail at once instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "README.md").is_file():
+        pytest.skip(f"real datasets not found at {SHARED_DATA} (set RAYCLS_TEST_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Decompressed dataset caches go to a per-session folder unless the user set one (CIFAR-10: ~10 s once).
+    os.environ.setdefault("RAYCLS_CACHE", str(Path.home() / ".cache" / "raycls" / "cache"))
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

@@ -1,0 +1,130 @@
+"""Datasets from real files (shared/data, digits), splits, loaders, augmentations, and their clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from raycls.config import AugmentConfig, DataConfig
+from raycls.data import AUGMENTATIONS, BatchLoader, load_splits
+from raycls.data.datasets import DATASETS, read_cifar10_1, read_idx
+from raycls.errors import DataError
+
+
+def test_digits_split_is_stratified_and_seeded() -> None:
+    a = load_splits(DataConfig(name="digits", val_fraction=0.2), seed=0)
+    b = load_splits(DataConfig(name="digits", val_fraction=0.2), seed=0)
+    c = load_splits(DataConfig(name="digits", val_fraction=0.2), seed=1)
+    assert len(a.train) + len(a.val) == 1797 and a.test is None
+    assert torch.equal(a.val.labels, b.val.labels) and not torch.equal(a.val.images, c.val.images)
+    share = torch.bincount(a.val.labels, minlength=10) / torch.bincount(a.train.labels, minlength=10)
+    assert share.min() > 0.2 and share.max() < 0.3  # every class split ~20/80
+    assert a.train.images.shape[1:] == (1, 8, 8) and a.train.images.dtype == torch.uint8
+
+
+def test_mnist_and_fashion_from_idx_files(shared_data: Path) -> None:
+    for name, folder in [("mnist", "mnist"), ("fashion_mnist", "fashion-mnist")]:
+        raw = DATASETS.get(name).read(DataConfig(name=name, download=False), shared_data)
+        assert raw.train.images.shape == (60000, 1, 28, 28) and raw.test.images.shape == (10000, 1, 28, 28)
+        assert set(raw.test.labels.unique().tolist()) == set(range(10))
+    mean = raw.train.images.float().mean() / 255  # fashion-mnist's published mean is 0.2860
+    assert abs(mean.item() - 0.2860) < 0.002
+
+
+def test_cifar10_array_format_subset_is_stratified(shared_data: Path) -> None:
+    splits = load_splits(DataConfig(name="cifar10", root=str(shared_data), train_subset=1000), seed=0)
+    assert len(splits.train) + len(splits.val) == 1000
+    assert torch.bincount(splits.train.labels, minlength=10).min() >= 85  # sorted-by-class file, still balanced
+    assert splits.test is not None and len(splits.test) == 10000
+    assert splits.train.images.shape[1:] == (3, 32, 32)
+    assert abs(splits.mean[0] - 0.4914) < 0.03 and abs(splits.std[2] - 0.2616) < 0.03
+
+
+def test_cifar10_1_reader_on_a_file_in_its_format(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar10_1"
+    folder.mkdir()
+    images = np.random.default_rng(0).integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    np.save(folder / "cifar10.1_v6_data.npy", images)
+    np.save(folder / "cifar10.1_v6_labels.npy", np.arange(20) % 10)
+    raw = read_cifar10_1(DataConfig(name="cifar10_1", download=False), tmp_path)
+    assert raw.train is None and torch.equal(raw.test.images[3].permute(1, 2, 0), torch.from_numpy(images[3]))
+    with pytest.raises(DataError, match="evaluation-only"):
+        load_splits(DataConfig(name="cifar10_1", root=str(tmp_path)), seed=0)
+
+
+def test_missing_files_without_download_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found under .*mnist.*download is false"):
+        load_splits(DataConfig(name="mnist", root=str(tmp_path), download=False), seed=0)
+
+
+def test_idx_rejects_other_files(tmp_path: Path) -> None:
+    (tmp_path / "x").write_bytes(b"hello world")
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(tmp_path / "x")
+
+
+def test_folder_dataset_real_jpegs(shared_data: Path) -> None:
+    config = DataConfig(name="folder", path=str(shared_data / "imagenette-mini"), folder_size=32)
+    splits = load_splits(config, seed=0)
+    assert len(splits.train) + len(splits.val) == 300 and len(splits.test) == 100
+    assert splits.train.images.shape[1:] == (3, 32, 32)  # grayscale JPEGs converted to RGB
+    assert len(splits.train.classes) == 10 and splits.train.classes[0].startswith("n")
+
+
+def _folder(tmp_path: Path, counts: dict[str, int]) -> Path:
+    for cls, n in counts.items():
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (10, 12), (i * 20, 0, 0)).save(tmp_path / "train" / cls / f"{i}.png")
+    return tmp_path
+
+
+def test_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_splits(DataConfig(name="folder", path=str(tmp_path / "nope")), seed=0)
+    with pytest.raises(DataError, match="needs data.path"):
+        load_splits(DataConfig(name="folder"), seed=0)
+    root = _folder(tmp_path / "a", {"cat": 3, "dog": 0})
+    with pytest.raises(DataError, match=r"class folder .*dog holds no images"):
+        load_splits(DataConfig(name="folder", path=str(root)), seed=0)
+    root = _folder(tmp_path / "b", {"cat": 3, "dog": 3})
+    (root / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"unreadable image .*broken.jpg"):
+        load_splits(DataConfig(name="folder", path=str(root)), seed=0)
+
+
+def test_train_loader_shards_disjoint_and_eval_covers_all_once() -> None:
+    splits = load_splits(DataConfig(name="digits"), seed=0)
+    kw = dict(mean=splits.mean, std=splits.std, device=torch.device("cpu"), seed=0, world_size=2)
+    seen = []
+    for rank in range(2):
+        loader = BatchLoader(splits.val, 7, train=False, rank=rank, **kw)
+        seen += [y for _, y in loader]
+    assert sum(len(y) for y in seen) == len(splits.val)
+    train = [BatchLoader(splits.train, 16, train=True, rank=r, **kw) for r in range(2)]
+    assert len(train[0]) == len(train[1]) == (len(splits.train) + 1) // 2 // 16
+    x, _ = next(iter(train[0]))
+    assert x.shape == (16, 1, 8, 8) and abs(x.mean().item()) < 0.5  # normalised
+
+
+@pytest.mark.parametrize("name", AUGMENTATIONS.names())
+def test_every_augmentation_keeps_shape_and_changes_images(name: str) -> None:
+    x = torch.randn(64, 3, 16, 16)
+    value = {"hflip": True, "random_crop": 4, "cutout": 6}[name]
+    gen = torch.Generator().manual_seed(0)
+    y = AUGMENTATIONS.get(name)(x, value, gen)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    assert name in AugmentConfig.model_fields  # each op is configurable by its name
+
+
+def test_random_crop_is_a_shifted_window() -> None:
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(8, 1, 1, 1)
+    y = AUGMENTATIONS.get("random_crop")(x, 1, torch.Generator().manual_seed(0))
+    # Inside the 2x2 centre, every crop is the original shifted by at most one pixel.
+    for img in y:
+        centre = img[0, 1:3, 1:3]
+        assert any(torch.equal(centre, x[0, 0, 1 + dy : 3 + dy, 1 + dx : 3 + dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1))

@@ -1,0 +1,76 @@
+"""The model registry: our own models, timm models with small-input stems, pretrained offline, weight I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from raycls.config import ModelConfig
+from raycls.errors import RayclsError
+from raycls.models import MODELS, InputSpec, create_model, load_weights, save_weights
+
+CIFAR = InputSpec(num_classes=10, in_chans=3, image_size=32)
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_every_registered_model_has_timm_interface(name: str) -> None:
+    model = create_model(ModelConfig(name=name), InputSpec(num_classes=7, in_chans=1, image_size=8))
+    x = torch.randn(2, 1, 8, 8)
+    assert model(x).shape == (2, 7)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [("resnet18", "conv1"), ("densenet121", "features.conv0"), ("efficientnet_b0", "conv_stem"), ("mobilenetv3_small_050", "conv_stem")],
+)
+def test_cnn_small_input_stem_keeps_resolution(name: str, stem: str) -> None:
+    model = create_model(ModelConfig(name=name), CIFAR)
+    conv = model.get_submodule(stem)
+    assert conv.stride == (1, 1)
+    if name in ("resnet18", "densenet121"):
+        assert conv.kernel_size == (3, 3)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    big = create_model(ModelConfig(name=name), InputSpec(10, 3, 224))
+    assert big.get_submodule(stem).stride == (2, 2)  # ImageNet-size inputs keep timm's stem
+
+
+def test_resnet_cifar_stem_feature_map_is_4x4() -> None:
+    model = create_model(ModelConfig(name="resnet18"), CIFAR)
+    assert model.forward_features(torch.randn(1, 3, 32, 32)).shape[-1] == 4  # ImageNet stem would give 1
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_vit_small_input_uses_small_patches(name: str) -> None:
+    model = create_model(ModelConfig(name=name), CIFAR)
+    assert model.patch_embed.patch_size == (4, 4) and model.patch_embed.num_patches == 64
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_one_channel_input_for_timm() -> None:
+    assert create_model(ModelConfig(name="resnet18"), InputSpec(10, 1, 28))(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_pretrained_offline_fails_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache: the weights are not there
+    with pytest.raises(RayclsError, match="could not load timm weights for 'resnet18'.*pretrained=false"):
+        create_model(ModelConfig(name="resnet18", pretrained=True), CIFAR)
+
+
+def test_unknown_model_suggests_close_names() -> None:
+    with pytest.raises(RayclsError, match="did you mean .*resnet18"):
+        MODELS.get("resnet19x")
+
+
+def test_weights_round_trip_weights_only(tmp_path: Path) -> None:
+    model = create_model(ModelConfig(name="small_cnn", width=8), InputSpec(10, 1, 8))
+    save_weights(model, tmp_path / "model.pt")
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    other = create_model(ModelConfig(name="small_cnn", width=8), InputSpec(10, 1, 8))
+    other.load_state_dict(load_weights(tmp_path))
+    assert all(torch.equal(state[k], other.state_dict()[k]) for k in state)
+    with pytest.raises(RayclsError, match="no checkpoint"):
+        load_weights(tmp_path / "missing")

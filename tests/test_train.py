@@ -1,0 +1,138 @@
+"""The training loop on real data: fast-dev-runs, accuracy, determinism, checkpoints, resume, divergence."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raycls.config import TrialConfig
+from raycls.errors import NonFiniteLossError
+from raycls.train import RunContext, fit, run_local
+from raycls.train.optim import create_scheduler, lr_multiplier
+from raycls.train.steps import StepPolicy, autocast, clip_gradients
+
+from .conftest import REPO
+
+
+def digits(**train) -> TrialConfig:
+    return TrialConfig.model_validate({
+        "data": {"name": "digits", "val_fraction": 0.2}, "model": {"name": "small_cnn", "width": 16},
+        "train": {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, **train},
+    })  # fmt: skip
+
+
+def test_short_digits_run_clears_090(tmp_path: Path) -> None:
+    summary = run_local(digits(epochs=6, warmup_epochs=1), tmp_path, device=torch.device("cpu"))
+    assert summary.best["val_acc"] >= 0.9
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["best"]["val_acc"] == summary.best["val_acc"] and len(saved["history"]) == 6
+    assert TrialConfig.model_validate(json.loads((tmp_path / "config.json").read_text())) == digits(epochs=6, warmup_epochs=1)
+    best = torch.load(tmp_path / "checkpoints" / "best" / "model.pt", weights_only=True)
+    assert json.loads((tmp_path / "checkpoints" / "best" / "metrics.json").read_text())["epoch"] == summary.best_epoch
+    assert all(torch.isfinite(v.float()).all() for v in best.values())
+
+
+def test_same_seed_same_losses_on_cpu() -> None:
+    runs = []
+    for _ in range(2):
+        history: list[dict] = []
+        fit(digits(), lambda m, c: history.append(m), RunContext())
+        runs.append([(h["train_loss"], h["val_loss"]) for h in history])
+    assert runs[0] == runs[1]
+    other: list[dict] = []
+    fit(digits().model_copy(update={"seed": 1}), lambda m, c: other.append(m), RunContext())
+    assert [(h["train_loss"], h["val_loss"]) for h in other] != runs[0]
+
+
+def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
+    kept: list[Path] = []
+
+    def keep(metrics: dict, checkpoint: Path | None) -> None:
+        if metrics["epoch"] == 1:
+            kept.append(Path(str(tmp_path / "epoch1")))
+            import shutil
+
+            shutil.copytree(checkpoint, kept[0])
+
+    full: list[dict] = []
+    fit(digits(epochs=3), lambda m, c: (keep(m, c), full.append(m)), RunContext())
+    resumed: list[dict] = []
+    fit(digits(epochs=3), lambda m, c: resumed.append(m), RunContext(resume_from=kept[0]))
+    assert [m["epoch"] for m in resumed] == [2, 3]
+    assert resumed[-1]["val_loss"] == pytest.approx(full[-1]["val_loss"], rel=1e-4)
+
+
+def test_diverging_run_raises_non_finite() -> None:
+    with pytest.raises(NonFiniteLossError, match="training diverged"):
+        fit(digits(optimizer="sgd", lr=1e30, momentum=0.0), lambda m, c: None, RunContext())
+
+
+def test_fast_dev_run_cifar10_subset_resnet18(tmp_path: Path, shared_data: Path) -> None:
+    config = TrialConfig.model_validate({
+        "data": {"name": "cifar10", "root": str(shared_data), "train_subset": 2000},
+        "model": {"name": "resnet18"}, "train": {"epochs": 1, "batch_size": 32},
+        "augment": {"hflip": True, "random_crop": 4, "cutout": 8},
+        "phase": {"name": "supervised", "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "label_smoothing": 0.1},
+    })  # fmt: skip
+    summary = run_local(config, tmp_path, fast_dev_run=True, device=torch.device("cpu"))
+    assert summary.final["epoch"] == 1 and summary.final["val_top5"] > 0
+    assert (tmp_path / "checkpoints" / "last" / "model.pt").is_file()
+
+
+def test_cli_train_fast_dev_run_digits(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "raycls.cli", "train", str(REPO / "search_spaces" / "quickstart.yaml"), "--no-ray",
+         "--fast-dev-run", "--out", str(out), "--set", "train.epochs=2", "--set", "model.width=8"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "val_acc" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["epochs"] == 2 and config["model"]["width"] == 8
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["final"]) >= {"train_loss", "val_loss", "val_acc", "epoch", "lr", "images_per_s"}
+
+
+def test_warmup_then_cosine_schedule() -> None:
+    config = digits(epochs=10, warmup_epochs=2).train
+    mult = [lr_multiplier(s, total_steps=100, warmup_steps=20, config=config) for s in range(100)]
+    assert mult[0] == pytest.approx(0.05) and mult[19] == pytest.approx(1.0)
+    assert mult[20] == pytest.approx(1.0) and mult[60] == pytest.approx(0.5, abs=0.02) and mult[-1] < 0.01
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = create_scheduler(config, opt, steps_per_epoch=10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.05)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_clip_gradients_caps_global_norm() -> None:
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    assert clip_gradients([p], 1.0).item() == pytest.approx(5.0)
+    assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+    assert clip_gradients([p], None) is None
+
+
+def test_step_policy_auto_is_off_on_cpu_and_bf16_on_request() -> None:
+    cpu = torch.device("cpu")
+    assert not StepPolicy.resolve(digits().train, cpu).bf16
+    policy = StepPolicy.resolve(digits(amp="bf16").train, cpu)
+    with autocast(policy):
+        assert (torch.randn(2, 2) @ torch.randn(2, 2)).dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_channels_last_run(tmp_path: Path) -> None:
+    summary = run_local(digits(epochs=3), tmp_path, device=torch.device("cuda"))
+    assert summary.best["val_acc"] > 0.8
+    policy = StepPolicy.resolve(digits().train, torch.device("cuda"))
+    assert policy.bf16 and policy.channels_last
