@@ -21,7 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Ray-distributed hyperparameter search for image classification.")  # fmt: skip
 space_app = typer.Typer(no_args_is_help=True, help="Inspect search-space YAMLs.")
 app.add_typer(space_app, name="space")
-console = Console()
+# Wide output when piped (rich would wrap to 80 columns), the terminal's width otherwise.
+console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 200)))
 
 SetOption = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a config path: --set train.lr=0.01 (repeatable).")
@@ -105,6 +106,114 @@ def _print_summary(summary, seconds: float) -> None:
         best = summary.best.get(key)
         table.add_row(key, f"{value:.4g}", "" if best is None else f"{best:.4g}")
     console.print(table)
+
+
+# -------------------------------------------------------------------------------------------- tune
+@app.command()
+def tune(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML.")],
+    set_: SetOption = None,
+    storage: StorageOption = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, or ray://host:10001. Default: a local Ray.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the experiment in the storage (after Ctrl-C or a crash).")] = False,
+    wandb: Annotated[Optional[str], typer.Option(help="W&B mode: auto, online, offline or disabled (overrides the YAML).")] = None,
+    num_cpus: Annotated[Optional[int], typer.Option(help="Logical CPUs of a local Ray (default: enough for the trials).")] = None,
+    top: Annotated[int, typer.Option(help="Trials to print from the leaderboard at the end.")] = 5,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's and the trials' own logs.")] = False,
+) -> None:
+    """Search the space: Optuna proposes trials, ASHA stops weak ones, every trial lands in the leaderboard."""
+    from raycls.config import load_experiment, parse_overrides
+    from raycls.tune.driver import TuneOptions, run_tune
+
+    if wandb not in (None, "auto", "online", "offline", "disabled"):
+        raise RayclsError(f"--wandb {wandb!r}: expected auto, online, offline or disabled")
+    experiment = load_experiment(space, parse_overrides(set_ or []))
+    started = time.perf_counter()
+    outcome = run_tune(experiment, TuneOptions(storage=storage_root(storage), address=address, resume=resume,
+                                               wandb_mode=wandb, num_cpus=num_cpus, verbose=verbose))  # fmt: skip
+    board = outcome.leaderboard.table
+    counts = {s: 0 for s in ("completed", "early_stopped", "failed")}
+    for status in board.column("status").to_pylist() if board.num_rows else []:
+        counts[status] = counts.get(status, 0) + 1
+    console.print(f"{experiment.name}: {board.num_rows} trials in the leaderboard "
+                  f"({', '.join(f'{v} {k}' for k, v in counts.items())}) in {time.perf_counter() - started:.0f} s")  # fmt: skip
+    _print_leaderboard(outcome.leaderboard, experiment.experiment.metric, experiment.experiment.mode == "max", top)
+    console.print(f"Results: {outcome.experiment_dir}   (raycls leaderboard {storage_root(storage)} --experiment {experiment.name})")
+
+
+def _print_leaderboard(read, sort: str, descending: bool, top: int) -> None:
+    from raycls.results import select
+
+    for problem in read.skipped:
+        console.print(f"[yellow]skipped[/] {problem}", highlight=False)
+    if read.table.num_rows == 0:
+        console.print("no trials yet")
+        return
+    sort = sort if sort in read.table.column_names else "score"
+    rows = select(read.table, sort=sort, descending=descending, top=top)
+    console.print(_rich_table(rows, title=f"top {min(top, rows.num_rows)} by {sort}"))
+
+
+SUMMARY_COLUMNS = ("experiment", "trial_id", "status", "score", "val_acc", "val_loss", "epochs", "wall_s")
+
+
+def _rich_table(table, *, title: str | None = None, columns: list[str] | None = None) -> Table:
+    from raycls.results.leaderboard import param_columns
+
+    columns = columns or [c for c in SUMMARY_COLUMNS if c in table.column_names] + param_columns(table)
+    out = Table(title=title)
+    for column in columns:
+        out.add_column(column, overflow="fold")
+    for row in table.to_pylist():
+        out.add_row(*(_fmt(row.get(c)) for c in columns))
+    return out
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------- leaderboard
+@app.command()
+def leaderboard(
+    storage: Annotated[Optional[str], typer.Argument(help="Results root (default $RAYCLS_STORAGE or ./raycls_results).")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="Only this experiment.")] = None,
+    top: Annotated[Optional[int], typer.Option(help="Only the best K rows.")] = None,
+    sort: Annotated[Optional[str], typer.Option(help="Column to sort by (default: score, the experiment metric).")] = None,
+    ascending: Annotated[bool, typer.Option("--ascending", help="Sort smallest first.")] = False,
+    where: Annotated[Optional[str], typer.Option(help="Filter, SQL syntax: \"train.lr < 0.01 and status = 'completed'\".")] = None,
+    sql: Annotated[Optional[str], typer.Option(help="Any DuckDB SQL over the table `leaderboard`.")] = None,
+    format: Annotated[str, typer.Option(help="table, csv, json or markdown.")] = "table",
+    columns: Annotated[Optional[str], typer.Option(help="Comma-separated columns to show.")] = None,
+    history: Annotated[bool, typer.Option("--history", help="Query the per-epoch history instead.")] = False,
+) -> None:
+    """Query the leaderboards of one or all experiments."""
+    from raycls.results import read_leaderboard, run_sql, select
+    from raycls.results.leaderboard import HISTORY_DIR, LEADERBOARD_DIR
+    from raycls.results.render import render
+
+    read = read_leaderboard(storage_root(storage), experiment, kind=HISTORY_DIR if history else LEADERBOARD_DIR)
+    for problem in read.skipped:
+        Console(stderr=True).print(f"[yellow]skipped[/] {problem}", highlight=False)
+    if sql:
+        rows = run_sql(read.table, sql)
+    else:
+        default_sort = None if history else ("score" if "score" in read.table.column_names else None)
+        rows = select(read.table, where=where, sort=sort or default_sort, descending=not ascending, top=top)
+    wanted = [c.strip() for c in columns.split(",")] if columns else None
+    if wanted:
+        missing = [c for c in wanted if c not in rows.column_names]
+        if missing:
+            raise RayclsError(f"--columns: no such column {missing}; columns: {', '.join(rows.column_names)}")
+        rows = rows.select(wanted)
+    if format == "table":
+        console.print(_rich_table(rows, columns=wanted or (None if not sql and not history else rows.column_names)))
+    else:
+        sys.stdout.write(render(rows, format))
 
 
 # ------------------------------------------------------------------------------------------- space

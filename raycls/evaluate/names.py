@@ -11,6 +11,8 @@ VAL_LOSS = "val_loss"
 VAL_ACC = "val_acc"
 IMAGES_PER_S = "images_per_s"  # training images per second, all workers together
 EPOCH_S = "epoch_s"  # seconds of training + validation in the epoch (time spent in the loop)
+MAX_EPOCHS = "max_epochs"  # the trial's configured epochs: a trial that ends before them was stopped early
+DEVICE = "device"  # "cpu" or the CUDA device's name
 
 
 def val_topk(k: int) -> str:

@@ -1,0 +1,248 @@
+"""The Parquet leaderboard: one file per ended trial under `<storage>/<experiment>/leaderboard/`.
+
+Each file is written to a temp name, then renamed to `<trial_id>.parquet`: concurrent trials and crashed
+drivers never leave half a file, and writing the same trial twice (a resumed driver) replaces, never
+duplicates, its row. Per-epoch metrics go beside it, to `history/<trial_id>.parquet`.
+Queries read every file of the storage as one table; corrupt or foreign files are reported and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+import raycls
+from raycls.errors import LeaderboardError
+
+Status = Literal["completed", "early_stopped", "failed"]
+STATUSES: tuple[Status, ...] = ("completed", "early_stopped", "failed")
+LEADERBOARD_DIR = "leaderboard"
+HISTORY_DIR = "history"
+
+# Columns every row has, in order, with their types. Metrics and sampled parameters follow.
+FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
+    ("experiment", pa.string()),
+    ("trial_id", pa.string()),
+    ("status", pa.string()),
+    ("phase", pa.string()),
+    ("metric", pa.string()),
+    ("mode", pa.string()),
+    ("score", pa.float64()),  # the experiment metric at the best epoch: comparable across experiments
+    ("epochs", pa.int64()),
+    ("best_epoch", pa.int64()),
+    ("max_epochs", pa.int64()),
+    ("started_at", pa.timestamp("us", tz="UTC")),
+    ("ended_at", pa.timestamp("us", tz="UTC")),
+    ("wall_s", pa.float64()),
+    ("train_s", pa.float64()),  # seconds inside the training loop (sum of epoch_s)
+    ("device", pa.string()),
+    ("workers", pa.int64()),
+    ("seed", pa.int64()),
+    ("restarts", pa.int64()),
+    ("checkpoint", pa.string()),
+    ("config_json", pa.string()),
+    ("git_commit", pa.string()),
+    ("git_dirty", pa.bool_()),
+    ("raycls_version", pa.string()),
+    ("error", pa.string()),
+]
+FIXED_NAMES = {name for name, _ in FIXED_COLUMNS}
+
+
+@dataclass
+class TrialRecord:
+    """Everything known about one ended trial; `to_table` turns it into its one-row Parquet table."""
+
+    experiment: str
+    trial_id: str
+    status: Status
+    metric: str
+    mode: str
+    params: dict[str, Any]
+    param_types: dict[str, pa.DataType]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    phase: str = "supervised"
+    max_epochs: int | None = None
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    device: str | None = None
+    workers: int = 1
+    seed: int | None = None
+    restarts: int = 0
+    checkpoint: str | None = None
+    config_json: str | None = None
+    error: str | None = None
+
+    def best_row(self) -> dict[str, Any]:
+        scored = [h for h in self.history if isinstance(h.get(self.metric), (int, float))]
+        if not scored:
+            return self.history[-1] if self.history else {}
+        pick = max if self.mode == "max" else min
+        return pick(scored, key=lambda h: h[self.metric])
+
+    def to_table(self) -> pa.Table:
+        best = self.best_row()
+        commit, dirty = git_state()
+        wall = (self.ended_at - self.started_at).total_seconds() if self.started_at and self.ended_at else None
+        values: dict[str, Any] = {
+            "experiment": self.experiment, "trial_id": self.trial_id, "status": self.status, "phase": self.phase,
+            "metric": self.metric, "mode": self.mode, "score": _float(best.get(self.metric)),
+            "epochs": int(self.history[-1].get("epoch", len(self.history))) if self.history else 0,
+            "best_epoch": int(best["epoch"]) if "epoch" in best else None, "max_epochs": self.max_epochs,
+            "started_at": self.started_at, "ended_at": self.ended_at, "wall_s": wall,
+            "train_s": sum(_float(h.get("epoch_s")) or 0.0 for h in self.history),
+            "device": self.device, "workers": self.workers, "seed": self.seed, "restarts": self.restarts,
+            "checkpoint": self.checkpoint, "config_json": self.config_json, "git_commit": commit,
+            "git_dirty": dirty, "raycls_version": raycls.__version__, "error": self.error,
+        }  # fmt: skip
+        fields = list(FIXED_COLUMNS)
+        # Every numeric metric at the best epoch, under its own name (val_acc, val_loss, ...).
+        for key, value in best.items():
+            if key not in FIXED_NAMES and isinstance(value, (int, float)) and not isinstance(value, bool):
+                fields.append((key, pa.float64()))
+                values[key] = float(value)
+        # One typed column per sampled parameter, named by its dotted path (unsampled conditionals: null).
+        for key, dtype in self.param_types.items():
+            fields.append((key, dtype))
+            values[key] = self.params.get(key)
+        schema = pa.schema(fields)
+        return pa.Table.from_pylist([{name: values.get(name) for name in schema.names}], schema=schema)
+
+    def history_table(self) -> pa.Table:
+        rows = [{"experiment": self.experiment, "trial_id": self.trial_id, **{k: v for k, v in h.items()
+                 if isinstance(v, (int, float, str)) and not isinstance(v, bool)}} for h in self.history]  # fmt: skip
+        return pa.Table.from_pylist(rows) if rows else pa.table({"experiment": pa.array([], pa.string())})
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+_GIT: tuple[str | None, bool | None] | None = None
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """The commit of the raycls checkout that ran (and whether its tree had changes); None outside git."""
+    global _GIT
+    if _GIT is None:
+        root = Path(raycls.__file__).resolve().parents[1]
+        try:
+            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)  # fmt: skip
+            _GIT = (commit.stdout.strip() or None, bool(status.stdout.strip())) if commit.returncode == 0 else (None, None)
+        except (OSError, subprocess.SubprocessError):
+            _GIT = (None, None)
+    return _GIT
+
+
+# --------------------------------------------------------------------------------------------- storage
+def filesystem(storage: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it: local paths, s3://, gs://, hdfs:// alike."""
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().absolute())
+    try:
+        return pafs.FileSystem.from_uri(storage)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+        raise LeaderboardError(f"storage {storage!r}: {err}") from None
+
+
+def _write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> str:
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, path)  # a rename on local/NFS; object stores have no half-written objects to begin with
+    return path
+
+
+def write_trial(storage: str, record: TrialRecord) -> str:
+    """Write (or replace) the trial's leaderboard row and its per-epoch history; returns the row's path."""
+    fs, root = filesystem(storage)
+    base = f"{root}/{record.experiment}"
+    if record.history:
+        _write_atomic(fs, f"{base}/{HISTORY_DIR}/{record.trial_id}.parquet", record.history_table())
+    return _write_atomic(fs, f"{base}/{LEADERBOARD_DIR}/{record.trial_id}.parquet", record.to_table())
+
+
+def written_trials(storage: str, experiment: str) -> set[str]:
+    fs, root = filesystem(storage)
+    selector = pafs.FileSelector(f"{root}/{experiment}/{LEADERBOARD_DIR}", allow_not_found=True)
+    return {Path(info.path).stem for info in fs.get_file_info(selector) if info.path.endswith(".parquet")}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+@dataclass
+class ReadResult:
+    table: pa.Table
+    skipped: list[str] = field(default_factory=list)  # "path: why" for every file that was not read
+
+
+def read_leaderboard(storage: str, experiment: str | None = None, *, kind: str = LEADERBOARD_DIR) -> ReadResult:
+    """All rows under `storage` (one experiment, or every experiment) as one table."""
+    fs, root = filesystem(storage)
+    selector = pafs.FileSelector(root if experiment is None else f"{root}/{experiment}", recursive=True, allow_not_found=True)
+    files = sorted(
+        info.path for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.File and info.path.endswith(".parquet")
+        and Path(info.path).parent.name == kind and not Path(info.path).name.startswith(".")
+    )  # fmt: skip
+    tables, skipped = [], []
+    for path in files:
+        try:
+            table = pq.read_table(path, filesystem=fs)
+        except (pa.ArrowException, OSError) as err:
+            skipped.append(f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
+            continue
+        if not {"experiment", "trial_id"} <= set(table.column_names):
+            skipped.append(f"{path}: not a raycls {kind} file (no experiment/trial_id columns)")
+            continue
+        tables.append(table)
+    if not tables:
+        return ReadResult(pa.table({name: pa.array([], dtype) for name, dtype in FIXED_COLUMNS}), skipped)
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid:  # a parameter changed type between runs: fall back to strings for clashing columns
+        table = pa.concat_tables([_stringify_clashes(t, tables) for t in tables], promote_options="permissive")
+    return ReadResult(table, skipped)
+
+
+def _stringify_clashes(table: pa.Table, tables: Sequence[pa.Table]) -> pa.Table:
+    types: dict[str, set[pa.DataType]] = {}
+    for t in tables:
+        for f in t.schema:
+            if not pa.types.is_null(f.type):
+                types.setdefault(f.name, set()).add(f.type)
+    for name, seen in types.items():
+        if len(seen) > 1 and name in table.column_names:
+            i = table.column_names.index(name)
+            table = table.set_column(i, name, table.column(name).cast(pa.string()))
+    return table
+
+
+def rows_as_dicts(table: pa.Table) -> list[dict[str, Any]]:
+    return [{k: _jsonable(v) for k, v in row.items()} for row in table.to_pylist()]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat()
+    return value
+
+
+def param_columns(table: pa.Table) -> list[str]:
+    return [name for name in table.column_names if "." in name]
+
+
+def trial_config(row: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(row["config_json"]) if row.get("config_json") else {}

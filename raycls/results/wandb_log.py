@@ -1,0 +1,72 @@
+"""W&B runs, one per trial, grouped by experiment. Offline unless the user has a key or logged in.
+
+Plain `wandb.init(mode=..., dir=...)` per trial from the Tune driver (Ray's WandbLoggerCallback refuses to
+start without an API key even in offline mode). Offline runs land in `<storage>/<experiment>/wandb/`, ready
+for `wandb sync`. raycls never writes the API key anywhere: it is read from the environment by wandb itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from raycls.config.experiment import WandbSection
+
+# Keys whose values must never be logged (configs are checked before they reach W&B).
+SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password", "credential")
+
+
+def resolve_mode(requested: str) -> str:
+    """auto -> online when WANDB_API_KEY is set or ~/.netrc has W&B credentials, else offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def scrub(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("***" if any(m in k.lower() for m in SECRET_MARKERS) else v) for k, v in config.items()}
+
+
+class TrialRun:
+    """A W&B run for one trial; every method is a no-op when mode is `disabled`."""
+
+    def __init__(self, settings: WandbSection, mode: str, folder: Path, *, experiment: str, trial_id: str, config: dict[str, Any]):
+        self.run = None
+        if mode == "disabled":
+            return
+        import wandb
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            group=experiment,
+            name=trial_id,
+            id=f"{experiment}-{trial_id}"[:64].replace("/", "-"),
+            tags=settings.tags,
+            config=scrub(config),
+            dir=str(folder),
+            mode=mode,
+            reinit="create_new",  # several trials' runs are open at once in the driver
+            resume="allow",  # a resumed experiment continues the same run
+            settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True),
+        )
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, step=step)
+
+    def finish(self, summary: dict[str, Any], *, failed: bool = False) -> None:
+        if self.run is None:
+            return
+        for key, value in summary.items():
+            if value is not None and isinstance(value, (int, float, str, bool)):
+                self.run.summary[key] = value
+        self.run.finish(exit_code=1 if failed else 0)
+        self.run = None

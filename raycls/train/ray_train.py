@@ -1,0 +1,186 @@
+"""The bridge between the plain-PyTorch loop and Ray: the Tune trainable and the Ray Train launch.
+
+This module and `raycls.tune` are the only places that import Ray.
+
+A Tune trial runs `tune_trainable`. One-worker trials run the loop directly in the trial's actor: starting a
+Ray Train run (controller actor, worker group, process group) costs seconds per trial that a one-process
+trial gains nothing from (benchmarks/trial_overhead.py measures both). Multi-worker trials always launch a
+`TorchTrainer` (Train V2) whose workers run the loop under DDP; `TuneReportCallback` forwards rank 0's
+reports (the loop all-reduces validation metrics first) to Tune, so ASHA sees every epoch either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import ray
+import ray.train
+import ray.tune
+import torch
+
+from raycls.config.experiment import Experiment, Resources
+from raycls.config.load import resolve_trial
+from raycls.config.schema import TrialConfig
+from raycls.evaluate import names
+from raycls.evaluate.summary import Summary, summarize
+from raycls.files import replace_dir, write_json_atomic
+from raycls.train.local import CONFIG_FILE, METRICS_FILE
+from raycls.train.loop import Metrics, RunContext, fit
+
+TRAIN_RUNS_DIR = "train_runs"
+
+
+def trial_extras(config: TrialConfig, device: torch.device) -> dict[str, Any]:
+    """Reported with every epoch, so the driver can tell finished trials from stopped ones."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {names.MAX_EPOCHS: config.train.epochs, names.DEVICE: name}
+
+
+@contextmanager
+def restored(checkpoint: ray.train.Checkpoint | None) -> Iterator[Path | None]:
+    """A local copy of the checkpoint to resume from (None on a fresh start)."""
+    if checkpoint is None:
+        yield None
+        return
+    with checkpoint.as_directory() as folder:
+        yield Path(folder)
+
+
+# ------------------------------------------------------------------------------------------- Tune trial
+def tune_trainable(params: dict[str, Any], *, experiment_json: str, storage: str) -> None:
+    """One Tune trial: the experiment's base config with this trial's sampled `params` applied."""
+    experiment = Experiment.model_validate_json(experiment_json)
+    config = resolve_trial(experiment, params)
+    if experiment.experiment.resources.workers == 1:
+        _run_in_trial_actor(config, experiment.experiment.resources)
+    else:
+        trial_id = ray.tune.get_context().get_trial_id()
+        _run_torch_trainer(config, experiment, storage, name=f"train-{trial_id}")
+
+
+def _run_in_trial_actor(config: TrialConfig, resources: Resources) -> None:
+    device = torch.device("cuda" if resources.gpu and torch.cuda.is_available() else "cpu")
+    extras = trial_extras(config, device)
+
+    def report(metrics: Metrics, checkpoint: Path | None) -> None:
+        saved = ray.tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
+        ray.tune.report({**metrics, **extras}, checkpoint=saved)
+
+    with restored(ray.tune.get_checkpoint()) as resume_from:
+        fit(config, report, RunContext(device=device, resume_from=resume_from))
+
+
+def _run_torch_trainer(config: TrialConfig, experiment: Experiment, storage: str, *, name: str) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = _torch_trainer(
+        config,
+        experiment.experiment.resources,
+        storage_path=f"{storage.rstrip('/')}/{experiment.name}/{TRAIN_RUNS_DIR}",
+        name=name,  # deterministic (the Tune trial id, no timestamp): a retried trial restores this Train run
+        callbacks=[TuneReportCallback()],
+        keep=experiment.experiment.keep_checkpoints,
+        metric=experiment.experiment.metric,
+        mode=experiment.experiment.mode,
+    )
+    trainer.fit()
+
+
+# -------------------------------------------------------------------------------------- Ray Train run
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker. TorchTrainer has already initialised the process group."""
+    config = TrialConfig.from_json(loop_config["config_json"])
+    context = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    extras = trial_extras(config, device)
+
+    def report(metrics: Metrics, checkpoint: Path | None) -> None:
+        # Every rank must call report (it is a barrier); rank 0 alone passes a checkpoint.
+        saved = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
+        ray.train.report({**metrics, **extras}, checkpoint=saved)
+
+    ctx = RunContext(device=device, rank=context.get_world_rank(), world_size=context.get_world_size(),
+                     limit_batches=loop_config.get("limit_batches"))  # fmt: skip
+    with restored(ray.train.get_checkpoint()) as resume_from:
+        ctx.resume_from = resume_from
+        fit(config, report, ctx)
+
+
+def _torch_trainer(
+    config: TrialConfig,
+    resources: Resources,
+    *,
+    storage_path: str,
+    name: str,
+    callbacks: list | None = None,
+    keep: int = 1,
+    metric: str = names.VAL_ACC,
+    mode: str = "max",
+    limit_batches: int | None = None,
+):
+    from ray.train.torch import TorchTrainer
+
+    per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpu else {})}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config_json": config.to_json(), "limit_batches": limit_batches},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.workers, use_gpu=resources.gpu, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            callbacks=callbacks or [],
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=keep, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+            ),
+        ),
+    )
+
+
+def train_with_ray(
+    config: TrialConfig,
+    out: Path,
+    *,
+    resources: Resources,
+    metric: str,
+    mode: str,
+    fast_dev_run: bool = False,
+    on_epoch: Callable[[Metrics], None] | None = None,
+) -> Summary:
+    """`raycls train` without --no-ray: one Ray Train run (DDP over `resources.workers`), no Tune."""
+    from raycls.tune.cluster import init_ray
+
+    init_ray(None, needed_cpus=resources.workers * resources.cpus_per_worker + 1)
+    out = out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / CONFIG_FILE, config.to_dict())
+    trainer = _torch_trainer(config, resources, storage_path=str(out), name="ray_train", metric=metric,
+                             mode=mode, limit_batches=2 if fast_dev_run else None)  # fmt: skip
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    frame = result.metrics_dataframe
+    history = [] if frame is None else [
+        {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith(("training_iteration", "time", "timestamp"))}
+        for row in frame.to_dict("records")
+    ]  # fmt: skip
+    for metrics in history:
+        if on_epoch is not None:
+            on_epoch(metrics)
+    summary = summarize(history, metric, mode)  # type: ignore[arg-type]
+    best = result.get_best_checkpoint(metric, mode) or result.checkpoint
+    if best is not None:
+        with best.as_directory() as folder:
+            replace_dir(Path(folder), out / "checkpoints" / "best")
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as folder:
+            replace_dir(Path(folder), out / "checkpoints" / "last")
+    write_json_atomic(out / METRICS_FILE, {**summary.to_dict(), "history": history})
+    return summary
+
+
+__all__ = ["TRAIN_RUNS_DIR", "train_with_ray", "tune_trainable"]

@@ -1,0 +1,1 @@
+"""The Tune driver: Tuner assembly, Optuna search, schedulers, resume, callbacks. Imports Ray."""

@@ -1,0 +1,273 @@
+"""Tune callbacks on the driver: the leaderboard row and W&B run of every trial, and the live table.
+
+Callbacks are pickled into the experiment's `tuner.pkl` (Tune restores them on `--resume`), so they keep
+only plain settings in their pickled state; open W&B runs and the screen are rebuilt after a restore.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from raycls.config.experiment import Experiment
+from raycls.config.load import resolve_trial
+from raycls.config.space import Choice, IntRange
+from raycls.errors import RayclsError
+from raycls.evaluate import names
+from raycls.results.leaderboard import Status, TrialRecord, write_trial, written_trials
+from raycls.results.wandb_log import TrialRun
+
+# Tune's own bookkeeping keys: not metrics of ours, kept out of the history and W&B.
+TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "time_since_restore",
+             "iterations_since_restore", "timesteps_total", "episodes_total", "done", "trial_id", "date",
+             "hostname", "node_ip", "pid", "config", "experiment_tag", "checkpoint_dir_name",
+             "should_checkpoint", "timesteps_since_restore", "experiment_id"}  # fmt: skip
+
+
+def param_types(experiment: Experiment) -> dict[str, pa.DataType]:
+    """The Parquet type of each sampled parameter's column."""
+    types: dict[str, pa.DataType] = {}
+    for path, param in experiment.space.params.items():
+        if path in experiment.overrides:
+            continue
+        if isinstance(param, IntRange):
+            types[path] = pa.int64()
+        elif isinstance(param, Choice):
+            values = param.values
+            if all(isinstance(v, bool) for v in values):
+                types[path] = pa.bool_()
+            elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                types[path] = pa.int64()
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                types[path] = pa.float64()
+            else:
+                types[path] = pa.string()
+        else:
+            types[path] = pa.float64()
+    return types
+
+
+def error_message(trial: Trial) -> str:
+    """The last line of the trial's error (the exception and its message), not the whole traceback."""
+    text = ""
+    try:
+        error = trial.get_error()
+        text = str(error) if error is not None else ""
+    except Exception:  # the error file may be gone or unpicklable
+        pass
+    if not text and trial.error_file and Path(trial.error_file).is_file():
+        text = Path(trial.error_file).read_text(errors="replace")
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    informative = [line for line in lines if "Error" in line or "Exception" in line]
+    return (informative[-1] if informative else (lines[-1] if lines else "unknown error"))[:2000]
+
+
+@dataclass
+class TrialLog:
+    started_at: datetime
+    history: dict[int, dict[str, Any]] = field(default_factory=dict)  # epoch -> metrics (last report wins)
+    best_checkpoint: str | None = None
+    best_value: float | None = None
+    last_result: dict[str, Any] = field(default_factory=dict)
+    run: TrialRun | None = None
+
+
+class TrialLedger(Callback):
+    """Writes every ended trial to the leaderboard (completed, early_stopped or failed) and to W&B."""
+
+    def __init__(self, experiment: Experiment, storage: str, experiment_dir: Path, wandb_mode: str):
+        self.experiment_json = experiment.model_dump_json()
+        self.storage = storage
+        self.experiment_dir = str(experiment_dir)
+        self.wandb_mode = wandb_mode
+        self._setup()
+
+    def _setup(self) -> None:
+        self.experiment = Experiment.model_validate_json(self.experiment_json)
+        self.types = param_types(self.experiment)
+        self.logs: dict[str, TrialLog] = {}
+        self.written: set[str] = written_trials(self.storage, self.experiment.name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("experiment_json", "storage", "experiment_dir", "wandb_mode")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup()
+
+    # ------------------------------------------------------------------------------------------ events
+    def _log(self, trial: Trial) -> TrialLog:
+        if trial.trial_id not in self.logs:
+            self.logs[trial.trial_id] = TrialLog(started_at=datetime.now(timezone.utc))
+        return self.logs[trial.trial_id]
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        log = self._log(trial)
+        if log.run is None:
+            log.run = TrialRun(self.experiment.wandb, self.wandb_mode, Path(self.experiment_dir),
+                               experiment=self.experiment.name, trial_id=trial.trial_id,
+                               config=self._config_summary(trial))  # fmt: skip
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        log = self._log(trial)
+        metrics = {k: v for k, v in result.items() if k not in TUNE_KEYS and not isinstance(v, dict)}
+        epoch = int(metrics.get(names.EPOCH, len(log.history) + 1))
+        log.history[epoch] = metrics
+        log.last_result = metrics
+        if log.run is not None:
+            log.run.log(metrics, step=epoch)
+
+    def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Any, **info: Any) -> None:
+        log = self._log(trial)
+        value = log.last_result.get(self.experiment.experiment.metric)
+        better = value is not None and (
+            log.best_value is None
+            or (value > log.best_value if self.experiment.experiment.mode == "max" else value < log.best_value)
+        )
+        if better or log.best_checkpoint is None:
+            log.best_value = value if value is not None else log.best_value
+            log.best_checkpoint = _uri(checkpoint)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        log = self._log(trial)
+        last = log.last_result
+        status: Status = "early_stopped" if last and last.get(names.EPOCH, 0) < last.get(names.MAX_EPOCHS, 0) else "completed"
+        self.record(trial, status)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.record(trial, "failed", error=error_message(trial))
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        for log in self.logs.values():
+            if log.run is not None:
+                log.run.finish({}, failed=True)
+                log.run = None
+
+    # ------------------------------------------------------------------------------------------ rows
+    def _config_summary(self, trial: Trial) -> dict[str, Any]:
+        return {**dict(trial.config), "experiment": self.experiment.name, "trial_id": trial.trial_id}
+
+    def record(self, trial: Trial, status: Status, *, error: str | None = None) -> None:
+        log = self._log(trial)
+        try:
+            config = resolve_trial(self.experiment, dict(trial.config))
+            config_json, seed, phase = config.to_json(), config.seed, config.phase.name
+            max_epochs = config.train.epochs
+        except RayclsError as err:  # the sampled values do not make a valid config: still a failed row
+            config_json, seed, phase, max_epochs = None, self.experiment.base.seed, self.experiment.base.phase.name, None
+            error = error or str(err)
+        history = [log.history[e] for e in sorted(log.history)]
+        record = TrialRecord(
+            experiment=self.experiment.name,
+            trial_id=trial.trial_id,
+            status=status,
+            metric=self.experiment.experiment.metric,
+            mode=self.experiment.experiment.mode,
+            params={k: v for k, v in dict(trial.config).items() if k in self.types},
+            param_types=self.types,
+            history=history,
+            phase=phase,
+            max_epochs=max_epochs,
+            started_at=log.started_at,
+            ended_at=datetime.now(timezone.utc),
+            device=str(log.last_result.get(names.DEVICE)) if log.last_result.get(names.DEVICE) else None,
+            workers=self.experiment.experiment.resources.workers,
+            seed=seed,
+            restarts=int(getattr(trial, "num_failures", 0) or 0),
+            checkpoint=log.best_checkpoint,
+            config_json=config_json,
+            error=error,
+        )
+        write_trial(self.storage, record)
+        self.written.add(trial.trial_id)
+        if log.run is not None:
+            row = {k: v for k, v in record.to_table().to_pylist()[0].items() if not isinstance(v, datetime)}
+            log.run.finish(row, failed=status == "failed")
+            log.run = None
+
+
+def _uri(checkpoint: Any) -> str:
+    fs = checkpoint.filesystem
+    scheme = getattr(fs, "type_name", "local")
+    return checkpoint.path if scheme in ("local", "") else f"{scheme}://{checkpoint.path}"
+
+
+class LiveTable(Callback):
+    """A rich table of trials that redraws as results arrive (Tune's own reporter is turned off)."""
+
+    def __init__(self, experiment_name: str, metric: str, mode: str, total: int):
+        self.experiment_name, self.metric, self.mode, self.total = experiment_name, metric, mode, total
+        self._live = None
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._last_draw = 0.0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_live": None, "_rows": {}, "_last_draw": 0.0}
+
+    def _draw(self, force: bool = False) -> None:
+        from rich.live import Live
+        from rich.table import Table
+
+        now = time.monotonic()
+        if not force and now - self._last_draw < 0.5:
+            return
+        self._last_draw = now
+        table = Table(title=f"{self.experiment_name}: {len(self._rows)}/{self.total} trials")
+        for column in ("trial", "status", "epoch", self.metric, "params"):
+            table.add_column(column)
+        for trial_id, row in self._rows.items():
+            value = row.get(self.metric)
+            table.add_row(trial_id, row["status"], str(row.get("epoch", "")),
+                          "" if value is None else f"{value:.4f}", row["params"])  # fmt: skip
+        if self._live is None:
+            self._live = Live(table, refresh_per_second=2, transient=False)
+            self._live.start()
+        else:
+            self._live.update(table)
+
+    def _set(self, trial: Trial, status: str, result: dict | None = None) -> None:
+        row = self._rows.setdefault(trial.trial_id, {"params": _short(trial.config)})
+        row["status"] = status
+        if result:
+            row["epoch"] = result.get(names.EPOCH, row.get("epoch"))
+            if self.metric in result:
+                row[self.metric] = result[self.metric]
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._set(trial, "running")
+        self._draw()
+
+    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
+        self._set(trial, "running", result)
+        self._draw()
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        last = trial.last_result or {}
+        stopped = last.get(names.EPOCH, 0) < last.get(names.MAX_EPOCHS, 0)
+        self._set(trial, "early_stopped" if stopped else "completed")
+        self._draw(force=True)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._set(trial, "failed")
+        self._draw(force=True)
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        if self._live is not None:
+            self._draw(force=True)
+            self._live.stop()
+            self._live = None
+
+
+def _short(config: dict[str, Any]) -> str:
+    parts = []
+    for key, value in config.items():
+        text = f"{value:.3g}" if isinstance(value, float) else str(value)
+        parts.append(f"{key.rsplit('.', 1)[-1]}={text}")
+    return " ".join(parts)

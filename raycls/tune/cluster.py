@@ -1,0 +1,57 @@
+"""Connecting to Ray, and fitting trials to the cluster's resources."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import ray
+
+from raycls.config.experiment import Resources
+from raycls.errors import RayclsError
+
+
+def init_ray(address: str | None, *, needed_cpus: float = 1.0, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Join a cluster (`--address auto|ray://host:10001`) or start a local one.
+
+    A local Ray gets at least `needed_cpus` logical CPUs even on a 2-core laptop: trial actors and Train
+    workers each hold a logical CPU while mostly waiting on each other, and without enough of them trials
+    would wait for resources forever.
+    """
+    if ray.is_initialized():
+        return
+    kwargs = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=True,
+                  logging_level="INFO" if verbose else "WARNING")  # fmt: skip
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
+        ray.init(num_cpus=cpus, **kwargs)
+
+
+def trial_bundle(resources: Resources) -> dict[str, float]:
+    """What the Tune trial itself holds. One-worker trials train inside it; multi-worker trials only
+    drive a Ray Train run whose workers request their own CPUs/GPUs, so the trial needs no CPU of its own."""
+    if resources.workers == 1:
+        return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker if resources.gpu else 0.0}
+    return {"cpu": 0.0, "gpu": 0.0}
+
+
+def per_trial_request(resources: Resources) -> dict[str, float]:
+    return {
+        "CPU": resources.workers * resources.cpus_per_worker,
+        "GPU": resources.workers * resources.gpus_per_worker if resources.gpu else 0.0,
+    }
+
+
+def default_concurrency(resources: Resources, cluster: dict[str, float]) -> int:
+    """Trials that fit the cluster at once: by GPUs when trials use GPUs, else by CPUs."""
+    need = per_trial_request(resources)
+    kind = "GPU" if need["GPU"] > 0 else "CPU"
+    have = cluster.get(kind, 0.0)
+    if have < need[kind]:
+        raise RayclsError(
+            f"experiment.resources asks {need[kind]:g} {kind} per trial "
+            f"({resources.workers} workers), but the cluster has {have:g}: no trial could ever start"
+        )
+    return max(1, int(have // need[kind]))

@@ -1,0 +1,133 @@
+"""Optuna search for Ray Tune: the YAML space as a define-by-run function, a persistent study, and
+early-stopped trials told to Optuna as PRUNED.
+
+Ray's OptunaSearch tells Optuna a trial that ASHA stopped as COMPLETE with its early-rung score, so TPE
+learns from 2-epoch scores as if they were final. Here such trials are PRUNED (their per-epoch values were
+already reported as intermediate values), and failed trials are FAIL even when they reported some epochs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from raycls.config.experiment import Experiment, SearchSection
+from raycls.config.space import Space, suggest
+from raycls.evaluate import names
+from raycls.registry import Registry
+
+SAMPLERS: Registry = Registry("sampler")
+
+
+@SAMPLERS.register("tpe")
+def tpe(search: SearchSection) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        # multivariate + group: TPE models conditional parameters per sub-space (Optuna's advice for
+        # define-by-run spaces); constant_liar keeps parallel trials from sampling the same point.
+        return optuna.samplers.TPESampler(
+            seed=search.seed, multivariate=True, group=True, constant_liar=True,
+            **({"n_startup_trials": search.n_startup_trials} if search.n_startup_trials is not None else {}),
+        )  # fmt: skip
+
+
+@SAMPLERS.register("random")
+def random(search: SearchSection) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.RandomSampler(seed=search.seed)
+
+
+@SAMPLERS.register("cmaes")
+def cmaes(search: SearchSection) -> optuna.samplers.BaseSampler:
+    # CMA-ES handles numeric parameters; categorical ones fall back to independent (random) sampling.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.CmaEsSampler(seed=search.seed, warn_independent_sampling=False)
+
+
+class SpaceFunction:
+    """The define-by-run function (picklable, for Tune's searcher checkpoints). No computation inside."""
+
+    def __init__(self, space: Space, fixed: dict[str, Any]):
+        self.space_json = space.model_dump_json()
+        self.fixed = fixed
+        self._space: Space | None = None
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        if self._space is None:
+            self._space = Space.model_validate_json(self.space_json)
+        suggest(trial, self._space, fixed=self.fixed)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"space_json": self.space_json, "fixed": self.fixed, "_space": None}
+
+
+def stopped_early(result: dict[str, Any] | None) -> bool:
+    if not result or names.EPOCH not in result or names.MAX_EPOCHS not in result:
+        return False
+    return result[names.EPOCH] < result[names.MAX_EPOCHS]
+
+
+def journal_path(experiment_dir: Path) -> Path:
+    return experiment_dir / "optuna.journal"
+
+
+def open_study_storage(path: Path) -> optuna.storages.BaseStorage:
+    """A journal file: append-only, safe against a killed driver, readable by optuna-dashboard."""
+    from optuna.storages.journal import JournalFileBackend
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+class RayclsOptunaSearch(OptunaSearch):
+    def __init__(self, *args: Any, warm_start_journal: Path | None = None, **kwargs: Any):
+        # Set before super().__init__, which already sets up the study when given metric and mode.
+        self._warm_start_journal = str(warm_start_journal) if warm_start_journal else None
+        super().__init__(*args, **kwargs)
+
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        if self._warm_start_journal and not self._ot_study.trials:
+            self._warm_start(Path(self._warm_start_journal))
+
+    def _warm_start(self, journal: Path) -> None:
+        """Seed TPE with another experiment's finished trials (same parameter names and ranges)."""
+        storage = open_study_storage(journal)
+        summaries = optuna.get_all_study_summaries(storage)
+        for summary in summaries:
+            other = optuna.load_study(study_name=summary.study_name, storage=storage)
+            done = [t for t in other.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+            self._ot_study.add_trials(done)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        if error or stopped_early(result):
+            state = TrialState.FAIL if error else TrialState.PRUNED
+            try:
+                self._ot_study.tell(self._ot_trials[trial_id], state=state)
+            except Exception as err:  # optuna refuses e.g. a second tell; never break the search for it
+                warnings.warn(f"optuna could not record trial {trial_id} as {state.name}: {err}")
+            self._completed_trials.add(trial_id)
+            return None
+        return super().on_trial_complete(trial_id, result, error)
+
+
+def create_searcher(experiment: Experiment, experiment_dir: Path, warm_start_dir: Path | None) -> RayclsOptunaSearch:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    search = experiment.search
+    return RayclsOptunaSearch(
+        space=SpaceFunction(experiment.space, experiment.overrides),
+        metric=experiment.experiment.metric,
+        mode=experiment.experiment.mode,
+        sampler=SAMPLERS.get(search.algorithm)(search),
+        points_to_evaluate=[dict(p) for p in search.points_to_evaluate] or None,
+        study_name=experiment.name,
+        storage=open_study_storage(journal_path(experiment_dir)),
+        warm_start_journal=journal_path(warm_start_dir) if warm_start_dir else None,
+    )
