@@ -11,6 +11,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RAYCLS_TEST_DATA", REPO.parent / "shared" / "data"))
 
+# Explicit, and before anything imports Ray (it reads the mode at import): token authentication is Ray's
+# default for new local clusters from 2.59 on, and what raycls users get.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 # Offline machines: make hub lookups fail at once instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))

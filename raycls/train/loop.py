@@ -101,12 +101,13 @@ def fit(config: TrialConfig, report: ReportFn, ctx: RunContext | None = None) ->
     try:
         for epoch in range(start, config.train.epochs):
             started = time.perf_counter()
-            train_loss, seconds = train_epoch(trained, phase, parts.train_loader, optimizer, scheduler, policy, ctx, epoch)
+            train_loss, images, seconds = train_epoch(trained, phase, parts.train_loader, optimizer, scheduler, policy, ctx, epoch)
             metrics = {
                 names.EPOCH: epoch + 1,  # epochs finished: the time axis ASHA's rungs count in
                 names.TRAIN_LOSS: train_loss,
                 names.LR: optimizer.param_groups[0]["lr"],
-                names.IMAGES_PER_S: parts.train_loader.num_images * ctx.world_size / max(seconds, 1e-9),
+                names.TRAIN_IMAGES: images,
+                names.IMAGES_PER_S: images / max(seconds, 1e-9),
                 **evaluate(model, phase, parts.val_loader, policy),
             }
             metrics[names.EPOCH_S] = time.perf_counter() - started
@@ -129,8 +130,8 @@ def train_epoch(
     policy: StepPolicy,
     ctx: RunContext,
     epoch: int,
-) -> tuple[float, float]:
-    """One pass over this worker's shard; returns (mean loss over all workers, seconds)."""
+) -> tuple[float, float, float]:
+    """One pass over this worker's shard; returns (mean loss, images trained on, both over all workers; seconds)."""
     model.train()
     loader.set_epoch(epoch)
     started = time.perf_counter()
@@ -139,10 +140,11 @@ def train_epoch(
         total += train_step(model, phase.loss, batch, optimizer, scheduler, policy)
         if ctx.progress is not None:
             ctx.progress(i + 1, len(loader))
-    mean_loss = all_reduce_sum({"loss": total / len(loader)})["loss"] / ctx.world_size
+    summed = all_reduce_sum({"loss": total / len(loader), "images": torch.tensor(float(loader.num_images), device=policy.device)})
     seconds = time.perf_counter() - started  # after the all-reduce: includes waiting for the device
+    mean_loss = summed["loss"] / ctx.world_size
     check_finite(mean_loss, what=names.TRAIN_LOSS, epoch=epoch + 1)
-    return mean_loss, seconds
+    return mean_loss, summed["images"], seconds
 
 
 @torch.no_grad()
@@ -152,12 +154,18 @@ def evaluate(model: nn.Module, phase: Phase, loader: BatchLoader, policy: StepPo
     Runs the unwrapped model: DDP's forward would sync buffers, and workers' shards may differ in length.
     """
     model.eval()
-    totals: dict[str, torch.Tensor] = {}
+    totals: dict[str, torch.Tensor] = {IMAGES_KEY: torch.zeros((), dtype=torch.float64, device=policy.device)}
     for batch in loader:
+        totals[IMAGES_KEY] += len(batch[1])
         with autocast(policy):
             for key, value in phase.eval_batch(model, batch).items():
                 totals[key] = totals.get(key, 0) + value.double()
-    return phase.eval_metrics(all_reduce_sum(totals))
+    summed = all_reduce_sum(totals)
+    # How many validation images the metrics cover, over all workers: the whole split, each once.
+    return {**phase.eval_metrics(summed), names.VAL_IMAGES: summed.pop(IMAGES_KEY)}
+
+
+IMAGES_KEY = "_images"
 
 
 def all_reduce_sum(values: dict[str, torch.Tensor]) -> dict[str, float]:

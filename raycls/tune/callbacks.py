@@ -6,6 +6,7 @@ only plain settings in their pickled state; open W&B runs and the screen are reb
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -110,7 +111,7 @@ class TrialLedger(Callback):
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         log = self._log(trial)
-        if log.run is None:
+        if log.run is None and trial.trial_id not in self.written:
             log.run = TrialRun(self.experiment.wandb, self.wandb_mode, Path(self.experiment_dir),
                                experiment=self.experiment.name, trial_id=trial.trial_id,
                                config=self._config_summary(trial))  # fmt: skip
@@ -151,10 +152,22 @@ class TrialLedger(Callback):
                 log.run = None
 
     # ------------------------------------------------------------------------------------------ rows
+    def _history_on_disk(self, trial: Trial) -> dict[int, dict[str, Any]]:
+        """Epochs reported before a driver restart: Tune keeps them in the trial's result.json."""
+        try:
+            path = Path(trial.path) / "result.json"
+            return _read_result_json(path) if "://" not in str(trial.path) and path.is_file() else {}
+        except (OSError, AttributeError, TypeError):
+            return {}
+
     def _config_summary(self, trial: Trial) -> dict[str, Any]:
         return {**dict(trial.config), "experiment": self.experiment.name, "trial_id": trial.trial_id}
 
     def record(self, trial: Trial, status: Status, *, error: str | None = None) -> None:
+        if trial.trial_id in self.written:
+            # A resumed driver can see a trial end twice (it ended after Tune's last snapshot of the
+            # experiment): its row was written the first time, and is never written twice.
+            return
         log = self._log(trial)
         try:
             config = resolve_trial(self.experiment, dict(trial.config))
@@ -163,7 +176,8 @@ class TrialLedger(Callback):
         except RayclsError as err:  # the sampled values do not make a valid config: still a failed row
             config_json, seed, phase, max_epochs = None, self.experiment.base.seed, self.experiment.base.phase.name, None
             error = error or str(err)
-        history = [log.history[e] for e in sorted(log.history)]
+        merged = {**self._history_on_disk(trial), **log.history}
+        history = [merged[e] for e in sorted(merged)]
         record = TrialRecord(
             experiment=self.experiment.name,
             trial_id=trial.trial_id,
@@ -191,6 +205,18 @@ class TrialLedger(Callback):
             row = {k: v for k, v in record.to_table().to_pylist()[0].items() if not isinstance(v, datetime)}
             log.run.finish(row, failed=status == "failed")
             log.run = None
+
+
+def _read_result_json(path: Path) -> dict[int, dict[str, Any]]:
+    history: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a killed driver
+            continue
+        if names.EPOCH in result:
+            history[int(result[names.EPOCH])] = {k: v for k, v in result.items() if k not in TUNE_KEYS and not isinstance(v, dict)}
+    return history
 
 
 def _uri(checkpoint: Any) -> str:

@@ -31,10 +31,11 @@ def init_ray(address: str | None, *, needed_cpus: float = 1.0, num_cpus: int | N
 
 def trial_bundle(resources: Resources) -> dict[str, float]:
     """What the Tune trial itself holds. One-worker trials train inside it; multi-worker trials only
-    drive a Ray Train run whose workers request their own CPUs/GPUs, so the trial needs no CPU of its own."""
+    drive a Ray Train run whose workers request their own CPUs/GPUs, so the trial holds a token share of a
+    CPU (Tune refuses an empty request) and never competes with the workers for cores or GPUs."""
     if resources.workers == 1:
         return {"cpu": resources.cpus_per_worker, "gpu": resources.gpus_per_worker if resources.gpu else 0.0}
-    return {"cpu": 0.0, "gpu": 0.0}
+    return {"cpu": 0.01, "gpu": 0.0}
 
 
 def per_trial_request(resources: Resources) -> dict[str, float]:

@@ -109,8 +109,16 @@ class RayclsOptunaSearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         if error or stopped_early(result):
             state = TrialState.FAIL if error else TrialState.PRUNED
+            ot_trial = self._ot_trials[trial_id]
             try:
-                self._ot_study.tell(self._ot_trials[trial_id], state=state)
+                if state == TrialState.PRUNED and isinstance(result.get(self._metric), (int, float)):
+                    # Tune withholds the result that made the scheduler stop the trial from the searcher;
+                    # report it, so the pruned trial's last intermediate value is its score at that rung.
+                    # (Optuna ignores, with a warning, a second report for the same step.)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        ot_trial.report(result[self._metric], int(result.get("training_iteration", result[names.EPOCH])))
+                self._ot_study.tell(ot_trial, state=state)
             except Exception as err:  # optuna refuses e.g. a second tell; never break the search for it
                 warnings.warn(f"optuna could not record trial {trial_id} as {state.name}: {err}")
             self._completed_trials.add(trial_id)

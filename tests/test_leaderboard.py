@@ -1,0 +1,116 @@
+"""The Parquet leaderboard without Ray: atomic one-file-per-trial rows, typed columns, queries, bad files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raycls.errors import LeaderboardError
+from raycls.results import TrialRecord, read_leaderboard, select, write_trial, written_trials
+from raycls.results.query import quote_dotted
+from raycls.results.render import render
+
+TYPES = {"train.lr": pa.float64(), "model.width": pa.int64(), "train.optimizer": pa.string()}
+
+
+def record(trial_id: str, status: str, lr: float, acc: list[float], **kw) -> TrialRecord:
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    history = [{"epoch": i + 1, "val_acc": a, "val_loss": 1 - a, "epoch_s": 0.5} for i, a in enumerate(acc)]
+    return TrialRecord(
+        experiment=kw.pop("experiment", "exp"), trial_id=trial_id, status=status, metric="val_acc", mode="max",
+        params={"train.lr": lr, "model.width": 16, "train.optimizer": "sgd"}, param_types=TYPES, history=history,
+        max_epochs=3, started_at=start, ended_at=start + timedelta(seconds=10), **kw,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> str:
+    write_trial(str(tmp_path), record("a", "completed", 0.1, [0.5, 0.7, 0.9]))
+    write_trial(str(tmp_path), record("b", "early_stopped", 0.001, [0.3]))
+    write_trial(str(tmp_path), record("c", "failed", 10.0, [0.2, 0.1], error="NonFiniteLossError: train_loss is nan"))
+    write_trial(str(tmp_path), record("z", "completed", 0.05, [0.6, 0.8, 0.85], experiment="other"))
+    return str(tmp_path)
+
+
+def test_row_has_typed_columns_and_best_epoch_metrics(storage: str) -> None:
+    table = pq.read_table(Path(storage) / "exp" / "leaderboard" / "a.parquet")
+    assert table.num_rows == 1
+    assert table.schema.field("train.lr").type == pa.float64()
+    assert table.schema.field("model.width").type == pa.int64()
+    assert table.schema.field("train.optimizer").type == pa.string()
+    row = table.to_pylist()[0]
+    assert row["val_acc"] == 0.9 and row["best_epoch"] == 3 and row["score"] == 0.9 and row["wall_s"] == 10.0
+    assert row["train_s"] == pytest.approx(1.5) and row["raycls_version"]
+    history = pq.read_table(Path(storage) / "exp" / "history" / "a.parquet")
+    assert history.column("val_acc").to_pylist() == [0.5, 0.7, 0.9]
+
+
+def test_rewriting_a_trial_replaces_its_row(storage: str) -> None:
+    write_trial(storage, record("a", "completed", 0.1, [0.5, 0.7, 0.95]))
+    table = read_leaderboard(storage, "exp").table
+    assert table.num_rows == 3 and sorted(table.column("trial_id").to_pylist()) == ["a", "b", "c"]
+    assert written_trials(storage, "exp") == {"a", "b", "c"}
+    assert not [p for p in (Path(storage) / "exp" / "leaderboard").iterdir() if p.name.startswith(".")]  # no temp files
+
+
+def test_read_all_experiments_and_skip_bad_files(storage: str) -> None:
+    folder = Path(storage) / "exp" / "leaderboard"
+    (folder / "corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    pq.write_table(pa.table({"x": [1]}), folder / "foreign.parquet")
+    read = read_leaderboard(storage)
+    assert read.table.num_rows == 4 and set(read.table.column("experiment").to_pylist()) == {"exp", "other"}
+    assert len(read.skipped) == 2
+    assert any("corrupt.parquet: unreadable" in s for s in read.skipped)
+    assert any("foreign.parquet: not a raycls" in s for s in read.skipped)
+
+
+def test_select_top_sort_where(storage: str) -> None:
+    table = read_leaderboard(storage).table
+    top = select(table, sort="score", top=2)
+    assert top.column("trial_id").to_pylist() == ["a", "z"]
+    low_lr = select(table, where="train.lr < 0.08 and status = 'completed'")
+    assert low_lr.column("trial_id").to_pylist() == ["z"]
+    assert select(table, where="status = 'train.lr'").num_rows == 0  # dotted names inside strings untouched
+    assert select(table, sort="wall_s", descending=False).num_rows == 4
+    with pytest.raises(LeaderboardError, match="no such column"):
+        select(table, sort="nope")
+    with pytest.raises(LeaderboardError, match="query failed"):
+        select(table, where="train.lr <<< 1")
+
+
+def test_quote_dotted() -> None:
+    columns = ["train.lr", "train.lr_decay", "status"]
+    assert quote_dotted("train.lr < 1 and train.lr_decay > 2", columns) == '"train.lr" < 1 and "train.lr_decay" > 2'
+    assert quote_dotted("status = 'train.lr'", columns) == "status = 'train.lr'"
+
+
+def test_render_formats(storage: str) -> None:
+    table = select(read_leaderboard(storage, "exp").table, sort="score")
+    rows = json.loads(render(table, "json"))
+    assert [r["trial_id"] for r in rows] == ["a", "b", "c"] and rows[0]["train.lr"] == 0.1
+    assert rows[2]["error"].startswith("NonFiniteLossError")
+    csv_text = render(table, "csv")
+    assert csv_text.splitlines()[0].startswith("experiment,trial_id,status") and len(csv_text.splitlines()) == 4
+    markdown = render(table, "markdown")
+    assert markdown.splitlines()[1].startswith("|---|") and "| exp | a | completed |" in markdown
+    with pytest.raises(LeaderboardError, match="expected table, csv, json or markdown"):
+        render(table, "xml")
+
+
+def test_cli_leaderboard_json_and_errors(storage: str) -> None:
+    run = lambda *args: subprocess.run([sys.executable, "-m", "raycls.cli", "leaderboard", storage, *args],  # noqa: E731
+                                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = run("--experiment", "exp", "--format", "json", "--where", "status != 'failed'", "--sort", "train.lr")
+    assert result.returncode == 0, result.stderr
+    assert [r["trial_id"] for r in json.loads(result.stdout)] == ["a", "b"]
+    sql = run("--sql", "select experiment, count(*) as n from leaderboard group by experiment order by experiment", "--format", "csv")
+    assert sql.stdout.splitlines() == ["experiment,n", "exp,3", "other,1"]
+    bad = run("--where", "nonsense ===")
+    assert bad.returncode == 2 and "query failed" in bad.stdout and "Traceback" not in bad.stdout + bad.stderr

@@ -1,0 +1,209 @@
+"""`raycls tune` end to end on a real local Ray: Tune + Optuna + ASHA, Ray Train DDP, Parquet, W&B offline.
+
+One Ray instance is shared by the module (starting one costs seconds); the resume test runs `raycls tune`
+in its own process group (with its own Ray) so that it can be SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow as pa
+import pytest
+import ray
+import torch
+
+from raycls.config import TrialConfig, load_experiment
+from raycls.config.schema import DataConfig
+from raycls.data import load_splits
+from raycls.results import read_leaderboard
+from raycls.tune.driver import TuneOptions, run_tune
+from raycls.tune.searcher import create_searcher
+
+from .conftest import write_yaml
+from .wandb_reader import read_run
+
+BASE = """
+base:
+  data: {name: digits, val_fraction: 0.2}
+  model: {name: small_cnn, width: 8}
+  train: {epochs: 4, batch_size: 64, optimizer: adamw, lr: 3.0e-3, warmup_epochs: 0}
+"""
+
+E2E = """
+experiment: {name: e2e, trials: 8, concurrency: 2}
+search:
+  seed: 0
+  n_startup_trials: 8
+  points_to_evaluate:
+    - {train.optimizer: sgd, train.lr: 1.0e+30, model.width: 8}   # diverges (outside the range on purpose)
+    - {train.optimizer: adamw, train.lr: 0.01, model.width: 16}   # a good trial
+    - {train.optimizer: adamw, train.lr: 0.0001, model.width: 8}  # a weak one for ASHA to stop
+scheduler: {name: asha, max_t: 4, grace_period: 1, reduction_factor: 2}
+wandb: {mode: offline}
+space:
+  train.optimizer: {type: choice, values: [adamw, sgd]}
+  train.lr: {type: loguniform, low: 1.0e-4, high: 0.1}
+  train.momentum: {type: uniform, low: 0.8, high: 0.95, when: {train.optimizer: sgd}}
+  model.width: {type: choice, values: [8, 16]}
+""" + BASE
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def e2e(local_ray, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("tune")
+    experiment = load_experiment(write_yaml(root / "e2e.yaml", E2E))
+    storage = str(root / "results")
+    outcome = run_tune(experiment, TuneOptions(storage=storage, live=False))
+    return experiment, storage, outcome
+
+
+def test_every_trial_lands_in_the_leaderboard_with_its_status(e2e) -> None:
+    experiment, storage, outcome = e2e
+    table = read_leaderboard(storage, "e2e").table
+    rows = table.to_pylist()
+    assert len(rows) == 8 == outcome.trials and len({r["trial_id"] for r in rows}) == 8
+    statuses = [r["status"] for r in rows]
+    assert set(statuses) <= {"completed", "early_stopped", "failed"}
+    assert "completed" in statuses and "early_stopped" in statuses  # ASHA stopped some
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert any(r["train.lr"] == 1e30 and "diverged" in r["error"] for r in failed)
+    for r in rows:
+        if r["status"] == "completed":
+            assert r["epochs"] == 4 and r["val_acc"] is not None and r["error"] is None
+        if r["status"] == "early_stopped":
+            assert r["epochs"] < 4
+    assert max(r["score"] or 0 for r in rows) > 0.8
+
+
+def test_parameter_columns_are_typed(e2e) -> None:
+    table = read_leaderboard(e2e[1], "e2e").table
+    assert table.schema.field("train.lr").type == pa.float64()
+    assert table.schema.field("model.width").type == pa.int64()
+    assert table.schema.field("train.optimizer").type == pa.string()
+    for row in table.to_pylist():  # conditional parameter: only sampled for SGD
+        assert (row["train.momentum"] is not None) == (row["train.optimizer"] == "sgd")
+
+
+def test_rows_replay_their_config_and_checkpoint(e2e) -> None:
+    rows = read_leaderboard(e2e[1], "e2e").table.to_pylist()
+    best = max((r for r in rows if r["status"] == "completed"), key=lambda r: r["score"])
+    config = TrialConfig.from_json(best["config_json"])
+    assert config.train.lr == best["train.lr"] and config.model.width == best["model.width"]
+    weights = torch.load(Path(best["checkpoint"]) / "model.pt", weights_only=True)
+    metrics = json.loads((Path(best["checkpoint"]) / "metrics.json").read_text())
+    assert metrics["val_acc"] == best["val_acc"] and metrics["epoch"] == best["best_epoch"]
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
+
+
+def test_optuna_study_states_match_leaderboard(e2e) -> None:
+    experiment, storage, _ = e2e
+    from raycls.tune.searcher import journal_path, open_study_storage
+
+    study = optuna.load_study(study_name="e2e", storage=open_study_storage(journal_path(Path(storage) / "e2e")))
+    by_state = {s: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
+    rows = read_leaderboard(storage, "e2e").table.to_pylist()
+    assert by_state[optuna.trial.TrialState.COMPLETE] == sum(r["status"] == "completed" for r in rows)
+    assert by_state[optuna.trial.TrialState.PRUNED] == sum(r["status"] == "early_stopped" for r in rows)
+    assert by_state[optuna.trial.TrialState.FAIL] == sum(r["status"] == "failed" for r in rows)
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert all(t.intermediate_values for t in pruned)  # TPE sees their per-epoch values
+
+
+def test_wandb_offline_runs_hold_the_logged_metrics(e2e) -> None:
+    _, storage, _ = e2e
+    rows = {r["trial_id"]: r for r in read_leaderboard(storage, "e2e").table.to_pylist()}
+    runs = sorted((Path(storage) / "e2e" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 8
+    for run_dir in runs:
+        run = read_run(run_dir)
+        row = rows[run["name"]]
+        assert run["group"] == "e2e" and run["config"]["train.lr"] == row["train.lr"]
+        logged = [h for h in run["history"] if "val_acc" in h]
+        assert len(logged) == (0 if row["status"] == "failed" else row["epochs"])
+        assert run["summary"]["status"] == row["status"]
+        if row["score"] is not None:
+            assert run["summary"]["score"] == pytest.approx(row["score"])
+
+
+def test_history_dataset_has_every_epoch(e2e) -> None:
+    history = read_leaderboard(e2e[1], "e2e", kind="history").table
+    rows = read_leaderboard(e2e[1], "e2e").table.to_pylist()
+    for row in rows:
+        epochs = [h["epoch"] for h in history.to_pylist() if h["trial_id"] == row["trial_id"]]
+        assert len(epochs) == row["epochs"]
+
+
+def test_conditional_space_through_the_searcher(tmp_path: Path) -> None:
+    experiment = load_experiment(write_yaml(tmp_path / "e2e.yaml", E2E))
+    searcher = create_searcher(experiment, tmp_path / "state", None)
+    seen = []
+    for i in range(12):
+        params = searcher.suggest(f"t{i}")
+        assert "." in next(iter(params))  # flat dotted keys, not nested dicts
+        seen.append(params)
+        assert ("train.momentum" in params) == (params["train.optimizer"] == "sgd")
+    assert seen[0]["train.lr"] == 1e30  # points_to_evaluate come first
+
+
+def test_two_worker_ddp_trial(local_ray, tmp_path: Path) -> None:
+    space = write_yaml(tmp_path / "ddp.yaml", """
+experiment: {name: ddp, trials: 1, concurrency: 1, resources: {workers: 2, cpus_per_worker: 1}}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
+""" + BASE.replace("epochs: 4", "epochs: 2"))
+    storage = str(tmp_path / "results")
+    run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))
+    (row,) = read_leaderboard(storage, "ddp").table.to_pylist()
+    assert row["status"] == "completed" and row["workers"] == 2 and row["val_acc"] > 0.3
+    splits = load_splits(DataConfig(name="digits", val_fraction=0.2), seed=0)
+    # Both ranks trained (each on its own half) and rank 0 reported metrics over the whole validation split.
+    per_rank = (len(splits.train) + 1) // 2 // 64 * 64
+    assert row["train_images"] == 2 * per_rank
+    assert row["val_images"] == len(splits.val)
+    assert list((Path(storage) / "ddp" / "train_runs").glob("train-*"))  # it ran through Ray Train
+
+
+def test_resume_after_driver_sigkill(tmp_path: Path) -> None:
+    space = write_yaml(tmp_path / "resume.yaml", """
+experiment: {name: resume, trials: 6, concurrency: 1}
+search: {seed: 1}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
+space:
+  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+""" + BASE.replace("epochs: 4", "epochs: 3"))
+    storage = tmp_path / "results"
+    command = [sys.executable, "-m", "raycls.cli", "tune", str(space), "--storage", str(storage), "--num-cpus", "4"]
+    env = dict(os.environ)
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    board = storage / "resume" / "leaderboard"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(board.glob("*.parquet"))) < 2 and driver.poll() is None:
+        time.sleep(0.5)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-experiment
+    driver.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
+    assert 2 <= len(before) < 6, f"kill came too late or too early: {len(before)} rows"
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=400, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = read_leaderboard(str(storage), "resume").table.to_pylist()
+    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
+    assert all(r["status"] == "completed" for r in rows)
+    after = {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
+    assert all(after[name] == mtime for name, mtime in before.items())  # finished trials were not rewritten
