@@ -142,7 +142,7 @@ def tune(
 
 
 def _print_leaderboard(read, sort: str, descending: bool, top: int) -> None:
-    from raycls.results import select
+    from raycls.results.query import top_rows
 
     for problem in read.skipped:
         console.print(f"[yellow]skipped[/] {problem}", highlight=False)
@@ -150,7 +150,7 @@ def _print_leaderboard(read, sort: str, descending: bool, top: int) -> None:
         console.print("no trials yet")
         return
     sort = sort if sort in read.table.column_names else "score"
-    rows = select(read.table, sort=sort, descending=descending, top=top)
+    rows = top_rows(read.table, sort, descending=descending, top=top)
     console.print(_rich_table(rows, title=f"top {min(top, rows.num_rows)} by {sort}"))
 
 

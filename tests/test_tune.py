@@ -56,9 +56,13 @@ space:
 """ + BASE
 
 
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key, but fake
+
+
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # One logical GPU (no CUDA needed): enough for Ray to schedule fractional-GPU trials.
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -68,7 +72,12 @@ def e2e(local_ray, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("tune")
     experiment = load_experiment(write_yaml(root / "e2e.yaml", E2E))
     storage = str(root / "results")
-    outcome = run_tune(experiment, TuneOptions(storage=storage, live=False))
+    planted = os.environ.get("WANDB_API_KEY")
+    os.environ["WANDB_API_KEY"] = FAKE_KEY  # must never land in any file the run writes
+    try:
+        outcome = run_tune(experiment, TuneOptions(storage=storage, live=False))
+    finally:
+        os.environ.pop("WANDB_API_KEY") if planted is None else os.environ.__setitem__("WANDB_API_KEY", planted)
     return experiment, storage, outcome
 
 
@@ -207,3 +216,43 @@ space:
     assert all(r["status"] == "completed" for r in rows)
     after = {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
     assert all(after[name] == mtime for name, mtime in before.items())  # finished trials were not rewritten
+
+
+def test_api_key_never_written(e2e) -> None:
+    _, storage, _ = e2e
+    files = [p for p in Path(storage).rglob("*") if p.is_file()]
+    assert len(files) > 50
+    leaked = [p for p in files if FAKE_KEY.encode() in p.read_bytes()]
+    assert not leaked, leaked
+
+
+def test_fractional_gpus_pack_four_trials_on_one_gpu(local_ray, tmp_path: Path) -> None:
+    space = write_yaml(tmp_path / "frac.yaml", """
+experiment: {name: frac, trials: 4, resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0.25}}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
+space:
+  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+""" + BASE.replace("epochs: 4", "epochs: 3"))
+    storage = str(tmp_path / "results")
+    run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))  # concurrency: 1 GPU / 0.25
+    rows = read_leaderboard(storage, "frac").table.to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
+    spans = sorted((r["started_at"], r["ended_at"]) for r in rows)
+    # All four were scheduled together: each started before the first one ended.
+    assert all(start < spans[0][1] for start, _ in spans)
+
+
+def test_warm_start_seeds_the_study(tmp_path: Path) -> None:
+    from raycls.tune.searcher import journal_path, open_study_storage
+
+    other = tmp_path / "other"
+    study = optuna.create_study(study_name="other", storage=open_study_storage(journal_path(other)), direction="maximize")
+    for lr in (0.001, 0.01):
+        study.enqueue_trial({"train.lr": lr})
+        trial = study.ask()
+        trial.suggest_float("train.lr", 1e-4, 0.1, log=True)
+        study.tell(trial, 0.5)
+    searcher = create_searcher(load_experiment(write_yaml(tmp_path / "e2e.yaml", E2E)), tmp_path / "mine", other)
+    seeded = [t for t in searcher._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert [t.params["train.lr"] for t in seeded] == [0.001, 0.01]

@@ -13,6 +13,7 @@ IMAGES_PER_S = "images_per_s"  # training images per second, all workers togethe
 TRAIN_IMAGES = "train_images"  # images trained on in the epoch, all workers together
 VAL_IMAGES = "val_images"  # images the validation metrics cover, all workers together (the whole split)
 EPOCH_S = "epoch_s"  # seconds of training + validation in the epoch (time spent in the loop)
+SETUP_S = "setup_s"  # seconds from entering the loop to the first step (data, model, optimizer), first epoch only
 MAX_EPOCHS = "max_epochs"  # the trial's configured epochs: a trial that ends before them was stopped early
 DEVICE = "device"  # "cpu" or the CUDA device's name
 

@@ -26,6 +26,15 @@ def quote_dotted(expression: str, columns: list[str]) -> str:
     return "".join(part if i % 2 else pattern.sub(r'"\1"', part) for i, part in enumerate(parts))
 
 
+def top_rows(table: pa.Table, sort: str, *, descending: bool = True, top: int | None = None) -> pa.Table:
+    """Sort and cut without DuckDB (the tune driver prints its summary with this: no SQL engine needed)."""
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(table, sort_keys=[(sort, "descending" if descending else "ascending")], null_placement="at_end")
+    rows = table.take(order)
+    return rows.slice(0, top) if top is not None else rows
+
+
 def run_sql(table: pa.Table, sql: str) -> pa.Table:
     import duckdb
 

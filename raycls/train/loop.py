@@ -88,6 +88,7 @@ def build(config: TrialConfig, ctx: RunContext) -> Parts:
 def fit(config: TrialConfig, report: ReportFn, ctx: RunContext | None = None) -> list[Metrics]:
     """Train one trial on this worker; returns the metrics of every epoch."""
     ctx = ctx or RunContext()
+    entered = time.perf_counter()
     parts = build(config, ctx)
     model, phase, policy = parts.model, parts.phase, parts.policy
     optimizer = create_optimizer(config.train, model)
@@ -111,6 +112,8 @@ def fit(config: TrialConfig, report: ReportFn, ctx: RunContext | None = None) ->
                 **evaluate(model, phase, parts.val_loader, policy),
             }
             metrics[names.EPOCH_S] = time.perf_counter() - started
+            if not history:  # data, model and optimizer construction, once per (re)start
+                metrics[names.SETUP_S] = started - entered
             check_finite(metrics[names.VAL_LOSS], what=names.VAL_LOSS, epoch=epoch + 1)
             # Only rank 0 writes a checkpoint: all ranks hold the same weights under DDP.
             checkpoint = save_checkpoint(scratch / "checkpoint", model, optimizer, scheduler, epoch, metrics) if ctx.rank == 0 else None

@@ -23,7 +23,7 @@ from raycls.config.space import Choice, IntRange
 from raycls.errors import RayclsError
 from raycls.evaluate import names
 from raycls.results.leaderboard import Status, TrialRecord, write_trial, written_trials
-from raycls.results.wandb_log import TrialRun
+from raycls.results.wandb_log import WandbWriter
 
 # Tune's own bookkeeping keys: not metrics of ours, kept out of the history and W&B.
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "time_since_restore",
@@ -77,7 +77,6 @@ class TrialLog:
     best_checkpoint: str | None = None
     best_value: float | None = None
     last_result: dict[str, Any] = field(default_factory=dict)
-    run: TrialRun | None = None
 
 
 class TrialLedger(Callback):
@@ -95,6 +94,8 @@ class TrialLedger(Callback):
         self.types = param_types(self.experiment)
         self.logs: dict[str, TrialLog] = {}
         self.written: set[str] = written_trials(self.storage, self.experiment.name)
+        self.wandb = WandbWriter(self.experiment.wandb, self.wandb_mode, Path(self.experiment_dir),
+                                 experiment=self.experiment.name)  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("experiment_json", "storage", "experiment_dir", "wandb_mode")}
@@ -110,11 +111,9 @@ class TrialLedger(Callback):
         return self.logs[trial.trial_id]
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        log = self._log(trial)
-        if log.run is None and trial.trial_id not in self.written:
-            log.run = TrialRun(self.experiment.wandb, self.wandb_mode, Path(self.experiment_dir),
-                               experiment=self.experiment.name, trial_id=trial.trial_id,
-                               config=self._config_summary(trial))  # fmt: skip
+        self._log(trial)
+        if trial.trial_id not in self.written:
+            self.wandb.start(trial.trial_id, self._config_summary(trial))
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         log = self._log(trial)
@@ -122,8 +121,7 @@ class TrialLedger(Callback):
         epoch = int(metrics.get(names.EPOCH, len(log.history) + 1))
         log.history[epoch] = metrics
         log.last_result = metrics
-        if log.run is not None:
-            log.run.log(metrics, step=epoch)
+        self.wandb.log(trial.trial_id, metrics, step=epoch)
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Any, **info: Any) -> None:
         log = self._log(trial)
@@ -146,10 +144,7 @@ class TrialLedger(Callback):
         self.record(trial, "failed", error=error_message(trial))
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
-        for log in self.logs.values():
-            if log.run is not None:
-                log.run.finish({}, failed=True)
-                log.run = None
+        self.wandb.close()
 
     # ------------------------------------------------------------------------------------------ rows
     def _history_on_disk(self, trial: Trial) -> dict[int, dict[str, Any]]:
@@ -201,10 +196,8 @@ class TrialLedger(Callback):
         )
         write_trial(self.storage, record)
         self.written.add(trial.trial_id)
-        if log.run is not None:
-            row = {k: v for k, v in record.to_table().to_pylist()[0].items() if not isinstance(v, datetime)}
-            log.run.finish(row, failed=status == "failed")
-            log.run = None
+        row = {k: v for k, v in record.to_table().to_pylist()[0].items() if not isinstance(v, datetime)}
+        self.wandb.finish(trial.trial_id, row, failed=status == "failed")
 
 
 def _read_result_json(path: Path) -> dict[int, dict[str, Any]]:

@@ -92,7 +92,10 @@ class RayclsOptunaSearch(OptunaSearch):
 
     def _setup_study(self, mode: str | list) -> None:
         super()._setup_study(mode)
-        if self._warm_start_journal and not self._ot_study.trials:
+        # Only a fresh study (points_to_evaluate are already queued as WAITING trials by now).
+        started = self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                    TrialState.FAIL, TrialState.RUNNING))  # fmt: skip
+        if self._warm_start_journal and not started:
             self._warm_start(Path(self._warm_start_journal))
 
     def _warm_start(self, journal: Path) -> None:
