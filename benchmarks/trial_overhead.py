@@ -108,7 +108,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         ray_started = time.perf_counter()
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        from raycls.tune.cluster import init_ray
+
+        init_ray(None, num_cpus=8)
         ray_init_s = time.perf_counter() - ray_started
         plain = run_optuna(folder, args.trials)
         print("optuna in-process:", plain)

@@ -24,6 +24,7 @@ from raycls.config import TrialConfig, load_experiment
 from raycls.config.schema import DataConfig
 from raycls.data import load_splits
 from raycls.results import read_leaderboard
+from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 from raycls.tune.searcher import create_searcher
 
@@ -62,7 +63,7 @@ FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key,
 @pytest.fixture(scope="module")
 def local_ray():
     # One logical GPU (no CUDA needed): enough for Ray to schedule fractional-GPU trials.
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    init_ray(None, num_cpus=8, num_gpus=1)
     yield
     ray.shutdown()
 
@@ -185,6 +186,10 @@ wandb: {mode: disabled}
     assert row["train_images"] == 2 * per_rank
     assert row["val_images"] == len(splits.val)
     assert list((Path(storage) / "ddp" / "train_runs").glob("train-*"))  # it ran through Ray Train
+    deadline = time.monotonic() + 60  # the Train run's workers and placement group are released
+    while ray.available_resources().get("CPU", 0) < 8 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == 8
 
 
 def test_resume_after_driver_sigkill(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ reports (the loop all-reduces validation metrics first) to Tune, so ASHA sees ev
 from __future__ import annotations
 
 from collections.abc import Callable
+import json
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -97,9 +98,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     extras = trial_extras(config, device)
 
+    history_file = loop_config.get("history_file")
+
     def report(metrics: Metrics, checkpoint: Path | None) -> None:
         # Every rank must call report (it is a barrier); rank 0 alone passes a checkpoint.
         saved = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
+        if history_file and context.get_world_rank() == 0:
+            # `raycls train` shows every epoch; Train V2's Result keeps only the last report's metrics.
+            with open(history_file, "a") as handle:
+                handle.write(json.dumps({**metrics, **extras}) + "\n")
         ray.train.report({**metrics, **extras}, checkpoint=saved)
 
     ctx = RunContext(device=device, rank=context.get_world_rank(), world_size=context.get_world_size(),
@@ -120,13 +127,14 @@ def _torch_trainer(
     metric: str = names.VAL_ACC,
     mode: str = "max",
     limit_batches: int | None = None,
+    history_file: str | None = None,
 ):
     from ray.train.torch import TorchTrainer
 
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpu else {})}
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config_json": config.to_json(), "limit_batches": limit_batches},
+        train_loop_config={"config_json": config.to_json(), "limit_batches": limit_batches, "history_file": history_file},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=resources.gpu, resources_per_worker=per_worker
         ),
@@ -158,16 +166,17 @@ def train_with_ray(
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / CONFIG_FILE, config.to_dict())
-    trainer = _torch_trainer(config, resources, storage_path=str(out), name="ray_train", metric=metric,
-                             mode=mode, limit_batches=2 if fast_dev_run else None)  # fmt: skip
+    history_file = out / "history.jsonl"
+    history_file.unlink(missing_ok=True)
+    trainer = _torch_trainer(config, resources, storage_path=str(out), name="ray_train", metric=metric, mode=mode,
+                             limit_batches=2 if fast_dev_run else None, history_file=str(history_file))  # fmt: skip
     result = trainer.fit()
     if result.error:
         raise result.error
-    frame = result.metrics_dataframe
-    history = [] if frame is None else [
-        {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith(("training_iteration", "time", "timestamp"))}
-        for row in frame.to_dict("records")
-    ]  # fmt: skip
+    # Written by rank 0 when it shares this filesystem (a local Ray); else the last report is all we have.
+    lines = history_file.read_text().splitlines() if history_file.is_file() else []
+    history = [json.loads(line) for line in lines] or [dict(result.metrics)]
+    history = [{k: v for k, v in row.items() if isinstance(v, (int, float))} for row in history]
     for metrics in history:
         if on_epoch is not None:
             on_epoch(metrics)

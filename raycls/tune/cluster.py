@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 
 import ray
 
@@ -11,22 +12,51 @@ from raycls.config.experiment import Resources
 from raycls.errors import RayclsError
 
 
-def init_ray(address: str | None, *, needed_cpus: float = 1.0, num_cpus: int | None = None, verbose: bool = False) -> None:
+def init_ray(
+    address: str | None,
+    *,
+    needed_cpus: float = 1.0,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    verbose: bool = False,
+) -> None:
     """Join a cluster (`--address auto|ray://host:10001`) or start a local one.
 
     A local Ray gets at least `needed_cpus` logical CPUs even on a 2-core laptop: trial actors and Train
     workers each hold a logical CPU while mostly waiting on each other, and without enough of them trials
     would wait for resources forever.
+
+    The dashboard stays on: Ray Train V2 frees the placement group of a trial that Tune stopped (ASHA) only
+    through the State API, which the dashboard serves; without it, every stopped multi-worker trial keeps
+    its workers' CPUs/GPUs until the cluster is idle forever. The State API client in Ray's workers finds
+    the cluster by address, so a local head is started on a known port and every worker is told it
+    (otherwise a second Ray on the same machine, e.g. beside a test run, makes that lookup fail).
     """
     if ray.is_initialized():
         return
-    kwargs = dict(include_dashboard=False, log_to_driver=verbose, configure_logging=True,
-                  logging_level="INFO" if verbose else "WARNING")  # fmt: skip
+    kwargs: dict = dict(log_to_driver=verbose, logging_level="INFO" if verbose else "WARNING")
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        cpus = num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
-        ray.init(num_cpus=cpus, **kwargs)
+        return
+    from ray._private.services import get_node_ip_address
+
+    port = _free_port()
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the head
+    try:
+        ray.init(
+            num_cpus=num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus)),
+            num_gpus=num_gpus,
+            runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}},
+            **kwargs,
+        )
+    finally:
+        os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def trial_bundle(resources: Resources) -> dict[str, float]:

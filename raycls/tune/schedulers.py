@@ -22,6 +22,9 @@ def asha(experiment: Experiment) -> TrialScheduler:
         max_t=experiment.max_t,
         grace_period=section.grace_period,
         reduction_factor=section.reduction_factor,
+        # Let a trial that reaches max_t finish on its own: stopping it there would kill a multi-worker
+        # trial's Train run at its last epoch (and count a finished trial as stopped).
+        stop_last_trials=False,
     )
 
 
