@@ -28,10 +28,7 @@ def quote_dotted(expression: str, columns: list[str]) -> str:
 
 def top_rows(table: pa.Table, sort: str, *, descending: bool = True, top: int | None = None) -> pa.Table:
     """Sort and cut without DuckDB (the tune driver prints its summary with this: no SQL engine needed)."""
-    import pyarrow.compute as pc
-
-    order = pc.sort_indices(table, sort_keys=[(sort, "descending" if descending else "ascending")], null_placement="at_end")
-    rows = table.take(order)
+    rows = table.sort_by([(sort, "descending" if descending else "ascending")])  # nulls last
     return rows.slice(0, top) if top is not None else rows
 
 
