@@ -60,7 +60,10 @@ def train(
         summary = _train_in_process(config, out, experiment.experiment.metric, experiment.experiment.mode, fast_dev_run)
     else:
         from raycls.train.ray_train import train_with_ray
+        from raycls.tune.cluster import init_ray
 
+        resources = experiment.experiment.resources
+        init_ray(None, needed_cpus=resources.workers * resources.cpus_per_worker + 1)
         console.print(f"[dim]Ray Train: {experiment.experiment.resources.workers} worker(s); use --no-ray to debug in-process[/]")
         summary = train_with_ray(config, out, resources=experiment.experiment.resources,
                                  metric=experiment.experiment.metric, mode=experiment.experiment.mode,

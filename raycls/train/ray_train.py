@@ -159,10 +159,8 @@ def train_with_ray(
     fast_dev_run: bool = False,
     on_epoch: Callable[[Metrics], None] | None = None,
 ) -> Summary:
-    """`raycls train` without --no-ray: one Ray Train run (DDP over `resources.workers`), no Tune."""
-    from raycls.tune.cluster import init_ray
-
-    init_ray(None, needed_cpus=resources.workers * resources.cpus_per_worker + 1)
+    """`raycls train` without --no-ray: one Ray Train run (DDP over `resources.workers`), no Tune.
+    Ray must be initialised by the caller (the CLI, through raycls.tune.cluster.init_ray)."""
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / CONFIG_FILE, config.to_dict())

@@ -24,6 +24,7 @@ from raycls.errors import RayclsError
 from raycls.evaluate import names
 from raycls.results.leaderboard import Status, TrialRecord, write_trial, written_trials
 from raycls.results.wandb_log import WandbWriter
+from raycls.tune.searcher import stopped_early
 
 # Tune's own bookkeeping keys: not metrics of ours, kept out of the history and W&B.
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "time_since_restore",
@@ -136,9 +137,7 @@ class TrialLedger(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         log = self._log(trial)
-        last = log.last_result
-        status: Status = "early_stopped" if last and last.get(names.EPOCH, 0) < last.get(names.MAX_EPOCHS, 0) else "completed"
-        self.record(trial, status)
+        self.record(trial, "early_stopped" if stopped_early(log.last_result) else "completed")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.record(trial, "failed", error=error_message(trial))
@@ -268,9 +267,7 @@ class LiveTable(Callback):
         self._draw()
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        last = trial.last_result or {}
-        stopped = last.get(names.EPOCH, 0) < last.get(names.MAX_EPOCHS, 0)
-        self._set(trial, "early_stopped" if stopped else "completed")
+        self._set(trial, "early_stopped" if stopped_early(trial.last_result) else "completed")
         self._draw(force=True)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
