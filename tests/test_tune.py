@@ -261,3 +261,16 @@ def test_warm_start_seeds_the_study(tmp_path: Path) -> None:
     searcher = create_searcher(load_experiment(write_yaml(tmp_path / "e2e.yaml", E2E)), tmp_path / "mine", other)
     seeded = [t for t in searcher._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert [t.params["train.lr"] for t in seeded] == [0.001, 0.01]
+
+
+def test_raycls_train_through_ray_train(local_ray, tmp_path: Path) -> None:
+    from raycls.config import Resources
+    from raycls.train.ray_train import train_with_ray
+
+    config = TrialConfig.model_validate({"data": {"name": "digits"}, "model": {"width": 8},
+                                         "train": {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3}})  # fmt: skip
+    summary = train_with_ray(config, tmp_path, resources=Resources(workers=1), metric="val_acc", mode="max", fast_dev_run=True)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["epoch"] for h in saved["history"]] == [1, 2] and summary.final["epoch"] == 2
+    assert TrialConfig.from_json((tmp_path / "config.json").read_text()) == config
+    assert (tmp_path / "checkpoints" / "best" / "model.pt").is_file()
