@@ -48,6 +48,15 @@ class Phase(ABC, Generic[C]):
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         """Validation metrics from the statistics summed over all batches and workers."""
 
+    def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
+        """Embeddings of a validation batch for embedding metrics (k-NN), or None when the phase has none.
+        The loop gathers them from every worker before calling `embedding_metrics`."""
+        return None
+
+    def embedding_metrics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """Metrics over the whole split's embeddings (all workers' together)."""
+        return {}
+
 
 PHASES: Registry[type[Phase]] = Registry("phase")
 

@@ -158,14 +158,33 @@ def evaluate(model: nn.Module, phase: Phase, loader: BatchLoader, policy: StepPo
     """
     model.eval()
     totals: dict[str, torch.Tensor] = {IMAGES_KEY: torch.zeros((), dtype=torch.float64, device=policy.device)}
+    embedded: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     for batch in loader:
         totals[IMAGES_KEY] += len(batch[1])
         with autocast(policy):
             for key, value in phase.eval_batch(model, batch).items():
                 totals[key] = totals.get(key, 0) + value.double()
+            embedding = phase.embed(model, batch[0])
+        if embedding is not None:
+            embedded.append(embedding.float())
+            labels.append(batch[1])
     summed = all_reduce_sum(totals)
+    metrics = phase.eval_metrics(summed)
+    if embedded:
+        metrics.update(phase.embedding_metrics(*all_gather_cat(torch.cat(embedded), torch.cat(labels))))
     # How many validation images the metrics cover, over all workers: the whole split, each once.
-    return {**phase.eval_metrics(summed), names.VAL_IMAGES: summed.pop(IMAGES_KEY)}
+    return {**metrics, names.VAL_IMAGES: summed.pop(IMAGES_KEY)}
+
+
+def all_gather_cat(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every worker's (unevenly sized) shards, concatenated in rank order, on every worker."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return embeddings, labels
+    shards: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, (embeddings.cpu(), labels.cpu()))
+    device = embeddings.device
+    return torch.cat([e for e, _ in shards]).to(device), torch.cat([y for _, y in shards]).to(device)
 
 
 IMAGES_KEY = "_images"
