@@ -6,11 +6,19 @@ name and never branches on it. Constructors take the essentials positionally and
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from raycls.registry import Registry
 
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 up to float32, whose softmax and margin arithmetic stay accurate at scale 64; float64 stays
+    float64, so gradcheck can run on the losses."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
 
 # Imported after LOSSES exists: each module registers its losses into it on import.
 from raycls.losses import contrastive, distill, margin  # noqa: E402, F401
