@@ -57,6 +57,7 @@ class Registry(Generic[T]):
 BUILTIN_MODULES = (
     "raycls.data",
     "raycls.models",
+    "raycls.losses",
     "raycls.phases",
     "raycls.train.optim",
 )

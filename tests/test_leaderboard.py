@@ -89,6 +89,7 @@ def test_quote_dotted() -> None:
     columns = ["train.lr", "train.lr_decay", "status"]
     assert quote_dotted("train.lr < 1 and train.lr_decay > 2", columns) == '"train.lr" < 1 and "train.lr_decay" > 2'
     assert quote_dotted("status = 'train.lr'", columns) == "status = 'train.lr'"
+    assert quote_dotted("val_recall@1 > 0.9", ["val_recall@1"]) == '"val_recall@1" > 0.9'
 
 
 def test_render_formats(storage: str) -> None:

@@ -86,9 +86,38 @@ class SupervisedConfig(PhaseConfig):
     cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
 
 
+class MetricConfig(PhaseConfig):
+    """A cosine classifier trained with an angular-margin loss (the ArcFace family)."""
+
+    name: Literal["metric"] = "metric"
+    # A margin loss of raycls.losses: arcface, cosface, adaface, curricularface, subcenter_arcface.
+    loss: str = "arcface"
+    # None: the loss's own default (its paper's).
+    margin: Annotated[float, Field(ge=0.0)] | None = None
+    # Logit scale s. 30 rather than the face-recognition papers' 64: 10-100 classes need less.
+    scale: Annotated[float, Field(gt=0.0)] = 30.0
+    # Grow the margin linearly from 0 over this many optimizer steps (a full margin can stall the start).
+    margin_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    # Sub-centres per class (subcenter_arcface only); None: the loss's default.
+    sub_centers: PositiveInt | None = None
+    # Neighbours in the k-NN accuracy of the validation embeddings.
+    knn_k: PositiveInt = 20
+
+    @field_validator("loss")
+    @classmethod
+    def _margin_loss(cls, name: str) -> str:
+        check_name("loss", name)
+        from raycls.losses import LOSSES, MarginLoss
+
+        if not issubclass(LOSSES.get(name), MarginLoss):
+            margin = sorted(n for n in LOSSES.names() if issubclass(LOSSES.get(n), MarginLoss))
+            raise ValueError(f"loss {name!r} is not a margin loss; margin losses: {', '.join(margin)}")
+        return name
+
+
 # Phase configs live here (not in phases/) so that a config validates without importing the training code;
 # phases/ registers one implementation per name and a contract test checks the two registries agree.
-PHASE_CONFIGS: dict[str, type[PhaseConfig]] = {"supervised": SupervisedConfig}
+PHASE_CONFIGS: dict[str, type[PhaseConfig]] = {"supervised": SupervisedConfig, "metric": MetricConfig}
 
 
 class TrainConfig(Frozen):

@@ -10,6 +10,8 @@ TRAIN_LOSS = "train_loss"
 VAL_LOSS = "val_loss"
 VAL_ACC = "val_acc"
 IMAGES_PER_S = "images_per_s"  # training images per second, all workers together
+VAL_KNN_ACC = "val_knn_acc"  # leave-one-out k-NN accuracy of the validation embeddings (all workers' together)
+VAL_RECALL_AT_1 = "val_recall@1"  # share of validation images whose nearest neighbour has their label
 TRAIN_IMAGES = "train_images"  # images trained on in the epoch, all workers together
 VAL_IMAGES = "val_images"  # images the validation metrics cover, all workers together (the whole split)
 EPOCH_S = "epoch_s"  # seconds of training + validation in the epoch (time spent in the loop)
@@ -27,6 +29,8 @@ Mode = Literal["max", "min"]
 # Which way is better, for picking the best epoch of a metric. Unlisted metrics are not ranked.
 MODES: dict[str, Mode] = {
     VAL_ACC: "max",
+    VAL_KNN_ACC: "max",
+    VAL_RECALL_AT_1: "max",
     VAL_LOSS: "min",
     TRAIN_LOSS: "min",
     **{val_topk(k): "max" for k in (2, 3, 5, 10)},

@@ -17,8 +17,9 @@ TABLE = "leaderboard"
 
 
 def quote_dotted(expression: str, columns: list[str]) -> str:
-    """Quote bare dotted column names outside string literals: train.lr < 0.1 -> "train.lr" < 0.1."""
-    dotted = sorted((c for c in columns if "." in c), key=len, reverse=True)
+    """Quote bare column names that SQL would misread (dots, `@`) outside string literals:
+    train.lr < 0.1 -> "train.lr" < 0.1; val_recall@1 > 0.9 -> "val_recall@1" > 0.9."""
+    dotted = sorted((c for c in columns if not c.isidentifier()), key=len, reverse=True)
     if not dotted:
         return expression
     pattern = re.compile(r'(?<![\w."])(' + "|".join(re.escape(c) for c in dotted) + r')(?![\w"])')

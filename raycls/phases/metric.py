@@ -1,0 +1,92 @@
+"""Metric learning: a cosine classifier trained with an angular-margin loss (ArcFace, CosFace, AdaFace,
+CurricularFace, sub-center ArcFace). Reports val_acc from the cosine logits and, from the backbone
+embeddings, val_knn_acc and val_recall@1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from raycls.config.schema import MetricConfig
+from raycls.errors import ConfigError
+from raycls.evaluate import names
+from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
+from raycls.losses import LOSSES, MarginLoss
+from raycls.models.registry import InputSpec
+from raycls.phases.base import PHASES, Batch, Phase
+
+
+class MarginModel(nn.Module):
+    """Backbone + margin loss in one module, so the optimizer, DDP and checkpoints all see the class centres
+    (the loss's head weights) and the loss's state buffers (warm-up step, AdaFace statistics, ...)."""
+
+    def __init__(self, backbone: nn.Module, margin: MarginLoss):
+        super().__init__()
+        self.backbone = backbone
+        self.margin = margin
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        """Cosine logits without labels; the margin loss's output (loss, cosine) with them. The loss runs
+        inside forward so that DDP synchronises the class centres' gradients."""
+        embeddings = self.embed(x)
+        if labels is None:
+            return self.margin.cosine(embeddings)
+        if self.training:
+            self.margin.step.add_(1)  # drives the margin warm-up; a buffer, so it survives a resume
+        return self.margin(embeddings, labels)
+
+
+@PHASES.register("metric")
+class Metric(Phase[MetricConfig]):
+    metric = names.VAL_ACC
+
+    def build(self, backbone: nn.Module) -> nn.Module:
+        config = self.config
+        options = {"scale": config.scale, "margin_warmup_steps": config.margin_warmup_steps}
+        options |= {"margin": config.margin} if config.margin is not None else {}
+        options |= {"sub_centers": config.sub_centers} if config.sub_centers is not None else {}
+        try:
+            loss = LOSSES.get(config.loss)(backbone.num_features, self.spec.num_classes, **options)
+        except TypeError as err:  # an option this loss does not take (sub_centers on arcface, ...)
+            raise ConfigError(f"phase.loss={config.loss!r} does not take these options ({err})") from None
+        return MarginModel(backbone, loss)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch
+        return model(x, y).loss, {}
+
+    def eval_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        x, y = batch
+        cosine = model(x).float()
+        hits = cosine.topk(self.topk, dim=-1).indices == y[:, None]
+        return {
+            # The scaled cosine without margin: the classifier's own cross-entropy at inference.
+            "loss_sum": F.cross_entropy(self.config.scale * cosine, y, reduction="sum"),
+            "correct": hits[:, 0].sum(),
+            "correct_topk": hits.any(dim=-1).sum(),
+            "count": torch.tensor(len(y), device=y.device),
+        }
+
+    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        n = max(totals["count"], 1.0)
+        return {
+            names.VAL_LOSS: totals["loss_sum"] / n,
+            names.VAL_ACC: totals["correct"] / n,
+            names.val_topk(self.topk): totals["correct_topk"] / n,
+        }
+
+    def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.embed(images)
+
+    def embedding_metrics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return {
+            names.VAL_KNN_ACC: knn_accuracy(embeddings, labels, k=self.config.knn_k),
+            names.VAL_RECALL_AT_1: recall_at_1(embeddings, labels),
+        }
