@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,60 @@ def test_metric_phase_config_errors(tmp_path: Path) -> None:
         metric_config("arcfaze")
     with pytest.raises(ConfigError, match="does not take these options"):
         run_local(metric_config("cosface", sub_centers=2), tmp_path, fast_dev_run=True)
+
+
+def test_supcon_pretraining_clusters_digits(tmp_path: Path) -> None:
+    config = TrialConfig.model_validate({
+        "data": {"name": "digits", "val_fraction": 0.2}, "model": {"width": 16},
+        "phase": {"name": "supcon", "temperature": 0.1}, "augment": {"random_crop": 1},
+        "train": {"epochs": 4, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 1},
+    })  # fmt: skip
+    summary = run_local(config, tmp_path, metric="val_knn_acc", device=torch.device("cpu"))
+    history = [h["train_loss"] for h in json.loads((tmp_path / "metrics.json").read_text())["history"]]
+    assert history[-1] < history[0]
+    assert summary.best["val_knn_acc"] > 0.9 and "val_acc" not in summary.final
+    state = torch.load(tmp_path / "checkpoints" / "best" / "model.pt", weights_only=True)
+    assert any(k.startswith("backbone.") for k in state) and any(k.startswith("projection.") for k in state)
+
+
+DIGITS = {"data": {"name": "digits", "val_fraction": 0.2}, "model": {"width": 8},
+          "train": {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3}}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("teacher")
+    run_local(TrialConfig.model_validate({**DIGITS, "model": {"width": 16}}), out, device=torch.device("cpu"))
+    return out / "checkpoints" / "best"
+
+
+def distill(tmp_path: Path, **phase) -> tuple[dict, Path]:
+    config = TrialConfig.model_validate({**DIGITS, "phase": {"name": "distill", **phase}})
+    summary = run_local(config, tmp_path, device=torch.device("cpu"))
+    return summary.best, tmp_path / "checkpoints" / "last" / "model.pt"
+
+
+@pytest.mark.parametrize("kd", ["soft_kd", "hard_kd"])
+def test_distill_from_a_teacher_checkpoint_keeps_the_teacher_frozen(teacher: Path, tmp_path: Path, kd: str) -> None:
+    best, weights = distill(tmp_path, teacher=str(teacher), teacher_model={"name": "small_cnn", "width": 16},
+                            kd=kd, alpha_schedule="cosine")  # fmt: skip
+    assert best["val_acc"] > 0.8
+    state = torch.load(weights, weights_only=True)
+    original = torch.load(teacher / "model.pt", weights_only=True)
+    assert all(torch.equal(state[f"teacher.{k}"], v) for k, v in original.items())  # exactly the checkpoint
+
+
+def test_ema_teacher_follows_the_student(tmp_path: Path) -> None:
+    best, weights = distill(tmp_path, ema_decay=0.9)
+    state = torch.load(weights, weights_only=True)
+    key = "features.0.0.weight"
+    assert best["val_acc"] > 0.8
+    assert not torch.equal(state[f"teacher.{key}"], state[f"student.{key}"])  # lags the student ...
+    assert (state[f"teacher.{key}"] - state[f"student.{key}"]).abs().max() < 0.5  # ... but follows it
+
+
+def test_distill_teacher_errors(teacher: Path, tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="no checkpoint at"):
+        distill(tmp_path, teacher=str(tmp_path / "missing"))
+    with pytest.raises(Exception, match="do not fit the teacher model"):
+        distill(tmp_path, teacher=str(teacher))  # a width-16 teacher for a width-8 student, no teacher_model

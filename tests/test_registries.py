@@ -26,7 +26,9 @@ def test_every_phase_lowers_its_loss_on_a_batch(name: str) -> None:
     phase = create_phase(PHASE_CONFIGS[name](), spec)
     model = phase.build(create_model(ModelConfig(width=8), spec))
     torch.manual_seed(0)
-    batch = (torch.randn(16, 1, 8, 8), torch.arange(16) % 4)
+    images, labels = torch.randn(16, 1, 8, 8), torch.arange(16) % 4
+    views = images[:, None].repeat(1, phase.views, 1, 1, 1) + 0.1 * torch.randn(16, phase.views, 1, 8, 8)
+    batch = (views if phase.views > 1 else images, labels)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(10):
@@ -37,8 +39,11 @@ def test_every_phase_lowers_its_loss_on_a_batch(name: str) -> None:
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     model.eval()
-    totals = {k: v.item() for k, v in phase.eval_batch(model, batch).items()}
+    totals = {k: v.item() for k, v in phase.eval_batch(model, (images, labels)).items()}
     metrics = phase.eval_metrics(totals)
+    embeddings = phase.embed(model, images)
+    if embeddings is not None:
+        metrics.update(phase.embedding_metrics(embeddings, labels))
     assert phase.metric in metrics and 0 <= metrics[phase.metric] <= 1
 
 

@@ -115,9 +115,43 @@ class MetricConfig(PhaseConfig):
         return name
 
 
+class SupConConfig(PhaseConfig):
+    """Supervised contrastive pretraining (Khosla et al. 2020): two augmented views per image."""
+
+    name: Literal["supcon"] = "supcon"
+    temperature: Annotated[float, Field(gt=0.0)] = 0.1
+    # The projection MLP (backbone features -> hidden -> projection_dim, L2-normalised); the backbone's own
+    # features (before the projection) are what k-NN evaluates and what later phases start from.
+    hidden_dim: PositiveInt = 512
+    projection_dim: PositiveInt = 128
+    knn_k: PositiveInt = 20
+
+
+class DistillConfig(PhaseConfig):
+    """Knowledge distillation into the student (the trial's model) from a teacher checkpoint, or from an
+    exponential moving average of the student itself when `teacher` is null."""
+
+    name: Literal["distill"] = "distill"
+    # A teacher checkpoint: a folder holding model.pt, or the file. A leaderboard reference
+    # ({from: EXPERIMENT, pick: best}) is resolved to such a path by the driver before trials start.
+    teacher: str | None = None
+    # The teacher's architecture; None: the student's (model section).
+    teacher_model: ModelConfig | None = None
+    kd: Literal["soft_kd", "hard_kd"] = "soft_kd"
+    temperature: Annotated[float, Field(gt=0.0)] = 4.0
+    # Weight of the distillation term: loss = alpha * kd + (1 - alpha) * cross-entropy on the labels.
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
+    # How alpha moves from alpha_start to alpha over training: constant (alpha throughout), linear, cosine.
+    alpha_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    alpha_start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    # EMA teacher only: decay per optimizer step.
+    ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999
+    label_smoothing: Fraction = 0.0
+
+
 # Phase configs live here (not in phases/) so that a config validates without importing the training code;
 # phases/ registers one implementation per name and a contract test checks the two registries agree.
-PHASE_CONFIGS: dict[str, type[PhaseConfig]] = {"supervised": SupervisedConfig, "metric": MetricConfig}
+PHASE_CONFIGS: dict[str, type[PhaseConfig]] = {"supervised": SupervisedConfig, "metric": MetricConfig, "supcon": SupConConfig, "distill": DistillConfig}
 
 
 class TrainConfig(Frozen):

@@ -42,6 +42,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         limit_batches: int | None = None,
+        views: int = 1,
     ):
         self.images = data.images.to(device, non_blocking=True)
         self.labels = data.labels.to(device, non_blocking=True)
@@ -53,6 +54,8 @@ class BatchLoader:
         self.channels_last = channels_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.limit_batches = limit_batches
+        # Independently augmented views per image (contrastive phases); batches become [B, views, C, H, W].
+        self.views = views if train else 1
         self.epoch = 0
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
@@ -86,7 +89,11 @@ class BatchLoader:
         )
         for i in range(len(self)):
             chunk = index[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self._prepare(self.images[chunk], gen), self.labels[chunk]
+            images = self.images[chunk]
+            if self.views == 1:
+                yield self._prepare(images, gen), self.labels[chunk]
+            else:
+                yield torch.stack([self._prepare(images, gen) for _ in range(self.views)], dim=1), self.labels[chunk]
 
     def _prepare(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std

@@ -25,6 +25,8 @@ class Phase(ABC, Generic[C]):
 
     # The metric this phase is judged by (a name from raycls.evaluate.names).
     metric: ClassVar[str]
+    # Augmented views of each training image per batch: batches arrive as [B, views, C, H, W] when > 1.
+    views: ClassVar[int] = 1
 
     def __init__(self, config: C, spec: InputSpec, *, topk: int = 5):
         self.config = config
@@ -35,6 +37,12 @@ class Phase(ABC, Generic[C]):
     def build(self, backbone: nn.Module) -> nn.Module:
         """The trainable module: the backbone plus whatever heads the phase needs."""
         return backbone
+
+    def start(self, model: nn.Module, *, total_steps: int) -> None:
+        """Called once the model is on its device, before the first step (schedules need the step count)."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (EMA teachers update here). `model` is unwrapped."""
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -24,7 +24,7 @@ from raycls.config.schema import TrialConfig
 from raycls.errors import ConfigError
 from raycls.data import BatchLoader, Splits, load_splits
 from raycls.evaluate import names
-from raycls.models import InputSpec, create_model
+from raycls.models import InputSpec, create_model, unwrap
 from raycls.phases import Phase, create_phase
 from raycls.train.optim import create_optimizer, create_scheduler
 from raycls.train.state import load_checkpoint, save_checkpoint
@@ -75,7 +75,8 @@ def build(config: TrialConfig, ctx: RunContext) -> Parts:
         channels_last=policy.channels_last, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size,
         limit_batches=ctx.limit_batches,
     )  # fmt: skip
-    train_loader = BatchLoader(splits.train, config.train.batch_size, train=True, augment=config.augment, **common)
+    train_loader = BatchLoader(splits.train, config.train.batch_size, train=True, augment=config.augment,
+                               views=phase.views, **common)  # fmt: skip
     val_loader = BatchLoader(splits.val, config.train.eval_batch_size, train=False, **common)
     if len(train_loader) == 0:
         raise ConfigError(
@@ -94,6 +95,7 @@ def fit(config: TrialConfig, report: ReportFn, ctx: RunContext | None = None) ->
     optimizer = create_optimizer(config.train, model)
     scheduler = create_scheduler(config.train, optimizer, len(parts.train_loader))
     start = load_checkpoint(ctx.resume_from, model, optimizer, scheduler) if ctx.resume_from else 0
+    phase.start(model, total_steps=config.train.epochs * len(parts.train_loader))
     # DDP after restoring, so every rank starts from the same weights (DDP also broadcasts rank 0's).
     trained = nn.parallel.DistributedDataParallel(model) if ctx.world_size > 1 else model
 
@@ -114,7 +116,8 @@ def fit(config: TrialConfig, report: ReportFn, ctx: RunContext | None = None) ->
             metrics[names.EPOCH_S] = time.perf_counter() - started
             if not history:  # data, model and optimizer construction, once per (re)start
                 metrics[names.SETUP_S] = started - entered
-            check_finite(metrics[names.VAL_LOSS], what=names.VAL_LOSS, epoch=epoch + 1)
+            if names.VAL_LOSS in metrics:  # phases without a validation loss (supcon) have train_loss checked
+                check_finite(metrics[names.VAL_LOSS], what=names.VAL_LOSS, epoch=epoch + 1)
             # Only rank 0 writes a checkpoint: all ranks hold the same weights under DDP.
             checkpoint = save_checkpoint(scratch / "checkpoint", model, optimizer, scheduler, epoch, metrics) if ctx.rank == 0 else None
             report(metrics, checkpoint)
@@ -141,6 +144,7 @@ def train_epoch(
     total = torch.zeros((), device=policy.device)
     for i, batch in enumerate(loader):
         total += train_step(model, phase.loss, batch, optimizer, scheduler, policy)
+        phase.after_step(unwrap(model))
         if ctx.progress is not None:
             ctx.progress(i + 1, len(loader))
     summed = all_reduce_sum({"loss": total / len(loader), "images": torch.tensor(float(loader.num_images), device=policy.device)})

@@ -1,0 +1,62 @@
+"""Supervised contrastive pretraining (Khosla et al. 2020): two augmented views of every image, a projection
+head, and the SupCon loss that pulls together all views of the same class. Judged by val_knn_acc: the k-NN
+accuracy of the backbone's embeddings over the whole validation split (all workers' together).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from raycls.config.schema import SupConConfig
+from raycls.evaluate import names
+from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
+from raycls.losses import ProjectionHead, SupConLoss
+from raycls.phases.base import PHASES, Batch, Phase
+
+
+class ProjectedModel(nn.Module):
+    """Backbone + projection head; `embed` gives the backbone features that evaluation and later phases use."""
+
+    def __init__(self, backbone: nn.Module, projection: ProjectionHead):
+        super().__init__()
+        self.backbone = backbone
+        self.projection = projection
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.embed(x))
+
+
+@PHASES.register("supcon")
+class SupCon(Phase[SupConConfig]):
+    metric = names.VAL_KNN_ACC
+    views = 2
+
+    def build(self, backbone: nn.Module) -> nn.Module:
+        self.criterion = SupConLoss(temperature=self.config.temperature)
+        head = ProjectionHead(backbone.num_features, self.config.hidden_dim, self.config.projection_dim)
+        return ProjectedModel(backbone, head)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, y = batch  # x: [B, views, C, H, W]
+        b, v = x.shape[:2]
+        features = model(x.flatten(0, 1)).view(b, v, -1)  # one forward for all views: one DDP sync
+        return self.criterion(features, y), {}
+
+    def eval_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        return {"count": torch.tensor(len(batch[1]), device=batch[1].device)}
+
+    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model.embed(images)
+
+    def embedding_metrics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return {
+            names.VAL_KNN_ACC: knn_accuracy(embeddings, labels, k=self.config.knn_k),
+            names.VAL_RECALL_AT_1: recall_at_1(embeddings, labels),
+        }
