@@ -50,7 +50,9 @@ def train(
     """Train one trial with the space's `base` config (plus --set overrides)."""
     from raycls.config import load_experiment, parse_overrides, resolve_trial
 
-    experiment = load_experiment(space, parse_overrides(set_ or []))
+    from raycls.results.references import resolve_references
+
+    experiment = resolve_references(load_experiment(space, parse_overrides(set_ or [])), storage_root(storage))
     config = resolve_trial(experiment)
     out = out or Path(storage_root(storage)) / experiment.name / "train" / time.strftime("%Y%m%d-%H%M%S")
     if "://" in str(out):

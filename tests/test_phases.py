@@ -98,3 +98,34 @@ def test_distill_teacher_errors(teacher: Path, tmp_path: Path) -> None:
         distill(tmp_path, teacher=str(tmp_path / "missing"))
     with pytest.raises(Exception, match="do not fit the teacher model"):
         distill(tmp_path, teacher=str(teacher))  # a width-16 teacher for a width-8 student, no teacher_model
+
+
+def test_teacher_reference_resolves_to_the_best_trials_checkpoint(teacher: Path, tmp_path: Path) -> None:
+    from raycls.config import load_experiment
+    from raycls.results import TrialRecord, write_trial
+    from raycls.results.references import resolve_references
+
+    storage = str(tmp_path / "results")
+    teacher_config = TrialConfig.model_validate({**DIGITS, "model": {"width": 16}})
+    for trial_id, status, acc, checkpoint in [("good", "completed", 0.95, str(teacher)),
+                                              ("better-but-stopped", "early_stopped", 0.99, "/nowhere"),
+                                              ("worse", "completed", 0.5, "/elsewhere")]:  # fmt: skip
+        write_trial(storage, TrialRecord(
+            experiment="teachers", trial_id=trial_id, status=status, metric="val_acc", mode="max", params={},
+            param_types={}, history=[{"epoch": 1, "val_acc": acc}], checkpoint=checkpoint,
+            config_json=teacher_config.to_json()))  # fmt: skip
+    space = tmp_path / "distill.yaml"
+    space.write_text(json.dumps({"base": {**DIGITS, "phase": {"name": "distill", "teacher": {"from": "teachers", "pick": "best"}}}}))
+    experiment = resolve_references(load_experiment(space), storage)
+    phase = experiment.base.phase
+    assert phase.teacher == str(teacher) and phase.teacher_trial == "teachers/good"
+    assert phase.teacher_model.width == 16  # the teacher trial's own architecture
+    best, _ = distill(tmp_path / "run", **phase.model_dump(exclude={"name"}))
+    assert best["val_acc"] > 0.8
+
+    pinned = load_experiment(space, {"phase.teacher.pick": "worse"})
+    assert resolve_references(pinned, storage).base.phase.teacher == "/elsewhere"
+    with pytest.raises(Exception, match="no such trial; trials: better-but-stopped, good, worse"):
+        resolve_references(load_experiment(space, {"phase.teacher.pick": "nope"}), storage)
+    with pytest.raises(Exception, match="no leaderboard for that experiment"):
+        resolve_references(load_experiment(space, {"phase.teacher.from": "missing"}), storage)

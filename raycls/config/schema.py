@@ -127,6 +127,16 @@ class SupConConfig(PhaseConfig):
     knn_k: PositiveInt = 20
 
 
+class Reference(Frozen):
+    """`{from: EXPERIMENT, pick: best}`: a checkpoint of another experiment's trial, named by the leaderboard.
+    The driver resolves it to a path before trials start (phases never read leaderboards)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
+    experiment: str = Field(alias="from")
+    # "best": the completed trial with the best score; or a trial id.
+    pick: str = "best"
+
+
 class DistillConfig(PhaseConfig):
     """Knowledge distillation into the student (the trial's model) from a teacher checkpoint, or from an
     exponential moving average of the student itself when `teacher` is null."""
@@ -134,8 +144,10 @@ class DistillConfig(PhaseConfig):
     name: Literal["distill"] = "distill"
     # A teacher checkpoint: a folder holding model.pt, or the file. A leaderboard reference
     # ({from: EXPERIMENT, pick: best}) is resolved to such a path by the driver before trials start.
-    teacher: str | None = None
-    # The teacher's architecture; None: the student's (model section).
+    teacher: str | Reference | None = None
+    # Filled by the driver when `teacher` was a Reference: "EXPERIMENT/TRIAL_ID", kept for the leaderboard.
+    teacher_trial: str | None = None
+    # The teacher's architecture; None: the student's (model section), or the referenced trial's.
     teacher_model: ModelConfig | None = None
     kd: Literal["soft_kd", "hard_kd"] = "soft_kd"
     temperature: Annotated[float, Field(gt=0.0)] = 4.0

@@ -54,6 +54,9 @@ class Distill(Phase[DistillConfig]):
         # starts as a copy of the student.
         teacher = create_model(self.config.teacher_model, self.spec) if self.config.teacher_model else copy.deepcopy(backbone)
         if self.config.teacher is not None:
+            if not isinstance(self.config.teacher, str):
+                raise CheckpointError(f"phase.teacher {self.config.teacher}: a leaderboard reference must be resolved "
+                                      "by the driver (raycls tune / raycls train) before the trial starts")  # fmt: skip
             try:
                 teacher.load_state_dict(load_weights(self.config.teacher))
             except RuntimeError as err:  # shapes or keys differ: another architecture, or a non-classifier

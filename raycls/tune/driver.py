@@ -19,6 +19,7 @@ import ray.tune
 from raycls.config.experiment import Experiment
 from raycls.errors import RayclsError
 from raycls.results.leaderboard import ReadResult, filesystem, read_leaderboard
+from raycls.results.references import resolve_references
 from raycls.results.wandb_log import resolve_mode
 from raycls.train.ray_train import tune_trainable
 from raycls.tune.callbacks import LiveTable, TrialLedger
@@ -63,6 +64,7 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     storage = options.storage if "://" in options.storage else str(Path(options.storage).expanduser().absolute())
     filesystem(storage)  # fail early, with a clear message, on a storage we cannot reach
+    experiment = resolve_references(experiment, storage)  # teacher: {from: EXP, pick: best} -> a checkpoint path
     resources = experiment.experiment.resources
     concurrency_cpus = per_trial_request(resources)["CPU"] * (experiment.experiment.concurrency or 1) + 1
     init_ray(options.address, needed_cpus=concurrency_cpus, num_cpus=options.num_cpus, verbose=options.verbose)

@@ -1,0 +1,56 @@
+"""Leaderboard references -> checkpoint paths, resolved by the driver before any trial starts.
+
+`phase.teacher: {from: arcface-cifar10, pick: best}` becomes the best completed trial's checkpoint path (and,
+unless given, that trial's model section as `teacher_model`), so phases only ever see a path.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from raycls.config.experiment import Experiment
+from raycls.config.schema import DistillConfig, ModelConfig, Reference
+from raycls.errors import CheckpointError
+from raycls.results.leaderboard import read_leaderboard
+from raycls.results.query import top_rows
+
+
+def pick_trial(storage: str, reference: Reference) -> dict[str, Any]:
+    """The leaderboard row a reference names: the best completed trial by its score, or a trial id."""
+    table = read_leaderboard(storage, reference.experiment).table
+    rows = table.to_pylist()
+    if not rows:
+        raise CheckpointError(f"reference {{from: {reference.experiment}}}: no leaderboard for that experiment under {storage}")
+    if reference.pick == "best":
+        completed = [r for r in rows if r["status"] == "completed" and r["score"] is not None]
+        if not completed:
+            raise CheckpointError(f"reference {{from: {reference.experiment}, pick: best}}: no completed trial")
+        descending = completed[0]["mode"] == "max"
+        import pyarrow as pa
+
+        row = top_rows(pa.Table.from_pylist(completed), "score", descending=descending, top=1).to_pylist()[0]
+    else:
+        matches = [r for r in rows if r["trial_id"] == reference.pick]
+        if not matches:
+            raise CheckpointError(f"reference {{from: {reference.experiment}, pick: {reference.pick}}}: no such trial; "
+                                  f"trials: {', '.join(sorted(r['trial_id'] for r in rows))}")  # fmt: skip
+        row = matches[0]
+    if not row.get("checkpoint"):
+        raise CheckpointError(f"trial {reference.experiment}/{row['trial_id']} has no checkpoint")
+    return row
+
+
+def resolve_references(experiment: Experiment, storage: str) -> Experiment:
+    phase = experiment.base.phase
+    if not isinstance(phase, DistillConfig) or not isinstance(phase.teacher, Reference):
+        return experiment
+    row = pick_trial(storage, phase.teacher)
+    teacher_model = phase.teacher_model
+    if teacher_model is None and row.get("config_json"):
+        teacher_model = ModelConfig.model_validate(json.loads(row["config_json"])["model"])
+    resolved = phase.model_copy(update={
+        "teacher": row["checkpoint"], "teacher_model": teacher_model,
+        "teacher_trial": f"{phase.teacher.experiment}/{row['trial_id']}",
+    })  # fmt: skip
+    return experiment.model_copy(update={"base": experiment.base.model_copy(update={"phase": resolved})})
