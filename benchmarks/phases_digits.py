@@ -1,0 +1,73 @@
+"""Each training phase on digits (CPU, fixed seeds): what it reaches and what it costs.
+
+supervised CE, SupCon (k-NN accuracy), each margin loss of the metric phase, and distillation (from the
+supervised run's checkpoint into a half-width student, and from an EMA teacher), 3 seeds each.
+
+    python benchmarks/phases_digits.py [--seeds 3] [--epochs 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import write_result
+from raycls.config import TrialConfig
+from raycls.train import run_local
+
+
+def run(config: dict, out: Path, metric: str) -> tuple[float, float]:
+    started = time.perf_counter()
+    summary = run_local(TrialConfig.model_validate(config), out, metric=metric, device=torch.device("cpu"))
+    return summary.best[metric], time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+
+    def base(seed: int, width: int = 16) -> dict:
+        return {"seed": seed, "data": {"name": "digits", "val_fraction": 0.2}, "model": {"name": "small_cnn", "width": width},
+                "augment": {"random_crop": 1},
+                "train": {"epochs": args.epochs, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 1}}  # fmt: skip
+
+    runs: dict[str, list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            folder = Path(tmp) / str(seed)
+            plans = [
+                ("supervised", {**base(seed), "phase": {"name": "supervised", "label_smoothing": 0.1}}, "val_acc"),
+                ("supcon", {**base(seed), "phase": {"name": "supcon"}}, "val_knn_acc"),
+                *[(f"metric:{loss}", {**base(seed), "phase": {"name": "metric", "loss": loss, "margin_warmup_steps": 50}}, "val_acc")
+                  for loss in ("arcface", "cosface", "adaface", "curricularface", "subcenter_arcface")],
+                ("distill:checkpoint->w8", {**base(seed, 8), "phase": {"name": "distill", "teacher": str(folder / "supervised" / "checkpoints" / "best"),
+                                                                     "teacher_model": {"name": "small_cnn", "width": 16}}}, "val_acc"),
+                ("supervised:w8", {**base(seed, 8), "phase": {"name": "supervised", "label_smoothing": 0.1}}, "val_acc"),
+                ("distill:ema", {**base(seed), "phase": {"name": "distill", "ema_decay": 0.99}}, "val_acc"),
+            ]  # fmt: skip
+            for name, config, metric in plans:
+                runs.setdefault(name, []).append(run(config, folder / name.split(":")[0] if name == "supervised" else folder / name, metric))
+                print(seed, name, runs[name][-1])
+    results = {
+        name: {"metric": "val_knn_acc" if name == "supcon" else "val_acc",
+               "mean": statistics.mean(v for v, _ in values), "min": min(v for v, _ in values),
+               "max": max(v for v, _ in values), "wall_s_mean": statistics.mean(s for _, s in values)}
+        for name, values in runs.items()
+    }  # fmt: skip
+    path = write_result("phases_digits", {"claim": "every phase trains on digits on a CPU; accuracy and cost per phase",
+                                          "seeds": args.seeds, "epochs": args.epochs, "results": results})  # fmt: skip
+    for name, r in results.items():
+        print(f"{name:26s} {r['metric']:12s} {r['mean']:.4f} [{r['min']:.4f}, {r['max']:.4f}]  {r['wall_s_mean']:.1f} s")
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
