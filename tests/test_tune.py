@@ -274,3 +274,15 @@ def test_raycls_train_through_ray_train(local_ray, tmp_path: Path) -> None:
     assert [h["epoch"] for h in saved["history"]] == [1, 2] and summary.final["epoch"] == 2
     assert TrialConfig.from_json((tmp_path / "config.json").read_text()) == config
     assert (tmp_path / "checkpoints" / "best" / "model.pt").is_file()
+
+
+def test_distilled_trial_records_its_teacher(local_ray, tmp_path: Path) -> None:
+    space = write_yaml(tmp_path / "ema.yaml", """
+experiment: {name: ema, trials: 1}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
+""" + BASE.replace("epochs: 4", "epochs: 2").replace("  model:", "  phase: {name: distill, ema_decay: 0.99}\n  model:"))
+    storage = str(tmp_path / "results")
+    run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))
+    (row,) = read_leaderboard(storage, "ema").table.to_pylist()
+    assert row["status"] == "completed" and row["phase"] == "distill" and row["teacher"] == "ema"

@@ -50,6 +50,7 @@ FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("seed", pa.int64()),
     ("restarts", pa.int64()),
     ("checkpoint", pa.string()),
+    ("teacher", pa.string()),  # distillation: EXPERIMENT/TRIAL_ID of a referenced teacher, or its path, or "ema"
     ("config_json", pa.string()),
     ("git_commit", pa.string()),
     ("git_dirty", pa.bool_()),
@@ -80,6 +81,7 @@ class TrialRecord:
     seed: int | None = None
     restarts: int = 0
     checkpoint: str | None = None
+    teacher: str | None = None
     config_json: str | None = None
     error: str | None = None
 
@@ -102,7 +104,7 @@ class TrialRecord:
             "started_at": self.started_at, "ended_at": self.ended_at, "wall_s": wall,
             "train_s": sum(_float(h.get("epoch_s")) or 0.0 for h in self.history),
             "device": self.device, "workers": self.workers, "seed": self.seed, "restarts": self.restarts,
-            "checkpoint": self.checkpoint, "config_json": self.config_json, "git_commit": commit,
+            "checkpoint": self.checkpoint, "teacher": self.teacher, "config_json": self.config_json, "git_commit": commit,
             "git_dirty": dirty, "raycls_version": raycls.__version__, "error": self.error,
         }  # fmt: skip
         fields = list(FIXED_COLUMNS)

@@ -166,9 +166,10 @@ class TrialLedger(Callback):
         try:
             config = resolve_trial(self.experiment, dict(trial.config))
             config_json, seed, phase = config.to_json(), config.seed, config.phase.name
-            max_epochs = config.train.epochs
+            max_epochs, teacher = config.train.epochs, teacher_of(config)
         except RayclsError as err:  # the sampled values do not make a valid config: still a failed row
             config_json, seed, phase, max_epochs = None, self.experiment.base.seed, self.experiment.base.phase.name, None
+            teacher = None
             error = error or str(err)
         merged = {**self._history_on_disk(trial), **log.history}
         history = [merged[e] for e in sorted(merged)]
@@ -190,6 +191,7 @@ class TrialLedger(Callback):
             seed=seed,
             restarts=int(getattr(trial, "num_failures", 0) or 0),
             checkpoint=log.best_checkpoint,
+            teacher=teacher,
             config_json=config_json,
             error=error,
         )
@@ -197,6 +199,14 @@ class TrialLedger(Callback):
         self.written.add(trial.trial_id)
         row = {k: v for k, v in record.to_table().to_pylist()[0].items() if not isinstance(v, datetime)}
         self.wandb.finish(trial.trial_id, row, failed=status == "failed")
+
+
+def teacher_of(config: Any) -> str | None:
+    """What a distilled trial learned from: the referenced trial, the checkpoint path, or "ema"."""
+    phase = config.phase
+    if phase.name != "distill":
+        return None
+    return phase.teacher_trial or (str(phase.teacher) if phase.teacher else "ema")
 
 
 def _read_result_json(path: Path) -> dict[int, dict[str, Any]]:
