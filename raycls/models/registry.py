@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from raycls.config.schema import ModelConfig
@@ -57,3 +58,8 @@ MODELS = ModelRegistry("model")
 
 def create_model(config: ModelConfig, spec: InputSpec) -> nn.Module:
     return MODELS.get(config.name)(config, spec)
+
+
+def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's embedding (timm's pre-logits features): what heads and k-NN metrics work on."""
+    return backbone.forward_head(backbone.forward_features(x), pre_logits=True)

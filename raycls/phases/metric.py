@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from raycls.config.schema import MetricConfig
 from raycls.errors import ConfigError
@@ -17,7 +16,9 @@ from raycls.evaluate import names
 from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
 from raycls.losses import LOSSES, MarginLoss
 from raycls.models.registry import InputSpec
+from raycls.models import embed
 from raycls.phases.base import PHASES, Batch, Phase
+from raycls.phases.supervised import classifier_metrics, classifier_sums
 
 
 class MarginModel(nn.Module):
@@ -30,7 +31,7 @@ class MarginModel(nn.Module):
         self.margin = margin
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        return embed(self.backbone, x)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
         """Cosine logits without labels; the margin loss's output (loss, cosine) with them. The loss runs
@@ -65,22 +66,11 @@ class Metric(Phase[MetricConfig]):
     def eval_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         x, y = batch
         cosine = model(x).float()
-        hits = cosine.topk(self.topk, dim=-1).indices == y[:, None]
-        return {
-            # The scaled cosine without margin: the classifier's own cross-entropy at inference.
-            "loss_sum": F.cross_entropy(self.config.scale * cosine, y, reduction="sum"),
-            "correct": hits[:, 0].sum(),
-            "correct_topk": hits.any(dim=-1).sum(),
-            "count": torch.tensor(len(y), device=y.device),
-        }
+        # val_loss: the scaled cosine without margin, the classifier's own cross-entropy at inference.
+        return classifier_sums(cosine, self.config.scale * cosine, y, self.topk)
 
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        n = max(totals["count"], 1.0)
-        return {
-            names.VAL_LOSS: totals["loss_sum"] / n,
-            names.VAL_ACC: totals["correct"] / n,
-            names.val_topk(self.topk): totals["correct_topk"] / n,
-        }
+        return classifier_metrics(totals, self.topk)
 
     def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model.embed(images)

@@ -12,6 +12,7 @@ from raycls.config.schema import SupConConfig
 from raycls.evaluate import names
 from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
 from raycls.losses import ProjectionHead, SupConLoss
+from raycls.models import embed
 from raycls.phases.base import PHASES, Batch, Phase
 
 
@@ -24,7 +25,7 @@ class ProjectedModel(nn.Module):
         self.projection = projection
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        return embed(self.backbone, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(self.embed(x))

@@ -42,18 +42,27 @@ class Supervised(Phase[SupervisedConfig]):
     def eval_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = model(x).float()
-        hits = logits.topk(self.topk, dim=-1).indices == y[:, None]
-        return {
-            "loss_sum": F.cross_entropy(logits, y, reduction="sum"),
-            "correct": hits[:, 0].sum(),
-            "correct_topk": hits.any(dim=-1).sum(),
-            "count": torch.tensor(len(y), device=y.device),
-        }
+        return classifier_sums(logits, logits, y, self.topk)
 
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        n = max(totals["count"], 1.0)
-        return {
-            names.VAL_LOSS: totals["loss_sum"] / n,
-            names.VAL_ACC: totals["correct"] / n,
-            names.val_topk(self.topk): totals["correct_topk"] / n,
-        }
+        return classifier_metrics(totals, self.topk)
+
+
+def classifier_sums(logits: torch.Tensor, loss_logits: torch.Tensor, y: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:
+    """Additive validation statistics of a classifier: `logits` rank the classes, `loss_logits` give val_loss."""
+    hits = logits.topk(topk, dim=-1).indices == y[:, None]
+    return {
+        "loss_sum": F.cross_entropy(loss_logits, y, reduction="sum"),
+        "correct": hits[:, 0].sum(),
+        "correct_topk": hits.any(dim=-1).sum(),
+        "count": torch.tensor(len(y), device=y.device),
+    }
+
+
+def classifier_metrics(totals: dict[str, float], topk: int) -> dict[str, float]:
+    n = max(totals["count"], 1.0)
+    return {
+        names.VAL_LOSS: totals["loss_sum"] / n,
+        names.VAL_ACC: totals["correct"] / n,
+        names.val_topk(topk): totals["correct_topk"] / n,
+    }
