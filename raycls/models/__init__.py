@@ -2,6 +2,6 @@
 
 from raycls.models import small_cnn, timm_models  # noqa: F401  (registers the built-in models)
 from raycls.models.checkpoint import load_weights, save_weights, unwrap
-from raycls.models.registry import MODELS, InputSpec, create_model, embed
+from raycls.models.registry import MODELS, BackboneModel, InputSpec, create_model, embed
 
-__all__ = ["MODELS", "InputSpec", "create_model", "embed", "load_weights", "save_weights", "unwrap"]
+__all__ = ["MODELS", "BackboneModel", "InputSpec", "create_model", "embed", "load_weights", "save_weights", "unwrap"]

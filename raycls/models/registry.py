@@ -63,3 +63,16 @@ def create_model(config: ModelConfig, spec: InputSpec) -> nn.Module:
 def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The backbone's embedding (timm's pre-logits features): what heads and k-NN metrics work on."""
     return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+
+
+class BackboneModel(nn.Module):
+    """A backbone wrapped with phase-specific parts (a margin head, a projection, ...). Every such wrapper
+    keeps the backbone under `backbone` (so its weights carry the `backbone.` prefix in checkpoints) and
+    exposes the backbone's embedding as `embed`."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return embed(self.backbone, x)

@@ -16,22 +16,18 @@ from raycls.evaluate import names
 from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
 from raycls.losses import LOSSES, MarginLoss
 from raycls.models.registry import InputSpec
-from raycls.models import embed
+from raycls.models import BackboneModel
 from raycls.phases.base import PHASES, Batch, Phase
 from raycls.phases.supervised import classifier_metrics, classifier_sums
 
 
-class MarginModel(nn.Module):
+class MarginModel(BackboneModel):
     """Backbone + margin loss in one module, so the optimizer, DDP and checkpoints all see the class centres
     (the loss's head weights) and the loss's state buffers (warm-up step, AdaFace statistics, ...)."""
 
     def __init__(self, backbone: nn.Module, margin: MarginLoss):
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone)
         self.margin = margin
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return embed(self.backbone, x)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
         """Cosine logits without labels; the margin loss's output (loss, cosine) with them. The loss runs

@@ -12,20 +12,16 @@ from raycls.config.schema import SupConConfig
 from raycls.evaluate import names
 from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
 from raycls.losses import ProjectionHead, SupConLoss
-from raycls.models import embed
+from raycls.models import BackboneModel
 from raycls.phases.base import PHASES, Batch, Phase
 
 
-class ProjectedModel(nn.Module):
+class ProjectedModel(BackboneModel):
     """Backbone + projection head; `embed` gives the backbone features that evaluation and later phases use."""
 
     def __init__(self, backbone: nn.Module, projection: ProjectionHead):
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone)
         self.projection = projection
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return embed(self.backbone, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(self.embed(x))
