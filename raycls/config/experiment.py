@@ -61,7 +61,7 @@ class SearchSection(Frozen):
 
 class SchedulerSection(Frozen):
     name: Literal["asha", "fifo"] = "asha"
-    # In epochs. None: base.train.epochs.
+    # In epochs (counted over a whole chain). None: the trial's epochs, all stages together.
     max_t: PositiveInt | None = None
     grace_period: PositiveInt = 1
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
@@ -95,4 +95,4 @@ class Experiment(Frozen):
 
     @property
     def max_t(self) -> int:
-        return self.scheduler.max_t or self.base.train.epochs
+        return self.scheduler.max_t or self.base.total_epochs

@@ -71,17 +71,41 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 
 
 def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set `a.b.c` in nested dicts, creating missing levels (validation reports unknown keys later)."""
+    """Set `a.b.c` in nested dicts, creating missing levels (validation reports unknown keys later).
+
+    In a list (a chain's `phases`) a level is an index or a stage's name: `phases.arcface.phase.margin`.
+    """
     *parents, leaf = dotted.split(".")
-    node = tree
+    node: Any = tree
     for i, key in enumerate(parents):
-        child = node.get(key)
-        if child is None:
-            child = node[key] = {}
-        if not isinstance(child, dict):
+        if isinstance(node, list):
+            child = _list_item(node, key, dotted, ".".join(parents[:i]))
+        else:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"{dotted}: {'.'.join(parents[: i + 1])} is a value, not a section")
         node = child
+    if isinstance(node, list):
+        raise ConfigError(f"{dotted}: {'.'.join(parents)} is a list; name one of its items")
     node[leaf] = value
+
+
+def _list_item(items: list[Any], key: str, dotted: str, where: str) -> Any:
+    if key.isdigit() and int(key) < len(items):
+        return items[int(key)]
+    named = [item for item in items if isinstance(item, dict) and key == _item_name(item)]
+    if len(named) == 1:
+        return named[0]
+    known = ", ".join(str(_item_name(item)) for item in items if isinstance(item, dict))
+    raise ConfigError(f"{dotted}: {where} has no item {key!r} (give an index 0..{len(items) - 1} or a name: {known})")
+
+
+def _item_name(item: dict[str, Any]) -> str | None:
+    # A stage is named by `name`, else by its phase's name (as TrialConfig.stages labels it).
+    phase = item.get("phase")
+    return item.get("name") or (phase.get("name") if isinstance(phase, dict) else None)
 
 
 def split_overrides(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

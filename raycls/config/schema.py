@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, Field, SerializeAsAny, field_validator, model_serializer, model_validator
 
 from raycls.errors import RegistryError
 from raycls.registry import check_name as _check_name
@@ -159,6 +159,9 @@ class DistillConfig(PhaseConfig):
     # EMA teacher only: decay per optimizer step.
     ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999
     label_smoothing: Fraction = 0.0
+    # DeiT (Touvron et al. 2021): a distilled ViT student (timm's *_distilled_* models) learns the labels
+    # through its class token and the teacher through its distillation token; at inference both heads average.
+    distill_token: bool = False
 
 
 # Phase configs live here (not in phases/) so that a config validates without importing the training code;
@@ -208,9 +211,17 @@ class TrainConfig(Frozen):
 class AugmentConfig(Frozen):
     """Train-time augmentations, run on the device on whole batches. Each field names a registered op."""
 
+    # Applied in field order. Random-resized crop (SimCLR/SupCon's main augmentation): a crop covering this
+    # minimum fraction of the area (up to all of it, aspect 3/4..4/3), resized back; 0 disables.
+    resized_crop: Fraction = 0.0
     hflip: bool = False
     # Random crop back to the input size after reflect-padding by this many pixels; 0 disables.
     random_crop: Annotated[int, Field(ge=0)] = 0
+    # Colour jitter of this strength (brightness, contrast and saturation each by up to +-strength, SimCLR
+    # style, applied with probability 0.8); 0 disables.
+    color_jitter: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    # Probability of turning an image grey (SimCLR uses 0.2).
+    grayscale: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     # Cutout: zero one square of this side per image; 0 disables.
     cutout: Annotated[int, Field(ge=0)] = 0
 
@@ -220,25 +231,111 @@ class EvalConfig(Frozen):
     topk: PositiveInt = 5
 
 
+def _dispatch_phase(value: Any) -> Any:
+    # Each phase has its own config class; pick it by `name` so its own fields are validated.
+    if isinstance(value, dict):
+        name = value.get("name", "supervised")
+        if name not in PHASE_CONFIGS:
+            raise ValueError(f"unknown phase {name!r}; known: {', '.join(sorted(PHASE_CONFIGS))}")
+        return PHASE_CONFIGS[name].model_validate({**value, "name": name})
+    return value
+
+
+class StageConfig(Frozen):
+    """One phase of a chain (`phases:`) as written: its `train` and `augment` hold only what differs from the
+    trial's top-level sections (so `--set train.batch_size=64` still reaches every stage)."""
+
+    # The stage's leaderboard prefix (`supcon.val_knn_acc`) and its part of the chain's name
+    # (`supcon>arcface>distill`); None: the phase's name.
+    name: str | None = None
+    phase: SerializeAsAny[PhaseConfig]
+    train: dict[str, Any] = Field(default_factory=dict)
+    augment: dict[str, Any] = Field(default_factory=dict)
+
+    _dispatch = field_validator("phase", mode="before")(classmethod(lambda cls, value: _dispatch_phase(value)))
+
+
+class Stage(Frozen):
+    """A stage with its sections merged: what the loop runs."""
+
+    label: str
+    phase: SerializeAsAny[PhaseConfig]
+    train: TrainConfig
+    augment: AugmentConfig
+
+
 class TrialConfig(Frozen):
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     phase: SerializeAsAny[PhaseConfig] = Field(default_factory=SupervisedConfig)
+    # A chain: these phases in order, each starting from the previous one's best weights (replaces `phase`).
+    phases: list[StageConfig] | None = None
+    # Start the backbone from these weights: a checkpoint path, or {from: EXPERIMENT, pick: best} (resolved to
+    # a path by the driver). Only the backbone is taken: heads belong to the phase that trained them.
+    init: str | Reference | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
-    @field_validator("phase", mode="before")
+    _dispatch = field_validator("phase", mode="before")(classmethod(lambda cls, value: _dispatch_phase(value)))
+
+    @model_validator(mode="before")
     @classmethod
-    def _dispatch_phase(cls, value: Any) -> Any:
-        # Each phase has its own config class; pick it by `name` so its own fields are validated.
-        if isinstance(value, dict):
-            name = value.get("name", "supervised")
-            if name not in PHASE_CONFIGS:
-                raise ValueError(f"unknown phase {name!r}; known: {', '.join(sorted(PHASE_CONFIGS))}")
-            return PHASE_CONFIGS[name].model_validate({**value, "name": name})
-        return value
+    def _phase_or_phases(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("phases") is not None and "phase" in raw:
+            raise ValueError("give either `phase` (one phase) or `phases` (a chain), not both")
+        return raw
+
+    @model_validator(mode="after")
+    def _stages_valid(self) -> "TrialConfig":
+        if self.phases is not None and not self.phases:
+            raise ValueError("phases: expected a non-empty list of stages, e.g. [{phase: {name: supcon}, train: {epochs: 20}}]")
+        for i, stage in enumerate(self.phases or []):
+            for section, model in (("train", TrainConfig), ("augment", AugmentConfig)):
+                try:
+                    model.model_validate({**getattr(self, section).model_dump(), **getattr(stage, section)})
+                except ValidationError as err:
+                    first = err.errors()[0]
+                    where = ".".join(str(part) for part in first["loc"])
+                    raise ValueError(f"phases.{i}.{section}{'.' + where if where else ''}: {first['msg']}") from None
+        labels = [s.label for s in self.stages]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"phases: stage names must differ (got {' > '.join(labels)}); give each stage a `name`")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unused_phase(self, handler: Any) -> dict[str, Any]:
+        # A chain's phases live in `phases`; dumping the unused default `phase` too would not load back.
+        data = handler(self)
+        if self.phases is not None:
+            data.pop("phase", None)
+        return data
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The phases this trial runs, in order: the chain, or the single `phase` as a one-stage chain."""
+        if self.phases is None:
+            return [Stage(label=self.phase.name, phase=self.phase, train=self.train, augment=self.augment)]
+        return [
+            Stage(
+                label=stage.name or stage.phase.name,
+                phase=stage.phase,
+                train=TrainConfig.model_validate({**self.train.model_dump(), **stage.train}),
+                augment=AugmentConfig.model_validate({**self.augment.model_dump(), **stage.augment}),
+            )
+            for stage in self.phases
+        ]
+
+    @property
+    def chain(self) -> str:
+        """The leaderboard's `phase` column: `supervised`, or `supcon>arcface>distill` for a chain."""
+        return ">".join(s.label for s in self.stages)
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs over the whole chain: the time axis ASHA's rungs count in."""
+        return sum(s.train.epochs for s in self.stages)
 
     def to_json(self) -> str:
         return self.model_dump_json()

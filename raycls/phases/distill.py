@@ -35,6 +35,11 @@ class DistillModel(nn.Module):
         self.teacher.eval()  # dropout / batch statistics off in the teacher, always
         return self
 
+    @property
+    def backbone(self) -> nn.Module:
+        """The student: what a chain hands on to its next phase."""
+        return self.student
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
 
