@@ -94,7 +94,7 @@ def _train_in_process(config, out: Path, metric: str, mode: str, fast_dev_run: b
         def on_epoch(metrics: dict[str, float]) -> None:
             text = f"val_acc={metrics.get('val_acc', float('nan')):.4f} loss={metrics.get('train_loss', float('nan')):.4f}"
             bar.update(state["task"], metrics=text)
-            if metrics["epoch"] < config.train.epochs:
+            if metrics["epoch"] < config.total_epochs:
                 state["epoch"] += 1
                 state["task"] = bar.add_task(f"epoch {state['epoch']}", total=None, metrics="")
 

@@ -37,7 +37,7 @@ TRAIN_RUNS_DIR = "train_runs"
 def trial_extras(config: TrialConfig, device: torch.device) -> dict[str, Any]:
     """Reported with every epoch, so the driver can tell finished trials from stopped ones."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {names.MAX_EPOCHS: config.train.epochs, names.DEVICE: name}
+    return {names.MAX_EPOCHS: config.total_epochs, names.DEVICE: name}
 
 
 @contextmanager

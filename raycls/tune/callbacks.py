@@ -165,10 +165,10 @@ class TrialLedger(Callback):
         log = self._log(trial)
         try:
             config = resolve_trial(self.experiment, dict(trial.config))
-            config_json, seed, phase = config.to_json(), config.seed, config.phase.name
-            max_epochs, teacher = config.train.epochs, teacher_of(config)
+            config_json, seed, phase = config.to_json(), config.seed, config.chain
+            max_epochs, teacher = config.total_epochs, teacher_of(config)
         except RayclsError as err:  # the sampled values do not make a valid config: still a failed row
-            config_json, seed, phase, max_epochs = None, self.experiment.base.seed, self.experiment.base.phase.name, None
+            config_json, seed, phase, max_epochs = None, self.experiment.base.seed, self.experiment.base.chain, None
             teacher = None
             error = error or str(err)
         merged = {**self._history_on_disk(trial), **log.history}
@@ -202,11 +202,12 @@ class TrialLedger(Callback):
 
 
 def teacher_of(config: Any) -> str | None:
-    """What a distilled trial learned from: the referenced trial, the checkpoint path, or "ema"."""
-    phase = config.phase
-    if phase.name != "distill":
-        return None
-    return phase.teacher_trial or (str(phase.teacher) if phase.teacher else "ema")
+    """What a distilled trial (or chain stage) learned from: the referenced trial, the checkpoint path, or "ema"."""
+    for stage in config.stages:
+        phase = stage.phase
+        if phase.name == "distill":
+            return phase.teacher_trial or (str(phase.teacher) if phase.teacher else "ema")
+    return None
 
 
 def _read_result_json(path: Path) -> dict[int, dict[str, Any]]:
