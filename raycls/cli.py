@@ -53,6 +53,9 @@ def train(
     from raycls.results.references import resolve_references
 
     experiment = resolve_references(load_experiment(space, parse_overrides(set_ or [])), storage_root(storage))
+    from raycls.phases.base import check_experiment_metric
+
+    check_experiment_metric(experiment)
     config = resolve_trial(experiment)
     out = out or Path(storage_root(storage)) / experiment.name / "train" / time.strftime("%Y%m%d-%H%M%S")
     if "://" in str(out):
@@ -75,8 +78,8 @@ def train(
 
 
 def _print_epoch(metrics: dict[str, float]) -> None:
-    shown = {k: metrics[k] for k in ("epoch", "train_loss", "val_loss", "val_acc", "images_per_s") if k in metrics}
-    console.print("  ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    shown = {k: metrics[k] for k in ("epoch", "stage", "train_loss", "val_loss", "val_acc", "val_knn_acc", "images_per_s") if k in metrics}
+    console.print("  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
 
 
 def _train_in_process(config, out: Path, metric: str, mode: str, fast_dev_run: bool):
@@ -92,7 +95,8 @@ def _train_in_process(config, out: Path, metric: str, mode: str, fast_dev_run: b
             bar.update(state["task"], completed=done, total=total)
 
         def on_epoch(metrics: dict[str, float]) -> None:
-            text = f"val_acc={metrics.get('val_acc', float('nan')):.4f} loss={metrics.get('train_loss', float('nan')):.4f}"
+            stage = f"{metrics['stage']} " if "stage" in metrics else ""  # a chain's stage
+            text = f"{stage}{metric}={metrics.get(metric, float('nan')):.4f} loss={metrics.get('train_loss', float('nan')):.4f}"
             bar.update(state["task"], metrics=text)
             if metrics["epoch"] < config.total_epochs:
                 state["epoch"] += 1
@@ -109,7 +113,7 @@ def _print_summary(summary, seconds: float) -> None:
     table.add_column("best", justify="right")
     for key, value in summary.final.items():
         best = summary.best.get(key)
-        table.add_row(key, f"{value:.4g}", "" if best is None else f"{best:.4g}")
+        table.add_row(key, _fmt(value), "" if best is None else _fmt(best))
     console.print(table)
 
 
@@ -133,6 +137,9 @@ def tune(
     if wandb not in (None, "auto", "online", "offline", "disabled"):
         raise RayclsError(f"--wandb {wandb!r}: expected auto, online, offline or disabled")
     experiment = load_experiment(space, parse_overrides(set_ or []))
+    from raycls.phases.base import check_experiment_metric
+
+    check_experiment_metric(experiment)
     started = time.perf_counter()
     outcome = run_tune(experiment, TuneOptions(storage=storage_root(storage), address=address, resume=resume,
                                                wandb_mode=wandb, num_cpus=num_cpus, verbose=verbose))  # fmt: skip
@@ -233,6 +240,9 @@ def space_validate(
     from raycls.config.sampling import sample_configs
 
     experiment = load_experiment(space, parse_overrides(set_ or []))
+    from raycls.phases.base import check_experiment_metric
+
+    check_experiment_metric(experiment)
     table = Table(title=f"{experiment.name}: {len(experiment.space.params)} parameters, "
                         f"{experiment.experiment.trials} trials by {experiment.search.algorithm}")  # fmt: skip
     table.add_column("parameter")

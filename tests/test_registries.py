@@ -7,6 +7,7 @@ import torch
 
 from raycls.config import PHASE_CONFIGS, TrainConfig
 from raycls.errors import RegistryError
+from raycls.evaluate import names
 from raycls.models import InputSpec, create_model
 from raycls.config import ModelConfig
 from raycls.phases import PHASES, create_phase
@@ -39,12 +40,13 @@ def test_every_phase_lowers_its_loss_on_a_batch(name: str) -> None:
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     model.eval()
-    totals = {k: v.item() for k, v in phase.eval_batch(model, (images, labels)).items()}
-    metrics = phase.eval_metrics(totals)
-    embeddings = phase.embed(model, images)
+    sums, embeddings = phase.eval_batch(model, (images, labels))
+    metrics = phase.eval_metrics({k: v.item() for k, v in sums.items()})
     if embeddings is not None:
         metrics.update(phase.embedding_metrics(embeddings, labels))
     assert phase.metric in metrics and 0 <= metrics[phase.metric] <= 1
+    # What a phase says it reports is what it reports (the chain preflight relies on it); VAL_IMAGES is the loop's.
+    assert type(phase).reports(phase.topk) - {names.VAL_IMAGES} == set(metrics)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS.names())

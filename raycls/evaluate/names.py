@@ -18,6 +18,16 @@ EPOCH_S = "epoch_s"  # seconds of training + validation in the epoch (time spent
 SETUP_S = "setup_s"  # seconds from entering the loop to the first step (data, model, optimizer), first epoch only
 MAX_EPOCHS = "max_epochs"  # the trial's configured epochs: a trial that ends before them was stopped early
 DEVICE = "device"  # "cpu" or the CUDA device's name
+STAGE = "stage"  # chains only: the label of the stage an epoch belongs to (a string)
+
+
+def stage_metric(stage: str, metric: str) -> str:
+    """A chain stage's metric at its best epoch, kept for the rest of the chain: `supcon.val_knn_acc`."""
+    return f"{stage}.{metric}"
+
+
+def is_stage_metric(key: str) -> bool:
+    return "." in key
 
 
 def val_topk(k: int) -> str:
@@ -38,4 +48,4 @@ MODES: dict[str, Mode] = {
 
 
 def mode_of(metric: str) -> Mode:
-    return MODES.get(metric, "max")
+    return MODES.get(metric.rsplit(".", 1)[-1], "max")  # a stage's metric ranks like the metric itself

@@ -41,7 +41,7 @@ def summarize(history: Sequence[dict[str, float]], metric: str, mode: Mode | Non
     best: dict[str, float] = {}
     for row in history:
         for key, value in row.items():
-            if key == EPOCH:
+            if key == EPOCH or not isinstance(value, (int, float)):  # a chain's `stage` label is not ranked
                 continue
             if key not in best or _better(value, best[key], mode_of(key)):
                 best[key] = value

@@ -47,3 +47,26 @@ def load_weights(path: str | Path, *, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from None
+
+
+# Wrappers keep the backbone under these names (models.BackboneModel: `backbone`, phases' DistillModel: the
+# student), so a checkpoint of any phase yields the backbone's weights by its prefix.
+BACKBONE_PREFIXES = ("backbone.", "student.")
+
+
+def backbone_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone's weights inside a saved model of any phase (a bare classifier's are all of them)."""
+    for prefix in BACKBONE_PREFIXES:
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if inner:
+            return inner
+    return state
+
+
+def load_backbone(backbone: nn.Module, weights: dict[str, torch.Tensor], *, what: str) -> None:
+    """Load `weights` into `backbone`; a mismatch (another architecture) is a CheckpointError naming `what`."""
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"{what}: the weights do not fit model {type(backbone).__name__} "
+                              f"(another architecture?): {str(err).splitlines()[0]}") from None  # fmt: skip

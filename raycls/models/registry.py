@@ -65,6 +65,12 @@ def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return backbone.forward_head(backbone.forward_features(x), pre_logits=True)
 
 
+def embed_and_classify(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedding and the classifier's logits from one pass through the trunk."""
+    features = backbone.forward_features(x)
+    return backbone.forward_head(features, pre_logits=True), backbone.forward_head(features)
+
+
 class BackboneModel(nn.Module):
     """A backbone wrapped with phase-specific parts (a margin head, a projection, ...). Every such wrapper
     keeps the backbone under `backbone` (so its weights carry the `backbone.` prefix in checkpoints) and

@@ -8,7 +8,11 @@ from typing import ClassVar, Generic, TypeVar
 import torch
 import torch.nn as nn
 
+from raycls.config.experiment import Experiment
 from raycls.config.schema import PhaseConfig
+from raycls.errors import ConfigError
+from raycls.evaluate import names
+from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
 from raycls.models.registry import InputSpec
 from raycls.registry import Registry
 
@@ -49,21 +53,36 @@ class Phase(ABC, Generic[C]):
         """Training loss of one batch (and extra logs). `model` may be DDP-wrapped."""
 
     @abstractmethod
-    def eval_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        """Additive statistics of one validation batch (sums and counts, as 0-d tensors)."""
+    def eval_batch(self, model: nn.Module, batch: Batch) -> EvalBatch:
+        """One validation batch: additive statistics (sums and counts, as 0-d tensors) and the backbone's
+        embeddings of the images (one forward pass for both). The loop gathers every worker's embeddings."""
 
     @abstractmethod
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         """Validation metrics from the statistics summed over all batches and workers."""
 
-    def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
-        """Embeddings of a validation batch for embedding metrics (k-NN), or None when the phase has none.
-        The loop gathers them from every worker before calling `embedding_metrics`."""
-        return None
-
     def embedding_metrics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Metrics over the whole split's embeddings (all workers' together)."""
-        return {}
+        """Metrics over the whole split's embeddings (all workers' together). Every phase reports them, so a
+        chain (supcon > arcface > ...) has one metric, val_knn_acc, that ASHA can compare at every epoch."""
+        k = getattr(self.config, "knn_k", DEFAULT_KNN_K)
+        return {names.VAL_KNN_ACC: knn_accuracy(embeddings, labels, k=k), names.VAL_RECALL_AT_1: recall_at_1(embeddings, labels)}
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The backbone inside the module `build` returned: what embeddings come from and what a chain hands
+        on to its next phase. Wrappers (BackboneModel, DistillModel) expose it as `.backbone`; a bare
+        classifier is its own backbone."""
+        return getattr(model, "backbone", model)
+
+    @classmethod
+    def reports(cls, topk: int) -> frozenset[str]:
+        """The validation metrics this phase reports at every epoch."""
+        return frozenset({names.VAL_KNN_ACC, names.VAL_RECALL_AT_1, names.VAL_IMAGES})
+
+
+# Neighbours in the k-NN accuracy of phases whose config has no knn_k.
+DEFAULT_KNN_K = 20
+EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor | None]
+CLASSIFIER_METRICS = frozenset({names.VAL_LOSS, names.VAL_ACC})
 
 
 PHASES: Registry[type[Phase]] = Registry("phase")
@@ -71,3 +90,17 @@ PHASES: Registry[type[Phase]] = Registry("phase")
 
 def create_phase(config: PhaseConfig, spec: InputSpec, *, topk: int = 5) -> Phase:
     return PHASES.get(config.name)(config, spec, topk=topk)
+
+
+def check_experiment_metric(experiment: Experiment) -> None:
+    """Every stage must report the experiment's metric at every epoch: Tune rejects a result without it, and
+    ASHA compares trials by it. A chain that starts with supcon (no classifier yet) ranks by val_knn_acc."""
+    metric, topk, stages = experiment.experiment.metric, experiment.base.eval.topk, experiment.base.stages
+    missing = [s.label for s in stages if metric not in PHASES.get(s.phase.name).reports(topk)]
+    if missing:
+        common = frozenset.intersection(*(PHASES.get(s.phase.name).reports(topk) for s in stages)) - {names.VAL_IMAGES}
+        raise ConfigError(
+            f"experiment.metric: {metric!r} is not reported by phase(s) {', '.join(missing)}; "
+            f"every phase of {experiment.base.chain} reports: {', '.join(sorted(common))}",
+            source=experiment.source,
+        )

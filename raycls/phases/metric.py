@@ -13,11 +13,10 @@ import torch.nn as nn
 from raycls.config.schema import MetricConfig
 from raycls.errors import ConfigError
 from raycls.evaluate import names
-from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
 from raycls.losses import LOSSES, MarginLoss
 from raycls.models.registry import InputSpec
 from raycls.models import BackboneModel
-from raycls.phases.base import PHASES, Batch, Phase
+from raycls.phases.base import CLASSIFIER_METRICS, PHASES, Batch, EvalBatch, Phase
 from raycls.phases.supervised import classifier_metrics, classifier_sums
 
 
@@ -59,20 +58,16 @@ class Metric(Phase[MetricConfig]):
         x, y = batch
         return model(x, y).loss, {}
 
-    def eval_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    def eval_batch(self, model: nn.Module, batch: Batch) -> EvalBatch:
         x, y = batch
-        cosine = model(x).float()
+        embeddings = model.embed(x)
+        cosine = model.margin.cosine(embeddings).float()
         # val_loss: the scaled cosine without margin, the classifier's own cross-entropy at inference.
-        return classifier_sums(cosine, self.config.scale * cosine, y, self.topk)
+        return classifier_sums(cosine, self.config.scale * cosine, y, self.topk), embeddings
 
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         return classifier_metrics(totals, self.topk)
 
-    def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model.embed(images)
-
-    def embedding_metrics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        return {
-            names.VAL_KNN_ACC: knn_accuracy(embeddings, labels, k=self.config.knn_k),
-            names.VAL_RECALL_AT_1: recall_at_1(embeddings, labels),
-        }
+    @classmethod
+    def reports(cls, topk: int) -> frozenset[str]:
+        return super().reports(topk) | CLASSIFIER_METRICS | {names.val_topk(topk)}

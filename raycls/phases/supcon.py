@@ -10,10 +10,9 @@ import torch.nn as nn
 
 from raycls.config.schema import SupConConfig
 from raycls.evaluate import names
-from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
 from raycls.losses import ProjectionHead, SupConLoss
 from raycls.models import BackboneModel
-from raycls.phases.base import PHASES, Batch, Phase
+from raycls.phases.base import PHASES, Batch, EvalBatch, Phase
 
 
 class ProjectedModel(BackboneModel):
@@ -43,17 +42,8 @@ class SupCon(Phase[SupConConfig]):
         features = model(x.flatten(0, 1)).view(b, v, -1)  # one forward for all views: one DDP sync
         return self.criterion(features, y), {}
 
-    def eval_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
-        return {"count": torch.tensor(len(batch[1]), device=batch[1].device)}
+    def eval_batch(self, model: nn.Module, batch: Batch) -> EvalBatch:
+        return {"count": torch.tensor(len(batch[1]), device=batch[1].device)}, model.embed(batch[0])
 
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         return {}
-
-    def embed(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model.embed(images)
-
-    def embedding_metrics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        return {
-            names.VAL_KNN_ACC: knn_accuracy(embeddings, labels, k=self.config.knn_k),
-            names.VAL_RECALL_AT_1: recall_at_1(embeddings, labels),
-        }

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from raycls.config.schema import SupervisedConfig
 from raycls.evaluate import names
-from raycls.models.registry import InputSpec
-from raycls.phases.base import PHASES, Batch, Phase
+from raycls.models.registry import InputSpec, embed_and_classify
+from raycls.phases.base import CLASSIFIER_METRICS, PHASES, Batch, EvalBatch, Phase
 
 
 @PHASES.register("supervised")
@@ -39,13 +39,17 @@ class Supervised(Phase[SupervisedConfig]):
         logits = model(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing), {}
 
-    def eval_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    def eval_batch(self, model: nn.Module, batch: Batch) -> EvalBatch:
         x, y = batch
-        logits = model(x).float()
-        return classifier_sums(logits, logits, y, self.topk)
+        embeddings, logits = embed_and_classify(self.backbone(model), x)
+        return classifier_sums(logits.float(), logits.float(), y, self.topk), embeddings
 
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         return classifier_metrics(totals, self.topk)
+
+    @classmethod
+    def reports(cls, topk: int) -> frozenset[str]:
+        return super().reports(topk) | CLASSIFIER_METRICS | {names.val_topk(topk)}
 
 
 def classifier_sums(logits: torch.Tensor, loss_logits: torch.Tensor, y: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:

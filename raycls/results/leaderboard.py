@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 import raycls
 from raycls.errors import LeaderboardError
+from raycls.evaluate import names
 
 Status = Literal["completed", "early_stopped", "failed"]
 STATUSES: tuple[Status, ...] = ("completed", "early_stopped", "failed")
@@ -93,7 +94,10 @@ class TrialRecord:
         return pick(scored, key=lambda h: h[self.metric])
 
     def to_table(self) -> pa.Table:
-        best = self.best_row()
+        # The experiment metric's best epoch, plus every chain stage's own summary (`supcon.val_knn_acc`),
+        # which the epochs after that stage carry: the last epoch has them all.
+        last = self.history[-1] if self.history else {}
+        best = {**{k: v for k, v in last.items() if names.is_stage_metric(k)}, **self.best_row()}
         commit, dirty = git_state()
         wall = (self.ended_at - self.started_at).total_seconds() if self.started_at and self.ended_at else None
         values: dict[str, Any] = {

@@ -1,7 +1,8 @@
 """Leaderboard references -> checkpoint paths, resolved by the driver before any trial starts.
 
 `phase.teacher: {from: arcface-cifar10, pick: best}` becomes the best completed trial's checkpoint path (and,
-unless given, that trial's model section as `teacher_model`), so phases only ever see a path.
+unless given, that trial's model section as `teacher_model`), so phases only ever see a path; so does
+`init: {from: supcon-cifar10, pick: best}`, whose backbone weights a trial starts from.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 from typing import Any
 
 from raycls.config.experiment import Experiment
-from raycls.config.schema import DistillConfig, ModelConfig, Reference
+from raycls.config.schema import DistillConfig, ModelConfig, PhaseConfig, Reference
 from raycls.errors import CheckpointError
 from raycls.results.leaderboard import read_leaderboard
 from raycls.results.query import top_rows
@@ -42,15 +43,26 @@ def pick_trial(storage: str, reference: Reference) -> dict[str, Any]:
 
 
 def resolve_references(experiment: Experiment, storage: str) -> Experiment:
-    phase = experiment.base.phase
+    """Every leaderboard reference of the base config (`init`, each distill teacher) -> a checkpoint path."""
+    base = experiment.base
+    update: dict[str, Any] = {}
+    if isinstance(base.init, Reference):
+        update["init"] = pick_trial(storage, base.init)["checkpoint"]
+    if base.phases is None:
+        update["phase"] = resolve_teacher(base.phase, storage)
+    else:
+        update["phases"] = [stage.model_copy(update={"phase": resolve_teacher(stage.phase, storage)}) for stage in base.phases]
+    return experiment.model_copy(update={"base": base.model_copy(update=update)})
+
+
+def resolve_teacher(phase: PhaseConfig, storage: str) -> PhaseConfig:
     if not isinstance(phase, DistillConfig) or not isinstance(phase.teacher, Reference):
-        return experiment
+        return phase
     row = pick_trial(storage, phase.teacher)
     teacher_model = phase.teacher_model
     if teacher_model is None and row.get("config_json"):
         teacher_model = ModelConfig.model_validate(json.loads(row["config_json"])["model"])
-    resolved = phase.model_copy(update={
+    return phase.model_copy(update={
         "teacher": row["checkpoint"], "teacher_model": teacher_model,
         "teacher_trial": f"{phase.teacher.experiment}/{row['trial_id']}",
     })  # fmt: skip
-    return experiment.model_copy(update={"base": experiment.base.model_copy(update={"phase": resolved})})

@@ -1,38 +1,109 @@
-"""Trainer checkpoints: the model's weights (models/checkpoint.py's format) plus what resuming needs."""
+"""Trainer checkpoints: the model's weights (models/checkpoint.py's format) plus what resuming needs.
+
+A chain (supcon > arcface > distill) resumes mid-way: the checkpoint records its position (stage, epoch in
+the stage, the finished stages' summaries) and, while more stages follow, the current stage's best weights
+so far (`carry.pt`): those, not the last epoch's, are what the next stage starts from.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from raycls.errors import CheckpointError
+from raycls.evaluate.names import mode_of
 from raycls.models.checkpoint import WEIGHTS_FILE, atomic_save, save_weights, unwrap
 
 STATE_FILE = "trainer.pt"
 METRICS_FILE = "metrics.json"
+CARRY_FILE = "carry.pt"
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass
+class Position:
+    """Where a checkpoint was taken in the chain."""
+
+    stage: int = 0
+    epoch: int = -1  # the last finished epoch of `stage`, counted from 0 within the stage
+    # Finished stages' metrics at their best epochs, by stage label.
+    finished: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class Best:
+    """A stage's best epoch so far, judged by the phase's own metric."""
+
+    metric: str
+    value: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    # The whole phase module's weights (backbone and heads), on the CPU; kept only when a later stage needs
+    # them: it starts from the backbone's, and a `teacher: previous` distillation uses the whole model.
+    weights: Weights | None = None
+
+    def offer(self, metrics: dict[str, float], model: nn.Module, *, keep_weights: bool) -> None:
+        value = metrics.get(self.metric)
+        if value is None:
+            return
+        if self.value is None or (value > self.value if mode_of(self.metric) == "max" else value < self.value):
+            self.value, self.metrics = value, dict(metrics)
+            if keep_weights:
+                self.weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
 
 
 def save_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, epoch: int, metrics: dict
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    metrics: dict,
+    *,
+    position: Position,
+    best: Best | None = None,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(model, folder / WEIGHTS_FILE)
-    atomic_save({"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, folder / STATE_FILE)
+    state = {"stage": position.stage, "epoch": position.epoch, "finished": position.finished,
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}  # fmt: skip
+    atomic_save(state, folder / STATE_FILE)
+    if best is not None and best.weights is not None:
+        atomic_save({"metric": best.metric, "value": best.value, "metrics": best.metrics, "weights": best.weights}, folder / CARRY_FILE)
+    else:
+        (folder / CARRY_FILE).unlink(missing_ok=True)  # the scratch folder is reused from epoch to epoch
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return folder
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> int:
-    """Restore model, optimizer and schedule from `folder`; returns the epoch to start from."""
+def _state(folder: Path, device: torch.device | str = "cpu") -> dict:
     weights, state_file = folder / WEIGHTS_FILE, folder / STATE_FILE
     if not weights.is_file() or not state_file.is_file():
         raise CheckpointError(f"{folder} is not a raycls checkpoint (needs {WEIGHTS_FILE} and {STATE_FILE})")
+    return torch.load(state_file, map_location=device, weights_only=True)
+
+
+def read_position(folder: Path) -> Position:
+    state = _state(folder)
+    return Position(stage=int(state.get("stage", 0)), epoch=int(state["epoch"]), finished=dict(state.get("finished", {})))
+
+
+def read_best(folder: Path, metric: str) -> Best:
+    """The stage's best so far as the checkpoint saw it (an empty Best when it kept no weights)."""
+    path = folder / CARRY_FILE
+    if not path.is_file():
+        return Best(metric)
+    carry = torch.load(path, map_location="cpu", weights_only=True)
+    return Best(metric, value=carry["value"], metrics=dict(carry["metrics"]), weights=carry["weights"])
+
+
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Restore model, optimizer and schedule from `folder` (read_position says where it was taken)."""
     device = next(unwrap(model).parameters()).device
-    unwrap(model).load_state_dict(torch.load(weights, map_location=device, weights_only=True))
-    state = torch.load(state_file, map_location=device, weights_only=True)
+    state = _state(folder, device)
+    unwrap(model).load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location=device, weights_only=True))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return int(state["epoch"]) + 1
