@@ -114,7 +114,7 @@ def test_train_loader_shards_disjoint_and_eval_covers_all_once() -> None:
 @pytest.mark.parametrize("name", AUGMENTATIONS.names())
 def test_every_augmentation_keeps_shape_and_changes_images(name: str) -> None:
     x = torch.randn(64, 3, 16, 16)
-    value = {"hflip": True, "random_crop": 4, "cutout": 6}[name]
+    value = {"hflip": True, "random_crop": 4, "cutout": 6, "resized_crop": 0.3, "color_jitter": 0.8, "grayscale": 1.0}[name]
     gen = torch.Generator().manual_seed(0)
     y = AUGMENTATIONS.get(name)(x, value, gen)
     assert y.shape == x.shape and not torch.equal(x, y)

@@ -100,7 +100,7 @@ class BatchLoader:
         if self.image_size is not None and self.image_size != x.shape[-1]:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         if self.augment is not None:
-            x = apply_augmentations(x, self.augment, gen)
+            x = apply_augmentations(x, self.augment, gen, mean=self.mean / 255.0, std=self.std / 255.0)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

@@ -2,6 +2,10 @@
 outputs. The teacher is a checkpoint (any earlier trial's weights) or an EMA of the student itself (a
 mean teacher). The teacher runs in eval mode, without gradients, on the student's device (in bf16 there
 when the step runs under autocast).
+
+With `distill_token` the student is a DeiT (Touvron et al. 2021): a distilled ViT whose class token learns the
+labels and whose distillation token learns the teacher, each through its own head; evaluated, the two heads'
+logits average (timm's eval-mode output), so the student is an ordinary classifier everywhere but the loss.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raycls.config.schema import DistillConfig
-from raycls.errors import CheckpointError
+from raycls.errors import CheckpointError, ConfigError
 from raycls.evaluate import names
 from raycls.losses import LOSSES, kd_alpha
 from raycls.models import create_model, load_weights
-from raycls.phases.base import PHASES, Batch, Phase
+from raycls.phases.base import CLASSIFIER_METRICS, PHASES, Batch, Phase
 from raycls.phases.supervised import Supervised
 
 
@@ -29,6 +33,9 @@ class DistillModel(nn.Module):
         super().__init__()
         self.student = student
         self.teacher = teacher.requires_grad_(False).eval()
+        # A distilled teacher (an EMA copy of a DeiT student) must give one logits tensor: the heads' average.
+        if _has_distillation_token(self.teacher):
+            self.teacher.set_distilled_training(False)
 
     def train(self, mode: bool = True) -> "DistillModel":
         super().train(mode)
@@ -40,8 +47,18 @@ class DistillModel(nn.Module):
         """The student: what a chain hands on to its next phase."""
         return self.student
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.student(x)
+    def forward(self, x: torch.Tensor, *, heads: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The student's logits; with `heads` (a distilled student in training), its class-token and
+        distillation-token logits apart. Passed as an argument, not left switched on in the student, so that
+        evaluation, checkpoints and the next phase of a chain see a plain classifier. Through DDP the
+        argument reaches here, and both heads' gradients are synchronised."""
+        if not heads:
+            return self.student(x)
+        self.student.set_distilled_training(True)
+        try:
+            return self.student(x)
+        finally:
+            self.student.set_distilled_training(False)
 
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +70,8 @@ class Distill(Phase[DistillConfig]):
     metric = names.VAL_ACC
 
     def build(self, backbone: nn.Module) -> nn.Module:
+        if self.config.distill_token and not _has_distillation_token(backbone):  # before loading any teacher
+            raise ConfigError(_no_token_message(backbone))
         self.kd = LOSSES.get(self.config.kd)(**({"temperature": self.config.temperature} if self.config.kd == "soft_kd" else {}))
         self.steps, self.total_steps = 0, 1
         # The teacher has the student's architecture unless teacher_model says otherwise; an EMA teacher
@@ -87,18 +106,52 @@ class Distill(Phase[DistillConfig]):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
-        logits = model(x).float()
+        label_logits, kd_logits = self.student_logits(model, x)
         teacher = _unwrap(model).teacher_logits(x).float()
         progress = min(self.steps / self.total_steps, 1.0)
         alpha = kd_alpha(self.config.alpha_schedule, progress, alpha=self.config.alpha, alpha_start=self.config.alpha_start)
-        ce = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
-        return alpha * self.kd(logits, teacher) + (1.0 - alpha) * ce, {}
+        ce = F.cross_entropy(label_logits, y, label_smoothing=self.config.label_smoothing)
+        return alpha * self.kd(kd_logits, teacher) + (1.0 - alpha) * ce, {}
 
-    # Evaluated as a classifier: the student's logits.
+    def student_logits(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits that learn the labels, logits that learn the teacher): the class and distillation heads of a
+        DeiT student, or the one classifier's logits twice (Hinton's KD is DeiT's loss with one head)."""
+        if not self.config.distill_token:
+            logits = model(x).float()
+            return logits, logits
+        out = model(x, heads=True)
+        # Some timm models have the switch but no second head (pit_ti_224, iformer_m): they return one tensor.
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ConfigError(_no_token_message(_unwrap(model).student))
+        return out[0].float(), out[1].float()
+
+    # Evaluated as a classifier: the student's logits (a DeiT's in eval mode: its two heads averaged).
     eval_batch = Supervised.eval_batch
     eval_metrics = Supervised.eval_metrics
+
+    @classmethod
+    def reports(cls, topk: int) -> frozenset[str]:
+        return super().reports(topk) | CLASSIFIER_METRICS | {names.val_topk(topk)}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
+
+
+def _has_distillation_token(model: nn.Module) -> bool:
+    # timm's distilled models (DeiT, PiT, LeViT, iFormer) share this switch; which class defines it varies.
+    return callable(getattr(model, "set_distilled_training", None))
+
+
+def _no_token_message(student: nn.Module) -> str:
+    import timm
+
+    # timm models know their name; raycls's own models only their class (the phase never sees the config).
+    arch = (getattr(student, "pretrained_cfg", None) or {}).get("architecture")
+    model = f"model.name={arch!r}" if arch else f"model.name (a {type(student).__name__})"
+    return (
+        f"phase.distill_token=true needs a student with a distillation token, and {model} has "
+        f"none: set model.name to a timm distilled model (a name containing 'distilled': "
+        f"{', '.join(timm.list_models('*distilled*'))}) or phase.distill_token=false"
+    )
 
