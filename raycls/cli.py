@@ -21,6 +21,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Ray-distributed hyperparameter search for image classification.")  # fmt: skip
 space_app = typer.Typer(no_args_is_help=True, help="Inspect search-space YAMLs.")
 app.add_typer(space_app, name="space")
+cluster_app = typer.Typer(no_args_is_help=True, help="Check Ray cluster launcher YAMLs (cluster/).")
+app.add_typer(cluster_app, name="cluster")
 # Wide output when piped (rich would wrap to 80 columns), the terminal's width otherwise.
 console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 200)))
 
@@ -255,6 +257,17 @@ def space_validate(
     for i, (params, _config) in enumerate(sample_configs(experiment, samples, seed=experiment.search.seed)):
         console.print(f"sample {i + 1}: {params}")
     console.print(f"[green]OK[/] {space}")
+
+
+@cluster_app.command("validate")
+def cluster_validate(
+    launcher: Annotated[Path, typer.Argument(help="A `ray up` YAML or a KubeRay RayCluster manifest.")],
+) -> None:
+    """Check a cluster YAML against Ray's schema and raycls's rules (shared storage, GPUs, dashboard, secrets)."""
+    from raycls.tune.launcher import check_launcher
+
+    check_launcher(launcher)
+    console.print(f"[green]OK[/] {launcher}")
 
 
 # -------------------------------------------------------------------------------------------- main

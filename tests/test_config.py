@@ -11,6 +11,8 @@ import pytest
 
 from raycls.config import TrialConfig, load_experiment, parse_overrides, resolve_trial, suggest
 from raycls.config.sampling import sample_configs
+from raycls.config.load import get_path
+from raycls.phases.base import check_experiment_metric
 from raycls.errors import ConfigError
 
 from .conftest import REPO, write_yaml
@@ -52,10 +54,8 @@ def test_every_shipped_space_loads_and_samples(path: Path) -> None:
     for params, config in sample_configs(exp, 5, seed=1):
         assert isinstance(config, TrialConfig)
         for key, value in params.items():
-            node = config.to_dict()
-            for part in key.split("."):
-                node = node[part]
-            assert node == value
+            assert get_path(config.to_dict(), key) == value
+    check_experiment_metric(exp)  # every stage reports the metric ASHA ranks by
 
 
 BAD = [

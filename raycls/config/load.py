@@ -92,6 +92,14 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def get_path(tree: dict[str, Any], dotted: str) -> Any:
+    """The value at `a.b.c` (list levels by index or stage name, as in `set_path`); KeyError when absent."""
+    node: Any = tree
+    for i, key in enumerate(dotted.split(".")):
+        node = _list_item(node, key, dotted, ".".join(dotted.split(".")[:i])) if isinstance(node, list) else node[key]
+    return node
+
+
 def _list_item(items: list[Any], key: str, dotted: str, where: str) -> Any:
     if key.isdigit() and int(key) < len(items):
         return items[int(key)]

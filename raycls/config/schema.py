@@ -137,18 +137,29 @@ class Reference(Frozen):
     pick: str = "best"
 
 
+# `teacher: previous`: the chain's previous stage is the teacher.
+PREVIOUS = "previous"
+
+
 class DistillConfig(PhaseConfig):
     """Knowledge distillation into the student (the trial's model) from a teacher checkpoint, or from an
     exponential moving average of the student itself when `teacher` is null."""
 
     name: Literal["distill"] = "distill"
-    # A teacher checkpoint: a folder holding model.pt, or the file. A leaderboard reference
+    # A teacher checkpoint: a folder holding model.pt, or the file; `previous` (in a chain): the previous
+    # stage's best model, heads included (an ArcFace stage teaches through its cosine classifier). A leaderboard reference
     # ({from: EXPERIMENT, pick: best}) is resolved to such a path by the driver before trials start.
     teacher: str | Reference | None = None
     # Filled by the driver when `teacher` was a Reference: "EXPERIMENT/TRIAL_ID", kept for the leaderboard.
     teacher_trial: str | None = None
     # The teacher's architecture; None: the student's (model section), or the referenced trial's.
     teacher_model: ModelConfig | None = None
+    # The phase that trained the teacher checkpoint (its heads give the logits: a metric phase's cosine
+    # classifier, a supervised model's linear head); None: a plain classifier. Filled from the referenced
+    # trial by the driver.
+    teacher_phase: SerializeAsAny[PhaseConfig] | None = None
+
+    _dispatch = field_validator("teacher_phase", mode="before")(classmethod(lambda cls, value: _dispatch_phase(value)))
     kd: Literal["soft_kd", "hard_kd"] = "soft_kd"
     temperature: Annotated[float, Field(gt=0.0)] = 4.0
     # Weight of the distillation term: loss = alpha * kd + (1 - alpha) * cross-entropy on the labels.
@@ -299,6 +310,9 @@ class TrialConfig(Frozen):
                     first = err.errors()[0]
                     where = ".".join(str(part) for part in first["loc"])
                     raise ValueError(f"phases.{i}.{section}{'.' + where if where else ''}: {first['msg']}") from None
+        for i, stage in enumerate(self.stages):
+            if getattr(stage.phase, "teacher", None) == PREVIOUS and i == 0:
+                raise ValueError(f"{'phases.0.' if self.phases else ''}phase.teacher: `previous` needs an earlier stage in `phases`")
         labels = [s.label for s in self.stages]
         if len(set(labels)) != len(labels):
             raise ValueError(f"phases: stage names must differ (got {' > '.join(labels)}); give each stage a `name`")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar, Generic, TypeVar
 
 import torch
@@ -32,9 +33,11 @@ class Phase(ABC, Generic[C]):
     # Augmented views of each training image per batch: batches arrive as [B, views, C, H, W] when > 1.
     views: ClassVar[int] = 1
 
-    def __init__(self, config: C, spec: InputSpec, *, topk: int = 5):
+    def __init__(self, config: C, spec: InputSpec, *, topk: int = 5, previous: "Previous | None" = None):
         self.config = config
         self.spec = spec
+        # A chain's previous stage (its phase and best weights), for phases that build on more than its backbone.
+        self.previous = previous
         # Top-k accuracy is reported beside top-1 (k capped at the number of classes).
         self.topk = min(topk, spec.num_classes)
 
@@ -73,6 +76,11 @@ class Phase(ABC, Generic[C]):
         classifier is its own backbone."""
         return getattr(model, "backbone", model)
 
+    def classifier(self, model: nn.Module) -> nn.Module | None:
+        """`model` (what `build` returned) as a module from images to class logits, for teaching another
+        model; None when the phase trains no classifier."""
+        return None
+
     @classmethod
     def reports(cls, topk: int) -> frozenset[str]:
         """The validation metrics this phase reports at every epoch."""
@@ -88,8 +96,17 @@ CLASSIFIER_METRICS = frozenset({names.VAL_LOSS, names.VAL_ACC})
 PHASES: Registry[type[Phase]] = Registry("phase")
 
 
-def create_phase(config: PhaseConfig, spec: InputSpec, *, topk: int = 5) -> Phase:
-    return PHASES.get(config.name)(config, spec, topk=topk)
+@dataclass(frozen=True)
+class Previous:
+    """The stage before this one in a chain: its phase config, and its best weights (the whole module's; None
+    when a checkpoint of this stage is about to be restored over them)."""
+
+    phase: PhaseConfig
+    weights: dict[str, torch.Tensor] | None
+
+
+def create_phase(config: PhaseConfig, spec: InputSpec, *, topk: int = 5, previous: Previous | None = None) -> Phase:
+    return PHASES.get(config.name)(config, spec, topk=topk, previous=previous)
 
 
 def check_experiment_metric(experiment: Experiment) -> None:

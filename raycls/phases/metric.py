@@ -39,6 +39,17 @@ class MarginModel(BackboneModel):
         return self.margin(embeddings, labels)
 
 
+class CosineClassifier(nn.Module):
+    """A margin model as a plain classifier: the scaled cosine logits its loss trains on, without the margin."""
+
+    def __init__(self, model: MarginModel, scale: float):
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.model(x)
+
+
 @PHASES.register("metric")
 class Metric(Phase[MetricConfig]):
     metric = names.VAL_ACC
@@ -67,6 +78,9 @@ class Metric(Phase[MetricConfig]):
 
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         return classifier_metrics(totals, self.topk)
+
+    def classifier(self, model: nn.Module) -> nn.Module:
+        return CosineClassifier(model, self.config.scale)
 
     @classmethod
     def reports(cls, topk: int) -> frozenset[str]:

@@ -16,8 +16,8 @@ from raycls.phases.base import CLASSIFIER_METRICS, PHASES, Batch, EvalBatch, Pha
 class Supervised(Phase[SupervisedConfig]):
     metric = names.VAL_ACC
 
-    def __init__(self, config: SupervisedConfig, spec: InputSpec, *, topk: int = 5):
-        super().__init__(config, spec, topk=topk)
+    def __init__(self, config: SupervisedConfig, spec: InputSpec, **options):
+        super().__init__(config, spec, **options)
         self.mixup = None
         if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
             from timm.data import Mixup
@@ -46,6 +46,9 @@ class Supervised(Phase[SupervisedConfig]):
 
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         return classifier_metrics(totals, self.topk)
+
+    def classifier(self, model: nn.Module) -> nn.Module:
+        return model
 
     @classmethod
     def reports(cls, topk: int) -> frozenset[str]:

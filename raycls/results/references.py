@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from raycls.config.experiment import Experiment
-from raycls.config.schema import DistillConfig, ModelConfig, PhaseConfig, Reference
+from raycls.config.schema import DistillConfig, PhaseConfig, Reference, TrialConfig
 from raycls.errors import CheckpointError
 from raycls.results.leaderboard import read_leaderboard
 from raycls.results.query import top_rows
@@ -59,10 +59,14 @@ def resolve_teacher(phase: PhaseConfig, storage: str) -> PhaseConfig:
     if not isinstance(phase, DistillConfig) or not isinstance(phase.teacher, Reference):
         return phase
     row = pick_trial(storage, phase.teacher)
-    teacher_model = phase.teacher_model
-    if teacher_model is None and row.get("config_json"):
-        teacher_model = ModelConfig.model_validate(json.loads(row["config_json"])["model"])
+    teacher_model, teacher_phase = phase.teacher_model, phase.teacher_phase
+    if row.get("config_json"):
+        # The teacher is built as it was trained: its architecture, and the phase (of a chain: the last
+        # stage) whose heads give its logits.
+        trained = TrialConfig.from_json(row["config_json"])
+        teacher_model = teacher_model or trained.model
+        teacher_phase = teacher_phase or trained.stages[-1].phase
     return phase.model_copy(update={
-        "teacher": row["checkpoint"], "teacher_model": teacher_model,
+        "teacher": row["checkpoint"], "teacher_model": teacher_model, "teacher_phase": teacher_phase,
         "teacher_trial": f"{phase.teacher.experiment}/{row['trial_id']}",
     })  # fmt: skip

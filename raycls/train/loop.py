@@ -27,6 +27,7 @@ from raycls.evaluate import names
 from raycls.models import InputSpec, create_model, unwrap
 from raycls.models.checkpoint import backbone_weights, load_backbone, load_weights
 from raycls.phases import PHASES, Phase, create_phase
+from raycls.phases.base import Previous
 from raycls.train.optim import create_optimizer, create_scheduler
 from raycls.train.state import Best, Position, Weights, load_checkpoint, read_best, read_position, save_checkpoint
 from raycls.train.steps import StepPolicy, autocast, check_finite, seed_everything, train_step
@@ -71,13 +72,16 @@ def load_data(config: TrialConfig) -> Data:
     return Data(splits, InputSpec(num_classes=splits.num_classes, in_chans=splits.train.channels, image_size=image_size))
 
 
-def build(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, *, index: int = 0, init: Weights | None = None) -> Parts:
+def build(
+    config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, *,
+    index: int = 0, init: Weights | None = None, previous: Previous | None = None,
+) -> Parts:  # fmt: skip
     """Phase, model and loaders of one stage on one worker; the same seed gives the same initial weights on
     every rank. `init`: weights to start the backbone from: a saved model of any phase (the previous stage's
-    best, or `init:`), whose backbone part is taken."""
+    best, or `init:`), whose backbone part is taken. `previous`: the chain's previous stage, for its phase."""
     seed_everything(config.seed + index)  # stage 0 (every single-phase trial) seeds exactly as config.seed
     splits, spec = data.splits, data.spec
-    phase = create_phase(stage.phase, spec, topk=config.eval.topk)
+    phase = create_phase(stage.phase, spec, topk=config.eval.topk, previous=previous)
     policy = StepPolicy.resolve(stage.train, ctx.device)
     backbone = create_model(config.model, spec)
     if init is not None:
@@ -107,9 +111,10 @@ def fit(config: TrialConfig, report: ReportFn, ctx: RunContext | None = None) ->
     runner = ChainRunner(config, report, ctx)
     position = read_position(ctx.resume_from) if ctx.resume_from else Position()
     runner.finished = dict(position.finished)
-    handover = initial_weights(config)
+    stages = config.stages
+    handover = initial_weights(config)  # then each stage's best weights, for the next stage
     try:
-        for index, stage in enumerate(config.stages):
+        for index, stage in enumerate(stages):
             if index < position.stage:
                 continue
             resume = ctx.resume_from if index == position.stage and position.epoch >= 0 else None
@@ -117,7 +122,9 @@ def fit(config: TrialConfig, report: ReportFn, ctx: RunContext | None = None) ->
                 # The checkpoint closed this stage: the next one starts from its best, saved beside it.
                 handover = read_best(resume, _phase_class(stage).metric).weights
                 continue
-            handover = runner.run_stage(index, stage, init=handover, resume_from=resume, start=position.epoch + 1 if resume else 0)
+            previous = Previous(stages[index - 1].phase, handover) if index else None
+            handover = runner.run_stage(index, stage, init=handover, previous=previous, resume_from=resume,
+                                        start=position.epoch + 1 if resume else 0)  # fmt: skip
     finally:
         shutil.rmtree(runner.scratch, ignore_errors=True)
     return runner.history
@@ -149,11 +156,13 @@ class ChainRunner:
         self.history: list[Metrics] = []
         self.scratch = Path(tempfile.mkdtemp(prefix="raycls-ckpt-"))
 
-    def run_stage(self, index: int, stage: Stage, *, init: Weights | None, resume_from: Path | None, start: int) -> Weights | None:
+    def run_stage(
+        self, index: int, stage: Stage, *, init: Weights | None, previous: Previous | None, resume_from: Path | None, start: int
+    ) -> Weights | None:  # fmt: skip
         """Train one stage; returns its best weights (the whole phase module's) when a later stage needs them."""
         ctx = self.ctx
         entered = time.perf_counter() if self.history else self.entered  # the first stage run also loaded the data
-        parts = build(self.config, stage, self.data, ctx, index=index, init=init)
+        parts = build(self.config, stage, self.data, ctx, index=index, init=init, previous=previous)
         model, phase, policy = parts.model, parts.phase, parts.policy
         optimizer = create_optimizer(stage.train, model)
         scheduler = create_scheduler(stage.train, optimizer, len(parts.train_loader))
