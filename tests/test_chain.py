@@ -17,7 +17,8 @@ from raycls.models.checkpoint import backbone_weights
 from raycls.phases.base import check_experiment_metric
 from raycls.results.leaderboard import TrialRecord, read_leaderboard, write_trial
 from raycls.results.references import resolve_references
-from raycls.train.loop import RunContext, fit
+from raycls.phases.base import Previous
+from raycls.train.loop import RunContext, build, fit, load_data
 from raycls.train.state import CARRY_FILE
 
 from tests.conftest import write_yaml
@@ -183,3 +184,41 @@ def test_leaderboard_keeps_each_stage_and_names_the_chain(tmp_path: Path) -> Non
     assert row["phase"] == "supcon>head" and row["max_epochs"] == 4
     assert row["supcon.val_knn_acc"] == record.metrics[-1]["supcon.val_knn_acc"]
     assert row["head.val_acc"] == record.metrics[-1]["head.val_acc"]
+
+
+def test_distill_from_the_previous_stage_teaches_with_its_cosine_classifier(tmp_path: Path) -> None:
+    """supcon > arcface > distill(teacher: previous): the teacher is the arcface stage's best model, whole."""
+    phases = [
+        {"phase": {"name": "supcon"}, "train": {"epochs": 1}},
+        {"name": "arcface", "phase": {"name": "metric", "loss": "arcface", "scale": 16.0}, "train": {"epochs": 2}},
+        {"name": "distill", "phase": {"name": "distill", "teacher": "previous", "alpha": 0.5}, "train": {"epochs": 1}},
+    ]
+    record = Recorder(tmp_path / "ckpt")
+    fit(chain_config(phases=phases), record, RunContext())
+    assert [m[names.STAGE] for m in record.metrics] == ["supcon", "arcface", "arcface", "distill"]
+    arcface = record.metrics[1:3]
+    best = 1 + max(range(2), key=lambda i: arcface[i][names.VAL_ACC])
+    taught = weights(record.checkpoints[3])
+    # The frozen teacher is the arcface model (backbone and class centres) at its best epoch, exactly.
+    for key, value in weights(record.checkpoints[best]).items():
+        assert torch.equal(taught[f"teacher.model.{key}"], value), key
+    # ... and it teaches through its cosine classifier: logits = scale * cosine, the arcface stage's own.
+    config = chain_config(phases=phases)
+    data = load_data(config)
+    arcface_stage, distill_stage = config.stages[1:]
+    arcface = build(config, arcface_stage, data, RunContext(), index=1).model
+    arcface.load_state_dict(weights(record.checkpoints[best]))
+    distill = build(config, distill_stage, data, RunContext(), index=2, init=weights(record.checkpoints[best]),
+                    previous=Previous(arcface_stage.phase, weights(record.checkpoints[best]))).model  # fmt: skip
+    images = torch.randn(4, 1, 8, 8)
+    arcface.eval()
+    torch.testing.assert_close(distill.teacher_logits(images), 16.0 * arcface(images))
+
+
+def test_distill_from_a_stage_without_a_classifier_is_refused(tmp_path: Path) -> None:
+    phases = [{"phase": {"name": "supcon"}, "train": {"epochs": 1}},
+              {"phase": {"name": "distill", "teacher": "previous"}, "train": {"epochs": 1}}]  # fmt: skip
+    with pytest.raises(ConfigError, match="a supcon model has no classifier to teach with"):
+        fit(chain_config(phases=phases), Recorder(tmp_path), RunContext())
+    with pytest.raises(Exception, match="`previous` needs an earlier stage"):
+        TrialConfig.model_validate({"phase": {"name": "distill", "teacher": "previous"}})

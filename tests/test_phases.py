@@ -96,7 +96,7 @@ def test_ema_teacher_follows_the_student(tmp_path: Path) -> None:
 def test_distill_teacher_errors(teacher: Path, tmp_path: Path) -> None:
     with pytest.raises(Exception, match="no checkpoint at"):
         distill(tmp_path, teacher=str(tmp_path / "missing"))
-    with pytest.raises(Exception, match="do not fit the teacher model"):
+    with pytest.raises(Exception, match="do not fit a supervised model of the teacher"):
         distill(tmp_path, teacher=str(teacher))  # a width-16 teacher for a width-8 student, no teacher_model
 
 

@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raycls.config.schema import DistillConfig
+from raycls.config.schema import PREVIOUS, DistillConfig, SupervisedConfig
 from raycls.errors import CheckpointError, ConfigError
 from raycls.evaluate import names
 from raycls.losses import LOSSES, kd_alpha
 from raycls.models import create_model, load_weights
-from raycls.phases.base import CLASSIFIER_METRICS, PHASES, Batch, Phase
+from raycls.phases.base import CLASSIFIER_METRICS, PHASES, Batch, Phase, create_phase
 from raycls.phases.supervised import Supervised
 
 
@@ -76,19 +76,36 @@ class Distill(Phase[DistillConfig]):
         self.steps, self.total_steps = 0, 1
         # The teacher has the student's architecture unless teacher_model says otherwise; an EMA teacher
         # starts as a copy of the student.
-        teacher = create_model(self.config.teacher_model, self.spec) if self.config.teacher_model else copy.deepcopy(backbone)
-        if self.config.teacher is not None:
-            if not isinstance(self.config.teacher, str):
-                raise CheckpointError(f"phase.teacher {self.config.teacher}: a leaderboard reference must be resolved "
-                                      "by the driver (raycls tune / raycls train) before the trial starts")  # fmt: skip
+        trunk = create_model(self.config.teacher_model, self.spec) if self.config.teacher_model else copy.deepcopy(backbone)
+        return DistillModel(backbone, trunk if self.config.teacher is None else self._teacher(trunk))
+
+    def _teacher(self, trunk: nn.Module) -> nn.Module:
+        """The frozen teacher: the phase that trained it rebuilt on `trunk`, its weights loaded, as a classifier."""
+        teacher, where = self.config.teacher, f"phase.teacher={self.config.teacher}"
+        if isinstance(teacher, str) and teacher == PREVIOUS:
+            if self.previous is None:
+                raise ConfigError("phase.teacher=previous: needs an earlier stage in `phases`")
+            source, weights = self.previous.phase, self.previous.weights
+        elif isinstance(teacher, str):
+            source, weights = self.config.teacher_phase or SupervisedConfig(), load_weights(teacher)
+        else:
+            raise CheckpointError(f"phase.teacher {teacher}: a leaderboard reference must be resolved "
+                                  "by the driver (raycls tune / raycls train) before the trial starts")  # fmt: skip
+        phase = create_phase(source, self.spec)
+        module = phase.build(trunk)
+        if weights is not None:  # None: resuming, and this stage's checkpoint (teacher included) comes next
             try:
-                teacher.load_state_dict(load_weights(self.config.teacher))
-            except RuntimeError as err:  # shapes or keys differ: another architecture, or a non-classifier
+                module.load_state_dict(weights)
+            except RuntimeError as err:  # shapes or keys differ: another architecture or phase
                 raise CheckpointError(
-                    f"phase.teacher={self.config.teacher}: the weights do not fit the teacher model "
-                    f"(set phase.teacher_model to the teacher's model section): {str(err).splitlines()[0]}"
+                    f"{where}: the weights do not fit a {source.name} model of the teacher's architecture "
+                    f"(set phase.teacher_model / teacher_phase to the teacher's sections): {str(err).splitlines()[0]}"
                 ) from None
-        return DistillModel(backbone, teacher)
+        classifier = phase.classifier(module)
+        if classifier is None:
+            raise ConfigError(f"{where}: a {source.name} model has no classifier to teach with; distil from a "
+                              "supervised, metric or distill model")  # fmt: skip
+        return classifier
 
     def start(self, model: nn.Module, *, total_steps: int) -> None:
         self.total_steps = max(total_steps, 1)
@@ -128,6 +145,9 @@ class Distill(Phase[DistillConfig]):
     # Evaluated as a classifier: the student's logits (a DeiT's in eval mode: its two heads averaged).
     eval_batch = Supervised.eval_batch
     eval_metrics = Supervised.eval_metrics
+
+    def classifier(self, model: nn.Module) -> nn.Module:
+        return model.student
 
     @classmethod
     def reports(cls, topk: int) -> frozenset[str]:
