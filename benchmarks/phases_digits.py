@@ -1,7 +1,8 @@
 """Each training phase on digits (CPU, fixed seeds): what it reaches and what it costs.
 
-supervised CE, SupCon (k-NN accuracy), each margin loss of the metric phase, and distillation (from the
-supervised run's checkpoint into a half-width student, and from an EMA teacher), 3 seeds each.
+supervised CE, SupCon (k-NN accuracy), each margin loss of the metric phase, distillation (from the
+supervised run's checkpoint into a half-width student, and from an EMA teacher), and chains in one trial
+(supcon > supervised; supcon > arcface > distill from the arcface stage) with the same total epochs, 3 seeds each.
 
     python benchmarks/phases_digits.py [--seeds 3] [--epochs 8]
 """
@@ -52,6 +53,16 @@ def main() -> None:
                                                                      "teacher_model": {"name": "small_cnn", "width": 16}}}, "val_acc"),
                 ("supervised:w8", {**base(seed, 8), "phase": {"name": "supervised", "label_smoothing": 0.1}}, "val_acc"),
                 ("distill:ema", {**base(seed), "phase": {"name": "distill", "ema_decay": 0.99}}, "val_acc"),
+                # Chains: the same epochs in all, split over the stages (each from the previous stage's best).
+                ("chain:supcon>supervised", {**base(seed), "phases": [
+                    {"phase": {"name": "supcon"}, "train": {"epochs": args.epochs // 2}},
+                    {"phase": {"name": "supervised", "label_smoothing": 0.1}, "train": {"epochs": args.epochs - args.epochs // 2}}]}, "val_acc"),
+                ("chain:supcon>arcface>distill", {**base(seed), "phases": [
+                    {"phase": {"name": "supcon"}, "train": {"epochs": args.epochs * 3 // 8}},
+                    {"name": "arcface", "phase": {"name": "metric", "loss": "arcface", "margin_warmup_steps": 50},
+                     "train": {"epochs": args.epochs * 3 // 8}},
+                    {"name": "distill", "phase": {"name": "distill", "teacher": "previous", "alpha": 0.5},
+                     "train": {"epochs": args.epochs - 2 * (args.epochs * 3 // 8), "warmup_epochs": 0}}]}, "val_acc"),
             ]  # fmt: skip
             for name, config, metric in plans:
                 runs.setdefault(name, []).append(run(config, folder / name.split(":")[0] if name == "supervised" else folder / name, metric))
