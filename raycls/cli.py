@@ -131,6 +131,7 @@ def tune(
     num_cpus: Annotated[Optional[int], typer.Option(help="Logical CPUs of a local Ray (default: enough for the trials).")] = None,
     top: Annotated[int, typer.Option(help="Trials to print from the leaderboard at the end.")] = 5,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's and the trials' own logs.")] = False,
+    shared_storage: Annotated[bool, typer.Option("--shared-storage", help="--storage is a folder every node mounts at the same path (NFS).")] = False,
 ) -> None:
     """Search the space: Optuna proposes trials, ASHA stops weak ones, every trial lands in the leaderboard."""
     from raycls.config import load_experiment, parse_overrides
@@ -144,7 +145,8 @@ def tune(
     check_experiment_metric(experiment)
     started = time.perf_counter()
     outcome = run_tune(experiment, TuneOptions(storage=storage_root(storage), address=address, resume=resume,
-                                               wandb_mode=wandb, num_cpus=num_cpus, verbose=verbose))  # fmt: skip
+                                               wandb_mode=wandb, num_cpus=num_cpus, verbose=verbose,
+                                               shared_storage=shared_storage or None))  # fmt: skip
     board = outcome.leaderboard.table
     counts = {s: 0 for s in ("completed", "early_stopped", "failed")}
     for status in board.column("status").to_pylist() if board.num_rows else []:

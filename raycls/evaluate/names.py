@@ -18,6 +18,8 @@ EPOCH_S = "epoch_s"  # seconds of training + validation in the epoch (time spent
 SETUP_S = "setup_s"  # seconds from entering the loop to the first step (data, model, optimizer), first epoch only
 MAX_EPOCHS = "max_epochs"  # the trial's configured epochs: a trial that ends before them was stopped early
 DEVICE = "device"  # "cpu" or the CUDA device's name
+RESTARTS = "restarts"  # times the trial restarted from a checkpoint (Ray Train worker-group restarts and Tune retries)
+NODE_ID = "node_id"  # the Ray node that reported the epoch (rank 0's): where a trial ran, epoch by epoch
 STAGE = "stage"  # chains only: the label of the stage an epoch belongs to (a string)
 
 

@@ -32,12 +32,23 @@ from raycls.train.local import CONFIG_FILE, METRICS_FILE
 from raycls.train.loop import Metrics, RunContext, fit
 
 TRAIN_RUNS_DIR = "train_runs"
+# Reported with every epoch: how many times this trial has started again from one of its checkpoints (a
+# Ray Train worker-group restart after a lost node, a Tune retry, a resumed driver). The count travels in
+# the checkpoint itself, so every kind of restart is seen, including Ray Train's own, which Tune's
+# `trial.num_failures` does not count.
+RESTARTS = names.RESTARTS
+RESTARTS_FILE = "raycls_restarts.json"
+NODE_ID = names.NODE_ID
+# A multi-worker trial whose Ray Train run gave up (after its own max_failures restarts) leaves this file in
+# the run's folder: Tune's retry of the trial then fails at once instead of restarting the worker group
+# max_failures times more (retries would multiply: (max_failures + 1) ** 2 attempts).
+FAILED_FILE = "raycls_failed.txt"
 
 
 def trial_extras(config: TrialConfig, device: torch.device) -> dict[str, Any]:
     """Reported with every epoch, so the driver can tell finished trials from stopped ones."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {names.MAX_EPOCHS: config.total_epochs, names.DEVICE: name}
+    return {names.MAX_EPOCHS: config.total_epochs, names.DEVICE: name, NODE_ID: ray.get_runtime_context().get_node_id()}
 
 
 @contextmanager
@@ -48,6 +59,21 @@ def restored(checkpoint: ray.train.Checkpoint | None) -> Iterator[Path | None]:
         return
     with checkpoint.as_directory() as folder:
         yield Path(folder)
+
+
+def restarts_of(resume_from: Path | None) -> int:
+    """0 on a fresh start; one more than the checkpoint's own count when starting from a checkpoint."""
+    if resume_from is None:
+        return 0
+    try:
+        return int(json.loads((resume_from / RESTARTS_FILE).read_text())[RESTARTS]) + 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1  # a checkpoint written before raycls counted restarts
+
+
+def mark_restarts(checkpoint: Path | None, restarts: int) -> None:
+    if checkpoint is not None:
+        (checkpoint / RESTARTS_FILE).write_text(json.dumps({RESTARTS: restarts}))
 
 
 # ------------------------------------------------------------------------------------------- Tune trial
@@ -66,28 +92,50 @@ def _run_in_trial_actor(config: TrialConfig, resources: Resources) -> None:
     device = torch.device("cuda" if resources.gpu and torch.cuda.is_available() else "cpu")
     extras = trial_extras(config, device)
 
-    def report(metrics: Metrics, checkpoint: Path | None) -> None:
-        saved = ray.tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
-        ray.tune.report({**metrics, **extras}, checkpoint=saved)
-
     with restored(ray.tune.get_checkpoint()) as resume_from:
+        extras[RESTARTS] = restarts_of(resume_from)
+
+        def report(metrics: Metrics, checkpoint: Path | None) -> None:
+            mark_restarts(checkpoint, extras[RESTARTS])
+            saved = ray.tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
+            ray.tune.report({**metrics, **extras}, checkpoint=saved)
+
         fit(config, report, RunContext(device=device, resume_from=resume_from))
 
 
 def _run_torch_trainer(config: TrialConfig, experiment: Experiment, storage: str, *, name: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raycls.results.leaderboard import filesystem
+
+    runs = f"{storage.rstrip('/')}/{experiment.name}/{TRAIN_RUNS_DIR}"
+    fs, root = filesystem(f"{runs}/{name}")
+    failed = f"{root}/{FAILED_FILE}"
+    if fs.get_file_info(failed).is_file:
+        with fs.open_input_stream(failed) as stream:
+            message = stream.read().decode(errors="replace")
+        raise RuntimeError(f"the Ray Train run already failed after its retries (max_failures): {message}")
     trainer = _torch_trainer(
         config,
         experiment.experiment.resources,
-        storage_path=f"{storage.rstrip('/')}/{experiment.name}/{TRAIN_RUNS_DIR}",
+        storage_path=runs,
         name=name,  # deterministic (the Tune trial id, no timestamp): a retried trial restores this Train run
         callbacks=[TuneReportCallback()],
         keep=experiment.experiment.keep_checkpoints,
         metric=experiment.experiment.metric,
         mode=experiment.experiment.mode,
+        # Ray Train restarts the worker group from the run's last checkpoint (a lost node, a crashed worker)
+        # inside this trial; Tune's own retries then only cover a lost coordinator.
+        max_failures=experiment.experiment.max_failures,
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        if _raised_by_training(err):  # not a lost process or node (a killed driver takes its workers along)
+            fs.create_dir(root, recursive=True)
+            with fs.open_output_stream(failed) as stream:
+                stream.write(_last_line(err).encode())
+        raise
 
 
 # -------------------------------------------------------------------------------------- Ray Train run
@@ -102,6 +150,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     def report(metrics: Metrics, checkpoint: Path | None) -> None:
         # Every rank must call report (it is a barrier); rank 0 alone passes a checkpoint.
+        mark_restarts(checkpoint, extras[RESTARTS])
         saved = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
         if history_file and context.get_world_rank() == 0:
             # `raycls train` shows every epoch; Train V2's Result keeps only the last report's metrics.
@@ -113,6 +162,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                      limit_batches=loop_config.get("limit_batches"))  # fmt: skip
     with restored(ray.train.get_checkpoint()) as resume_from:
         ctx.resume_from = resume_from
+        extras[RESTARTS] = restarts_of(resume_from)
         fit(config, report, ctx)
 
 
@@ -128,6 +178,7 @@ def _torch_trainer(
     mode: str = "max",
     limit_batches: int | None = None,
     history_file: str | None = None,
+    max_failures: int = 0,
 ):
     from ray.train.torch import TorchTrainer
 
@@ -145,6 +196,7 @@ def _torch_trainer(
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=keep, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
 
@@ -190,4 +242,26 @@ def train_with_ray(
     return summary
 
 
-__all__ = ["TRAIN_RUNS_DIR", "train_with_ray", "tune_trainable"]
+def _raised_by_training(error: BaseException) -> bool:
+    """Whether the training code itself raised on the workers (NaN loss, missing data), as opposed to a
+    worker process or node that went away: only the first kind fails again the same way when retried."""
+    from ray.exceptions import RayActorError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    try:
+        from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+        lost: tuple[type, ...] = (RayActorError, WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError)
+    except ImportError:  # a Ray without these internals
+        lost = (RayActorError,)
+    failures = getattr(error, "worker_failures", None) or {}
+    return isinstance(error, WorkerGroupError) and bool(failures) and not any(isinstance(e, lost) for e in failures.values())
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    informative = [line for line in lines if "Error" in line or "Exception" in line]
+    return (informative[-1] if informative else (lines[-1] if lines else type(error).__name__))[:2000]
+
+
+__all__ = ["NODE_ID", "RESTARTS", "TRAIN_RUNS_DIR", "train_with_ray", "tune_trainable"]

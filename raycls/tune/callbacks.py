@@ -24,6 +24,7 @@ from raycls.errors import RayclsError
 from raycls.evaluate import names
 from raycls.results.leaderboard import Status, TrialRecord, write_trial, written_trials
 from raycls.results.wandb_log import WandbWriter
+from raycls.train.ray_train import RESTARTS
 from raycls.tune.searcher import stopped_early
 
 # Tune's own bookkeeping keys: not metrics of ours, kept out of the history and W&B.
@@ -189,7 +190,7 @@ class TrialLedger(Callback):
             device=str(log.last_result.get(names.DEVICE)) if log.last_result.get(names.DEVICE) else None,
             workers=self.experiment.experiment.resources.workers,
             seed=seed,
-            restarts=int(getattr(trial, "num_failures", 0) or 0),
+            restarts=count_restarts(history, int(getattr(trial, "num_failures", 0) or 0), failed=status == "failed"),
             checkpoint=log.best_checkpoint,
             teacher=teacher,
             config_json=config_json,
@@ -199,6 +200,14 @@ class TrialLedger(Callback):
         self.written.add(trial.trial_id)
         row = {k: v for k, v in record.to_table().to_pylist()[0].items() if not isinstance(v, datetime)}
         self.wandb.finish(trial.trial_id, row, failed=status == "failed")
+
+
+def count_restarts(history: list[dict[str, Any]], num_failures: int, *, failed: bool) -> int:
+    """How many times the trial started again: the count its workers report (every start from a checkpoint,
+    Ray Train's worker-group restarts included) or Tune's retries (`num_failures`, of which the last one of
+    a failed trial was not followed by a retry), whichever saw more."""
+    reported = max((int(h[RESTARTS]) for h in history if isinstance(h.get(RESTARTS), (int, float))), default=0)
+    return max(reported, num_failures - 1 if failed else num_failures, 0)
 
 
 def teacher_of(config: Any) -> str | None:

@@ -23,7 +23,14 @@ from raycls.results.references import resolve_references
 from raycls.results.wandb_log import resolve_mode
 from raycls.train.ray_train import tune_trainable
 from raycls.tune.callbacks import LiveTable, TrialLedger
-from raycls.tune.cluster import default_concurrency, init_ray, per_trial_request, trial_bundle
+from raycls.tune.cluster import (
+    cluster_nodes,
+    init_ray,
+    per_trial_request,
+    preflight,
+    shared_storage_from_env,
+    trial_bundle,
+)
 from raycls.tune.schedulers import create_scheduler
 from raycls.tune.searcher import create_searcher
 
@@ -37,6 +44,8 @@ class TuneOptions:
     num_cpus: int | None = None  # logical CPUs of a local Ray (default: enough for the trials)
     verbose: bool = False
     live: bool = True
+    # A plain --storage path that every node mounts at the same place (NFS, EFS); None: $RAYCLS_SHARED_STORAGE.
+    shared_storage: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -68,13 +77,17 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
     resources = experiment.experiment.resources
     concurrency_cpus = per_trial_request(resources)["CPU"] * (experiment.experiment.concurrency or 1) + 1
     init_ray(options.address, needed_cpus=concurrency_cpus, num_cpus=options.num_cpus, verbose=options.verbose)
-    concurrency = experiment.experiment.concurrency or default_concurrency(resources, ray.cluster_resources())
+    shared = shared_storage_from_env() if options.shared_storage is None else options.shared_storage
+    # Refuse what Ray would only punish later (node-local storage on several nodes, workers no node holds).
+    plan = preflight(resources, storage, cluster_nodes(), concurrency=experiment.experiment.concurrency,
+                     shared_storage=shared)  # fmt: skip
+    concurrency = min(plan.concurrency, experiment.experiment.trials)
 
     path = experiment_dir(storage, experiment.name)
     state = local_state_dir(storage, experiment.name)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(tune_trainable, experiment_json=experiment.model_dump_json(), storage=storage),
-        trial_bundle(resources),
+        trial_bundle(resources, pin_on_demand=plan.pin_on_demand),
     )
     if options.resume and ray.tune.Tuner.can_restore(path):
         # Tune restores its callbacks, searcher and scheduler from the experiment folder; finished trials

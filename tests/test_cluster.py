@@ -1,0 +1,157 @@
+"""Preflight checks against a cluster's nodes (no Ray needed), and once against a real one-node Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+
+from raycls.config.experiment import Resources
+from raycls.errors import RayclsError
+from raycls.train.ray_train import FAILED_FILE, RESTARTS_FILE, mark_restarts, restarts_of
+from raycls.tune.callbacks import count_restarts
+from raycls.tune.cluster import (
+    ON_DEMAND,
+    Node,
+    cluster_nodes,
+    default_concurrency,
+    init_ray,
+    preflight,
+    shared_storage_from_env,
+    trial_bundle,
+)
+
+
+def cpu_node(name: str, cpus: float, gpus: float = 0.0, **custom: float) -> Node:
+    return Node(name, {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom})
+
+
+THREE_CPU_NODES = [cpu_node("head", 3), cpu_node("a", 3), cpu_node("b", 3)]
+GPU_NODES = [cpu_node("head", 8, **{ON_DEMAND: 1}), cpu_node("g1", 8, 1), cpu_node("g2", 8, 1), cpu_node("g3", 8, 1)]
+
+
+# ------------------------------------------------------------------------------------------- storage
+def test_local_storage_is_refused_on_several_nodes() -> None:
+    with pytest.raises(RayclsError) as caught:
+        preflight(Resources(), "/home/me/raycls_results", THREE_CPU_NODES)
+    message = str(caught.value)
+    assert "/home/me/raycls_results" in message and "3 nodes" in message
+    assert "s3://" in message and "RAYCLS_SHARED_STORAGE=1" in message
+
+
+@pytest.mark.parametrize("storage", ["s3://bucket/results", "gs://bucket/results"])
+def test_object_storage_is_accepted_on_several_nodes(storage: str) -> None:
+    assert preflight(Resources(), storage, THREE_CPU_NODES).nodes == 3
+
+
+def test_shared_folder_and_single_node_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert preflight(Resources(), "/mnt/nfs/results", THREE_CPU_NODES, shared_storage=True).nodes == 3
+    assert preflight(Resources(), "/home/me/results", THREE_CPU_NODES[:1]).nodes == 1
+    with pytest.raises(RayclsError):  # file:// is still this machine's disk
+        preflight(Resources(), "file:///home/me/results", THREE_CPU_NODES)
+    monkeypatch.setenv("RAYCLS_SHARED_STORAGE", "1")
+    assert shared_storage_from_env()
+    monkeypatch.setenv("RAYCLS_SHARED_STORAGE", "0")
+    assert not shared_storage_from_env()
+
+
+def test_autoscaler_that_adds_nodes_counts_as_several() -> None:
+    head = [cpu_node("head", 4)]
+    workers = Node("gpu_workers", {"CPU": 8, "GPU": 1}, alive=False, count=4)
+    with pytest.raises(RayclsError, match="autoscaler"):
+        preflight(Resources(), "/home/me/results", [*head, workers])
+    # ... and its node types may hold workers that no alive node holds yet: not refused.
+    plan = preflight(Resources(gpus_per_worker=1), "s3://b/r", [*head, workers])
+    assert plan.concurrency == 4
+
+
+# ----------------------------------------------------------------------------------------- resources
+def test_workers_no_node_can_hold_are_refused_naming_keys_and_capacities() -> None:
+    with pytest.raises(RayclsError) as caught:
+        preflight(Resources(cpus_per_worker=4), "s3://b/r", THREE_CPU_NODES)
+    message = str(caught.value)
+    assert "CPU=4" in message and "node head (CPU=3)" in message and "node b (CPU=3)" in message
+    with pytest.raises(RayclsError) as caught:
+        preflight(Resources(gpus_per_worker=1), "s3://b/r", THREE_CPU_NODES)
+    assert "GPU=1" in str(caught.value) and "GPU=0" in str(caught.value)
+    # 9 CPUs in all, but a 2-CPU worker never spans nodes: 3 such workers fit, not the 4 a trial asks.
+    with pytest.raises(RayclsError, match="holds 3 such workers"):
+        preflight(Resources(workers=4, cpus_per_worker=2), "s3://b/r", THREE_CPU_NODES)
+
+
+def test_concurrency_counts_gpus_and_cpus_node_by_node() -> None:
+    # Three 1-GPU nodes: one 2-worker 1-GPU trial at a time (its workers sit on two nodes), not 1.5.
+    assert default_concurrency(Resources(workers=2, gpus_per_worker=1), GPU_NODES) == 1
+    assert default_concurrency(Resources(gpus_per_worker=1), GPU_NODES) == 3
+    assert default_concurrency(Resources(gpus_per_worker=0.25), GPU_NODES) == 12
+    # CPUs limit GPU trials too: 4 CPUs a worker, 8 per node -> 2 per GPU node even with 0.25 GPU each.
+    assert default_concurrency(Resources(cpus_per_worker=4, gpus_per_worker=0.25), GPU_NODES) == 6
+    # 2-CPU workers on 3-CPU nodes: one per node.
+    assert default_concurrency(Resources(cpus_per_worker=2), THREE_CPU_NODES) == 3
+    # Multi-worker CPU trials: one slot is kept for the coordinators' token CPU shares.
+    assert default_concurrency(Resources(workers=2), THREE_CPU_NODES) == 4
+    assert preflight(Resources(), "s3://b/r", THREE_CPU_NODES, concurrency=2).concurrency == 2
+
+
+def test_multi_worker_coordinators_are_pinned_to_on_demand_nodes() -> None:
+    two = Resources(workers=2, gpus_per_worker=1)
+    plan = preflight(two, "s3://b/r", GPU_NODES)
+    assert plan.pin_on_demand
+    # No CPU: the coordinator fits on a head that keeps its CPUs from tasks (num_cpus: 0).
+    assert trial_bundle(two, pin_on_demand=plan.pin_on_demand) == {"cpu": 0.0, "gpu": 0.0, ON_DEMAND: 0.001}
+    assert preflight(two, "s3://b/r", [cpu_node("head", 0, **{ON_DEMAND: 1}), *GPU_NODES[1:]]).pin_on_demand
+    assert trial_bundle(two) == {"cpu": 0.01, "gpu": 0.0}
+    # Without an on_demand node, nothing is pinned; one-worker trials are the workers, never pinned.
+    assert not preflight(two, "s3://b/r", GPU_NODES[1:]).pin_on_demand
+    one = Resources(gpus_per_worker=1)
+    assert not preflight(one, "s3://b/r", GPU_NODES).pin_on_demand
+    assert trial_bundle(one) == {"cpu": 1.0, "gpu": 1.0}
+
+
+# ---------------------------------------------------------------------------------------- restarts
+def test_restart_count_travels_in_the_checkpoint(tmp_path: Path) -> None:
+    assert restarts_of(None) == 0
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    assert restarts_of(checkpoint) == 1  # a checkpoint without a count: one restart
+    mark_restarts(checkpoint, 2)
+    assert (checkpoint / RESTARTS_FILE).is_file() and restarts_of(checkpoint) == 3
+
+
+def test_leaderboard_restarts_take_the_larger_count() -> None:
+    history = [{"epoch": 1, "restarts": 0}, {"epoch": 2, "restarts": 1}, {"epoch": 3, "restarts": 1}]
+    assert count_restarts(history, 0, failed=False) == 1  # Ray Train's own restart, unseen by Tune
+    assert count_restarts([], 2, failed=True) == 1  # max_failures=1: failed, retried once, failed again
+    assert count_restarts([], 1, failed=False) == 1  # failed once, retried, completed
+    assert count_restarts([], 0, failed=False) == 0
+
+
+def test_a_failed_train_run_is_not_restarted_again_by_tune(tmp_path: Path) -> None:
+    from raycls.config import load_experiment
+    from raycls.config.load import resolve_trial
+    from raycls.train.ray_train import TRAIN_RUNS_DIR, _run_torch_trainer
+
+    space = tmp_path / "two.yaml"
+    space.write_text("experiment: {name: two, resources: {workers: 2}, max_failures: 1}\nbase: {data: {name: digits}}\n")
+    experiment = load_experiment(space)
+    run = tmp_path / "two" / TRAIN_RUNS_DIR / "train-x"
+    run.mkdir(parents=True)
+    (run / FAILED_FILE).write_text("NonFiniteLossError: train_loss is nan at epoch 1: training diverged")
+    # Tune's retry of the trial: raises the first failure at once, without starting a worker group.
+    with pytest.raises(RuntimeError, match="already failed after its retries.*diverged"):
+        _run_torch_trainer(resolve_trial(experiment, {}), experiment, str(tmp_path), name="train-x")
+
+
+# ----------------------------------------------------------------------------------- a real Ray node
+def test_preflight_on_a_local_ray(tmp_path: Path) -> None:
+    init_ray(None, num_cpus=4, num_gpus=1)
+    try:
+        nodes = cluster_nodes()
+        assert len(nodes) == 1 and nodes[0].resources["CPU"] == 4 and nodes[0].resources["GPU"] == 1
+        plan = preflight(Resources(gpus_per_worker=0.5), str(tmp_path), nodes)
+        assert plan.concurrency == 2 and plan.nodes == 1 and not plan.pin_on_demand
+        with pytest.raises(RayclsError, match="GPU=2"):
+            preflight(Resources(gpus_per_worker=2), str(tmp_path), nodes)
+    finally:
+        ray.shutdown()

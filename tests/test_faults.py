@@ -1,0 +1,274 @@
+"""Faults on a multi-node Ray cluster, simulated on this machine (`ray.cluster_utils.Cluster`, 3 nodes).
+
+    head:  2 CPUs, {"on_demand": 1}  (the non-spot node: coordinators of multi-worker trials live here)
+    a, b:  2 CPUs, 1 logical GPU each (no CUDA needed: it only drives scheduling)
+
+Each node runs at most 2 one-CPU trials, so concurrent trials must spread. The nodes share one machine, so
+the storage is one local folder every node sees: marked shared for the preflight, as a user marks NFS.
+Tests over ~30 s on a 2-core machine are marked `slow` (`-m 'not slow'` skips them) and say their cost.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from raycls.config import load_experiment
+from raycls.results import read_leaderboard
+from raycls.tune.cluster import ON_DEMAND, init_ray
+from raycls.tune.driver import TuneOptions, run_tune
+
+from .conftest import write_yaml
+
+BASE = """
+base:
+  data: {name: digits, val_fraction: 0.2, train_subset: 400}
+  model: {name: small_cnn, width: 8}
+  train: {epochs: 2, batch_size: 64, optimizer: adamw, lr: 3.0e-3, warmup_epochs: 0}
+"""
+WORKER_NODE = dict(num_cpus=2, num_gpus=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    head = {
+        "num_cpus": 2,
+        "resources": {ON_DEMAND: 1},
+        "dashboard_port": _free_port(),  # beside another Ray on this machine (a parallel test run)
+        # Notice a removed node in about a second instead of Ray's default of tens of seconds.
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                           "health_check_failure_threshold": 3},  # fmt: skip
+    }
+    simulated = Cluster(initialize_head=True, head_node_args=head)
+    for _ in range(2):
+        simulated.add_node(**WORKER_NODE)
+    simulated.wait_for_nodes()
+    init_ray(simulated.address)
+    yield simulated
+    ray.shutdown()
+    simulated.shutdown()
+
+
+def alive_node_ids() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def tune(tmp_path: Path, name: str, text: str):
+    space = write_yaml(tmp_path / f"{name}.yaml", text)
+    storage = str(tmp_path / "results")
+    outcome = run_tune(load_experiment(space), TuneOptions(storage=storage, live=False, shared_storage=True))
+    return storage, outcome
+
+
+def wait_until_released(timeout: float = 60.0) -> dict[str, float]:
+    """Available resources once every CPU and GPU is back (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        if all(free.get(k, 0.0) >= total.get(k, 0.0) - 1e-6 for k in ("CPU", "GPU")) or time.monotonic() > deadline:
+            return free
+        time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------------- spread
+def test_trials_spread_over_the_nodes(cluster, tmp_path: Path) -> None:
+    storage, outcome = tune(tmp_path, "spread", """
+experiment: {name: spread, trials: 6}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
+space:
+  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+""" + BASE)
+    rows = read_leaderboard(storage, "spread").table.to_pylist()
+    assert len(rows) == 6 and all(r["status"] == "completed" and r["restarts"] == 0 for r in rows)
+    history = read_leaderboard(storage, "spread", kind="history").table.to_pylist()
+    nodes = {h["node_id"] for h in history}
+    # The default concurrency is 6 (2 one-CPU trials per node): the head and both workers ran trials.
+    assert nodes == alive_node_ids() and len(nodes) == 3
+
+
+# ------------------------------------------------------------------------------------------- failures
+def test_failing_trials_are_failed_with_their_message_and_retries(cluster, tmp_path: Path) -> None:
+    """A dataset folder that does not exist raises; lr=1e30 with no clipping makes the loss NaN. With
+    max_failures: 1 Tune retries each once: both are failed, with their message, and one restart."""
+    storage, outcome = tune(tmp_path, "faulty", f"""
+experiment: {{name: faulty, trials: 3, concurrency: 3, max_failures: 1}}
+search:
+  points_to_evaluate:
+    - {{data.name: folder, train.lr: 0.003}}
+    - {{data.name: digits, train.lr: 1.0e+30}}
+    - {{data.name: digits, train.lr: 0.003}}
+scheduler: {{name: fifo}}
+wandb: {{mode: disabled}}
+space:
+  data.name: {{type: choice, values: [digits, folder]}}
+  train.lr: {{type: loguniform, low: 1.0e-3, high: 1.0e-2}}
+""" + BASE.replace("train_subset: 400}", f"train_subset: 400, path: {tmp_path / 'no-such-folder'}}}"))
+    rows = {(r["data.name"], r["train.lr"]): r for r in read_leaderboard(storage, "faulty").table.to_pylist()}
+    assert len(rows) == 3 and outcome.errors == 2
+    missing, diverged, good = rows[("folder", 0.003)], rows[("digits", 1e30)], rows[("digits", 0.003)]
+    assert missing["status"] == "failed" and "no-such-folder" in missing["error"] and "does not exist" in missing["error"]
+    assert diverged["status"] == "failed" and "diverged" in diverged["error"]
+    assert missing["restarts"] == 1 and diverged["restarts"] == 1  # max_failures: 1, each retried once
+    assert good["status"] == "completed" and good["restarts"] == 0 and good["error"] is None
+
+
+# -------------------------------------------------------------------------------------- no leaks
+def test_asha_stopped_trials_release_placement_groups_and_gpus(cluster, tmp_path: Path) -> None:
+    """~25 s: 30 one-worker trials of half a logical GPU each (4 at a time on the two GPU nodes); ASHA stops
+    most at epoch 1 (judged by val_loss: accuracies of barely trained models tie, and ties are not stopped).
+    Afterwards no placement group is left and every CPU and GPU is free again."""
+    before = {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+    storage, outcome = tune(tmp_path, "leak", """
+experiment: {name: leak, metric: val_loss, mode: min, trials: 30, resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0.5}}
+search: {seed: 3, n_startup_trials: 30}
+scheduler: {name: asha, max_t: 3, grace_period: 1, reduction_factor: 3}
+wandb: {mode: disabled}
+space:
+  train.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-1}
+""" + BASE.replace("epochs: 2", "epochs: 3").replace("train_subset: 400", "train_subset: 200"))
+    rows = read_leaderboard(storage, "leak").table.to_pylist()
+    stopped = [r for r in rows if r["status"] == "early_stopped"]
+    assert len(rows) == 30 and len(stopped) >= 15, [r["status"] for r in rows]
+    free = wait_until_released()
+    total = ray.cluster_resources()
+    assert free.get("GPU") == total["GPU"] == 2 and free.get("CPU") == total["CPU"] == 6
+    left = {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+    assert left <= before, f"{len(left - before)} placement groups left behind"
+
+
+# ------------------------------------------------------------------------------------- driver killed
+@pytest.mark.slow
+def test_driver_sigkill_then_resume_on_the_cluster(cluster, tmp_path: Path) -> None:
+    """~60 s: `raycls tune --address` in its own process, SIGKILLed after 2 trials; the cluster lives on.
+    `--resume`: every finished trial appears once, untouched; the rest complete; the study goes on."""
+    space = write_yaml(tmp_path / "resume.yaml", """
+experiment: {name: resume, trials: 6, concurrency: 2}
+search: {seed: 1}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
+space:
+  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+""" + BASE.replace("epochs: 2", "epochs: 4"))
+    storage = tmp_path / "results"
+    command = [sys.executable, "-m", "raycls.cli", "tune", str(space), "--storage", str(storage),
+               "--address", cluster.address]  # fmt: skip
+    env = {**os.environ, "RAYCLS_SHARED_STORAGE": "1"}
+    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    board = storage / "resume" / "leaderboard"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(board.glob("*.parquet"))) < 2 and driver.poll() is None:
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver only: the cluster's nodes are not in its group
+    stderr = driver.communicate()[1].decode(errors="replace")
+    before = {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
+    assert 2 <= len(before) < 6, f"kill came too late or too early: {len(before)} rows\n{stderr[-3000:]}"
+    assert len(alive_node_ids()) == 3
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=400, env=env)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    rows = read_leaderboard(str(storage), "resume").table.to_pylist()
+    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
+    assert all(r["status"] == "completed" and r["epochs"] == 4 for r in rows)
+    after = {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
+    assert all(after[name] == mtime for name, mtime in before.items())  # finished trials were not rewritten
+
+    from raycls.tune.searcher import journal_path, open_study_storage
+
+    study = optuna.load_study(study_name="resume", storage=open_study_storage(journal_path(storage / "resume")))
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    # The same study went on: one COMPLETE Optuna trial per leaderboard row, with the row's parameters.
+    # A trial asked of Optuna after Tune's last snapshot and before the kill may stay RUNNING (an orphan).
+    assert {t.state for t in study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING}
+    assert sorted(t.params["train.lr"] for t in complete) == sorted(r["train.lr"] for r in rows)
+    assert wait_until_released().get("CPU") == 6
+
+
+# ---------------------------------------------------------------------------------------- node lost
+@pytest.mark.slow
+def test_worker_node_removed_mid_trial_resumes_from_checkpoint(cluster, tmp_path: Path) -> None:
+    """~60 s: a 2-worker trial (Ray Train); once it has a checkpoint, the node its workers run on is removed.
+    Ray Train restarts the worker group on the nodes left, from the last checkpoint, and the trial finishes;
+    its leaderboard row counts the restart (Tune's num_failures never sees it)."""
+    epochs = 8
+    space = write_yaml(tmp_path / "lost.yaml", f"""
+experiment: {{name: lost, trials: 1, max_failures: 1, resources: {{workers: 2, cpus_per_worker: 1}}}}
+scheduler: {{name: fifo}}
+wandb: {{mode: disabled}}
+""" + BASE.replace("epochs: 2", f"epochs: {epochs}").replace(", train_subset: 400", ""))
+    storage = tmp_path / "results"
+    removed: dict[str, str] = {}
+
+    def remove_a_worker_node() -> None:
+        from ray.util.state import list_actors
+
+        def epochs_seen() -> int:  # by Tune: reports whose checkpoint Ray Train has registered
+            return sum(len(p.read_text().splitlines()) for p in (storage / "lost").glob("tune_trainable_*/result.json"))
+
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and epochs_seen() < 2:
+            time.sleep(0.2)
+        for pg in ray.util.placement_group_table().values():  # the trial's coordinator bundle, and its node
+            if pg["state"] == "CREATED" and ON_DEMAND in pg["bundles"][0]:
+                removed["coordinator_node"] = pg["bundles_to_node_id"][0]
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+        hosts = {actor.node_id for actor in workers}
+        for node in cluster.worker_nodes:
+            if node.node_id in hosts:
+                removed["node_id"] = node.node_id
+                cluster.remove_node(node)
+                return
+
+    killer = threading.Thread(target=remove_a_worker_node, daemon=True)
+    killer.start()
+    try:
+        run_tune(load_experiment(space), TuneOptions(storage=str(storage), live=False, shared_storage=True))
+        killer.join(timeout=10)
+        assert "node_id" in removed, "no Ray Train worker found on a worker node"
+        # The coordinator asked for a share of `on_demand`: it ran on the head, the one node declaring it.
+        assert removed["coordinator_node"] == cluster.head_node.node_id
+        (row,) = read_leaderboard(str(storage), "lost").table.to_pylist()
+        assert row["status"] == "completed" and row["epochs"] == epochs and row["workers"] == 2
+        assert row["restarts"] == 1
+        history = read_leaderboard(str(storage), "lost", kind="history").table.to_pylist()
+        assert sorted({h["epoch"] for h in history}) == list(range(1, epochs + 1))
+        resumed = [h for h in history if h["restarts"] == 1]
+        # It went on from its checkpoint (not from epoch 1), on a node that is still there.
+        assert resumed and min(h["epoch"] for h in resumed) > 1
+        assert all(h["node_id"] != removed["node_id"] for h in resumed)
+    finally:
+        if "node_id" in removed:
+            cluster.add_node(**WORKER_NODE)  # give the module its 3 nodes back
+            cluster.wait_for_nodes()
+
+
+@pytest.mark.slow
+def test_multi_worker_trial_that_diverges_is_retried_max_failures_times(cluster, tmp_path: Path) -> None:
+    """~45 s: a 2-worker trial whose loss is NaN. Ray Train restarts its worker group once (max_failures: 1);
+    Tune's retry of the trial then fails at once instead of starting the worker group twice more."""
+    storage, outcome = tune(tmp_path, "nan2", """
+experiment: {name: nan2, trials: 1, max_failures: 1, resources: {workers: 2, cpus_per_worker: 1}}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
+""" + BASE.replace("lr: 3.0e-3", "lr: 1.0e+30"))
+    (row,) = read_leaderboard(storage, "nan2").table.to_pylist()
+    assert row["status"] == "failed" and "diverged" in row["error"] and row["restarts"] == 1
+    (run,) = (Path(storage) / "nan2" / "train_runs").glob("train-*")
+    assert "diverged" in (run / "raycls_failed.txt").read_text()
