@@ -58,6 +58,9 @@ space:
 
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key, but fake
+# Cloud credentials a cluster user has in their environment: fake values of the real shapes.
+FAKE_SECRETS = {"WANDB_API_KEY": FAKE_KEY, "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKEFAKE",
+                "AWS_SECRET_ACCESS_KEY": "fakeSecretKeyfakeSecretKeyfakeSecretKey0"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +76,13 @@ def e2e(local_ray, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("tune")
     experiment = load_experiment(write_yaml(root / "e2e.yaml", E2E))
     storage = str(root / "results")
-    planted = os.environ.get("WANDB_API_KEY")
-    os.environ["WANDB_API_KEY"] = FAKE_KEY  # must never land in any file the run writes
+    planted = {name: os.environ.get(name) for name in FAKE_SECRETS}
+    os.environ.update(FAKE_SECRETS)  # must never land in any file the run writes
     try:
         outcome = run_tune(experiment, TuneOptions(storage=storage, live=False))
     finally:
-        os.environ.pop("WANDB_API_KEY") if planted is None else os.environ.__setitem__("WANDB_API_KEY", planted)
+        for name, value in planted.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
     return experiment, storage, outcome
 
 
@@ -227,7 +231,7 @@ def test_api_key_never_written(e2e) -> None:
     _, storage, _ = e2e
     files = [p for p in Path(storage).rglob("*") if p.is_file()]
     assert len(files) > 50
-    leaked = [p for p in files if FAKE_KEY.encode() in p.read_bytes()]
+    leaked = [(p, name) for p in files for name, secret in FAKE_SECRETS.items() if secret.encode() in p.read_bytes()]
     assert not leaked, leaked
 
 
