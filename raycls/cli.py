@@ -170,13 +170,13 @@ def _print_leaderboard(read, sort: str, descending: bool, top: int) -> None:
     console.print(_rich_table(rows, title=f"top {min(top, rows.num_rows)} by {sort}"))
 
 
-SUMMARY_COLUMNS = ("experiment", "trial_id", "status", "score", "val_acc", "val_loss", "epochs", "wall_s")
+SUMMARY_COLUMNS = ("experiment", "trial_id", "status", "phase", "score", "val_acc", "val_loss", "epochs", "wall_s")
 
 
 def _rich_table(table, *, title: str | None = None, columns: list[str] | None = None) -> Table:
-    from raycls.results.leaderboard import param_columns
+    from raycls.results.leaderboard import param_columns, stage_columns
 
-    columns = columns or [c for c in SUMMARY_COLUMNS if c in table.column_names] + param_columns(table)
+    columns = columns or [c for c in SUMMARY_COLUMNS if c in table.column_names] + stage_columns(table) + param_columns(table)
     out = Table(title=title)
     for column in columns:
         out.add_column(column, overflow="fold")

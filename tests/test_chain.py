@@ -15,7 +15,7 @@ from raycls.errors import CheckpointError, ConfigError
 from raycls.evaluate import names
 from raycls.models.checkpoint import backbone_weights
 from raycls.phases.base import check_experiment_metric
-from raycls.results.leaderboard import TrialRecord, read_leaderboard, write_trial
+from raycls.results.leaderboard import TrialRecord, param_columns, read_leaderboard, stage_columns, write_trial
 from raycls.results.references import resolve_references
 from raycls.phases.base import Previous
 from raycls.train.loop import RunContext, build, fit, load_data
@@ -180,7 +180,9 @@ def test_leaderboard_keeps_each_stage_and_names_the_chain(tmp_path: Path) -> Non
     write_trial(str(tmp_path), TrialRecord(experiment="chain", trial_id="a", status="completed", metric="val_knn_acc",
                                            mode="max", params={}, param_types={}, history=record.metrics,
                                            phase=config.chain, max_epochs=config.total_epochs))  # fmt: skip
-    row = read_leaderboard(str(tmp_path), "chain").table.to_pylist()[0]
+    table = read_leaderboard(str(tmp_path), "chain").table
+    assert "supcon.val_knn_acc" in stage_columns(table) and "supcon.val_knn_acc" not in param_columns(table)
+    row = table.to_pylist()[0]
     assert row["phase"] == "supcon>head" and row["max_epochs"] == 4
     assert row["supcon.val_knn_acc"] == record.metrics[-1]["supcon.val_knn_acc"]
     assert row["head.val_acc"] == record.metrics[-1]["head.val_acc"]

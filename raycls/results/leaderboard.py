@@ -246,8 +246,18 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# Sampled parameters are named by their path in the trial config; a chain stage's metrics (`supcon.val_acc`)
+# are dotted too, but start with a stage's name instead of a config section.
+CONFIG_SECTIONS = ("seed", "data", "model", "phase", "phases", "init", "train", "augment", "eval")
+
+
 def param_columns(table: pa.Table) -> list[str]:
-    return [name for name in table.column_names if "." in name]
+    return [name for name in table.column_names if "." in name and name.split(".", 1)[0] in CONFIG_SECTIONS]
+
+
+def stage_columns(table: pa.Table) -> list[str]:
+    """A chain's per-stage metric columns worth a glance: each stage's validation accuracies."""
+    return [n for n in table.column_names if "." in n and n not in param_columns(table) and n.endswith(("val_acc", "val_knn_acc"))]
 
 
 def trial_config(row: Mapping[str, Any]) -> dict[str, Any]:
