@@ -224,3 +224,13 @@ def test_distill_from_a_stage_without_a_classifier_is_refused(tmp_path: Path) ->
         fit(chain_config(phases=phases), Recorder(tmp_path), RunContext())
     with pytest.raises(Exception, match="`previous` needs an earlier stage"):
         TrialConfig.model_validate({"phase": {"name": "distill", "teacher": "previous"}})
+
+
+def test_a_reference_given_with_set_stays_resolved_in_every_trial(tmp_path: Path) -> None:
+    storage = str(tmp_path / "runs")
+    write_trial(storage, TrialRecord(experiment="pre", trial_id="t0", status="completed", metric="val_acc", mode="max",
+                                     params={}, param_types={}, history=[{"epoch": 1, "val_acc": 0.9}],
+                                     checkpoint="/some/checkpoint"))  # fmt: skip
+    space = write_yaml(tmp_path / "d.yaml", "base: {data: {name: digits}, phase: {name: distill}}\n")
+    experiment = resolve_references(load_experiment(space, {"phase.teacher": {"from": "pre", "pick": "best"}}), storage)
+    assert resolve_trial(experiment, {}).phase.teacher == "/some/checkpoint"

@@ -52,7 +52,10 @@ def resolve_references(experiment: Experiment, storage: str) -> Experiment:
         update["phase"] = resolve_teacher(base.phase, storage)
     else:
         update["phases"] = [stage.model_copy(update={"phase": resolve_teacher(stage.phase, storage)}) for stage in base.phases]
-    return experiment.model_copy(update={"base": base.model_copy(update=update)})
+    # A `--set phase.teacher={from: ...}` is already in the base (and now resolved there); re-applying the
+    # override to every trial would put the unresolved reference back.
+    overrides = {k: v for k, v in experiment.overrides.items() if not (isinstance(v, dict) and "from" in v)}
+    return experiment.model_copy(update={"base": base.model_copy(update=update), "overrides": overrides})
 
 
 def resolve_teacher(phase: PhaseConfig, storage: str) -> PhaseConfig:
