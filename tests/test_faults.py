@@ -236,6 +236,10 @@ wandb: {{mode: disabled}}
                 cluster.remove_node(node)
                 return
 
+    # Hold the head's CPUs (only the head has ON_DEMAND, so this bundle lands there): the Train workers must
+    # go to worker nodes, one of which can then be removed. Without it Ray may pack both workers on the head.
+    hold_head = ray.util.placement_group([{"CPU": WORKER_NODE["num_cpus"], ON_DEMAND: 0.5}])
+    ray.get(hold_head.ready(), timeout=60)
     killer = threading.Thread(target=remove_a_worker_node, daemon=True)
     killer.start()
     try:
@@ -254,6 +258,7 @@ wandb: {{mode: disabled}}
         assert resumed and min(h["epoch"] for h in resumed) > 1
         assert all(h["node_id"] != removed["node_id"] for h in resumed)
     finally:
+        ray.util.remove_placement_group(hold_head)
         if "node_id" in removed:
             cluster.add_node(**WORKER_NODE)  # give the module its 3 nodes back
             cluster.wait_for_nodes()
