@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,18 @@ def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
 def write_yaml(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def kill_driver_after_rows(command: list[str], env: dict[str, str], board: Path, log: Path, *, rows: int = 2) -> dict[str, int]:
+    """Run a `raycls tune` command in its own process group and SIGKILL the group once `rows` leaderboard
+    files exist (or it exits, or 240 s pass). Its stderr goes to `log` (a pipe nobody reads could fill and
+    stall it). Returns the rows written by then, with their modification times."""
+    with open(log, "wb") as stderr:
+        driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(list(board.glob("*.parquet"))) < rows and driver.poll() is None:
+            time.sleep(0.2)
+        # The driver's group: the driver, and a local Ray it started; a cluster's nodes live on in theirs.
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    return {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}

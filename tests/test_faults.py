@@ -11,7 +11,6 @@ Tests over ~30 s on a 2-core machine are marked `slow` (`-m 'not slow'` skips th
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from raycls.results import read_leaderboard
 from raycls.tune.cluster import ON_DEMAND, init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 
-from .conftest import write_yaml
+from .conftest import kill_driver_after_rows, write_yaml
 
 BASE = """
 base:
@@ -171,14 +170,10 @@ space:
     command = [sys.executable, "-m", "raycls.cli", "tune", str(space), "--storage", str(storage),
                "--address", cluster.address]  # fmt: skip
     env = {**os.environ, "RAYCLS_SHARED_STORAGE": "1"}
-    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     board = storage / "resume" / "leaderboard"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(board.glob("*.parquet"))) < 2 and driver.poll() is None:
-        time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver only: the cluster's nodes are not in its group
-    stderr = driver.communicate()[1].decode(errors="replace")
-    before = {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
+    log = tmp_path / "driver.log"
+    before = kill_driver_after_rows(command, env, board, log)  # the driver only: the cluster's nodes live on
+    stderr = log.read_text(errors="replace")
     assert 2 <= len(before) < 6, f"kill came too late or too early: {len(before)} rows\n{stderr[-3000:]}"
     assert len(alive_node_ids()) == 3
 

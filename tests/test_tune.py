@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 from raycls.tune.searcher import create_searcher
 
-from .conftest import write_yaml
+from .conftest import kill_driver_after_rows, write_yaml
 from .wandb_reader import read_run
 
 BASE = """
@@ -208,14 +207,8 @@ space:
     storage = tmp_path / "results"
     command = [sys.executable, "-m", "raycls.cli", "tune", str(space), "--storage", str(storage), "--num-cpus", "4"]
     env = dict(os.environ)
-    driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     board = storage / "resume" / "leaderboard"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(board.glob("*.parquet"))) < 2 and driver.poll() is None:
-        time.sleep(0.5)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, mid-experiment
-    driver.wait()
-    before = {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
+    before = kill_driver_after_rows(command, env, board, tmp_path / "driver.log")  # and the Ray it started
     assert 2 <= len(before) < 6, f"kill came too late or too early: {len(before)} rows"
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=400, env=env)
