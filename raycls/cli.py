@@ -5,11 +5,13 @@ Errors a user can cause (RayclsError) print one message and exit with code 2, ne
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -40,40 +42,80 @@ def storage_root(storage: str | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------- train
+@dataclass(frozen=True)
+class TrainJob:
+    """What `raycls train` runs: one trial config, how it is judged, where its workers run."""
+
+    name: str
+    config: Any  # TrialConfig
+    metric: str
+    mode: str
+    resources: Any  # Resources
+
+
+def _job_from_space(space: Path, overrides: list[str], storage: str, fast_dev_run: bool) -> TrainJob:
+    from raycls.config import load_experiment, parse_overrides, resolve_trial
+    from raycls.phases.base import check_experiment_metric
+    from raycls.results.references import resolve_references
+
+    experiment = resolve_references(load_experiment(space, parse_overrides(overrides)), storage)
+    if fast_dev_run:  # one epoch per stage; the loop runs two batches per split
+        experiment = experiment.as_fast_dev_run()
+    check_experiment_metric(experiment)
+    section = experiment.experiment
+    return TrainJob(experiment.name, resolve_trial(experiment), section.metric, section.mode, section.resources)
+
+
+def _job_from_row(reference: str, overrides: list[str], storage: str, fast_dev_run: bool) -> TrainJob:
+    """Replay a leaderboard row: its full config and seed, judged by its metric, on its number of workers."""
+    from raycls.config import TrialConfig, load_experiment, parse_overrides
+    from raycls.config.experiment import Resources
+    from raycls.config.load import set_path
+    from raycls.results.provenance import SPACE_FILE
+    from raycls.results.references import replay_row
+
+    row = replay_row(storage, reference)
+    tree = json.loads(row["config_json"])
+    for key, value in parse_overrides(overrides).items():
+        set_path(tree, key, value)
+    config = TrialConfig.model_validate(tree)
+    config = config.fast_dev_run() if fast_dev_run else config
+    as_run = Path(storage) / row["experiment"] / SPACE_FILE
+    # The experiment's resources as it ran (space.yaml beside its leaderboard), else its rows' worker count.
+    resources = (load_experiment(as_run).experiment.resources if "://" not in storage and as_run.is_file()
+                 else Resources(workers=row.get("workers") or 1))  # fmt: skip
+    return TrainJob(f"{row['experiment']}-{row['trial_id']}", config, row["metric"], row["mode"], resources)
+
+
 @app.command()
 def train(
-    space: Annotated[Path, typer.Argument(help="Search-space YAML; its `base` config is trained.")],
+    space: Annotated[Optional[Path], typer.Argument(help="Search-space YAML; its `base` config is trained.")] = None,
+    trial: Annotated[Optional[str], typer.Option("--trial", help="EXPERIMENT/TRIAL_ID: replay that leaderboard row's config and seed.")] = None,
     set_: SetOption = None,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="Run in this process (breakpoint() works).")] = False,
-    fast_dev_run: Annotated[bool, typer.Option("--fast-dev-run", help="Two batches of each split per epoch.")] = False,
+    fast_dev_run: Annotated[bool, typer.Option("--fast-dev-run", help="Smoke test: one epoch per stage, two batches of each split.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: under the storage root).")] = None,
     storage: StorageOption = None,
 ) -> None:
-    """Train one trial with the space's `base` config (plus --set overrides)."""
-    from raycls.config import load_experiment, parse_overrides, resolve_trial
-
-    from raycls.results.references import resolve_references
-
-    experiment = resolve_references(load_experiment(space, parse_overrides(set_ or [])), storage_root(storage))
-    from raycls.phases.base import check_experiment_metric
-
-    check_experiment_metric(experiment)
-    config = resolve_trial(experiment)
-    out = out or Path(storage_root(storage)) / experiment.name / "train" / time.strftime("%Y%m%d-%H%M%S")
+    """Train one trial: the space's `base` config (plus --set overrides), or a leaderboard row (--trial)."""
+    if (space is None) == (trial is None):
+        raise RayclsError("raycls train: give a SPACE.yaml or --trial EXPERIMENT/TRIAL_ID (one of the two)")
+    root = storage_root(storage)
+    job = (_job_from_space(space, set_ or [], root, fast_dev_run) if space is not None
+           else _job_from_row(trial, set_ or [], root, fast_dev_run))  # type: ignore[arg-type]  # fmt: skip
+    out = out or Path(root) / job.name / "train" / time.strftime("%Y%m%d-%H%M%S")
     if "://" in str(out):
         raise RayclsError(f"--out {out}: `raycls train` writes to a local folder; use --out DIR")
     started = time.perf_counter()
     if no_ray:
-        summary = _train_in_process(config, out, experiment.experiment.metric, experiment.experiment.mode, fast_dev_run)
+        summary = _train_in_process(job.config, out, job.metric, job.mode, fast_dev_run)
     else:
         from raycls.train.ray_train import train_with_ray
         from raycls.tune.cluster import init_ray
 
-        resources = experiment.experiment.resources
-        init_ray(None, needed_cpus=resources.workers * resources.cpus_per_worker + 1)
-        console.print(f"[dim]Ray Train: {experiment.experiment.resources.workers} worker(s); use --no-ray to debug in-process[/]")
-        summary = train_with_ray(config, out, resources=experiment.experiment.resources,
-                                 metric=experiment.experiment.metric, mode=experiment.experiment.mode,
+        init_ray(None, needed_cpus=job.resources.workers * job.resources.cpus_per_worker + 1)
+        console.print(f"[dim]Ray Train: {job.resources.workers} worker(s); use --no-ray to debug in-process[/]")
+        summary = train_with_ray(job.config, out, resources=job.resources, metric=job.metric, mode=job.mode,
                                  fast_dev_run=fast_dev_run, on_epoch=_print_epoch)  # fmt: skip
     _print_summary(summary, time.perf_counter() - started)
     console.print(f"Wrote config.json, metrics.json and checkpoints/ to [bold]{out}[/]")
@@ -132,6 +174,7 @@ def tune(
     top: Annotated[int, typer.Option(help="Trials to print from the leaderboard at the end.")] = 5,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's and the trials' own logs.")] = False,
     shared_storage: Annotated[bool, typer.Option("--shared-storage", help="--storage is a folder every node mounts at the same path (NFS).")] = False,
+    fast_dev_run: Annotated[bool, typer.Option("--fast-dev-run", help="Smoke test: 2 trials of one epoch per stage, two batches per split, as EXPERIMENT-fast-dev-run.")] = False,
 ) -> None:
     """Search the space: Optuna proposes trials, ASHA stops weak ones, every trial lands in the leaderboard."""
     from raycls.config import load_experiment, parse_overrides
@@ -140,9 +183,8 @@ def tune(
     if wandb not in (None, "auto", "online", "offline", "disabled"):
         raise RayclsError(f"--wandb {wandb!r}: expected auto, online, offline or disabled")
     experiment = load_experiment(space, parse_overrides(set_ or []))
-    from raycls.phases.base import check_experiment_metric
-
-    check_experiment_metric(experiment)
+    if fast_dev_run:
+        experiment = experiment.as_fast_dev_run()
     started = time.perf_counter()
     outcome = run_tune(experiment, TuneOptions(storage=storage_root(storage), address=address, resume=resume,
                                                wandb_mode=wandb, num_cpus=num_cpus, verbose=verbose,
@@ -212,9 +254,15 @@ def leaderboard(
     from raycls.results.leaderboard import HISTORY_DIR, LEADERBOARD_DIR
     from raycls.results.render import render
 
-    read = read_leaderboard(storage_root(storage), experiment, kind=HISTORY_DIR if history else LEADERBOARD_DIR)
+    kind = HISTORY_DIR if history else LEADERBOARD_DIR
+    root = storage_root(storage)
+    read = read_leaderboard(root, experiment, kind=kind)
     for problem in read.skipped:
         Console(stderr=True).print(f"[yellow]skipped[/] {problem}", highlight=False)
+    if read.table.num_rows == 0 and not read.files:
+        where = f"{root.rstrip('/')}/{experiment}" if experiment else root
+        raise RayclsError(f"no {kind} files under {where}: expected <storage>/<experiment>/{kind}/<trial_id>.parquet, "
+                          "as `raycls tune` writes them (pass the storage root, or set $RAYCLS_STORAGE)")  # fmt: skip
     if sql:
         rows = run_sql(read.table, sql)
     else:
@@ -273,6 +321,20 @@ def cluster_validate(
 
 
 # -------------------------------------------------------------------------------------------- main
+def usage_errors() -> tuple[type[Exception], ...]:
+    """Click's exceptions: typer >= 0.29 raises its vendored copy (`typer._click`), older typers click's own."""
+    import click
+
+    errors: list[type[Exception]] = [click.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as VendoredClickException
+
+        errors.append(VendoredClickException)
+    except ImportError:  # a typer that uses click itself
+        pass
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
@@ -282,13 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
-    except Exception as err:  # click's usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except usage_errors() as err:  # a missing argument, an unknown option, a bad value: usage and exit 2
+        err.show()  # type: ignore[attr-defined]
+        sys.exit(err.exit_code)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,16 +41,51 @@ def write_yaml(path: Path, text: str) -> Path:
     return path
 
 
-def kill_driver_after_rows(command: list[str], env: dict[str, str], board: Path, log: Path, *, rows: int = 2) -> dict[str, int]:
-    """Run a `raycls tune` command in its own process group and SIGKILL the group once `rows` leaderboard
-    files exist (or it exits, or 240 s pass). Its stderr goes to `log` (a pipe nobody reads could fill and
-    stall it). Returns the rows written by then, with their modification times."""
+def kill_driver_when(command: list[str], env: dict[str, str], log: Path, ready: Callable[[], bool], *, timeout: float = 240) -> bool:
+    """Run a `raycls tune` command in its own process group and SIGKILL the group once `ready()` holds (or it
+    exits, or `timeout` s pass). Its stderr goes to `log` (a pipe nobody reads could fill and stall it).
+    Returns whether the driver was still running when killed."""
     with open(log, "wb") as stderr:
         driver = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(list(board.glob("*.parquet"))) < rows and driver.poll() is None:
-            time.sleep(0.2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not ready() and driver.poll() is None:
+            time.sleep(0.1)
+        running = driver.poll() is None
         # The driver's group: the driver, and a local Ray it started; a cluster's nodes live on in theirs.
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    return running
+
+
+def rows_written(board: Path) -> dict[str, int]:
+    """The leaderboard files in `board`, with their modification times."""
     return {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
+
+
+def kill_driver_after_rows(command: list[str], env: dict[str, str], board: Path, log: Path, *, rows: int = 2) -> dict[str, int]:
+    """`kill_driver_when` `rows` leaderboard files exist; returns the rows written by then."""
+    kill_driver_when(command, env, log, lambda: len(list(board.glob("*.parquet"))) >= rows)
+    return rows_written(board)
+
+
+def assert_resumed_whole(storage: Path, experiment: str, trials: int, before: dict[str, int]) -> list[dict]:
+    """The promise of `--resume`: every one of the `trials` trials has exactly one row; rows written before
+    the kill are untouched; every Optuna trial has its row's state (COMPLETE / PRUNED / FAIL), except those
+    Tune lost with the driver (asked, never run to a row): FAIL and marked `raycls_lost`. None is RUNNING."""
+    import optuna
+
+    from raycls.results import read_leaderboard
+    from raycls.tune.resume import LOST_ATTR, ROW_STATES, TRIAL_ID_ATTR
+    from raycls.tune.searcher import journal_path, open_study_storage
+
+    rows = read_leaderboard(str(storage), experiment).table.to_pylist()
+    assert len(rows) == trials and len({r["trial_id"] for r in rows}) == trials, [r["trial_id"] for r in rows]
+    after = rows_written(storage / experiment / "leaderboard")
+    assert all(after[name] == mtime for name, mtime in before.items())  # finished trials were not rewritten
+    study = optuna.load_study(study_name=experiment, storage=open_study_storage(journal_path(storage / experiment)))
+    by_id = {t.user_attrs.get(TRIAL_ID_ATTR): t for t in study.trials}
+    for row in rows:
+        assert by_id[row["trial_id"]].state == ROW_STATES[row["status"]], row["trial_id"]
+    others = [t for t in study.trials if t.user_attrs.get(TRIAL_ID_ATTR) not in {r["trial_id"] for r in rows}]
+    assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get(LOST_ATTR) for t in others)
+    return rows

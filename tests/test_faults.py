@@ -11,6 +11,7 @@ Tests over ~30 s on a 2-core machine are marked `slow` (`-m 'not slow'` skips th
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from raycls.results import read_leaderboard
 from raycls.tune.cluster import ON_DEMAND, init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 
-from .conftest import kill_driver_after_rows, write_yaml
+from .conftest import assert_resumed_whole, kill_driver_when, rows_written, write_yaml
 
 BASE = """
 base:
@@ -154,46 +155,84 @@ space:
 
 
 # ------------------------------------------------------------------------------------- driver killed
-@pytest.mark.slow
-def test_driver_sigkill_then_resume_on_the_cluster(cluster, tmp_path: Path) -> None:
-    """~60 s: `raycls tune --address` in its own process, SIGKILLed after 2 trials; the cluster lives on.
-    `--resume`: every finished trial appears once, untouched; the rest complete; the study goes on."""
-    space = write_yaml(tmp_path / "resume.yaml", """
-experiment: {name: resume, trials: 6, concurrency: 2}
+RESUME = """
+experiment: {name: resume, trials: 4, concurrency: 2}
 search: {seed: 1}
 scheduler: {name: fifo}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
-""" + BASE.replace("epochs: 2", "epochs: 4"))
+""" + BASE.replace("epochs: 2", "epochs: 3")
+TRIALS = 4
+
+
+def epochs_reported(experiment_dir: Path) -> dict[str, int]:
+    """Epochs each trial has reported to Tune so far (its result.json), by trial folder."""
+    return {p.parent.name: len(p.read_text().splitlines()) for p in experiment_dir.glob("tune_trainable_*/result.json")}
+
+
+def _rows(experiment_dir: Path) -> int:
+    return len(list((experiment_dir / "leaderboard").glob("*.parquet")))
+
+
+# When to SIGKILL the driver, read off the experiment folder while it runs.
+KILL_POINTS = {
+    "before_the_first_row": lambda d: _rows(d) == 0 and any(n >= 1 for n in epochs_reported(d).values()),
+    "mid_trial": lambda d: _rows(d) >= 1 and sum(epochs_reported(d).values()) >= 3 * _rows(d) + 1,
+    "between_trials": lambda d: _rows(d) >= 2,
+    "during_the_last_trial": lambda d: _rows(d) >= TRIALS - 1,
+}
+
+
+def kill_and_resume(cluster, tmp_path: Path, ready, damage=None) -> None:
+    """`raycls tune --address` in its own process, SIGKILLed when `ready(experiment_dir)` (the cluster lives
+    on); `damage(experiment_dir)` then breaks what a kill can break; `--resume` must finish the experiment."""
+    space = write_yaml(tmp_path / "resume.yaml", RESUME)
     storage = tmp_path / "results"
     command = [sys.executable, "-m", "raycls.cli", "tune", str(space), "--storage", str(storage),
                "--address", cluster.address]  # fmt: skip
     env = {**os.environ, "RAYCLS_SHARED_STORAGE": "1"}
-    board = storage / "resume" / "leaderboard"
+    experiment_dir = storage / "resume"
     log = tmp_path / "driver.log"
-    before = kill_driver_after_rows(command, env, board, log)  # the driver only: the cluster's nodes live on
-    stderr = log.read_text(errors="replace")
-    assert 2 <= len(before) < 6, f"kill came too late or too early: {len(before)} rows\n{stderr[-3000:]}"
-    assert len(alive_node_ids()) == 3
-
+    running = kill_driver_when(command, env, log, lambda: ready(experiment_dir))
+    assert running, f"the driver ended before the kill point\n{log.read_text(errors='replace')[-3000:]}"
+    before = rows_written(experiment_dir / "leaderboard")
+    assert len(before) < TRIALS and len(alive_node_ids()) == 3
+    if damage is not None:
+        damage(experiment_dir)
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=400, env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    rows = read_leaderboard(str(storage), "resume").table.to_pylist()
-    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
-    assert all(r["status"] == "completed" and r["epochs"] == 4 for r in rows)
-    after = {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
-    assert all(after[name] == mtime for name, mtime in before.items())  # finished trials were not rewritten
-
-    from raycls.tune.searcher import journal_path, open_study_storage
-
-    study = optuna.load_study(study_name="resume", storage=open_study_storage(journal_path(storage / "resume")))
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    # The same study went on: one COMPLETE Optuna trial per leaderboard row, with the row's parameters.
-    # A trial asked of Optuna after Tune's last snapshot and before the kill may stay RUNNING (an orphan).
-    assert {t.state for t in study.trials} <= {optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING}
-    assert sorted(t.params["train.lr"] for t in complete) == sorted(r["train.lr"] for r in rows)
+    rows = assert_resumed_whole(storage, "resume", TRIALS, before)
+    assert all(r["status"] == "completed" and r["epochs"] == 3 for r in rows), [(r["status"], r["epochs"], r["error"]) for r in rows]
     assert wait_until_released().get("CPU") == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_driver_sigkill_then_resume_on_the_cluster(cluster, tmp_path: Path, point: str) -> None:
+    """~25 s each: the driver is SIGKILLed at `point`; `--resume` ends every trial with exactly one row."""
+    kill_and_resume(cluster, tmp_path, KILL_POINTS[point])
+
+
+def cut_tune_snapshot(experiment_dir: Path) -> None:
+    """What a kill during Tune's copy of its snapshot to the storage leaves: its files emptied."""
+    for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
+        for path in experiment_dir.glob(pattern):
+            path.write_bytes(b"")
+
+
+def cut_every_snapshot(experiment_dir: Path) -> None:
+    cut_tune_snapshot(experiment_dir)
+    shutil.rmtree(experiment_dir / ".raycls", ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [cut_tune_snapshot, cut_every_snapshot], ids=["kept_copy", "no_snapshot"])
+def test_resume_after_the_kill_cut_tunes_snapshot(cluster, tmp_path: Path, damage) -> None:
+    """~25 s each. Tune copies its experiment state to the storage in place; a kill mid-copy left empty files,
+    and Tune's restore then "restarted" the experiment with 1 of 6 trials (seen: 3 rows of 6, exit 0).
+    raycls resumes from the snapshot it kept; with none kept, it reruns the trials that have no row."""
+    kill_and_resume(cluster, tmp_path, KILL_POINTS["between_trials"], damage)
 
 
 # ---------------------------------------------------------------------------------------- node lost

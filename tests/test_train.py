@@ -94,9 +94,58 @@ def test_cli_train_fast_dev_run_digits(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "val_acc" in result.stdout
     config = json.loads((out / "config.json").read_text())
-    assert config["train"]["epochs"] == 2 and config["model"]["width"] == 8
+    # A fast dev run is one epoch whatever the config says (--set included), of small batches.
+    assert config["train"]["epochs"] == 1 and config["model"]["width"] == 8 and config["train"]["batch_size"] <= 32
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["final"]) >= {"train_loss", "val_loss", "val_acc", "epoch", "lr", "images_per_s"}
+    assert len(metrics["history"]) == 1 and metrics["final"]["train_images"] == 2 * config["train"]["batch_size"]
+
+
+@pytest.mark.parametrize("space", ["pipeline-digits.yaml", "pipeline.yaml"])
+def test_fast_dev_run_is_one_epoch_per_stage(tmp_path: Path, space: str) -> None:
+    """`--fast-dev-run` is a smoke test: the 80-epoch CIFAR pipeline ran every epoch (over 10 minutes on 2
+    cores); now each stage runs one epoch of two small batches."""
+    from raycls.config import load_experiment, resolve_trial
+
+    experiment = load_experiment(REPO / "search_spaces" / space)
+    assert experiment.base.total_epochs > 3
+    fast = resolve_trial(experiment.as_fast_dev_run())
+    assert fast.total_epochs == len(fast.stages) == len(experiment.base.stages)
+    assert all(s.train.batch_size <= 32 and s.train.eval_batch_size <= 32 and s.train.warmup_epochs == 0 for s in fast.stages)
+    # Everything else is the trial's own (phases, models, augmentations).
+    assert [s.phase for s in fast.stages] == [s.phase for s in experiment.base.stages]
+    assert experiment.as_fast_dev_run().name == f"{experiment.name}-fast-dev-run"
+
+
+def test_fast_dev_run_of_the_digits_pipeline(tmp_path: Path) -> None:
+    from raycls.config import load_experiment, resolve_trial
+
+    config = resolve_trial(load_experiment(REPO / "search_spaces" / "pipeline-digits.yaml").as_fast_dev_run())
+    summary = run_local(config, tmp_path, fast_dev_run=True, device=torch.device("cpu"))
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == list(range(1, len(config.stages) + 1))
+    assert [h["stage"] for h in history] == [s.label for s in config.stages]
+    assert summary.final["train_images"] <= 2 * 32
+
+
+def test_resume_from_the_last_epochs_checkpoint_reports_that_epoch_again(tmp_path: Path) -> None:
+    """A trial whose last checkpoint closed it (the driver was killed before it heard) reports its final
+    metrics once more when resumed, so the driver and the searcher see how it really ended."""
+    last: list[Path] = []
+
+    def keep(metrics: dict, checkpoint: Path | None) -> None:
+        import shutil
+
+        shutil.rmtree(tmp_path / "last", ignore_errors=True)
+        shutil.copytree(checkpoint, tmp_path / "last")
+        last[:] = [tmp_path / "last"]
+
+    full: list[dict] = []
+    fit(digits(epochs=2), lambda m, c: (keep(m, c), full.append(m)), RunContext())
+    resumed: list[tuple[dict, Path | None]] = []
+    fit(digits(epochs=2), lambda m, c: resumed.append((m, c)), RunContext(resume_from=last[0]))
+    assert len(resumed) == 1 and resumed[0][1] is None
+    assert resumed[0][0]["epoch"] == 2 and resumed[0][0]["val_loss"] == full[-1]["val_loss"]
 
 
 def test_warmup_then_cosine_schedule() -> None:

@@ -27,7 +27,7 @@ from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 from raycls.tune.searcher import create_searcher
 
-from .conftest import kill_driver_after_rows, write_yaml
+from .conftest import assert_resumed_whole, kill_driver_after_rows, write_yaml
 from .wandb_reader import read_run
 
 BASE = """
@@ -213,11 +213,8 @@ space:
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=400, env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    rows = read_leaderboard(str(storage), "resume").table.to_pylist()
-    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
+    rows = assert_resumed_whole(storage, "resume", 6, before)
     assert all(r["status"] == "completed" for r in rows)
-    after = {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
-    assert all(after[name] == mtime for name, mtime in before.items())  # finished trials were not rewritten
 
 
 def test_api_key_never_written(e2e) -> None:
@@ -283,3 +280,101 @@ wandb: {mode: disabled}
     run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))
     (row,) = read_leaderboard(storage, "ema").table.to_pylist()
     assert row["status"] == "completed" and row["phase"] == "distill" and row["teacher"] == "ema"
+
+
+# ------------------------------------------------------------------------ smoke runs, logs, provenance
+def _git(folder: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_fast_dev_run_search_logs_lines_and_records_provenance(local_ray, tmp_path: Path, capsys) -> None:
+    """`raycls tune --fast-dev-run` (two one-epoch trials) from a space in the user's git repository, with
+    stdout not a terminal (as under `ray job submit` or nohup): one line per trial event; the rows carry the
+    repository's commit, and the experiment folder the YAML as run."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    space = write_yaml(repo / "smoke.yaml", """
+experiment: {name: smoke, trials: 6, concurrency: 2}
+scheduler: {name: asha, grace_period: 1}
+wandb: {mode: disabled}
+space:
+  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+""" + BASE)
+    _git(repo, "add", "smoke.yaml")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "space")
+    storage = tmp_path / "results"
+    experiment = load_experiment(space).as_fast_dev_run()
+    capsys.readouterr()
+    run_tune(experiment, TuneOptions(storage=str(storage), live=True))
+    out = capsys.readouterr().out
+    rows = read_leaderboard(str(storage), "smoke-fast-dev-run").table.to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["epochs"] == 1 == r["max_epochs"] for r in rows)
+    assert all(r["train_images"] == 2 * 32 for r in rows)  # two batches of at most 32 images
+    head = _git(repo, "rev-parse", "HEAD")
+    assert all(r["git_commit"] == head and r["git_dirty"] is False and r["git_diff_sha"] is None for r in rows)
+    for r in rows:
+        assert f"trial {r['trial_id']} started" in out and f"trial {r['trial_id']} completed epoch 1" in out
+    assert "[2/2 ended]" in out
+    as_run = load_experiment(storage / "smoke-fast-dev-run" / "space.yaml")
+    assert as_run.model_dump(exclude={"source"}) == experiment.model_dump(exclude={"source"})
+
+
+def test_git_state_of_the_space_file(tmp_path: Path) -> None:
+    from raycls.results.provenance import GitState, git_state
+
+    assert git_state(tmp_path / "x.yaml") == GitState()  # outside any repository
+    _git(tmp_path, "init", "-q")
+    space = write_yaml(tmp_path / "x.yaml", "experiment: {trials: 2}\n")
+    untracked = git_state(space)
+    assert untracked.commit is None  # no commit yet: nothing to point at
+    _git(tmp_path, "add", "x.yaml")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    clean = git_state(space)
+    assert clean.commit == _git(tmp_path, "rev-parse", "HEAD") and clean.dirty is False and clean.diff_sha is None
+    space.write_text("experiment: {trials: 3}\n")
+    edited = git_state(space)
+    assert edited.dirty is True and edited.diff_sha and edited.commit == clean.commit
+    space.write_text("experiment: {trials: 4}\n")
+    assert git_state(space).diff_sha != edited.diff_sha  # the hash tells two different edits apart
+    other = write_yaml(tmp_path / "new.yaml", "experiment: {trials: 2}\n")  # not in git: its content counts
+    assert git_state(other).dirty is True
+
+
+def test_replay_a_row_reproduces_its_losses(e2e, tmp_path: Path, capsys) -> None:
+    """`raycls train --trial EXPERIMENT/TRIAL_ID --no-ray` retrains the row's config and seed: on CPU its
+    per-epoch losses are the row's."""
+    from raycls.cli import main
+
+    _, storage, _ = e2e
+    rows = read_leaderboard(storage, "e2e").table.to_pylist()
+    row = next(r for r in rows if r["status"] == "completed")
+    out = tmp_path / "replay"
+    main(["train", "--trial", f"e2e/{row['trial_id']}", "--storage", storage, "--no-ray", "--out", str(out)])
+    replayed = json.loads((out / "metrics.json").read_text())["history"]
+    history = sorted((h for h in read_leaderboard(storage, "e2e", kind="history").table.to_pylist()
+                      if h["trial_id"] == row["trial_id"]), key=lambda h: h["epoch"])  # fmt: skip
+    assert [h["epoch"] for h in replayed] == [h["epoch"] for h in history] == list(range(1, 5))
+    for mine, theirs in zip(replayed, history):
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
+        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)
+    assert json.loads((out / "config.json").read_text()) == json.loads(row["config_json"])
+
+
+def test_run_tune_refuses_a_chain_metric_a_stage_does_not_report(tmp_path: Path) -> None:
+    """Checked by run_tune itself (not only the CLI): a programmatic run fails before any trial or file."""
+    from raycls.errors import ConfigError
+
+    space = write_yaml(tmp_path / "chain.yaml", """
+experiment: {name: chain, metric: val_acc, trials: 2}
+base:
+  data: {name: digits}
+  model: {name: small_cnn, width: 8}
+  phases:
+    - phase: {name: supcon}
+    - phase: {name: supervised}
+""")
+    storage = tmp_path / "results"
+    with pytest.raises(ConfigError, match="not reported by phase"):
+        run_tune(load_experiment(space), TuneOptions(storage=str(storage), live=False))
+    assert not (storage / "chain").exists()

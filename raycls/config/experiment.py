@@ -46,6 +46,9 @@ class ExperimentSection(Frozen):
     max_failures: Annotated[int, Field(ge=0)] = 0
     # Keep this many best checkpoints per trial (by `metric`).
     keep_checkpoints: PositiveInt = 1
+    # A smoke test of the whole search (`raycls tune --fast-dev-run`): every trial runs one epoch per stage
+    # and two batches of each split (TrialConfig.fast_dev_run, loop.FAST_DEV_BATCHES).
+    fast_dev_run: bool = False
 
 
 class SearchSection(Frozen):
@@ -92,6 +95,14 @@ class Experiment(Frozen):
     def name(self) -> str:
         assert self.experiment.name is not None  # filled by the loader
         return self.experiment.name
+
+    def as_fast_dev_run(self, *, trials: int = 2) -> "Experiment":
+        """This search as a smoke test under its own name (so the real experiment's leaderboard and study are
+        untouched): `trials` trials of one epoch per stage and two batches per split."""
+        section = self.experiment.model_copy(update={
+            "name": f"{self.name}-fast-dev-run", "trials": min(trials, self.experiment.trials), "fast_dev_run": True,
+        })  # fmt: skip
+        return self.model_copy(update={"experiment": section})
 
     @property
     def max_t(self) -> int:

@@ -298,4 +298,4 @@ def resolve_trial(experiment: Experiment, sampled: Mapping[str, Any] | None = No
     config, errs = _validate(TrialConfig, tree, section="")
     if errs:
         raise ConfigError(errs, source=f"{experiment.source} (trial with {dict(sampled or {})})")
-    return config
+    return config.fast_dev_run() if experiment.experiment.fast_dev_run else config

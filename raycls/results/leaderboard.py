@@ -9,7 +9,6 @@ Queries read every file of the storage as one table; corrupt or foreign files ar
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 import raycls
 from raycls.errors import LeaderboardError
 from raycls.evaluate import names
+from raycls.results.provenance import GitState
 
 Status = Literal["completed", "early_stopped", "failed"]
 STATUSES: tuple[Status, ...] = ("completed", "early_stopped", "failed")
@@ -55,6 +55,7 @@ FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("config_json", pa.string()),
     ("git_commit", pa.string()),
     ("git_dirty", pa.bool_()),
+    ("git_diff_sha", pa.string()),  # the search space's repository: see raycls.results.provenance
     ("raycls_version", pa.string()),
     ("error", pa.string()),
 ]
@@ -85,6 +86,7 @@ class TrialRecord:
     teacher: str | None = None
     config_json: str | None = None
     error: str | None = None
+    git: GitState = field(default_factory=GitState)
 
     def best_row(self) -> dict[str, Any]:
         scored = [h for h in self.history if isinstance(h.get(self.metric), (int, float))]
@@ -98,7 +100,6 @@ class TrialRecord:
         # which the epochs after that stage carry: the last epoch has them all.
         last = self.history[-1] if self.history else {}
         best = {**{k: v for k, v in last.items() if names.is_stage_metric(k)}, **self.best_row()}
-        commit, dirty = git_state()
         wall = (self.ended_at - self.started_at).total_seconds() if self.started_at and self.ended_at else None
         values: dict[str, Any] = {
             "experiment": self.experiment, "trial_id": self.trial_id, "status": self.status, "phase": self.phase,
@@ -108,8 +109,8 @@ class TrialRecord:
             "started_at": self.started_at, "ended_at": self.ended_at, "wall_s": wall,
             "train_s": sum(_float(h.get("epoch_s")) or 0.0 for h in self.history),
             "device": self.device, "workers": self.workers, "seed": self.seed, "restarts": self.restarts,
-            "checkpoint": self.checkpoint, "teacher": self.teacher, "config_json": self.config_json, "git_commit": commit,
-            "git_dirty": dirty, "raycls_version": raycls.__version__, "error": self.error,
+            "checkpoint": self.checkpoint, "teacher": self.teacher, "config_json": self.config_json,
+            "git_commit": self.git.commit, "git_dirty": self.git.dirty, "git_diff_sha": self.git.diff_sha, "raycls_version": raycls.__version__, "error": self.error,
         }  # fmt: skip
         fields = list(FIXED_COLUMNS)
         # Every numeric metric at the best epoch, under its own name (val_acc, val_loss, ...).
@@ -132,24 +133,6 @@ class TrialRecord:
 
 def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-_GIT: tuple[str | None, bool | None] | None = None
-
-
-def git_state() -> tuple[str | None, bool | None]:
-    """The commit of the raycls checkout that ran (and whether its tree had changes); None outside git."""
-    global _GIT
-    if _GIT is None:
-        root = Path(raycls.__file__).resolve().parents[1]
-        try:
-            commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-            status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                    capture_output=True, text=True, timeout=10)  # fmt: skip
-            _GIT = (commit.stdout.strip() or None, bool(status.stdout.strip())) if commit.returncode == 0 else (None, None)
-        except (OSError, subprocess.SubprocessError):
-            _GIT = (None, None)
-    return _GIT
 
 
 # --------------------------------------------------------------------------------------------- storage
@@ -192,6 +175,7 @@ def written_trials(storage: str, experiment: str) -> set[str]:
 class ReadResult:
     table: pa.Table
     skipped: list[str] = field(default_factory=list)  # "path: why" for every file that was not read
+    files: int = 0  # leaderboard (or history) files found, read or skipped
 
 
 def read_leaderboard(storage: str, experiment: str | None = None, *, kind: str = LEADERBOARD_DIR) -> ReadResult:
@@ -215,12 +199,12 @@ def read_leaderboard(storage: str, experiment: str | None = None, *, kind: str =
             continue
         tables.append(table)
     if not tables:
-        return ReadResult(pa.table({name: pa.array([], dtype) for name, dtype in FIXED_COLUMNS}), skipped)
+        return ReadResult(pa.table({name: pa.array([], dtype) for name, dtype in FIXED_COLUMNS}), skipped, len(files))
     try:
         table = pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowInvalid:  # a parameter changed type between runs: fall back to strings for clashing columns
         table = pa.concat_tables([_stringify_clashes(t, tables) for t in tables], promote_options="permissive")
-    return ReadResult(table, skipped)
+    return ReadResult(table, skipped, len(files))
 
 
 def _stringify_clashes(table: pa.Table, tables: Sequence[pa.Table]) -> pa.Table:

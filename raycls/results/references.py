@@ -32,13 +32,30 @@ def pick_trial(storage: str, reference: Reference) -> dict[str, Any]:
 
         row = top_rows(pa.Table.from_pylist(completed), "score", descending=descending, top=1).to_pylist()[0]
     else:
-        matches = [r for r in rows if r["trial_id"] == reference.pick]
-        if not matches:
-            raise CheckpointError(f"reference {{from: {reference.experiment}, pick: {reference.pick}}}: no such trial; "
-                                  f"trials: {', '.join(sorted(r['trial_id'] for r in rows))}")  # fmt: skip
-        row = matches[0]
+        row = _row_of(rows, reference.pick, what=f"reference {{from: {reference.experiment}, pick: {reference.pick}}}")
     if not row.get("checkpoint"):
         raise CheckpointError(f"trial {reference.experiment}/{row['trial_id']} has no checkpoint")
+    return row
+
+
+def _row_of(rows: list[dict[str, Any]], trial_id: str, *, what: str) -> dict[str, Any]:
+    matches = [r for r in rows if r["trial_id"] == trial_id]
+    if not matches:
+        raise CheckpointError(f"{what}: no such trial; trials: {', '.join(sorted(r['trial_id'] for r in rows))}")
+    return matches[0]
+
+
+def replay_row(storage: str, reference: str) -> dict[str, Any]:
+    """The row `raycls train --trial EXPERIMENT/TRIAL_ID` replays: it must hold the trial's full config."""
+    experiment, sep, trial_id = reference.rpartition("/")
+    if not sep or not experiment or not trial_id:
+        raise CheckpointError(f"--trial {reference!r}: expected EXPERIMENT/TRIAL_ID, e.g. quickstart/3f2a9c1e")
+    rows = read_leaderboard(storage, experiment).table.to_pylist()
+    if not rows:
+        raise CheckpointError(f"--trial {reference}: no leaderboard for experiment {experiment!r} under {storage}")
+    row = _row_of(rows, trial_id, what=f"--trial {reference}")
+    if not row.get("config_json"):
+        raise CheckpointError(f"--trial {reference}: the row has no config_json (its sampled values were not a valid config)")
     return row
 
 

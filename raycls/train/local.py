@@ -11,7 +11,7 @@ from raycls.config.schema import TrialConfig
 from raycls.evaluate.names import Mode
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
-from raycls.train.loop import Metrics, ProgressFn, RunContext, fit
+from raycls.train.loop import FAST_DEV_BATCHES, Metrics, ProgressFn, RunContext, fit
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -53,7 +53,7 @@ def run_local(
     """Train `config`; write config.json, metrics.json and checkpoints/{last,best} into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / CONFIG_FILE, config.to_dict())
-    ctx = RunContext(device=device or default_device(), limit_batches=2 if fast_dev_run else None, progress=progress)
+    ctx = RunContext(device=device or default_device(), limit_batches=FAST_DEV_BATCHES if fast_dev_run else None, progress=progress)
     history = fit(config, KeepBestReporter(out, metric, mode, on_epoch), ctx)
     summary = summarize(history, metric, mode)
     write_json_atomic(out / METRICS_FILE, {**summary.to_dict(), "history": history})

@@ -29,12 +29,15 @@ from raycls.models.checkpoint import backbone_weights, load_backbone, load_weigh
 from raycls.phases import PHASES, Phase, create_phase
 from raycls.phases.base import Previous
 from raycls.train.optim import create_optimizer, create_scheduler
-from raycls.train.state import Best, Position, Weights, load_checkpoint, read_best, read_position, save_checkpoint
+from raycls.train.state import Best, Position, Weights, load_checkpoint, read_best, read_metrics, read_position, save_checkpoint
 from raycls.train.steps import StepPolicy, autocast, check_finite, seed_everything, train_step
 
 Metrics = dict[str, float]
 ReportFn = Callable[[Metrics, "Path | None"], None]
 ProgressFn = Callable[[int, int], None]  # (batches done in this epoch, batches in the epoch)
+# A fast dev run's batches per split and epoch (Lightning's `fast_dev_run` runs one; two exercise the
+# step-to-step state, e.g. the optimizer's second update and a scheduler step).
+FAST_DEV_BATCHES = 2
 
 
 @dataclass
@@ -125,6 +128,13 @@ def fit(config: TrialConfig, report: ReportFn, ctx: RunContext | None = None) ->
             previous = Previous(stages[index - 1].phase, handover) if index else None
             handover = runner.run_stage(index, stage, init=handover, previous=previous, resume_from=resume,
                                         start=position.epoch + 1 if resume else 0)  # fmt: skip
+        if not runner.history and ctx.resume_from is not None:
+            # Resumed from the checkpoint of the last epoch (the trial ended, the driver did not hear of it):
+            # report that epoch again, so the driver, the scheduler and the searcher see the trial's true end
+            # rather than the older result their snapshot holds.
+            final = read_metrics(ctx.resume_from)
+            report(final, None)
+            runner.history.append(final)
     finally:
         shutil.rmtree(runner.scratch, ignore_errors=True)
     return runner.history

@@ -29,7 +29,7 @@ from raycls.evaluate import names
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
 from raycls.train.local import CONFIG_FILE, METRICS_FILE
-from raycls.train.loop import Metrics, RunContext, fit
+from raycls.train.loop import FAST_DEV_BATCHES, Metrics, RunContext, fit
 
 TRAIN_RUNS_DIR = "train_runs"
 # Reported with every epoch: how many times this trial has started again from one of its checkpoints (a
@@ -80,15 +80,27 @@ def mark_restarts(checkpoint: Path | None, restarts: int) -> None:
 def tune_trainable(params: dict[str, Any], *, experiment_json: str, storage: str) -> None:
     """One Tune trial: the experiment's base config with this trial's sampled `params` applied."""
     experiment = Experiment.model_validate_json(experiment_json)
+    trial_id = ray.tune.get_context().get_trial_id()
+    if _has_row(storage, experiment.name, trial_id):
+        # A resumed driver restores trials that ended after Tune's last snapshot as unfinished: their row
+        # is written, so they are not trained again (nor counted twice).
+        return
     config = resolve_trial(experiment, params)
+    limit = FAST_DEV_BATCHES if experiment.experiment.fast_dev_run else None
     if experiment.experiment.resources.workers == 1:
-        _run_in_trial_actor(config, experiment.experiment.resources)
+        _run_in_trial_actor(config, experiment.experiment.resources, limit_batches=limit)
     else:
-        trial_id = ray.tune.get_context().get_trial_id()
-        _run_torch_trainer(config, experiment, storage, name=f"train-{trial_id}")
+        _run_torch_trainer(config, experiment, storage, name=f"train-{trial_id}", limit_batches=limit)
 
 
-def _run_in_trial_actor(config: TrialConfig, resources: Resources) -> None:
+def _has_row(storage: str, experiment: str, trial_id: str) -> bool:
+    from raycls.results.leaderboard import LEADERBOARD_DIR, filesystem
+
+    fs, root = filesystem(storage)
+    return fs.get_file_info(f"{root}/{experiment}/{LEADERBOARD_DIR}/{trial_id}.parquet").is_file
+
+
+def _run_in_trial_actor(config: TrialConfig, resources: Resources, *, limit_batches: int | None = None) -> None:
     device = torch.device("cuda" if resources.gpu and torch.cuda.is_available() else "cpu")
     extras = trial_extras(config, device)
 
@@ -100,10 +112,12 @@ def _run_in_trial_actor(config: TrialConfig, resources: Resources) -> None:
             saved = ray.tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
             ray.tune.report({**metrics, **extras}, checkpoint=saved)
 
-        fit(config, report, RunContext(device=device, resume_from=resume_from))
+        fit(config, report, RunContext(device=device, resume_from=resume_from, limit_batches=limit_batches))
 
 
-def _run_torch_trainer(config: TrialConfig, experiment: Experiment, storage: str, *, name: str) -> None:
+def _run_torch_trainer(
+    config: TrialConfig, experiment: Experiment, storage: str, *, name: str, limit_batches: int | None = None
+) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raycls.results.leaderboard import filesystem
@@ -127,6 +141,7 @@ def _run_torch_trainer(config: TrialConfig, experiment: Experiment, storage: str
         # Ray Train restarts the worker group from the run's last checkpoint (a lost node, a crashed worker)
         # inside this trial; Tune's own retries then only cover a lost coordinator.
         max_failures=experiment.experiment.max_failures,
+        limit_batches=limit_batches,
     )
     try:
         trainer.fit()
@@ -219,7 +234,7 @@ def train_with_ray(
     history_file = out / "history.jsonl"
     history_file.unlink(missing_ok=True)
     trainer = _torch_trainer(config, resources, storage_path=str(out), name="ray_train", metric=metric, mode=mode,
-                             limit_batches=2 if fast_dev_run else None, history_file=str(history_file))  # fmt: skip
+                             limit_batches=FAST_DEV_BATCHES if fast_dev_run else None, history_file=str(history_file))  # fmt: skip
     result = trainer.fit()
     if result.error:
         raise result.error

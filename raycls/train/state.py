@@ -91,6 +91,11 @@ def read_position(folder: Path) -> Position:
     return Position(stage=int(state.get("stage", 0)), epoch=int(state["epoch"]), finished=dict(state.get("finished", {})))
 
 
+def read_metrics(folder: Path) -> dict[str, float]:
+    """The metrics reported with the checkpoint (those of the epoch it was taken after)."""
+    return json.loads((folder / METRICS_FILE).read_text())
+
+
 def read_best(folder: Path, metric: str) -> Best:
     """The stage's best so far as the checkpoint saw it (an empty Best when it kept no weights)."""
     path = folder / CARRY_FILE
@@ -107,3 +112,14 @@ def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optim
     unwrap(model).load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location=device, weights_only=True))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+
+
+def is_whole(folder: Path) -> bool:
+    """Whether `folder` holds a checkpoint that loads: a copy cut short by a killed process does not."""
+    try:
+        _state(folder)
+        torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        json.loads((folder / METRICS_FILE).read_text())
+    except Exception:  # missing, empty, truncated: all mean "do not resume from this"
+        return False
+    return True

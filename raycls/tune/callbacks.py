@@ -7,6 +7,7 @@ only plain settings in their pickled state; open W&B runs and the screen are reb
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,6 +24,7 @@ from raycls.config.space import Choice, IntRange
 from raycls.errors import RayclsError
 from raycls.evaluate import names
 from raycls.results.leaderboard import Status, TrialRecord, write_trial, written_trials
+from raycls.results.provenance import GitState
 from raycls.results.wandb_log import WandbWriter
 from raycls.train.ray_train import RESTARTS
 from raycls.tune.searcher import stopped_early
@@ -84,11 +86,12 @@ class TrialLog:
 class TrialLedger(Callback):
     """Writes every ended trial to the leaderboard (completed, early_stopped or failed) and to W&B."""
 
-    def __init__(self, experiment: Experiment, storage: str, experiment_dir: Path, wandb_mode: str):
+    def __init__(self, experiment: Experiment, storage: str, experiment_dir: Path, wandb_mode: str, git: GitState):
         self.experiment_json = experiment.model_dump_json()
         self.storage = storage
         self.experiment_dir = str(experiment_dir)
         self.wandb_mode = wandb_mode
+        self.git = git  # taken when the experiment started: a resumed driver records the same
         self._setup()
 
     def _setup(self) -> None:
@@ -100,7 +103,7 @@ class TrialLedger(Callback):
                                  experiment=self.experiment.name)  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("experiment_json", "storage", "experiment_dir", "wandb_mode")}
+        return {k: getattr(self, k) for k in ("experiment_json", "storage", "experiment_dir", "wandb_mode", "git")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -195,6 +198,7 @@ class TrialLedger(Callback):
             teacher=teacher,
             config_json=config_json,
             error=error,
+            git=self.git,
         )
         write_trial(self.storage, record)
         self.written.add(trial.trial_id)
@@ -238,16 +242,30 @@ def _uri(checkpoint: Any) -> str:
 
 
 class LiveTable(Callback):
-    """A rich table of trials that redraws as results arrive (Tune's own reporter is turned off)."""
+    """Trial progress on the driver's stdout: a rich table that redraws as results arrive on a terminal, and
+    one line per trial event where stdout is not one (`ray job submit`, CI, nohup: a live table would print
+    nothing until the end). Tune's own reporter is turned off. Whether stdout is a terminal is read at
+    every event, so a search started in a terminal and resumed under nohup logs lines."""
+
+    # Seconds between two result lines of the same trial when not on a terminal.
+    LINE_EVERY_S = 5.0
 
     def __init__(self, experiment_name: str, metric: str, mode: str, total: int):
         self.experiment_name, self.metric, self.mode, self.total = experiment_name, metric, mode, total
         self._live = None
         self._rows: dict[str, dict[str, Any]] = {}
         self._last_draw = 0.0
+        self._last_line: dict[str, float] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_live": None, "_rows": {}, "_last_draw": 0.0}
+        return {**self.__dict__, "_live": None, "_rows": {}, "_last_draw": 0.0, "_last_line": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"_last_line": {}, **state})
+
+    @staticmethod
+    def _on_terminal() -> bool:
+        return sys.stdout.isatty()
 
     def _draw(self, force: bool = False) -> None:
         from rich.live import Live
@@ -270,29 +288,57 @@ class LiveTable(Callback):
         else:
             self._live.update(table)
 
+    def _line(self, text: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {self.experiment_name} {text}", flush=True)
+
+    def _show(self, trial: Trial, event: str, *, force: bool = False) -> None:
+        if self._on_terminal():
+            self._draw(force=force)
+            return
+        row = self._rows[trial.trial_id]
+        if event == "result":
+            now = time.monotonic()
+            if now - self._last_line.get(trial.trial_id, float("-inf")) < self.LINE_EVERY_S:
+                return
+            self._last_line[trial.trial_id] = now
+        ended = sum(r["status"] in ("completed", "early_stopped", "failed") for r in self._rows.values())
+        value = row.get(self.metric)
+        score = "" if value is None else f" {self.metric}={value:.4f}"
+        best = row.get("best")
+        best_text = "" if best is None or event == "started" else f" best={best:.4f}"
+        epoch = f" epoch {row['epoch']}" if row.get("epoch") is not None and event != "started" else ""
+        params = f" {row['params']}" if event == "started" else ""
+        word = event if event in ("started", "result") else row["status"]
+        self._line(f"trial {trial.trial_id} {word}{epoch}{score}{best_text}"
+                   f"{params} [{ended}/{self.total} ended]")  # fmt: skip
+
     def _set(self, trial: Trial, status: str, result: dict | None = None) -> None:
         row = self._rows.setdefault(trial.trial_id, {"params": _short(trial.config)})
         row["status"] = status
         if result:
             row["epoch"] = result.get(names.EPOCH, row.get("epoch"))
-            if self.metric in result:
-                row[self.metric] = result[self.metric]
+            value = result.get(self.metric)
+            if isinstance(value, (int, float)):
+                row[self.metric] = value
+                best = row.get("best")
+                if best is None or (value > best if self.mode == "max" else value < best):
+                    row["best"] = value
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._set(trial, "running")
-        self._draw()
+        self._show(trial, "started")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
         self._set(trial, "running", result)
-        self._draw()
+        self._show(trial, "result")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._set(trial, "early_stopped" if stopped_early(trial.last_result) else "completed")
-        self._draw(force=True)
+        self._show(trial, "ended", force=True)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._set(trial, "failed")
-        self._draw(force=True)
+        self._show(trial, "ended", force=True)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         if self._live is not None:

@@ -80,6 +80,9 @@ def init_ray(
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the head
     try:
         ray.init(
+            # "local": a new Ray of our own even when another runs on this machine (a second search, a test
+            # cluster); without it ray.init joins the newest one and refuses num_cpus.
+            address="local",
             num_cpus=num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus)),
             num_gpus=num_gpus,
             runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}},

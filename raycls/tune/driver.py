@@ -13,12 +13,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import ray
 import ray.tune
 
 from raycls.config.experiment import Experiment
 from raycls.errors import RayclsError
-from raycls.results.leaderboard import ReadResult, filesystem, read_leaderboard
+from raycls.phases.base import check_experiment_metric
+from raycls.results.leaderboard import ReadResult, filesystem, read_leaderboard, written_trials
+from raycls.results.provenance import git_state, write_space_as_run
 from raycls.results.references import resolve_references
 from raycls.results.wandb_log import resolve_mode
 from raycls.train.ray_train import tune_trainable
@@ -32,7 +35,8 @@ from raycls.tune.cluster import (
     trial_bundle,
 )
 from raycls.tune.schedulers import create_scheduler
-from raycls.tune.searcher import create_searcher
+from raycls.tune.resume import ResumeMode, ResumePlan, SnapshotKeeper, prepare_resume, reconcile_study
+from raycls.tune.searcher import create_searcher, journal_path, open_study_storage
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
     # Tune warns whenever checkpoints force experiment snapshots (every epoch here, by design: a trial's
     # best-k checkpoints must stay consistent with the experiment state that --resume reads).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Before anything starts: a chain whose stages do not all report the experiment metric is refused.
+    check_experiment_metric(experiment)
     storage = options.storage if "://" in options.storage else str(Path(options.storage).expanduser().absolute())
     filesystem(storage)  # fail early, with a clear message, on a storage we cannot reach
     experiment = resolve_references(experiment, storage)  # teacher: {from: EXP, pick: best} -> a checkpoint path
@@ -89,29 +95,73 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
         ray.tune.with_parameters(tune_trainable, experiment_json=experiment.model_dump_json(), storage=storage),
         trial_bundle(resources, pin_on_demand=plan.pin_on_demand),
     )
-    if options.resume and ray.tune.Tuner.can_restore(path):
-        # Tune restores its callbacks, searcher and scheduler from the experiment folder; finished trials
-        # are not rerun, and the ledger skips rows it has already written.
+    resume = _resume_plan(options, path, storage)
+    if resume.note:
+        print(f"resume: {resume.note}")
+    if resume.mode is ResumeMode.RESTORE:
+        # Tune restores its callbacks, searcher and scheduler from the experiment folder; trials that were
+        # running resume from their checkpoints, and those that already have a row end at once.
         tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        grid = tuner.fit()
+        errors = sum(1 for r in grid if r.error is not None)
     else:
+        # A new experiment, or one whose Tune state was lost: run the trials that have no row yet.
+        remaining = experiment.experiment.trials - (len(written_trials(storage, experiment.name)) if options.resume else 0)
         if options.resume:
-            print(f"nothing to resume at {path}: starting the experiment")
-        tuner = _new_tuner(experiment, options, storage, state, trainable, concurrency)
-    grid = tuner.fit()
+            experiment = _without_evaluated_points(experiment, read_leaderboard(storage, experiment.name).table.to_pylist())
+        errors = 0
+        if remaining > 0:
+            grid = _new_tuner(experiment, options, storage, state, trainable, min(concurrency, remaining), remaining).fit()
+            errors = sum(1 for r in grid if r.error is not None)
     board = read_leaderboard(storage, experiment.name)
-    return TuneOutcome(path, board, len(grid), sum(1 for r in grid if r.error is not None))
+    _reconcile(experiment, state, board)
+    return TuneOutcome(path, board, board.table.num_rows, errors)
 
 
-def _new_tuner(experiment: Experiment, options: TuneOptions, storage: str, state: Path, trainable, concurrency: int):
+def _without_evaluated_points(experiment: Experiment, rows: list[dict]) -> Experiment:
+    """`search.points_to_evaluate` less those a row already has: a rebuilt search must not queue them again."""
+    def evaluated(point: dict) -> bool:
+        return any(all(row.get(k) == v for k, v in point.items()) for row in rows)
+
+    points = [p for p in experiment.search.points_to_evaluate if not evaluated(p)]
+    return experiment.model_copy(update={"search": experiment.search.model_copy(update={"points_to_evaluate": points})})
+
+
+def _resume_plan(options: TuneOptions, path: str, storage: str) -> ResumePlan:
+    if not options.resume:
+        return ResumePlan(ResumeMode.START)
+    plan = prepare_resume(None if "://" in storage else Path(path), can_restore=ray.tune.Tuner.can_restore(path))
+    if plan.mode is ResumeMode.START:
+        return ResumePlan(ResumeMode.START, note=f"nothing to resume at {path}: starting the experiment")
+    return plan
+
+
+def _reconcile(experiment: Experiment, state: Path, board: ReadResult) -> None:
+    """Every trial has ended: Optuna's trials take their rows' states (see raycls.tune.resume)."""
+    journal = journal_path(state)
+    if not journal.is_file():
+        return
+    try:
+        study = optuna.load_study(study_name=experiment.name, storage=open_study_storage(journal))
+    except KeyError:  # no study of this name in the journal (nothing was ever asked)
+        return
+    reconcile_study(study, board.table.select(["trial_id", "status", "score"]).to_pylist())
+
+
+def _new_tuner(experiment: Experiment, options: TuneOptions, storage: str, state: Path, trainable, concurrency: int,
+               trials: int):
     section = experiment.experiment
     warm = experiment.search.warm_start
     warm_dir = local_state_dir(storage, warm) if warm else None
     if warm_dir is not None and not (warm_dir / "optuna.journal").is_file():
         raise RayclsError(f"search.warm_start: no Optuna study for experiment {warm!r} at {warm_dir}/optuna.journal")
     wandb_mode = resolve_mode(options.wandb_mode or experiment.wandb.mode)
-    callbacks = [TrialLedger(experiment, storage, state, wandb_mode)]
+    write_space_as_run(experiment, storage)  # `raycls tune <experiment>/space.yaml` runs this search again
+    callbacks = [TrialLedger(experiment, storage, state, wandb_mode, git_state(experiment.source))]
+    if "://" not in storage:  # object stores write whole objects: Tune's own snapshot cannot be cut short
+        callbacks.append(SnapshotKeeper(Path(experiment_dir(storage, experiment.name))))
     if options.live:
-        callbacks.append(LiveTable(experiment.name, section.metric, section.mode, section.trials))
+        callbacks.append(LiveTable(experiment.name, section.metric, section.mode, trials))
     return ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(
@@ -119,7 +169,7 @@ def _new_tuner(experiment: Experiment, options: TuneOptions, storage: str, state
             mode=section.mode,
             search_alg=create_searcher(experiment, state, warm_dir),
             scheduler=create_scheduler(experiment),
-            num_samples=section.trials,
+            num_samples=trials,
             max_concurrent_trials=concurrency,
             # A trial actor that ends is reused for the next trial: no new Python process, and torch,
             # sklearn and raycls are imported once per actor instead of once per trial (seconds each).

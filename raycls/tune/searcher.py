@@ -20,6 +20,7 @@ from raycls.config.experiment import Experiment, SearchSection
 from raycls.config.space import Space, suggest
 from raycls.evaluate import names
 from raycls.registry import Registry
+from raycls.tune.resume import TRIAL_ID_ATTR
 
 SAMPLERS: Registry = Registry("sampler")
 
@@ -107,9 +108,26 @@ class RayclsOptunaSearch(OptunaSearch):
             done = [t for t in other.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
             self._ot_study.add_trials(done)
 
+    def suggest(self, trial_id: str) -> dict | None:
+        suggestion = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and suggestion is not None:
+            # Ties the Optuna trial to its Tune trial, so its leaderboard row can be found (reconcile_study).
+            ot_trial.set_user_attr(TRIAL_ID_ATTR, trial_id)
+        return suggestion
+
+    def _told(self, trial_id: str) -> bool:
+        """Whether Optuna already has this trial's outcome: it ended before a driver was killed, was restored
+        by Tune as unfinished, and now ends again without training (its row exists)."""
+        ot_trial = self._ot_trials[trial_id]
+        return self._storage.get_trial(ot_trial._trial_id).state.is_finished()
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
+        if self._told(trial_id):
+            self._completed_trials.add(trial_id)
+            return None
         if error or stopped_early(result):
             state = TrialState.FAIL if error else TrialState.PRUNED
             ot_trial = self._ot_trials[trial_id]

@@ -1,0 +1,84 @@
+"""The parts of `--resume` that need no Ray: reading Tune's snapshot, repairing it from the kept copy, and
+giving Optuna's trials their rows' states. The kill-and-resume runs themselves are in test_faults.py."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from raycls.tune.resume import (
+    KEPT_DIR,
+    LOST_ATTR,
+    TRIAL_ID_ATTR,
+    ResumeMode,
+    prepare_resume,
+    reconcile_study,
+    snapshot_problem,
+)
+
+
+def write_snapshot(folder: Path, stamp: str, *, trials: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"experiment_state-{stamp}.json").write_text(json.dumps({"trial_data": [], "trials": trials}))
+    (folder / f"search_gen_state-{stamp}.json").write_bytes(pickle.dumps({"counter": trials}))
+    (folder / f"searcher-state-{stamp}.pkl").write_bytes(pickle.dumps({"trials": trials}))
+
+
+def test_a_snapshot_cut_short_is_a_problem(tmp_path: Path) -> None:
+    write_snapshot(tmp_path, "2026-01-01_00-00-00", trials=2)
+    assert snapshot_problem(tmp_path) is None
+    (tmp_path / "searcher-state-2026-01-01_00-00-00.pkl").write_bytes(b"\x80\x05\x95")  # a copy cut short
+    assert "searcher-state" in snapshot_problem(tmp_path)
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text("")
+    assert "experiment_state" in snapshot_problem(tmp_path)
+
+
+def test_the_kept_snapshot_replaces_a_broken_one(tmp_path: Path) -> None:
+    (tmp_path / "tuner.pkl").write_bytes(b"tuner")
+    write_snapshot(tmp_path, "2026-01-01_00-00-00", trials=3)
+    write_snapshot(tmp_path / KEPT_DIR, "2026-01-01_00-00-00", trials=4)  # kept at the newer snapshot
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text("")  # the kill emptied Tune's copy
+    plan = prepare_resume(tmp_path, can_restore=True)
+    assert plan.mode is ResumeMode.RESTORE and plan.repaired
+    assert json.loads((tmp_path / "experiment_state-2026-01-01_00-00-00.json").read_text())["trials"] == 4
+    # The broken file is kept for a post-mortem where Tune never looks.
+    (broken,) = (tmp_path / ".raycls").glob("broken-*")
+    assert (broken / "experiment_state-2026-01-01_00-00-00.json").read_text() == ""
+
+
+def test_without_any_whole_snapshot_the_experiment_is_rebuilt(tmp_path: Path) -> None:
+    (tmp_path / "tuner.pkl").write_bytes(b"tuner")
+    write_snapshot(tmp_path, "2026-01-01_00-00-00", trials=3)
+    (tmp_path / "search_gen_state-2026-01-01_00-00-00.json").write_bytes(b"")
+    assert prepare_resume(tmp_path, can_restore=True).mode is ResumeMode.REBUILD
+    assert not list(tmp_path.glob("*state-*"))  # out of Tune's way: the new run writes its own
+
+
+def test_nothing_there_starts_the_experiment(tmp_path: Path) -> None:
+    assert prepare_resume(tmp_path, can_restore=False).mode is ResumeMode.START
+
+
+def test_reconcile_gives_optuna_trials_their_rows_states(tmp_path: Path) -> None:
+    study = optuna.create_study(direction="maximize")
+    asked = {name: study.ask() for name in ("done", "stopped", "broke", "told", "lost")}
+    for name, trial in asked.items():
+        trial.set_user_attr(TRIAL_ID_ATTR, name)
+        trial.report(0.5, 1)
+    study.tell(asked["told"], 0.7)  # told before the kill: left as it is
+    rows = [{"trial_id": "done", "status": "completed", "score": 0.9},
+            {"trial_id": "stopped", "status": "early_stopped", "score": 0.4},
+            {"trial_id": "broke", "status": "failed", "score": None},
+            {"trial_id": "told", "status": "completed", "score": 0.7}]  # fmt: skip
+    told = reconcile_study(study, rows)
+    states = {t.user_attrs[TRIAL_ID_ATTR]: t for t in study.trials}
+    assert states["done"].state == TrialState.COMPLETE and states["done"].value == 0.9
+    assert states["stopped"].state == TrialState.PRUNED
+    assert states["broke"].state == TrialState.FAIL and not states["broke"].user_attrs.get(LOST_ATTR)
+    assert states["told"].state == TrialState.COMPLETE and states["told"].value == 0.7
+    assert states["lost"].state == TrialState.FAIL and states["lost"].user_attrs[LOST_ATTR] is True
+    assert told == {"from_row": 3, "lost": 1}
+    assert reconcile_study(study, rows) == {"from_row": 0, "lost": 0}  # nothing RUNNING is left
