@@ -82,3 +82,24 @@ def test_reconcile_gives_optuna_trials_their_rows_states(tmp_path: Path) -> None
     assert states["lost"].state == TrialState.FAIL and states["lost"].user_attrs[LOST_ATTR] is True
     assert told == {"from_row": 3, "lost": 1}
     assert reconcile_study(study, rows) == {"from_row": 0, "lost": 0}  # nothing RUNNING is left
+
+
+def test_a_trial_optuna_closed_before_the_kill_may_report_again(tmp_path: Path) -> None:
+    """The killed driver told Optuna a trial's end but wrote no row; Tune's older snapshot restores the trial
+    as running, and it reports its last epoch again. Optuna refuses values for a finished trial: the
+    searcher must let the result pass instead of ending the resumed search."""
+    from raycls.config import load_experiment
+    from raycls.tune.searcher import create_searcher
+
+    space = tmp_path / "told.yaml"
+    space.write_text("experiment: {name: told}\nbase: {data: {name: digits}}\n"
+                     "space: {train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}}\n")  # fmt: skip
+    searcher = create_searcher(load_experiment(space), tmp_path, None)
+    assert searcher.suggest("t1") is not None
+    result = {"val_acc": 0.8, "epoch": 2, "max_epochs": 2, "training_iteration": 2}
+    searcher.on_trial_result("t1", {**result, "val_acc": 0.7, "epoch": 1, "training_iteration": 1})
+    searcher._ot_study.tell(searcher._ot_trials["t1"], 0.8)  # what the killed driver did
+    searcher.on_trial_result("t1", result)  # raised UpdateFinishedTrialError
+    searcher.on_trial_complete("t1", result)
+    (trial,) = searcher._ot_study.trials
+    assert trial.state == TrialState.COMPLETE and trial.value == 0.8 and trial.intermediate_values == {1: 0.7}

@@ -122,6 +122,15 @@ class RayclsOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         return self._storage.get_trial(ot_trial._trial_id).state.is_finished()
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        # A trial Optuna has already closed (told by a driver killed before the trial's row was written;
+        # Tune's restored snapshot still has it running) reports its last epoch again on resume: Optuna
+        # refuses intermediate values for a finished trial (UpdateFinishedTrialError), which would end the
+        # whole resumed search. Its row is written when it ends; the study already has its outcome.
+        if trial_id in self._ot_trials and self._told(trial_id):
+            return None
+        return super().on_trial_result(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return super().on_trial_complete(trial_id, result, error)
