@@ -10,6 +10,7 @@ Tests over ~30 s on a 2-core machine are marked `slow` (`-m 'not slow'` skips th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -251,24 +252,24 @@ wandb: {{mode: disabled}}
     removed: dict[str, str] = {}
 
     def remove_a_worker_node() -> None:
-        from ray.util.state import list_actors
-
-        def epochs_seen() -> int:  # by Tune: reports whose checkpoint Ray Train has registered
-            return sum(len(p.read_text().splitlines()) for p in (storage / "lost").glob("tune_trainable_*/result.json"))
+        def reports() -> list[dict]:  # seen by Tune: reports whose checkpoint Ray Train has registered
+            lines = [line for p in (storage / "lost").glob("tune_trainable_*/result.json") for line in p.read_text().splitlines()]
+            return [json.loads(line) for line in lines if line.strip().endswith("}")]
 
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and epochs_seen() < 2:
+        while time.monotonic() < deadline and len(reports()) < 2:
             time.sleep(0.2)
-        for pg in ray.util.placement_group_table().values():  # the trial's coordinator bundle, and its node
-            if pg["state"] == "CREATED" and ON_DEMAND in pg["bundles"][0]:
-                removed["coordinator_node"] = pg["bundles_to_node_id"][0]
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-        hosts = {actor.node_id for actor in workers}
+        # Rank 0's node, from its own report: no State API call, which can take seconds on a busy machine,
+        # long enough for a digits trial to finish first (that race failed this test once in five suites).
+        hosts = {r.get("node_id") for r in reports()}
         for node in cluster.worker_nodes:
             if node.node_id in hosts:
                 removed["node_id"] = node.node_id
                 cluster.remove_node(node)
-                return
+                break
+        for pg in ray.util.placement_group_table().values():  # the trial's coordinator bundle, and its node
+            if pg["state"] == "CREATED" and ON_DEMAND in pg["bundles"][0]:
+                removed["coordinator_node"] = pg["bundles_to_node_id"][0]
 
     # Hold the head's CPUs (only the head has ON_DEMAND, so this bundle lands there): the Train workers must
     # go to worker nodes, one of which can then be removed. Without it Ray may pack both workers on the head.
