@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raycls.errors import RayclsError
+from raycls.storage import is_local
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Ray-distributed hyperparameter search for image classification.")  # fmt: skip
@@ -54,14 +55,10 @@ class TrainJob:
 
 
 def _job_from_space(space: Path, overrides: list[str], storage: str, fast_dev_run: bool) -> TrainJob:
-    from raycls.config import load_experiment, parse_overrides, resolve_trial
-    from raycls.phases.base import check_experiment_metric
-    from raycls.results.references import resolve_references
+    from raycls.config import resolve_trial
+    from raycls.prepare import prepare_experiment
 
-    experiment = resolve_references(load_experiment(space, parse_overrides(overrides)), storage)
-    if fast_dev_run:  # one epoch per stage; the loop runs two batches per split
-        experiment = experiment.as_fast_dev_run()
-    check_experiment_metric(experiment)
+    experiment = prepare_experiment(space, overrides, storage=storage, fast_dev_run=fast_dev_run)
     section = experiment.experiment
     return TrainJob(experiment.name, resolve_trial(experiment), section.metric, section.mode, section.resources)
 
@@ -71,8 +68,8 @@ def _job_from_row(reference: str, overrides: list[str], storage: str, fast_dev_r
     from raycls.config import TrialConfig, load_experiment, parse_overrides
     from raycls.config.experiment import Resources
     from raycls.config.load import set_path
-    from raycls.results.provenance import SPACE_FILE
     from raycls.results.references import replay_row
+    from raycls.storage import ExperimentPaths
 
     row = replay_row(storage, reference)
     tree = json.loads(row["config_json"])
@@ -80,9 +77,10 @@ def _job_from_row(reference: str, overrides: list[str], storage: str, fast_dev_r
         set_path(tree, key, value)
     config = TrialConfig.model_validate(tree)
     config = config.fast_dev_run() if fast_dev_run else config
-    as_run = Path(storage) / row["experiment"] / SPACE_FILE
+    paths = ExperimentPaths(storage, row["experiment"])
     # The experiment's resources as it ran (space.yaml beside its leaderboard), else its rows' worker count.
-    resources = (load_experiment(as_run).experiment.resources if "://" not in storage and as_run.is_file()
+    resources = (load_experiment(Path(paths.space_file())).experiment.resources
+                 if paths.local and paths.exists(paths.space_file())
                  else Resources(workers=row.get("workers") or 1))  # fmt: skip
     return TrainJob(f"{row['experiment']}-{row['trial_id']}", config, row["metric"], row["mode"], resources)
 
@@ -104,7 +102,7 @@ def train(
     job = (_job_from_space(space, set_ or [], root, fast_dev_run) if space is not None
            else _job_from_row(trial, set_ or [], root, fast_dev_run))  # type: ignore[arg-type]  # fmt: skip
     out = out or Path(root) / job.name / "train" / time.strftime("%Y%m%d-%H%M%S")
-    if "://" in str(out):
+    if not is_local(str(out)):
         raise RayclsError(f"--out {out}: `raycls train` writes to a local folder; use --out DIR")
     started = time.perf_counter()
     if no_ray:
@@ -177,14 +175,13 @@ def tune(
     fast_dev_run: Annotated[bool, typer.Option("--fast-dev-run", help="Smoke test: 2 trials of one epoch per stage, two batches per split, as EXPERIMENT-fast-dev-run.")] = False,
 ) -> None:
     """Search the space: Optuna proposes trials, ASHA stops weak ones, every trial lands in the leaderboard."""
-    from raycls.config import load_experiment, parse_overrides
+    from raycls.prepare import prepare_experiment
     from raycls.tune.driver import TuneOptions, run_tune
 
     if wandb not in (None, "auto", "online", "offline", "disabled"):
         raise RayclsError(f"--wandb {wandb!r}: expected auto, online, offline or disabled")
-    experiment = load_experiment(space, parse_overrides(set_ or []))
-    if fast_dev_run:
-        experiment = experiment.as_fast_dev_run()
+    # References are resolved by run_tune, against the storage it runs in.
+    experiment = prepare_experiment(space, set_, fast_dev_run=fast_dev_run)
     started = time.perf_counter()
     outcome = run_tune(experiment, TuneOptions(storage=storage_root(storage), address=address, resume=resume,
                                                wandb_mode=wandb, num_cpus=num_cpus, verbose=verbose,
@@ -251,7 +248,7 @@ def leaderboard(
 ) -> None:
     """Query the leaderboards of one or all experiments."""
     from raycls.results import read_leaderboard, run_sql, select
-    from raycls.results.leaderboard import HISTORY_DIR, LEADERBOARD_DIR
+    from raycls.storage import HISTORY_DIR, LEADERBOARD_DIR
     from raycls.results.render import render
 
     kind = HISTORY_DIR if history else LEADERBOARD_DIR
@@ -288,13 +285,10 @@ def space_validate(
     set_: SetOption = None,
 ) -> None:
     """Check a search-space YAML and print parameter sets sampled from it."""
-    from raycls.config import load_experiment, parse_overrides
     from raycls.config.sampling import sample_configs
+    from raycls.prepare import prepare_experiment
 
-    experiment = load_experiment(space, parse_overrides(set_ or []))
-    from raycls.phases.base import check_experiment_metric
-
-    check_experiment_metric(experiment)
+    experiment = prepare_experiment(space, set_)
     table = Table(title=f"{experiment.name}: {len(experiment.space.params)} parameters, "
                         f"{experiment.experiment.trials} trials by {experiment.search.algorithm}")  # fmt: skip
     table.add_column("parameter")
@@ -314,7 +308,7 @@ def cluster_validate(
     launcher: Annotated[Path, typer.Argument(help="A `ray up` YAML or a KubeRay RayCluster manifest.")],
 ) -> None:
     """Check a cluster YAML against Ray's schema and raycls's rules (shared storage, GPUs, dashboard, secrets)."""
-    from raycls.tune.launcher import check_launcher
+    from raycls.cluster.validate import check_launcher
 
     check_launcher(launcher)
     console.print(f"[green]OK[/] {launcher}")

@@ -42,3 +42,7 @@ class NonFiniteLossError(RayclsError):
 
 class LeaderboardError(RayclsError):
     """A leaderboard cannot be read or written, or a query is malformed."""
+
+
+class StorageError(RayclsError):
+    """A storage path or URI cannot be reached (a bad scheme, missing credentials, no such bucket)."""

@@ -11,6 +11,8 @@ import torch
 
 from raycls.config import TrialConfig
 from raycls.config.load import load_experiment, resolve_trial, set_path
+from pydantic import ValidationError
+
 from raycls.errors import CheckpointError, ConfigError
 from raycls.evaluate import names
 from raycls.models.checkpoint import backbone_weights
@@ -18,7 +20,8 @@ from raycls.phases.base import check_experiment_metric
 from raycls.results.leaderboard import TrialRecord, param_columns, read_leaderboard, stage_columns, write_trial
 from raycls.results.references import resolve_references
 from raycls.phases.base import Previous
-from raycls.train.loop import RunContext, build, fit, load_data
+from raycls.train.chain import fit
+from raycls.train.loop import RunContext, build, load_data
 from raycls.train.state import CARRY_FILE
 
 from tests.conftest import write_yaml
@@ -82,11 +85,11 @@ def test_chain_config_merges_stage_sections_and_round_trips() -> None:
 
 
 def test_chain_config_errors_name_the_stage_key() -> None:
-    with pytest.raises(Exception, match=r"phases.1.train.epoch: Extra inputs"):
+    with pytest.raises(ValidationError, match=r"phases.1.train.epoch: Extra inputs"):
         chain_config(phases=[CHAIN["phases"][0], {"phase": {"name": "supervised"}, "train": {"epoch": 2}}])
-    with pytest.raises(Exception, match="stage names must differ"):
+    with pytest.raises(ValidationError, match="stage names must differ"):
         chain_config(phases=[CHAIN["phases"][0], CHAIN["phases"][0]])
-    with pytest.raises(Exception, match="either `phase`"):
+    with pytest.raises(ValidationError, match="either `phase`"):
         TrialConfig.model_validate({**CHAIN, "phase": {"name": "supervised"}})
     with pytest.raises(ConfigError, match="has no item 'arcface'"):
         set_path(chain_config().to_dict(), "phases.arcface.phase.margin", 0.2)
@@ -222,7 +225,7 @@ def test_distill_from_a_stage_without_a_classifier_is_refused(tmp_path: Path) ->
               {"phase": {"name": "distill", "teacher": "previous"}, "train": {"epochs": 1}}]  # fmt: skip
     with pytest.raises(ConfigError, match="a supcon model has no classifier to teach with"):
         fit(chain_config(phases=phases), Recorder(tmp_path), RunContext())
-    with pytest.raises(Exception, match="`previous` needs an earlier stage"):
+    with pytest.raises(ValidationError, match="`previous` needs an earlier stage"):
         TrialConfig.model_validate({"phase": {"name": "distill", "teacher": "previous"}})
 
 

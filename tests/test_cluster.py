@@ -9,18 +9,14 @@ import ray
 
 from raycls.config.experiment import Resources
 from raycls.errors import RayclsError
-from raycls.train.ray_train import FAILED_FILE, RESTARTS_FILE, mark_restarts, restarts_of
-from raycls.tune.callbacks import count_restarts
-from raycls.tune.cluster import (
-    ON_DEMAND,
-    Node,
-    cluster_nodes,
-    default_concurrency,
-    init_ray,
-    preflight,
-    shared_storage_from_env,
-    trial_bundle,
-)
+from raycls.cluster.nodes import Node
+from raycls.cluster.preflight import default_concurrency, preflight, shared_storage_from_env
+from raycls.cluster.resources import ON_DEMAND, trial_bundle
+from raycls.results.row import count_restarts
+from raycls.storage import TRAIN_RUNS_DIR, ExperimentPaths
+from raycls.train.ray_train import RESTARTS_FILE, mark_restarts, restarts_of
+from raycls.tune.cluster import cluster_nodes, init_ray
+from raycls.tune.trainable import FAILED_FILE
 
 
 def cpu_node(name: str, cpus: float, gpus: float = 0.0, **custom: float) -> Node:
@@ -130,7 +126,7 @@ def test_leaderboard_restarts_take_the_larger_count() -> None:
 def test_a_failed_train_run_is_not_restarted_again_by_tune(tmp_path: Path) -> None:
     from raycls.config import load_experiment
     from raycls.config.load import resolve_trial
-    from raycls.train.ray_train import TRAIN_RUNS_DIR, _run_torch_trainer
+    from raycls.tune.trainable import _run_torch_trainer
 
     space = tmp_path / "two.yaml"
     space.write_text("experiment: {name: two, resources: {workers: 2}, max_failures: 1}\nbase: {data: {name: digits}}\n")
@@ -140,7 +136,7 @@ def test_a_failed_train_run_is_not_restarted_again_by_tune(tmp_path: Path) -> No
     (run / FAILED_FILE).write_text("NonFiniteLossError: train_loss is nan at epoch 1: training diverged")
     # Tune's retry of the trial: raises the first failure at once, without starting a worker group.
     with pytest.raises(RuntimeError, match="already failed after its retries.*diverged"):
-        _run_torch_trainer(resolve_trial(experiment, {}), experiment, str(tmp_path), name="train-x")
+        _run_torch_trainer(resolve_trial(experiment, {}), experiment, ExperimentPaths(str(tmp_path), "two"), name="train-x")
 
 
 # ----------------------------------------------------------------------------------- a real Ray node

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from raycls.errors import ConfigError
-from raycls.tune.launcher import check_launcher, validate_launcher
+from raycls.cluster.validate import check_launcher, validate_launcher
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

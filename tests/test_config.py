@@ -13,6 +13,8 @@ from raycls.config import TrialConfig, load_experiment, parse_overrides, resolve
 from raycls.config.sampling import sample_configs
 from raycls.config.load import get_path
 from raycls.phases.base import check_experiment_metric
+from pydantic import ValidationError
+
 from raycls.errors import ConfigError
 
 from .conftest import REPO, write_yaml
@@ -40,7 +42,7 @@ def test_loads_typed_and_frozen(good: Path) -> None:
     assert exp.name == "t" and exp.experiment.trials == 4
     assert exp.base.train.optimizer == "sgd" and exp.base.train.epochs == 2
     assert list(exp.space.params) == ["train.optimizer", "train.lr", "train.momentum", "model.width"]
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         exp.base.train.lr = 1.0  # frozen
 
 

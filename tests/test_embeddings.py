@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
-from raycls.train.loop import all_gather_cat
+from raycls.train.distributed import all_gather_cat
 
 
 def clusters(n: int = 90, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

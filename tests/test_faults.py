@@ -27,7 +27,8 @@ from ray.cluster_utils import Cluster
 
 from raycls.config import load_experiment
 from raycls.results import read_leaderboard
-from raycls.tune.cluster import ON_DEMAND, init_ray
+from raycls.cluster.resources import ON_DEMAND
+from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 
 from .conftest import assert_resumed_whole, kill_driver_when, rows_written, write_yaml

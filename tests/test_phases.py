@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from raycls.config import TrialConfig
-from raycls.errors import ConfigError
+from pydantic import ValidationError
+
+from raycls.errors import CheckpointError, ConfigError
 from raycls.losses import LOSSES, MarginLoss
 from raycls.train import run_local
 
@@ -35,9 +37,9 @@ def test_every_margin_loss_learns_digits(loss: str, tmp_path: Path) -> None:
 
 
 def test_metric_phase_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="not a margin loss; margin losses: adaface"):
+    with pytest.raises(ValidationError, match="not a margin loss; margin losses: adaface"):
         metric_config("supcon")
-    with pytest.raises(Exception, match="unknown loss 'arcfaze'"):
+    with pytest.raises(ValidationError, match="unknown loss 'arcfaze'"):
         metric_config("arcfaze")
     with pytest.raises(ConfigError, match="does not take these options"):
         run_local(metric_config("cosface", sub_centers=2), tmp_path, fast_dev_run=True)
@@ -94,9 +96,9 @@ def test_ema_teacher_follows_the_student(tmp_path: Path) -> None:
 
 
 def test_distill_teacher_errors(teacher: Path, tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="no checkpoint at"):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
         distill(tmp_path, teacher=str(tmp_path / "missing"))
-    with pytest.raises(Exception, match="do not fit a supervised model of the teacher"):
+    with pytest.raises(CheckpointError, match="do not fit a supervised model of the teacher"):
         distill(tmp_path, teacher=str(teacher))  # a width-16 teacher for a width-8 student, no teacher_model
 
 
@@ -125,7 +127,7 @@ def test_teacher_reference_resolves_to_the_best_trials_checkpoint(teacher: Path,
 
     pinned = load_experiment(space, {"phase.teacher.pick": "worse"})
     assert resolve_references(pinned, storage).base.phase.teacher == "/elsewhere"
-    with pytest.raises(Exception, match="no such trial; trials: better-but-stopped, good, worse"):
+    with pytest.raises(CheckpointError, match="no such trial; trials: better-but-stopped, good, worse"):
         resolve_references(load_experiment(space, {"phase.teacher.pick": "nope"}), storage)
-    with pytest.raises(Exception, match="no leaderboard for that experiment"):
+    with pytest.raises(CheckpointError, match="no leaderboard for that experiment"):
         resolve_references(load_experiment(space, {"phase.teacher.from": "missing"}), storage)

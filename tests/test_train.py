@@ -13,7 +13,7 @@ import torch
 from raycls.config import TrialConfig
 from raycls.errors import NonFiniteLossError
 from raycls.train import RunContext, fit, run_local
-from raycls.train.optim import create_scheduler, lr_multiplier
+from raycls.optim import create_lr_schedule, lr_multiplier
 from raycls.train.steps import StepPolicy, autocast, clip_gradients
 
 from .conftest import REPO
@@ -154,7 +154,7 @@ def test_warmup_then_cosine_schedule() -> None:
     assert mult[0] == pytest.approx(0.05) and mult[19] == pytest.approx(1.0)
     assert mult[20] == pytest.approx(1.0) and mult[60] == pytest.approx(0.5, abs=0.02) and mult[-1] < 0.01
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched = create_scheduler(config, opt, steps_per_epoch=10)
+    sched = create_lr_schedule(config, opt, steps_per_epoch=10)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.05)
     for _ in range(20):
         opt.step()

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, model_validator
 
-from raycls.config.schema import Frozen, PositiveInt, TrialConfig
+from raycls.config.schema import Frozen, PositiveInt, TrialConfig, registered
 from raycls.config.space import Space
 
 
@@ -52,7 +52,7 @@ class ExperimentSection(Frozen):
 
 
 class SearchSection(Frozen):
-    algorithm: Literal["tpe", "random", "cmaes"] = "tpe"
+    algorithm: str = "tpe"  # a SAMPLERS name (raycls.search)
     seed: int = 0
     # Trials to try first, as {dotted.path: value} mappings over the space's parameters.
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
@@ -60,14 +60,16 @@ class SearchSection(Frozen):
     warm_start: str | None = None
     # Random trials before TPE starts modelling (Optuna's n_startup_trials); None: Optuna's default.
     n_startup_trials: Annotated[int, Field(ge=0)] | None = None
+    _known_sampler = registered("sampler", "algorithm")
 
 
 class SchedulerSection(Frozen):
-    name: Literal["asha", "fifo"] = "asha"
+    name: str = "asha"  # a TRIAL_SCHEDULERS name (raycls.search)
     # In epochs (counted over a whole chain). None: the trial's epochs, all stages together.
     max_t: PositiveInt | None = None
     grace_period: PositiveInt = 1
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    _known_trial_scheduler = registered("trial scheduler", "name")
 
 
 class WandbSection(Frozen):

@@ -42,7 +42,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"no such file (expected a search-space YAML)", source=str(path))
+        raise ConfigError("no such file (expected a search-space YAML)", source=str(path))
     try:
         # safe_load: a YAML file must never be able to construct Python objects.
         raw = yaml.safe_load(path.read_text())

@@ -22,6 +22,11 @@ def check_name(family: str, name: str) -> str:
     except RegistryError as err:
         raise ValueError(str(err)) from None
 
+
+def registered(family: str, field: str) -> Any:
+    """A pydantic validator: `field` must name an entry of the `family` registry (its one source of truth)."""
+    return field_validator(field)(classmethod(lambda cls, name: check_name(family, name)))
+
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -47,10 +52,7 @@ class DataConfig(Frozen):
     folder_size: PositiveInt = 64
     download: bool = True
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return check_name("dataset", name)
+    _known = registered("dataset", "name")
 
 
 class ModelConfig(Frozen):
@@ -66,10 +68,7 @@ class ModelConfig(Frozen):
     # Passed through to timm.create_model (e.g. {patch_size: 4}).
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("name")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        return check_name("model", name)
+    _known = registered("model", "name")
 
 
 class PhaseConfig(Frozen):
@@ -160,12 +159,12 @@ class DistillConfig(PhaseConfig):
     teacher_phase: SerializeAsAny[PhaseConfig] | None = None
 
     _dispatch = field_validator("teacher_phase", mode="before")(classmethod(lambda cls, value: _dispatch_phase(value)))
-    kd: Literal["soft_kd", "hard_kd"] = "soft_kd"
+    kd: str = "soft_kd"  # a KD_LOSSES name
     temperature: Annotated[float, Field(gt=0.0)] = 4.0
     # Weight of the distillation term: loss = alpha * kd + (1 - alpha) * cross-entropy on the labels.
     alpha: Annotated[float, Field(ge=0.0, le=1.0)] = 0.6
     # How alpha moves from alpha_start to alpha over training: constant (alpha throughout), linear, cosine.
-    alpha_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    alpha_schedule: str = "constant"  # an ALPHA_SCHEDULES name
     alpha_start: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     # EMA teacher only: decay per optimizer step.
     ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999
@@ -174,10 +173,17 @@ class DistillConfig(PhaseConfig):
     # through its class token and the teacher through its distillation token; at inference both heads average.
     distill_token: bool = False
 
+    _known_kd = registered("kd loss", "kd")
+
+    _known_alpha_schedule = registered("alpha schedule", "alpha_schedule")
+
 
 # Phase configs live here (not in phases/) so that a config validates without importing the training code;
 # phases/ registers one implementation per name and a contract test checks the two registries agree.
-PHASE_CONFIGS: dict[str, type[PhaseConfig]] = {"supervised": SupervisedConfig, "metric": MetricConfig, "supcon": SupConConfig, "distill": DistillConfig}
+# Keyed by each class's own `name` literal (the one place a phase's name is written on the config side).
+PHASE_CONFIGS: dict[str, type[PhaseConfig]] = {
+    cls.model_fields["name"].default: cls for cls in (SupervisedConfig, MetricConfig, SupConConfig, DistillConfig)
+}
 
 
 # A fast dev run's largest batch: big enough for batch norm and SupCon's positives, small enough that a
@@ -195,7 +201,7 @@ class TrainConfig(Frozen):
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     nesterov: bool = True
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
-    scheduler: str = "cosine"
+    scheduler: str = "cosine"  # the lr schedule (an LR_SCHEDULES name; the YAML key predates the rename)
     # Linear warm-up, in epochs (fractions allowed), before the schedule proper.
     warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
     # The cosine schedule ends at lr * min_lr_ratio.
@@ -207,15 +213,9 @@ class TrainConfig(Frozen):
     # channels_last memory format: "auto" turns it on for CUDA only.
     channels_last: Literal["auto", "on", "off"] = "auto"
 
-    @field_validator("optimizer")
-    @classmethod
-    def _known_optimizer(cls, name: str) -> str:
-        return check_name("optimizer", name)
+    _known_optimizer = registered("optimizer", "optimizer")
 
-    @field_validator("scheduler")
-    @classmethod
-    def _known_scheduler(cls, name: str) -> str:
-        return check_name("scheduler", name)
+    _known_lr_schedule = registered("lr schedule", "scheduler")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":

@@ -36,6 +36,10 @@ class _Param(Frozen):
     def suggest(self, trial: "optuna.Trial", name: str) -> Any:
         raise NotImplementedError
 
+    def column_type(self) -> str:
+        """The Arrow type (an alias `pyarrow.type_for_alias` reads) of this parameter's leaderboard column."""
+        return "double"
+
 
 class Uniform(_Param):
     type: Literal["uniform"]
@@ -91,6 +95,9 @@ class IntRange(_Param):
     def suggest(self, trial: "optuna.Trial", name: str) -> int:
         return trial.suggest_int(name, self.low, self.high, step=self.step, log=self.log)
 
+    def column_type(self) -> str:
+        return "int64"
+
 
 class Choice(_Param):
     type: Literal["choice"]
@@ -101,6 +108,15 @@ class Choice(_Param):
 
     def suggest(self, trial: "optuna.Trial", name: str) -> Scalar:
         return trial.suggest_categorical(name, self.values)
+
+    def column_type(self) -> str:
+        """The narrowest type that holds every value: bool, int64, double, else string."""
+        numbers = [v for v in self.values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if all(isinstance(v, bool) for v in self.values):
+            return "bool"
+        if len(numbers) == len(self.values):
+            return "int64" if all(isinstance(v, int) for v in numbers) else "double"
+        return "string"
 
 
 Param = Annotated[Union[Uniform, LogUniform, IntRange, Choice], Field(discriminator="type")]

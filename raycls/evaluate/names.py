@@ -51,3 +51,8 @@ MODES: dict[str, Mode] = {
 
 def mode_of(metric: str) -> Mode:
     return MODES.get(metric.rsplit(".", 1)[-1], "max")  # a stage's metric ranks like the metric itself
+
+
+def better(value: float, than: float | None, mode: Mode) -> bool:
+    """Whether `value` beats `than` (None: nothing yet, so anything does). Ties keep the earlier one."""
+    return than is None or (value > than if mode == "max" else value < than)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from raycls.evaluate.names import EPOCH, Mode, mode_of
+from raycls.evaluate.names import EPOCH, Mode, better, mode_of
 
 
 @dataclass(frozen=True)
@@ -25,25 +25,21 @@ class Summary:
                 "at_best": self.at_best, "final": self.final, "best": self.best}  # fmt: skip
 
 
-def _better(a: float, b: float, mode: Mode) -> bool:
-    return a > b if mode == "max" else a < b
-
-
 def summarize(history: Sequence[dict[str, float]], metric: str, mode: Mode | None = None) -> Summary:
     mode = mode or mode_of(metric)
     if not history:
         return Summary(metric, mode)
-    scored = [h for h in history if metric in h]
+    scored = [h for h in history if isinstance(h.get(metric), (int, float))]
     best_row = scored[0] if scored else history[-1]
     for row in scored[1:]:
-        if _better(row[metric], best_row[metric], mode):
+        if better(row[metric], best_row[metric], mode):
             best_row = row
     best: dict[str, float] = {}
     for row in history:
         for key, value in row.items():
             if key == EPOCH or not isinstance(value, (int, float)):  # a chain's `stage` label is not ranked
                 continue
-            if key not in best or _better(value, best[key], mode_of(key)):
+            if better(value, best.get(key), mode_of(key)):
                 best[key] = value
     return Summary(
         metric=metric,

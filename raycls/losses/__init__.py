@@ -23,7 +23,7 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
 # Imported after LOSSES exists: each module registers its losses into it on import.
 from raycls.losses import contrastive, distill, margin  # noqa: E402, F401
 from raycls.losses.contrastive import ProjectionHead, SupConLoss  # noqa: E402
-from raycls.losses.distill import ALPHA_SCHEDULES, HardKD, SoftKD, kd_alpha  # noqa: E402
+from raycls.losses.distill import ALPHA_SCHEDULES, KD_LOSSES, HardKD, SoftKD, kd_alpha  # noqa: E402
 from raycls.losses.margin import (  # noqa: E402
     AdaFace,
     ArcFace,
@@ -38,11 +38,12 @@ from raycls.losses.margin import (  # noqa: E402
 
 def create_loss(name: str, /, *args: object, **kwargs: object) -> nn.Module:
     """`create_loss("arcface", 512, 10, margin=0.3)`: the registered class called with the given arguments."""
-    return LOSSES.get(name)(*args, **kwargs)
+    return LOSSES.create(name, *args, **kwargs)
 
 
 __all__ = [
     "ALPHA_SCHEDULES",
+    "KD_LOSSES",
     "LOSSES",
     "AdaFace",
     "ArcFace",

@@ -18,7 +18,11 @@ from raycls.errors import ConfigError
 from raycls.losses import LOSSES, at_least_float32
 from raycls.registry import Registry
 
+# The losses a distill phase's `kd` may name (also in LOSSES, with every other loss).
+KD_LOSSES: Registry[type[nn.Module]] = Registry("kd loss")
 
+
+@KD_LOSSES.register("soft_kd")
 @LOSSES.register("soft_kd")
 class SoftKD(nn.Module):
     """KL(teacher || student) between the temperature-softened distributions, times T^2.
@@ -41,6 +45,7 @@ class SoftKD(nn.Module):
         return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * t * t
 
 
+@KD_LOSSES.register("hard_kd")
 @LOSSES.register("hard_kd")
 class HardKD(nn.Module):
     """Cross-entropy against the teacher's argmax: DeiT's hard distillation, no temperature to tune."""

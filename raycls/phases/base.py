@@ -13,8 +13,8 @@ from raycls.config.experiment import Experiment
 from raycls.config.schema import PhaseConfig
 from raycls.errors import ConfigError
 from raycls.evaluate import names
-from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
-from raycls.models.registry import InputSpec
+from raycls.evaluate.evaluators import DEFAULT_KNN_K, ClassifierMetrics, EmbeddingMetrics, Evaluator, Outputs
+from raycls.models.registry import InputSpec, embed_and_classify
 from raycls.registry import Registry
 
 C = TypeVar("C", bound=PhaseConfig)
@@ -22,16 +22,20 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class Phase(ABC, Generic[C]):
-    """One training objective: what it builds on the backbone, its loss, and how it is evaluated.
+    """One training objective: what it builds on the backbone (`build`) and its loss (`loss`).
 
-    Evaluation is split in two so the loop can sum statistics over DDP workers in between:
-    `eval_batch` returns additive sums for one batch, `eval_metrics` turns the summed totals into metrics.
+    How it is evaluated is declared, not written: `evaluators` (raycls.evaluate.evaluators) turn what the
+    model gives for a validation batch (`outputs`: by default a classifier's logits and its backbone's
+    embeddings, from one pass) into metrics. A new classifier phase needs `build` and `loss`, little else.
     """
 
     # The metric this phase is judged by (a name from raycls.evaluate.names).
     metric: ClassVar[str]
     # Augmented views of each training image per batch: batches arrive as [B, views, C, H, W] when > 1.
     views: ClassVar[int] = 1
+    # What the phase is evaluated by. Every phase has embedding metrics (a chain's common yardstick);
+    # phases that train a classifier add ClassifierMetrics.
+    evaluators: ClassVar[tuple[type[Evaluator], ...]] = (ClassifierMetrics, EmbeddingMetrics)
 
     def __init__(self, config: C, spec: InputSpec, *, topk: int = 5, previous: "Previous | None" = None):
         self.config = config
@@ -40,6 +44,7 @@ class Phase(ABC, Generic[C]):
         self.previous = previous
         # Top-k accuracy is reported beside top-1 (k capped at the number of classes).
         self.topk = min(topk, spec.num_classes)
+        self.judges = [_evaluator(kind, self.topk, getattr(config, "knn_k", DEFAULT_KNN_K)) for kind in self.evaluators]
 
     def build(self, backbone: nn.Module) -> nn.Module:
         """The trainable module: the backbone plus whatever heads the phase needs."""
@@ -55,20 +60,29 @@ class Phase(ABC, Generic[C]):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss of one batch (and extra logs). `model` may be DDP-wrapped."""
 
-    @abstractmethod
+    def outputs(self, model: nn.Module, x: torch.Tensor) -> Outputs:
+        """What the model gives for one validation batch. Default: a classifier backbone's embeddings and
+        logits from one pass through its trunk."""
+        embeddings, logits = embed_and_classify(self.backbone(model), x)
+        return Outputs(embeddings=embeddings, logits=logits)
+
     def eval_batch(self, model: nn.Module, batch: Batch) -> EvalBatch:
         """One validation batch: additive statistics (sums and counts, as 0-d tensors) and the backbone's
         embeddings of the images (one forward pass for both). The loop gathers every worker's embeddings."""
+        x, y = batch
+        out = self.outputs(model, x)
+        sums: dict[str, torch.Tensor] = {}
+        for judge in self.judges:
+            sums.update(judge.batch_sums(out, y))
+        return sums, out.embeddings
 
-    @abstractmethod
     def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
         """Validation metrics from the statistics summed over all batches and workers."""
+        return {k: v for judge in self.judges for k, v in judge.metrics(totals).items()}
 
     def embedding_metrics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Metrics over the whole split's embeddings (all workers' together). Every phase reports them, so a
-        chain (supcon > arcface > ...) has one metric, val_knn_acc, that ASHA can compare at every epoch."""
-        k = getattr(self.config, "knn_k", DEFAULT_KNN_K)
-        return {names.VAL_KNN_ACC: knn_accuracy(embeddings, labels, k=k), names.VAL_RECALL_AT_1: recall_at_1(embeddings, labels)}
+        """Metrics over the whole split's embeddings (all workers' together)."""
+        return {k: v for judge in self.judges for k, v in judge.embedding_metrics(embeddings, labels).items()}
 
     def backbone(self, model: nn.Module) -> nn.Module:
         """The backbone inside the module `build` returned: what embeddings come from and what a chain hands
@@ -83,14 +97,16 @@ class Phase(ABC, Generic[C]):
 
     @classmethod
     def reports(cls, topk: int) -> frozenset[str]:
-        """The validation metrics this phase reports at every epoch."""
-        return frozenset({names.VAL_KNN_ACC, names.VAL_RECALL_AT_1, names.VAL_IMAGES})
+        """The validation metrics this phase reports at every epoch (VAL_IMAGES is the loop's own)."""
+        return frozenset({names.VAL_IMAGES}).union(*(kind.reports(topk) for kind in cls.evaluators))
 
 
-# Neighbours in the k-NN accuracy of phases whose config has no knn_k.
-DEFAULT_KNN_K = 20
 EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor | None]
-CLASSIFIER_METRICS = frozenset({names.VAL_LOSS, names.VAL_ACC})
+
+
+def _evaluator(kind: type[Evaluator], topk: int, knn_k: int) -> Evaluator:
+    # The two settings evaluators take come from the trial's eval section and the phase config.
+    return kind(topk) if kind is ClassifierMetrics else kind(knn_k) if kind is EmbeddingMetrics else kind()
 
 
 PHASES: Registry[type[Phase]] = Registry("phase")

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from raycls.config.schema import PREVIOUS, DistillConfig, SupervisedConfig
 from raycls.errors import CheckpointError, ConfigError
 from raycls.evaluate import names
-from raycls.losses import LOSSES, kd_alpha
+from raycls.losses import KD_LOSSES, kd_alpha
 from raycls.models import create_model, load_weights
-from raycls.phases.base import CLASSIFIER_METRICS, PHASES, Batch, Phase, create_phase
-from raycls.phases.supervised import Supervised
+from raycls.phases.base import PHASES, Batch, Phase, create_phase
 
 
 class DistillModel(nn.Module):
@@ -72,7 +71,7 @@ class Distill(Phase[DistillConfig]):
     def build(self, backbone: nn.Module) -> nn.Module:
         if self.config.distill_token and not _has_distillation_token(backbone):  # before loading any teacher
             raise ConfigError(_no_token_message(backbone))
-        self.kd = LOSSES.get(self.config.kd)(**({"temperature": self.config.temperature} if self.config.kd == "soft_kd" else {}))
+        self.kd = KD_LOSSES.create(self.config.kd, **({"temperature": self.config.temperature} if self.config.kd == "soft_kd" else {}))
         self.steps, self.total_steps = 0, 1
         # The teacher has the student's architecture unless teacher_model says otherwise; an EMA teacher
         # starts as a copy of the student.
@@ -142,16 +141,11 @@ class Distill(Phase[DistillConfig]):
             raise ConfigError(_no_token_message(_unwrap(model).student))
         return out[0].float(), out[1].float()
 
-    # Evaluated as a classifier: the student's logits (a DeiT's in eval mode: its two heads averaged).
-    eval_batch = Supervised.eval_batch
-    eval_metrics = Supervised.eval_metrics
+    # Evaluated as a classifier (the default `outputs`): the student's logits (a DeiT's in eval mode: its
+    # two heads averaged), since `backbone` of a DistillModel is the student.
 
     def classifier(self, model: nn.Module) -> nn.Module:
         return model.student
-
-    @classmethod
-    def reports(cls, topk: int) -> frozenset[str]:
-        return super().reports(topk) | CLASSIFIER_METRICS | {names.val_topk(topk)}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

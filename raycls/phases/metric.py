@@ -14,10 +14,9 @@ from raycls.config.schema import MetricConfig
 from raycls.errors import ConfigError
 from raycls.evaluate import names
 from raycls.losses import LOSSES, MarginLoss
-from raycls.models.registry import InputSpec
 from raycls.models import BackboneModel
-from raycls.phases.base import CLASSIFIER_METRICS, PHASES, Batch, EvalBatch, Phase
-from raycls.phases.supervised import classifier_metrics, classifier_sums
+from raycls.evaluate.evaluators import Outputs
+from raycls.phases.base import PHASES, Batch, Phase
 
 
 class MarginModel(BackboneModel):
@@ -69,19 +68,11 @@ class Metric(Phase[MetricConfig]):
         x, y = batch
         return model(x, y).loss, {}
 
-    def eval_batch(self, model: nn.Module, batch: Batch) -> EvalBatch:
-        x, y = batch
+    def outputs(self, model: nn.Module, x: torch.Tensor) -> Outputs:
         embeddings = model.embed(x)
         cosine = model.margin.cosine(embeddings).float()
         # val_loss: the scaled cosine without margin, the classifier's own cross-entropy at inference.
-        return classifier_sums(cosine, self.config.scale * cosine, y, self.topk), embeddings
-
-    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        return classifier_metrics(totals, self.topk)
+        return Outputs(embeddings=embeddings, logits=cosine, loss_logits=self.config.scale * cosine)
 
     def classifier(self, model: nn.Module) -> nn.Module:
         return CosineClassifier(model, self.config.scale)
-
-    @classmethod
-    def reports(cls, topk: int) -> frozenset[str]:
-        return super().reports(topk) | CLASSIFIER_METRICS | {names.val_topk(topk)}

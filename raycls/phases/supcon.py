@@ -12,7 +12,8 @@ from raycls.config.schema import SupConConfig
 from raycls.evaluate import names
 from raycls.losses import ProjectionHead, SupConLoss
 from raycls.models import BackboneModel
-from raycls.phases.base import PHASES, Batch, EvalBatch, Phase
+from raycls.evaluate.evaluators import EmbeddingMetrics, Outputs
+from raycls.phases.base import PHASES, Batch, Phase
 
 
 class ProjectedModel(BackboneModel):
@@ -30,6 +31,7 @@ class ProjectedModel(BackboneModel):
 class SupCon(Phase[SupConConfig]):
     metric = names.VAL_KNN_ACC
     views = 2
+    evaluators = (EmbeddingMetrics,)  # no classifier yet: judged by its embeddings alone
 
     def build(self, backbone: nn.Module) -> nn.Module:
         self.criterion = SupConLoss(temperature=self.config.temperature)
@@ -42,8 +44,5 @@ class SupCon(Phase[SupConConfig]):
         features = model(x.flatten(0, 1)).view(b, v, -1)  # one forward for all views: one DDP sync
         return self.criterion(features, y), {}
 
-    def eval_batch(self, model: nn.Module, batch: Batch) -> EvalBatch:
-        return {"count": torch.tensor(len(batch[1]), device=batch[1].device)}, model.embed(batch[0])
-
-    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        return {}
+    def outputs(self, model: nn.Module, x: torch.Tensor) -> Outputs:
+        return Outputs(embeddings=model.embed(x))

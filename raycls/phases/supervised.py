@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from raycls.config.schema import SupervisedConfig
 from raycls.evaluate import names
-from raycls.models.registry import InputSpec, embed_and_classify
-from raycls.phases.base import CLASSIFIER_METRICS, PHASES, Batch, EvalBatch, Phase
+from raycls.models.registry import InputSpec
+from raycls.phases.base import PHASES, Batch, Phase
 
 
 @PHASES.register("supervised")
@@ -39,37 +39,5 @@ class Supervised(Phase[SupervisedConfig]):
         logits = model(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing), {}
 
-    def eval_batch(self, model: nn.Module, batch: Batch) -> EvalBatch:
-        x, y = batch
-        embeddings, logits = embed_and_classify(self.backbone(model), x)
-        return classifier_sums(logits.float(), logits.float(), y, self.topk), embeddings
-
-    def eval_metrics(self, totals: dict[str, float]) -> dict[str, float]:
-        return classifier_metrics(totals, self.topk)
-
     def classifier(self, model: nn.Module) -> nn.Module:
         return model
-
-    @classmethod
-    def reports(cls, topk: int) -> frozenset[str]:
-        return super().reports(topk) | CLASSIFIER_METRICS | {names.val_topk(topk)}
-
-
-def classifier_sums(logits: torch.Tensor, loss_logits: torch.Tensor, y: torch.Tensor, topk: int) -> dict[str, torch.Tensor]:
-    """Additive validation statistics of a classifier: `logits` rank the classes, `loss_logits` give val_loss."""
-    hits = logits.topk(topk, dim=-1).indices == y[:, None]
-    return {
-        "loss_sum": F.cross_entropy(loss_logits, y, reduction="sum"),
-        "correct": hits[:, 0].sum(),
-        "correct_topk": hits.any(dim=-1).sum(),
-        "count": torch.tensor(len(y), device=y.device),
-    }
-
-
-def classifier_metrics(totals: dict[str, float], topk: int) -> dict[str, float]:
-    n = max(totals["count"], 1.0)
-    return {
-        names.VAL_LOSS: totals["loss_sum"] / n,
-        names.VAL_ACC: totals["correct"] / n,
-        names.val_topk(topk): totals["correct_topk"] / n,
-    }

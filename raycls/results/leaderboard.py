@@ -21,14 +21,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import raycls
-from raycls.errors import LeaderboardError
 from raycls.evaluate import names
+from raycls.evaluate.summary import summarize
 from raycls.results.provenance import GitState
+from raycls.storage import LEADERBOARD_DIR, ExperimentPaths, filesystem
 
 Status = Literal["completed", "early_stopped", "failed"]
 STATUSES: tuple[Status, ...] = ("completed", "early_stopped", "failed")
-LEADERBOARD_DIR = "leaderboard"
-HISTORY_DIR = "history"
 
 # Columns every row has, in order, with their types. Metrics and sampled parameters follow.
 FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
@@ -89,11 +88,7 @@ class TrialRecord:
     git: GitState = field(default_factory=GitState)
 
     def best_row(self) -> dict[str, Any]:
-        scored = [h for h in self.history if isinstance(h.get(self.metric), (int, float))]
-        if not scored:
-            return self.history[-1] if self.history else {}
-        pick = max if self.mode == "max" else min
-        return pick(scored, key=lambda h: h[self.metric])
+        return summarize(self.history, self.metric, self.mode).at_best  # type: ignore[arg-type]
 
     def to_table(self) -> pa.Table:
         # The experiment metric's best epoch, plus every chain stage's own summary (`supcon.val_knn_acc`),
@@ -135,17 +130,7 @@ def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-# --------------------------------------------------------------------------------------------- storage
-def filesystem(storage: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it: local paths, s3://, gs://, hdfs:// alike."""
-    if "://" not in storage:
-        storage = str(Path(storage).expanduser().absolute())
-    try:
-        return pafs.FileSystem.from_uri(storage)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
-        raise LeaderboardError(f"storage {storage!r}: {err}") from None
-
-
+# --------------------------------------------------------------------------------------------- writing
 def _write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> str:
     parent, name = path.rsplit("/", 1)
     fs.create_dir(parent, recursive=True)
@@ -157,17 +142,15 @@ def _write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> str:
 
 def write_trial(storage: str, record: TrialRecord) -> str:
     """Write (or replace) the trial's leaderboard row and its per-epoch history; returns the row's path."""
-    fs, root = filesystem(storage)
-    base = f"{root}/{record.experiment}"
+    paths = ExperimentPaths(storage, record.experiment)
+    fs, _ = filesystem(paths.storage)
     if record.history:
-        _write_atomic(fs, f"{base}/{HISTORY_DIR}/{record.trial_id}.parquet", record.history_table())
-    return _write_atomic(fs, f"{base}/{LEADERBOARD_DIR}/{record.trial_id}.parquet", record.to_table())
+        _write_atomic(fs, filesystem(paths.history(record.trial_id))[1], record.history_table())
+    return _write_atomic(fs, filesystem(paths.row(record.trial_id))[1], record.to_table())
 
 
 def written_trials(storage: str, experiment: str) -> set[str]:
-    fs, root = filesystem(storage)
-    selector = pafs.FileSelector(f"{root}/{experiment}/{LEADERBOARD_DIR}", allow_not_found=True)
-    return {Path(info.path).stem for info in fs.get_file_info(selector) if info.path.endswith(".parquet")}
+    return ExperimentPaths(storage, experiment).trial_ids()
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -18,9 +18,8 @@ from typing import Any
 import yaml
 
 from raycls.config.experiment import Experiment
-from raycls.files import write_text_atomic
+from raycls.storage import ExperimentPaths
 
-SPACE_FILE = "space.yaml"
 
 
 @dataclass(frozen=True)
@@ -68,14 +67,5 @@ def space_as_run(experiment: Experiment) -> str:
 
 def write_space_as_run(experiment: Experiment, storage: str) -> str:
     """`<storage>/<experiment>/space.yaml`, whole or not at all (a rename locally; object stores write whole)."""
-    from raycls.results.leaderboard import filesystem
-
-    text = space_as_run(experiment)
-    if "://" not in storage:
-        return str(write_text_atomic(Path(storage) / experiment.name / SPACE_FILE, text))
-    fs, root = filesystem(storage)
-    path = f"{root}/{experiment.name}/{SPACE_FILE}"
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as stream:
-        stream.write(text.encode())
-    return path
+    paths = ExperimentPaths(storage, experiment.name)
+    return paths.write_text(paths.space_file(), space_as_run(experiment))

@@ -7,7 +7,6 @@ unless given, that trial's model section as `teacher_model`), so phases only eve
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from raycls.config.experiment import Experiment

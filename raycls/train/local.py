@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 
 from raycls.config.schema import TrialConfig
-from raycls.evaluate.names import Mode
+from raycls.evaluate.names import Mode, better
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
-from raycls.train.loop import FAST_DEV_BATCHES, Metrics, ProgressFn, RunContext, fit
+from raycls.train.chain import fit
+from raycls.train.loop import FAST_DEV_BATCHES, Metrics, ProgressFn, RunContext
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -32,7 +33,7 @@ class KeepBestReporter:
         if checkpoint is not None:
             replace_dir(checkpoint, self.out / "checkpoints" / "last")
             value = metrics.get(self.metric)
-            if value is not None and (self.best is None or (value > self.best if self.mode == "max" else value < self.best)):
+            if value is not None and better(value, self.best, self.mode):
                 self.best = value
                 replace_dir(checkpoint, self.out / "checkpoints" / "best")
         if self.on_epoch is not None:

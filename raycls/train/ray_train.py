@@ -1,37 +1,32 @@
-"""The bridge between the plain-PyTorch loop and Ray: the Tune trainable and the Ray Train launch.
+"""The plain-PyTorch loop under Ray Train: the per-worker function, the TorchTrainer that runs it, and
+`raycls train` without --no-ray (one Ray Train run, no Tune).
 
-This module and `raycls.tune` are the only places that import Ray.
-
-A Tune trial runs `tune_trainable`. One-worker trials run the loop directly in the trial's actor: starting a
-Ray Train run (controller actor, worker group, process group) costs seconds per trial that a one-process
-trial gains nothing from (benchmarks/trial_overhead.py measures both). Multi-worker trials always launch a
-`TorchTrainer` (Train V2) whose workers run the loop under DDP; `TuneReportCallback` forwards rank 0's
-reports (the loop all-reduces validation metrics first) to Tune, so ASHA sees every epoch either way.
+This module and `raycls.tune` are the only places that import Ray; nothing here imports `ray.tune`
+(the Tune trainable, which launches `torch_trainer` for multi-worker trials, is `raycls.tune.trainable`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 import ray.train
-import ray.tune
 import torch
 
-from raycls.config.experiment import Experiment, Resources
-from raycls.config.load import resolve_trial
+from raycls.config.experiment import Resources
 from raycls.config.schema import TrialConfig
 from raycls.evaluate import names
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
 from raycls.train.local import CONFIG_FILE, METRICS_FILE
-from raycls.train.loop import FAST_DEV_BATCHES, Metrics, RunContext, fit
+from raycls.train.chain import fit
+from raycls.train.loop import FAST_DEV_BATCHES, Metrics, RunContext
 
-TRAIN_RUNS_DIR = "train_runs"
 # Reported with every epoch: how many times this trial has started again from one of its checkpoints (a
 # Ray Train worker-group restart after a lost node, a Tune retry, a resumed driver). The count travels in
 # the checkpoint itself, so every kind of restart is seen, including Ray Train's own, which Tune's
@@ -39,10 +34,6 @@ TRAIN_RUNS_DIR = "train_runs"
 RESTARTS = names.RESTARTS
 RESTARTS_FILE = "raycls_restarts.json"
 NODE_ID = names.NODE_ID
-# A multi-worker trial whose Ray Train run gave up (after its own max_failures restarts) leaves this file in
-# the run's folder: Tune's retry of the trial then fails at once instead of restarting the worker group
-# max_failures times more (retries would multiply: (max_failures + 1) ** 2 attempts).
-FAILED_FILE = "raycls_failed.txt"
 
 
 def trial_extras(config: TrialConfig, device: torch.device) -> dict[str, Any]:
@@ -76,81 +67,26 @@ def mark_restarts(checkpoint: Path | None, restarts: int) -> None:
         (checkpoint / RESTARTS_FILE).write_text(json.dumps({RESTARTS: restarts}))
 
 
-# ------------------------------------------------------------------------------------------- Tune trial
-def tune_trainable(params: dict[str, Any], *, experiment_json: str, storage: str) -> None:
-    """One Tune trial: the experiment's base config with this trial's sampled `params` applied."""
-    experiment = Experiment.model_validate_json(experiment_json)
-    trial_id = ray.tune.get_context().get_trial_id()
-    if _has_row(storage, experiment.name, trial_id):
-        # A resumed driver restores trials that ended after Tune's last snapshot as unfinished: their row
-        # is written, so they are not trained again (nor counted twice).
-        return
-    config = resolve_trial(experiment, params)
-    limit = FAST_DEV_BATCHES if experiment.experiment.fast_dev_run else None
-    if experiment.experiment.resources.workers == 1:
-        _run_in_trial_actor(config, experiment.experiment.resources, limit_batches=limit)
-    else:
-        _run_torch_trainer(config, experiment, storage, name=f"train-{trial_id}", limit_batches=limit)
+@dataclass
+class RayReporter:
+    """The loop's Reporter under Ray: each epoch's metrics plus the trial's extras, and rank 0's checkpoint,
+    through `report` (ray.train.report on a Train worker, ray.tune.report in a one-worker Tune trial).
+    Every rank must call it: under Ray Train, report is a barrier."""
 
+    report: Callable[..., None]
+    checkpoint_class: type
+    extras: dict[str, Any]
+    # `raycls train` shows every epoch; Train V2's Result keeps only the last report's metrics.
+    history_file: str | None = None
+    rank: int = 0
 
-def _has_row(storage: str, experiment: str, trial_id: str) -> bool:
-    from raycls.results.leaderboard import LEADERBOARD_DIR, filesystem
-
-    fs, root = filesystem(storage)
-    return fs.get_file_info(f"{root}/{experiment}/{LEADERBOARD_DIR}/{trial_id}.parquet").is_file
-
-
-def _run_in_trial_actor(config: TrialConfig, resources: Resources, *, limit_batches: int | None = None) -> None:
-    device = torch.device("cuda" if resources.gpu and torch.cuda.is_available() else "cpu")
-    extras = trial_extras(config, device)
-
-    with restored(ray.tune.get_checkpoint()) as resume_from:
-        extras[RESTARTS] = restarts_of(resume_from)
-
-        def report(metrics: Metrics, checkpoint: Path | None) -> None:
-            mark_restarts(checkpoint, extras[RESTARTS])
-            saved = ray.tune.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
-            ray.tune.report({**metrics, **extras}, checkpoint=saved)
-
-        fit(config, report, RunContext(device=device, resume_from=resume_from, limit_batches=limit_batches))
-
-
-def _run_torch_trainer(
-    config: TrialConfig, experiment: Experiment, storage: str, *, name: str, limit_batches: int | None = None
-) -> None:
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raycls.results.leaderboard import filesystem
-
-    runs = f"{storage.rstrip('/')}/{experiment.name}/{TRAIN_RUNS_DIR}"
-    fs, root = filesystem(f"{runs}/{name}")
-    failed = f"{root}/{FAILED_FILE}"
-    if fs.get_file_info(failed).is_file:
-        with fs.open_input_stream(failed) as stream:
-            message = stream.read().decode(errors="replace")
-        raise RuntimeError(f"the Ray Train run already failed after its retries (max_failures): {message}")
-    trainer = _torch_trainer(
-        config,
-        experiment.experiment.resources,
-        storage_path=runs,
-        name=name,  # deterministic (the Tune trial id, no timestamp): a retried trial restores this Train run
-        callbacks=[TuneReportCallback()],
-        keep=experiment.experiment.keep_checkpoints,
-        metric=experiment.experiment.metric,
-        mode=experiment.experiment.mode,
-        # Ray Train restarts the worker group from the run's last checkpoint (a lost node, a crashed worker)
-        # inside this trial; Tune's own retries then only cover a lost coordinator.
-        max_failures=experiment.experiment.max_failures,
-        limit_batches=limit_batches,
-    )
-    try:
-        trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        if _raised_by_training(err):  # not a lost process or node (a killed driver takes its workers along)
-            fs.create_dir(root, recursive=True)
-            with fs.open_output_stream(failed) as stream:
-                stream.write(_last_line(err).encode())
-        raise
+    def __call__(self, metrics: Metrics, checkpoint: Path | None) -> None:
+        mark_restarts(checkpoint, self.extras[RESTARTS])
+        saved = self.checkpoint_class.from_directory(str(checkpoint)) if checkpoint else None
+        if self.history_file and self.rank == 0:
+            with open(self.history_file, "a") as handle:
+                handle.write(json.dumps({**metrics, **self.extras}) + "\n")
+        self.report({**metrics, **self.extras}, checkpoint=saved)
 
 
 # -------------------------------------------------------------------------------------- Ray Train run
@@ -159,29 +95,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     config = TrialConfig.from_json(loop_config["config_json"])
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
-    extras = trial_extras(config, device)
-
-    history_file = loop_config.get("history_file")
-
-    def report(metrics: Metrics, checkpoint: Path | None) -> None:
-        # Every rank must call report (it is a barrier); rank 0 alone passes a checkpoint.
-        mark_restarts(checkpoint, extras[RESTARTS])
-        saved = ray.train.Checkpoint.from_directory(str(checkpoint)) if checkpoint else None
-        if history_file and context.get_world_rank() == 0:
-            # `raycls train` shows every epoch; Train V2's Result keeps only the last report's metrics.
-            with open(history_file, "a") as handle:
-                handle.write(json.dumps({**metrics, **extras}) + "\n")
-        ray.train.report({**metrics, **extras}, checkpoint=saved)
-
     ctx = RunContext(device=device, rank=context.get_world_rank(), world_size=context.get_world_size(),
                      limit_batches=loop_config.get("limit_batches"))  # fmt: skip
     with restored(ray.train.get_checkpoint()) as resume_from:
         ctx.resume_from = resume_from
-        extras[RESTARTS] = restarts_of(resume_from)
-        fit(config, report, ctx)
+        extras = {**trial_extras(config, device), RESTARTS: restarts_of(resume_from)}
+        reporter = RayReporter(ray.train.report, ray.train.Checkpoint, extras,
+                               history_file=loop_config.get("history_file"), rank=ctx.rank)  # fmt: skip
+        fit(config, reporter, ctx)
 
 
-def _torch_trainer(
+def torch_trainer(
     config: TrialConfig,
     resources: Resources,
     *,
@@ -233,7 +157,7 @@ def train_with_ray(
     write_json_atomic(out / CONFIG_FILE, config.to_dict())
     history_file = out / "history.jsonl"
     history_file.unlink(missing_ok=True)
-    trainer = _torch_trainer(config, resources, storage_path=str(out), name="ray_train", metric=metric, mode=mode,
+    trainer = torch_trainer(config, resources, storage_path=str(out), name="ray_train", metric=metric, mode=mode,
                              limit_batches=FAST_DEV_BATCHES if fast_dev_run else None, history_file=str(history_file))  # fmt: skip
     result = trainer.fit()
     if result.error:
@@ -257,26 +181,4 @@ def train_with_ray(
     return summary
 
 
-def _raised_by_training(error: BaseException) -> bool:
-    """Whether the training code itself raised on the workers (NaN loss, missing data), as opposed to a
-    worker process or node that went away: only the first kind fails again the same way when retried."""
-    from ray.exceptions import RayActorError
-    from ray.train.v2.api.exceptions import WorkerGroupError
-
-    try:
-        from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
-
-        lost: tuple[type, ...] = (RayActorError, WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError)
-    except ImportError:  # a Ray without these internals
-        lost = (RayActorError,)
-    failures = getattr(error, "worker_failures", None) or {}
-    return isinstance(error, WorkerGroupError) and bool(failures) and not any(isinstance(e, lost) for e in failures.values())
-
-
-def _last_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    informative = [line for line in lines if "Error" in line or "Exception" in line]
-    return (informative[-1] if informative else (lines[-1] if lines else type(error).__name__))[:2000]
-
-
-__all__ = ["NODE_ID", "RESTARTS", "TRAIN_RUNS_DIR", "train_with_ray", "tune_trainable"]
+__all__ = ["NODE_ID", "RESTARTS", "torch_trainer", "train_with_ray", "train_worker"]

@@ -14,19 +14,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from raycls.config.experiment import Experiment
-from raycls.config.load import resolve_trial
-from raycls.config.space import Choice, IntRange
-from raycls.errors import RayclsError
 from raycls.evaluate import names
-from raycls.results.leaderboard import Status, TrialRecord, write_trial, written_trials
+from raycls.evaluate.names import better
+from raycls.results.leaderboard import Status, write_trial
 from raycls.results.provenance import GitState
+from raycls.results.row import TrialSeen, build_record
 from raycls.results.wandb_log import WandbWriter
-from raycls.train.ray_train import RESTARTS
+from raycls.storage import ExperimentPaths, is_local
 from raycls.tune.searcher import stopped_early
 
 # Tune's own bookkeeping keys: not metrics of ours, kept out of the history and W&B.
@@ -34,29 +32,6 @@ TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestam
              "iterations_since_restore", "timesteps_total", "episodes_total", "done", "trial_id", "date",
              "hostname", "node_ip", "pid", "config", "experiment_tag", "checkpoint_dir_name",
              "should_checkpoint", "timesteps_since_restore", "experiment_id"}  # fmt: skip
-
-
-def param_types(experiment: Experiment) -> dict[str, pa.DataType]:
-    """The Parquet type of each sampled parameter's column."""
-    types: dict[str, pa.DataType] = {}
-    for path, param in experiment.space.params.items():
-        if path in experiment.overrides:
-            continue
-        if isinstance(param, IntRange):
-            types[path] = pa.int64()
-        elif isinstance(param, Choice):
-            values = param.values
-            if all(isinstance(v, bool) for v in values):
-                types[path] = pa.bool_()
-            elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                types[path] = pa.int64()
-            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                types[path] = pa.float64()
-            else:
-                types[path] = pa.string()
-        else:
-            types[path] = pa.float64()
-    return types
 
 
 def error_message(trial: Trial) -> str:
@@ -96,9 +71,9 @@ class TrialLedger(Callback):
 
     def _setup(self) -> None:
         self.experiment = Experiment.model_validate_json(self.experiment_json)
-        self.types = param_types(self.experiment)
+        self.paths = ExperimentPaths(self.storage, self.experiment.name)
         self.logs: dict[str, TrialLog] = {}
-        self.written: set[str] = written_trials(self.storage, self.experiment.name)
+        self.written: set[str] = self.paths.trial_ids()
         self.wandb = WandbWriter(self.experiment.wandb, self.wandb_mode, Path(self.experiment_dir),
                                  experiment=self.experiment.name)  # fmt: skip
 
@@ -131,11 +106,8 @@ class TrialLedger(Callback):
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Any, **info: Any) -> None:
         log = self._log(trial)
         value = log.last_result.get(self.experiment.experiment.metric)
-        better = value is not None and (
-            log.best_value is None
-            or (value > log.best_value if self.experiment.experiment.mode == "max" else value < log.best_value)
-        )
-        if better or log.best_checkpoint is None:
+        improved = value is not None and better(value, log.best_value, self.experiment.experiment.mode)
+        if improved or log.best_checkpoint is None:
             log.best_value = value if value is not None else log.best_value
             log.best_checkpoint = _uri(checkpoint)
 
@@ -154,9 +126,17 @@ class TrialLedger(Callback):
         """Epochs reported before a driver restart: Tune keeps them in the trial's result.json."""
         try:
             path = Path(trial.path) / "result.json"
-            return _read_result_json(path) if "://" not in str(trial.path) and path.is_file() else {}
+            return _read_result_json(path) if is_local(str(trial.path)) and path.is_file() else {}
         except (OSError, AttributeError, TypeError):
             return {}
+
+    def _config_written(self, trial: Trial) -> str | None:
+        """The resolved config the trial wrote into its folder (None: it failed before, or cannot be read)."""
+        try:
+            uri = self.paths.trial_config(Path(trial.path).name)
+            return self.paths.read_text(uri) if self.paths.exists(uri) else None
+        except (OSError, AttributeError, TypeError):
+            return None
 
     def _config_summary(self, trial: Trial) -> dict[str, Any]:
         return {**dict(trial.config), "experiment": self.experiment.name, "trial_id": trial.trial_id}
@@ -167,60 +147,24 @@ class TrialLedger(Callback):
             # experiment): its row was written the first time, and is never written twice.
             return
         log = self._log(trial)
-        try:
-            config = resolve_trial(self.experiment, dict(trial.config))
-            config_json, seed, phase = config.to_json(), config.seed, config.chain
-            max_epochs, teacher = config.total_epochs, teacher_of(config)
-        except RayclsError as err:  # the sampled values do not make a valid config: still a failed row
-            config_json, seed, phase, max_epochs = None, self.experiment.base.seed, self.experiment.base.chain, None
-            teacher = None
-            error = error or str(err)
         merged = {**self._history_on_disk(trial), **log.history}
-        history = [merged[e] for e in sorted(merged)]
-        record = TrialRecord(
-            experiment=self.experiment.name,
+        seen = TrialSeen(
             trial_id=trial.trial_id,
             status=status,
-            metric=self.experiment.experiment.metric,
-            mode=self.experiment.experiment.mode,
-            params={k: v for k, v in dict(trial.config).items() if k in self.types},
-            param_types=self.types,
-            history=history,
-            phase=phase,
-            max_epochs=max_epochs,
+            params=dict(trial.config),
+            history=[merged[e] for e in sorted(merged)],
             started_at=log.started_at,
             ended_at=datetime.now(timezone.utc),
-            device=str(log.last_result.get(names.DEVICE)) if log.last_result.get(names.DEVICE) else None,
-            workers=self.experiment.experiment.resources.workers,
-            seed=seed,
-            restarts=count_restarts(history, int(getattr(trial, "num_failures", 0) or 0), failed=status == "failed"),
+            num_failures=int(getattr(trial, "num_failures", 0) or 0),
             checkpoint=log.best_checkpoint,
-            teacher=teacher,
-            config_json=config_json,
             error=error,
-            git=self.git,
+            config_json=self._config_written(trial),
         )
+        record = build_record(self.experiment, seen, self.git)
         write_trial(self.storage, record)
         self.written.add(trial.trial_id)
         row = {k: v for k, v in record.to_table().to_pylist()[0].items() if not isinstance(v, datetime)}
         self.wandb.finish(trial.trial_id, row, failed=status == "failed")
-
-
-def count_restarts(history: list[dict[str, Any]], num_failures: int, *, failed: bool) -> int:
-    """How many times the trial started again: the count its workers report (every start from a checkpoint,
-    Ray Train's worker-group restarts included) or Tune's retries (`num_failures`, of which the last one of
-    a failed trial was not followed by a retry), whichever saw more."""
-    reported = max((int(h[RESTARTS]) for h in history if isinstance(h.get(RESTARTS), (int, float))), default=0)
-    return max(reported, num_failures - 1 if failed else num_failures, 0)
-
-
-def teacher_of(config: Any) -> str | None:
-    """What a distilled trial (or chain stage) learned from: the referenced trial, the checkpoint path, or "ema"."""
-    for stage in config.stages:
-        phase = stage.phase
-        if phase.name == "distill":
-            return phase.teacher_trial or (str(phase.teacher) if phase.teacher else "ema")
-    return None
 
 
 def _read_result_json(path: Path) -> dict[int, dict[str, Any]]:
@@ -320,8 +264,7 @@ class LiveTable(Callback):
             value = result.get(self.metric)
             if isinstance(value, (int, float)):
                 row[self.metric] = value
-                best = row.get("best")
-                if best is None or (value > best if self.mode == "max" else value < best):
+                if better(value, row.get("best"), self.mode):  # type: ignore[arg-type]
                     row["best"] = value
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:

@@ -19,24 +19,19 @@ import ray.tune
 
 from raycls.config.experiment import Experiment
 from raycls.errors import RayclsError
-from raycls.phases.base import check_experiment_metric
-from raycls.results.leaderboard import ReadResult, filesystem, read_leaderboard, written_trials
+from raycls.results.leaderboard import ReadResult, read_leaderboard
 from raycls.results.provenance import git_state, write_space_as_run
-from raycls.results.references import resolve_references
+from raycls.prepare import prepare_experiment
 from raycls.results.wandb_log import resolve_mode
-from raycls.train.ray_train import tune_trainable
 from raycls.tune.callbacks import LiveTable, TrialLedger
-from raycls.tune.cluster import (
-    cluster_nodes,
-    init_ray,
-    per_trial_request,
-    preflight,
-    shared_storage_from_env,
-    trial_bundle,
-)
-from raycls.tune.schedulers import create_scheduler
+from raycls.cluster.preflight import preflight, shared_storage_from_env
+from raycls.cluster.resources import per_trial_request, trial_bundle
+from raycls.search import TRIAL_SCHEDULERS
+from raycls.storage import ExperimentPaths, absolute, filesystem
+from raycls.tune.cluster import cluster_nodes, init_ray
 from raycls.tune.resume import ResumeMode, ResumePlan, SnapshotKeeper, prepare_resume, reconcile_study
 from raycls.tune.searcher import create_searcher, journal_path, open_study_storage
+from raycls.tune.trainable import tune_trainable
 
 
 @dataclass(frozen=True)
@@ -60,26 +55,14 @@ class TuneOutcome:
     errors: int
 
 
-def experiment_dir(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}"
-
-
-def local_state_dir(storage: str, name: str) -> Path:
-    """Where files that need a local filesystem go (Optuna journal, offline W&B runs)."""
-    if "://" in storage:
-        return Path(os.environ.get("RAYCLS_CACHE", Path.home() / ".cache" / "raycls")) / "experiments" / name
-    return Path(experiment_dir(storage, name))
-
-
 def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
     # Tune warns whenever checkpoints force experiment snapshots (every epoch here, by design: a trial's
     # best-k checkpoints must stay consistent with the experiment state that --resume reads).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Before anything starts: a chain whose stages do not all report the experiment metric is refused.
-    check_experiment_metric(experiment)
-    storage = options.storage if "://" in options.storage else str(Path(options.storage).expanduser().absolute())
+    storage = absolute(options.storage)
     filesystem(storage)  # fail early, with a clear message, on a storage we cannot reach
-    experiment = resolve_references(experiment, storage)  # teacher: {from: EXP, pick: best} -> a checkpoint path
+    # The metric checked, teacher / init {from: EXP, pick: best} -> checkpoint paths, before any trial starts.
+    experiment = prepare_experiment(experiment, storage=storage)
     resources = experiment.experiment.resources
     concurrency_cpus = per_trial_request(resources)["CPU"] * (experiment.experiment.concurrency or 1) + 1
     init_ray(options.address, needed_cpus=concurrency_cpus, num_cpus=options.num_cpus, verbose=options.verbose)
@@ -89,13 +72,13 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
                      shared_storage=shared)  # fmt: skip
     concurrency = min(plan.concurrency, experiment.experiment.trials)
 
-    path = experiment_dir(storage, experiment.name)
-    state = local_state_dir(storage, experiment.name)
+    paths = ExperimentPaths(storage, experiment.name)
+    path, state = paths.root, paths.state_dir
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(tune_trainable, experiment_json=experiment.model_dump_json(), storage=storage),
         trial_bundle(resources, pin_on_demand=plan.pin_on_demand),
     )
-    resume = _resume_plan(options, path, storage)
+    resume = _resume_plan(options, paths)
     if resume.note:
         print(f"resume: {resume.note}")
     if resume.mode is ResumeMode.RESTORE:
@@ -106,12 +89,12 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
         errors = sum(1 for r in grid if r.error is not None)
     else:
         # A new experiment, or one whose Tune state was lost: run the trials that have no row yet.
-        remaining = experiment.experiment.trials - (len(written_trials(storage, experiment.name)) if options.resume else 0)
+        remaining = experiment.experiment.trials - (len(paths.trial_ids()) if options.resume else 0)
         if options.resume:
             experiment = _without_evaluated_points(experiment, read_leaderboard(storage, experiment.name).table.to_pylist())
         errors = 0
         if remaining > 0:
-            grid = _new_tuner(experiment, options, storage, state, trainable, min(concurrency, remaining), remaining).fit()
+            grid = _new_tuner(experiment, options, paths, trainable, min(concurrency, remaining), remaining).fit()
             errors = sum(1 for r in grid if r.error is not None)
     board = read_leaderboard(storage, experiment.name)
     _reconcile(experiment, state, board)
@@ -127,12 +110,12 @@ def _without_evaluated_points(experiment: Experiment, rows: list[dict]) -> Exper
     return experiment.model_copy(update={"search": experiment.search.model_copy(update={"points_to_evaluate": points})})
 
 
-def _resume_plan(options: TuneOptions, path: str, storage: str) -> ResumePlan:
+def _resume_plan(options: TuneOptions, paths: ExperimentPaths) -> ResumePlan:
     if not options.resume:
         return ResumePlan(ResumeMode.START)
-    plan = prepare_resume(None if "://" in storage else Path(path), can_restore=ray.tune.Tuner.can_restore(path))
+    plan = prepare_resume(paths.folder, can_restore=ray.tune.Tuner.can_restore(paths.root))
     if plan.mode is ResumeMode.START:
-        return ResumePlan(ResumeMode.START, note=f"nothing to resume at {path}: starting the experiment")
+        return ResumePlan(ResumeMode.START, note=f"nothing to resume at {paths.root}: starting the experiment")
     return plan
 
 
@@ -148,18 +131,18 @@ def _reconcile(experiment: Experiment, state: Path, board: ReadResult) -> None:
     reconcile_study(study, board.table.select(["trial_id", "status", "score"]).to_pylist())
 
 
-def _new_tuner(experiment: Experiment, options: TuneOptions, storage: str, state: Path, trainable, concurrency: int,
+def _new_tuner(experiment: Experiment, options: TuneOptions, paths: ExperimentPaths, trainable, concurrency: int,
                trials: int):
-    section = experiment.experiment
+    section, storage, state = experiment.experiment, paths.storage, paths.state_dir
     warm = experiment.search.warm_start
-    warm_dir = local_state_dir(storage, warm) if warm else None
+    warm_dir = ExperimentPaths(storage, warm).state_dir if warm else None
     if warm_dir is not None and not (warm_dir / "optuna.journal").is_file():
         raise RayclsError(f"search.warm_start: no Optuna study for experiment {warm!r} at {warm_dir}/optuna.journal")
     wandb_mode = resolve_mode(options.wandb_mode or experiment.wandb.mode)
     write_space_as_run(experiment, storage)  # `raycls tune <experiment>/space.yaml` runs this search again
     callbacks = [TrialLedger(experiment, storage, state, wandb_mode, git_state(experiment.source))]
-    if "://" not in storage:  # object stores write whole objects: Tune's own snapshot cannot be cut short
-        callbacks.append(SnapshotKeeper(Path(experiment_dir(storage, experiment.name))))
+    if paths.folder is not None:  # object stores write whole objects: Tune's own snapshot cannot be cut short
+        callbacks.append(SnapshotKeeper(paths.folder))
     if options.live:
         callbacks.append(LiveTable(experiment.name, section.metric, section.mode, trials))
     return ray.tune.Tuner(
@@ -168,7 +151,7 @@ def _new_tuner(experiment: Experiment, options: TuneOptions, storage: str, state
             metric=section.metric,
             mode=section.mode,
             search_alg=create_searcher(experiment, state, warm_dir),
-            scheduler=create_scheduler(experiment),
+            scheduler=TRIAL_SCHEDULERS.create(experiment.scheduler.name, experiment),
             num_samples=trials,
             max_concurrent_trials=concurrency,
             # A trial actor that ends is reused for the next trial: no new Python process, and torch,

@@ -16,39 +16,11 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from raycls.config.experiment import Experiment, SearchSection
+from raycls.config.experiment import Experiment
 from raycls.config.space import Space, suggest
 from raycls.evaluate import names
-from raycls.registry import Registry
+from raycls.search import SAMPLERS
 from raycls.tune.resume import TRIAL_ID_ATTR
-
-SAMPLERS: Registry = Registry("sampler")
-
-
-@SAMPLERS.register("tpe")
-def tpe(search: SearchSection) -> optuna.samplers.BaseSampler:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        # multivariate + group: TPE models conditional parameters per sub-space (Optuna's advice for
-        # define-by-run spaces); constant_liar keeps parallel trials from sampling the same point.
-        return optuna.samplers.TPESampler(
-            seed=search.seed, multivariate=True, group=True, constant_liar=True,
-            **({"n_startup_trials": search.n_startup_trials} if search.n_startup_trials is not None else {}),
-        )  # fmt: skip
-
-
-@SAMPLERS.register("random")
-def random(search: SearchSection) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.RandomSampler(seed=search.seed)
-
-
-@SAMPLERS.register("cmaes")
-def cmaes(search: SearchSection) -> optuna.samplers.BaseSampler:
-    # CMA-ES handles numeric parameters; categorical ones fall back to independent (random) sampling.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.CmaEsSampler(seed=search.seed, warn_independent_sampling=False)
-
 
 class SpaceFunction:
     """The define-by-run function (picklable, for Tune's searcher checkpoints). No computation inside."""
@@ -163,7 +135,7 @@ def create_searcher(experiment: Experiment, experiment_dir: Path, warm_start_dir
         space=SpaceFunction(experiment.space, experiment.overrides),
         metric=experiment.experiment.metric,
         mode=experiment.experiment.mode,
-        sampler=SAMPLERS.get(search.algorithm)(search),
+        sampler=SAMPLERS.create(search.algorithm, search),
         points_to_evaluate=[dict(p) for p in search.points_to_evaluate] or None,
         study_name=experiment.name,
         storage=open_study_storage(journal_path(experiment_dir)),

@@ -1,4 +1,10 @@
-"""Optimizers and learning-rate schedules, as registries. Schedules are per step, with linear warm-up."""
+"""Optimizers and learning-rate schedules, as registries. Schedules are per step, with linear warm-up.
+
+Outside `raycls.train` so that validating a config (`train.optimizer`, `train.scheduler`) loads these
+registries without the training loop. In code the per-step lr schedule is never called a scheduler:
+that word is for the trial schedulers (ASHA, FIFO) in `raycls.search`; the YAML key `train.scheduler`
+keeps its name for existing search spaces.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer")
 
 # A schedule maps progress after warm-up (0 -> 1) and the config to a multiplier of the base lr.
 Schedule = Callable[[float, TrainConfig], float]
-SCHEDULERS: Registry[Schedule] = Registry("scheduler")
+LR_SCHEDULES: Registry[Schedule] = Registry("lr schedule")
 
 
 @OPTIMIZERS.register("sgd")
@@ -41,21 +47,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def create_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(config.optimizer)(param_groups(model, config.weight_decay), config)
+    return OPTIMIZERS.create(config.optimizer, param_groups(model, config.weight_decay), config)
 
 
-@SCHEDULERS.register("cosine")
+@LR_SCHEDULES.register("cosine")
 def cosine(progress: float, config: TrainConfig) -> float:
     floor = config.min_lr_ratio
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-@SCHEDULERS.register("linear")
+@LR_SCHEDULES.register("linear")
 def linear(progress: float, config: TrainConfig) -> float:
     return 1.0 - (1.0 - config.min_lr_ratio) * progress
 
 
-@SCHEDULERS.register("constant")
+@LR_SCHEDULES.register("constant")
 def constant(progress: float, config: TrainConfig) -> float:
     return 1.0
 
@@ -64,10 +70,10 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, config: Tra
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    return SCHEDULERS.get(config.scheduler)(min(progress, 1.0), config)
+    return LR_SCHEDULES.create(config.scheduler, min(progress, 1.0), config)
 
 
-def create_scheduler(
+def create_lr_schedule(
     config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     total = config.epochs * steps_per_epoch

@@ -1,0 +1,136 @@
+"""Where an experiment's files live: the one owner of the storage layout, its filesystem and "is this local".
+
+    <storage>/<experiment>/
+        leaderboard/<trial_id>.parquet   one row per ended trial (results/leaderboard.py)
+        history/<trial_id>.parquet       the trial's per-epoch metrics
+        space.yaml                       the search space as run (--set applied)
+        train_runs/train-<trial_id>/     the Ray Train run of a multi-worker trial
+        .raycls/                         raycls's own bookkeeping (a whole copy of Tune's snapshot, ...)
+        optuna.journal                   the study (local storage; object storage keeps it in the cache)
+        <trial folders>, tuner.pkl, experiment_state-*.json: Ray Tune's own
+    <trial folder>/config.json           the trial's resolved TrialConfig
+
+`storage` is a local path or a URI (s3://, gs://, hdfs://, file://); pyarrow's filesystems read and write
+all of them alike, so nothing else in raycls parses a URI.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raycls.errors import StorageError
+
+LEADERBOARD_DIR = "leaderboard"
+HISTORY_DIR = "history"
+SPACE_FILE = "space.yaml"
+TRAIN_RUNS_DIR = "train_runs"
+RAYCLS_DIR = ".raycls"
+TRIAL_CONFIG_FILE = "config.json"
+# Files that need a local filesystem (the Optuna journal, offline W&B runs) when the storage is a URI.
+CACHE_ENV = "RAYCLS_CACHE"
+
+
+def is_local(storage: str) -> bool:
+    """A path on this machine (or a file:// URI): rename is atomic there, and Tune's files can be read."""
+    return "://" not in storage or storage.startswith("file://")
+
+
+def absolute(storage: str) -> str:
+    """Local paths made absolute (Ray's workers run elsewhere); URIs as given."""
+    return str(Path(storage).expanduser().absolute()) if "://" not in storage else storage
+
+
+def filesystem(storage: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it: local paths, s3://, gs://, hdfs:// alike."""
+    storage = absolute(storage)
+    try:
+        return pafs.FileSystem.from_uri(storage)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+        raise StorageError(f"storage {storage!r}: {err}") from None
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """The files of one experiment under one storage. Paths are URIs (or absolute local paths)."""
+
+    storage: str
+    experiment: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "storage", absolute(self.storage).rstrip("/"))
+
+    @property
+    def local(self) -> bool:
+        return is_local(self.storage)
+
+    @property
+    def root(self) -> str:
+        """What Ray Tune calls the experiment's path: `<storage>/<experiment>`."""
+        return f"{self.storage}/{self.experiment}"
+
+    @property
+    def folder(self) -> Path | None:
+        """The experiment folder on this machine; None for object storage."""
+        return Path(self.root.removeprefix("file://")) if self.local else None
+
+    @property
+    def state_dir(self) -> Path:
+        """Where files that need a local filesystem go (Optuna journal, offline W&B runs)."""
+        if self.folder is not None:
+            return self.folder
+        return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "raycls")) / "experiments" / self.experiment
+
+    def leaderboard_dir(self) -> str:
+        return f"{self.root}/{LEADERBOARD_DIR}"
+
+    def row(self, trial_id: str) -> str:
+        return f"{self.root}/{LEADERBOARD_DIR}/{trial_id}.parquet"
+
+    def history(self, trial_id: str) -> str:
+        return f"{self.root}/{HISTORY_DIR}/{trial_id}.parquet"
+
+    def space_file(self) -> str:
+        return f"{self.root}/{SPACE_FILE}"
+
+    def trial_config(self, trial_dirname: str) -> str:
+        """The resolved TrialConfig of the trial whose Tune folder is `trial_dirname`."""
+        return f"{self.root}/{trial_dirname}/{TRIAL_CONFIG_FILE}"
+
+    def train_runs(self) -> str:
+        return f"{self.root}/{TRAIN_RUNS_DIR}"
+
+    def raycls_dir(self) -> Path | None:
+        return self.folder / RAYCLS_DIR if self.folder is not None else None
+
+    # ------------------------------------------------------------------------------------------- access
+    def exists(self, uri: str) -> bool:
+        fs, path = filesystem(uri)
+        return fs.get_file_info(path).is_file
+
+    def read_text(self, uri: str) -> str:
+        fs, path = filesystem(uri)
+        with fs.open_input_stream(path) as stream:
+            return stream.read().decode(errors="replace")
+
+    def write_text(self, uri: str, text: str) -> str:
+        """Whole or not at all: a temp file then a rename locally; object stores write whole objects."""
+        if is_local(uri):
+            from raycls.files import write_text_atomic
+
+            return str(write_text_atomic(uri.removeprefix("file://"), text))
+        fs, path = filesystem(uri)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as stream:
+            stream.write(text.encode())
+        return uri
+
+    def trial_ids(self) -> set[str]:
+        """Trials that have a leaderboard row."""
+        fs, path = filesystem(self.leaderboard_dir())
+        selector = pafs.FileSelector(path, allow_not_found=True)
+        return {Path(info.path).stem for info in fs.get_file_info(selector) if info.path.endswith(".parquet")}

@@ -1,0 +1,114 @@
+"""A trial's chain of stages (supcon > arcface > distill), run one after another on the same worker.
+
+Each stage starts from the previous stage's best weights (hand-over); epochs are numbered over the whole
+chain (ASHA's time axis); each epoch of a chain also reports its stage's label and every finished stage's
+metrics at its best epoch (`supcon.val_knn_acc`). A checkpoint records where in the chain it was taken
+(`Position`) and, while more stages follow, the current stage's best weights so far (`carry.pt`), so a
+trial resumes mid-chain. A single-phase trial is a chain of one stage.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from raycls.config.schema import Stage, TrialConfig
+from raycls.errors import CheckpointError
+from raycls.evaluate import names
+from raycls.models.checkpoint import load_weights
+from raycls.phases import PHASES, Phase
+from raycls.phases.base import Previous
+from raycls.train.loop import Metrics, Reporter, RunContext, StageRun, load_data, train_stage
+from raycls.train.state import Best, Position, Weights, read_best, read_metrics, read_position
+
+
+def fit(config: TrialConfig, report: Reporter, ctx: RunContext | None = None) -> list[Metrics]:
+    """Train one trial (every stage of its chain, in order) on this worker; returns every epoch's metrics."""
+    ctx = ctx or RunContext()
+    runner = ChainRunner(config, report, ctx)
+    position = read_position(ctx.resume_from) if ctx.resume_from else Position()
+    runner.finished = dict(position.finished)
+    stages = config.stages
+    handover = initial_weights(config)  # then each stage's best weights, for the next stage
+    try:
+        for index, stage in enumerate(stages):
+            if index < position.stage:
+                continue
+            resume = ctx.resume_from if index == position.stage and position.epoch >= 0 else None
+            if resume is not None and position.epoch + 1 >= stage.train.epochs:
+                # The checkpoint closed this stage: the next one starts from its best, saved beside it.
+                handover = read_best(resume, _phase_class(stage).metric).weights
+                continue
+            previous = Previous(stages[index - 1].phase, handover) if index else None
+            handover = runner.run_stage(index, stage, init=handover, previous=previous, resume_from=resume,
+                                        start=position.epoch + 1 if resume else 0)  # fmt: skip
+        if not runner.history and ctx.resume_from is not None:
+            # Resumed from the checkpoint of the last epoch (the trial ended, the driver did not hear of it):
+            # report that epoch again, so the driver, the scheduler and the searcher see the trial's true end
+            # rather than the older result their snapshot holds.
+            final = read_metrics(ctx.resume_from)
+            report(final, None)
+            runner.history.append(final)
+    finally:
+        shutil.rmtree(runner.scratch, ignore_errors=True)
+    return runner.history
+
+
+def initial_weights(config: TrialConfig) -> Weights | None:
+    if config.init is None:
+        return None
+    if not isinstance(config.init, str):
+        raise CheckpointError(f"init {config.init}: a leaderboard reference must be resolved by the driver "
+                              "(raycls tune / raycls train) before the trial starts")  # fmt: skip
+    return load_weights(config.init)
+
+
+def _phase_class(stage: Stage) -> type[Phase]:
+    return PHASES.get(stage.phase.name)
+
+
+class ChainRunner:
+    """Runs a trial's stages one after another through `train_stage`, keeping every epoch's metrics."""
+
+    def __init__(self, config: TrialConfig, report: Reporter, ctx: RunContext):
+        self.config, self.report, self.ctx = config, report, ctx
+        self.entered = time.perf_counter()
+        self.data = load_data(config)
+        self.stages = config.stages
+        self.chained = len(self.stages) > 1
+        self.finished: dict[str, dict[str, float]] = {}  # stage label -> its metrics at its best epoch
+        self.history: list[Metrics] = []
+        self.scratch = Path(tempfile.mkdtemp(prefix="raycls-ckpt-"))
+
+    def run_stage(
+        self, index: int, stage: Stage, *, init: Weights | None, previous: Previous | None, resume_from: Path | None, start: int
+    ) -> Weights | None:  # fmt: skip
+        """Train one stage; returns its best weights (the whole phase module's) when a later stage needs them."""
+        run = StageRun(
+            index=index,
+            offset=sum(s.train.epochs for s in self.stages[:index]),
+            init=init,
+            previous=previous,
+            resume_from=resume_from,
+            start=start,
+            keep_best=index + 1 < len(self.stages),  # the best weights go on to the next stage
+            entered=time.perf_counter() if self.history else self.entered,  # the first stage also loaded the data
+            scratch=self.scratch / "checkpoint",
+            annotate=(lambda metrics, best, last: self._chain_metrics(stage, metrics, best, last=last)) if self.chained else None,
+            finished=self.finished,
+        )
+        best = train_stage(self.config, stage, self.data, self.ctx, self._report, run)
+        return best.weights
+
+    def _report(self, metrics: Metrics, checkpoint: Path | None) -> None:
+        self.report(metrics, checkpoint)
+        self.history.append(metrics)
+
+    def _chain_metrics(self, stage: Stage, metrics: Metrics, best: Best, *, last: bool) -> Metrics:
+        """A chain's epoch also says its stage and, from each finished stage, its metrics at its best epoch."""
+        if last:
+            self.finished[stage.label] = {k: v for k, v in best.metrics.items() if k.startswith("val_") or k == names.EPOCH}
+        kept = {names.stage_metric(label, k): v for label, done in self.finished.items() for k, v in done.items()}
+        return {**metrics, names.STAGE: stage.label, **kept}

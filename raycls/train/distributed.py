@@ -1,0 +1,31 @@
+"""The collective operations the loop needs under DDP; each is the identity in a single process."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each value summed over all workers (in float64: counts of images stay exact)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64) for k in keys])
+    if is_distributed():
+        dist.all_reduce(stacked)
+    return dict(zip(keys, stacked.tolist()))
+
+
+def all_gather_cat(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every worker's (unevenly sized) shards, concatenated in rank order, on every worker."""
+    if not is_distributed():
+        return embeddings, labels
+    shards: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, (embeddings.cpu(), labels.cpu()))
+    device = embeddings.device
+    return torch.cat([e for e, _ in shards]).to(device), torch.cat([y for _, y in shards]).to(device)

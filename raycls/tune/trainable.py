@@ -1,0 +1,121 @@
+"""The Tune trainable: what one trial of `raycls tune` runs, in its Tune trial actor.
+
+One-worker trials run the loop directly in the trial's actor: starting a Ray Train run (controller actor,
+worker group, process group) costs seconds per trial that a one-process trial gains nothing from
+(benchmarks/trial_overhead.py measures both). Multi-worker trials launch a `TorchTrainer` (Train V2, built
+by `raycls.train.ray_train.torch_trainer`) whose workers run the loop under DDP; `TuneReportCallback`
+forwards rank 0's reports (the loop all-reduces validation metrics first) to Tune, so ASHA sees every epoch
+either way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.tune
+import torch
+
+from raycls.config.experiment import Experiment, Resources
+from raycls.config.load import resolve_trial
+from raycls.config.schema import TrialConfig
+from raycls.storage import ExperimentPaths, filesystem
+from raycls.train.chain import fit
+from raycls.train.loop import FAST_DEV_BATCHES, RunContext
+from raycls.train.ray_train import RESTARTS, RayReporter, restarts_of, restored, torch_trainer, trial_extras
+
+# A multi-worker trial whose Ray Train run gave up (after its own max_failures restarts) leaves this file in
+# the run's folder: Tune's retry of the trial then fails at once instead of restarting the worker group
+# max_failures times more (retries would multiply: (max_failures + 1) ** 2 attempts).
+FAILED_FILE = "raycls_failed.txt"
+
+
+def tune_trainable(params: dict[str, Any], *, experiment_json: str, storage: str) -> None:
+    """One Tune trial: the experiment's base config with this trial's sampled `params` applied."""
+    experiment = Experiment.model_validate_json(experiment_json)
+    context = ray.tune.get_context()
+    trial_id = context.get_trial_id()
+    paths = ExperimentPaths(storage, experiment.name)
+    if paths.exists(paths.row(trial_id)):
+        # A resumed driver restores trials that ended after Tune's last snapshot as unfinished: their row
+        # is written, so they are not trained again (nor counted twice).
+        return
+    # Resolved here, once per trial (--set is already in the experiment); the driver's row reads this file.
+    config = resolve_trial(experiment, params)
+    paths.write_text(paths.trial_config(Path(context.get_trial_dir()).name), json.dumps(config.to_dict(), indent=2))
+    limit = FAST_DEV_BATCHES if experiment.experiment.fast_dev_run else None
+    if experiment.experiment.resources.workers == 1:
+        _run_in_trial_actor(config, experiment.experiment.resources, limit_batches=limit)
+    else:
+        _run_torch_trainer(config, experiment, paths, name=f"train-{trial_id}", limit_batches=limit)
+
+
+def _run_in_trial_actor(config: TrialConfig, resources: Resources, *, limit_batches: int | None = None) -> None:
+    device = torch.device("cuda" if resources.gpu and torch.cuda.is_available() else "cpu")
+    extras = trial_extras(config, device)
+
+    with restored(ray.tune.get_checkpoint()) as resume_from:
+        extras[RESTARTS] = restarts_of(resume_from)
+        reporter = RayReporter(ray.tune.report, ray.tune.Checkpoint, extras)
+        fit(config, reporter, RunContext(device=device, resume_from=resume_from, limit_batches=limit_batches))
+
+
+def _run_torch_trainer(
+    config: TrialConfig, experiment: Experiment, paths: ExperimentPaths, *, name: str, limit_batches: int | None = None
+) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    runs = paths.train_runs()
+    fs, root = filesystem(f"{runs}/{name}")
+    failed = f"{root}/{FAILED_FILE}"
+    if fs.get_file_info(failed).is_file:
+        with fs.open_input_stream(failed) as stream:
+            message = stream.read().decode(errors="replace")
+        raise RuntimeError(f"the Ray Train run already failed after its retries (max_failures): {message}")
+    trainer = torch_trainer(
+        config,
+        experiment.experiment.resources,
+        storage_path=runs,
+        name=name,  # deterministic (the Tune trial id, no timestamp): a retried trial restores this Train run
+        callbacks=[TuneReportCallback()],
+        keep=experiment.experiment.keep_checkpoints,
+        metric=experiment.experiment.metric,
+        mode=experiment.experiment.mode,
+        # Ray Train restarts the worker group from the run's last checkpoint (a lost node, a crashed worker)
+        # inside this trial; Tune's own retries then only cover a lost coordinator.
+        max_failures=experiment.experiment.max_failures,
+        limit_batches=limit_batches,
+    )
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        if _raised_by_training(err):  # not a lost process or node (a killed driver takes its workers along)
+            fs.create_dir(root, recursive=True)
+            with fs.open_output_stream(failed) as stream:
+                stream.write(_last_line(err).encode())
+        raise
+
+
+def _raised_by_training(error: BaseException) -> bool:
+    """Whether the training code itself raised on the workers (NaN loss, missing data), as opposed to a
+    worker process or node that went away: only the first kind fails again the same way when retried."""
+    from ray.exceptions import RayActorError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    try:
+        from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+
+        lost: tuple[type, ...] = (RayActorError, WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError)
+    except ImportError:  # a Ray without these internals
+        lost = (RayActorError,)
+    failures = getattr(error, "worker_failures", None) or {}
+    return isinstance(error, WorkerGroupError) and bool(failures) and not any(isinstance(e, lost) for e in failures.values())
+
+
+def _last_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    informative = [line for line in lines if "Error" in line or "Exception" in line]
+    return (informative[-1] if informative else (lines[-1] if lines else type(error).__name__))[:2000]
