@@ -115,3 +115,32 @@ def test_cli_leaderboard_json_and_errors(storage: str) -> None:
     assert sql.stdout.splitlines() == ["experiment,n", "exp,3", "other,1"]
     bad = run("--where", "nonsense ===")
     assert bad.returncode == 2 and "query failed" in bad.stdout and "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_a_row_is_built_from_what_the_driver_saw_without_tune(tmp_path: Path) -> None:
+    from datetime import datetime, timezone
+
+    from raycls.config import TrialConfig, load_experiment
+    from raycls.results.provenance import GitState
+    from raycls.results.row import TrialSeen, build_record
+
+    space = tmp_path / "rows.yaml"
+    space.write_text("experiment: {name: rows}\nbase: {data: {name: digits}, train: {epochs: 3}}\n"
+                     "space:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
+                     "  model.width: {type: choice, values: [8, 16]}\n"
+                     "  train.nesterov: {type: choice, values: [true, false]}\n")  # fmt: skip
+    experiment = load_experiment(space)
+    now = datetime.now(timezone.utc)
+    history = [{"epoch": 1, "val_acc": 0.5, "restarts": 0}, {"epoch": 2, "val_acc": 0.7, "restarts": 1, "device": "cpu"}]
+    seen = TrialSeen("t1", "early_stopped", {"train.lr": 0.01, "model.width": 16, "train.nesterov": False},
+                     history=history, started_at=now, ended_at=now, num_failures=0)  # fmt: skip
+    record = build_record(experiment, seen, GitState(commit="abc", dirty=False))
+    row = record.to_table().to_pylist()[0]
+    assert row["score"] == 0.7 and row["epochs"] == 2 and row["max_epochs"] == 3 and row["restarts"] == 1
+    assert row["device"] == "cpu" and row["model.width"] == 16 and row["train.nesterov"] is False
+    types = record.to_table().schema
+    assert types.field("model.width").type == pa.int64() and types.field("train.nesterov").type == pa.bool_()
+    assert TrialConfig.from_json(row["config_json"]).train.lr == 0.01
+    # Values that make no valid config still give a (failed) row, with the reason.
+    bad = build_record(experiment, TrialSeen("t2", "failed", {"train.lr": -1.0, "model.width": 8}), GitState())
+    assert bad.config_json is None and "train.lr" in bad.error

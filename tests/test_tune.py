@@ -123,6 +123,18 @@ def test_rows_replay_their_config_and_checkpoint(e2e) -> None:
     assert all(torch.isfinite(w.float()).all() for w in weights.values())
 
 
+def test_every_trial_folder_holds_its_resolved_config(e2e) -> None:
+    """Written once, by the trial, where its checkpoints are; the row's config_json is read from it."""
+    rows = read_leaderboard(e2e[1], "e2e").table.to_pylist()
+    folders = {p.parent for p in (Path(e2e[1]) / "e2e").glob("tune_trainable_*/config.json")}
+    assert len(folders) == len(rows)
+    for folder in folders:
+        written = TrialConfig.model_validate(json.loads((folder / "config.json").read_text()))
+        row = next(r for r in rows if r["trial_id"] in folder.name)
+        assert written == TrialConfig.from_json(row["config_json"])
+        assert written.train.lr == row["train.lr"]
+
+
 def test_optuna_study_states_match_leaderboard(e2e) -> None:
     experiment, storage, _ = e2e
     from raycls.tune.searcher import journal_path, open_study_storage
