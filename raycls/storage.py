@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pyarrow as pa
@@ -108,12 +109,24 @@ class ExperimentPaths:
         return self.folder / RAYCLS_DIR if self.folder is not None else None
 
     # ------------------------------------------------------------------------------------------- access
+    @cached_property
+    def _filesystem(self) -> tuple[pafs.FileSystem, str]:
+        # Made once per ExperimentPaths: an object store's filesystem resolves credentials when it is made.
+        return filesystem(self.storage)
+
+    def locate(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """The filesystem and the path inside it of a URI under this storage (any other URI: its own)."""
+        if not uri.startswith(self.storage):
+            return filesystem(uri)
+        fs, base = self._filesystem
+        return fs, base.rstrip("/") + uri[len(self.storage):]
+
     def exists(self, uri: str) -> bool:
-        fs, path = filesystem(uri)
+        fs, path = self.locate(uri)
         return fs.get_file_info(path).is_file
 
     def read_text(self, uri: str) -> str:
-        fs, path = filesystem(uri)
+        fs, path = self.locate(uri)
         with fs.open_input_stream(path) as stream:
             return stream.read().decode(errors="replace")
 
@@ -123,7 +136,7 @@ class ExperimentPaths:
             from raycls.files import write_text_atomic
 
             return str(write_text_atomic(uri.removeprefix("file://"), text))
-        fs, path = filesystem(uri)
+        fs, path = self.locate(uri)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as stream:
             stream.write(text.encode())
@@ -131,6 +144,6 @@ class ExperimentPaths:
 
     def trial_ids(self) -> set[str]:
         """Trials that have a leaderboard row."""
-        fs, path = filesystem(self.leaderboard_dir())
+        fs, path = self.locate(self.leaderboard_dir())
         selector = pafs.FileSelector(path, allow_not_found=True)
         return {Path(info.path).stem for info in fs.get_file_info(selector) if info.path.endswith(".parquet")}

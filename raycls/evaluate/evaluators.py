@@ -51,10 +51,19 @@ class Evaluator:
         """The metric names it reports (the chain preflight checks the experiment metric against them)."""
         raise NotImplementedError
 
+    @classmethod
+    def for_phase(cls, *, topk: int, knn_k: int) -> "Evaluator":
+        """Built for one phase: top-k from the trial's eval section, k-NN's k from the phase config."""
+        return cls()
+
 
 class ClassifierMetrics(Evaluator):
     def __init__(self, topk: int):
         self.topk = topk
+
+    @classmethod
+    def for_phase(cls, *, topk: int, knn_k: int) -> "ClassifierMetrics":
+        return cls(topk)
 
     def batch_sums(self, outputs: Outputs, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = outputs.logits.float()
@@ -83,6 +92,10 @@ class ClassifierMetrics(Evaluator):
 class EmbeddingMetrics(Evaluator):
     def __init__(self, k: int = DEFAULT_KNN_K):
         self.k = k
+
+    @classmethod
+    def for_phase(cls, *, topk: int, knn_k: int) -> "EmbeddingMetrics":
+        return cls(knn_k)
 
     def embedding_metrics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         return {names.VAL_KNN_ACC: knn_accuracy(embeddings, labels, k=self.k), names.VAL_RECALL_AT_1: recall_at_1(embeddings, labels)}

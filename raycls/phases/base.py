@@ -44,7 +44,8 @@ class Phase(ABC, Generic[C]):
         self.previous = previous
         # Top-k accuracy is reported beside top-1 (k capped at the number of classes).
         self.topk = min(topk, spec.num_classes)
-        self.judges = [_evaluator(kind, self.topk, getattr(config, "knn_k", DEFAULT_KNN_K)) for kind in self.evaluators]
+        knn_k = getattr(config, "knn_k", DEFAULT_KNN_K)
+        self.judges = [kind.for_phase(topk=self.topk, knn_k=knn_k) for kind in self.evaluators]
 
     def build(self, backbone: nn.Module) -> nn.Module:
         """The trainable module: the backbone plus whatever heads the phase needs."""
@@ -103,10 +104,6 @@ class Phase(ABC, Generic[C]):
 
 EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor | None]
 
-
-def _evaluator(kind: type[Evaluator], topk: int, knn_k: int) -> Evaluator:
-    # The two settings evaluators take come from the trial's eval section and the phase config.
-    return kind(topk) if kind is ClassifierMetrics else kind(knn_k) if kind is EmbeddingMetrics else kind()
 
 
 PHASES: Registry[type[Phase]] = Registry("phase")

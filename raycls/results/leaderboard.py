@@ -143,10 +143,9 @@ def _write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> str:
 def write_trial(storage: str, record: TrialRecord) -> str:
     """Write (or replace) the trial's leaderboard row and its per-epoch history; returns the row's path."""
     paths = ExperimentPaths(storage, record.experiment)
-    fs, _ = filesystem(paths.storage)
     if record.history:
-        _write_atomic(fs, filesystem(paths.history(record.trial_id))[1], record.history_table())
-    return _write_atomic(fs, filesystem(paths.row(record.trial_id))[1], record.to_table())
+        _write_atomic(*paths.locate(paths.history(record.trial_id)), record.history_table())
+    return _write_atomic(*paths.locate(paths.row(record.trial_id)), record.to_table())
 
 
 def written_trials(storage: str, experiment: str) -> set[str]:
