@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 from raycls.tune.searcher import create_searcher
 
-from .conftest import assert_resumed_whole, kill_driver_after_rows, write_yaml
+from .conftest import assert_resumed_whole, kill_driver_after_rows, rows_written, write_yaml
 from .wandb_reader import read_run
 
 BASE = """
@@ -227,6 +228,44 @@ space:
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     rows = assert_resumed_whole(storage, "resume", 6, before)
     assert all(r["status"] == "completed" for r in rows)
+
+
+@pytest.mark.parametrize("snapshot", ["kept", "lost"])
+def test_resume_writes_the_row_of_a_trial_optuna_closed_before_the_kill(local_ray, tmp_path: Path, snapshot: str) -> None:
+    """Tune tells Optuna a trial ended before its callbacks write the row: a kill in between left a COMPLETE
+    Optuna trial without a row (seen in the fault tests, once in five). Removing a row makes that moment
+    here. `--resume` writes the row from the trial's folder, with Tune's snapshot (`kept`: Tune restores the
+    trial as ended) or without (`lost`: the search is rebuilt, and must not train a replacement)."""
+    space = write_yaml(tmp_path / "told.yaml", """
+experiment: {name: told, trials: 3, concurrency: 1}
+search: {seed: 2}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
+space:
+  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+""" + BASE.replace("epochs: 4", "epochs: 2"))
+    storage = tmp_path / "results"
+    run_tune(load_experiment(space), TuneOptions(storage=str(storage), live=False))
+    experiment_dir = storage / "told"
+    original = {r["trial_id"]: r for r in read_leaderboard(str(storage), "told").table.to_pylist()}
+    victim = sorted(original)[1]
+    (experiment_dir / "leaderboard" / f"{victim}.parquet").unlink()
+    (experiment_dir / "history" / f"{victim}.parquet").unlink()
+    if snapshot == "lost":
+        for path in [*experiment_dir.glob("experiment_state-*.json"), *experiment_dir.glob("searcher-state-*.pkl")]:
+            path.write_bytes(b"")
+        shutil.rmtree(experiment_dir / ".raycls")
+    before = rows_written(experiment_dir / "leaderboard")
+
+    outcome = run_tune(load_experiment(space), TuneOptions(storage=str(storage), live=False, resume=True))
+    rows = {r["trial_id"]: r for r in assert_resumed_whole(storage, "told", 3, before)}
+    assert outcome.trials == 3 and set(rows) == set(original)  # no replacement was trained
+    again, first = rows[victim], original[victim]
+    assert again["status"] == "completed" and again["epochs"] == first["epochs"] == 2
+    for column in ("val_acc", "val_loss", "score", "checkpoint", "seed", "train.lr", "config_json"):
+        assert again[column] == first[column], column
+    history = read_leaderboard(str(storage), "told", kind="history").table.to_pylist()
+    assert sorted(h["epoch"] for h in history if h["trial_id"] == victim) == [1, 2]
 
 
 def test_api_key_never_written(e2e) -> None:

@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import optuna
+from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
@@ -24,7 +26,9 @@ from raycls.results.leaderboard import Status, write_trial
 from raycls.results.provenance import GitState
 from raycls.results.row import TrialSeen, build_record
 from raycls.results.wandb_log import WandbWriter
-from raycls.storage import ExperimentPaths, is_local
+from raycls.storage import TRIAL_CONFIG_FILE, ExperimentPaths, is_local
+from raycls.train.state import is_whole, read_metrics
+from raycls.tune.resume import LOST_ATTR, TRIAL_ID_ATTR
 from raycls.tune.searcher import stopped_early
 
 # Tune's own bookkeeping keys: not metrics of ours, kept out of the history and W&B.
@@ -44,6 +48,10 @@ def error_message(trial: Trial) -> str:
         pass
     if not text and trial.error_file and Path(trial.error_file).is_file():
         text = Path(trial.error_file).read_text(errors="replace")
+    return last_error_line(text)
+
+
+def last_error_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     informative = [line for line in lines if "Error" in line or "Exception" in line]
     return (informative[-1] if informative else (lines[-1] if lines else "unknown error"))[:2000]
@@ -296,3 +304,67 @@ def _short(config: dict[str, Any]) -> str:
         text = f"{value:.3g}" if isinstance(value, float) else str(value)
         parts.append(f"{key.rsplit('.', 1)[-1]}={text}")
     return " ".join(parts)
+
+
+# ------------------------------------------------------------------------------------ after a kill
+# Optuna's closed states and the row each one stands for.
+TOLD_STATUS: dict[TrialState, Status] = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "early_stopped",
+                                         TrialState.FAIL: "failed"}  # fmt: skip
+
+
+def record_told_trials(experiment: Experiment, paths: ExperimentPaths, study: optuna.Study, git: GitState) -> list[str]:
+    """Write the row of every trial Optuna was told the outcome of, but whose row a killed driver never wrote.
+
+    Tune tells its searcher that a trial ended before its callbacks hear of it, so a kill in between leaves
+    the study with a COMPLETE / PRUNED / FAIL trial and the leaderboard without its row. The trial's Tune
+    folder still holds what the row needs: its config (`params.json`), every epoch it reported
+    (`result.json`), its checkpoints and its error. A rebuilt search counts these trials as done instead of
+    training a replacement. Returns the trial ids written (none for object storage: no folder to read).
+    """
+    if paths.folder is None:
+        return []
+    written = paths.trial_ids()
+    recorded = []
+    for ot_trial in study.get_trials(deepcopy=False, states=tuple(TOLD_STATUS)):
+        trial_id = ot_trial.user_attrs.get(TRIAL_ID_ATTR)
+        if trial_id is None or trial_id in written or ot_trial.user_attrs.get(LOST_ATTR):
+            continue
+        # Tune names a trial's folder `<trainable>_<trial id>_<tag>_<date>`.
+        folder = next((p for p in paths.folder.glob(f"*_{trial_id}_*") if (p / "params.json").is_file()), None)
+        if folder is None:
+            continue  # nothing to write the row from (not seen: Tune writes params.json as the trial starts)
+        write_trial(paths.storage, build_record(experiment, _seen_in_folder(experiment, folder, trial_id,
+                                                                            TOLD_STATUS[ot_trial.state]), git))  # fmt: skip
+        recorded.append(trial_id)
+    return recorded
+
+
+def _seen_in_folder(experiment: Experiment, folder: Path, trial_id: str, status: Status) -> TrialSeen:
+    """A trial as its Tune folder tells it, for a row the driver did not live to write."""
+    results = folder / "result.json"
+    history = _read_result_json(results) if results.is_file() else {}
+    section = experiment.experiment
+    best: tuple[float | None, Path | None] = (None, None)
+    for checkpoint in sorted(folder.glob("checkpoint_*")):
+        value = read_metrics(checkpoint).get(section.metric) if is_whole(checkpoint) else None
+        if value is not None and (best[1] is None or better(value, best[0], section.mode)):
+            best = (value, checkpoint)
+    config = folder / TRIAL_CONFIG_FILE
+    return TrialSeen(
+        trial_id=trial_id,
+        status=status,
+        params=json.loads((folder / "params.json").read_text()),
+        history=[history[e] for e in sorted(history)],
+        started_at=datetime.fromtimestamp((folder / "params.json").stat().st_mtime, timezone.utc),
+        ended_at=datetime.fromtimestamp((results if results.is_file() else folder).stat().st_mtime, timezone.utc),
+        checkpoint=str(best[1]) if best[1] is not None else None,
+        error=_folder_error(folder) if status == "failed" else None,
+        config_json=config.read_text() if config.is_file() else None,
+    )
+
+
+def _folder_error(folder: Path) -> str:
+    error = folder / "error.txt"  # Tune writes the trial's traceback there when it fails
+    if error.is_file():
+        return last_error_line(error.read_text(errors="replace"))
+    return "unknown error: the driver was killed before it recorded this trial's error"

@@ -23,7 +23,7 @@ from raycls.results.leaderboard import ReadResult, read_leaderboard
 from raycls.results.provenance import git_state, write_space_as_run
 from raycls.prepare import prepare_experiment
 from raycls.results.wandb_log import resolve_mode
-from raycls.tune.callbacks import LiveTable, TrialLedger
+from raycls.tune.callbacks import LiveTable, TrialLedger, record_told_trials
 from raycls.cluster.preflight import preflight, shared_storage_from_env
 from raycls.cluster.resources import per_trial_request, trial_bundle
 from raycls.search import TRIAL_SCHEDULERS
@@ -88,7 +88,10 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
         grid = tuner.fit()
         errors = sum(1 for r in grid if r.error is not None)
     else:
-        # A new experiment, or one whose Tune state was lost: run the trials that have no row yet.
+        # A new experiment, or one whose Tune state was lost: run the trials that have no row yet (a trial
+        # Optuna already closed counts as done: its row is written from its folder first).
+        if options.resume:
+            _record_told(experiment, paths)
         remaining = experiment.experiment.trials - (len(paths.trial_ids()) if options.resume else 0)
         if options.resume:
             experiment = _without_evaluated_points(experiment, read_leaderboard(storage, experiment.name).table.to_pylist())
@@ -96,6 +99,8 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
         if remaining > 0:
             grid = _new_tuner(experiment, options, paths, trainable, min(concurrency, remaining), remaining).fit()
             errors = sum(1 for r in grid if r.error is not None)
+    if options.resume:
+        _record_told(experiment, paths)  # Tune may restore a trial Optuna closed as ended, without its row
     board = read_leaderboard(storage, experiment.name)
     _reconcile(experiment, state, board)
     return TuneOutcome(path, board, board.table.num_rows, errors)
@@ -119,16 +124,31 @@ def _resume_plan(options: TuneOptions, paths: ExperimentPaths) -> ResumePlan:
     return plan
 
 
-def _reconcile(experiment: Experiment, state: Path, board: ReadResult) -> None:
-    """Every trial has ended: Optuna's trials take their rows' states (see raycls.tune.resume)."""
+def _study(experiment: Experiment, state: Path) -> optuna.Study | None:
+    """The experiment's Optuna study, when its journal holds one."""
     journal = journal_path(state)
     if not journal.is_file():
-        return
+        return None
     try:
-        study = optuna.load_study(study_name=experiment.name, storage=open_study_storage(journal))
+        return optuna.load_study(study_name=experiment.name, storage=open_study_storage(journal))
     except KeyError:  # no study of this name in the journal (nothing was ever asked)
-        return
-    reconcile_study(study, board.table.select(["trial_id", "status", "score"]).to_pylist())
+        return None
+
+
+def _record_told(experiment: Experiment, paths: ExperimentPaths) -> None:
+    """Rows for the trials Optuna closed but a killed driver left without one (see record_told_trials)."""
+    study = _study(experiment, paths.state_dir)
+    if study is not None:
+        told = record_told_trials(experiment, paths, study, git_state(experiment.source))
+        if told:
+            print(f"resume: wrote the rows of {len(told)} trial(s) that ended before the kill: {', '.join(told)}")
+
+
+def _reconcile(experiment: Experiment, state: Path, board: ReadResult) -> None:
+    """Every trial has ended: Optuna's trials take their rows' states (see raycls.tune.resume)."""
+    study = _study(experiment, state)
+    if study is not None:
+        reconcile_study(study, board.table.select(["trial_id", "status", "score"]).to_pylist())
 
 
 def _new_tuner(experiment: Experiment, options: TuneOptions, paths: ExperimentPaths, trainable, concurrency: int,
