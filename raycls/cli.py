@@ -26,6 +26,8 @@ space_app = typer.Typer(no_args_is_help=True, help="Inspect search-space YAMLs."
 app.add_typer(space_app, name="space")
 cluster_app = typer.Typer(no_args_is_help=True, help="Check Ray cluster launcher YAMLs (cluster/).")
 app.add_typer(cluster_app, name="cluster")
+data_app = typer.Typer(no_args_is_help=True, help="Look at a dataset before training on it.")
+app.add_typer(data_app, name="data")
 # Wide output when piped (rich would wrap to 80 columns), the terminal's width otherwise.
 console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 200)))
 
@@ -209,7 +211,7 @@ def _print_leaderboard(read, sort: str, descending: bool, top: int) -> None:
     console.print(_rich_table(rows, title=f"top {min(top, rows.num_rows)} by {sort}"))
 
 
-SUMMARY_COLUMNS = ("experiment", "trial_id", "status", "phase", "score", "val_acc", "val_loss", "epochs", "wall_s")
+SUMMARY_COLUMNS = ("experiment", "trial_id", "status", "phase", "score", "val_acc", "val_loss", "test_acc", "test_ece", "epochs", "wall_s")
 
 
 def _rich_table(table, *, title: str | None = None, columns: list[str] | None = None) -> Table:
@@ -275,6 +277,69 @@ def leaderboard(
         console.print(_rich_table(rows, columns=wanted or (None if not sql and not history else rows.column_names)))
     else:
         sys.stdout.write(render(rows, format))
+
+
+# -------------------------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_(
+    experiment: Annotated[str, typer.Argument(help="Experiment name (a folder of the storage).")],
+    trial: Annotated[str, typer.Option(help="best, top:K (by score), or a trial id.")] = "best",
+    suite: Annotated[Optional[str], typer.Option(help="Evaluation suite: default or full (default: the trial's eval.suite).")] = None,
+    storage: StorageOption = None,
+    set_: SetOption = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda when there is one).")] = None,
+) -> None:
+    """Evaluate finished trials' best checkpoints on held-out data; results become leaderboard columns."""
+    from raycls.config import parse_overrides
+    from raycls.registry import check_name
+    from raycls.results import read_leaderboard
+    from raycls.train.evaluation import evaluate_rows, pick_rows
+
+    if suite is not None:
+        check_name("eval suite", suite)
+    root = storage_root(storage)
+    read = read_leaderboard(root, experiment)
+    if read.table.num_rows == 0:
+        raise RayclsError(f"experiment {experiment!r}: no leaderboard rows under {root.rstrip('/')}/{experiment}/leaderboard "
+                          "(run `raycls tune` first, or pass --storage)")  # fmt: skip
+    rows = pick_rows(read.table.to_pylist(), trial, experiment)
+    started = time.perf_counter()
+    summaries = evaluate_rows(root, experiment, rows, suite=suite, overrides=parse_overrides(set_ or []), device=device)
+    for summary in summaries:
+        metrics = summary["metrics"]
+        shown = {k: v for k, v in metrics.items() if k in ("test_acc", "test_macro_f1", "test_auroc", "test_ece", "test_ece_ts",
+                                                           "test_acc_tta", "test_shift_mca", "test_knn_acc")}  # fmt: skip
+        console.print(f"{summary['trial_id']}  ({summary['eval_split']} split, suite {summary['eval_suite']}): "
+                      + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()), highlight=False)  # fmt: skip
+    console.print(f"evaluated {len(summaries)} trial(s) in {time.perf_counter() - started:.1f} s; files under "
+                  f"{root.rstrip('/')}/{experiment}/eval/")  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------------- data
+@data_app.command("explore")
+def data_explore(
+    space: Annotated[Path, typer.Argument(help="Search-space YAML; its `base` data section (and seed) is explored.")],
+    set_: SetOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: <storage>/data/<dataset>).")] = None,
+    storage: StorageOption = None,
+) -> None:
+    """Class balance, sizes, brightness/contrast, channel stats, duplicates and train/test leakage."""
+    from raycls.config import resolve_trial
+    from raycls.data.explore import REPORT_FILE, explore
+    from raycls.prepare import prepare_experiment
+
+    config = resolve_trial(prepare_experiment(space, set_ or []))
+    out = out or Path(storage_root(storage)) / "data" / config.data.name
+    report = explore(config, out)
+    for name, split in report["splits"].items():
+        console.print(f"{name}: {split['images']} images {split['channels']}x{split['image_size'][0]}x{split['image_size'][1]}, "
+                      f"imbalance {split['imbalance_ratio']:.2f}, brightness {split['brightness']['mean']:.3f}, "
+                      f"exact duplicates {split['exact_duplicate_images']}, near duplicates {split['near_duplicate_images']}",
+                      highlight=False)  # fmt: skip
+    if "train_test_leakage" in report:
+        leak = report["train_test_leakage"]
+        console.print(f"train/test leakage: {leak['exact']} exact, {leak['near']} near-duplicate test images", highlight=False)
+    console.print(f"Wrote {REPORT_FILE} and PNGs to [bold]{out}[/]")
 
 
 # ------------------------------------------------------------------------------------------- space

@@ -35,6 +35,11 @@ BUILTIN_MODULES: dict[str, str] = {
     "lr schedule": "raycls.optim",
     "sampler": "raycls.search",
     "trial scheduler": "raycls.search",
+    "eval suite": "raycls.evaluate.suite",
+    "eval step": "raycls.evaluate.suite",
+    "ood set": "raycls.evaluate.suite",
+    "ood scorer": "raycls.evaluate.ood",
+    "corruption": "raycls.evaluate.shift",
 }
 
 

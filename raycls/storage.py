@@ -30,6 +30,7 @@ LEADERBOARD_DIR = "leaderboard"
 HISTORY_DIR = "history"
 SPACE_FILE = "space.yaml"
 TRAIN_RUNS_DIR = "train_runs"
+EVAL_DIR = "eval"  # eval/<trial_id>/: the held-out evaluation of the trial's best weights
 RAYCLS_DIR = ".raycls"
 TRIAL_CONFIG_FILE = "config.json"
 # Files that need a local filesystem (the Optuna journal, offline W&B runs) when the storage is a URI.
@@ -101,6 +102,9 @@ class ExperimentPaths:
     def trial_config(self, trial_dirname: str) -> str:
         """The resolved TrialConfig of the trial whose Tune folder is `trial_dirname`."""
         return f"{self.root}/{trial_dirname}/{TRIAL_CONFIG_FILE}"
+
+    def eval_dir(self, trial_id: str) -> str:
+        return f"{self.root}/{EVAL_DIR}/{trial_id}"
 
     def train_runs(self) -> str:
         return f"{self.root}/{TRAIN_RUNS_DIR}"

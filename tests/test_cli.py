@@ -64,3 +64,10 @@ def test_leaderboard_of_a_folder_without_one_says_so(tmp_path: Path, capsys: pyt
     assert code == 2 and f"no leaderboard files under {tmp_path}" in text and "<trial_id>.parquet" in text
     code, text = run(["leaderboard", str(tmp_path), "--history"], capsys)
     assert code == 2 and "no history files" in text
+
+
+def test_eval_of_a_missing_experiment_or_trial_says_what_to_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = run(["eval", "nope", "--storage", str(tmp_path)], capsys)
+    assert code == 2 and "experiment 'nope': no leaderboard rows under" in text and "Traceback" not in text
+    code, text = run(["eval", "nope", "--suite", "everything", "--storage", str(tmp_path)], capsys)
+    assert code == 2 and "unknown eval suite 'everything'; known: default, full" in text

@@ -164,6 +164,54 @@ def test_wandb_offline_runs_hold_the_logged_metrics(e2e) -> None:
         assert run["summary"]["status"] == row["status"]
         if row["score"] is not None:
             assert run["summary"]["score"] == pytest.approx(row["score"])
+        if row["status"] == "completed":  # the held-out evaluation: its summary and its plots
+            assert run["summary"]["test_acc"] == pytest.approx(row["test_acc"])
+            images = {key.split("/")[1] for h in run["history"] for key in h if key.startswith("eval/") and key.endswith("/_type")}
+            assert {"reliability", "confusion_matrix"} <= images
+
+
+def test_completed_trials_are_evaluated_on_held_out_data(e2e) -> None:
+    """Each completed trial's best weights go through the default suite on its own worker at its end; trials
+    ASHA stopped (and failed ones) are not evaluated (`eval.on: completed`)."""
+    _, storage, _ = e2e
+    rows = read_leaderboard(storage, "e2e").table.to_pylist()
+    for row in rows:
+        folder = Path(storage) / "e2e" / "eval" / row["trial_id"]
+        if row["status"] == "completed":
+            summary = json.loads((folder / "metrics.json").read_text())
+            assert row["eval_split"] == summary["eval_split"] == "val"  # digits has no test split
+            assert row["eval_suite"] == "default" and row["test_acc"] == pytest.approx(summary["metrics"]["test_acc"])
+            assert 0 <= row["test_ece"] <= 1 and row["test_auroc"] > 0.5 and row["test_macro_f1"] is not None
+            assert {"reliability.png", "confusion_matrix.png", "classification_report.csv"} <= {p.name for p in folder.iterdir()}
+        else:
+            assert not folder.exists() and row["test_acc"] is None and row["eval_split"] is None
+
+
+def test_raycls_eval_twice_leaves_one_set_of_columns(e2e, tmp_path: Path, capsys) -> None:
+    """`raycls eval` after the search: the full suite, then the default one again on the best two trials;
+    one row per trial, and only the last evaluation's columns."""
+    from raycls.cli import main
+
+    storage = tmp_path / "results"
+    shutil.copytree(Path(e2e[1]) / "e2e", storage / "e2e")
+    before = read_leaderboard(str(storage), "e2e").table
+    best_two = [r["trial_id"] for r in sorted((r for r in before.to_pylist() if r["status"] == "completed"),
+                                              key=lambda r: r["score"], reverse=True)[:2]]  # fmt: skip
+    main(["eval", "e2e", "--trial", "top:2", "--suite", "full", "--storage", str(storage)])
+    full = read_leaderboard(str(storage), "e2e").table
+    assert full.num_rows == 8 and len(full.column_names) == len(set(full.column_names))
+    evaluated = {r["trial_id"]: r for r in full.to_pylist() if r["eval_suite"] == "full"}
+    assert sorted(evaluated) == sorted(best_two) and all(r["test_acc_tta"] is not None for r in evaluated.values())
+    assert "test_ood_textures_energy_auroc" in full.column_names and "test_shift_mca" in full.column_names
+    main(["eval", "e2e", "--trial", best_two[0], "--storage", str(storage)])  # the trial's own suite: default
+    again = read_leaderboard(str(storage), "e2e").table
+    rows = {r["trial_id"]: r for r in again.to_pylist()}
+    assert again.num_rows == 8 and rows[best_two[0]]["eval_suite"] == "default" and rows[best_two[0]]["test_acc_tta"] is None
+    assert rows[best_two[1]]["eval_suite"] == "full"
+    assert rows[best_two[0]]["test_acc"] == pytest.approx(evaluated[best_two[0]]["test_acc"])  # same weights, same split
+    assert not (storage / "e2e" / "eval" / best_two[0] / "ood_scores.png").exists()  # the folder was replaced
+    out = capsys.readouterr().out
+    assert "evaluated 2 trial(s)" in out and "evaluated 1 trial(s)" in out
 
 
 def test_history_dataset_has_every_epoch(e2e) -> None:
@@ -202,6 +250,14 @@ wandb: {mode: disabled}
     assert row["train_images"] == 2 * per_rank
     assert row["val_images"] == len(splits.val)
     assert list((Path(storage) / "ddp" / "train_runs").glob("train-*"))  # it ran through Ray Train
+    # Evaluated by its 2 workers, each predicting half the split: every image once, and the same metrics as
+    # one process evaluating the same best checkpoint afterwards (`raycls eval`'s path).
+    assert row["test_images"] == len(splits.val) and row["eval_split"] == "val"
+    from raycls.train.evaluation import evaluate_rows
+
+    (single,) = evaluate_rows(storage, "ddp", [row])
+    for name in ("test_acc", "test_nll", "test_macro_f1", "test_auroc", "test_ece", "test_brier"):
+        assert single["metrics"][name] == pytest.approx(row[name], abs=1e-6), name
     deadline = time.monotonic() + 60  # the Train run's workers and placement group are released
     while ray.available_resources().get("CPU", 0) < 8 and time.monotonic() < deadline:
         time.sleep(1)

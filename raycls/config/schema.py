@@ -243,8 +243,58 @@ class AugmentConfig(Frozen):
 
 
 class EvalConfig(Frozen):
-    # Top-k accuracy reported beside top-1 (capped at the number of classes).
-    topk: PositiveInt = 5
+    """The held-out evaluation of every trial's best weights (raycls.evaluate.suite) and what it covers."""
+
+    # Top-k accuracies of the evaluation (`test_top3`, ...); the largest is also validated every epoch
+    # (`val_top5`). A single k means (1, k). Capped at the number of classes.
+    topk: tuple[PositiveInt, ...] = (1, 3, 5)
+    # Which trials are evaluated during a search: `completed` (at the end of the trial, on its workers),
+    # `all` (early-stopped ones too, by the driver after the search), `none`.
+    on: Literal["completed", "all", "none"] = "completed"
+    suite: str = "default"  # a registered eval suite: default (cheap) or full
+    # OOD sets of the full suite: generated (uniform_noise, gaussian_blobs, textures) or any dataset name,
+    # resized to the training images' size (its channels must match).
+    ood: tuple[str, ...] = ("uniform_noise", "gaussian_blobs", "textures")
+    # Shifted sets of the full suite: `corruptions` (generated, CIFAR-10-C protocol) or a dataset name with
+    # the same classes (cifar10_1 for cifar10).
+    shift: tuple[str, ...] = ("corruptions",)
+    corruptions: tuple[str, ...] = ("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "brightness",
+                                    "contrast", "pixelate", "jpeg_compression")  # fmt: skip
+    severities: tuple[Annotated[int, Field(ge=1, le=5)], ...] = (1, 2, 3, 4, 5)
+    shift_images: PositiveInt = 1000  # test images corrupted per corruption and severity
+    gallery: PositiveInt = 24  # most confident mistakes drawn
+    cam_per_class: PositiveInt = 2  # GradCAM++ overlays per class
+
+    _suite = registered("eval suite", "suite")
+
+    @field_validator("topk", mode="before")
+    @classmethod
+    def _one_k(cls, value: Any) -> Any:
+        return (1, value) if isinstance(value, int) else value
+
+    @field_validator("ood")
+    @classmethod
+    def _ood_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from raycls.evaluate.suite import check_ood_name
+
+        return tuple(check_ood_name(name) for name in value)
+
+    @field_validator("shift")
+    @classmethod
+    def _shift_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from raycls.evaluate.suite import check_shift_name
+
+        return tuple(check_shift_name(name) for name in value)
+
+    @field_validator("corruptions")
+    @classmethod
+    def _corruption_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_name("corruption", name) for name in value)
+
+    @property
+    def val_topk(self) -> int:
+        """The k of the per-epoch validation top-k accuracy."""
+        return max(self.topk)
 
 
 def _dispatch_phase(value: Any) -> Any:

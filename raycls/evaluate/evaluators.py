@@ -52,7 +52,7 @@ class Evaluator:
         raise NotImplementedError
 
     @classmethod
-    def for_phase(cls, *, topk: int, knn_k: int) -> "Evaluator":
+    def for_phase(cls, *, topk: int, knn_k: int) -> Evaluator:
         """Built for one phase: top-k from the trial's eval section, k-NN's k from the phase config."""
         return cls()
 
@@ -62,7 +62,7 @@ class ClassifierMetrics(Evaluator):
         self.topk = topk
 
     @classmethod
-    def for_phase(cls, *, topk: int, knn_k: int) -> "ClassifierMetrics":
+    def for_phase(cls, *, topk: int, knn_k: int) -> ClassifierMetrics:
         return cls(topk)
 
     def batch_sums(self, outputs: Outputs, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -94,7 +94,7 @@ class EmbeddingMetrics(Evaluator):
         self.k = k
 
     @classmethod
-    def for_phase(cls, *, topk: int, knn_k: int) -> "EmbeddingMetrics":
+    def for_phase(cls, *, topk: int, knn_k: int) -> EmbeddingMetrics:
         return cls(knn_k)
 
     def embedding_metrics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

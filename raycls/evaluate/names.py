@@ -23,6 +23,51 @@ NODE_ID = "node_id"  # the Ray node that reported the epoch (rank 0's): where a 
 STAGE = "stage"  # chains only: the label of the stage an epoch belongs to (a string)
 
 
+# ---------------------------------------------------------------------------------- held-out evaluation
+# Computed once per trial, from its best checkpoint, on the test split (never used for selection). Every
+# evaluation column starts with `test_` (the row's `eval_split` says when a dataset had no test split and
+# the validation split stood in); `raycls eval` replaces exactly these columns.
+EVAL_PREFIX = "test_"
+EVAL_SPLIT = "eval_split"  # "test", or "val" for a dataset without a test split
+EVAL_SUITE = "eval_suite"  # the suite that produced the columns ("default", "full")
+TEST_ACC = "test_acc"
+TEST_NLL = "test_nll"
+TEST_MACRO_F1 = "test_macro_f1"
+TEST_WEIGHTED_F1 = "test_weighted_f1"
+TEST_MACRO_PRECISION = "test_macro_precision"
+TEST_MACRO_RECALL = "test_macro_recall"
+TEST_WEIGHTED_PRECISION = "test_weighted_precision"
+TEST_WEIGHTED_RECALL = "test_weighted_recall"
+TEST_AUROC = "test_auroc"  # macro one-vs-rest
+TEST_ECE = "test_ece"  # expected calibration error, 15 equal-width confidence bins
+TEST_MCE = "test_mce"  # maximum calibration error, same bins
+TEST_BRIER = "test_brier"
+TEST_TEMPERATURE = "test_temperature"  # fitted on the validation split
+TEST_ECE_TS = "test_ece_ts"  # ECE after temperature scaling
+TEST_NLL_TS = "test_nll_ts"
+TEST_ACC_TTA = "test_acc_tta"  # flips and translations averaged (airbench's 6 views)
+TEST_KNN_ACC = "test_knn_acc"  # test embeddings voting among the train embeddings (k-NN classifier)
+TEST_IMAGES = "test_images"
+TEST_LABEL_ISSUES = "test_label_issues"  # test images cleanlab flags as probably mislabelled
+TEST_SHIFT_MCA = "test_shift_mca"  # mean accuracy over every corruption and severity
+TEST_SHIFT_GAP = "test_shift_gap"  # clean test accuracy minus the mean corruption accuracy
+EVAL_S = "test_eval_s"  # seconds the evaluation took
+
+
+def test_topk(k: int) -> str:
+    return f"test_top{k}"
+
+
+def test_ood(dataset: str, scorer: str, measure: str) -> str:
+    """`test_ood_fashion_mnist_energy_auroc`, `..._fpr95`."""
+    return f"test_ood_{dataset}_{scorer}_{measure}"
+
+
+def test_shift(name: str) -> str:
+    """Accuracy on a shifted set (`test_shift_cifar10_1_acc`) or one corruption over its severities."""
+    return f"test_shift_{name}_acc"
+
+
 def stage_metric(stage: str, metric: str) -> str:
     """A chain stage's metric at its best epoch, kept for the rest of the chain: `supcon.val_knn_acc`."""
     return f"{stage}.{metric}"
@@ -40,6 +85,10 @@ Mode = Literal["max", "min"]
 
 # Which way is better, for picking the best epoch of a metric. Unlisted metrics are not ranked.
 MODES: dict[str, Mode] = {
+    **{name: "max" for name in (TEST_ACC, TEST_MACRO_F1, TEST_WEIGHTED_F1, TEST_AUROC, TEST_ACC_TTA, TEST_KNN_ACC,
+                                TEST_SHIFT_MCA, TEST_MACRO_PRECISION, TEST_MACRO_RECALL)},
+    **{name: "min" for name in (TEST_NLL, TEST_ECE, TEST_MCE, TEST_BRIER, TEST_ECE_TS, TEST_NLL_TS, TEST_SHIFT_GAP)},
+    **{test_topk(k): "max" for k in (1, 2, 3, 5, 10)},
     VAL_ACC: "max",
     VAL_KNN_ACC: "max",
     VAL_RECALL_AT_1: "max",
@@ -51,6 +100,13 @@ MODES: dict[str, Mode] = {
 
 def mode_of(metric: str) -> Mode:
     return MODES.get(metric.rsplit(".", 1)[-1], "max")  # a stage's metric ranks like the metric itself
+
+
+def as_good(value: float, than: float | None, mode: Mode) -> bool:
+    """Whether the epoch scoring `value` becomes the best one over an earlier best `than`: ties go to the
+    later epoch, as in Ray's checkpoint manager, which keeps the later of two equal checkpoints. The row's
+    best epoch, its checkpoint and the weights evaluated are then always the same epoch's."""
+    return than is None or (value >= than if mode == "max" else value <= than)
 
 
 def better(value: float, than: float | None, mode: Mode) -> bool:

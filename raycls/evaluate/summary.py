@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from raycls.evaluate.names import EPOCH, Mode, better, mode_of
+from raycls.evaluate.names import EPOCH, Mode, as_good, better, mode_of
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def summarize(history: Sequence[dict[str, float]], metric: str, mode: Mode | Non
     scored = [h for h in history if isinstance(h.get(metric), (int, float))]
     best_row = scored[0] if scored else history[-1]
     for row in scored[1:]:
-        if better(row[metric], best_row[metric], mode):
+        if as_good(row[metric], best_row[metric], mode):
             best_row = row
     best: dict[str, float] = {}
     for row in history:

@@ -125,7 +125,7 @@ def create_phase(config: PhaseConfig, spec: InputSpec, *, topk: int = 5, previou
 def check_experiment_metric(experiment: Experiment) -> None:
     """Every stage must report the experiment's metric at every epoch: Tune rejects a result without it, and
     ASHA compares trials by it. A chain that starts with supcon (no classifier yet) ranks by val_knn_acc."""
-    metric, topk, stages = experiment.experiment.metric, experiment.base.eval.topk, experiment.base.stages
+    metric, topk, stages = experiment.experiment.metric, experiment.base.eval.val_topk, experiment.base.stages
     missing = [s.label for s in stages if metric not in PHASES.get(s.phase.name).reports(topk)]
     if missing:
         common = frozenset.intersection(*(PHASES.get(s.phase.name).reports(topk) for s in stages)) - {names.VAL_IMAGES}

@@ -86,6 +86,8 @@ class TrialRecord:
     config_json: str | None = None
     error: str | None = None
     git: GitState = field(default_factory=GitState)
+    # The held-out evaluation (`test_*` metrics, `eval_split`, `eval_suite`): see evaluation_columns.
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     def best_row(self) -> dict[str, Any]:
         return summarize(self.history, self.metric, self.mode).at_best  # type: ignore[arg-type]
@@ -113,6 +115,9 @@ class TrialRecord:
             if key not in FIXED_NAMES and isinstance(value, (int, float)) and not isinstance(value, bool):
                 fields.append((key, pa.float64()))
                 values[key] = float(value)
+        for key, value in evaluation_columns(self.evaluation).items():
+            fields.append((key, pa.string() if isinstance(value, str) else pa.float64()))
+            values[key] = value
         # One typed column per sampled parameter, named by its dotted path (unsampled conditionals: null).
         for key, dtype in self.param_types.items():
             fields.append((key, dtype))
@@ -124,6 +129,43 @@ class TrialRecord:
         rows = [{"experiment": self.experiment, "trial_id": self.trial_id, **{k: v for k, v in h.items()
                  if isinstance(v, (int, float, str)) and not isinstance(v, bool)}} for h in self.history]  # fmt: skip
         return pa.Table.from_pylist(rows) if rows else pa.table({"experiment": pa.array([], pa.string())})
+
+
+def evaluation_columns(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A suite's summary (raycls.evaluate.suite.run_suite: metrics, split, suite) as row columns."""
+    if not summary:
+        return {}
+    columns: dict[str, Any] = {names.EVAL_SPLIT: summary.get(names.EVAL_SPLIT), names.EVAL_SUITE: summary.get(names.EVAL_SUITE)}
+    for key, value in summary.get("metrics", {}).items():
+        if key.startswith(names.EVAL_PREFIX) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            columns[key] = float(value)
+    return columns
+
+
+def is_evaluation_column(name: str) -> bool:
+    return name.startswith(names.EVAL_PREFIX) or name in (names.EVAL_SPLIT, names.EVAL_SUITE)
+
+
+def read_evaluation(storage: str, experiment: str, trial_id: str) -> dict[str, Any]:
+    """The trial's evaluation summary (`eval/<trial_id>/metrics.json`), or {} when it was not evaluated."""
+    paths = ExperimentPaths(storage, experiment)
+    uri = f"{paths.eval_dir(trial_id)}/metrics.json"
+    try:
+        return json.loads(paths.read_text(uri)) if paths.exists(uri) else {}
+    except (OSError, ValueError):  # unreadable: the row is written without evaluation columns
+        return {}
+
+
+def update_evaluation(storage: str, experiment: str, trial_id: str, summary: Mapping[str, Any]) -> str:
+    """Replace the trial's evaluation columns in its row (atomically): evaluating again never adds a row or
+    keeps a column of the previous evaluation."""
+    paths = ExperimentPaths(storage, experiment)
+    fs, path = paths.locate(paths.row(trial_id))
+    table = pq.read_table(path, filesystem=fs)
+    table = table.drop_columns([n for n in table.column_names if is_evaluation_column(n)])
+    for key, value in evaluation_columns(summary).items():
+        table = table.append_column(pa.field(key, pa.string() if isinstance(value, str) else pa.float64()), pa.array([value]))
+    return _write_atomic(fs, path, table)
 
 
 def _float(value: Any) -> float | None:

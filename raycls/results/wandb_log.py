@@ -62,9 +62,13 @@ class TrialRun:
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, step=step)
 
-    def finish(self, summary: dict[str, Any], *, failed: bool = False) -> None:
+    def finish(self, summary: dict[str, Any], *, failed: bool = False, images: dict[str, str] | None = None) -> None:
         if self.run is None:
             return
+        if images:  # the evaluation's plots, one image each (reliability diagram, confusion matrix, ...)
+            import wandb
+
+            self.run.log({key: wandb.Image(path) for key, path in images.items()})
         for key, value in summary.items():
             if value is not None and isinstance(value, (int, float, str, bool)):
                 self.run.summary[key] = value
@@ -117,11 +121,11 @@ class WandbWriter:
     def log(self, trial_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
         self._submit(trial_id, lambda: self.runs[trial_id].log(metrics, step) if trial_id in self.runs else None)
 
-    def finish(self, trial_id: str, summary: dict[str, Any], *, failed: bool = False) -> None:
+    def finish(self, trial_id: str, summary: dict[str, Any], *, failed: bool = False, images: dict[str, str] | None = None) -> None:
         def finish() -> None:
             run = self.runs.pop(trial_id, None)
             if run is not None:
-                run.finish(summary, failed=failed)
+                run.finish(summary, failed=failed, images=images)
 
         self._submit(trial_id, finish)
 

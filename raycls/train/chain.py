@@ -14,10 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch.nn as nn
+
 from raycls.config.schema import Stage, TrialConfig
 from raycls.errors import CheckpointError
 from raycls.evaluate import names
-from raycls.models.checkpoint import load_weights
+from raycls.models.checkpoint import load_weights, unwrap
 from raycls.phases import PHASES, Phase
 from raycls.phases.base import Previous
 from raycls.train.loop import Metrics, Reporter, RunContext, StageRun, load_data, train_stage
@@ -31,6 +33,7 @@ def fit(config: TrialConfig, report: Reporter, ctx: RunContext | None = None) ->
     position = read_position(ctx.resume_from) if ctx.resume_from else Position()
     runner.finished = dict(position.finished)
     stages = config.stages
+    runner.evaluating = ctx.eval_dir is not None and config.eval.on != "none"
     handover = initial_weights(config)  # then each stage's best weights, for the next stage
     try:
         for index, stage in enumerate(stages):
@@ -48,6 +51,10 @@ def fit(config: TrialConfig, report: Reporter, ctx: RunContext | None = None) ->
             # Resumed from the checkpoint of the last epoch (the trial ended, the driver did not hear of it):
             # report that epoch again, so the driver, the scheduler and the searcher see the trial's true end
             # rather than the older result their snapshot holds.
+            if runner.evaluating:
+                # The last stage's best weights, saved beside the checkpoint; one written before raycls
+                # kept them is evaluated as it is.
+                runner.evaluate(handover if handover is not None else load_weights(ctx.resume_from))
             final = read_metrics(ctx.resume_from)
             report(final, None)
             runner.history.append(final)
@@ -81,6 +88,7 @@ class ChainRunner:
         self.finished: dict[str, dict[str, float]] = {}  # stage label -> its metrics at its best epoch
         self.history: list[Metrics] = []
         self.scratch = Path(tempfile.mkdtemp(prefix="raycls-ckpt-"))
+        self.evaluating = False  # the last stage's best weights are evaluated when the chain ends
 
     def run_stage(
         self, index: int, stage: Stage, *, init: Weights | None, previous: Previous | None, resume_from: Path | None, start: int
@@ -93,14 +101,26 @@ class ChainRunner:
             previous=previous,
             resume_from=resume_from,
             start=start,
-            keep_best=index + 1 < len(self.stages),  # the best weights go on to the next stage
+            # The best weights go on to the next stage, or to the held-out evaluation after the last one.
+            keep_best=index + 1 < len(self.stages) or self.evaluating,
             entered=time.perf_counter() if self.history else self.entered,  # the first stage also loaded the data
             scratch=self.scratch / "checkpoint",
             annotate=(lambda metrics, best, last: self._chain_metrics(stage, metrics, best, last=last)) if self.chained else None,
             finished=self.finished,
+            on_last_epoch=self._evaluate_best if self.evaluating and index + 1 == len(self.stages) else None,
         )
         best = train_stage(self.config, stage, self.data, self.ctx, self._report, run)
         return best.weights
+
+    def _evaluate_best(self, best: Best, model: nn.Module) -> None:
+        # A stage whose metric was never reported (NaN-free but missing) has no best: its last weights.
+        self.evaluate(best.weights if best.weights is not None else {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()})
+
+    def evaluate(self, weights: Weights) -> None:
+        """The held-out evaluation of the trial's best weights (raycls.train.evaluation), on every worker."""
+        from raycls.train.evaluation import evaluate_weights
+
+        evaluate_weights(self.config, weights, self.data, self.ctx, out_uri=self.ctx.eval_dir)
 
     def _report(self, metrics: Metrics, checkpoint: Path | None) -> None:
         self.report(metrics, checkpoint)

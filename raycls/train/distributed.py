@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 
@@ -29,3 +31,16 @@ def all_gather_cat(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     dist.all_gather_object(shards, (embeddings.cpu(), labels.cpu()))
     device = embeddings.device
     return torch.cat([e for e, _ in shards]).to(device), torch.cat([y for _, y in shards]).to(device)
+
+
+def broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite each tensor in place with rank 0's (no-op in a single process).
+
+    DDP keeps parameters in sync but not BatchNorm's running statistics: each rank's last training forward
+    updates its own. Evaluating with the unwrapped model, every rank must hold rank 0's buffers (the ones its
+    checkpoint saves), or each rank's shard would be scored by a slightly different model.
+    """
+    if not is_distributed():
+        return
+    for tensor in tensors:
+        dist.broadcast(tensor.data, src=0)

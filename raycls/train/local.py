@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from raycls.config.schema import TrialConfig
-from raycls.evaluate.names import Mode, better
+from raycls.evaluate.names import Mode, as_good
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
+from raycls.storage import EVAL_DIR
 from raycls.train.chain import fit
 from raycls.train.loop import FAST_DEV_BATCHES, Metrics, ProgressFn, RunContext
 
@@ -33,7 +34,7 @@ class KeepBestReporter:
         if checkpoint is not None:
             replace_dir(checkpoint, self.out / "checkpoints" / "last")
             value = metrics.get(self.metric)
-            if value is not None and better(value, self.best, self.mode):
+            if value is not None and as_good(value, self.best, self.mode):
                 self.best = value
                 replace_dir(checkpoint, self.out / "checkpoints" / "best")
         if self.on_epoch is not None:
@@ -54,7 +55,8 @@ def run_local(
     """Train `config`; write config.json, metrics.json and checkpoints/{last,best} into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / CONFIG_FILE, config.to_dict())
-    ctx = RunContext(device=device or default_device(), limit_batches=FAST_DEV_BATCHES if fast_dev_run else None, progress=progress)
+    ctx = RunContext(device=device or default_device(), limit_batches=FAST_DEV_BATCHES if fast_dev_run else None,
+                     progress=progress, eval_dir=str(out.absolute() / EVAL_DIR))  # fmt: skip
     history = fit(config, KeepBestReporter(out, metric, mode, on_epoch), ctx)
     summary = summarize(history, metric, mode)
     write_json_atomic(out / METRICS_FILE, {**summary.to_dict(), "history": history})

@@ -30,7 +30,7 @@ from raycls.models.checkpoint import backbone_weights, load_backbone
 from raycls.optim import create_lr_schedule, create_optimizer
 from raycls.phases import Phase, create_phase
 from raycls.phases.base import Previous
-from raycls.train.distributed import all_gather_cat, all_reduce_sum
+from raycls.train.distributed import all_gather_cat, all_reduce_sum, broadcast_from_rank0
 from raycls.train.state import Best, Position, Weights, load_checkpoint, read_best, save_checkpoint
 from raycls.train.steps import StepPolicy, autocast, check_finite, seed_everything, train_step
 
@@ -60,6 +60,9 @@ class RunContext:
     # A checkpoint folder to resume from (model + optimizer + schedule + epoch).
     resume_from: Path | None = None
     progress: ProgressFn | None = None
+    # Where rank 0 puts the held-out evaluation of the trial's best weights once training ends (a folder
+    # URI); None: no evaluation (the config's `eval.on: none` skips it too).
+    eval_dir: str | None = None
 
 
 @dataclass
@@ -92,7 +95,7 @@ def build(
     best, or `init:`), whose backbone part is taken. `previous`: the chain's previous stage, for its phase."""
     seed_everything(config.seed + index)  # stage 0 (every single-phase trial) seeds exactly as config.seed
     splits, spec = data.splits, data.spec
-    phase = create_phase(stage.phase, spec, topk=config.eval.topk, previous=previous)
+    phase = create_phase(stage.phase, spec, topk=config.eval.val_topk, previous=previous)
     policy = StepPolicy.resolve(stage.train, ctx.device)
     backbone = create_model(config.model, spec)
     if init is not None:
@@ -132,6 +135,10 @@ class StageRun:
     # Chains add the stage's label and the finished stages' summaries to each epoch's metrics (chain.py).
     annotate: Callable[[Metrics, Best, bool], Metrics] | None = None
     finished: dict[str, dict[str, float]] = field(default_factory=dict)  # saved in the checkpoint's position
+    # Called with the stage's best (weights kept) after its last epoch, before that epoch is reported: the
+    # trial's held-out evaluation runs there, because once the last epoch is reported a scheduler may stop
+    # the trial at once (ASHA stops every trial at max_t).
+    on_last_epoch: Callable[[Best, nn.Module], None] | None = None
 
 
 def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, report: Reporter, run: StageRun) -> Best:
@@ -157,7 +164,7 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
             names.LR: optimizer.param_groups[0]["lr"],
             names.TRAIN_IMAGES: images,
             names.IMAGES_PER_S: images / max(seconds, 1e-9),
-            **evaluate(model, phase, parts.val_loader, policy),
+            **evaluate(model, phase, parts.val_loader, policy, sync=ctx.world_size > 1),
         }
         metrics[names.EPOCH_S] = time.perf_counter() - started
         if epoch == run.start:  # data, model and optimizer construction, once per stage and (re)start
@@ -167,6 +174,8 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
         best.offer(metrics, model, keep_weights=run.keep_best)
         if run.annotate is not None:
             metrics = run.annotate(metrics, best, epoch + 1 == stage.train.epochs)
+        if run.on_last_epoch is not None and epoch + 1 == stage.train.epochs:
+            run.on_last_epoch(best, model)
         # Only rank 0 writes a checkpoint: all ranks hold the same weights under DDP.
         position = Position(stage=run.index, epoch=epoch, finished=run.finished)
         checkpoint = save_checkpoint(run.scratch, model, optimizer, lr_schedule, metrics, position=position,
@@ -207,11 +216,14 @@ IMAGES_KEY = "_images"
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, phase: Phase, loader: BatchLoader, policy: StepPolicy) -> Metrics:
+def evaluate(model: nn.Module, phase: Phase, loader: BatchLoader, policy: StepPolicy, *, sync: bool = False) -> Metrics:
     """Validation metrics over the whole split: each worker sums its shard, then the sums are all-reduced.
 
-    Runs the unwrapped model: DDP's forward would sync buffers, and workers' shards may differ in length.
+    Runs the unwrapped model (workers' shards may differ in length, and DDP's forward is a collective);
+    `sync`: first take rank 0's buffers (BatchNorm statistics), which DDP does not keep in sync.
     """
+    if sync:
+        broadcast_from_rank0(unwrap(model).buffers())
     model.eval()
     totals: dict[str, torch.Tensor] = {IMAGES_KEY: torch.zeros((), dtype=torch.float64, device=policy.device)}
     embedded: list[torch.Tensor] = []

@@ -23,6 +23,7 @@ from raycls.config.schema import TrialConfig
 from raycls.evaluate import names
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
+from raycls.storage import EVAL_DIR
 from raycls.train.local import CONFIG_FILE, METRICS_FILE
 from raycls.train.chain import fit
 from raycls.train.loop import FAST_DEV_BATCHES, Metrics, RunContext
@@ -96,7 +97,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     ctx = RunContext(device=device, rank=context.get_world_rank(), world_size=context.get_world_size(),
-                     limit_batches=loop_config.get("limit_batches"))  # fmt: skip
+                     limit_batches=loop_config.get("limit_batches"), eval_dir=loop_config.get("eval_dir"))  # fmt: skip
     with restored(ray.train.get_checkpoint()) as resume_from:
         ctx.resume_from = resume_from
         extras = {**trial_extras(config, device), RESTARTS: restarts_of(resume_from)}
@@ -118,13 +119,15 @@ def torch_trainer(
     limit_batches: int | None = None,
     history_file: str | None = None,
     max_failures: int = 0,
+    eval_dir: str | None = None,
 ):
     from ray.train.torch import TorchTrainer
 
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpu else {})}
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config_json": config.to_json(), "limit_batches": limit_batches, "history_file": history_file},
+        train_loop_config={"config_json": config.to_json(), "limit_batches": limit_batches, "history_file": history_file,
+                           "eval_dir": eval_dir},  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=resources.gpu, resources_per_worker=per_worker
         ),
@@ -158,7 +161,8 @@ def train_with_ray(
     history_file = out / "history.jsonl"
     history_file.unlink(missing_ok=True)
     trainer = torch_trainer(config, resources, storage_path=str(out), name="ray_train", metric=metric, mode=mode,
-                             limit_batches=FAST_DEV_BATCHES if fast_dev_run else None, history_file=str(history_file))  # fmt: skip
+                             limit_batches=FAST_DEV_BATCHES if fast_dev_run else None, history_file=str(history_file),
+                             eval_dir=str(out / EVAL_DIR))  # fmt: skip
     result = trainer.fit()
     if result.error:
         raise result.error

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from raycls.errors import CheckpointError
-from raycls.evaluate.names import better, mode_of
+from raycls.evaluate.names import as_good, mode_of
 from raycls.models.checkpoint import WEIGHTS_FILE, atomic_save, save_weights, unwrap
 
 STATE_FILE = "trainer.pt"
@@ -50,7 +50,7 @@ class Best:
         value = metrics.get(self.metric)
         if value is None:
             return
-        if better(value, self.value, mode_of(self.metric)):
+        if as_good(value, self.value, mode_of(self.metric)):
             self.value, self.metrics = value, dict(metrics)
             if keep_weights:
                 self.weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}

@@ -21,8 +21,8 @@ from ray.tune.experiment import Trial
 
 from raycls.config.experiment import Experiment
 from raycls.evaluate import names
-from raycls.evaluate.names import better
-from raycls.results.leaderboard import Status, write_trial
+from raycls.evaluate.names import as_good, better
+from raycls.results.leaderboard import Status, read_evaluation, write_trial
 from raycls.results.provenance import GitState
 from raycls.results.row import TrialSeen, build_record
 from raycls.results.wandb_log import WandbWriter
@@ -35,7 +35,10 @@ from raycls.tune.searcher import stopped_early
 TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "time_since_restore",
              "iterations_since_restore", "timesteps_total", "episodes_total", "done", "trial_id", "date",
              "hostname", "node_ip", "pid", "config", "experiment_tag", "checkpoint_dir_name",
-             "should_checkpoint", "timesteps_since_restore", "experiment_id"}  # fmt: skip
+             "should_checkpoint", "timesteps_since_restore", "experiment_id", "checkpoint_path"}  # fmt: skip
+# A multi-worker trial's checkpoint: Ray Train persists it itself, and its TuneReportCallback passes only its
+# path on to Tune, in the result (Tune's on_checkpoint never sees it).
+CHECKPOINT_PATH_KEY = "checkpoint_path"
 
 
 def error_message(trial: Trial) -> str:
@@ -110,14 +113,20 @@ class TrialLedger(Callback):
         log.history[epoch] = metrics
         log.last_result = metrics
         self.wandb.log(trial.trial_id, metrics, step=epoch)
+        path = result.get(CHECKPOINT_PATH_KEY)
+        if isinstance(path, str):
+            self._offer_checkpoint(log, path if "://" in path or is_local(self.storage) else f"{self.storage.split('://')[0]}://{path}")
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Any, **info: Any) -> None:
-        log = self._log(trial)
+        self._offer_checkpoint(self._log(trial), _uri(checkpoint))
+
+    def _offer_checkpoint(self, log: TrialLog, uri: str) -> None:
+        """The checkpoint just taken becomes the trial's best when its epoch is (ties: the later, as Ray keeps)."""
         value = log.last_result.get(self.experiment.experiment.metric)
-        improved = value is not None and better(value, log.best_value, self.experiment.experiment.mode)
+        improved = value is not None and as_good(value, log.best_value, self.experiment.experiment.mode)
         if improved or log.best_checkpoint is None:
             log.best_value = value if value is not None else log.best_value
-            log.best_checkpoint = _uri(checkpoint)
+            log.best_checkpoint = uri
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         log = self._log(trial)
@@ -169,10 +178,18 @@ class TrialLedger(Callback):
             config_json=self._config_written(trial),
         )
         record = build_record(self.experiment, seen, self.git)
+        record.evaluation = read_evaluation(self.storage, self.experiment.name, trial.trial_id)
         write_trial(self.storage, record)
         self.written.add(trial.trial_id)
         row = {k: v for k, v in record.to_table().to_pylist()[0].items() if not isinstance(v, datetime)}
-        self.wandb.finish(trial.trial_id, row, failed=status == "failed")
+        self.wandb.finish(trial.trial_id, row, failed=status == "failed", images=self._eval_images(trial.trial_id))
+
+    def _eval_images(self, trial_id: str) -> dict[str, str]:
+        """The evaluation's PNGs, by W&B key (`eval/reliability`), when the storage is on this machine."""
+        folder = self.paths.eval_dir(trial_id)
+        if not is_local(folder) or not Path(folder).is_dir():
+            return {}
+        return {f"eval/{p.stem}": str(p) for p in sorted(Path(folder).glob("*.png"))}
 
 
 def _read_result_json(path: Path) -> dict[int, dict[str, Any]]:
@@ -333,8 +350,9 @@ def record_told_trials(experiment: Experiment, paths: ExperimentPaths, study: op
         folder = next((p for p in paths.folder.glob(f"*_{trial_id}_*") if (p / "params.json").is_file()), None)
         if folder is None:
             continue  # nothing to write the row from (not seen: Tune writes params.json as the trial starts)
-        write_trial(paths.storage, build_record(experiment, _seen_in_folder(experiment, folder, trial_id,
-                                                                            TOLD_STATUS[ot_trial.state]), git))  # fmt: skip
+        record = build_record(experiment, _seen_in_folder(experiment, folder, trial_id, TOLD_STATUS[ot_trial.state]), git)
+        record.evaluation = read_evaluation(paths.storage, experiment.name, trial_id)
+        write_trial(paths.storage, record)
         recorded.append(trial_id)
     return recorded
 
@@ -347,7 +365,7 @@ def _seen_in_folder(experiment: Experiment, folder: Path, trial_id: str, status:
     best: tuple[float | None, Path | None] = (None, None)
     for checkpoint in sorted(folder.glob("checkpoint_*")):
         value = read_metrics(checkpoint).get(section.metric) if is_whole(checkpoint) else None
-        if value is not None and (best[1] is None or better(value, best[0], section.mode)):
+        if value is not None and (best[1] is None or as_good(value, best[0], section.mode)):
             best = (value, checkpoint)
     config = folder / TRIAL_CONFIG_FILE
     return TrialSeen(

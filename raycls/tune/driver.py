@@ -19,6 +19,7 @@ import ray.tune
 
 from raycls.config.experiment import Experiment
 from raycls.errors import RayclsError
+from raycls.evaluate import names
 from raycls.results.leaderboard import ReadResult, read_leaderboard
 from raycls.results.provenance import git_state, write_space_as_run
 from raycls.prepare import prepare_experiment
@@ -101,6 +102,8 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
             errors = sum(1 for r in grid if r.error is not None)
     if options.resume:
         _record_told(experiment, paths)  # Tune may restore a trial Optuna closed as ended, without its row
+    if experiment.base.eval.on == "all":
+        _evaluate_stopped(experiment, storage)
     board = read_leaderboard(storage, experiment.name)
     _reconcile(experiment, state, board)
     return TuneOutcome(path, board, board.table.num_rows, errors)
@@ -122,6 +125,17 @@ def _resume_plan(options: TuneOptions, paths: ExperimentPaths) -> ResumePlan:
     if plan.mode is ResumeMode.START:
         return ResumePlan(ResumeMode.START, note=f"nothing to resume at {paths.root}: starting the experiment")
     return plan
+
+
+def _evaluate_stopped(experiment: Experiment, storage: str) -> None:
+    """`eval.on: all`: trials ASHA stopped never reached their own evaluation; the driver evaluates them."""
+    from raycls.train.evaluation import evaluate_rows
+
+    rows = [r for r in read_leaderboard(storage, experiment.name).table.to_pylist()
+            if r["status"] == "early_stopped" and r.get("checkpoint") and not r.get(names.EVAL_SPLIT)]  # fmt: skip
+    if rows:
+        print(f"eval.on=all: evaluating {len(rows)} early-stopped trial(s) in the driver")
+        evaluate_rows(storage, experiment.name, rows)
 
 
 def _study(experiment: Experiment, state: Path) -> optuna.Study | None:

@@ -47,24 +47,27 @@ def tune_trainable(params: dict[str, Any], *, experiment_json: str, storage: str
     config = resolve_trial(experiment, params)
     paths.write_text(paths.trial_config(Path(context.get_trial_dir()).name), json.dumps(config.to_dict(), indent=2))
     limit = FAST_DEV_BATCHES if experiment.experiment.fast_dev_run else None
+    eval_dir = paths.eval_dir(trial_id)  # evaluated there once it completes (eval.on), by its own workers
     if experiment.experiment.resources.workers == 1:
-        _run_in_trial_actor(config, experiment.experiment.resources, limit_batches=limit)
+        _run_in_trial_actor(config, experiment.experiment.resources, limit_batches=limit, eval_dir=eval_dir)
     else:
-        _run_torch_trainer(config, experiment, paths, name=f"train-{trial_id}", limit_batches=limit)
+        _run_torch_trainer(config, experiment, paths, name=f"train-{trial_id}", limit_batches=limit, eval_dir=eval_dir)
 
 
-def _run_in_trial_actor(config: TrialConfig, resources: Resources, *, limit_batches: int | None = None) -> None:
+def _run_in_trial_actor(config: TrialConfig, resources: Resources, *, limit_batches: int | None = None,
+                        eval_dir: str | None = None) -> None:  # fmt: skip
     device = torch.device("cuda" if resources.gpu and torch.cuda.is_available() else "cpu")
     extras = trial_extras(config, device)
 
     with restored(ray.tune.get_checkpoint()) as resume_from:
         extras[RESTARTS] = restarts_of(resume_from)
         reporter = RayReporter(ray.tune.report, ray.tune.Checkpoint, extras)
-        fit(config, reporter, RunContext(device=device, resume_from=resume_from, limit_batches=limit_batches))
+        fit(config, reporter, RunContext(device=device, resume_from=resume_from, limit_batches=limit_batches, eval_dir=eval_dir))
 
 
 def _run_torch_trainer(
-    config: TrialConfig, experiment: Experiment, paths: ExperimentPaths, *, name: str, limit_batches: int | None = None
+    config: TrialConfig, experiment: Experiment, paths: ExperimentPaths, *, name: str, limit_batches: int | None = None,
+    eval_dir: str | None = None,
 ) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -88,6 +91,7 @@ def _run_torch_trainer(
         # inside this trial; Tune's own retries then only cover a lost coordinator.
         max_failures=experiment.experiment.max_failures,
         limit_batches=limit_batches,
+        eval_dir=eval_dir,
     )
     try:
         trainer.fit()

@@ -1,0 +1,60 @@
+"""Held-out classification metrics from logits and labels (torchmetrics), on tensors alone.
+
+Top-1 and top-k accuracy, macro and weighted precision / recall / F1, macro one-vs-rest AUROC and NLL; the
+per-class report and the confusion matrix are tables for the evaluation folder.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_auroc,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+from raycls.evaluate import names
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, *, topk: tuple[int, ...] = (1, 3, 5)) -> dict[str, float]:
+    """Every summary metric of a classifier on one split (k beyond the number of classes is left out)."""
+    logits, labels = logits.float(), labels.long()
+    c = logits.shape[1]
+    metrics = {
+        names.TEST_ACC: multiclass_accuracy(logits, labels, num_classes=c, average="micro").item(),
+        names.TEST_NLL: F.cross_entropy(logits, labels).item(),
+    }
+    for k in sorted(set(topk)):
+        if 1 < k <= c:
+            metrics[names.test_topk(k)] = multiclass_accuracy(logits, labels, num_classes=c, average="micro", top_k=k).item()
+    for average in ("macro", "weighted"):
+        metrics[f"test_{average}_precision"] = multiclass_precision(logits, labels, num_classes=c, average=average).item()
+        metrics[f"test_{average}_recall"] = multiclass_recall(logits, labels, num_classes=c, average=average).item()
+        metrics[f"test_{average}_f1"] = multiclass_f1_score(logits, labels, num_classes=c, average=average).item()
+    # One-vs-rest AUROC of each class present in the split, averaged (a class without positives has none).
+    metrics[names.TEST_AUROC] = multiclass_auroc(F.softmax(logits, -1), labels, num_classes=c, average="macro").item()
+    return metrics
+
+
+def per_class_report(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> list[dict[str, object]]:
+    """One row per class: support, accuracy (= recall), precision, recall, F1."""
+    c = logits.shape[1]
+    kwargs = dict(num_classes=c, average="none")
+    precision = multiclass_precision(logits, labels, **kwargs)
+    recall = multiclass_recall(logits, labels, **kwargs)
+    f1 = multiclass_f1_score(logits, labels, **kwargs)
+    support = torch.bincount(labels, minlength=c)
+    return [
+        {"class": classes[i] if i < len(classes) else str(i), "support": int(support[i]), "accuracy": float(recall[i]),
+         "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i])}
+        for i in range(c)
+    ]  # fmt: skip
+
+
+def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[true, predicted] counts."""
+    return multiclass_confusion_matrix(logits, labels, num_classes=logits.shape[1])

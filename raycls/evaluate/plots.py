@@ -1,0 +1,111 @@
+"""The evaluation's pictures, as PNG files (matplotlib, no display). Each is written whole or not at all."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on workers and CI; set before pyplot is imported
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from raycls.evaluate.calibration import ReliabilityBins
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def reliability_diagram(bins: ReliabilityBins, path: Path, *, title: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    lo = np.array(bins.edges[:-1])
+    width = bins.edges[1] - bins.edges[0]
+    acc = np.nan_to_num(np.array(bins.accuracy, dtype=float))
+    ax.bar(lo, acc, width=width, align="edge", edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title or "reliability")
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def confusion_png(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> Path:
+    c = matrix.shape[0]
+    size = min(3 + 0.35 * c, 20)
+    fig, ax = plt.subplots(figsize=(size, size))
+    normalised = matrix.double() / matrix.sum(1, keepdim=True).clamp_min(1)
+    ax.imshow(normalised.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if c <= 30:
+        ax.set_xticks(range(c), [str(x) for x in classes[:c]], rotation=90)
+        ax.set_yticks(range(c), [str(x) for x in classes[:c]])
+        for i in range(c):
+            for j in range(c):
+                if matrix[i, j]:
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if normalised[i, j] > 0.5 else "black")  # fmt: skip
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (row-normalised colours)")
+    return _save(fig, path)
+
+
+def histograms(groups: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
+    """One panel per scorer: its scores on the in-distribution set and on each OOD set."""
+    scorers = list(groups)
+    fig, axes = plt.subplots(1, len(scorers), figsize=(3.5 * len(scorers), 3), squeeze=False)
+    for ax, scorer in zip(axes[0], scorers):
+        for label, scores in groups[scorer].items():
+            finite = scores[np.isfinite(scores)]
+            if len(finite):
+                ax.hist(finite, bins=40, alpha=0.5, density=True, label=label)
+        ax.set(title=scorer, xlabel="score (higher: in-distribution)")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def image_grid(images: torch.Tensor, captions: Sequence[str], path: Path, *, columns: int = 8,
+               overlays: torch.Tensor | None = None) -> Path:  # fmt: skip
+    """uint8 images [N, C, H, W] with a caption each; `overlays` [N, H, W] in [0, 1] drawn as a heat map."""
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 1.9 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        image = images[i].permute(1, 2, 0).numpy()
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+        if overlays is not None:
+            ax.imshow(overlays[i].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(captions[i], fontsize=6)
+    return _save(fig, path)
+
+
+def scatter_2d(points: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: Path, *, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 6))
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for c in np.unique(labels):
+        mask = labels == c
+        ax.scatter(points[mask, 0], points[mask, 1], s=4, color=cmap(int(c) % cmap.N),
+                   label=str(classes[c]) if c < len(classes) else str(c))  # fmt: skip
+    if len(classes) <= 20:
+        ax.legend(markerscale=3, fontsize=7, loc="best")
+    ax.set(title=title, xticks=[], yticks=[])
+    return _save(fig, path)
+
+
+def bars(values: dict[str, float], path: Path, *, title: str, ylabel: str, reference: float | None = None) -> Path:
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(values)), 3.5))
+    ax.bar(list(values), list(values.values()))
+    if reference is not None:
+        ax.axhline(reference, color="gray", linestyle="--", label="clean")
+        ax.legend()
+    ax.set(title=title, ylabel=ylabel)
+    ax.tick_params(axis="x", rotation=60)
+    return _save(fig, path)

@@ -1,0 +1,471 @@
+"""The evaluation suite: what a trial's best weights are worth on data never used for selection.
+
+    Evaluation(model, phase, splits)  ->  steps of the suite, in order  ->  metrics + files in one folder
+
+A suite is a list of steps (`EVAL_SUITES`); each step reads predictions (one cached forward pass per split,
+`Evaluation.predict`) and returns `test_*` metrics, writing its tables and pictures on rank 0. Every worker
+runs every step (predictions are gathered onto all of them), so steps stay free of collective logic.
+
+- `default` (cheap: about one forward pass over the test and validation splits): classification metrics,
+  calibration with temperature scaling, per-class report, confusion matrix and reliability diagram; k-NN
+  accuracy for a model with no classifier yet (a supcon stage).
+- `full`: the default plus TTA, OOD detection, distribution shift, error analysis (confident mistakes,
+  cleanlab's label issues), GradCAM++ overlays and a 2-D map of the test embeddings.
+
+The heavy libraries (torchmetrics, scikit-learn, matplotlib, cleanlab, pytorch-grad-cam) are imported by
+the steps that use them: validating a config that names a suite imports this module, nothing more.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from raycls.evaluate import names
+from raycls.evaluate.predict import Predictions, predict
+from raycls.registry import Registry
+
+if TYPE_CHECKING:
+    from raycls.config.schema import EvalConfig
+    from raycls.data.datasets import ArrayData
+    from raycls.data.splits import Splits
+    from raycls.phases import Phase
+
+METRICS_FILE = "metrics.json"
+Step = Callable[["Evaluation"], dict[str, float]]
+EVAL_STEPS: Registry[Step] = Registry("eval step")
+EVAL_SUITES: Registry[tuple[str, ...]] = Registry("eval suite")
+# OOD sets made on the fly, no download: (n, channels, size, seed) -> uint8 images.
+GENERATED_OOD: Registry[Callable[[int, int, int, int], torch.Tensor]] = Registry("ood set")
+CORRUPTIONS_SET = "corruptions"  # `eval.shift: [corruptions]`: the generated corruption suite
+step = EVAL_STEPS.register
+
+
+@dataclass
+class Evaluation:
+    """One model's evaluation: its inputs, the predictions made so far, and where files go (rank 0)."""
+
+    model: nn.Module
+    phase: Phase
+    splits: Splits
+    config: EvalConfig
+    out: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_size: int = 512
+    image_size: int | None = None
+    rank: int = 0
+    world_size: int = 1
+    limit: int | None = None  # images per split (fast dev runs)
+    seed: int = 0
+    data_config: Any = None  # the trial's DataConfig (OOD and shift sets are read from its root)
+    notes: list[str] = field(default_factory=list)
+    _cache: dict[str, Predictions] = field(default_factory=dict)
+
+    @property
+    def split(self) -> str:
+        return "test" if self.splits.test is not None else "val"
+
+    @property
+    def test(self) -> ArrayData:
+        """The held-out split: test, or validation for a dataset without one (the row's `eval_split` says)."""
+        return self.splits.test if self.splits.test is not None else self.splits.val
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0
+
+    def predict(self, data: ArrayData, key: str | None = None) -> Predictions:
+        """Predictions for every image of `data` (cached under `key`). Every worker must call it."""
+        if key is not None and key in self._cache:
+            return self._cache[key]
+        result = predict(self.model, self.phase, data, mean=self.splits.mean, std=self.splits.std, device=self.device,
+                         batch_size=self.batch_size, image_size=self.image_size, rank=self.rank,
+                         world_size=self.world_size, limit=self.limit)  # fmt: skip
+        if key is not None:
+            self._cache[key] = result
+        return result
+
+    def predictions(self, split: str) -> Predictions:
+        data = {"test": self.test, "val": self.splits.val, "train": self.splits.train}[split]
+        return self.predict(data, key=split)
+
+    def limited(self, data: ArrayData, n: int) -> ArrayData:
+        """The first `n` images of `data` in a seeded random order (a class-balanced-enough sample)."""
+        n = min(n, len(data), self.limit or n)
+        if n >= len(data):
+            return data
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))[:n]
+        return data.subset(order.sort().values)
+
+    def file(self, name: str) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        return self.out / name
+
+
+def run_suite(evaluation: Evaluation, suite: str) -> dict[str, Any]:
+    """Run every step of `suite`; returns the metrics (rank 0 also writes them to `metrics.json`)."""
+    started = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    for name in EVAL_SUITES.get(suite):
+        metrics.update(EVAL_STEPS.get(name)(evaluation))
+    metrics[names.TEST_IMAGES] = len(evaluation.predictions("test"))
+    metrics[names.EVAL_S] = time.perf_counter() - started
+    summary = {"metrics": metrics, names.EVAL_SPLIT: evaluation.split, names.EVAL_SUITE: suite, "notes": evaluation.notes}
+    if evaluation.writes:
+        evaluation.file(METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["index"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _classes(evaluation: Evaluation) -> tuple[str, ...]:
+    return evaluation.splits.train.classes
+
+
+# ------------------------------------------------------------------------------------------------ steps
+@step("classification")
+def classification_step(ev: Evaluation) -> dict[str, float]:
+    from raycls.evaluate.classification import (
+        classification_metrics,
+        confusion_matrix,
+        per_class_report,
+    )
+    from raycls.evaluate.plots import confusion_png
+
+    test = ev.predictions("test")
+    if test.logits is None:
+        ev.notes.append("no classifier (a supcon stage): classification metrics left out; see test_knn_acc")
+        return {}
+    metrics = classification_metrics(test.logits, test.labels, topk=tuple(ev.config.topk))
+    if ev.writes:
+        _write_csv(ev.file("classification_report.csv"), per_class_report(test.logits, test.labels, _classes(ev)))
+        matrix = confusion_matrix(test.logits, test.labels)
+        _write_csv(ev.file("confusion_matrix.csv"), [{"true": _classes(ev)[i], **{c: int(v) for c, v in zip(_classes(ev), row)}}
+                                                      for i, row in enumerate(matrix.tolist())])  # fmt: skip
+        confusion_png(matrix, _classes(ev), ev.file("confusion_matrix.png"))
+    return metrics
+
+
+@step("calibration")
+def calibration_step(ev: Evaluation) -> dict[str, float]:
+    from raycls.evaluate.calibration import calibration_metrics, reliability_bins
+    from raycls.evaluate.plots import reliability_diagram
+
+    test = ev.predictions("test")
+    if test.logits is None:
+        return {}
+    val = ev.predictions("val") if ev.split == "test" else None  # T is never fitted on the split it is scored on
+    metrics = calibration_metrics(test.logits, test.labels, val_logits=val.logits if val else None,
+                                  val_labels=val.labels if val else None)  # fmt: skip
+    if ev.writes:
+        reliability_diagram(reliability_bins(test.logits, test.labels), ev.file("reliability.png"),
+                            title=f"{ev.split}: ECE {metrics[names.TEST_ECE]:.3f}")  # fmt: skip
+        if names.TEST_TEMPERATURE in metrics:
+            scaled = test.logits / metrics[names.TEST_TEMPERATURE]
+            reliability_diagram(reliability_bins(scaled, test.labels), ev.file("reliability_ts.png"),
+                                title=f"temperature {metrics[names.TEST_TEMPERATURE]:.2f}: ECE {metrics[names.TEST_ECE_TS]:.3f}")  # fmt: skip
+    return metrics
+
+
+@step("knn")
+def knn_step(ev: Evaluation) -> dict[str, float]:
+    """k-NN classification of the test embeddings by the train embeddings (a model with no classifier)."""
+    test = ev.predictions("test")
+    if test.embeddings is None:
+        return {}
+    train = ev.predictions("train")
+    return {names.TEST_KNN_ACC: knn_classify(train.embeddings, train.labels, test.embeddings, test.labels)}
+
+
+@step("knn_if_no_classifier")
+def knn_if_no_classifier(ev: Evaluation) -> dict[str, float]:
+    return knn_step(ev) if ev.predictions("test").logits is None else {}
+
+
+def knn_classify(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
+                 *, k: int = 20, temperature: float = 0.07) -> float:  # fmt: skip
+    """Weighted k-NN vote of the train embeddings for each test embedding (cosine similarity)."""
+    a, b = torch.nn.functional.normalize(train.float(), dim=-1), torch.nn.functional.normalize(test.float(), dim=-1)
+    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    correct = 0
+    for start in range(0, len(b), 1024):
+        sim = b[start : start + 1024] @ a.T
+        top, idx = sim.topk(min(k, len(a)), dim=-1)
+        votes = torch.zeros(len(sim), classes).scatter_add_(1, train_labels[idx], (top / temperature).exp())
+        correct += int((votes.argmax(-1) == test_labels[start : start + 1024]).sum())
+    return correct / max(len(b), 1)
+
+
+TTA_WEIGHTS = {"identity": 0.25, "flip": 0.25, "up_left": 0.125, "up_left_flip": 0.125, "down_right": 0.125,
+               "down_right_flip": 0.125}  # fmt: skip
+
+
+def tta_views(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """airbench's 6 test-time views of uint8 [N, C, H, W] images: the image and its mirror, each also
+    translated by one pixel up-left and down-right (reflect padding)."""
+    padded = torch.nn.functional.pad(images.float(), (1, 1, 1, 1), mode="reflect").to(torch.uint8)
+    h, w = images.shape[-2:]
+    shifted = {"identity": images, "up_left": padded[..., 0:h, 0:w], "down_right": padded[..., 2 : h + 2, 2 : w + 2]}
+    views = dict(shifted)
+    views.update({f"{k}_flip" if k != "identity" else "flip": v.flip(-1) for k, v in shifted.items()})
+    return views
+
+
+@step("tta")
+def tta_step(ev: Evaluation) -> dict[str, float]:
+    from raycls.data.datasets import ArrayData
+
+    test_data = ev.test
+    clean = ev.predictions("test")
+    if clean.logits is None:
+        return {}
+    logits = torch.zeros_like(clean.logits)
+    for name, images in tta_views(test_data.images).items():
+        view = clean if name == "identity" else ev.predict(ArrayData(images, test_data.labels, test_data.classes))
+        logits += TTA_WEIGHTS[name] * view.logits
+    ev._cache["test_tta"] = Predictions(clean.labels, logits, None)
+    return {names.TEST_ACC_TTA: float((logits.argmax(-1) == clean.labels).float().mean())}
+
+
+def ood_set(ev: Evaluation, name: str) -> ArrayData:
+    """An OOD set at the in-distribution image size: generated, or any registered dataset's test split."""
+    from raycls.data.datasets import ArrayData
+
+    test = ev.test
+    n, channels, size = min(len(test), 2000), test.images.shape[1], test.images.shape[-1]
+    if name in GENERATED_OOD:
+        images = GENERATED_OOD.get(name)(n, channels, size, ev.seed)
+    else:
+        images = registered_set(ev, name, what=f"eval.ood: {name}").images[:n]
+    return ArrayData(images, torch.zeros(len(images), dtype=torch.long), test.classes)
+
+
+def registered_set(ev: Evaluation, name: str, *, what: str) -> ArrayData:
+    """A registered dataset's test split (its training pool when it has none), read from the trial's data
+    root and resized to the evaluated images' size; its channels must match."""
+    from raycls.config.schema import DataConfig
+    from raycls.data.datasets import DATASETS, ArrayData, data_root
+    from raycls.errors import ConfigError
+
+    channels, size = ev.test.images.shape[1], ev.test.images.shape[-1]
+    config = DataConfig(name=name, root=getattr(ev.data_config, "root", None)) if name != "folder" else ev.data_config
+    raw = DATASETS.get(name).read(config, data_root(config))
+    data = raw.test if raw.test is not None else raw.train
+    images = data.images
+    if images.shape[1] != channels:
+        raise ConfigError(f"{what}: its images have {images.shape[1]} channel(s), the model's have {channels}; "
+                          "choose a set with the same channels (e.g. fashion_mnist for mnist, svhn or cifar100 for cifar10)")  # fmt: skip
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
+                                                 align_corners=False).round().clamp(0, 255).to(torch.uint8)  # fmt: skip
+    return ArrayData(images, data.labels, data.classes)
+
+
+@step("ood")
+def ood_step(ev: Evaluation) -> dict[str, float]:
+    from raycls.evaluate.ood import OOD_SCORERS, fit_feature_stats, separation
+    from raycls.evaluate.plots import histograms
+
+    test = ev.predictions("test")
+    if test.logits is None or not ev.config.ood:
+        return {}
+    stats = fit_feature_stats(ev.predictions("train")) if test.embeddings is not None else None
+    scorers = {name: OOD_SCORERS.get(name) for name in OOD_SCORERS.names()}
+    usable = {k: s.score for k, s in scorers.items() if stats is not None or not s.needs_features}
+    metrics: dict[str, float] = {}
+    scores: dict[str, dict[str, Any]] = {k: {ev.split: fn(test, stats).numpy()} for k, fn in usable.items()}
+    for name in ev.config.ood:
+        out = ev.predict(ood_set(ev, name))
+        for scorer, fn in usable.items():
+            out_scores = fn(out, stats)
+            for measure, value in separation(fn(test, stats), out_scores).items():
+                metrics[names.test_ood(name, scorer, measure)] = value
+            scores[scorer][name] = out_scores.numpy()
+    if ev.writes:
+        histograms(scores, ev.file("ood_scores.png"))
+    return metrics
+
+
+@step("shift")
+def shift_step(ev: Evaluation) -> dict[str, float]:
+    from raycls.data.datasets import ArrayData
+    from raycls.evaluate.plots import bars
+    from raycls.evaluate.shift import corrupt
+
+    clean = ev.predictions("test")
+    if clean.logits is None or not ev.config.shift:
+        return {}
+    clean_acc = float((clean.logits.argmax(-1) == clean.labels).float().mean())
+    metrics: dict[str, float] = {}
+    for name in ev.config.shift:
+        if name != CORRUPTIONS_SET:  # a dataset with the same classes (CIFAR-10.1 for CIFAR-10)
+            shifted = ev.predict(registered_set(ev, name, what=f"eval.shift: {name}"))
+            metrics[names.test_shift(name)] = float((shifted.logits.argmax(-1) == shifted.labels).float().mean())
+            continue
+        sample = ev.limited(ev.test, ev.config.shift_images)
+        per_corruption: dict[str, float] = {}
+        for corruption in ev.config.corruptions:
+            accuracies = []
+            for severity in ev.config.severities:
+                images = corrupt(sample.images, corruption, severity, seed=ev.seed + severity)
+                shifted = ev.predict(ArrayData(images, sample.labels, sample.classes))
+                accuracies.append(float((shifted.logits.argmax(-1) == shifted.labels).float().mean()))
+            per_corruption[corruption] = sum(accuracies) / len(accuracies)
+            metrics[names.test_shift(corruption)] = per_corruption[corruption]
+        metrics[names.TEST_SHIFT_MCA] = sum(per_corruption.values()) / len(per_corruption)
+        metrics[names.TEST_SHIFT_GAP] = clean_acc - metrics[names.TEST_SHIFT_MCA]
+        if ev.writes:
+            bars(per_corruption, ev.file("corruptions.png"), title="accuracy under corruption (mean over severities)",
+                 ylabel="accuracy", reference=clean_acc)  # fmt: skip
+    return metrics
+
+
+@step("errors")
+def errors_step(ev: Evaluation) -> dict[str, float]:
+    from raycls.evaluate.errors import confident_mistakes, label_issues
+    from raycls.evaluate.plots import image_grid
+
+    test = ev.predictions("test")
+    if test.logits is None:
+        return {}
+    classes = _classes(ev)
+    issues = label_issues(test.probs, test.labels)
+    if ev.writes:
+        mistakes = confident_mistakes(test.probs, test.labels, top=ev.config.gallery)
+        if mistakes:
+            index = torch.tensor([m["index"] for m in mistakes])
+            captions = [f"true {classes[m['label']]}\npred {classes[m['predicted']]} {m['confidence']:.2f}" for m in mistakes]
+            image_grid(ev.test.images[index], captions, ev.file("confident_mistakes.png"))
+        rows = [{**r, "label_name": classes[r["label"]], "suggested_name": classes[r["suggested"]]} for r in issues]
+        _write_csv(ev.file("label_issues.csv"), rows)
+    return {names.TEST_LABEL_ISSUES: float(len(issues))}
+
+
+@step("cam")
+def cam_step(ev: Evaluation) -> dict[str, float]:
+    from raycls.evaluate.cam import LogitsOf, gradcam_pp
+    from raycls.evaluate.errors import confident_mistakes
+    from raycls.evaluate.plots import image_grid
+
+    test = ev.predictions("test")
+    if test.logits is None or not ev.writes:
+        return {}
+    per_class = ev.config.cam_per_class
+    picks = [int(i) for c in range(len(_classes(ev))) for i in (test.labels == c).nonzero().flatten()[:per_class]]
+    mistakes = [m["index"] for m in confident_mistakes(test.probs, test.labels, top=8)]
+    classifier = LogitsOf(ev.model, ev.phase.outputs).eval()
+    backbone = ev.phase.backbone(ev.model)
+    predicted = test.logits.argmax(-1)
+    for name, index in (("gradcam_per_class.png", picks), ("gradcam_mistakes.png", mistakes)):
+        if not index:
+            continue
+        idx = torch.tensor(index)
+        images = ev.test.images[idx]
+        x = _normalise(ev, images)
+        maps = gradcam_pp(classifier, backbone, x, predicted[idx])
+        maps = torch.nn.functional.interpolate(maps[:, None], size=images.shape[-2:], mode="bilinear")[:, 0]
+        captions = [f"{_classes(ev)[int(test.labels[i])]} -> {_classes(ev)[int(predicted[i])]}" for i in index]
+        image_grid(images, captions, ev.file(name), overlays=maps)
+    return {}
+
+
+def _normalise(ev: Evaluation, images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(ev.splits.mean, device=ev.device).view(1, -1, 1, 1)
+    std = torch.tensor(ev.splits.std, device=ev.device).view(1, -1, 1, 1)
+    x = (images.to(ev.device).float() / 255.0 - mean) / std
+    if ev.image_size is not None and ev.image_size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(ev.image_size, ev.image_size), mode="bilinear", align_corners=False)
+    return x
+
+
+@step("embedding_map")
+def embedding_map_step(ev: Evaluation) -> dict[str, float]:
+    from sklearn.manifold import TSNE
+
+    from raycls.evaluate.plots import scatter_2d
+
+    test = ev.predictions("test")
+    if test.embeddings is None or not ev.writes or len(test) < 10:
+        return {}
+    keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(ev.seed))[:1500]
+    points = TSNE(n_components=2, init="pca", perplexity=min(30, len(keep) - 1), random_state=ev.seed).fit_transform(
+        test.embeddings[keep].numpy()
+    )
+    scatter_2d(points, test.labels[keep].numpy(), _classes(ev), ev.file("embeddings_tsne.png"), title=f"t-SNE of {ev.split} embeddings")
+    return {}
+
+
+# -------------------------------------------------------------------------------------- generated OOD sets
+_generated = GENERATED_OOD.register
+
+
+@_generated("uniform_noise")
+def uniform_noise(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+@_generated("gaussian_blobs")
+def gaussian_blobs(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    """Smooth random blobs: Gaussian noise blurred at a few pixels' scale, stretched to the full range."""
+    g = torch.Generator().manual_seed(seed + 1)
+    noise = torch.randn(n, channels, size, size, generator=g)
+    sigma = max(size / 16, 1.0)
+    radius = int(3 * sigma)
+    kernel = torch.exp(-(torch.arange(-radius, radius + 1).float() ** 2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(noise, (radius,) * 4, mode="circular"), kernel, groups=channels)
+    blurred = torch.nn.functional.conv2d(blurred, kernel.transpose(-1, -2), groups=channels)
+    lo = blurred.amin(dim=(1, 2, 3), keepdim=True)
+    hi = blurred.amax(dim=(1, 2, 3), keepdim=True)
+    return ((blurred - lo) / (hi - lo + 1e-8) * 255).round().to(torch.uint8)
+
+
+@_generated("textures")
+def textures(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    """Oriented sinusoidal gratings and checkerboards at random frequencies, phases and colours."""
+    g = torch.Generator().manual_seed(seed + 2)
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    theta = torch.rand(n, 1, 1, generator=g) * torch.pi
+    freq = 0.15 + torch.rand(n, 1, 1, generator=g) * 0.8
+    phase = torch.rand(n, 1, 1, generator=g) * 2 * torch.pi
+    wave = torch.sin(freq * (xx * torch.cos(theta) + yy * torch.sin(theta)) + phase)
+    checker = torch.sign(torch.sin(freq * xx + phase) * torch.sin(freq * yy))
+    pattern = torch.where(torch.rand(n, 1, 1, generator=g) < 0.5, wave, checker)
+    colour = torch.rand(n, channels, 1, 1, generator=g)
+    return ((pattern[:, None] * 0.5 + 0.5) * colour * 255).round().to(torch.uint8)
+
+
+def check_ood_name(name: str) -> str:
+    """`eval.ood` entries: a generated set or a registered dataset (ValueError listing them otherwise)."""
+    from raycls.data.datasets import DATASETS
+
+    if name not in GENERATED_OOD and name not in DATASETS:
+        raise ValueError(f"unknown OOD set {name!r}; generated: {', '.join(GENERATED_OOD.names())}; "
+                         f"or a dataset: {', '.join(DATASETS.names())}")  # fmt: skip
+    return name
+
+
+def check_shift_name(name: str) -> str:
+    from raycls.data.datasets import DATASETS
+
+    if name != CORRUPTIONS_SET and name not in DATASETS:
+        raise ValueError(f"unknown shift set {name!r}; known: {CORRUPTIONS_SET}, or a dataset: {', '.join(DATASETS.names())}")
+    return name
+
+
+DEFAULT_STEPS = ("classification", "calibration", "knn_if_no_classifier")
+EVAL_SUITES.register("default")(DEFAULT_STEPS)
+EVAL_SUITES.register("full")(("classification", "calibration", "knn", "tta", "ood", "shift", "errors", "cam", "embedding_map"))

@@ -1,0 +1,161 @@
+"""A trial's best weights through the evaluation suite, on the trial's own workers (or in `raycls eval`).
+
+    weights -> the last stage's phase module -> raycls.evaluate.suite -> metrics.json + files -> eval folder
+
+Rank 0 writes the suite's files to a local temp folder; the whole folder then replaces the trial's
+`<storage>/<experiment>/eval/<trial_id>/` (a rename on local storage, a copy on object storage): a reader
+never sees half an evaluation, and evaluating again replaces it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from raycls.config.schema import TrialConfig
+from raycls.evaluate.suite import Evaluation, run_suite
+from raycls.files import replace_dir
+from raycls.models import unwrap
+from raycls.phases.base import Previous
+from raycls.storage import absolute, filesystem, is_local
+from raycls.train.distributed import broadcast_from_rank0
+from raycls.train.loop import Data, RunContext, build
+from raycls.train.state import Weights
+
+
+def evaluate_weights(config: TrialConfig, weights: Weights, data: Data, ctx: RunContext, *, out_uri: str | None,
+                     suite: str | None = None, stage: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """Evaluate the whole phase module's `weights` (of chain stage `stage`, default the last) with `suite`
+    (default: the config's); returns the summary run_suite gives (metrics, split, suite). Every worker must
+    call it."""
+    stages = config.stages
+    index = len(stages) - 1 if stage is None else stage
+    previous = Previous(stages[index - 1].phase, None) if index else None  # the teacher's weights are in `weights`
+    parts = build(config, stages[index], data, ctx, index=index, previous=previous)
+    unwrap(parts.model).load_state_dict(weights)
+    # Every rank scores its shard with rank 0's weights: the checkpoint's, and `raycls eval`'s afterwards.
+    broadcast_from_rank0(unwrap(parts.model).state_dict().values())
+    limit = ctx.limit_batches * stages[index].train.eval_batch_size if ctx.limit_batches else None
+    scratch = Path(tempfile.mkdtemp(prefix="raycls-eval-"))
+    try:
+        evaluation = Evaluation(
+            model=parts.model, phase=parts.phase, splits=data.splits, config=config.eval, out=scratch / "eval",
+            device=ctx.device, batch_size=stages[index].train.eval_batch_size, image_size=config.data.image_size,
+            rank=ctx.rank, world_size=ctx.world_size, limit=limit, seed=config.seed, data_config=config.data,
+        )  # fmt: skip
+        summary = run_suite(evaluation, suite or config.eval.suite)
+        if ctx.rank == 0 and out_uri is not None:
+            publish(evaluation.out, out_uri)
+        return summary
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def publish(local: Path, uri: str) -> None:
+    """Make `uri` hold exactly the files of folder `local`, replacing what was there."""
+    if is_local(uri):
+        target = Path(absolute(uri))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        replace_dir(local, target)
+        return
+    fs, path = filesystem(uri)
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    pafs.copy_files(str(local), path, destination_filesystem=fs)
+
+
+# ------------------------------------------------------------------------------------ `raycls eval`
+def pick_rows(rows: list[dict[str, Any]], pick: str, experiment: str) -> list[dict[str, Any]]:
+    """`best`, `top:K` (by score, completed trials) or a trial id (any status with a checkpoint)."""
+    from raycls.errors import ConfigError
+
+    usable = [r for r in rows if r.get("checkpoint") and r.get("config_json")]
+    if pick == "best" or pick.startswith("top:"):
+        k = 1 if pick == "best" else _positive(pick.removeprefix("top:"), pick)
+        done = [r for r in usable if r["status"] == "completed" and r.get("score") is not None]
+        if not done:
+            raise ConfigError(f"experiment {experiment!r}: no completed trial with a checkpoint to evaluate "
+                              f"({len(rows)} row(s); statuses: {sorted({r['status'] for r in rows})})")  # fmt: skip
+        descending = done[0].get("mode", "max") == "max"
+        return sorted(done, key=lambda r: r["score"], reverse=descending)[:k]
+    match = [r for r in rows if r["trial_id"] == pick]
+    if not match:
+        raise ConfigError(f"--trial {pick!r}: no such trial in {experiment!r} (known: {', '.join(sorted(r['trial_id'] for r in rows))}); "
+                          "or use best / top:K")  # fmt: skip
+    if match[0] not in usable:
+        raise ConfigError(f"--trial {pick!r}: the trial has no checkpoint to evaluate (status {match[0]['status']})")
+    return match
+
+
+def _positive(text: str, pick: str) -> int:
+    from raycls.errors import ConfigError
+
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"--trial {pick!r}: expected best, top:K with K >= 1, or a trial id")
+    return int(text)
+
+
+def evaluate_rows(storage: str, experiment: str, rows: list[dict[str, Any]], *, suite: str | None = None,
+                  overrides: dict[str, Any] | None = None, device: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Evaluate each row's checkpoint in this process; its `eval/<trial_id>/` folder and its row's
+    evaluation columns are replaced. Returns each trial's summary."""
+    import json
+
+    import torch
+
+    from raycls.config.load import set_path
+    from raycls.results.leaderboard import update_evaluation
+    from raycls.storage import ExperimentPaths
+    from raycls.train.loop import load_data
+    from raycls.train.state import read_position
+
+    paths = ExperimentPaths(storage, experiment)
+    run_on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    summaries = []
+    for row in rows:
+        tree = json.loads(row["config_json"])
+        for key, value in (overrides or {}).items():
+            set_path(tree, key, value)
+        config = TrialConfig.model_validate(tree)
+        with local_checkpoint(row["checkpoint"]) as folder:
+            weights = _load(folder)
+            stage = read_position(folder).stage if (folder / "trainer.pt").is_file() else None
+        summary = evaluate_weights(config, weights, load_data(config), RunContext(device=run_on),
+                                   out_uri=paths.eval_dir(row["trial_id"]), suite=suite, stage=stage)  # fmt: skip
+        update_evaluation(storage, experiment, row["trial_id"], summary)
+        summaries.append({"trial_id": row["trial_id"], **summary})
+    return summaries
+
+
+def _load(folder: Path) -> Weights:
+    from raycls.models.checkpoint import load_weights
+
+    return load_weights(folder)
+
+
+class local_checkpoint:
+    """A checkpoint URI as a local folder (object storage: copied to a temp folder for the duration)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        from raycls.errors import CheckpointError
+
+        if is_local(self.uri):
+            folder = Path(self.uri.removeprefix("file://"))
+            if not folder.is_dir():
+                raise CheckpointError(f"checkpoint {self.uri} does not exist (moved or deleted?)")
+            return folder
+        fs, path = filesystem(self.uri)
+        self.tmp = Path(tempfile.mkdtemp(prefix="raycls-ckpt-"))
+        pafs.copy_files(path, str(self.tmp), source_filesystem=fs)
+        return self.tmp
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
