@@ -423,3 +423,13 @@ def test_cifar10_1_shift_through_its_reader(shared_data: Path, tmp_path: Path) -
     fake = ArrayData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.arange(40) % 10, data.splits.train.classes)
     p = predict(parts.model, parts.phase, fake, mean=data.splits.mean, std=data.splits.std, device=torch.device("cpu"))
     assert got == {names.test_shift("cifar10_1"): pytest.approx(float((p.logits.argmax(-1) == p.labels).float().mean()))}
+
+
+def test_yaml_on_is_a_key_not_a_boolean(tmp_path: Path) -> None:
+    """YAML 1.1 reads `on` as true: `eval: {on: none}` would become {True: 'none'} (YAML 1.2 booleans here)."""
+    from raycls.config import load_experiment
+
+    space = tmp_path / "on.yaml"
+    space.write_text("experiment: {name: on-key}\nbase:\n  eval: {on: none, suite: full}\n  model: {pretrained: false}\n")
+    experiment = load_experiment(space)
+    assert experiment.base.eval.on == "none" and experiment.base.eval.suite == "full" and experiment.base.model.pretrained is False

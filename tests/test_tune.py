@@ -187,6 +187,29 @@ def test_completed_trials_are_evaluated_on_held_out_data(e2e) -> None:
             assert not folder.exists() and row["test_acc"] is None and row["eval_split"] is None
 
 
+def test_eval_on_all_evaluates_early_stopped_trials_too(local_ray, tmp_path: Path) -> None:
+    """`eval.on: all`: the driver evaluates, after the search, the trials ASHA stopped (they never reach
+    their own evaluation); the good first trial is evaluated by itself, the weak second one is stopped."""
+    space = write_yaml(tmp_path / "all.yaml", """
+experiment: {name: evalall, trials: 2, concurrency: 1}
+search:
+  points_to_evaluate:
+    - {train.lr: 0.01}
+    - {train.lr: 0.00001}
+scheduler: {name: asha, max_t: 3, grace_period: 1, reduction_factor: 2}
+wandb: {mode: disabled}
+space:
+  train.lr: {type: loguniform, low: 1.0e-5, high: 0.1}
+""" + BASE.replace("epochs: 4", "epochs: 3").replace("warmup_epochs: 0}", "warmup_epochs: 0}\n  eval: {on: all}"))
+    storage = str(tmp_path / "results")
+    run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))
+    rows = {r["train.lr"]: r for r in read_leaderboard(storage, "evalall").table.to_pylist()}
+    assert rows[0.01]["status"] == "completed" and rows[0.00001]["status"] == "early_stopped"
+    for row in rows.values():
+        assert row["test_acc"] is not None and row["eval_split"] == "val"
+        assert (Path(storage) / "evalall" / "eval" / row["trial_id"] / "metrics.json").is_file()
+
+
 def test_raycls_eval_twice_leaves_one_set_of_columns(e2e, tmp_path: Path, capsys) -> None:
     """`raycls eval` after the search: the full suite, then the default one again on the best two trials;
     one row per trial, and only the last evaluation's columns."""

@@ -39,13 +39,31 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 # ----------------------------------------------------------------------------------------------- reading
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false. YAML 1.1 also reads on/off/yes/no as
+    booleans, which turns `eval: {on: all}` into the key True."""
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def load_yaml_text(text: str) -> Any:
+    # A safe loader: a YAML file must never be able to construct Python objects.
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (YamlLoader is a SafeLoader)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("no such file (expected a search-space YAML)", source=str(path))
     try:
-        # safe_load: a YAML file must never be able to construct Python objects.
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml_text(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"not valid YAML: {err}", source=str(path)) from None
     if raw is None:
@@ -64,7 +82,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.01")
         try:
-            overrides[key.strip()] = yaml.safe_load(text) if text.strip() else None
+            overrides[key.strip()] = load_yaml_text(text) if text.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"--set {item!r}: value is not valid YAML ({err})") from None
     return overrides
