@@ -315,7 +315,108 @@ def eval_(
                   f"{root.rstrip('/')}/{experiment}/eval/")  # fmt: skip
 
 
-# -------------------------------------------------------------------------------------------- data
+# ------------------------------------------------------------------------------------------ export
+@app.command("export")
+def export_(
+    experiment: Annotated[str, typer.Argument(help="Experiment name (a folder of the storage).")],
+    trial: Annotated[str, typer.Option(help="best (by score) or a trial id.")] = "best",
+    format: Annotated[str, typer.Option(help="Export format (onnx).")] = "onnx",
+    int8: Annotated[bool, typer.Option("--int8", help="Also write a dynamically quantised int8 copy, with its accuracy, size and latency.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder (default <storage>/<experiment>/export/<trial_id>).")] = None,
+    storage: StorageOption = None,
+) -> None:
+    """Export a trial's best model to ONNX (metadata inside), checked against PyTorch with onnxruntime."""
+    from raycls.deliver.export import REPORT_FILE, export
+    from raycls.deliver.model import load_trial_model
+
+    if format != "onnx":
+        raise RayclsError(f"--format {format!r}: only onnx is supported")
+    root = storage_root(storage)
+    model = load_trial_model(root, experiment, trial)
+    out = out or Path(root) / experiment / "export" / model.trial_id
+    if not is_local(str(out)):
+        raise RayclsError(f"--out {out}: export writes to a local folder; use --out DIR")
+    started = time.perf_counter()
+    report = export(model, out, int8=int8)
+    parity = report["parity"]
+    console.print(f"{model.trial_id}: {parity['images']} {parity['split']} images, max |logit diff| "
+                  f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4f}, "
+                  f"accuracy torch {parity['torch_acc']:.4f} / onnx {parity['onnx_acc']:.4f}", highlight=False)  # fmt: skip
+    if "int8" in report:
+        q = report["int8"]
+        console.print(f"int8: accuracy {q['acc']:.4f} ({q['acc_delta']:+.4f}), size x{q['size_ratio']:.2f}, "
+                      f"CPU latency x{q['latency_ratio']:.2f}", highlight=False)  # fmt: skip
+    console.print(f"Wrote {', '.join(report['files'])} and {REPORT_FILE} to [bold]{out}[/] in {time.perf_counter() - started:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------- predict
+@app.command("predict")
+def predict_(
+    source: Annotated[str, typer.Argument(help="An experiment name (its --trial) or an exported model.onnx.")],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.")],
+    trial: Annotated[str, typer.Option(help="best (by score) or a trial id (with an experiment).")] = "best",
+    topk: Annotated[int, typer.Option(help="Classes per image.", min=1)] = 3,
+    tta: Annotated[bool, typer.Option("--tta", help="Average 6 flipped and shifted views (airbench's TTA).")] = False,
+    gradcam: Annotated[Optional[Path], typer.Option("--gradcam", help="Write a GradCAM++ overlay per image to this folder.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="predictions.parquet or predictions.csv")] = Path("predictions.parquet"),
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 64,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda (default: cuda when there is one).")] = None,
+    storage: StorageOption = None,
+) -> None:
+    """Predict classes for images with a trial's best model (or an exported ONNX file); one row per image."""
+    import torch
+
+    from raycls.deliver.model import load_trial_model
+    from raycls.deliver.predict import Predictor, image_paths, predict, write_predictions
+
+    run_on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if source.endswith(".onnx"):
+        if not Path(source).is_file():
+            raise RayclsError(f"{source}: no such ONNX file")
+        predictor = Predictor.from_onnx(Path(source))
+    else:
+        predictor = Predictor.from_trial(load_trial_model(storage_root(storage), source, trial, device=str(run_on)), run_on)
+    paths = image_paths(images)
+    started = time.perf_counter()
+    rows = predict(predictor, paths, topk=topk, tta=tta, batch_size=batch_size, gradcam=gradcam)
+    write_predictions(rows, out)
+    failed = sum(r["error"] is not None for r in rows)
+    console.print(f"{len(rows)} image(s), {failed} unreadable, in {time.perf_counter() - started:.1f} s -> [bold]{out}[/]")
+
+
+# ------------------------------------------------------------------------------------------- serve
+@app.command("serve")
+def serve_(
+    experiment: Annotated[str, typer.Argument(help="Experiment name (a folder of the storage).")],
+    trial: Annotated[str, typer.Option(help="best (by score) or a trial id.")] = "best",
+    replicas: Annotated[int, typer.Option(help="Replicas of the model (the minimum when --max-replicas is set).", min=1)] = 1,
+    max_replicas: Annotated[Optional[int], typer.Option(help="Autoscale up to this many replicas with the request queue.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    address: Annotated[Optional[str], typer.Option(help="A Ray cluster to serve on (`auto`: the one this node belongs to).")] = None,
+    log_dir: Annotated[Optional[str], typer.Option(help="Request log folder (default <storage>/<experiment>/serve/requests).")] = None,
+    storage: StorageOption = None,
+) -> None:
+    """Serve a trial's best model over HTTP (Ray Serve): POST /predict, GET /healthz, GET /metadata."""
+    from raycls.deliver.serve import TOKEN_ENV, ServeOptions, deploy, stop
+    from raycls.tune.cluster import init_ray
+
+    token = os.environ.get(TOKEN_ENV) or None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        Console(stderr=True).print(f"[yellow]warning:[/] listening on {host}: reachable from other machines"
+                                   + ("" if token else f"; set {TOKEN_ENV} to require a bearer token"))  # fmt: skip
+    options = ServeOptions(storage=storage_root(storage), experiment=experiment, trial=trial, log_dir=log_dir, token=token)
+    from raycls.deliver.model import load_trial_model
+
+    load_trial_model(options.storage, experiment, trial)  # a missing trial or checkpoint fails here, clearly
+    init_ray(address, needed_cpus=replicas + 2)
+    deploy(options, host=host, port=port, replicas=replicas, max_replicas=max_replicas)
+    console.print(f"serving {experiment} ({trial}) at http://{host}:{port}/predict  (Ctrl-C stops)")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        stop()
 @data_app.command("explore")
 def data_explore(
     space: Annotated[Path, typer.Argument(help="Search-space YAML; its `base` data section (and seed) is explored.")],

@@ -1,0 +1,168 @@
+"""`raycls predict`: image files, folders or globs in; one row per image (top-k classes, confidences) out.
+
+The model is a trial's best checkpoint (PyTorch, on a GPU when there is one; `--tta` and `--gradcam` use the
+evaluation suite's views and GradCAM++) or an exported `model.onnx` (onnxruntime; its metadata carries the
+classes and the input size). Images are decoded like the `folder` dataset decodes them (RGB or grey, resized
+to the model's input size, bilinear). A file that cannot be read gets its own row with the error; the rest go on.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import torch
+
+from raycls.data.datasets import IMAGE_SUFFIXES
+from raycls.deliver.model import Classifier, TrialModel
+from raycls.errors import RayclsError
+
+
+def image_paths(inputs: Iterable[str]) -> list[Path]:
+    """Files as given, folders searched recursively for images, anything else as a glob; sorted, unique."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not matches:
+                raise RayclsError(f"{item}: no such file or folder, and no file matches it as a glob")
+            found += matches
+    return list(dict.fromkeys(found))
+
+
+def read_image(path: Path, channels: int, size: int) -> np.ndarray:
+    """uint8 [C, H, W]; raises on anything PIL cannot decode (a corrupt or truncated file, not an image)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()  # decode now: a truncated file fails here, not later
+        converted = image.convert("RGB" if channels == 3 else "L").resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(converted, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+@dataclass
+class Predictor:
+    """Logits for uint8 [N, C, H, W] images, and what the rows need to say."""
+
+    classes: tuple[str, ...]
+    channels: int
+    size: int
+    trial_id: str
+    module: Classifier | None = None  # PyTorch
+    session: Any = None  # onnxruntime
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def from_trial(cls, trial: TrialModel, device: torch.device) -> Predictor:
+        return cls(trial.classes, trial.channels, trial.image_size, trial.trial_id, module=Classifier(trial).to(device).eval(), device=device)
+
+    @classmethod
+    def from_onnx(cls, path: Path) -> Predictor:
+        import onnx
+
+        from raycls.deliver.export import session
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        if "class_names" not in props:
+            raise RayclsError(f"{path}: no raycls metadata (class_names, input_size); export it with `raycls export`")
+        channels, size, _ = json.loads(props["input_size"])
+        return cls(tuple(json.loads(props["class_names"])), channels, size, props.get("trial_id", ""), session=session(path))
+
+    def logits(self, images: torch.Tensor) -> np.ndarray:
+        x = images.float() / 255
+        if self.session is not None:
+            return self.session.run(None, {"images": x.numpy()})[0]
+        with torch.no_grad():
+            return self.module(x.to(self.device)).float().cpu().numpy()
+
+    def tta_logits(self, images: torch.Tensor) -> np.ndarray:
+        """airbench's 6 views (flips, one-pixel shifts), weighted as the evaluation suite weighs them."""
+        from raycls.evaluate.suite import TTA_WEIGHTS, tta_views
+
+        return sum(TTA_WEIGHTS[name] * self.logits(view) for name, view in tta_views(images).items())
+
+
+def predict(predictor: Predictor, paths: list[Path], *, topk: int = 3, tta: bool = False, batch_size: int = 64,
+            gradcam: Path | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per path, in order: the top-k classes and their softmax confidences, or the error."""
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        images, readable, errors = [], [], {}
+        for path in chunk:
+            try:
+                images.append(read_image(path, predictor.channels, predictor.size))
+                readable.append(path)
+            except Exception as err:  # noqa: BLE001 (any decoding failure is this file's row, not the run's end)
+                errors[path] = f"{type(err).__name__}: {err}"
+        probs = None
+        if images:
+            batch = torch.from_numpy(np.stack(images))
+            logits = predictor.tta_logits(batch) if tta else predictor.logits(batch)
+            probs = torch.softmax(torch.from_numpy(np.asarray(logits, dtype=np.float64)), -1)
+            if gradcam is not None:
+                _gradcam(predictor, batch, readable, probs.argmax(-1), gradcam)
+        k = min(topk, len(predictor.classes))
+        done = {p: i for i, p in enumerate(readable)}
+        for path in chunk:
+            row: dict[str, Any] = {"path": str(path), "trial_id": predictor.trial_id, "error": errors.get(path)}
+            if path in done:
+                conf, idx = probs[done[path]].topk(k)
+                row.update(label=predictor.classes[int(idx[0])], confidence=float(conf[0]),
+                           topk_labels=[predictor.classes[int(i)] for i in idx], topk_confidences=[float(c) for c in conf])  # fmt: skip
+            else:
+                row.update(label=None, confidence=None, topk_labels=None, topk_confidences=None)
+            rows.append(row)
+    return rows
+
+
+def _gradcam(predictor: Predictor, batch: torch.Tensor, paths: list[Path], targets: torch.Tensor, folder: Path) -> None:
+    from raycls.evaluate.cam import LogitsOf, gradcam_pp
+    from raycls.evaluate.plots import image_grid
+
+    if predictor.module is None:
+        raise RayclsError("--gradcam needs the PyTorch model (an experiment), not an ONNX file")
+    module = predictor.module
+    x = ((batch.float() / 255).to(predictor.device) - module.mean) / module.std
+    maps = gradcam_pp(LogitsOf(module.model, module.phase.outputs), module.phase.backbone(module.model), x, targets)
+    for i, path in enumerate(paths):
+        image_grid(batch[i : i + 1], [f"{path.name}: {predictor.classes[int(targets[i])]}"], folder / f"{path.stem}_gradcam.png",
+                   columns=1, overlays=maps[i : i + 1])  # fmt: skip
+
+
+SCHEMA = pa.schema([("path", pa.string()), ("trial_id", pa.string()), ("error", pa.string()), ("label", pa.string()),
+                    ("confidence", pa.float64()), ("topk_labels", pa.list_(pa.string())),
+                    ("topk_confidences", pa.list_(pa.float64()))])  # fmt: skip
+
+
+def write_predictions(rows: list[dict[str, Any]], out: Path) -> Path:
+    """Parquet (.parquet) or CSV (.csv; the top-k lists joined by ';'), written whole or not at all."""
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    if out.suffix == ".csv":
+        flat = {**{n: table[n] for n in table.column_names},
+                "topk_labels": pa.array([";".join(v) if v else None for v in table["topk_labels"].to_pylist()]),
+                "topk_confidences": pa.array([";".join(f"{c:.6f}" for c in v) if v else None for v in table["topk_confidences"].to_pylist()])}  # fmt: skip
+        pacsv.write_csv(pa.table(flat), tmp)
+    elif out.suffix == ".parquet":
+        pq.write_table(table, tmp)
+    else:
+        raise RayclsError(f"--out {out}: write .parquet or .csv")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,232 @@
+"""`raycls export`: ONNX with its metadata, parity against PyTorch in onnxruntime, the int8 copy (real
+onnxruntime; a leaderboard row written the way the driver writes it, pointing at a real checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from raycls.config import TrialConfig
+from raycls.deliver.export import (
+    INT8_FILE,
+    MODEL_FILE,
+    REPORT_FILE,
+    export,
+    onnx_logits,
+    session,
+    to_onnx,
+    torch_logits,
+)
+from raycls.deliver.model import Classifier, TrialModel, load_trial_model
+from raycls.results.leaderboard import TrialRecord, write_trial
+from raycls.train.local import run_local
+from raycls.train.loop import RunContext, build, load_data
+
+
+@pytest.fixture(scope="module")
+def digits_row(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """~5 s: a trained digits trial with its leaderboard row (storage, trial id)."""
+    root = tmp_path_factory.mktemp("deliver")
+    config = TrialConfig.model_validate({"data": {"name": "digits"}, "model": {"name": "small_cnn", "width": 16},
+                                         "train": {"epochs": 8, "batch_size": 64, "optimizer": "adamw", "lr": 5e-3,
+                                                   "warmup_epochs": 0}, "eval": {"on": "none"}})  # fmt: skip
+    summary = run_local(config, root / "run")
+    record = TrialRecord(experiment="digits-export", trial_id="t0001", status="completed", metric="val_acc", mode="max",
+                         params={}, param_types={}, history=[summary.at_best], config_json=config.to_json(),
+                         checkpoint=str(root / "run" / "checkpoints" / "best"), seed=config.seed)  # fmt: skip
+    write_trial(str(root / "results"), record)
+    return str(root / "results"), "t0001"
+
+
+def test_export_of_the_best_trial_with_parity_and_int8(digits_row, tmp_path: Path) -> None:
+    storage, trial_id = digits_row
+    trial = load_trial_model(storage, "digits-export", "best")
+    report = export(trial, tmp_path, int8=True)
+    parity = report["parity"]
+    print(json.dumps({k: report[k] for k in ("parity", "int8", "exporter")}, indent=1))
+    assert parity["split"] == "val" and parity["images"] == len(trial.data.splits.val)
+    assert parity["max_abs_logit_diff"] < 1e-3 and parity["top1_agreement"] == 1.0 and parity["onnx_acc"] > 0.9
+    q = report["int8"]
+    assert abs(q["acc_delta"]) < 0.03 and q["size_ratio"] < 0.6 and q["latency_ms_int8"] > 0
+    assert json.loads((tmp_path / REPORT_FILE).read_text()) == json.loads(json.dumps(report))
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / MODEL_FILE)).metadata_props}
+    assert props["trial_id"] == trial_id and json.loads(props["class_names"]) == list(trial.classes)
+    assert json.loads(props["input_size"]) == [1, 8, 8] and len(json.loads(props["mean"])) == 1
+    # The exported graph takes any batch size, pixels in [0, 1]: normalisation is inside.
+    for n in (1, 7):
+        x = torch.rand(n, 1, 8, 8)
+        assert session(tmp_path / INT8_FILE).run(None, {"images": x.numpy()})[0].shape == (n, 10)
+
+
+@pytest.mark.parametrize("model", [
+    {"name": "resnet18"},  # a timm CNN, with raycls's small-input stem at 32 px
+    {"name": "vit_tiny_patch16_224", "kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2}},  # a ViT, 4 px patches
+])  # fmt: skip
+def test_timm_models_export_with_parity_at_32_px(model: dict, tmp_path: Path) -> None:
+    config = TrialConfig.model_validate({"data": {"name": "digits", "image_size": 32}, "model": model})
+    data = load_data(config)
+    parts = build(config, config.stages[-1], data, RunContext())
+    trial = TrialModel("x", "t", config, parts.model.eval(), parts.phase, data)
+    module = Classifier(trial).eval()
+    images = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    to_onnx(module, images[:2].float() / 255, tmp_path / MODEL_FILE, {"trial_id": "t"})
+    got, reference = onnx_logits(session(tmp_path / MODEL_FILE), images), torch_logits(module, images)
+    assert np.abs(got - reference).max() < 1e-3 and (got.argmax(1) == reference.argmax(1)).all()
+
+
+def test_export_of_a_missing_experiment_or_trial_is_a_usage_error(digits_row, tmp_path: Path, capsys) -> None:
+    from raycls.cli import main
+
+    storage, _ = digits_row
+    for argv, message in ((["export", "nope", "--storage", storage], "experiment 'nope': no leaderboard rows"),
+                          (["export", "digits-export", "--trial", "t9", "--storage", storage], "--trial 't9': no such trial")):  # fmt: skip
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2 and message in capsys.readouterr().out
+
+
+def test_raycls_export_command(digits_row, tmp_path: Path, capsys) -> None:
+    from raycls.cli import main
+
+    storage, trial_id = digits_row
+    main(["export", "digits-export", "--storage", storage, "--out", str(tmp_path / "out")])
+    assert {MODEL_FILE, REPORT_FILE} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert "top-1 agreement 1.0000" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- predict
+def test_predict_a_real_image_folder_with_a_corrupt_file(shared_data: Path, tmp_path: Path) -> None:
+    """~20 s: a small CNN trained a few epochs on imagenette-mini (300 real JPEGs, 32 px), then `raycls
+    predict` over its 100 validation JPEGs plus a truncated JPEG and a text file: every file has its row."""
+    from raycls.cli import main
+    from raycls.deliver.predict import read_image
+
+    folder = shared_data / "imagenette-mini"
+    config = TrialConfig.model_validate({"data": {"name": "folder", "path": str(folder), "folder_size": 32, "val_fraction": 0.1},
+                                         "model": {"name": "small_cnn", "width": 16},
+                                         "train": {"epochs": 6, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3,
+                                                   "warmup_epochs": 0}, "eval": {"on": "none"}})  # fmt: skip
+    summary = run_local(config, tmp_path / "run")
+    write_trial(str(tmp_path / "results"), TrialRecord(
+        experiment="nette", trial_id="n0001", status="completed", metric="val_acc", mode="max", params={}, param_types={},
+        history=[summary.at_best], config_json=config.to_json(), checkpoint=str(tmp_path / "run" / "checkpoints" / "best")))  # fmt: skip
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    first = next((folder / "val").rglob("*.JPEG"))
+    (bad / "truncated.jpg").write_bytes(first.read_bytes()[:300])
+    (bad / "notes.txt").write_text("not an image")
+    with pytest.raises(Exception):
+        read_image(bad / "truncated.jpg", 3, 32)
+    out = tmp_path / "predictions.parquet"
+    main(["predict", "nette", str(folder / "val"), str(bad / "truncated.jpg"), str(bad / "notes.txt"),
+          "--storage", str(tmp_path / "results"), "--topk", "3", "--out", str(out)])  # fmt: skip
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(out).to_pylist()
+    good = [r for r in rows if r["error"] is None]
+    assert len(rows) == 102 and len(good) == 100
+    assert {Path(r["path"]).name for r in rows if r["error"]} == {"truncated.jpg", "notes.txt"}
+    assert all(len(r["topk_labels"]) == 3 and r["topk_confidences"] == sorted(r["topk_confidences"], reverse=True) for r in good)
+    accuracy = sum(r["label"] == Path(r["path"]).parent.name for r in good) / len(good)
+    print(f"imagenette-mini val accuracy {accuracy:.2f} (chance 0.10)")
+    assert accuracy > 0.2
+
+
+def test_predict_with_the_onnx_file_agrees_with_pytorch_and_tta_and_gradcam_run(digits_row, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from raycls.deliver.predict import Predictor, predict, write_predictions
+
+    storage, _ = digits_row
+    trial = load_trial_model(storage, "digits-export", "best")
+    export(trial, tmp_path / "export")
+    val = trial.data.splits.val
+    paths = []
+    for i in range(20):
+        paths.append(tmp_path / f"digit{i}.png")
+        Image.fromarray(val.images[i, 0].numpy()).save(paths[-1])
+    torch_rows = predict(Predictor.from_trial(trial, torch.device("cpu")), paths, topk=2, gradcam=tmp_path / "cam")
+    onnx_rows = predict(Predictor.from_onnx(tmp_path / "export" / MODEL_FILE), paths, topk=2)
+    assert [r["label"] for r in torch_rows] == [r["label"] for r in onnx_rows]
+    assert [r["confidence"] for r in torch_rows] == pytest.approx([r["confidence"] for r in onnx_rows], abs=1e-4)
+    assert sum(r["label"] == trial.classes[int(val.labels[i])] for i, r in enumerate(torch_rows)) >= 17
+    tta_rows = predict(Predictor.from_trial(trial, torch.device("cpu")), paths, tta=True)
+    assert all(r["error"] is None and 0 < r["confidence"] <= 1 for r in tta_rows)
+    assert len(list((tmp_path / "cam").glob("*_gradcam.png"))) == 20
+    csv = write_predictions(torch_rows, tmp_path / "p.csv").read_text().splitlines()
+    assert len(csv) == 21 and csv[0].startswith('"path"')
+
+
+# --------------------------------------------------------------------------------------------- serve
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_answers_good_bad_and_concurrent_requests(digits_row, tmp_path: Path) -> None:
+    """~40 s: Ray Serve started here on 127.0.0.1, a real HTTP client, then shut down with nothing left."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import pyarrow.parquet as pq
+    import ray
+    from PIL import Image
+    from ray import serve
+
+    from raycls.deliver.serve import ServeOptions, deploy
+    from raycls.tune.cluster import init_ray
+
+    storage, trial_id = digits_row
+    trial = load_trial_model(storage, "digits-export", "best")
+    val = trial.data.splits.val
+
+    def png(i: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(val.images[i, 0].numpy()).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    port = _free_port()
+    init_ray(None, num_cpus=4)
+    try:
+        deploy(ServeOptions(storage=storage, experiment="digits-export", log_dir=str(tmp_path / "log"), token="s3cret",
+                            max_bytes=20_000), port=port)  # fmt: skip
+        url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer s3cret"}
+        with httpx.Client(timeout=60) as client:
+            assert client.get(f"{url}/healthz").json()["trial_id"] == trial_id
+            meta = client.get(f"{url}/metadata").json()
+            assert meta["classes"] == list(trial.classes) and meta["input"] == {"channels": 1, "size": 8}
+            good = client.post(f"{url}/predict", content=png(0), headers={**auth, "x-filename": "zero.png"})
+            assert good.status_code == 200 and good.json()["label"] == trial.classes[int(val.labels[0])]
+            assert good.json()["trial_id"] == trial_id and len(good.json()["topk"]) == 3 and good.json()["latency_ms"] > 0
+            multipart = client.post(f"{url}/predict", files={"image": ("one.png", png(1), "image/png")}, headers=auth)
+            assert multipart.status_code == 200 and multipart.json()["label"] == trial.classes[int(val.labels[1])]
+            assert client.post(f"{url}/predict", content=png(2)).status_code == 401  # no token
+            assert client.post(f"{url}/predict", content=png(2), headers={"Authorization": "Bearer nope"}).status_code == 401
+            bad = client.post(f"{url}/predict", content=b"not an image at all", headers=auth)
+            assert bad.status_code == 400 and "not a readable image" in bad.json()["error"]
+            assert client.post(f"{url}/predict", content=png(3)[:40], headers=auth).status_code == 400  # truncated
+            assert client.post(f"{url}/predict", content=b"\0" * 30_000, headers=auth).status_code == 413
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda i: client.post(f"{url}/predict", content=png(i), headers=auth), range(24)))
+            assert all(a.status_code == 200 for a in answers)
+            right = sum(a.json()["label"] == trial.classes[int(val.labels[i])] for i, a in enumerate(answers))
+            assert right >= 20
+            assert client.get(f"{url}/healthz").status_code == 200  # still serving after the bad requests
+        log = pq.read_table(tmp_path / "log").to_pylist()
+        assert len(log) == 2 + 2 + 3 + 24  # one row per /predict request, good or bad
+        assert sorted(r["status"] for r in log).count(200) == 26 and {r["status"] for r in log} == {200, 400, 401, 413}
+        assert any(r["filename"] == "zero.png" for r in log) and any(r["filename"] == "one.png" for r in log)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
