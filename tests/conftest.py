@@ -52,7 +52,10 @@ def kill_driver_when(command: list[str], env: dict[str, str], log: Path, ready: 
             time.sleep(0.1)
         running = driver.poll() is None
         # The driver's group: the driver, and a local Ray it started; a cluster's nodes live on in theirs.
-        os.killpg(driver.pid, signal.SIGKILL)
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:  # the driver ended by itself and left nothing behind: the caller says why
+            pass
         driver.wait()
     return running
 

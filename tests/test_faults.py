@@ -200,7 +200,8 @@ def kill_and_resume(cluster, tmp_path: Path, ready, damage=None, *, concurrency:
     experiment_dir = storage / "resume"
     log = tmp_path / "driver.log"
     running = kill_driver_when(command, env, log, lambda: ready(experiment_dir))
-    assert running, f"the driver ended before the kill point\n{log.read_text(errors='replace')[-3000:]}"
+    assert running, (f"the driver ended before the kill point: {_rows(experiment_dir)} rows, epochs reported "
+                     f"{epochs_reported(experiment_dir)}\n{log.read_text(errors='replace')[-3000:]}")  # fmt: skip
     before = rows_written(experiment_dir / "leaderboard")
     assert len(before) < TRIALS and len(alive_node_ids()) == 3
     if damage is not None:
