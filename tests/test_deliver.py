@@ -63,12 +63,17 @@ def test_export_of_the_best_trial_with_parity_and_int8(digits_row, tmp_path: Pat
         assert session(tmp_path / INT8_FILE).run(None, {"images": x.numpy()})[0].shape == (n, 10)
 
 
-@pytest.mark.parametrize("model", [
-    {"name": "resnet18"},  # a timm CNN, with raycls's small-input stem at 32 px
-    {"name": "vit_tiny_patch16_224", "kwargs": {"embed_dim": 32, "depth": 1, "num_heads": 2}},  # a ViT, 4 px patches
-])  # fmt: skip
-def test_timm_models_export_with_parity_at_32_px(model: dict, tmp_path: Path) -> None:
-    config = TrialConfig.model_validate({"data": {"name": "digits", "image_size": 32}, "model": model})
+TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+@pytest.mark.parametrize("model, phase", [
+    ({"name": "resnet18"}, {"name": "supervised"}),  # a timm CNN, with raycls's small-input stem at 32 px
+    ({"name": "vit_tiny_patch16_224", "kwargs": TINY}, {"name": "supervised"}),  # a ViT, 4 px patches
+    ({"name": "small_cnn", "width": 8}, {"name": "metric", "loss": "arcface"}),  # a cosine classifier head
+    ({"name": "deit_tiny_distilled_patch16_224", "kwargs": TINY}, {"name": "distill", "distill_token": True}),  # DeiT's averaged heads
+], ids=["resnet18", "vit", "cosine-head", "deit-distilled"])  # fmt: skip
+def test_every_family_and_head_exports_with_parity_at_32_px(model: dict, phase: dict, tmp_path: Path) -> None:
+    config = TrialConfig.model_validate({"data": {"name": "digits", "image_size": 32}, "model": model, "phase": phase})
     data = load_data(config)
     parts = build(config, config.stages[-1], data, RunContext())
     trial = TrialModel("x", "t", config, parts.model.eval(), parts.phase, data)
