@@ -33,6 +33,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+# Serve kills an HTTP proxy that is not ready 5 s after it starts; on a loaded machine or a busy node, starting
+# the proxy's worker process alone can take longer (seen: the proxy killed before it ran, serve.start failing).
+# Read by Serve's controller, which inherits the environment of the Ray started after this import.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+
 TOKEN_ENV = "RAYCLS_SERVE_TOKEN"
 MAX_BYTES = 10 * 1024 * 1024
 LOG_SCHEMA = pa.schema([("time", pa.string()), ("path", pa.string()), ("filename", pa.string()), ("bytes", pa.int64()),
