@@ -292,17 +292,12 @@ def eval_(
     """Evaluate finished trials' best checkpoints on held-out data; results become leaderboard columns."""
     from raycls.config import parse_overrides
     from raycls.registry import check_name
-    from raycls.results import read_leaderboard
-    from raycls.train.evaluation import evaluate_rows, pick_rows
+    from raycls.train.evaluation import evaluate_rows, pick_rows, trial_rows
 
     if suite is not None:
         check_name("eval suite", suite)
     root = storage_root(storage)
-    read = read_leaderboard(root, experiment)
-    if read.table.num_rows == 0:
-        raise RayclsError(f"experiment {experiment!r}: no leaderboard rows under {root.rstrip('/')}/{experiment}/leaderboard "
-                          "(run `raycls tune` first, or pass --storage)")  # fmt: skip
-    rows = pick_rows(read.table.to_pylist(), trial, experiment)
+    rows = pick_rows(trial_rows(root, experiment), trial, experiment)
     started = time.perf_counter()
     summaries = evaluate_rows(root, experiment, rows, suite=suite, overrides=parse_overrides(set_ or []), device=device)
     for summary in summaries:
@@ -369,7 +364,9 @@ def predict_(
     from raycls.deliver.model import load_trial_model
     from raycls.deliver.predict import Predictor, image_paths, predict, write_predictions
 
-    run_on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from raycls.train.local import default_device
+
+    run_on = torch.device(device) if device else default_device()
     if source.endswith(".onnx"):
         if not Path(source).is_file():
             raise RayclsError(f"{source}: no such ONNX file")

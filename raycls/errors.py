@@ -46,3 +46,11 @@ class LeaderboardError(RayclsError):
 
 class StorageError(RayclsError):
     """A storage path or URI cannot be reached (a bad scheme, missing credentials, no such bucket)."""
+
+
+def last_error_line(text: str) -> str:
+    """The line of a traceback or error text that says what went wrong (the last one naming an Error or
+    Exception, else the last line), for a leaderboard cell rather than the whole traceback."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    informative = [line for line in lines if "Error" in line or "Exception" in line]
+    return (informative[-1] if informative else (lines[-1] if lines else "unknown error"))[:2000]

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from raycls.config.schema import TrialConfig
 from raycls.errors import RayclsError
-from raycls.models import load_weights
 from raycls.phases import Phase
-from raycls.phases.base import Previous
-from raycls.train.evaluation import local_checkpoint, pick_rows
-from raycls.train.loop import Data, RunContext, build, load_data
-from raycls.train.state import STATE_FILE, read_position
+from raycls.train.evaluation import pick_rows, read_checkpoint, stage_model, trial_rows
+from raycls.train.loop import Data, RunContext, load_data
 
 
 @dataclass
@@ -59,20 +55,10 @@ class Classifier(nn.Module):
 
 def load_trial_model(storage: str, experiment: str, pick: str = "best", *, device: str = "cpu") -> TrialModel:
     """The picked trial's (best | top:1 | a trial id) best checkpoint in its phase module, ready to predict."""
-    from raycls.results import read_leaderboard
-
-    rows = read_leaderboard(storage, experiment).table.to_pylist()
-    if not rows:
-        raise RayclsError(f"experiment {experiment!r}: no leaderboard rows under {storage.rstrip('/')}/{experiment} "
-                          "(run `raycls tune` first, or pass --storage)")  # fmt: skip
-    row = pick_rows(rows, pick, experiment)[0]
+    row = pick_rows(trial_rows(storage, experiment), pick, experiment)[0]
     config = TrialConfig.from_json(row["config_json"])
     data = load_data(config)
-    with local_checkpoint(row["checkpoint"]) as folder:
-        weights = load_weights(folder)
-        stage = read_position(folder).stage if (Path(folder) / STATE_FILE).is_file() else len(config.stages) - 1
-    previous = Previous(config.stages[stage - 1].phase, None) if stage else None  # a teacher's weights are in `weights`
-    parts = build(config, config.stages[stage], data, RunContext(device=torch.device(device)), index=stage, previous=previous)
-    parts.model.load_state_dict(weights)
+    weights, stage = read_checkpoint(row["checkpoint"])
+    parts = stage_model(config, weights, data, RunContext(device=torch.device(device)), len(config.stages) - 1 if stage is None else stage)
     parts.model.eval()
     return TrialModel(experiment, row["trial_id"], config, parts.model, parts.phase, data)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -44,11 +44,12 @@ def image_paths(inputs: Iterable[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def read_image(path: Path, channels: int, size: int) -> np.ndarray:
-    """uint8 [C, H, W]; raises on anything PIL cannot decode (a corrupt or truncated file, not an image)."""
+def read_image(source: Path | BinaryIO, channels: int, size: int) -> np.ndarray:
+    """uint8 [C, H, W] from an image file or stream; raises on anything PIL cannot decode (a corrupt or
+    truncated file, not an image)."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    with Image.open(source) as image:
         image.load()  # decode now: a truncated file fails here, not later
         converted = image.convert("RGB" if channels == 3 else "L").resize((size, size), Image.Resampling.BILINEAR)
     array = np.asarray(converted, dtype=np.uint8)
@@ -92,9 +93,9 @@ class Predictor:
 
     def tta_logits(self, images: torch.Tensor) -> np.ndarray:
         """airbench's 6 views (flips, one-pixel shifts), weighted as the evaluation suite weighs them."""
-        from raycls.evaluate.suite import TTA_WEIGHTS, tta_views
+        from raycls.evaluate.suite import tta_logits
 
-        return sum(TTA_WEIGHTS[name] * self.logits(view) for name, view in tta_views(images).items())
+        return tta_logits(images, lambda _name, view: self.logits(view))
 
 
 def predict(predictor: Predictor, paths: list[Path], *, topk: int = 3, tta: bool = False, batch_size: int = 64,

@@ -66,17 +66,14 @@ class BadRequest(Exception):
 
 
 def decode(data: bytes, channels: int, size: int) -> np.ndarray:
-    """uint8 [C, H, W] from encoded image bytes; BadRequest(400) for anything PIL cannot decode."""
-    from PIL import Image
+    """uint8 [C, H, W] from encoded image bytes (as `raycls predict` reads files); BadRequest(400) for
+    anything PIL cannot decode."""
+    from raycls.deliver.predict import read_image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            converted = image.convert("RGB" if channels == 3 else "L").resize((size, size), Image.Resampling.BILINEAR)
+        return read_image(io.BytesIO(data), channels, size)
     except Exception as err:  # noqa: BLE001 (not an image, truncated, unsupported: the client's error)
         raise BadRequest(400, f"not a readable image: {type(err).__name__}: {err}") from None
-    array = np.asarray(converted, dtype=np.uint8)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
 def write_log(folder: Path, rows: list[dict[str, Any]]) -> None:
@@ -102,7 +99,9 @@ class RayclsService:
         from raycls.deliver.model import load_trial_model
         from raycls.deliver.predict import Predictor
 
-        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        from raycls.train.local import default_device
+
+        device = torch.device(options.device) if options.device else default_device()
         trial = load_trial_model(options.storage, options.experiment, options.trial, device=str(device))
         self.options = options
         self.predictor = Predictor.from_trial(trial, device)

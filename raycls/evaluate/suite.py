@@ -224,6 +224,11 @@ def tta_views(images: torch.Tensor) -> dict[str, torch.Tensor]:
     return views
 
 
+def tta_logits(images: torch.Tensor, logits_of: Callable[[str, torch.Tensor], Any]) -> Any:
+    """The weighted average over the views of `images` of `logits_of(view name, view images)`."""
+    return sum(TTA_WEIGHTS[name] * logits_of(name, view) for name, view in tta_views(images).items())
+
+
 @step("tta")
 def tta_step(ev: Evaluation) -> dict[str, float]:
     from raycls.data.datasets import ArrayData
@@ -232,11 +237,11 @@ def tta_step(ev: Evaluation) -> dict[str, float]:
     clean = ev.predictions("test")
     if clean.logits is None:
         return {}
-    logits = torch.zeros_like(clean.logits)
-    for name, images in tta_views(test_data.images).items():
-        view = clean if name == "identity" else ev.predict(ArrayData(images, test_data.labels, test_data.classes))
-        logits += TTA_WEIGHTS[name] * view.logits
-    ev._cache["test_tta"] = Predictions(clean.labels, logits, None)
+
+    def logits_of(name: str, images: torch.Tensor) -> torch.Tensor:  # the clean pass is reused, not redone
+        return clean.logits if name == "identity" else ev.predict(ArrayData(images, test_data.labels, test_data.classes)).logits
+
+    logits = tta_logits(test_data.images, logits_of)
     return {names.TEST_ACC_TTA: float((logits.argmax(-1) == clean.labels).float().mean())}
 
 

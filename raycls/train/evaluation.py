@@ -19,12 +19,12 @@ import pyarrow.fs as pafs
 from raycls.config.schema import TrialConfig
 from raycls.evaluate.suite import Evaluation, run_suite
 from raycls.files import replace_dir
-from raycls.models import unwrap
+from raycls.models import load_weights, unwrap
 from raycls.phases.base import Previous
 from raycls.storage import absolute, filesystem, is_local
 from raycls.train.distributed import broadcast_from_rank0
-from raycls.train.loop import Data, RunContext, build
-from raycls.train.state import Weights
+from raycls.train.loop import Data, Parts, RunContext, build
+from raycls.train.state import STATE_FILE, Weights, read_position
 
 
 def evaluate_weights(config: TrialConfig, weights: Weights, data: Data, ctx: RunContext, *, out_uri: str | None,
@@ -34,9 +34,7 @@ def evaluate_weights(config: TrialConfig, weights: Weights, data: Data, ctx: Run
     call it."""
     stages = config.stages
     index = len(stages) - 1 if stage is None else stage
-    previous = Previous(stages[index - 1].phase, None) if index else None  # the teacher's weights are in `weights`
-    parts = build(config, stages[index], data, ctx, index=index, previous=previous)
-    unwrap(parts.model).load_state_dict(weights)
+    parts = stage_model(config, weights, data, ctx, index)
     # Every rank scores its shard with rank 0's weights: the checkpoint's, and `raycls eval`'s afterwards.
     broadcast_from_rank0(unwrap(parts.model).state_dict().values())
     limit = ctx.limit_batches * stages[index].train.eval_batch_size if ctx.limit_batches else None
@@ -53,6 +51,32 @@ def evaluate_weights(config: TrialConfig, weights: Weights, data: Data, ctx: Run
         return summary
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def stage_model(config: TrialConfig, weights: Weights, data: Data, ctx: RunContext, stage: int) -> Parts:
+    """Chain stage `stage`'s phase module (model, phase, loaders) holding `weights`, the whole module's."""
+    previous = Previous(config.stages[stage - 1].phase, None) if stage else None  # a teacher's weights are in `weights`
+    parts = build(config, config.stages[stage], data, ctx, index=stage, previous=previous)
+    unwrap(parts.model).load_state_dict(weights)
+    return parts
+
+
+def read_checkpoint(uri: str) -> tuple[Weights, int | None]:
+    """A checkpoint's model weights and the chain stage it was taken in (None: a weights-only folder)."""
+    with local_checkpoint(uri) as folder:
+        return load_weights(folder), read_position(folder).stage if (folder / STATE_FILE).is_file() else None
+
+
+def trial_rows(storage: str, experiment: str) -> list[dict[str, Any]]:
+    """The experiment's leaderboard rows; a clear error when it has none (`raycls eval/export/predict/serve`)."""
+    from raycls.errors import RayclsError
+    from raycls.results import read_leaderboard
+
+    rows = read_leaderboard(storage, experiment).table.to_pylist()
+    if not rows:
+        raise RayclsError(f"experiment {experiment!r}: no leaderboard rows under {storage.rstrip('/')}/{experiment}/leaderboard "
+                          "(run `raycls tune` first, or pass --storage)")  # fmt: skip
+    return rows
 
 
 def publish(local: Path, uri: str) -> None:
@@ -109,31 +133,23 @@ def evaluate_rows(storage: str, experiment: str, rows: list[dict[str, Any]], *, 
     from raycls.config.load import set_path
     from raycls.results.leaderboard import update_evaluation
     from raycls.storage import ExperimentPaths
+    from raycls.train.local import default_device
     from raycls.train.loop import load_data
-    from raycls.train.state import read_position
 
     paths = ExperimentPaths(storage, experiment)
-    run_on = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run_on = torch.device(device) if device else default_device()
     summaries = []
     for row in rows:
         tree = json.loads(row["config_json"])
         for key, value in (overrides or {}).items():
             set_path(tree, key, value)
         config = TrialConfig.model_validate(tree)
-        with local_checkpoint(row["checkpoint"]) as folder:
-            weights = _load(folder)
-            stage = read_position(folder).stage if (folder / "trainer.pt").is_file() else None
+        weights, stage = read_checkpoint(row["checkpoint"])
         summary = evaluate_weights(config, weights, load_data(config), RunContext(device=run_on),
                                    out_uri=paths.eval_dir(row["trial_id"]), suite=suite, stage=stage)  # fmt: skip
         update_evaluation(storage, experiment, row["trial_id"], summary)
         summaries.append({"trial_id": row["trial_id"], **summary})
     return summaries
-
-
-def _load(folder: Path) -> Weights:
-    from raycls.models.checkpoint import load_weights
-
-    return load_weights(folder)
 
 
 class local_checkpoint:

@@ -20,6 +20,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from raycls.config.experiment import Experiment
+from raycls.errors import last_error_line
 from raycls.evaluate import names
 from raycls.evaluate.names import as_good, better
 from raycls.results.leaderboard import Status, read_evaluation, write_trial
@@ -28,7 +29,7 @@ from raycls.results.row import TrialSeen, build_record
 from raycls.results.wandb_log import WandbWriter
 from raycls.storage import TRIAL_CONFIG_FILE, ExperimentPaths, is_local
 from raycls.train.state import is_whole, read_metrics
-from raycls.tune.resume import LOST_ATTR, TRIAL_ID_ATTR
+from raycls.tune.resume import LOST_ATTR, ROW_STATES, TRIAL_ID_ATTR
 from raycls.tune.searcher import stopped_early
 
 # Tune's own bookkeeping keys: not metrics of ours, kept out of the history and W&B.
@@ -53,11 +54,6 @@ def error_message(trial: Trial) -> str:
         text = Path(trial.error_file).read_text(errors="replace")
     return last_error_line(text)
 
-
-def last_error_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    informative = [line for line in lines if "Error" in line or "Exception" in line]
-    return (informative[-1] if informative else (lines[-1] if lines else "unknown error"))[:2000]
 
 
 @dataclass
@@ -324,9 +320,8 @@ def _short(config: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------ after a kill
-# Optuna's closed states and the row each one stands for.
-TOLD_STATUS: dict[TrialState, Status] = {TrialState.COMPLETE: "completed", TrialState.PRUNED: "early_stopped",
-                                         TrialState.FAIL: "failed"}  # fmt: skip
+# Optuna's closed states and the row each one stands for (ROW_STATES read the other way).
+TOLD_STATUS: dict[TrialState, Status] = {state: status for status, state in ROW_STATES.items()}  # type: ignore[misc]
 
 
 def record_told_trials(experiment: Experiment, paths: ExperimentPaths, study: optuna.Study, git: GitState) -> list[str]:

@@ -100,8 +100,9 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
         if remaining > 0:
             grid = _new_tuner(experiment, options, paths, trainable, min(concurrency, remaining), remaining).fit()
             errors = sum(1 for r in grid if r.error is not None)
-    if options.resume:
-        _record_told(experiment, paths)  # Tune may restore a trial Optuna closed as ended, without its row
+    if resume.mode is ResumeMode.RESTORE:
+        # Tune may restore a trial Optuna closed as ended, without its row (a rebuilt search wrote them first).
+        _record_told(experiment, paths)
     if experiment.base.eval.on == "all":
         _evaluate_stopped(experiment, storage)
     board = read_leaderboard(storage, experiment.name)

@@ -22,6 +22,7 @@ import torch
 from raycls.config.experiment import Experiment, Resources
 from raycls.config.load import resolve_trial
 from raycls.config.schema import TrialConfig
+from raycls.errors import last_error_line
 from raycls.storage import ExperimentPaths, filesystem
 from raycls.train.chain import fit
 from raycls.train.loop import FAST_DEV_BATCHES, RunContext
@@ -120,6 +121,5 @@ def _raised_by_training(error: BaseException) -> bool:
 
 
 def _last_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    informative = [line for line in lines if "Error" in line or "Exception" in line]
-    return (informative[-1] if informative else (lines[-1] if lines else type(error).__name__))[:2000]
+    text = str(error)
+    return last_error_line(text) if text.strip() else type(error).__name__
