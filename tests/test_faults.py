@@ -182,9 +182,12 @@ KILL_POINTS = {
     "before_the_first_row": lambda d: _rows(d) == 0 and any(n >= 1 for n in epochs_reported(d).values()),
     "mid_trial": lambda d: _rows(d) >= 1 and sum(epochs_reported(d).values()) >= 3 * _rows(d) + 1,
     "between_trials": lambda d: _rows(d) >= 2,
-    # The last trial has reported an epoch but not its last one: run alone (CONCURRENCY), so that it cannot
-    # end together with the one before it (under load both once ended before the kill landed).
-    "during_the_last_trial": lambda d: _rows(d) == TRIALS - 1 and TRIALS * 3 - 3 < sum(epochs_reported(d).values()) < TRIALS * 3,
+    # The last trial has started (its Tune folder exists) and not reported its last epoch. It runs alone
+    # (CONCURRENCY) so that it cannot end together with the one before it. Waiting for its first report
+    # instead left a window of two reports, which a loaded driver handles back to back (seen once: the
+    # driver finished before the kill landed).
+    "during_the_last_trial": lambda d: _rows(d) == TRIALS - 1 and len(list(d.glob("tune_trainable_*/params.json"))) == TRIALS
+    and sum(epochs_reported(d).values()) < TRIALS * 3,
 }
 CONCURRENCY = {"during_the_last_trial": 1}  # the others run two trials at a time
 
