@@ -175,6 +175,7 @@ def tune(
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's and the trials' own logs.")] = False,
     shared_storage: Annotated[bool, typer.Option("--shared-storage", help="--storage is a folder every node mounts at the same path (NFS).")] = False,
     fast_dev_run: Annotated[bool, typer.Option("--fast-dev-run", help="Smoke test: 2 trials of one epoch per stage, two batches per split, as EXPERIMENT-fast-dev-run.")] = False,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Do not write the experiment's HTML report at the end.")] = False,
 ) -> None:
     """Search the space: Optuna proposes trials, ASHA stops weak ones, every trial lands in the leaderboard."""
     from raycls.prepare import prepare_experiment
@@ -196,6 +197,27 @@ def tune(
                   f"({', '.join(f'{v} {k}' for k, v in counts.items())}) in {time.perf_counter() - started:.0f} s")  # fmt: skip
     _print_leaderboard(outcome.leaderboard, experiment.experiment.metric, experiment.experiment.mode == "max", top)
     console.print(f"Results: {outcome.experiment_dir}   (raycls leaderboard {storage_root(storage)} --experiment {experiment.name})")
+    if not no_report and board.num_rows:
+        _report_after_search(storage_root(storage), experiment.name, wandb)
+
+
+def _report_after_search(root: str, experiment: str, wandb_mode: str | None) -> None:
+    """The search's results are safe in the leaderboard: a report that cannot be drawn is said, not fatal."""
+    from raycls.report.page import write_report
+
+    try:
+        files = write_report(root, experiment, wandb_mode=wandb_mode)
+    except Exception as err:  # noqa: BLE001 - any failure here must not hide the finished search
+        console.print(f"[yellow]the report could not be written[/] ({type(err).__name__}: {err}); "
+                      f"`raycls report {experiment}` tries again", highlight=False)  # fmt: skip
+        return
+    _print_report(files)
+
+
+def _print_report(files) -> None:
+    console.print(f"Report: {files.html}  ({len(files.pngs)} PNGs beside it, {files.seconds:.1f} s)", highlight=False)
+    if files.png_error:
+        console.print(f"[yellow]no PNGs[/]: {files.png_error}", highlight=False)
 
 
 def _print_leaderboard(read, sort: str, descending: bool, top: int) -> None:
@@ -308,6 +330,24 @@ def eval_(
                       + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()), highlight=False)  # fmt: skip
     console.print(f"evaluated {len(summaries)} trial(s) in {time.perf_counter() - started:.1f} s; files under "
                   f"{root.rstrip('/')}/{experiment}/eval/")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ report
+@app.command("report")
+def report_(
+    experiment: Annotated[str, typer.Argument(help="Experiment name (a folder of the storage).")],
+    storage: StorageOption = None,
+    out: Annotated[Optional[Path], typer.Option(help="The HTML file (default: <storage>/<experiment>/report/report.html); PNGs go beside it.")] = None,
+    png: Annotated[bool, typer.Option("--png/--no-png", help="Also write each figure as a PNG (kaleido, with a Chrome or Chromium).")] = True,
+    wandb: Annotated[Optional[str], typer.Option(help="W&B mode for the report's run: auto, online, offline or disabled (default: the experiment's).")] = None,
+) -> None:
+    """Draw an experiment: one self-contained HTML page (leaderboard, best so far, learning curves, parameters,
+    importance, stages, evaluation), its figures as PNGs, and the same figures in W&B."""
+    from raycls.report.page import write_report
+
+    if wandb not in (None, "auto", "online", "offline", "disabled"):
+        raise RayclsError(f"--wandb {wandb!r}: expected auto, online, offline or disabled")
+    _print_report(write_report(storage_root(storage), experiment, out=out, png=png, wandb_mode=wandb))
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -40,6 +40,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "ood set": "raycls.evaluate.suite",
     "ood scorer": "raycls.evaluate.ood",
     "corruption": "raycls.evaluate.shift",
+    "report section": "raycls.report.figures",
 }
 
 
@@ -75,6 +76,11 @@ class Registry(Generic[T]):
     def list(self, pattern: str = "*") -> list[str]:
         """timm's verb: the registered names matching a shell-style pattern (`list("*face")`), sorted."""
         return fnmatch.filter(self.names(), pattern)
+
+    def in_order(self) -> list[tuple[str, T]]:
+        """The entries in the order they were registered (a report lays out its sections in this order)."""
+        load_family(self.family)
+        return list(self._entries.items())
 
     def names(self) -> list[str]:
         load_family(self.family)

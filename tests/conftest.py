@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -92,3 +93,28 @@ def assert_resumed_whole(storage: Path, experiment: str, trials: int, before: di
     others = [t for t in study.trials if t.user_attrs.get(TRIAL_ID_ATTR) not in {r["trial_id"] for r in rows}]
     assert all(t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get(LOST_ATTR) for t in others)
     return rows
+
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _find_chromium() -> str | None:
+    return next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str | None:
+    """A Chromium for the report's PNGs (kaleido) and its headless rendering test: the machine's own, else
+    Debian's `chromium` package installed here when apt-get can (root); None when there is none to be had."""
+    found = _find_chromium()
+    if found or not shutil.which("apt-get") or os.geteuid() != 0:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for step in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+        try:
+            subprocess.run(step, capture_output=True, timeout=600, env=env)
+        except subprocess.TimeoutExpired:
+            return None
+        if found := _find_chromium():
+            return found
+    return None

@@ -209,8 +209,10 @@ def kill_and_resume(cluster, tmp_path: Path, ready, damage=None, *, concurrency:
     assert len(before) < TRIALS and len(alive_node_ids()) == 3
     if damage is not None:
         damage(experiment_dir)
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=400, env=env)
+    # --no-report: these tests are about the trials (test_tune checks the report a resumed search writes).
+    resumed = subprocess.run([*command, "--resume", "--no-report"], capture_output=True, text=True, timeout=400, env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert not (experiment_dir / "report").exists()
     rows = assert_resumed_whole(storage, "resume", TRIALS, before)
     assert all(r["status"] == "completed" and r["epochs"] == 3 for r in rows), [(r["status"], r["epochs"], r["error"]) for r in rows]
     assert wait_until_released().get("CPU") == 6

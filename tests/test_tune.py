@@ -237,6 +237,148 @@ def test_raycls_eval_twice_leaves_one_set_of_columns(e2e, tmp_path: Path, capsys
     assert "evaluated 2 trial(s)" in out and "evaluated 1 trial(s)" in out
 
 
+# ------------------------------------------------------------------------------------------- report
+REPORT_SECTIONS = ("leaderboard", "status", "best_so_far", "learning_curves", "parallel_coordinates", "importance",
+                   "slices", "evaluation")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def e2e_report(e2e, chromium):
+    """`raycls report` of the e2e digits search (its own process, as a user runs it), W&B offline."""
+    _, storage, _ = e2e
+    done = subprocess.run([sys.executable, "-m", "raycls.cli", "report", "e2e", "--storage", storage, "--wandb", "offline"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return Path(storage) / "e2e" / "report" / "report.html", done.stdout
+
+
+def test_report_of_a_digits_search_has_every_section(e2e, e2e_report) -> None:
+    html, printed = e2e_report
+    page = html.read_text()
+    assert f"Report: {html}" in printed
+    rows = read_leaderboard(e2e[1], "e2e").table.to_pylist()
+    for section in REPORT_SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    for section in set(REPORT_SECTIONS) - {"evaluation"}:  # every figure was drawn, none replaced by a note
+        assert f'id="figure-{section}"' in page, section
+    assert page.count("<script") >= len(REPORT_SECTIONS) and "<script src=" not in page  # plotly.js inlined
+    assert "rung 1" in page and "rung 2" in page and "stopped here" in page  # ASHA: max_t 4, grace 1, rf 2
+    assert all(r["trial_id"] in page for r in rows)
+    # The top trials were evaluated: their confusion matrix and reliability diagram are inlined images.
+    assert page.count("data:image/png;base64,") >= 2 and "confusion matrix" in page and "reliability" in page
+
+
+def test_report_pngs_are_images_and_wandb_has_the_figures(e2e, e2e_report, chromium) -> None:
+    from PIL import Image
+
+    html, _ = e2e_report
+    if chromium is None:
+        pytest.skip("no Chromium here and none could be installed: kaleido cannot draw PNGs")
+    pngs = sorted(html.parent.glob("*.png"))
+    assert {p.stem for p in pngs} == set(REPORT_SECTIONS) - {"evaluation"}
+    for png in pngs:
+        with Image.open(png) as image:
+            image.verify()
+        with Image.open(png) as image:
+            assert image.size == (1200, 700) and len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 20, png
+    (run_dir,) = (Path(e2e[1]) / "e2e" / "wandb").glob("offline-run-*-e2e-report")
+    run = read_run(run_dir)
+    assert run["group"] == "e2e" and run["summary"]["report/trials"] == 8
+    logged = {key.split("/")[1] for h in run["history"] for key in h if key.startswith("report/") and key.endswith("/_type")}
+    assert set(REPORT_SECTIONS) - {"evaluation"} <= logged
+    for figure in (run_dir / "files" / "media" / "plotly" / "report").glob("*.plotly.json"):
+        assert json.loads(figure.read_text())["data"], figure
+
+
+def test_report_renders_in_headless_chromium(e2e_report, chromium, tmp_path: Path) -> None:
+    """Opened from a file, offline, in headless Chromium (driven by Playwright): no page error, no console
+    error, every figure drawn, and a screenshot with content. (WebGL's performance warnings are warnings.)"""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    if chromium is None:
+        pytest.skip("no Chromium here and none could be installed (Debian's chromium package)")
+    html, _ = e2e_report
+    figures = html.read_text().count('<div id="figure-')
+    shot, errors = tmp_path / "report.png", []
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync", "--enable-unsafe-swiftshader",
+             "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=flags)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 900})
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(html.as_uri())
+            page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {figures}", timeout=60_000)
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert figures == len(REPORT_SECTIONS) - 1 and not errors, errors
+    with Image.open(shot) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20) or []
+        assert image.height > 3000 and len(colours) > 100, "the screenshot is blank or cut short"
+
+
+def test_optuna_dashboard_serves_the_experiments_study(e2e, tmp_path: Path) -> None:
+    """`optuna-dashboard <storage>/<experiment>/optuna.journal`, as the README says: its API lists the study."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    journal = Path(e2e[1]) / "e2e" / "optuna.journal"
+    dashboard = shutil.which("optuna-dashboard") or pytest.fail("optuna-dashboard is not installed (a dependency)")
+    server = subprocess.Popen([dashboard, str(journal), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    def get(path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline, answer = time.monotonic() + 90, None
+        while time.monotonic() < deadline and server.poll() is None and answer is None:
+            try:
+                answer = get("/api/studies")
+            except OSError:
+                time.sleep(0.5)
+        assert answer is not None, server.stderr.read().decode(errors="replace")[-2000:] if server.poll() is not None else "no answer"
+        (study,) = [s for s in answer["study_summaries"] if s["study_name"] == "e2e"]
+        detail = get(f"/api/studies/{study['study_id']}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert study["directions"] == ["maximize"] and len(detail["trials"]) == 8
+
+
+def test_report_of_one_trial_and_of_only_failed_trials_says_so(local_ray, tmp_path: Path, capsys) -> None:
+    """`raycls tune` ends with the report (here in-process, on the module's Ray); one trial, or only failed
+    ones, still get a report that says so."""
+    from raycls.cli import main
+    from raycls.report.page import write_report
+
+    storage = str(tmp_path / "results")
+    one = write_yaml(tmp_path / "one.yaml", "experiment: {name: one, trials: 1}\nwandb: {mode: disabled}\n"
+                     + BASE.replace("epochs: 4", "epochs: 1"))  # fmt: skip
+    main(["tune", str(one), "--storage", storage])
+    report = Path(storage) / "one" / "report" / "report.html"
+    assert f"Report: {report}" in capsys.readouterr().out.replace("\n", "")
+    page = report.read_text()
+    assert "1 trial (1 completed" in page and "One trial: there is no progress to show yet." in page
+    assert "Needs at least two completed trials and a sampled parameter" in page  # importance, slices
+    failing = load_experiment(write_yaml(tmp_path / "failing.yaml", f"""
+experiment: {{name: failing, trials: 2, concurrency: 2}}
+wandb: {{mode: disabled}}
+space:
+  train.lr: {{type: loguniform, low: 1.0e-3, high: 1.0e-2}}
+""" + BASE.replace("name: digits", f"name: folder, path: {tmp_path / 'no-such-folder'}")))
+    run_tune(failing, TuneOptions(storage=storage, live=False))
+    page = write_report(storage, "failing", png=False).html.read_text()
+    assert "2 trials (0 completed, 0 early_stopped, 2 failed)" in page and "Every trial failed" in page
+    assert "No trial ended with a score" in page and "no-such-folder" in page  # the errors, in the leaderboard
+
+
 def test_history_dataset_has_every_epoch(e2e) -> None:
     history = read_leaderboard(e2e[1], "e2e", kind="history").table
     rows = read_leaderboard(e2e[1], "e2e").table.to_pylist()
@@ -303,7 +445,7 @@ space:
     before = kill_driver_after_rows(command, env, board, tmp_path / "driver.log")  # and the Ray it started
     assert 2 <= len(before) < 6, f"kill came too late or too early: {len(before)} rows"
 
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=400, env=env)
+    resumed = subprocess.run([*command, "--resume", "--no-report"], capture_output=True, text=True, timeout=400, env=env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     rows = assert_resumed_whole(storage, "resume", 6, before)
     assert all(r["status"] == "completed" for r in rows)

@@ -1,0 +1,160 @@
+"""Everything a report draws, read once from the experiment's storage.
+
+The leaderboard and history files are one small Parquet file per trial: a report of thousands of trials
+spends most of its time opening them (see results.leaderboard.read_parquet).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from raycls.errors import LeaderboardError, RayclsError
+from raycls.evaluate import names
+from raycls.results.leaderboard import param_columns, read_parquet, stage_columns
+from raycls.storage import HISTORY_DIR, LEADERBOARD_DIR, ExperimentPaths
+
+if TYPE_CHECKING:
+    import optuna
+
+    from raycls.config.experiment import Experiment
+
+
+@dataclass
+class ReportData:
+    experiment: str
+    storage: str
+    rows: list[dict[str, Any]]  # one per ended trial, in the order they ended
+    histories: dict[str, list[dict[str, Any]]]  # trial_id -> its epochs, in order
+    metric: str
+    mode: str  # "max" or "min"
+    space: Experiment | None = None  # the space as run (space.yaml); None when the experiment has none
+    skipped: list[str] = field(default_factory=list)  # files that could not be read, and why
+
+    @property
+    def paths(self) -> ExperimentPaths:
+        return ExperimentPaths(self.storage, self.experiment)
+
+    @property
+    def params(self) -> list[str]:
+        return param_columns(_columns(self.rows))
+
+    @property
+    def stages(self) -> list[str]:
+        return stage_columns(_columns(self.rows))
+
+    def scored(self) -> list[dict[str, Any]]:
+        return [r for r in self.rows if isinstance(r.get("score"), (int, float))]
+
+    def ranked(self) -> list[dict[str, Any]]:
+        """Rows with a score, best first."""
+        return sorted(self.scored(), key=lambda r: r["score"], reverse=self.mode == "max")
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def rungs(self) -> list[int]:
+        """The epochs at which ASHA compared trials (its milestones below max_t); none for other schedulers."""
+        if self.space is None or self.space.scheduler.name != "asha":
+            return []
+        section, max_t = self.space.scheduler, self.space.max_t
+        rungs, t = [], float(section.grace_period)
+        while t < max_t:
+            rungs.append(round(t))
+            t *= section.reduction_factor
+        return rungs
+
+    @cached_property
+    def study(self) -> optuna.Study | None:
+        """The experiment's own Optuna study (its journal), or None when there is none to load."""
+        import optuna
+
+        from raycls.tune.searcher import journal_path, open_study_storage
+
+        journal = journal_path(self.paths.state_dir)
+        if not journal.is_file():
+            return None
+        try:
+            return optuna.load_study(study_name=self.experiment, storage=open_study_storage(journal))
+        except KeyError:
+            return None
+
+    def eval_images(self, trial_id: str) -> list[Path]:
+        """The PNGs of the trial's held-out evaluation (raycls eval), when it has one on this machine."""
+        folder = self.paths.folder
+        if folder is None:
+            return []
+        return sorted((folder / "eval" / trial_id).glob("*.png"))
+
+
+def timestamp(value: datetime | None) -> float:
+    """Seconds since the epoch; a row without the time sorts last."""
+    return value.timestamp() if isinstance(value, datetime) else float("inf")
+
+
+def _columns(rows: list[dict[str, Any]]) -> pa.Table:
+    names_seen: dict[str, None] = {}
+    for row in rows:
+        names_seen.update(dict.fromkeys(row))
+    return pa.table({name: pa.array([], pa.null()) for name in names_seen})
+
+
+def load_report_data(storage: str, experiment: str) -> ReportData:
+    """The experiment's rows and histories; a LeaderboardError when it has no row at all."""
+    paths = ExperimentPaths(storage, experiment)
+    rows, skipped = _read_dir(paths, LEADERBOARD_DIR)
+    if not rows:
+        raise LeaderboardError(f"{paths.leaderboard_dir()}: no leaderboard rows of experiment {experiment!r} "
+                               f"(expected <trial_id>.parquet files written by `raycls tune`)")  # fmt: skip
+    epochs, more = _read_dir(paths, HISTORY_DIR)
+    histories: dict[str, list[dict[str, Any]]] = {}
+    for epoch in epochs:
+        histories.setdefault(epoch["trial_id"], []).append(epoch)
+    for history in histories.values():
+        history.sort(key=lambda h: h.get(names.EPOCH) or 0)
+    rows.sort(key=lambda r: (timestamp(r.get("ended_at")), r["trial_id"]))
+    first = rows[0]
+    return ReportData(experiment, paths.storage, rows, histories, metric=str(first.get("metric") or "score"),
+                      mode=str(first.get("mode") or "max"), space=_space_as_run(paths), skipped=skipped + more)  # fmt: skip
+
+
+def _read_dir(paths: ExperimentPaths, kind: str) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every file of `leaderboard/` or `history/` as rows of one table (columns a trial lacks are None)."""
+    fs, folder = paths.locate(f"{paths.root}/{kind}")
+    files = [info.path for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+             if info.path.endswith(".parquet") and not Path(info.path).name.startswith(".")]  # fmt: skip
+    tables: list[pa.Table] = []
+    skipped: list[str] = []
+    for path in files:
+        try:
+            tables.append(read_parquet(fs, path))
+        except (pa.ArrowException, OSError) as err:
+            skipped.append(f"{path}: unreadable ({type(err).__name__})")
+    if not tables:
+        return [], skipped
+    try:
+        return pa.concat_tables(tables, promote_options="permissive").to_pylist(), skipped
+    except pa.ArrowInvalid:  # a column changed type between runs: row by row, each with its own types
+        return [row for table in tables for row in table.to_pylist()], skipped
+
+
+def _space_as_run(paths: ExperimentPaths) -> Experiment | None:
+    """The experiment's space.yaml, loaded (its scheduler tells the ASHA rungs); None if absent or invalid."""
+    from raycls.config.load import load_experiment
+
+    if not paths.exists(paths.space_file()):
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "space.yaml"
+            local.write_text(paths.read_text(paths.space_file()))
+            return load_experiment(local)
+    except (RayclsError, OSError):  # a space this raycls no longer reads: the report goes on without rungs
+        return None

@@ -1,0 +1,292 @@
+"""REPORT_SECTIONS: each section of a report is a Plotly figure built from ReportData, or a note saying why
+that experiment has none (one trial, no sampled parameters, no finished trial, ...). A section is added by
+registering one function; page.py lays them out in registration order.
+
+Traces of many trials are drawn as one trace per status with gaps (None) between trials: a report of 2,000
+trials stays a handful of traces, which browsers and kaleido draw in a blink.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from raycls.evaluate import names
+from raycls.registry import Registry
+from raycls.report.data import ReportData, timestamp
+
+STATUS_COLOURS = {"completed": "#2b8a3e", "early_stopped": "#e8590c", "failed": "#c92a2a"}
+TOP_EVALUATED = 3  # trials whose evaluation plots the report shows
+
+
+@dataclass
+class Section:
+    name: str
+    title: str
+    about: str  # one sentence: what the figure shows and how to read it
+    figure: go.Figure | None = None
+    note: str | None = None  # why there is no figure (or what to keep in mind reading it)
+    images: list[tuple[str, Path]] = field(default_factory=list)  # (caption, PNG) shown under the figure
+
+
+REPORT_SECTIONS: Registry[Callable[[ReportData], Section | None]] = Registry("report section")
+
+
+def build_sections(data: ReportData) -> list[Section]:
+    """Every registered section, in registration order (a builder returns None when it never applies)."""
+    sections = [build(data) for _, build in REPORT_SECTIONS.in_order()]
+    return [s for s in sections if s is not None]
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if hasattr(value, "strftime"):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value)
+
+
+def _layout(fig: go.Figure, title: str, **kwargs: Any) -> go.Figure:
+    fig.update_layout(**{"title": title, "template": "plotly_white", "margin": {"l": 60, "r": 30, "t": 60, "b": 50}, **kwargs})
+    return fig
+
+
+def _metric_label(data: ReportData) -> str:
+    return f"{data.metric} ({'higher' if data.mode == 'max' else 'lower'} is better)"
+
+
+# ------------------------------------------------------------------------------------------ sections
+@REPORT_SECTIONS.register("leaderboard")
+def leaderboard(data: ReportData) -> Section:
+    """A table with buttons that sort it (Plotly's own update menus: no JavaScript of ours)."""
+    columns = ["trial_id", "status", "score", data.metric, "test_acc", "epochs", "best_epoch", "wall_s", *data.params, "error"]
+    seen: set[str] = set()
+    columns = [c for c in columns if any(c in r for r in data.rows) and not (c in seen or seen.add(c))]
+    worst = -math.inf if data.mode == "max" else math.inf
+
+    def number(row: dict, key: str) -> float:
+        value = row.get(key)
+        return float(value) if isinstance(value, (int, float)) else worst
+
+    orders: dict[str, list[dict]] = {
+        "score, best first": sorted(data.rows, key=lambda r: number(r, "score"), reverse=data.mode == "max"),
+        "end time": list(data.rows),
+        "wall time, longest first": sorted(data.rows, key=lambda r: -(r.get("wall_s") or 0.0)),
+        "status": sorted(data.rows, key=lambda r: (str(r.get("status")), -number(r, "score") if data.mode == "max" else number(r, "score"))),
+    }  # fmt: skip
+    if "test_acc" in columns:
+        orders["test_acc, best first"] = sorted(data.rows, key=lambda r: -(r.get("test_acc") or -1.0))
+
+    def cells(rows: list[dict]) -> list[list[str]]:
+        return [[_fmt(r.get(c)) for r in rows] for c in columns]
+
+    first = next(iter(orders.values()))
+    fig = go.Figure(go.Table(header={"values": [f"<b>{c}</b>" for c in columns], "align": "left"},
+                             cells={"values": cells(first), "align": "left"}))  # fmt: skip
+    buttons = [{"label": f"sort by {label}", "method": "restyle", "args": [{"cells.values": [cells(rows)]}]} for label, rows in orders.items()]
+    _layout(fig, f"{len(data.rows)} trials", height=min(900, 120 + 26 * len(data.rows)),
+            updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.12, "yanchor": "top"}])  # fmt: skip
+    return Section("leaderboard", "Leaderboard", "Every trial's row; the menu at the top right sorts the table.", fig)
+
+
+@REPORT_SECTIONS.register("status")
+def status(data: ReportData) -> Section:
+    counts = {s: sum(r.get("status") == s for r in data.rows) for s in STATUS_COLOURS}
+    fig = go.Figure()
+    for state, colour in STATUS_COLOURS.items():
+        rows = [r for r in data.rows if r.get("status") == state]
+        if rows:
+            fig.add_bar(x=[r["trial_id"] for r in rows], y=[r.get("wall_s") or 0.0 for r in rows], name=f"{state} ({len(rows)})",
+                        marker_color=colour, hovertext=[_fmt(r.get("error")) for r in rows])  # fmt: skip
+    _layout(fig, "Wall time per trial, by status", xaxis_title="trial (in the order they ended)", yaxis_title="wall time (s)")
+    fig.update_xaxes(categoryorder="array", categoryarray=[r["trial_id"] for r in data.rows], showticklabels=len(data.rows) <= 40)
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    note = f"{summary}. Every trial failed: see the error column of the leaderboard." if counts["failed"] == len(data.rows) else summary
+    return Section("status", "Statuses and wall time", "Seconds each trial held its resources, coloured by how it ended.", fig, note)
+
+
+@REPORT_SECTIONS.register("best_so_far")
+def best_so_far(data: ReportData) -> Section:
+    # A failed trial's score (from its last epochs before the error) is not a result to build on.
+    rows = [r for r in data.scored() if r.get("status") != "failed"]
+    if not rows:
+        return Section("best_so_far", "Best score so far", "", note="No trial ended with a score: nothing to compare.")
+    start = min(timestamp(r.get("started_at")) for r in data.rows)
+    best: list[float] = []
+    for r in rows:
+        best.append(r["score"] if not best or data.better(r["score"], best[-1]) else best[-1])
+    hours = [(timestamp(r.get("ended_at")) - start) / 3600 if math.isfinite(start) else None for r in rows]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("against trials", "against wall-clock time"))
+    for col, x in ((1, list(range(1, len(rows) + 1))), (2, hours)):
+        fig.add_scatter(x=x, y=[r["score"] for r in rows], mode="markers", name="trial", row=1, col=col, showlegend=col == 1,
+                        marker={"color": [STATUS_COLOURS.get(r.get("status"), "grey") for r in rows], "size": 6},
+                        text=[f"{r['trial_id']} ({r.get('status')})" for r in rows])  # fmt: skip
+        fig.add_scatter(x=x, y=best, mode="lines", line_shape="hv", name="best so far", row=1, col=col,
+                        showlegend=col == 1, line={"color": "#1c7ed6", "width": 2})  # fmt: skip
+    fig.update_xaxes(title_text="trials ended", row=1, col=1)
+    fig.update_xaxes(title_text="hours since the first trial started", row=1, col=2)
+    fig.update_yaxes(title_text=_metric_label(data), row=1, col=1)
+    _layout(fig, f"Best {data.metric} so far")
+    note = "One trial: there is no progress to show yet." if len(rows) == 1 else None
+    return Section("best_so_far", "Best score so far",
+                   "Each dot is a trial's score when it ended (colour: its status); the line is the best so far.", fig, note)  # fmt: skip
+
+
+@REPORT_SECTIONS.register("learning_curves")
+def learning_curves(data: ReportData) -> Section:
+    fig = go.Figure()
+    drawn = 0
+    for state, colour in STATUS_COLOURS.items():
+        x: list[Any] = []
+        y: list[Any] = []
+        text: list[str] = []
+        ends_x, ends_y = [], []
+        for row in data.rows:
+            epochs = [h for h in data.histories.get(row["trial_id"], []) if isinstance(h.get(data.metric), (int, float))]
+            if row.get("status") != state or not epochs:
+                continue
+            drawn += 1
+            x += [h.get(names.EPOCH) for h in epochs] + [None]
+            y += [h[data.metric] for h in epochs] + [None]
+            text += [row["trial_id"]] * len(epochs) + [""]
+            ends_x.append(epochs[-1].get(names.EPOCH))
+            ends_y.append(epochs[-1][data.metric])
+        if x:
+            fig.add_scatter(x=x, y=y, text=text, mode="lines+markers", name=state, line={"color": colour, "width": 1},
+                            marker={"size": 3}, opacity=0.7, connectgaps=False)  # fmt: skip
+            if state == "early_stopped":  # where ASHA stopped each one
+                fig.add_scatter(x=ends_x, y=ends_y, mode="markers", name="stopped here",
+                                marker={"symbol": "x", "size": 9, "color": colour})  # fmt: skip
+    if not drawn:
+        return Section("learning_curves", "Learning curves", "", note="No trial reported an epoch of the experiment metric.")
+    rungs = data.rungs()
+    for rung in rungs:
+        fig.add_vline(x=rung, line_dash="dash", line_color="#868e96", annotation_text=f"rung {rung}")
+    _layout(fig, f"{data.metric} per epoch, every trial", xaxis_title="epoch", yaxis_title=_metric_label(data))
+    about = "Each line is a trial's validation metric per epoch."
+    if rungs:
+        about += " Dashed lines: ASHA's rungs, where it compared trials; an x: where it stopped one."
+    return Section("learning_curves", "Learning curves", about, fig)
+
+
+@REPORT_SECTIONS.register("parallel_coordinates")
+def parallel_coordinates(data: ReportData) -> Section:
+    rows, params = data.scored(), data.params
+    if not params or not rows:
+        why = "No parameter was sampled (every trial ran the same config)." if not params else "No trial has a score."
+        return Section("parallel_coordinates", "Sampled parameters", "", note=why)
+    dimensions = []
+    for param in params:
+        values = [r.get(param) for r in rows]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) or v is None for v in values):
+            numbers = [float(v) if v is not None else math.nan for v in values]
+            dimensions.append({"label": param, "values": numbers})
+        else:  # categorical: integer positions labelled with the choices
+            choices = sorted({str(v) for v in values})
+            dimensions.append({"label": param, "values": [choices.index(str(v)) for v in values],
+                                   "tickvals": list(range(len(choices))), "ticktext": choices})  # fmt: skip
+    scores = [r["score"] for r in rows]
+    dimensions.append({"label": data.metric, "values": scores})
+    fig = go.Figure(go.Parcoords(dimensions=dimensions, line={"color": scores, "colorscale": "Viridis", "showscale": True,
+                                                                  "reversescale": data.mode == "min"}))  # fmt: skip
+    _layout(fig, "Sampled parameters, coloured by the score", margin={"l": 80, "r": 80, "t": 90, "b": 40})
+    return Section("parallel_coordinates", "Sampled parameters",
+                   "One line per scored trial through its sampled values; drag along an axis to filter.", fig,
+                   note="Early-stopped trials are scored at their last epoch, so they sit low by design.")  # fmt: skip
+
+
+def _study_section(name: str, title: str, about: str, data: ReportData, plot: Callable[[Any], go.Figure]) -> Section:
+    """A figure of Optuna's own visualization module, drawn from the experiment's study."""
+    import optuna
+
+    study = data.study
+    if study is None:
+        return Section(name, title, about, note="The experiment has no Optuna study on this machine (optuna.journal).")
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 2 or not data.params:
+        why = "no parameter was sampled" if not data.params else f"{len(complete)} trial(s) completed"
+        return Section(name, title, about, note=f"Needs at least two completed trials and a sampled parameter: {why}.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks these plots experimental
+        try:
+            fig = plot(study)
+        except (ValueError, RuntimeError) as err:  # e.g. every completed trial has the same values
+            return Section(name, title, about, note=f"Optuna could not draw it: {err}")
+    return Section(name, title, about, _layout(fig, title))
+
+
+@REPORT_SECTIONS.register("importance")
+def importance(data: ReportData) -> Section:
+    def plot(study: Any) -> go.Figure:
+        import optuna
+
+        # Optuna's default trees grow to depth 64: 8 s for 2,000 trials on 2 cores. Depth 8 gives the same
+        # importances to two decimals (measured on benchmarks/report_time.py's study) in about 1 s.
+        evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=64, max_depth=8, seed=0)
+        return optuna.visualization.plot_param_importances(study, evaluator=evaluator)
+
+    return _study_section("importance", "Parameter importance (fANOVA)",
+                          "How much of the score's variance each parameter explains, by Optuna's fANOVA over the completed trials.",
+                          data, plot)  # fmt: skip
+
+
+@REPORT_SECTIONS.register("slices")
+def slices(data: ReportData) -> Section:
+    def plot(study: Any) -> go.Figure:
+        import optuna
+
+        return optuna.visualization.plot_slice(study)
+
+    return _study_section("slices", "Slice plots", "The score against each parameter, one dot per completed trial.", data, plot)
+
+
+@REPORT_SECTIONS.register("stages")
+def stages(data: ReportData) -> Section | None:
+    """A chain's stages, each with its own validation metric (`supcon.val_knn_acc`, `arcface.val_acc`)."""
+    columns = data.stages
+    if not columns:
+        return None  # not a chain: no section at all
+    fig = go.Figure()
+    for state, colour in STATUS_COLOURS.items():
+        x: list[Any] = []
+        y: list[Any] = []
+        for row in data.rows:
+            if row.get("status") == state:
+                x += [*columns, None]
+                y += [row.get(c) for c in columns] + [None]
+        if x:
+            fig.add_scatter(x=x, y=y, mode="lines+markers", name=state, line={"color": colour, "width": 1}, opacity=0.7)
+    _layout(fig, "Each stage's validation metric, per trial", xaxis_title="stage metric", yaxis_title="value")
+    return Section("stages", "Chain stages", "One line per trial across the stages of its chain.", fig)
+
+
+@REPORT_SECTIONS.register("evaluation")
+def evaluation(data: ReportData) -> Section:
+    images = [(f"{row['trial_id']}: {png.stem.replace('_', ' ')}", png)
+              for row in data.ranked()[:TOP_EVALUATED] for png in data.eval_images(row["trial_id"])]  # fmt: skip
+    about = f"The held-out evaluation of the top {TOP_EVALUATED} trials (raycls eval), when they have one."
+    if not images:
+        return Section("evaluation", "Evaluation of the top trials", about,
+                       note="None of the top trials has evaluation plots (run `raycls eval EXPERIMENT --trial top:3`).")
+    return Section("evaluation", "Evaluation of the top trials", about, images=images)
+
+
+@REPORT_SECTIONS.register("pareto")
+def pareto(data: ReportData) -> Section | None:
+    """Multi-objective studies only: Optuna's Pareto front."""
+    study = data.study
+    if study is None or len(study.directions) < 2:
+        return None
+    import optuna
+
+    return Section("pareto", "Pareto front", "Trials no other trial beats on every objective.",
+                   _layout(optuna.visualization.plot_pareto_front(study), "Pareto front"))
