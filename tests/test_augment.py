@@ -9,7 +9,10 @@ from raycls.config import AugmentConfig
 from raycls.data.augment import AUGMENTATIONS, PIXEL_SPACE, apply_augmentations, color_jitter, grayscale, luma, resized_crop
 
 # A value that enables each op visibly on 8x8 images.
-ENABLED = {"resized_crop": 0.3, "hflip": True, "random_crop": 2, "color_jitter": 0.8, "grayscale": 1.0, "cutout": 3}
+ENABLED = {"resized_crop": 0.3, "hflip": True, "random_crop": 2, "color_jitter": 0.8, "grayscale": 1.0, "cutout": 3,
+           "affine": {"degrees": 20.0, "translate": 0.1, "scale_min": 0.9, "scale_max": 1.1},
+           "randaugment": {"num_ops": 2, "magnitude": 9}, "trivialaugment": True, "autoaugment": "cifar10",
+           "random_erasing": {"p": 0.5, "area_min": 0.05, "area_max": 0.3}}  # fmt: skip
 
 
 def test_every_config_field_has_an_op_and_a_test_value() -> None:
@@ -88,7 +91,7 @@ def test_pixel_space_ops_run_on_pixels_of_a_normalised_batch() -> None:
     torch.testing.assert_close(pixels[:, :1], luma(x))
     with pytest.raises(ValueError, match="pass the batch's normalisation mean and std"):
         apply_augmentations(x, AugmentConfig(color_jitter=0.4), torch.Generator())
-    assert PIXEL_SPACE == {"color_jitter", "grayscale"}
+    assert PIXEL_SPACE == {"color_jitter", "grayscale", "affine", "randaugment", "trivialaugment", "autoaugment"}
 
 
 def test_an_epoch_of_every_op_is_reproducible() -> None:
@@ -102,3 +105,66 @@ def test_an_epoch_of_every_op_is_reproducible() -> None:
     first, again = epoch(0), epoch(0)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not torch.equal(first[0], first[1])  # batches of one epoch draw on
+
+
+# ------------------------------------------------------------------------------ policies (per image)
+@pytest.mark.parametrize("config", [{"randaugment": {"num_ops": 2, "magnitude": 9}}, {"trivialaugment": True},
+                                    {"autoaugment": "cifar10"}, {"autoaugment": "imagenet"}, {"autoaugment": "svhn"}])  # fmt: skip
+def test_policies_draw_per_image_and_stay_in_pixel_range(config: dict) -> None:
+    """One image repeated 64 times: torchvision's own transform would give 64 equal images (one draw per
+    call); raycls draws per image, so many differ. Values stay pixels; the same seed gives the same batch."""
+    x = images(3, n=1, size=16).repeat(64, 1, 1, 1)
+    name, value = next(iter(config.items()))
+    out = run(name, x, value)
+    distinct = len({tuple(image.flatten().tolist()) for image in (out * 255).round().to(torch.uint8)})
+    assert distinct >= 8, f"{distinct} distinct images of 64"
+    assert out.min() >= 0 and out.max() <= 1 and out.dtype == x.dtype
+    assert torch.equal(out, run(name, x, value))
+
+
+def test_randaugment_at_magnitude_zero_changes_only_by_magnitude_free_ops() -> None:
+    """Magnitude 0: shears, shifts, rotations and colour factors are identities; what changes an image is
+    only an op without a magnitude (posterize at 8 bits, autocontrast, equalize, solarize at 1.0)."""
+    x = images(3, n=64, size=16)
+    out = run("randaugment", x, {"num_ops": 1, "magnitude": 0})
+    same = ((out * 255).round() == (x * 255).round()).flatten(1).all(dim=1).float().mean()
+    assert same > 0.5
+
+
+def test_random_erasing_erases_one_rectangle_of_the_asked_area_in_the_asked_share() -> None:
+    x = torch.ones(400, 3, 32, 32)
+    out = run("random_erasing", x, {"p": 0.5, "area_min": 0.1, "area_max": 0.2})
+    erased = (out == 0).all(dim=1).flatten(1).float().mean(dim=1)  # share of each image's pixels
+    hit = erased > 0
+    assert 0.4 < hit.float().mean() < 0.6
+    assert erased[hit].min() >= 0.08 and erased[hit].max() <= 0.23  # rounding to whole pixels
+
+
+def test_affine_without_motion_is_the_identity_and_black_fills_the_rest() -> None:
+    x = images(1, size=16)
+    still = run("affine", x, {"degrees": 0.0, "translate": 0.0, "scale_min": 1.0, "scale_max": 1.0})
+    torch.testing.assert_close(still, x, atol=1e-5, rtol=0)
+    shrunk = run("affine", torch.ones(8, 1, 16, 16), {"degrees": 0.0, "translate": 0.0, "scale_min": 0.5, "scale_max": 0.5})
+    assert shrunk[:, :, 0, 0].max() == 0 and shrunk[:, :, 8, 8].min() > 0.99  # zoomed out: black border
+
+
+def test_policy_fields_are_validated_and_searchable(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from raycls.config import load_experiment, resolve_trial
+
+    with pytest.raises(ValidationError, match="area_min"):
+        AugmentConfig.model_validate({"random_erasing": {"area_min": 0.5, "area_max": 0.1}})
+    with pytest.raises(ValidationError, match="'cifar10', 'imagenet' or 'svhn'"):
+        AugmentConfig.model_validate({"autoaugment": "cifar100"})
+    space = tmp_path / "space.yaml"
+    space.write_text("""
+base: {data: {name: digits}}
+space:
+  augment.randaugment.magnitude: {type: int, low: 5, high: 15}
+  augment.random_erasing.p: {type: uniform, low: 0.1, high: 0.5}
+""")
+    config = resolve_trial(load_experiment(space), {"augment.randaugment.magnitude": 12, "augment.random_erasing.p": 0.3})
+    assert config.augment.randaugment.magnitude == 12 and config.augment.randaugment.num_ops == 2
+    assert config.augment.random_erasing.p == 0.3
+    assert type(config).from_json(config.to_json()) == config

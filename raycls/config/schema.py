@@ -224,6 +224,45 @@ class TrainConfig(Frozen):
         return self
 
 
+class AffineConfig(Frozen):
+    """MNIST-style affine jitter, drawn per image: rotation in [-degrees, degrees], a shift of up to
+    `translate` of the side in each direction, a zoom in [scale_min, scale_max]; uncovered pixels are black."""
+
+    degrees: Annotated[float, Field(ge=0.0, le=180.0)] = 0.0
+    translate: Fraction = 0.0
+    scale_min: Annotated[float, Field(gt=0.0)] = 1.0
+    scale_max: Annotated[float, Field(gt=0.0)] = 1.0
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> AffineConfig:
+        if self.scale_min > self.scale_max:
+            raise ValueError(f"scale_min {self.scale_min} > scale_max {self.scale_max}")
+        return self
+
+
+class RandAugmentConfig(Frozen):
+    """RandAugment (Cubuk et al. 2020, torchvision's ops): `num_ops` ops per image, each drawn per image,
+    at `magnitude` of 31 bins (0: none, 30: the strongest), with a random sign per image."""
+
+    num_ops: Annotated[int, Field(ge=1, le=6)] = 2
+    magnitude: Annotated[int, Field(ge=0, le=30)] = 9
+
+
+class ErasingConfig(Frozen):
+    """Random erasing (Zhong et al. 2020, timm's recipes): with probability `p` each image loses one
+    rectangle of `area_min`..`area_max` of its area (aspect 0.3..3.3), filled with the mean colour."""
+
+    p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.25
+    area_min: Annotated[float, Field(gt=0.0, le=1.0)] = 0.02
+    area_max: Annotated[float, Field(gt=0.0, le=1.0)] = 1 / 3
+
+    @model_validator(mode="after")
+    def _area_range(self) -> ErasingConfig:
+        if self.area_min > self.area_max:
+            raise ValueError(f"area_min {self.area_min} > area_max {self.area_max}")
+        return self
+
+
 class AugmentConfig(Frozen):
     """Train-time augmentations, run on the device on whole batches. Each field names a registered op."""
 
@@ -233,13 +272,19 @@ class AugmentConfig(Frozen):
     hflip: bool = False
     # Random crop back to the input size after reflect-padding by this many pixels; 0 disables.
     random_crop: Annotated[int, Field(ge=0)] = 0
+    affine: AffineConfig | None = None
     # Colour jitter of this strength (brightness, contrast and saturation each by up to +-strength, SimCLR
     # style, applied with probability 0.8); 0 disables.
     color_jitter: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     # Probability of turning an image grey (SimCLR uses 0.2).
     grayscale: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    # Policies (torchvision's op tables, each op drawn per image): raycls.data.policies.
+    randaugment: RandAugmentConfig | None = None
+    trivialaugment: bool = False  # TrivialAugmentWide: one op per image at a magnitude drawn per image
+    autoaugment: Literal["cifar10", "imagenet", "svhn"] | None = None  # AutoAugment's learned policies
     # Cutout: zero one square of this side per image; 0 disables.
     cutout: Annotated[int, Field(ge=0)] = 0
+    random_erasing: ErasingConfig | None = None
 
 
 class EvalConfig(Frozen):
