@@ -37,17 +37,58 @@ def adamw(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only: decaying biases and norm scales hurts accuracy and buys nothing."""
-    decay, no_decay = [], []
+@OPTIMIZERS.register("adam")
+def adam(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(groups, lr=config.lr, betas=config.betas)
+
+
+@OPTIMIZERS.register("lamb")
+def lamb(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """LAMB (You et al. 2020), timm's implementation: Adam with a per-layer trust ratio, for large batches."""
+    from timm.optim import Lamb
+
+    return Lamb(groups, lr=config.lr, betas=config.betas)
+
+
+@OPTIMIZERS.register("lars")
+def lars(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """LARS (You et al. 2017), timm's implementation: SGD with a per-layer trust ratio."""
+    from timm.optim import Lars
+
+    return Lars(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
+
+
+def param_groups(model: nn.Module, weight_decay: float, *, backbone: nn.Module | None = None,
+                 backbone_lr_mult: float = 1.0) -> list[dict]:  # fmt: skip
+    """Weight decay on weights only: decaying biases and norm scales hurts accuracy and buys nothing.
+    With `backbone` and a multiplier other than 1, its parameters (less its classifier, a head) get their
+    own groups at `lr * backbone_lr_mult` (LambdaLR scales each group's own initial lr)."""
+    slow = _backbone_body(backbone) if backbone is not None and backbone_lr_mult != 1.0 else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim > 1 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((param.ndim > 1, id(param) in slow), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, **({"lr_mult": backbone_lr_mult} if in_backbone else {})}
+            for (decay, in_backbone), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]  # fmt: skip
 
 
-def create_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    return OPTIMIZERS.create(config.optimizer, param_groups(model, config.weight_decay), config)
+def _backbone_body(backbone: nn.Module) -> set[int]:
+    """The backbone's parameters less its classifier (timm's get_classifier), which is a head."""
+    head = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
+    excluded = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    return {id(p) for p in backbone.parameters() if id(p) not in excluded}
+
+
+def create_optimizer(config: TrainConfig, model: nn.Module, *, backbone: nn.Module | None = None) -> torch.optim.Optimizer:
+    groups = param_groups(model, config.weight_decay, backbone=backbone, backbone_lr_mult=config.lr_mult.backbone)
+    optimizer = OPTIMIZERS.create(config.optimizer, groups, config)
+    for group in optimizer.param_groups:  # the multiplier becomes the group's own lr, which schedules scale
+        group["lr"] = config.lr * group.pop("lr_mult", 1.0)
+    if config.lookahead is not None:
+        from timm.optim import Lookahead
+
+        optimizer = Lookahead(optimizer, alpha=config.lookahead.alpha, k=config.lookahead.k)
+    return optimizer
 
 
 @LR_SCHEDULES.register("cosine")

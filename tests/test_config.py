@@ -66,7 +66,7 @@ BAD = [
     ("base: {train: {lr: -1}}", "base.train.lr", "greater than 0"),
     ("base: {data: {name: imagenet22k}}", "base.data.name", "unknown dataset 'imagenet22k'; known: cifar10"),
     ("base: {model: {name: resnet1800}}", "base.model.name", "unknown model 'resnet1800'"),
-    ("base: {train: {optimizer: adagrad}}", "base.train.optimizer", "known: adamw, sgd"),
+    ("base: {train: {optimizer: adagrad}}", "base.train.optimizer", "known: adam, adamw, lamb, lars, sgd"),
     ("base: {phase: {name: arcfaze}}", "base.phase", "unknown phase 'arcfaze'"),
     ("experiment: {mode: maximize}", "experiment.mode", "'max' or 'min'"),
     ("experimnt: {}", "experimnt", "unknown section"),

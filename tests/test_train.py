@@ -185,3 +185,28 @@ def test_cuda_bf16_channels_last_run(tmp_path: Path) -> None:
     assert summary.best["val_acc"] > 0.8
     policy = StepPolicy.resolve(digits().train, torch.device("cuda"))
     assert policy.bf16 and policy.channels_last
+
+
+def test_plateau_counts_epochs_without_an_improvement_larger_than_min_delta() -> None:
+    from raycls.train.state import Plateau
+
+    plateau = Plateau("val_acc", patience=2, min_delta=0.01)
+    assert [plateau.update({"val_acc": v}) for v in (0.5, 0.8, 0.805, 0.809, 0.9, 0.9, 0.95)] == [
+        False, False, False, True, False, False, False]  # fmt: skip
+    lower = Plateau("val_loss", patience=1, min_delta=0.0)
+    assert [lower.update({"val_loss": v}) for v in (1.0, 0.9, 0.9)] == [False, False, True]  # a tie is no gain
+
+
+def test_early_stopping_ends_a_run_whose_metric_has_flattened(tmp_path: Path) -> None:
+    """train.early_stopping: the stage ends once `patience` epochs in a row gain no more than `min_delta`;
+    the last epoch says why, and the best checkpoint is the best epoch's (not the last's)."""
+    config = digits(epochs=30, early_stopping={"patience": 2, "min_delta": 0.02})
+    summary = run_local(config, tmp_path, device=torch.device("cpu"))
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    accs = [h["val_acc"] for h in history]
+    assert 3 <= len(history) < 30 and history[-1]["stopped_by"] == "patience"
+    assert all("stopped_by" not in h for h in history[:-1])
+    assert max(accs[-2:]) <= max(accs[:-2]) + 0.02  # the last two epochs gained no more than min_delta
+    assert summary.best["val_acc"] == max(accs) >= 0.9
+    assert json.loads((tmp_path / "checkpoints" / "best" / "metrics.json").read_text())["epoch"] == summary.best_epoch
+    assert TrialConfig.from_json(config.to_json()) == config

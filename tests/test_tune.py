@@ -28,7 +28,7 @@ from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 from raycls.tune.searcher import create_searcher
 
-from .conftest import assert_resumed_whole, kill_driver_after_rows, rows_written, write_yaml
+from .conftest import REPO, assert_resumed_whole, kill_driver_after_rows, rows_written, write_yaml
 from .wandb_reader import read_run
 
 BASE = """
@@ -377,6 +377,34 @@ space:
     page = write_report(storage, "failing", png=False).html.read_text()
     assert "2 trials (0 completed, 0 early_stopped, 2 failed)" in page and "Every trial failed" in page
     assert "No trial ended with a score" in page and "no-such-folder" in page  # the errors, in the leaderboard
+
+
+def test_recipes_search_samples_the_toolkit_and_stops_on_plateaus(local_ray, tmp_path: Path) -> None:
+    """search_spaces/recipes-digits.yaml (optimizers, SAM, Lookahead, gradient centralisation, lr multiplier,
+    RandAugment, erasing, affine) end to end. Early stopping that no epoch can satisfy (min_delta 0.5) ends
+    every trial at its second epoch: `completed` with `stopped_by: patience`, and Optuna is told COMPLETE
+    with the trial's best value, the row's score."""
+    from raycls.tune.searcher import journal_path, open_study_storage
+
+    overrides = {"experiment.trials": 4, "scheduler.name": "fifo", "train.epochs": 4, "model.width": 8,
+                 "train.early_stopping.patience": 1, "train.early_stopping.min_delta": 0.5}  # fmt: skip
+    experiment = load_experiment(REPO / "search_spaces" / "recipes-digits.yaml", overrides)
+    storage = str(tmp_path / "results")
+    run_tune(experiment, TuneOptions(storage=storage, live=False, wandb_mode="disabled"))
+    rows = read_leaderboard(storage, "recipes-digits").table.to_pylist()
+    assert len(rows) == 4 and all(r["status"] == "completed" and r["stopped_by"] == "patience" for r in rows), \
+        [(r["status"], r["stopped_by"], r["epochs"], r["error"]) for r in rows]
+    assert all(r["epochs"] == 2 and r["max_epochs"] == 4 and r["score"] > 0.15 for r in rows)  # chance: 0.1
+    for row in rows:
+        config = TrialConfig.from_json(row["config_json"])
+        assert config.augment.randaugment.magnitude == row["augment.randaugment.magnitude"]
+        assert config.train.lookahead.k == row["train.lookahead.k"] and config.train.optimizer == row["train.optimizer"]
+        assert (config.train.sam is not None) == (row["train.optimizer"] == "sgd")
+    study = optuna.load_study(study_name="recipes-digits", storage=open_study_storage(journal_path(Path(storage) / "recipes-digits")))
+    told = {t.user_attrs["trial_id"]: t for t in study.trials}
+    for row in rows:
+        trial = told[row["trial_id"]]
+        assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(row["score"])
 
 
 def test_history_dataset_has_every_epoch(e2e) -> None:

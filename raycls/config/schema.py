@@ -191,6 +191,36 @@ PHASE_CONFIGS: dict[str, type[PhaseConfig]] = {
 FAST_DEV_BATCH_SIZE = 32
 
 
+class EarlyStoppingConfig(Frozen):
+    """Stop a stage once its phase's metric has not improved by more than `min_delta` for `patience` epochs.
+    The trial ends `completed` (it was not cut by the scheduler) with `stopped_by: patience`."""
+
+    patience: PositiveInt = 5
+    min_delta: Annotated[float, Field(ge=0.0)] = 0.0
+
+
+class SamConfig(Frozen):
+    """Sharpness-aware minimisation (Foret et al. 2021) around any optimizer: each step first climbs to the
+    worst point within `rho`, then descends with the gradient taken there (two forward/backward passes).
+    `adaptive`: ASAM (Kwon et al. 2021), the radius scaled per weight by its magnitude."""
+
+    rho: Annotated[float, Field(gt=0.0)] = 0.05
+    adaptive: bool = False
+
+
+class LookaheadConfig(Frozen):
+    """Lookahead (Zhang et al. 2019, timm's): slow weights move `alpha` of the way to the fast ones every `k` steps."""
+
+    k: Annotated[int, Field(ge=1)] = 5
+    alpha: Annotated[float, Field(gt=0.0, le=1.0)] = 0.5
+
+
+class LrMultConfig(Frozen):
+    """Per-parameter-group learning rates: the backbone's lr is `lr * backbone` (heads keep `lr`)."""
+
+    backbone: Annotated[float, Field(ge=0.0)] = 1.0
+
+
 class TrainConfig(Frozen):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128
@@ -208,10 +238,17 @@ class TrainConfig(Frozen):
     min_lr_ratio: Fraction = 0.0
     # Clip the global gradient norm to this value; None disables clipping.
     grad_clip: Annotated[float, Field(gt=0.0)] | None = None
-    # bf16 autocast: "auto" turns it on for CUDA only (CPU bf16 matmuls are slower than fp32 on most CPUs).
-    amp: Literal["auto", "bf16", "off"] = "auto"
+    # bf16 autocast: "auto" turns it on for CUDA only (CPU bf16 matmuls are slower than fp32 on most CPUs);
+    # fp16: autocast with a gradient scaler (GPUs without bf16).
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     # channels_last memory format: "auto" turns it on for CUDA only.
     channels_last: Literal["auto", "on", "off"] = "auto"
+    early_stopping: EarlyStoppingConfig | None = None  # None: every epoch runs (or the trial scheduler stops it)
+    sam: SamConfig | None = None  # SAM / ASAM around the optimizer
+    lookahead: LookaheadConfig | None = None
+    # Gradient centralisation (Yong et al. 2020): each weight's gradient minus its mean over all but dim 0.
+    grad_centralization: bool = False
+    lr_mult: LrMultConfig = Field(default_factory=LrMultConfig)
 
     _known_optimizer = registered("optimizer", "optimizer")
 
@@ -221,6 +258,14 @@ class TrainConfig(Frozen):
     def _warmup_fits(self) -> "TrainConfig":
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
+        return self
+
+    @model_validator(mode="after")
+    def _sam_without_fp16(self) -> "TrainConfig":
+        # SAM's climb needs the true gradient norm: with fp16's scaled (and maybe inf) gradients it would
+        # climb by the loss scale. bf16 needs no scaler.
+        if self.sam is not None and self.amp == "fp16":
+            raise ValueError("sam with amp: fp16 is not supported; use amp: bf16 (no gradient scaler) or off")
         return self
 
 

@@ -28,6 +28,10 @@ class SmallCNN(nn.Module):
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes)
 
+    def get_classifier(self) -> nn.Module:
+        """timm's name for the classifier head (per-group learning rates treat it as a head)."""
+        return self.head
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 

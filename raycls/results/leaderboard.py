@@ -49,6 +49,7 @@ FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("workers", pa.int64()),
     ("seed", pa.int64()),
     ("restarts", pa.int64()),
+    ("stopped_by", pa.string()),  # "scheduler" (ASHA: early_stopped) or "patience" (train.early_stopping)
     ("checkpoint", pa.string()),
     ("teacher", pa.string()),  # distillation: EXPERIMENT/TRIAL_ID of a referenced teacher, or its path, or "ema"
     ("config_json", pa.string()),
@@ -92,6 +93,12 @@ class TrialRecord:
     def best_row(self) -> dict[str, Any]:
         return summarize(self.history, self.metric, self.mode).at_best  # type: ignore[arg-type]
 
+    def stopped_by(self) -> str | None:
+        if self.status == "early_stopped":
+            return "scheduler"
+        last = self.history[-1] if self.history else {}
+        return names.PATIENCE if self.status == "completed" and last.get(names.STOPPED_BY) == names.PATIENCE else None
+
     def to_table(self) -> pa.Table:
         # The experiment metric's best epoch, plus every chain stage's own summary (`supcon.val_knn_acc`),
         # which the epochs after that stage carry: the last epoch has them all.
@@ -106,6 +113,7 @@ class TrialRecord:
             "started_at": self.started_at, "ended_at": self.ended_at, "wall_s": wall,
             "train_s": sum(_float(h.get("epoch_s")) or 0.0 for h in self.history),
             "device": self.device, "workers": self.workers, "seed": self.seed, "restarts": self.restarts,
+            "stopped_by": self.stopped_by(),
             "checkpoint": self.checkpoint, "teacher": self.teacher, "config_json": self.config_json,
             "git_commit": self.git.commit, "git_dirty": self.git.dirty, "git_diff_sha": self.git.diff_sha, "raycls_version": raycls.__version__, "error": self.error,
         }  # fmt: skip

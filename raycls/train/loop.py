@@ -31,7 +31,7 @@ from raycls.optim import create_lr_schedule, create_optimizer
 from raycls.phases import Phase, create_phase
 from raycls.phases.base import Previous
 from raycls.train.distributed import all_gather_cat, all_reduce_sum, broadcast_from_rank0
-from raycls.train.state import Best, Position, Weights, load_checkpoint, read_best, save_checkpoint
+from raycls.train.state import Best, Plateau, Position, Weights, load_checkpoint, read_best, save_checkpoint
 from raycls.train.steps import StepPolicy, autocast, check_finite, seed_everything, train_step
 
 Metrics = dict[str, float]
@@ -145,12 +145,14 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
     """Train one stage for its epochs; returns its best epoch (with its weights when `run.keep_best`)."""
     parts = build(config, stage, data, ctx, index=run.index, init=run.init, previous=run.previous)
     model, phase, policy = parts.model, parts.phase, parts.policy
-    optimizer = create_optimizer(stage.train, model)
+    optimizer = create_optimizer(stage.train, model, backbone=phase.backbone(model))
     lr_schedule = create_lr_schedule(stage.train, optimizer, len(parts.train_loader))
     best = Best(phase.metric)
     if run.resume_from is not None:
         load_checkpoint(run.resume_from, model, optimizer, lr_schedule)
         best = read_best(run.resume_from, phase.metric)
+    stopping = stage.train.early_stopping
+    plateau = Plateau(phase.metric, stopping.patience, stopping.min_delta, best=best.value) if stopping else None
     phase.start(model, total_steps=stage.train.epochs * len(parts.train_loader))
     # DDP after restoring, so every rank starts from the same weights (DDP also broadcasts rank 0's).
     trained = nn.parallel.DistributedDataParallel(model) if ctx.world_size > 1 else model
@@ -172,15 +174,20 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
         if names.VAL_LOSS in metrics:  # phases without a validation loss (supcon) have train_loss checked
             check_finite(metrics[names.VAL_LOSS], what=names.VAL_LOSS, epoch=run.offset + epoch + 1)
         best.offer(metrics, model, keep_weights=run.keep_best)
+        last = epoch + 1 == stage.train.epochs
+        if plateau is not None and plateau.update(metrics) and not last:
+            metrics[names.STOPPED_BY], last = names.PATIENCE, True  # this epoch ends the stage
         if run.annotate is not None:
-            metrics = run.annotate(metrics, best, epoch + 1 == stage.train.epochs)
-        if run.on_last_epoch is not None and epoch + 1 == stage.train.epochs:
+            metrics = run.annotate(metrics, best, last)
+        if run.on_last_epoch is not None and last:
             run.on_last_epoch(best, model)
         # Only rank 0 writes a checkpoint: all ranks hold the same weights under DDP.
         position = Position(stage=run.index, epoch=epoch, finished=run.finished)
         checkpoint = save_checkpoint(run.scratch, model, optimizer, lr_schedule, metrics, position=position,
                                      best=best if run.keep_best else None) if ctx.rank == 0 else None  # fmt: skip
         report(metrics, checkpoint)
+        if last:
+            break
     return best
 
 

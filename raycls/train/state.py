@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from raycls.errors import CheckpointError
-from raycls.evaluate.names import as_good, mode_of
+from raycls.evaluate.names import as_good, better, mode_of
 from raycls.models.checkpoint import WEIGHTS_FILE, atomic_save, save_weights, unwrap
 
 STATE_FILE = "trainer.pt"
@@ -54,6 +54,30 @@ class Best:
             self.value, self.metrics = value, dict(metrics)
             if keep_weights:
                 self.weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+
+
+@dataclass
+class Plateau:
+    """Epochs since the phase's metric last improved by more than `min_delta` (train.early_stopping).
+    A resumed stage starts counting again from its best value so far."""
+
+    metric: str
+    patience: int
+    min_delta: float
+    best: float | None = None
+    waited: int = 0
+
+    def update(self, metrics: dict[str, float]) -> bool:
+        """Take an epoch's metrics; True once `patience` epochs in a row have not improved."""
+        value = metrics.get(self.metric)
+        if value is None:
+            return False
+        margin = self.min_delta if mode_of(self.metric) == "max" else -self.min_delta
+        if self.best is None or better(value, self.best + margin, mode_of(self.metric)):
+            self.best, self.waited = value, 0
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
 
 
 def save_checkpoint(

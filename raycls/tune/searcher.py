@@ -40,9 +40,11 @@ class SpaceFunction:
 
 
 def stopped_early(result: dict[str, Any] | None) -> bool:
+    """Whether the trial scheduler cut the trial: it ended before its last epoch, and not by its own early
+    stopping (train.early_stopping ends a trial early, and completed)."""
     if not result or names.EPOCH not in result or names.MAX_EPOCHS not in result:
         return False
-    return result[names.EPOCH] < result[names.MAX_EPOCHS]
+    return result[names.EPOCH] < result[names.MAX_EPOCHS] and result.get(names.STOPPED_BY) != names.PATIENCE
 
 
 def journal_path(experiment_dir: Path) -> Path:
@@ -125,7 +127,16 @@ class RayclsOptunaSearch(OptunaSearch):
                 warnings.warn(f"optuna could not record trial {trial_id} as {state.name}: {err}")
             self._completed_trials.add(trial_id)
             return None
+        if result and result.get(names.STOPPED_BY) == names.PATIENCE:
+            # Stopped on a plateau: its last epoch is `patience` epochs past its best, which is its score.
+            result = {**result, self._metric: self._best_reported(trial_id, result[self._metric])}
         return super().on_trial_complete(trial_id, result, error)
+
+    def _best_reported(self, trial_id: str, last: float) -> float:
+        """The best of the trial's intermediate values (one per epoch reported), its last value included."""
+        ot_trial = self._ot_trials[trial_id]
+        reported = list(self._storage.get_trial(ot_trial._trial_id).intermediate_values.values()) + [last]
+        return max(reported) if self._mode == "max" else min(reported)
 
 
 def create_searcher(experiment: Experiment, experiment_dir: Path, warm_start_dir: Path | None) -> RayclsOptunaSearch:
