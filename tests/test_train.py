@@ -210,3 +210,42 @@ def test_early_stopping_ends_a_run_whose_metric_has_flattened(tmp_path: Path) ->
     assert summary.best["val_acc"] == max(accs) >= 0.9
     assert json.loads((tmp_path / "checkpoints" / "best" / "metrics.json").read_text())["epoch"] == summary.best_epoch
     assert TrialConfig.from_json(config.to_json()) == config
+
+
+def _fresh_model(config: TrialConfig) -> dict[str, torch.Tensor]:
+    """The weights a run of `config` starts from (the loop seeds, then builds the model)."""
+    from raycls.models import create_model
+    from raycls.train.loop import load_data
+    from raycls.train.steps import seed_everything
+
+    spec = load_data(config).spec
+    seed_everything(config.seed)
+    return {k: v.clone() for k, v in create_model(config.model, spec).state_dict().items()}
+
+
+def test_a_frozen_backbone_is_bit_identical_after_a_head_only_run_and_changes_after_a_full_one(tmp_path: Path) -> None:
+    """train.freeze: backbone trains only the classifier (BatchNorm statistics frozen too); the leaderboard's
+    trainable_params says how many parameters trained."""
+    head_only = digits(epochs=2, freeze="backbone")
+    start = _fresh_model(head_only)
+    summary = run_local(head_only, tmp_path / "head", device=torch.device("cpu"))
+    after = torch.load(tmp_path / "head" / "checkpoints" / "best" / "model.pt", weights_only=True)
+    changed = {k for k in start if not torch.equal(start[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}, changed
+    assert summary.best["trainable_params"] == start["head.weight"].numel() + start["head.bias"].numel()
+    run_local(digits(epochs=1), tmp_path / "full", device=torch.device("cpu"))
+    full = torch.load(tmp_path / "full" / "checkpoints" / "best" / "model.pt", weights_only=True)
+    assert not torch.equal(full["features.0.0.weight"], start["features.0.0.weight"])
+
+
+def test_freezing_named_modules_and_a_bad_name(tmp_path: Path) -> None:
+    from raycls.errors import ConfigError
+
+    config = digits(epochs=1, freeze=["features.0"])
+    start = _fresh_model(config)
+    run_local(config, tmp_path / "named", device=torch.device("cpu"))
+    after = torch.load(tmp_path / "named" / "checkpoints" / "best" / "model.pt", weights_only=True)
+    assert all(torch.equal(start[k], after[k]) for k in start if k.startswith("features.0."))
+    assert not torch.equal(start["features.1.0.weight"], after["features.1.0.weight"])
+    with pytest.raises(ConfigError, match="train.freeze: no module 'trunk' in the model; known: .*features"):
+        run_local(digits(epochs=1, freeze=["trunk"]), tmp_path / "bad", device=torch.device("cpu"))

@@ -249,6 +249,9 @@ class TrainConfig(Frozen):
     # Gradient centralisation (Yong et al. 2020): each weight's gradient minus its mean over all but dim 0.
     grad_centralization: bool = False
     lr_mult: LrMultConfig = Field(default_factory=LrMultConfig)
+    # Train only part of the model: "backbone" freezes the backbone but its classifier (heads train), a list
+    # names modules of the phase's model; frozen BatchNorm statistics stay as they are.
+    freeze: Literal["none", "backbone"] | list[str] = "none"
 
     _known_optimizer = registered("optimizer", "optimizer")
 

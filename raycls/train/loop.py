@@ -13,7 +13,7 @@ TorchTrainer) the model is wrapped here and validation statistics are summed ove
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,6 +30,7 @@ from raycls.models.checkpoint import backbone_weights, load_backbone
 from raycls.optim import create_lr_schedule, create_optimizer
 from raycls.phases import Phase, create_phase
 from raycls.phases.base import Previous
+from raycls.train.freeze import freeze_modules, frozen_modules, keep_frozen_norms_in_eval, trainable_parameters
 from raycls.train.distributed import all_gather_cat, all_reduce_sum, broadcast_from_rank0
 from raycls.train.state import Best, Plateau, Position, Weights, load_checkpoint, read_best, save_checkpoint
 from raycls.train.steps import StepPolicy, autocast, check_finite, seed_everything, train_step
@@ -78,6 +79,7 @@ class Parts:
     train_loader: BatchLoader
     val_loader: BatchLoader
     policy: StepPolicy
+    frozen: list[nn.Module] = field(default_factory=list)  # train.freeze: kept out of training
 
 
 def load_data(config: TrialConfig) -> Data:
@@ -101,6 +103,8 @@ def build(
     if init is not None:
         load_backbone(backbone, backbone_weights(init), what="the previous stage's best weights" if index else "init")
     model = phase.build(backbone).to(ctx.device)
+    frozen = frozen_modules(model, phase.backbone(model), stage.train.freeze)
+    freeze_modules(frozen)
     if policy.channels_last:
         model = model.to(memory_format=torch.channels_last)
     common = dict(
@@ -116,7 +120,7 @@ def build(
             f"train.batch_size={stage.train.batch_size} exceeds the {len(splits.train)} training images "
             f"of a worker ({ctx.world_size} workers)"
         )
-    return Parts(phase, model, train_loader, val_loader, policy)
+    return Parts(phase, model, train_loader, val_loader, policy, frozen)
 
 
 @dataclass
@@ -159,13 +163,15 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
 
     for epoch in range(run.start, stage.train.epochs):
         started = time.perf_counter()
-        train_loss, images, seconds = train_epoch(trained, phase, parts.train_loader, optimizer, lr_schedule, policy, ctx, epoch)
+        train_loss, images, seconds = train_epoch(trained, phase, parts.train_loader, optimizer, lr_schedule, policy, ctx,
+                                                  epoch, frozen=parts.frozen)  # fmt: skip
         metrics = {
             names.EPOCH: run.offset + epoch + 1,  # epochs finished over the chain: the time axis ASHA's rungs count in
             names.TRAIN_LOSS: train_loss,
             names.LR: optimizer.param_groups[0]["lr"],
             names.TRAIN_IMAGES: images,
             names.IMAGES_PER_S: images / max(seconds, 1e-9),
+            names.TRAINABLE_PARAMS: trainable_parameters(model),
             **evaluate(model, phase, parts.val_loader, policy, sync=ctx.world_size > 1),
         }
         metrics[names.EPOCH_S] = time.perf_counter() - started
@@ -200,9 +206,12 @@ def train_epoch(
     policy: StepPolicy,
     ctx: RunContext,
     epoch: int,
+    *,
+    frozen: Sequence[nn.Module] = (),
 ) -> tuple[float, float, float]:
     """One pass over this worker's shard; returns (mean loss, images trained on, both over all workers; seconds)."""
     model.train()
+    keep_frozen_norms_in_eval(frozen)
     loader.set_epoch(epoch)
     started = time.perf_counter()
     total = torch.zeros((), device=policy.device)
