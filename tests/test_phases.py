@@ -131,3 +131,54 @@ def test_teacher_reference_resolves_to_the_best_trials_checkpoint(teacher: Path,
         resolve_references(load_experiment(space, {"phase.teacher.pick": "nope"}), storage)
     with pytest.raises(CheckpointError, match="no leaderboard for that experiment"):
         resolve_references(load_experiment(space, {"phase.teacher.from": "missing"}), storage)
+
+
+# ---------------------------------------------------------------------------------- MixUp / CutMix
+def _phase_and_model(phase: dict):
+    from raycls.config.schema import ModelConfig
+    from raycls.models import InputSpec, create_model
+    from raycls.phases import create_phase
+
+    config = TrialConfig.model_validate({"data": {"name": "digits"}, "phase": phase})
+    spec = InputSpec(num_classes=10, in_chans=1, image_size=8)
+    created = create_phase(config.phase, spec)
+    torch.manual_seed(0)
+    return created, created.build(create_model(ModelConfig(width=8), spec))
+
+
+def test_a_mixed_margin_loss_weighs_both_labels_by_the_mixing_ratio() -> None:
+    """ArcFace with MixUp: each mixed image's loss is lam * loss(its label) + (1 - lam) * loss(its partner's),
+    where timm mixes each image with the batch reversed."""
+    import numpy as np
+
+    phase, model = _phase_and_model({"name": "metric", "loss": "arcface", "mixup_alpha": 0.4})
+    x, y = torch.randn(16, 1, 8, 8), torch.arange(16) % 10
+    np.random.seed(3)  # timm draws lam with numpy
+    loss, _ = phase.loss(model, (x, y))
+    np.random.seed(3)
+    mixed = phase.mixer(x, y)
+    assert 0 < mixed.lam < 1 and torch.equal(mixed.partners, y.flip(0))
+    expected = mixed.lam * model(mixed.images, y).loss + (1 - mixed.lam) * model(mixed.images, y.flip(0)).loss
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("phase", [
+    {"name": "metric", "loss": "cosface", "cutmix_alpha": 1.0},
+    {"name": "distill", "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "label_smoothing": 0.1},
+    {"name": "supervised", "mixup_alpha": 0.4, "label_smoothing": 0.1},
+], ids=["metric-cutmix", "distill-mixup-cutmix", "supervised-mixup"])  # fmt: skip
+def test_every_labelled_phase_trains_on_mixed_batches(phase: dict) -> None:
+    created, model = _phase_and_model(phase)
+    assert created.mixer is not None
+    x, y = torch.randn(32, 1, 8, 8), torch.arange(32) % 10
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(30):
+        torch.manual_seed(step)
+        loss, _ = created.loss(model, (x, y))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        created.after_step(model)
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-5:]) < sum(losses[:5])

@@ -80,7 +80,7 @@ class PhaseConfig(Frozen):
 class SupervisedConfig(PhaseConfig):
     name: Literal["supervised"] = "supervised"
     label_smoothing: Fraction = 0.0
-    # MixUp / CutMix (timm's implementation); 0 disables each.
+    # MixUp / CutMix (timm's implementation); 0 disables each. The metric and distill phases take them too.
     mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
     cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
 
@@ -91,6 +91,9 @@ class MetricConfig(PhaseConfig):
     name: Literal["metric"] = "metric"
     # A margin loss of raycls.losses: arcface, cosface, adaface, curricularface, subcenter_arcface.
     loss: str = "arcface"
+    # MixUp / CutMix (timm's mixing): the margin loss of both labels, weighted by the mixing ratio.
+    mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
     # None: the loss's own default (its paper's).
     margin: Annotated[float, Field(ge=0.0)] | None = None
     # Logit scale s. 30 rather than the face-recognition papers' 64: 10-100 classes need less.
@@ -169,6 +172,10 @@ class DistillConfig(PhaseConfig):
     # EMA teacher only: decay per optimizer step.
     ema_decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.999
     label_smoothing: Fraction = 0.0
+    # MixUp / CutMix (timm's): the student and the teacher see the same mixed images; the label term
+    # learns the mixed (smoothed) targets.
+    mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
     # DeiT (Touvron et al. 2021): a distilled ViT student (timm's *_distilled_* models) learns the labels
     # through its class token and the teacher through its distillation token; at inference both heads average.
     distill_token: bool = False

@@ -22,6 +22,7 @@ from raycls.evaluate import names
 from raycls.losses import KD_LOSSES, kd_alpha
 from raycls.models import create_model, load_weights
 from raycls.phases.base import PHASES, Batch, Phase, create_phase
+from raycls.phases.mixing import BatchMixer, soft_cross_entropy
 
 
 class DistillModel(nn.Module):
@@ -73,6 +74,7 @@ class Distill(Phase[DistillConfig]):
             raise ConfigError(_no_token_message(backbone))
         self.kd = KD_LOSSES.create(self.config.kd, **({"temperature": self.config.temperature} if self.config.kd == "soft_kd" else {}))
         self.steps, self.total_steps = 0, 1
+        self.mixer = BatchMixer.maybe(self.config, self.spec.num_classes, self.config.label_smoothing)
         # The teacher has the student's architecture unless teacher_model says otherwise; an EMA teacher
         # starts as a copy of the student.
         trunk = create_model(self.config.teacher_model, self.spec) if self.config.teacher_model else copy.deepcopy(backbone)
@@ -122,11 +124,17 @@ class Distill(Phase[DistillConfig]):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
+        mixed = self.mixer(x, y) if self.mixer is not None else None
+        if mixed is not None:
+            x = mixed.images  # the teacher sees the same mixed images as the student
         label_logits, kd_logits = self.student_logits(model, x)
         teacher = _unwrap(model).teacher_logits(x).float()
         progress = min(self.steps / self.total_steps, 1.0)
         alpha = kd_alpha(self.config.alpha_schedule, progress, alpha=self.config.alpha, alpha_start=self.config.alpha_start)
-        ce = F.cross_entropy(label_logits, y, label_smoothing=self.config.label_smoothing)
+        if mixed is not None:
+            ce = soft_cross_entropy(label_logits, mixed.soft)  # timm's targets: smoothing already applied
+        else:
+            ce = F.cross_entropy(label_logits, y, label_smoothing=self.config.label_smoothing)
         return alpha * self.kd(kd_logits, teacher) + (1.0 - alpha) * ce, {}
 
     def student_logits(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,6 +17,7 @@ from raycls.losses import LOSSES, MarginLoss
 from raycls.models import BackboneModel
 from raycls.evaluate.evaluators import Outputs
 from raycls.phases.base import PHASES, Batch, Phase
+from raycls.phases.mixing import BatchMixer
 
 
 class MarginModel(BackboneModel):
@@ -27,15 +28,21 @@ class MarginModel(BackboneModel):
         super().__init__(backbone)
         self.margin = margin
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, partners: torch.Tensor | None = None,
+                lam: float = 1.0) -> Any:  # fmt: skip
         """Cosine logits without labels; the margin loss's output (loss, cosine) with them. The loss runs
-        inside forward so that DDP synchronises the class centres' gradients."""
+        inside forward so that DDP synchronises the class centres' gradients. `partners`, `lam`: a mixed
+        batch (MixUp / CutMix), whose loss is lam * loss(labels) + (1 - lam) * loss(partners)."""
         embeddings = self.embed(x)
         if labels is None:
             return self.margin.cosine(embeddings)
         if self.training:
             self.margin.step.add_(1)  # drives the margin warm-up; a buffer, so it survives a resume
-        return self.margin(embeddings, labels)
+        out = self.margin(embeddings, labels)
+        if partners is not None:
+            other = self.margin(embeddings, partners)
+            out = out._replace(loss=lam * out.loss + (1.0 - lam) * other.loss)
+        return out
 
 
 class CosineClassifier(nn.Module):
@@ -53,6 +60,10 @@ class CosineClassifier(nn.Module):
 class Metric(Phase[MetricConfig]):
     metric = names.VAL_ACC
 
+    def __init__(self, config: MetricConfig, spec, **options):
+        super().__init__(config, spec, **options)
+        self.mixer = BatchMixer.maybe(config, spec.num_classes)
+
     def build(self, backbone: nn.Module) -> nn.Module:
         config = self.config
         options = {"scale": config.scale, "margin_warmup_steps": config.margin_warmup_steps}
@@ -66,6 +77,9 @@ class Metric(Phase[MetricConfig]):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
+        if self.mixer is not None:
+            mixed = self.mixer(x, y)
+            return model(mixed.images, mixed.labels, mixed.partners, mixed.lam).loss, {}
         return model(x, y).loss, {}
 
     def outputs(self, model: nn.Module, x: torch.Tensor) -> Outputs:

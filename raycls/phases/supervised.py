@@ -10,6 +10,7 @@ from raycls.config.schema import SupervisedConfig
 from raycls.evaluate import names
 from raycls.models.registry import InputSpec
 from raycls.phases.base import PHASES, Batch, Phase
+from raycls.phases.mixing import BatchMixer, soft_cross_entropy
 
 
 @PHASES.register("supervised")
@@ -18,24 +19,14 @@ class Supervised(Phase[SupervisedConfig]):
 
     def __init__(self, config: SupervisedConfig, spec: InputSpec, **options):
         super().__init__(config, spec, **options)
-        self.mixup = None
-        if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
-            from timm.data import Mixup
-
-            # timm mixes the targets and applies label smoothing to them in one step.
-            self.mixup = Mixup(
-                mixup_alpha=config.mixup_alpha,
-                cutmix_alpha=config.cutmix_alpha,
-                label_smoothing=config.label_smoothing,
-                num_classes=spec.num_classes,
-            )
+        # timm mixes the targets and applies label smoothing to them in one step.
+        self.mixer = BatchMixer.maybe(config, spec.num_classes, config.label_smoothing)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
-        if self.mixup is not None:
-            x, soft = self.mixup(x, y)
-            logits = model(x)
-            return torch.sum(-soft * F.log_softmax(logits.float(), dim=-1), dim=-1).mean(), {}
+        if self.mixer is not None:
+            mixed = self.mixer(x, y)
+            return soft_cross_entropy(model(mixed.images), mixed.soft), {}
         logits = model(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing), {}
 
