@@ -49,7 +49,9 @@ def test_same_seed_same_losses_on_cpu() -> None:
     assert [(h["train_loss"], h["val_loss"]) for h in other] != runs[0]
 
 
-def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("train", [{}, {"ema": {"decay": 0.9, "select": True}}], ids=["plain", "ema-selected"])
+def test_resume_continues_from_checkpoint(tmp_path: Path, train: dict) -> None:
+    """A resumed run reports what the whole run reported (with EMA: both weight sets come back)."""
     kept: list[Path] = []
 
     def keep(metrics: dict, checkpoint: Path | None) -> None:
@@ -60,11 +62,13 @@ def test_resume_continues_from_checkpoint(tmp_path: Path) -> None:
             shutil.copytree(checkpoint, kept[0])
 
     full: list[dict] = []
-    fit(digits(epochs=3), lambda m, c: (keep(m, c), full.append(m)), RunContext())
+    fit(digits(epochs=3, **train), lambda m, c: (keep(m, c), full.append(m)), RunContext())
     resumed: list[dict] = []
-    fit(digits(epochs=3), lambda m, c: resumed.append(m), RunContext(resume_from=kept[0]))
+    fit(digits(epochs=3, **train), lambda m, c: resumed.append(m), RunContext(resume_from=kept[0]))
     assert [m["epoch"] for m in resumed] == [2, 3]
     assert resumed[-1]["val_loss"] == pytest.approx(full[-1]["val_loss"], rel=1e-4)
+    if train:
+        assert resumed[-1]["val_loss_raw"] == pytest.approx(full[-1]["val_loss_raw"], rel=1e-4)
 
 
 def test_diverging_run_raises_non_finite() -> None:
@@ -249,3 +253,25 @@ def test_freezing_named_modules_and_a_bad_name(tmp_path: Path) -> None:
     assert not torch.equal(start["features.1.0.weight"], after["features.1.0.weight"])
     with pytest.raises(ConfigError, match="train.freeze: no module 'trunk' in the model; known: .*features"):
         run_local(digits(epochs=1, freeze=["trunk"]), tmp_path / "bad", device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("select", [False, True], ids=["beside", "selected"])
+def test_ema_weights_are_evaluated_beside_the_raw_ones_and_checkpointed_when_selected(tmp_path: Path, select: bool) -> None:
+    """train.ema: timm's ModelEmaV3 after every step. The checkpoint's model.pt holds the weights the epoch is
+    judged by (the average when selected) and its val_acc is theirs; the other set, in the trainer state,
+    scores the suffixed val_acc (`_ema` beside, `_raw` when selected)."""
+    from raycls.train.loop import RunContext, build, evaluate, load_data
+
+    config = digits(epochs=3, ema={"decay": 0.95, "select": select})
+    run_local(config, tmp_path, device=torch.device("cpu"))
+    last = tmp_path / "checkpoints" / "last"
+    metrics = json.loads((last / "metrics.json").read_text())
+    other_name = "val_acc_raw" if select else "val_acc_ema"
+    assert {"val_acc", other_name, "val_loss"} <= set(metrics) and ("val_acc_ema" in metrics) != select
+    judged = torch.load(last / "model.pt", weights_only=True)
+    other = torch.load(last / "trainer.pt", weights_only=True)["ema"]["weights"]
+    assert any(not torch.equal(judged[k], other[k]) for k in judged if judged[k].is_floating_point())
+    parts = build(config, config.stages[0], load_data(config), RunContext())
+    for weights, name in ((judged, "val_acc"), (other, other_name)):
+        parts.model.load_state_dict(weights)
+        assert evaluate(parts.model, parts.phase, parts.val_loader, parts.policy)["val_acc"] == pytest.approx(metrics[name])

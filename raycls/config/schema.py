@@ -228,6 +228,16 @@ class LrMultConfig(Frozen):
     backbone: Annotated[float, Field(ge=0.0)] = 1.0
 
 
+class EmaConfig(Frozen):
+    """An exponential moving average of the weights (timm's ModelEmaV3), updated after every step and
+    evaluated beside the raw weights every epoch (`val_*_ema`). `select: true`: the average is what each
+    epoch is judged by (its `val_*` metrics, the best epoch, the checkpoint); the raw weights report `val_*_raw`."""
+
+    decay: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.9998
+    warmup: bool = False  # timm's decay warm-up (the decay grows with the step count)
+    select: bool = False
+
+
 class TrainConfig(Frozen):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128
@@ -256,6 +266,7 @@ class TrainConfig(Frozen):
     # Gradient centralisation (Yong et al. 2020): each weight's gradient minus its mean over all but dim 0.
     grad_centralization: bool = False
     lr_mult: LrMultConfig = Field(default_factory=LrMultConfig)
+    ema: EmaConfig | None = None  # an average of the weights, evaluated beside them (and selectable)
     # Train only part of the model: "backbone" freezes the backbone but its classifier (heads train), a list
     # names modules of the phase's model; frozen BatchNorm statistics stay as they are.
     freeze: Literal["none", "backbone"] | list[str] = "none"

@@ -30,6 +30,7 @@ from raycls.models.checkpoint import backbone_weights, load_backbone
 from raycls.optim import create_lr_schedule, create_optimizer
 from raycls.phases import Phase, create_phase
 from raycls.phases.base import Previous
+from raycls.train.ema import WeightAverage
 from raycls.train.freeze import freeze_modules, frozen_modules, keep_frozen_norms_in_eval, trainable_parameters
 from raycls.train.distributed import all_gather_cat, all_reduce_sum, broadcast_from_rank0
 from raycls.train.state import Best, Plateau, Position, Weights, load_checkpoint, read_best, save_checkpoint
@@ -152,8 +153,9 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
     optimizer = create_optimizer(stage.train, model, backbone=phase.backbone(model))
     lr_schedule = create_lr_schedule(stage.train, optimizer, len(parts.train_loader))
     best = Best(phase.metric)
+    ema = WeightAverage(model, stage.train.ema) if stage.train.ema is not None else None
     if run.resume_from is not None:
-        load_checkpoint(run.resume_from, model, optimizer, lr_schedule)
+        load_checkpoint(run.resume_from, model, optimizer, lr_schedule, ema=ema)
         best = read_best(run.resume_from, phase.metric)
     stopping = stage.train.early_stopping
     plateau = Plateau(phase.metric, stopping.patience, stopping.min_delta, best=best.value) if stopping else None
@@ -164,7 +166,11 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
     for epoch in range(run.start, stage.train.epochs):
         started = time.perf_counter()
         train_loss, images, seconds = train_epoch(trained, phase, parts.train_loader, optimizer, lr_schedule, policy, ctx,
-                                                  epoch, frozen=parts.frozen)  # fmt: skip
+                                                  epoch, frozen=parts.frozen, ema=ema)  # fmt: skip
+        validation = evaluate(model, phase, parts.val_loader, policy, sync=ctx.world_size > 1)
+        if ema is not None:
+            validation = ema.merge(validation, evaluate(ema.module, phase, parts.val_loader, policy, sync=ctx.world_size > 1))
+        judged = ema.judged(model) if ema is not None else model  # what the epoch is judged and kept by
         metrics = {
             names.EPOCH: run.offset + epoch + 1,  # epochs finished over the chain: the time axis ASHA's rungs count in
             names.TRAIN_LOSS: train_loss,
@@ -172,25 +178,25 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
             names.TRAIN_IMAGES: images,
             names.IMAGES_PER_S: images / max(seconds, 1e-9),
             names.TRAINABLE_PARAMS: trainable_parameters(model),
-            **evaluate(model, phase, parts.val_loader, policy, sync=ctx.world_size > 1),
+            **validation,
         }
         metrics[names.EPOCH_S] = time.perf_counter() - started
         if epoch == run.start:  # data, model and optimizer construction, once per stage and (re)start
             metrics[names.SETUP_S] = started - run.entered
         if names.VAL_LOSS in metrics:  # phases without a validation loss (supcon) have train_loss checked
             check_finite(metrics[names.VAL_LOSS], what=names.VAL_LOSS, epoch=run.offset + epoch + 1)
-        best.offer(metrics, model, keep_weights=run.keep_best)
+        best.offer(metrics, judged, keep_weights=run.keep_best)
         last = epoch + 1 == stage.train.epochs
         if plateau is not None and plateau.update(metrics) and not last:
             metrics[names.STOPPED_BY], last = names.PATIENCE, True  # this epoch ends the stage
         if run.annotate is not None:
             metrics = run.annotate(metrics, best, last)
         if run.on_last_epoch is not None and last:
-            run.on_last_epoch(best, model)
+            run.on_last_epoch(best, judged)
         # Only rank 0 writes a checkpoint: all ranks hold the same weights under DDP.
         position = Position(stage=run.index, epoch=epoch, finished=run.finished)
         checkpoint = save_checkpoint(run.scratch, model, optimizer, lr_schedule, metrics, position=position,
-                                     best=best if run.keep_best else None) if ctx.rank == 0 else None  # fmt: skip
+                                     best=best if run.keep_best else None, ema=ema) if ctx.rank == 0 else None  # fmt: skip
         report(metrics, checkpoint)
         if last:
             break
@@ -208,6 +214,7 @@ def train_epoch(
     epoch: int,
     *,
     frozen: Sequence[nn.Module] = (),
+    ema: WeightAverage | None = None,
 ) -> tuple[float, float, float]:
     """One pass over this worker's shard; returns (mean loss, images trained on, both over all workers; seconds)."""
     model.train()
@@ -218,6 +225,8 @@ def train_epoch(
     for i, batch in enumerate(loader):
         total += train_step(model, phase.loss, batch, optimizer, lr_schedule, policy)
         phase.after_step(unwrap(model))
+        if ema is not None:
+            ema.update(model)
         if ctx.progress is not None:
             ctx.progress(i + 1, len(loader))
     summed = all_reduce_sum({"loss": total / len(loader), "images": torch.tensor(float(loader.num_images), device=policy.device)})

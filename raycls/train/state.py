@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,9 @@ import torch.nn as nn
 from raycls.errors import CheckpointError
 from raycls.evaluate.names import as_good, better, mode_of
 from raycls.models.checkpoint import WEIGHTS_FILE, atomic_save, save_weights, unwrap
+
+if TYPE_CHECKING:
+    from raycls.train.ema import WeightAverage
 
 STATE_FILE = "trainer.pt"
 METRICS_FILE = "metrics.json"
@@ -89,11 +93,13 @@ def save_checkpoint(
     *,
     position: Position,
     best: Best | None = None,
+    ema: WeightAverage | None = None,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    save_weights(model, folder / WEIGHTS_FILE)
+    save_weights(ema.judged(model) if ema is not None else model, folder / WEIGHTS_FILE)
     state = {"stage": position.stage, "epoch": position.epoch, "finished": position.finished,
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}  # fmt: skip
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             **({"ema": ema.state(model)} if ema is not None else {})}  # fmt: skip
     atomic_save(state, folder / STATE_FILE)
     if best is not None and best.weights is not None:
         atomic_save({"metric": best.metric, "value": best.value, "metrics": best.metrics, "weights": best.weights}, folder / CARRY_FILE)
@@ -129,11 +135,16 @@ def read_best(folder: Path, metric: str) -> Best:
     return Best(metric, value=carry["value"], metrics=dict(carry["metrics"]), weights=carry["weights"])
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> None:
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
+                    ema: WeightAverage | None = None) -> None:  # fmt: skip
     """Restore model, optimizer and schedule from `folder` (read_position says where it was taken)."""
     device = next(unwrap(model).parameters()).device
     state = _state(folder, device)
-    unwrap(model).load_state_dict(torch.load(folder / WEIGHTS_FILE, map_location=device, weights_only=True))
+    weights = torch.load(folder / WEIGHTS_FILE, map_location=device, weights_only=True)
+    if ema is not None and "ema" in state:
+        ema.load(model, weights, state["ema"])
+    else:
+        unwrap(model).load_state_dict(weights)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
 
