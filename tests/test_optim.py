@@ -109,7 +109,7 @@ def test_backbone_lr_multiplier_leaves_the_head_at_the_base_lr() -> None:
 
 
 def test_fp16_with_a_gradient_scaler_trains_digits_like_fp32(tmp_path: Path) -> None:
-    fp16 = run_local(digits(epochs=3, amp="fp16"), tmp_path / "fp16", device=torch.device("cpu"))
-    fp32 = run_local(digits(epochs=3, amp="off"), tmp_path / "fp32", device=torch.device("cpu"))
-    assert fp16.best["val_acc"] > 0.8 and abs(fp16.best["val_acc"] - fp32.best["val_acc"]) < 0.05
+    fp16 = run_local(digits(epochs=2, amp="fp16"), tmp_path / "fp16", device=torch.device("cpu"))
+    fp32 = run_local(digits(epochs=2, amp="off"), tmp_path / "fp32", device=torch.device("cpu"))
+    assert fp16.best["val_acc"] > 0.7 and abs(fp16.best["val_acc"] - fp32.best["val_acc"]) < 0.05
     assert json.loads((tmp_path / "fp16" / "config.json").read_text())["train"]["amp"] == "fp16"

@@ -386,13 +386,13 @@ def test_recipes_search_samples_the_toolkit_and_stops_on_plateaus(local_ray, tmp
     with the trial's best value, the row's score."""
     from raycls.tune.searcher import journal_path, open_study_storage
 
-    overrides = {"experiment.trials": 4, "scheduler.name": "fifo", "train.epochs": 4, "model.width": 8,
+    overrides = {"experiment.trials": 2, "scheduler.name": "fifo", "train.epochs": 4, "model.width": 8,
                  "train.early_stopping.patience": 1, "train.early_stopping.min_delta": 0.5}  # fmt: skip
     experiment = load_experiment(REPO / "search_spaces" / "recipes-digits.yaml", overrides)
     storage = str(tmp_path / "results")
     run_tune(experiment, TuneOptions(storage=storage, live=False, wandb_mode="disabled"))
     rows = read_leaderboard(storage, "recipes-digits").table.to_pylist()
-    assert len(rows) == 4 and all(r["status"] == "completed" and r["stopped_by"] == "patience" for r in rows), \
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["stopped_by"] == "patience" for r in rows), \
         [(r["status"], r["stopped_by"], r["epochs"], r["error"]) for r in rows]
     assert all(r["epochs"] == 2 and r["max_epochs"] == 4 and r["score"] > 0.15 for r in rows)  # chance: 0.1
     for row in rows:
