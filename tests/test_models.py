@@ -74,3 +74,27 @@ def test_weights_round_trip_weights_only(tmp_path: Path) -> None:
     assert all(torch.equal(state[k], other.state_dict()[k]) for k in state)
     with pytest.raises(RayclsError, match="no checkpoint"):
         load_weights(tmp_path / "missing")
+
+
+def test_a_pretrained_model_keeps_its_stem_on_small_inputs() -> None:
+    """small_input: auto adapts the stem of a model trained from scratch, never a pretrained one (its conv1
+    is what pretraining learned): small inputs are upsampled with data.image_size instead."""
+    from raycls.models.timm_models import small_input_adapter
+
+    small = InputSpec(num_classes=10, in_chans=3, image_size=32)
+    assert small_input_adapter(ModelConfig(name="resnet18"), small) is not None
+    assert small_input_adapter(ModelConfig(name="resnet18", pretrained=True), small) is None
+    assert small_input_adapter(ModelConfig(name="resnet18", pretrained=True, small_input="on"), small) is not None
+
+
+def test_drop_path_is_random_in_training_and_off_in_eval() -> None:
+    spec = InputSpec(num_classes=10, in_chans=3, image_size=32)
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(name="vit_tiny_patch16_224", drop_path_rate=0.5), spec)
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    assert not torch.allclose(model(x), model(x))  # stochastic depth drops other blocks each call
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    plain = create_model(ModelConfig(name="vit_tiny_patch16_224"), spec).train()
+    torch.testing.assert_close(plain(x), plain(x))  # no drop path, no dropout: deterministic

@@ -69,7 +69,11 @@ SMALL_INPUT_ADAPTERS.register("deit")(SmallInputAdapter(create_kwargs=_vit_kwarg
 def small_input_adapter(config: ModelConfig, spec: InputSpec) -> SmallInputAdapter | None:
     import timm
 
-    wanted = config.small_input == "on" or (config.small_input == "auto" and spec.image_size <= SMALL_INPUT_MAX)
+    # "auto" leaves a pretrained model's stem alone: replacing it would throw away the pretrained conv1 (or
+    # patch embedding); small inputs are upsampled instead (data.image_size), as fine-tuning recipes do.
+    wanted = config.small_input == "on" or (
+        config.small_input == "auto" and not config.pretrained and spec.image_size <= SMALL_INPUT_MAX
+    )
     if not wanted:
         return None
     family = timm.models.model_entrypoint(config.name).__module__.rsplit(".", 1)[-1]
