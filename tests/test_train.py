@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raycls.config import TrialConfig
+from raycls.config import TrainConfig, TrialConfig
 from raycls.errors import NonFiniteLossError
 from raycls.train import RunContext, fit, run_local
 from raycls.optim import create_lr_schedule, lr_multiplier
@@ -269,9 +269,40 @@ def test_ema_weights_are_evaluated_beside_the_raw_ones_and_checkpointed_when_sel
     other_name = "val_acc_raw" if select else "val_acc_ema"
     assert {"val_acc", other_name, "val_loss"} <= set(metrics) and ("val_acc_ema" in metrics) != select
     judged = torch.load(last / "model.pt", weights_only=True)
-    other = torch.load(last / "trainer.pt", weights_only=True)["ema"]["weights"]
+    other = torch.load(last / "trainer.pt", weights_only=True)["average"]["weights"]
     assert any(not torch.equal(judged[k], other[k]) for k in judged if judged[k].is_floating_point())
     parts = build(config, config.stages[0], load_data(config), RunContext())
     for weights, name in ((judged, "val_acc"), (other, other_name)):
         parts.model.load_state_dict(weights)
         assert evaluate(parts.model, parts.phase, parts.val_loader, parts.policy)["val_acc"] == pytest.approx(metrics[name])
+
+
+def test_swa_averages_the_last_epochs_and_updates_its_batchnorm_statistics(tmp_path: Path) -> None:
+    """train.swa: from the last half of 4 epochs, the average of the epochs' weights with BatchNorm
+    statistics recomputed on the training split (torch.optim.swa_utils): the checkpointed model is the
+    average (its running statistics differ from the raw model's and score its val_acc); before averaging
+    begins there is nothing to report beside the raw weights."""
+    from raycls.train.loop import RunContext, build, evaluate, load_data
+
+    config = digits(epochs=4, swa={"start": 0.5, "select": True})
+    history: list[dict] = []
+    run_local(config, tmp_path, device=torch.device("cpu"), on_epoch=history.append)
+    assert ["val_acc_raw" in h for h in history] == [False, False, True, True]
+    last = tmp_path / "checkpoints" / "last"
+    averaged = torch.load(last / "model.pt", weights_only=True)
+    state = torch.load(last / "trainer.pt", weights_only=True)["average"]
+    raw = state["weights"]
+    assert state["n_averaged"] == 2
+    bn = "features.0.1.running_mean"
+    assert not torch.equal(averaged[bn], raw[bn])  # update_bn recomputed the average's statistics
+    parts = build(config, config.stages[0], load_data(config), RunContext())
+    parts.model.load_state_dict(averaged)
+    assert evaluate(parts.model, parts.phase, parts.val_loader, parts.policy)["val_acc"] == pytest.approx(history[-1]["val_acc"])
+    assert history[-1]["val_acc"] > 0.8
+
+
+def test_ema_and_swa_together_are_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="ema and swa are both set"):
+        TrainConfig(ema={"decay": 0.99}, swa={"start": 0.5})

@@ -238,6 +238,16 @@ class EmaConfig(Frozen):
     select: bool = False
 
 
+class SwaConfig(Frozen):
+    """Stochastic weight averaging (Izmailov et al. 2018, torch.optim.swa_utils): the weights at the end of
+    each epoch after the first `start` of the stage's epochs are averaged, BatchNorm statistics recomputed
+    for the average on the training split, and the average evaluated beside the raw weights (`val_*_swa`).
+    `select: true`: once averaging has begun, the average is what each epoch is judged and checkpointed by."""
+
+    start: Fraction = 0.75
+    select: bool = True
+
+
 class TrainConfig(Frozen):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128
@@ -267,6 +277,7 @@ class TrainConfig(Frozen):
     grad_centralization: bool = False
     lr_mult: LrMultConfig = Field(default_factory=LrMultConfig)
     ema: EmaConfig | None = None  # an average of the weights, evaluated beside them (and selectable)
+    swa: SwaConfig | None = None  # an average of the last epochs' weights (not with ema)
     # Train only part of the model: "backbone" freezes the backbone but its classifier (heads train), a list
     # names modules of the phase's model; frozen BatchNorm statistics stay as they are.
     freeze: Literal["none", "backbone"] | list[str] = "none"
@@ -279,6 +290,12 @@ class TrainConfig(Frozen):
     def _warmup_fits(self) -> "TrainConfig":
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_average(self) -> "TrainConfig":
+        if self.ema is not None and self.swa is not None:
+            raise ValueError("ema and swa are both set: choose one weight average per stage")
         return self
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ from raycls.models.checkpoint import backbone_weights, load_backbone
 from raycls.optim import create_lr_schedule, create_optimizer
 from raycls.phases import Phase, create_phase
 from raycls.phases.base import Previous
-from raycls.train.ema import WeightAverage
+from raycls.train.averaging import WeightAverage, create_average
 from raycls.train.freeze import freeze_modules, frozen_modules, keep_frozen_norms_in_eval, trainable_parameters
 from raycls.train.distributed import all_gather_cat, all_reduce_sum, broadcast_from_rank0
 from raycls.train.state import Best, Plateau, Position, Weights, load_checkpoint, read_best, save_checkpoint
@@ -81,6 +81,7 @@ class Parts:
     val_loader: BatchLoader
     policy: StepPolicy
     frozen: list[nn.Module] = field(default_factory=list)  # train.freeze: kept out of training
+    bn_loader: BatchLoader | None = None  # the training split without augmentation (SWA's BatchNorm update)
 
 
 def load_data(config: TrialConfig) -> Data:
@@ -121,7 +122,8 @@ def build(
             f"train.batch_size={stage.train.batch_size} exceeds the {len(splits.train)} training images "
             f"of a worker ({ctx.world_size} workers)"
         )
-    return Parts(phase, model, train_loader, val_loader, policy, frozen)
+    bn_loader = BatchLoader(splits.train, stage.train.eval_batch_size, train=False, **common) if stage.train.swa else None
+    return Parts(phase, model, train_loader, val_loader, policy, frozen, bn_loader)
 
 
 @dataclass
@@ -153,9 +155,9 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
     optimizer = create_optimizer(stage.train, model, backbone=phase.backbone(model))
     lr_schedule = create_lr_schedule(stage.train, optimizer, len(parts.train_loader))
     best = Best(phase.metric)
-    ema = WeightAverage(model, stage.train.ema) if stage.train.ema is not None else None
+    average = create_average(model, stage.train, stage.train.epochs)  # train.ema / train.swa
     if run.resume_from is not None:
-        load_checkpoint(run.resume_from, model, optimizer, lr_schedule, ema=ema)
+        load_checkpoint(run.resume_from, model, optimizer, lr_schedule, average=average)
         best = read_best(run.resume_from, phase.metric)
     stopping = stage.train.early_stopping
     plateau = Plateau(phase.metric, stopping.patience, stopping.min_delta, best=best.value) if stopping else None
@@ -166,11 +168,13 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
     for epoch in range(run.start, stage.train.epochs):
         started = time.perf_counter()
         train_loss, images, seconds = train_epoch(trained, phase, parts.train_loader, optimizer, lr_schedule, policy, ctx,
-                                                  epoch, frozen=parts.frozen, ema=ema)  # fmt: skip
+                                                  epoch, frozen=parts.frozen, average=average)  # fmt: skip
         validation = evaluate(model, phase, parts.val_loader, policy, sync=ctx.world_size > 1)
-        if ema is not None:
-            validation = ema.merge(validation, evaluate(ema.module, phase, parts.val_loader, policy, sync=ctx.world_size > 1))
-        judged = ema.judged(model) if ema is not None else model  # what the epoch is judged and kept by
+        if average is not None:
+            average.after_epoch(model, epoch, parts.bn_loader)
+            averaged = evaluate(average.module, phase, parts.val_loader, policy, sync=ctx.world_size > 1) if average.active else None
+            validation = average.merge(validation, averaged)
+        judged = average.judged(model) if average is not None else model  # what the epoch is judged and kept by
         metrics = {
             names.EPOCH: run.offset + epoch + 1,  # epochs finished over the chain: the time axis ASHA's rungs count in
             names.TRAIN_LOSS: train_loss,
@@ -196,7 +200,7 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
         # Only rank 0 writes a checkpoint: all ranks hold the same weights under DDP.
         position = Position(stage=run.index, epoch=epoch, finished=run.finished)
         checkpoint = save_checkpoint(run.scratch, model, optimizer, lr_schedule, metrics, position=position,
-                                     best=best if run.keep_best else None, ema=ema) if ctx.rank == 0 else None  # fmt: skip
+                                     best=best if run.keep_best else None, average=average) if ctx.rank == 0 else None  # fmt: skip
         report(metrics, checkpoint)
         if last:
             break
@@ -214,7 +218,7 @@ def train_epoch(
     epoch: int,
     *,
     frozen: Sequence[nn.Module] = (),
-    ema: WeightAverage | None = None,
+    average: WeightAverage | None = None,
 ) -> tuple[float, float, float]:
     """One pass over this worker's shard; returns (mean loss, images trained on, both over all workers; seconds)."""
     model.train()
@@ -225,8 +229,8 @@ def train_epoch(
     for i, batch in enumerate(loader):
         total += train_step(model, phase.loss, batch, optimizer, lr_schedule, policy)
         phase.after_step(unwrap(model))
-        if ema is not None:
-            ema.update(model)
+        if average is not None:
+            average.after_step(model)
         if ctx.progress is not None:
             ctx.progress(i + 1, len(loader))
     summed = all_reduce_sum({"loss": total / len(loader), "images": torch.tensor(float(loader.num_images), device=policy.device)})

@@ -20,7 +20,7 @@ from raycls.evaluate.names import as_good, better, mode_of
 from raycls.models.checkpoint import WEIGHTS_FILE, atomic_save, save_weights, unwrap
 
 if TYPE_CHECKING:
-    from raycls.train.ema import WeightAverage
+    from raycls.train.averaging import WeightAverage
 
 STATE_FILE = "trainer.pt"
 METRICS_FILE = "metrics.json"
@@ -93,13 +93,14 @@ def save_checkpoint(
     *,
     position: Position,
     best: Best | None = None,
-    ema: WeightAverage | None = None,
+    average: WeightAverage | None = None,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    save_weights(ema.judged(model) if ema is not None else model, folder / WEIGHTS_FILE)
+    # The weights the epoch was judged by (a selected weight average's) are the checkpoint's model.
+    save_weights(average.judged(model) if average is not None else model, folder / WEIGHTS_FILE)
     state = {"stage": position.stage, "epoch": position.epoch, "finished": position.finished,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             **({"ema": ema.state(model)} if ema is not None else {})}  # fmt: skip
+             **({"average": average.state(model)} if average is not None else {})}  # fmt: skip
     atomic_save(state, folder / STATE_FILE)
     if best is not None and best.weights is not None:
         atomic_save({"metric": best.metric, "value": best.value, "metrics": best.metrics, "weights": best.weights}, folder / CARRY_FILE)
@@ -136,13 +137,13 @@ def read_best(folder: Path, metric: str) -> Best:
 
 
 def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
-                    ema: WeightAverage | None = None) -> None:  # fmt: skip
+                    average: WeightAverage | None = None) -> None:  # fmt: skip
     """Restore model, optimizer and schedule from `folder` (read_position says where it was taken)."""
     device = next(unwrap(model).parameters()).device
     state = _state(folder, device)
     weights = torch.load(folder / WEIGHTS_FILE, map_location=device, weights_only=True)
-    if ema is not None and "ema" in state:
-        ema.load(model, weights, state["ema"])
+    if average is not None and "average" in state:
+        average.load(model, weights, state["average"])
     else:
         unwrap(model).load_state_dict(weights)
     optimizer.load_state_dict(state["optimizer"])
