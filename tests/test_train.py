@@ -306,3 +306,16 @@ def test_ema_and_swa_together_are_refused() -> None:
 
     with pytest.raises(ValidationError, match="ema and swa are both set"):
         TrainConfig(ema={"decay": 0.99}, swa={"start": 0.5})
+
+
+def test_compiled_training_reports_its_compile_time_apart(tmp_path: Path) -> None:
+    """train.compile: the training model goes through torch.compile (here its `eager` backend: Dynamo's
+    tracing without kernel generation, seconds instead of minutes on a CPU); the first step's seconds are
+    compile_s, the first epoch only, and the checkpoint's keys are the plain model's."""
+    history: list[dict] = []
+    config = digits(epochs=2, compile=True, compile_backend="eager")
+    summary = run_local(config, tmp_path, device=torch.device("cpu"), on_epoch=history.append)
+    assert history[0]["compile_s"] > 0 and "compile_s" not in history[1]
+    assert summary.best["val_acc"] > 0.7
+    weights = torch.load(tmp_path / "checkpoints" / "best" / "model.pt", weights_only=True)
+    assert not any("_orig_mod" in k for k in weights)

@@ -278,6 +278,10 @@ class TrainConfig(Frozen):
     lr_mult: LrMultConfig = Field(default_factory=LrMultConfig)
     ema: EmaConfig | None = None  # an average of the weights, evaluated beside them (and selectable)
     swa: SwaConfig | None = None  # an average of the last epochs' weights (not with ema)
+    # torch.compile the training model; the first step's seconds (compilation) are reported as compile_s,
+    # apart from epoch_s. The backend: inductor (the default, generates kernels), aot_eager, eager (checks).
+    compile: bool = False
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     # Train only part of the model: "backbone" freezes the backbone but its classifier (heads train), a list
     # names modules of the phase's model; frozen BatchNorm statistics stay as they are.
     freeze: Literal["none", "backbone"] | list[str] = "none"

@@ -18,6 +18,7 @@ STOPPED_BY = "stopped_by"  # "patience": the stage's early stopping ended it (tr
 PATIENCE = "patience"
 EPOCH_S = "epoch_s"  # seconds of training + validation in the epoch (time spent in the loop)
 TRAINABLE_PARAMS = "trainable_params"  # parameters the stage's optimizer updates (train.freeze, adapters)
+COMPILE_S = "compile_s"  # seconds of a compiled stage's first step (compilation), not counted in epoch_s
 SETUP_S = "setup_s"  # seconds from entering the loop to the first step (data, model, optimizer), first epoch only
 MAX_EPOCHS = "max_epochs"  # the trial's configured epochs: a trial that ends before them was stopped early
 DEVICE = "device"  # "cpu" or the CUDA device's name

@@ -164,11 +164,14 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
     phase.start(model, total_steps=stage.train.epochs * len(parts.train_loader))
     # DDP after restoring, so every rank starts from the same weights (DDP also broadcasts rank 0's).
     trained = nn.parallel.DistributedDataParallel(model) if ctx.world_size > 1 else model
+    if stage.train.compile:  # evaluation runs the uncompiled module (its shapes and modes differ)
+        trained = torch.compile(trained, backend=stage.train.compile_backend)
 
     for epoch in range(run.start, stage.train.epochs):
         started = time.perf_counter()
-        train_loss, images, seconds = train_epoch(trained, phase, parts.train_loader, optimizer, lr_schedule, policy, ctx,
-                                                  epoch, frozen=parts.frozen, average=average)  # fmt: skip
+        compiling = stage.train.compile and epoch == run.start
+        train_loss, images, seconds, first_step = train_epoch(trained, phase, parts.train_loader, optimizer, lr_schedule, policy,
+                                                              ctx, epoch, frozen=parts.frozen, average=average)  # fmt: skip
         validation = evaluate(model, phase, parts.val_loader, policy, sync=ctx.world_size > 1)
         if average is not None:
             average.after_epoch(model, epoch, parts.bn_loader)
@@ -180,11 +183,14 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
             names.TRAIN_LOSS: train_loss,
             names.LR: optimizer.param_groups[0]["lr"],
             names.TRAIN_IMAGES: images,
-            names.IMAGES_PER_S: images / max(seconds, 1e-9),
+            names.IMAGES_PER_S: images / max(seconds - (first_step if compiling else 0.0), 1e-9),
             names.TRAINABLE_PARAMS: trainable_parameters(model),
             **validation,
         }
         metrics[names.EPOCH_S] = time.perf_counter() - started
+        if compiling:  # the first step compiled the model: reported apart, and not as epoch time
+            metrics[names.COMPILE_S] = first_step
+            metrics[names.EPOCH_S] -= first_step
         if epoch == run.start:  # data, model and optimizer construction, once per stage and (re)start
             metrics[names.SETUP_S] = started - run.entered
         if names.VAL_LOSS in metrics:  # phases without a validation loss (supcon) have train_loss checked
@@ -219,15 +225,19 @@ def train_epoch(
     *,
     frozen: Sequence[nn.Module] = (),
     average: WeightAverage | None = None,
-) -> tuple[float, float, float]:
-    """One pass over this worker's shard; returns (mean loss, images trained on, both over all workers; seconds)."""
+) -> tuple[float, float, float, float]:
+    """One pass over this worker's shard; returns (mean loss, images trained on, both over all workers;
+    seconds; seconds of its first step, which compiles a compiled model)."""
     model.train()
     keep_frozen_norms_in_eval(frozen)
     loader.set_epoch(epoch)
     started = time.perf_counter()
     total = torch.zeros((), device=policy.device)
+    first_step = 0.0
     for i, batch in enumerate(loader):
         total += train_step(model, phase.loss, batch, optimizer, lr_schedule, policy)
+        if i == 0:
+            first_step = time.perf_counter() - started
         phase.after_step(unwrap(model))
         if average is not None:
             average.after_step(model)
@@ -237,7 +247,7 @@ def train_epoch(
     seconds = time.perf_counter() - started  # after the all-reduce: includes waiting for the device
     mean_loss = summed["loss"] / ctx.world_size
     check_finite(mean_loss, what=names.TRAIN_LOSS, epoch=epoch + 1)
-    return mean_loss, summed["images"], seconds
+    return mean_loss, summed["images"], seconds, first_step
 
 
 # The count of validation images, summed with the phase's statistics (a key no phase uses).
