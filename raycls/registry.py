@@ -41,6 +41,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "ood scorer": "raycls.evaluate.ood",
     "corruption": "raycls.evaluate.shift",
     "report section": "raycls.report.figures",
+    "adapter": "raycls.models.adapters",
 }
 
 

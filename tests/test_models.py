@@ -98,3 +98,41 @@ def test_drop_path_is_random_in_training_and_off_in_eval() -> None:
     torch.testing.assert_close(model(x), model(x))
     plain = create_model(ModelConfig(name="vit_tiny_patch16_224"), spec).train()
     torch.testing.assert_close(plain(x), plain(x))  # no drop path, no dropout: deterministic
+
+
+@pytest.mark.parametrize("adapter", [{"type": "lora", "rank": 4}, {"type": "ia3"}])
+def test_an_adapter_trains_only_itself_and_the_classifier(tmp_path: Path, adapter: dict) -> None:
+    """model.adapter (peft) on a timm ViT: after a run, every weight of the backbone is bit-identical to the
+    one it started from, the adapter's and the classifier's changed, and trainable_params counts just them."""
+    from raycls.config import TrialConfig
+    from raycls.train import run_local
+    from raycls.train.loop import load_data
+    from raycls.train.steps import seed_everything
+
+    config = TrialConfig.model_validate({
+        "data": {"name": "digits", "val_fraction": 0.2, "train_subset": 256},
+        "model": {"name": "vit_tiny_patch16_224", "adapter": adapter},
+        "train": {"epochs": 1, "batch_size": 64, "optimizer": "adamw", "lr": 1e-2},
+        "eval": {"on": "none"},
+    })  # fmt: skip
+    seed_everything(config.seed)
+    start = create_model(config.model, load_data(config).spec)
+    initial = {k: v.clone() for k, v in start.state_dict().items()}
+    summary = run_local(config, tmp_path, device=torch.device("cpu"))
+    after = torch.load(tmp_path / "checkpoints" / "best" / "model.pt", weights_only=True)
+    assert after.keys() == initial.keys()  # the same adapted structure: eval and export load it as it is
+    marker = "lora_" if adapter["type"] == "lora" else "ia3_"
+    changed = {k for k in initial if not torch.equal(initial[k], after[k])}
+    assert changed and all(marker in k or k.startswith("head.") for k in changed), sorted(changed)[:5]
+    assert any(marker in k for k in changed) and {"head.weight", "head.bias"} <= changed
+    trainable = sum(p.numel() for n, p in start.named_parameters() if marker in n or n.startswith("head."))
+    assert summary.best["trainable_params"] == trainable < sum(p.numel() for p in start.parameters()) / 10
+
+
+def test_adapter_errors_name_the_key() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="unknown adapter 'dora'; known: ia3, lora"):
+        ModelConfig(name="vit_tiny_patch16_224", adapter={"type": "dora"})
+    with pytest.raises(RayclsError, match="model.adapter.targets: .*linear layers are named: .*qkv"):
+        create_model(ModelConfig(name="vit_tiny_patch16_224", adapter={"targets": ["query"]}), InputSpec(num_classes=10, in_chans=3, image_size=32))

@@ -55,6 +55,19 @@ class DataConfig(Frozen):
     _known = registered("dataset", "name")
 
 
+class AdapterConfig(Frozen):
+    """A parameter-efficient adapter (peft) on the backbone; only it and the classifier train."""
+
+    type: str = "lora"  # an ADAPTERS name: lora, ia3
+    rank: PositiveInt = 8  # LoRA's rank
+    alpha: Annotated[float, Field(gt=0.0)] | None = None  # LoRA's scale numerator; None: 2 * rank
+    dropout: Fraction = 0.0
+    # Names of the linear layers to adapt (timm ViTs: qkv, proj, fc1, fc2); None: the adapter's default.
+    targets: list[str] | None = None
+
+    _known_adapter = registered("adapter", "type")
+
+
 class ModelConfig(Frozen):
     name: str = "small_cnn"
     pretrained: bool = False
@@ -67,6 +80,7 @@ class ModelConfig(Frozen):
     small_input: Literal["auto", "on", "off"] = "auto"
     # Passed through to timm.create_model (e.g. {patch_size: 4}).
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    adapter: AdapterConfig | None = None  # LoRA / IA3 through peft: the backbone's own weights stay frozen
 
     _known = registered("model", "name")
 

@@ -57,7 +57,12 @@ MODELS = ModelRegistry("model")
 
 
 def create_model(config: ModelConfig, spec: InputSpec) -> nn.Module:
-    return MODELS.get(config.name)(config, spec)
+    model = MODELS.get(config.name)(config, spec)
+    if config.adapter is not None:
+        from raycls.models.adapters import apply_adapter
+
+        model = apply_adapter(model, config.adapter)
+    return model
 
 
 def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
