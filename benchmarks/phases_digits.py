@@ -2,14 +2,18 @@
 
 supervised CE, SupCon (k-NN accuracy), each margin loss of the metric phase, distillation (from the
 supervised run's checkpoint into a half-width student, and from an EMA teacher), and chains in one trial
-(supcon > supervised; supcon > arcface > distill from the arcface stage) with the same total epochs, 3 seeds each.
+(supcon > supervised; supcon > arcface > distill from the arcface stage) with the same total epochs, and the
+supervised recipe with SAM, selected EMA weights and SWA, 3 seeds each.
 
     python benchmarks/phases_digits.py [--seeds 3] [--epochs 8]
+    python benchmarks/phases_digits.py --only 'supervised*'   # some rows; the others' results are kept
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
 import statistics
 import tempfile
 import time
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import write_result
+from common import RESULTS, write_result
 from raycls.config import TrialConfig
 from raycls.train import run_local
 
@@ -32,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--only", default="*", help="run the rows whose names match this pattern")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -52,6 +57,12 @@ def main() -> None:
                 ("distill:checkpoint->w8", {**base(seed, 8), "phase": {"name": "distill", "teacher": str(folder / "supervised" / "checkpoints" / "best"),
                                                                      "teacher_model": {"name": "small_cnn", "width": 16}}}, "val_acc"),
                 ("supervised:w8", {**base(seed, 8), "phase": {"name": "supervised", "label_smoothing": 0.1}}, "val_acc"),
+                # The training toolkit on the supervised recipe: SAM (SGD + rho), EMA weights selected, SWA.
+                *[(f"supervised+{label}", {**base(seed), "phase": {"name": "supervised", "label_smoothing": 0.1},
+                                             "train": {**base(seed)["train"], **extra}}, "val_acc")
+                  for label, extra in (("sam", {"optimizer": "sgd", "lr": 0.05, "sam": {"rho": 0.05}}),
+                                       ("ema", {"ema": {"decay": 0.99, "warmup": True, "select": True}}),
+                                       ("swa", {"swa": {"start": 0.5, "select": True}}))],
                 ("distill:ema", {**base(seed), "phase": {"name": "distill", "ema_decay": 0.99}}, "val_acc"),
                 # Chains: the same epochs in all, split over the stages (each from the previous stage's best).
                 ("chain:supcon>supervised", {**base(seed), "phases": [
@@ -65,6 +76,8 @@ def main() -> None:
                      "train": {"epochs": args.epochs - 2 * (args.epochs * 3 // 8), "warmup_epochs": 0}}]}, "val_acc"),
             ]  # fmt: skip
             for name, config, metric in plans:
+                if not fnmatch.fnmatch(name, args.only) and not (name == "supervised" and "distill:checkpoint" in args.only):
+                    continue
                 runs.setdefault(name, []).append(run(config, folder / name.split(":")[0] if name == "supervised" else folder / name, metric))
                 print(seed, name, runs[name][-1])
     results = {
@@ -73,6 +86,9 @@ def main() -> None:
                "max": max(v for v, _ in values), "wall_s_mean": statistics.mean(s for _, s in values)}
         for name, values in runs.items()
     }  # fmt: skip
+    previous = RESULTS / "phases_digits.json"
+    if args.only != "*" and previous.is_file():  # a partial run: keep the other rows' results
+        results = {**json.loads(previous.read_text())["results"], **results}
     path = write_result("phases_digits", {"claim": "every phase trains on digits on a CPU; accuracy and cost per phase",
                                           "seeds": args.seeds, "epochs": args.epochs, "results": results})  # fmt: skip
     for name, r in results.items():
