@@ -237,3 +237,26 @@ def test_a_reference_given_with_set_stays_resolved_in_every_trial(tmp_path: Path
     space = write_yaml(tmp_path / "d.yaml", "base: {data: {name: digits}, phase: {name: distill}}\n")
     experiment = resolve_references(load_experiment(space, {"phase.teacher": {"from": "pre", "pick": "best"}}), storage)
     assert resolve_trial(experiment, {}).phase.teacher == "/some/checkpoint"
+
+
+def test_two_phase_fine_tuning_heads_then_everything_at_a_lower_lr(tmp_path: Path) -> None:
+    """The seed's fine-tuning recipe as a chain: the head alone on a frozen backbone, then everything at a
+    tenth of the lr with early stopping; the second stage starts from the first's best weights."""
+    from raycls.config import TrialConfig
+    from raycls.train import run_local
+
+    config = TrialConfig.model_validate({
+        "data": {"name": "digits", "val_fraction": 0.2}, "model": {"width": 8}, "eval": {"on": "none"},
+        "train": {"batch_size": 64, "optimizer": "adamw", "lr": 1e-2},
+        "phases": [
+            {"name": "head", "phase": {"name": "supervised"}, "train": {"epochs": 2, "freeze": "backbone"}},
+            {"name": "all", "phase": {"name": "supervised"},
+             "train": {"epochs": 3, "lr": 1e-3, "early_stopping": {"patience": 2, "min_delta": 0.0}}},
+        ],
+    })  # fmt: skip
+    history: list[dict] = []
+    run_local(config, tmp_path, device=torch.device("cpu"), on_epoch=history.append)
+    head, full = [h for h in history if h["stage"] == "head"], [h for h in history if h["stage"] == "all"]
+    assert len(head) == 2 and 1 <= len(full) <= 3
+    assert head[0]["trainable_params"] < full[0]["trainable_params"] / 10
+    assert head[0]["lr"] > full[0]["lr"]
