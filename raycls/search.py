@@ -18,14 +18,16 @@ if TYPE_CHECKING:
     from ray.tune.schedulers import TrialScheduler
 
     from raycls.config.experiment import Experiment, SearchSection
+    from raycls.config.space import Space
 
-SAMPLERS: Registry[Callable[["SearchSection"], "optuna.samplers.BaseSampler"]] = Registry("sampler")
+# A sampler is made from the search section and the space it samples (the grid enumerates the space).
+SAMPLERS: Registry[Callable[["SearchSection", "Space"], "optuna.samplers.BaseSampler"]] = Registry("sampler")
 TRIAL_SCHEDULERS: Registry[Callable[["Experiment"], "TrialScheduler"]] = Registry("trial scheduler")
 
 
 # ------------------------------------------------------------------------------------------- samplers
 @SAMPLERS.register("tpe")
-def tpe(search: SearchSection) -> optuna.samplers.BaseSampler:
+def tpe(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
     import optuna
 
     with warnings.catch_warnings():
@@ -39,20 +41,35 @@ def tpe(search: SearchSection) -> optuna.samplers.BaseSampler:
 
 
 @SAMPLERS.register("random")
-def random(search: SearchSection) -> optuna.samplers.BaseSampler:
+def random(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
     import optuna
 
     return optuna.samplers.RandomSampler(seed=search.seed)
 
 
 @SAMPLERS.register("cmaes")
-def cmaes(search: SearchSection) -> optuna.samplers.BaseSampler:
+def cmaes(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
     import optuna
 
     # CMA-ES handles numeric parameters; categorical ones fall back to independent (random) sampling.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.CmaEsSampler(seed=search.seed, warn_independent_sampling=False)
+
+
+@SAMPLERS.register("grid")
+def grid(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
+    """Every combination of the space's choices once (Optuna's GridSampler, in a seeded random order):
+    "each model once" without listing points_to_evaluate. Only for spaces of unconditional choices; set
+    experiment.trials to the number of combinations."""
+    import optuna
+
+    from raycls.errors import ConfigError
+
+    wrong = [path for path, param in space.params.items() if param.type != "choice" or param.when]
+    if wrong:
+        raise ConfigError(f"search.algorithm: grid enumerates choices without `when`; not these: {', '.join(wrong)}")
+    return optuna.samplers.GridSampler({path: list(param.values) for path, param in space.params.items()}, seed=search.seed)
 
 
 # ----------------------------------------------------------------------------------- trial schedulers

@@ -407,6 +407,29 @@ def test_recipes_search_samples_the_toolkit_and_stops_on_plateaus(local_ray, tmp
         assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(row["score"])
 
 
+def test_grid_search_runs_every_combination_once(local_ray, tmp_path: Path) -> None:
+    """search.algorithm: grid (Optuna's GridSampler): a space of choices, each combination exactly once."""
+    from raycls.errors import ConfigError
+    from raycls.search import SAMPLERS
+
+    experiment = load_experiment(write_yaml(tmp_path / "grid.yaml", """
+experiment: {name: grid, trials: 4, concurrency: 2}
+search: {algorithm: grid}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
+space:
+  model.width: {type: choice, values: [8, 16]}
+  train.optimizer: {type: choice, values: [adamw, sgd]}
+""" + BASE.replace("epochs: 4", "epochs: 1")))
+    storage = str(tmp_path / "results")
+    run_tune(experiment, TuneOptions(storage=storage, live=False))
+    rows = read_leaderboard(storage, "grid").table.to_pylist()
+    assert sorted((r["model.width"], r["train.optimizer"]) for r in rows) == [(8, "adamw"), (8, "sgd"), (16, "adamw"), (16, "sgd")]
+    mixed = load_experiment(write_yaml(tmp_path / "mixed.yaml", "space:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"))
+    with pytest.raises(ConfigError, match="grid enumerates choices without `when`; not these: train.lr"):
+        SAMPLERS.create("grid", mixed.search, mixed.space)
+
+
 def test_history_dataset_has_every_epoch(e2e) -> None:
     history = read_leaderboard(e2e[1], "e2e", kind="history").table
     rows = read_leaderboard(e2e[1], "e2e").table.to_pylist()

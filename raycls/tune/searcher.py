@@ -146,7 +146,9 @@ def create_searcher(experiment: Experiment, experiment_dir: Path, warm_start_dir
         space=SpaceFunction(experiment.space, experiment.overrides),
         metric=experiment.experiment.metric,
         mode=experiment.experiment.mode,
-        sampler=SAMPLERS.create(search.algorithm, search),
+        # The sampler sees the space less the parameters --set pinned (those are not sampled).
+        sampler=SAMPLERS.create(search.algorithm, search, experiment.space.model_copy(
+            update={"params": {k: v for k, v in experiment.space.params.items() if k not in experiment.overrides}})),
         points_to_evaluate=[dict(p) for p in search.points_to_evaluate] or None,
         study_name=experiment.name,
         storage=open_study_storage(journal_path(experiment_dir)),
