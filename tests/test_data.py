@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raycls.config import AugmentConfig, DataConfig
+from raycls.config import DataConfig
 from raycls.data import AUGMENTATIONS, BatchLoader, load_splits
 from raycls.data.datasets import DATASETS, read_cifar10_1, read_idx
 from raycls.errors import DataError
@@ -109,16 +109,6 @@ def test_train_loader_shards_disjoint_and_eval_covers_all_once() -> None:
     assert len(train[0]) == len(train[1]) == (len(splits.train) + 1) // 2 // 16
     x, _ = next(iter(train[0]))
     assert x.shape == (16, 1, 8, 8) and abs(x.mean().item()) < 0.5  # normalised
-
-
-@pytest.mark.parametrize("name", AUGMENTATIONS.names())
-def test_every_augmentation_keeps_shape_and_changes_images(name: str) -> None:
-    x = torch.randn(64, 3, 16, 16)
-    value = {"hflip": True, "random_crop": 4, "cutout": 6, "resized_crop": 0.3, "color_jitter": 0.8, "grayscale": 1.0}[name]
-    gen = torch.Generator().manual_seed(0)
-    y = AUGMENTATIONS.get(name)(x, value, gen)
-    assert y.shape == x.shape and not torch.equal(x, y)
-    assert name in AugmentConfig.model_fields  # each op is configurable by its name
 
 
 def test_random_crop_is_a_shifted_window() -> None:
