@@ -118,3 +118,31 @@ def test_random_crop_is_a_shifted_window() -> None:
     for img in y:
         centre = img[0, 1:3, 1:3]
         assert any(torch.equal(centre, x[0, 0, 1 + dy : 3 + dy, 1 + dx : 3 + dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+def test_csv_dataset_with_a_test_split_and_its_errors(shared_data: Path, tmp_path: Path) -> None:
+    """data.name: csv (seed 002's layout): path,label[,split] rows over real JPEGs (imagenette-mini), paths
+    relative to the CSV's folder; missing files, unknown labels and a wrong header name the file and line."""
+    source = shared_data / "imagenette-mini" / "train"
+    (tmp_path / "images").symlink_to(source)
+    classes = sorted(p.name for p in source.iterdir() if p.is_dir())[:3]
+    lines = ["filepath,label,split"]
+    for label in classes:
+        files = sorted((source / label).iterdir())[:6]
+        lines += [f"images/{label}/{f.name},{label},{'test' if i < 2 else 'train'}" for i, f in enumerate(files)]
+    table = tmp_path / "images.csv"
+    table.write_text("\n".join(lines) + "\n")
+    splits = load_splits(DataConfig(name="csv", path=str(table), folder_size=32, val_fraction=0.25), seed=0)
+    assert splits.train.classes == tuple(classes) and splits.test is not None and len(splits.test) == 6
+    assert len(splits.train) + len(splits.val) == 12 and splits.train.size == 32 and splits.train.channels == 3
+    first = lines[1].split(",")[0]
+    cases = {
+        "missing.csv": ("filepath,label\nimages/none.jpg,cat\n", r"missing.csv:2: image .*none.jpg does not exist"),
+        "unknown.csv": (f"filepath,label,split\n{first},{classes[0]},train\n{first},zebra,test\n",
+                        r"unknown.csv:3: label 'zebra' is not one of the training labels"),
+        "header.csv": ("name,class\na.jpg,cat\n", r"header must name an image column .* and `label`; it has name, class"),
+    }  # fmt: skip
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=message):
+            load_splits(DataConfig(name="csv", path=str(tmp_path / name)), seed=0)

@@ -41,14 +41,14 @@ class DataConfig(Frozen):
     name: str = "digits"
     # None: $RAYCLS_DATA, else ~/.cache/raycls/data. Each dataset lives in its own subfolder of root.
     root: str | None = None
-    # ImageFolder datasets only: the folder holding train/ (and optionally val/, test/).
+    # folder: the folder holding train/ (and optionally val/, test/); csv: the CSV file (path,label[,split]).
     path: str | None = None
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
     # Keep a stratified subset of this many training images (quick runs, tests); None keeps all.
     train_subset: PositiveInt | None = None
     # Resize images on the device to this side length; None keeps the dataset's native size.
     image_size: PositiveInt | None = None
-    # ImageFolder datasets are decoded once to this side length (they may be any size on disk).
+    # Image files (folder, csv) are decoded once to this side length (they may be any size on disk).
     folder_size: PositiveInt = 64
     download: bool = True
 

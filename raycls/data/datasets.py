@@ -265,8 +265,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 def read_image_folder(folder: Path, size: int) -> ArrayData:
     """ImageFolder layout: one subfolder per class. Images are decoded once, as RGB, resized to size x size."""
-    from PIL import Image, UnidentifiedImageError
-
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist")
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
@@ -278,14 +276,22 @@ def read_image_folder(folder: Path, size: int) -> ArrayData:
         if not files:
             raise DataError(f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         for file in files:
-            try:
-                with Image.open(file) as image:
-                    rgb = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            except (UnidentifiedImageError, OSError) as err:
-                raise DataError(f"unreadable image {file}: {err}") from None
-            images.append(np.asarray(rgb, dtype=np.uint8))
+            images.append(decode_image(file, size))
             labels.append(label)
     return from_hwc(np.stack(images), np.asarray(labels), tuple(p.name for p in class_dirs))
+
+
+def decode_image(file: Path, size: int, *, where: str = "") -> np.ndarray:
+    """One image file as RGB uint8 [size, size, 3]; a DataError naming the file (and `where`) otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{where}image {file} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{where}unreadable image {file}: {err}") from None
 
 
 @register_dataset("folder")
@@ -302,3 +308,45 @@ def read_folder(config: DataConfig, root: Path) -> RawDataset:
     if test is not None and test.classes != train.classes:
         raise DataError(f"{test_dir} classes {test.classes} differ from {train_dir} classes {train.classes}")
     return RawDataset(train, test)
+
+
+# ---------------------------------------------------------------------------------------------- csv
+CSV_PATH_COLUMNS = ("path", "filepath", "file", "image")
+
+
+@register_dataset("csv")
+def read_csv(config: DataConfig, root: Path) -> RawDataset:
+    """A CSV with a header: an image path column (path, filepath, file or image; relative to the CSV's
+    folder), a `label` column (class names, any text), and optionally `split` (train / val / test: test rows
+    are the held-out test set, the others the training pool that validation is carved from)."""
+    import csv
+
+    if config.path is None:
+        raise DataError("dataset 'csv' needs data.path: a CSV file with a header (path,label[,split])")
+    table = Path(config.path).expanduser()
+    if not table.is_file():
+        raise DataError(f"data.path {table} does not exist")
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    header = list(rows[0]) if rows else []
+    path_column = next((c for c in CSV_PATH_COLUMNS if c in header), None)
+    if path_column is None or "label" not in header:
+        raise DataError(f"{table}: the header must name an image column ({', '.join(CSV_PATH_COLUMNS)}) and `label`; "
+                        f"it has {', '.join(header) or 'no rows'}")  # fmt: skip
+    tests = [i for i, row in enumerate(rows) if (row.get("split") or "").strip().lower() == "test"]
+    train_rows = [i for i in range(len(rows)) if i not in set(tests)]
+    classes = tuple(sorted({rows[i]["label"] for i in train_rows}))
+    if not classes:
+        raise DataError(f"{table}: no training rows")
+
+    def read(indices: list[int]) -> ArrayData:
+        images, labels = [], []
+        for i in indices:
+            row, line = rows[i], i + 2  # the header is line 1
+            if row["label"] not in classes:
+                raise DataError(f"{table}:{line}: label {row['label']!r} is not one of the training labels {classes}")
+            images.append(decode_image(table.parent / row[path_column], config.folder_size, where=f"{table}:{line}: "))
+            labels.append(classes.index(row["label"]))
+        return from_hwc(np.stack(images), np.asarray(labels), classes)
+
+    return RawDataset(read(train_rows), read(tests) if tests else None)
