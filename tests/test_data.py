@@ -146,3 +146,31 @@ def test_csv_dataset_with_a_test_split_and_its_errors(shared_data: Path, tmp_pat
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match=message):
             load_splits(DataConfig(name="csv", path=str(tmp_path / name)), seed=0)
+
+
+def test_tiny_imagenet_in_its_own_layout(tmp_path: Path) -> None:
+    """A small fixture in Tiny ImageNet's layout (wnids.txt, train/<wnid>/images, val/val_annotations.txt),
+    written here: the val annotations label the held-out split; a class outside wnids.txt names its line."""
+    from PIL import Image
+
+    base = tmp_path / "tiny-imagenet-200"
+    wnids = ["n01443537", "n01629819", "n01641577"]
+    (base / "val" / "images").mkdir(parents=True)
+    (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    annotations = []
+    for k, wnid in enumerate(wnids):
+        folder = base / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (64, 64), (60 * k, 20 * i, 100)).save(folder / f"{wnid}_{i}.JPEG")
+        Image.new("RGB", (64, 64), (60 * k, 0, 100)).save(base / "val" / "images" / f"val_{k}.JPEG")
+        annotations.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (base / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+    splits = load_splits(DataConfig(name="tiny_imagenet", root=str(tmp_path), val_fraction=0.25), seed=0)
+    assert splits.train.classes == tuple(wnids) and len(splits.train) + len(splits.val) == 12
+    assert splits.test is not None and splits.test.labels.tolist() == [0, 1, 2] and splits.train.size == 64
+    (base / "val" / "val_annotations.txt").write_text(annotations[0] + "\nval_1.JPEG\tn99999999\t0\t0\t1\t1\n")
+    with pytest.raises(DataError, match=r"val_annotations.txt:2: class 'n99999999' is not in wnids.txt"):
+        load_splits(DataConfig(name="tiny_imagenet", root=str(tmp_path)), seed=0)
+    with pytest.raises(DataError, match="Tiny ImageNet not found: .*wnids.txt is missing"):
+        load_splits(DataConfig(name="tiny_imagenet", root=str(tmp_path / "elsewhere")), seed=0)

@@ -350,3 +350,42 @@ def read_csv(config: DataConfig, root: Path) -> RawDataset:
         return from_hwc(np.stack(images), np.asarray(labels), classes)
 
     return RawDataset(read(train_rows), read(tests) if tests else None)
+
+
+# ------------------------------------------------------------------------------------- tiny imagenet
+TINY_IMAGENET = "tiny-imagenet-200"
+
+
+@register_dataset("tiny_imagenet")
+def read_tiny_imagenet(config: DataConfig, root: Path) -> RawDataset:
+    """Tiny ImageNet in its own layout, under `<root>/tiny-imagenet-200/` (or data.path): wnids.txt (the 200
+    classes), train/<wnid>/images/*.JPEG, and val/images/*.JPEG labelled by val/val_annotations.txt, the
+    held-out set (its test/ has no labels). Images are 64 px; data.folder_size resizes them when decoding.
+    Not downloaded by raycls (no torchvision reader): http://cs231n.stanford.edu/tiny-imagenet-200.zip."""
+    base = Path(config.path).expanduser() if config.path else root / TINY_IMAGENET
+    wnids = base / "wnids.txt"
+    if not wnids.is_file():
+        raise DataError(f"Tiny ImageNet not found: {wnids} is missing (unzip tiny-imagenet-200.zip under "
+                        f"{root} or set data.path to its folder)")  # fmt: skip
+    classes = tuple(line.strip() for line in wnids.read_text().splitlines() if line.strip())
+    images, labels = [], []
+    for label, wnid in enumerate(classes):
+        files = sorted((base / "train" / wnid / "images").glob("*.[jJ][pP][eE][gG]"))
+        if not files:
+            raise DataError(f"{base}/train/{wnid}/images holds no JPEG images (class {wnid} of wnids.txt)")
+        images += [decode_image(f, config.folder_size) for f in files]
+        labels += [label] * len(files)
+    train = from_hwc(np.stack(images), np.asarray(labels), classes)
+    annotations = base / "val" / "val_annotations.txt"
+    if not annotations.is_file():
+        return RawDataset(train, None)
+    val_images, val_labels = [], []
+    for line_number, line in enumerate(annotations.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, wnid = line.split("\t")[:2]
+        if wnid not in classes:
+            raise DataError(f"{annotations}:{line_number}: class {wnid!r} is not in wnids.txt")
+        val_images.append(decode_image(base / "val" / "images" / name, config.folder_size, where=f"{annotations}:{line_number}: "))
+        val_labels.append(classes.index(wnid))
+    return RawDataset(train, from_hwc(np.stack(val_images), np.asarray(val_labels), classes) if val_images else None)
