@@ -136,3 +136,14 @@ def test_adapter_errors_name_the_key() -> None:
         ModelConfig(name="vit_tiny_patch16_224", adapter={"type": "dora"})
     with pytest.raises(RayclsError, match="model.adapter.targets: .*linear layers are named: .*qkv"):
         create_model(ModelConfig(name="vit_tiny_patch16_224", adapter={"targets": ["query"]}), InputSpec(num_classes=10, in_chans=3, image_size=32))
+
+
+@pytest.mark.parametrize(("in_chans", "size", "params"), [(1, 28, 709_510), (3, 32, 17_632_506)], ids=["mnist", "cifar10"])
+def test_adaptive_cnn_has_the_seeds_layout_for_each_dataset(in_chans: int, size: int, params: int) -> None:
+    """AdaptiveCNN picks its layout from the data: the seed's 709K-parameter MNIST network and its 17.6M
+    CIFAR-10 one (residual blocks with squeeze-and-excitation, a two-layer classifier)."""
+    model = create_model(ModelConfig(name="adaptive_cnn", drop_rate=0.3), InputSpec(num_classes=10, in_chans=in_chans, image_size=size))
+    assert sum(p.numel() for p in model.parameters()) == params
+    x = torch.randn(2, in_chans, size, size)
+    assert model(x).shape == (2, 10) and model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
+    assert model.neck[-1].p == 0.3
