@@ -39,6 +39,8 @@ base:
   model: {name: small_cnn, width: 8}
   train: {epochs: 2, batch_size: 64, optimizer: adamw, lr: 3.0e-3, warmup_epochs: 0}
 """
+# For tests about scheduling, not about the held-out evaluation (which costs a second or two per trial).
+NO_EVAL = BASE.replace("warmup_epochs: 0}", "warmup_epochs: 0}\n  eval: {on: none}")
 WORKER_NODE = dict(num_cpus=2, num_gpus=1)
 
 
@@ -97,7 +99,7 @@ scheduler: {name: fifo}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
-""" + BASE)
+""" + NO_EVAL)
     rows = read_leaderboard(storage, "spread").table.to_pylist()
     assert len(rows) == 6 and all(r["status"] == "completed" and r["restarts"] == 0 for r in rows)
     history = read_leaderboard(storage, "spread", kind="history").table.to_pylist()
@@ -145,7 +147,7 @@ scheduler: {name: asha, max_t: 3, grace_period: 1, reduction_factor: 3}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-1}
-""" + BASE.replace("epochs: 2", "epochs: 3").replace("train_subset: 400", "train_subset: 200"))
+""" + NO_EVAL.replace("epochs: 2", "epochs: 3").replace("train_subset: 400", "train_subset: 200"))
     rows = read_leaderboard(storage, "leak").table.to_pylist()
     stopped = [r for r in rows if r["status"] == "early_stopped"]
     assert len(rows) == 30 and len(stopped) >= 15, [r["status"] for r in rows]

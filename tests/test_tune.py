@@ -57,6 +57,11 @@ space:
 """ + BASE
 
 
+def without_eval(base: str) -> str:
+    """BASE for a search whose test is not about the held-out evaluation: no evaluation (seconds per trial)."""
+    return base.replace("warmup_epochs: 0}", "warmup_epochs: 0}\n  eval: {on: none}")
+
+
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key, but fake
 # Cloud credentials a cluster user has in their environment: fake values of the real shapes.
 FAKE_SECRETS = {"WANDB_API_KEY": FAKE_KEY, "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKEFAKE",
@@ -360,7 +365,7 @@ def test_report_of_one_trial_and_of_only_failed_trials_says_so(local_ray, tmp_pa
 
     storage = str(tmp_path / "results")
     one = write_yaml(tmp_path / "one.yaml", "experiment: {name: one, trials: 1}\nwandb: {mode: disabled}\n"
-                     + BASE.replace("epochs: 4", "epochs: 1"))  # fmt: skip
+                     + without_eval(BASE.replace("epochs: 4", "epochs: 1")))  # fmt: skip
     main(["tune", str(one), "--storage", storage])
     report = Path(storage) / "one" / "report" / "report.html"
     assert f"Report: {report}" in capsys.readouterr().out.replace("\n", "")
@@ -386,7 +391,7 @@ def test_recipes_search_samples_the_toolkit_and_stops_on_plateaus(local_ray, tmp
     with the trial's best value, the row's score."""
     from raycls.tune.searcher import journal_path, open_study_storage
 
-    overrides = {"experiment.trials": 2, "scheduler.name": "fifo", "train.epochs": 4, "model.width": 8,
+    overrides = {"experiment.trials": 2, "scheduler.name": "fifo", "train.epochs": 4, "model.width": 8, "eval.on": "none",
                  "train.early_stopping.patience": 1, "train.early_stopping.min_delta": 0.5}  # fmt: skip
     experiment = load_experiment(REPO / "search_spaces" / "recipes-digits.yaml", overrides)
     storage = str(tmp_path / "results")
@@ -420,7 +425,7 @@ wandb: {mode: disabled}
 space:
   model.width: {type: choice, values: [8, 16]}
   train.optimizer: {type: choice, values: [adamw, sgd]}
-""" + BASE.replace("epochs: 4", "epochs: 1")))
+""" + without_eval(BASE.replace("epochs: 4", "epochs: 1"))))
     storage = str(tmp_path / "results")
     run_tune(experiment, TuneOptions(storage=storage, live=False))
     rows = read_leaderboard(storage, "grid").table.to_pylist()
@@ -555,7 +560,7 @@ scheduler: {name: fifo}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
-""" + BASE.replace("epochs: 4", "epochs: 3"))
+""" + without_eval(BASE.replace("epochs: 4", "epochs: 2")))
     storage = str(tmp_path / "results")
     run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))  # concurrency: 1 GPU / 0.25
     rows = read_leaderboard(storage, "frac").table.to_pylist()
@@ -598,7 +603,7 @@ def test_distilled_trial_records_its_teacher(local_ray, tmp_path: Path) -> None:
 experiment: {name: ema, trials: 1}
 scheduler: {name: fifo}
 wandb: {mode: disabled}
-""" + BASE.replace("epochs: 4", "epochs: 2").replace("  model:", "  phase: {name: distill, ema_decay: 0.99}\n  model:"))
+""" + without_eval(BASE.replace("epochs: 4", "epochs: 2").replace("  model:", "  phase: {name: distill, ema_decay: 0.99}\n  model:")))
     storage = str(tmp_path / "results")
     run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))
     (row,) = read_leaderboard(storage, "ema").table.to_pylist()
