@@ -26,6 +26,7 @@ from raycls.data.augment import AUGMENTATIONS, _pixel_space, _uniform
 ERASING_ASPECT = (0.3, 3.3)
 TRIVIAL_BINS = 31  # TrivialAugmentWide's magnitude bins (torchvision's default)
 RANDAUGMENT_BINS = 31
+Draw = tuple[torch.Tensor, str, float]  # (which images, op name, signed magnitude): one torchvision call
 
 
 @cache
@@ -51,7 +52,7 @@ def _magnitude(policy: Any, op: str, bins: int, index: int, height: int, width: 
     return (float(table[index]) if table is not None and table.ndim > 0 else 0.0), signed  # None: no magnitude
 
 
-def _apply_groups(x: torch.Tensor, policy: Any, draws: list[tuple[torch.Tensor, str, float]]) -> torch.Tensor:
+def _apply_groups(x: torch.Tensor, policy: Any, draws: list[Draw]) -> torch.Tensor:
     """Apply each (mask, op, signed magnitude) draw to the images the mask selects, on uint8 images."""
     images = _to_uint8(x)
     for mask, op, magnitude in draws:
@@ -67,6 +68,14 @@ def _signs(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     return _uniform(n, gen, device) < 0.5
 
 
+
+def _signed(chosen: torch.Tensor, negative: torch.Tensor, op: str, magnitude: float, signed: bool) -> list[Draw]:
+    """The chosen images' draws of `op`: one group at +magnitude and, for a signed op, one at -magnitude."""
+    if not signed:
+        return [(chosen, op, magnitude)]
+    return [(chosen & ~negative, op, magnitude), (chosen & negative, op, -magnitude)]
+
+
 @_pixel_space("randaugment")
 def randaugment(x: torch.Tensor, config: dict, gen: torch.Generator) -> torch.Tensor:
     policy = _policy("randaugment")
@@ -75,13 +84,8 @@ def randaugment(x: torch.Tensor, config: dict, gen: torch.Generator) -> torch.Te
     for _ in range(config["num_ops"]):
         choice = (_uniform(n, gen, x.device) * len(ops)).long().clamp(max=len(ops) - 1)
         negative = _signs(n, gen, x.device)
-        draws = []
-        for k, op in enumerate(ops):
-            magnitude, signed = _magnitude(policy, op, RANDAUGMENT_BINS, config["magnitude"], h, w)
-            chosen = choice == k
-            draws.append((chosen & ~negative if signed else chosen, op, magnitude))
-            if signed:
-                draws.append((chosen & negative, op, -magnitude))
+        draws = [draw for k, op in enumerate(ops)
+                 for draw in _signed(choice == k, negative, op, *_magnitude(policy, op, RANDAUGMENT_BINS, config["magnitude"], h, w))]
         x = _apply_groups(x, policy, draws)
     return x
 
@@ -114,14 +118,10 @@ def autoaugment(x: torch.Tensor, name: str, gen: torch.Generator) -> torch.Tenso
     for stage in range(2):
         applied = _uniform(n, gen, x.device)
         negative = _signs(n, gen, x.device)
-        draws = []
-        for s, sub_policy in enumerate(policy._policies):
-            op, probability, index = sub_policy[stage]
-            magnitude, signed = _magnitude(policy, op, 10, index, h, w) if index is not None else (0.0, False)
-            chosen = (sub == s) & (applied <= probability)
-            draws.append((chosen & ~negative if signed else chosen, op, magnitude))
-            if signed:
-                draws.append((chosen & negative, op, -magnitude))
+        draws: list[Draw] = []
+        for s, (op, probability, index) in enumerate(sub_policy[stage] for sub_policy in policy._policies):
+            magnitude = _magnitude(policy, op, 10, index, h, w) if index is not None else (0.0, False)
+            draws += _signed((sub == s) & (applied <= probability), negative, op, *magnitude)
         x = _apply_groups(x, policy, draws)
     return x
 
