@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from raycls.config.schema import TrainConfig
+from raycls.models.registry import classifier_of
 from raycls.registry import Registry
 
 OptimizerFactory = Callable[[list[dict], TrainConfig], torch.optim.Optimizer]
@@ -74,8 +75,8 @@ def param_groups(model: nn.Module, weight_decay: float, *, backbone: nn.Module |
 
 def _backbone_body(backbone: nn.Module) -> set[int]:
     """The backbone's parameters less its classifier (timm's get_classifier), which is a head."""
-    head = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
-    excluded = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    head = classifier_of(backbone)
+    excluded = {id(p) for p in head.parameters()} if head is not None else set()
     return {id(p) for p in backbone.parameters() if id(p) not in excluded}
 
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from raycls.config.schema import AdapterConfig
 from raycls.errors import ConfigError
+from raycls.models.registry import classifier_of
 from raycls.registry import Registry
 
 ADAPTERS: Registry[Callable[[AdapterConfig], Any]] = Registry("adapter")
@@ -46,7 +47,7 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(f"model.adapter.targets: {err}; this model's linear layers are named: {', '.join(linear)}") from None
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if isinstance(head, nn.Module):
+    head = classifier_of(model)
+    if head is not None:
         head.requires_grad_(True)  # the classifier is new to the task: it trains in full
     return model

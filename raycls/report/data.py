@@ -1,7 +1,7 @@
 """Everything a report draws, read once from the experiment's storage.
 
-The leaderboard and history files are one small Parquet file per trial: a report of thousands of trials
-spends most of its time opening them (see results.leaderboard.read_parquet).
+The leaderboard and history files are read as `raycls leaderboard` reads them (results.leaderboard): one small
+Parquet file per trial, which is most of a report's time for thousands of trials.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.fs as pafs
 
 from raycls.errors import LeaderboardError, RayclsError
 from raycls.evaluate import names
-from raycls.results.leaderboard import param_columns, read_parquet, stage_columns
-from raycls.storage import HISTORY_DIR, LEADERBOARD_DIR, ExperimentPaths
+from raycls.results.leaderboard import param_columns, read_leaderboard, stage_columns
+from raycls.storage import HISTORY_DIR, ExperimentPaths
 
 if TYPE_CHECKING:
     import optuna
@@ -35,20 +33,14 @@ class ReportData:
     histories: dict[str, list[dict[str, Any]]]  # trial_id -> its epochs, in order
     metric: str
     mode: str  # "max" or "min"
+    params: list[str] = field(default_factory=list)  # sampled parameters' columns
+    stages: list[str] = field(default_factory=list)  # a chain's per-stage metric columns
     space: Experiment | None = None  # the space as run (space.yaml); None when the experiment has none
     skipped: list[str] = field(default_factory=list)  # files that could not be read, and why
 
     @property
     def paths(self) -> ExperimentPaths:
         return ExperimentPaths(self.storage, self.experiment)
-
-    @property
-    def params(self) -> list[str]:
-        return param_columns(_columns(self.rows))
-
-    @property
-    def stages(self) -> list[str]:
-        return stage_columns(_columns(self.rows))
 
     def scored(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if isinstance(r.get("score"), (int, float))]
@@ -99,50 +91,26 @@ def timestamp(value: datetime | None) -> float:
     return value.timestamp() if isinstance(value, datetime) else float("inf")
 
 
-def _columns(rows: list[dict[str, Any]]) -> pa.Table:
-    names_seen: dict[str, None] = {}
-    for row in rows:
-        names_seen.update(dict.fromkeys(row))
-    return pa.table({name: pa.array([], pa.null()) for name in names_seen})
-
-
 def load_report_data(storage: str, experiment: str) -> ReportData:
-    """The experiment's rows and histories; a LeaderboardError when it has no row at all."""
+    """The experiment's rows and histories (read as `raycls leaderboard` reads them); a LeaderboardError
+    when it has no row at all."""
     paths = ExperimentPaths(storage, experiment)
-    rows, skipped = _read_dir(paths, LEADERBOARD_DIR)
-    if not rows:
+    board = read_leaderboard(storage, experiment)
+    if board.table.num_rows == 0:
         raise LeaderboardError(f"{paths.leaderboard_dir()}: no leaderboard rows of experiment {experiment!r} "
                                f"(expected <trial_id>.parquet files written by `raycls tune`)")  # fmt: skip
-    epochs, more = _read_dir(paths, HISTORY_DIR)
+    epochs = read_leaderboard(storage, experiment, kind=HISTORY_DIR)
     histories: dict[str, list[dict[str, Any]]] = {}
-    for epoch in epochs:
+    for epoch in epochs.table.to_pylist():
         histories.setdefault(epoch["trial_id"], []).append(epoch)
     for history in histories.values():
         history.sort(key=lambda h: h.get(names.EPOCH) or 0)
-    rows.sort(key=lambda r: (timestamp(r.get("ended_at")), r["trial_id"]))
+    rows = sorted(board.table.to_pylist(), key=lambda r: (timestamp(r.get("ended_at")), r["trial_id"]))
     first = rows[0]
     return ReportData(experiment, paths.storage, rows, histories, metric=str(first.get("metric") or "score"),
-                      mode=str(first.get("mode") or "max"), space=_space_as_run(paths), skipped=skipped + more)  # fmt: skip
-
-
-def _read_dir(paths: ExperimentPaths, kind: str) -> tuple[list[dict[str, Any]], list[str]]:
-    """Every file of `leaderboard/` or `history/` as rows of one table (columns a trial lacks are None)."""
-    fs, folder = paths.locate(f"{paths.root}/{kind}")
-    files = [info.path for info in fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-             if info.path.endswith(".parquet") and not Path(info.path).name.startswith(".")]  # fmt: skip
-    tables: list[pa.Table] = []
-    skipped: list[str] = []
-    for path in files:
-        try:
-            tables.append(read_parquet(fs, path))
-        except (pa.ArrowException, OSError) as err:
-            skipped.append(f"{path}: unreadable ({type(err).__name__})")
-    if not tables:
-        return [], skipped
-    try:
-        return pa.concat_tables(tables, promote_options="permissive").to_pylist(), skipped
-    except pa.ArrowInvalid:  # a column changed type between runs: row by row, each with its own types
-        return [row for table in tables for row in table.to_pylist()], skipped
+                      mode=str(first.get("mode") or "max"), params=param_columns(board.table),
+                      stages=stage_columns(board.table), space=_space_as_run(paths),
+                      skipped=board.skipped + epochs.skipped)  # fmt: skip
 
 
 def _space_as_run(paths: ExperimentPaths) -> Experiment | None:

@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from raycls.errors import ConfigError
+from raycls.models.registry import classifier_of
 
 
 def frozen_modules(model: nn.Module, backbone: nn.Module, freeze: str | list[str]) -> list[nn.Module]:
@@ -18,8 +19,8 @@ def frozen_modules(model: nn.Module, backbone: nn.Module, freeze: str | list[str
     if freeze == "none":
         return []
     if freeze == "backbone":
-        head = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
-        keep = set(head.modules()) if isinstance(head, nn.Module) else set()
+        head = classifier_of(backbone)
+        keep = set(head.modules()) if head is not None else set()
         # The backbone's direct children but its classifier (a classifier is often a child, never the root).
         return [child for child in backbone.children() if child not in keep] or [backbone]
     names = dict(model.named_modules())
