@@ -13,7 +13,7 @@ from typing import Any
 
 from raycls.config import load_experiment, parse_overrides
 from raycls.config.experiment import Experiment
-from raycls.phases.base import check_experiment_metric
+from raycls.phases.base import check_experiment_metric, check_stages
 from raycls.results.references import resolve_references
 
 
@@ -34,4 +34,5 @@ def prepare_experiment(
         experiment = experiment.as_fast_dev_run()
     # Before anything starts: a chain whose stages do not all report the experiment metric is refused.
     check_experiment_metric(experiment)
+    check_stages(experiment)  # what each phase can run on (token_distill: ViTs only)
     return resolve_references(experiment, storage) if storage is not None else experiment

@@ -12,7 +12,8 @@ import pytest
 from raycls.config import TrialConfig, load_experiment, parse_overrides, resolve_trial, suggest
 from raycls.config.sampling import sample_configs
 from raycls.config.load import get_path
-from raycls.phases.base import check_experiment_metric
+from raycls.cli import main
+from raycls.phases.base import check_experiment_metric, check_stages
 from pydantic import ValidationError
 
 from raycls.errors import ConfigError
@@ -58,6 +59,18 @@ def test_every_shipped_space_loads_and_samples(path: Path) -> None:
         for key, value in params.items():
             assert get_path(config.to_dict(), key) == value
     check_experiment_metric(exp)  # every stage reports the metric ASHA ranks by
+    check_stages(exp)  # each stage's phase can run on its models (token_distill: ViTs)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_space_passes_space_validate_and_says_what_it_is(path: Path, capsys) -> None:
+    try:
+        main(["space", "validate", str(path)])
+    except SystemExit as exited:  # typer exits 0, or returns
+        assert exited.code in (0, None)
+    assert f"OK {path}" in " ".join(capsys.readouterr().out.split())
+    header = path.read_text().split("\nexperiment:")[0]
+    assert header.startswith(f"# {path.stem}:") and "raycls tune search_spaces/" in header  # what it is, how to run it
 
 
 BAD = [

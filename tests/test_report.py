@@ -77,3 +77,31 @@ def test_an_experiment_without_rows_is_an_error_naming_the_folder(tmp_path: Path
     with pytest.raises(SystemExit) as info:
         main(["report", "nothing", "--storage", str(tmp_path)])
     assert info.value.code == 2 and str(tmp_path / "nothing" / "leaderboard") in capsys.readouterr().out
+
+
+def test_a_zoo_gets_its_models_compared(tmp_path: Path) -> None:
+    """A categorical parameter (model.name) is compared value by value: each value's best trial, with its
+    held-out metrics; a failed trial's value does not appear."""
+    storage = tmp_path / "results"
+    experiment = load_experiment(write_yaml(tmp_path / "zoo.yaml", """
+experiment: {name: zoo, trials: 4, metric: val_acc}
+search: {algorithm: grid}
+scheduler: {name: fifo}
+base: {data: {name: digits}}
+space:
+  model.name: {type: choice, values: [resnet18, small_cnn, adaptive_cnn]}
+"""))
+    write_space_as_run(experiment, str(storage))
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    trials = [("resnet18", 0.90, 0.88, "completed"), ("resnet18", 0.95, 0.93, "completed"),
+              ("small_cnn", 0.80, 0.79, "completed"), ("adaptive_cnn", 0.5, None, "failed")]  # fmt: skip
+    for i, (model, val, test, status) in enumerate(trials):
+        write_trial(str(storage), TrialRecord(
+            experiment="zoo", trial_id=f"t{i}", status=status, metric="val_acc", mode="max",
+            params={"model.name": model}, param_types={"model.name": pa.string()}, history=[{"epoch": 1, "val_acc": val}],
+            evaluation={"metrics": {"test_acc": test}} if test is not None else {},
+            started_at=start + timedelta(minutes=i), ended_at=start + timedelta(minutes=i + 1)))  # fmt: skip
+    sections = {s.name: s for s in build_sections(load_report_data(str(storage), "zoo"))}
+    bars = {t.name: dict(zip(t.x, t.y)) for t in sections["choices"].figure.data}
+    assert bars["val_acc"] == {"resnet18": 0.95, "small_cnn": 0.80}  # each model's best trial; the failed one left out
+    assert bars["test_acc"] == {"resnet18": 0.93, "small_cnn": 0.79}

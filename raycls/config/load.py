@@ -7,6 +7,7 @@ Every problem in a file is reported at once, each as `FILE: dotted.key: what is 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import typing
 from collections.abc import Iterable, Mapping
@@ -226,6 +227,7 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
     if overrides:
         parsed, space = _apply_overrides(raw, parsed, space, section_overrides, trial_overrides)
 
+    parsed["base"], trial_overrides = _absolute_data_paths(parsed["base"], trial_overrides)
     experiment = parsed["experiment"]
     name = experiment.name or Path(path).stem
     if not NAME_PATTERN.match(name):
@@ -240,6 +242,23 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
         space=space,
         overrides=trial_overrides,
     )
+
+
+DATA_PATHS = ("path", "root")  # data.path, data.root
+
+
+def _absolute_data_paths(base: TrialConfig, overrides: dict[str, Any]) -> tuple[TrialConfig, dict[str, Any]]:
+    """A relative data.path / data.root means relative to where the command runs; trials run elsewhere (Ray
+    Tune gives each its own working folder), so both are made absolute here, in the base and in `--set`."""
+    data = {key: os.path.abspath(os.path.expanduser(value)) for key in DATA_PATHS
+            if isinstance(value := getattr(base.data, key), str) and not _is_uri(value)}  # fmt: skip
+    pinned = {key: os.path.abspath(os.path.expanduser(value)) if key in {f"data.{k}" for k in DATA_PATHS}
+              and isinstance(value, str) and not _is_uri(value) else value for key, value in overrides.items()}  # fmt: skip
+    return base.model_copy(update={"data": base.data.model_copy(update=data)}), pinned
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value
 
 
 def _load_space(raw_space: Any, raw_base: dict[str, Any]) -> tuple[Space, list[str]]:

@@ -81,6 +81,9 @@ class ModelConfig(Frozen):
     # Passed through to timm.create_model (e.g. {patch_size: 4}).
     kwargs: dict[str, Any] = Field(default_factory=dict)
     adapter: AdapterConfig | None = None  # LoRA / IA3 through peft: the backbone's own weights stay frozen
+    # A model with a distillation token (cifar_deit_distilled) predicts from its class head, its distillation
+    # head, or their mean; None: the mean (DeiT's and timm's choice).
+    inference_head: Literal["class", "distill", "mean"] | None = None
 
     _known = registered("model", "name")
 
@@ -157,11 +160,9 @@ class Reference(Frozen):
 PREVIOUS = "previous"
 
 
-class DistillConfig(PhaseConfig):
-    """Knowledge distillation into the student (the trial's model) from a teacher checkpoint, or from an
-    exponential moving average of the student itself when `teacher` is null."""
+class TeacherPhaseConfig(PhaseConfig):
+    """A phase that learns from a teacher model (distill, token_distill): where the teacher comes from."""
 
-    name: Literal["distill"] = "distill"
     # A teacher checkpoint: a folder holding model.pt, or the file; `previous` (in a chain): the previous
     # stage's best model, heads included (an ArcFace stage teaches through its cosine classifier). A leaderboard reference
     # ({from: EXPERIMENT, pick: best}) is resolved to such a path by the driver before trials start.
@@ -176,6 +177,13 @@ class DistillConfig(PhaseConfig):
     teacher_phase: SerializeAsAny[PhaseConfig] | None = None
 
     _dispatch = field_validator("teacher_phase", mode="before")(classmethod(lambda cls, value: _dispatch_phase(value)))
+
+
+class DistillConfig(TeacherPhaseConfig):
+    """Knowledge distillation into the student (the trial's model) from a teacher checkpoint, or from an
+    exponential moving average of the student itself when `teacher` is null."""
+
+    name: Literal["distill"] = "distill"
     kd: str = "soft_kd"  # a KD_LOSSES name
     temperature: Annotated[float, Field(gt=0.0)] = 4.0
     # Weight of the distillation term: loss = alpha * kd + (1 - alpha) * cross-entropy on the labels.
@@ -199,11 +207,49 @@ class DistillConfig(PhaseConfig):
     _known_alpha_schedule = registered("alpha schedule", "alpha_schedule")
 
 
+class TokenDistillConfig(TeacherPhaseConfig):
+    """CST-style token distillation from a ViT teacher into a ViT student (raycls.losses.tokens): the student's
+    patch tokens at `student_layers`, projected to the teacher's width, learn the teacher's tokens at
+    `teacher_layers` (L_tok), and their token-token similarities learn the teacher's (L_rel), beside
+    cross-entropy on the labels: loss = CE + tok_weight * L_tok + rel_weight * L_rel, with L_rel from epoch
+    `rel_start_epoch` of the stage on (L_tok alone before). The teacher: `previous` (a ViT stage of the chain),
+    a checkpoint or leaderboard reference, or `teacher_model` with pretrained weights (DINOv2 ViT-S/14:
+    vit_small_patch14_dinov2.lvd142m, with teacher_image_size 224)."""
+
+    name: Literal["token_distill"] = "token_distill"
+    # Block indices (negative: from the last) whose output tokens are matched, pair by pair; None: the middle
+    # block and the last of each model.
+    student_layers: list[int] | None = None
+    teacher_layers: list[int] | None = None
+    tok_weight: Annotated[float, Field(ge=0.0)] = 1.0
+    rel_weight: Annotated[float, Field(ge=0.0)] = 0.1
+    rel_start_epoch: Annotated[int, Field(ge=0)] = 0
+    # Softmax temperature of the token-token similarity rows in L_rel.
+    rel_temperature: Annotated[float, Field(gt=0.0)] = 0.1
+    # The teacher sees the images resized to this side (a pretrained ViT's own resolution); None: as given.
+    teacher_image_size: PositiveInt | None = None
+    label_smoothing: Fraction = 0.0
+
+    @model_validator(mode="after")
+    def _has_teacher(self) -> "TokenDistillConfig":
+        if self.teacher is None and (self.teacher_model is None or not self.teacher_model.pretrained):
+            raise ValueError("token_distill needs a teacher: `teacher: previous` (in a chain), a checkpoint, "
+                             "{from: EXPERIMENT}, or teacher_model with pretrained: true "
+                             "(e.g. {name: vit_small_patch14_dinov2.lvd142m, pretrained: true})")  # fmt: skip
+        if (self.student_layers is None) != (self.teacher_layers is None) or (
+            self.student_layers is not None and len(self.student_layers) != len(self.teacher_layers or [])
+        ):
+            raise ValueError(f"student_layers {self.student_layers} and teacher_layers {self.teacher_layers}: "
+                             "give both, of the same length (they pair one to one), or neither")  # fmt: skip
+        return self
+
+
 # Phase configs live here (not in phases/) so that a config validates without importing the training code;
 # phases/ registers one implementation per name and a contract test checks the two registries agree.
 # Keyed by each class's own `name` literal (the one place a phase's name is written on the config side).
 PHASE_CONFIGS: dict[str, type[PhaseConfig]] = {
-    cls.model_fields["name"].default: cls for cls in (SupervisedConfig, MetricConfig, SupConConfig, DistillConfig)
+    cls.model_fields["name"].default: cls
+    for cls in (SupervisedConfig, MetricConfig, SupConConfig, DistillConfig, TokenDistillConfig)
 }
 
 
@@ -461,6 +507,10 @@ class StageConfig(Frozen):
     # (`supcon>arcface>distill`); None: the phase's name.
     name: str | None = None
     phase: SerializeAsAny[PhaseConfig]
+    # The stage's own model (a CNN teacher stage, then a ViT student distilled from it); None: the trial's
+    # `model`. A stage whose model differs from the previous stage's starts from fresh weights, so it must
+    # learn from that stage another way: distillation with `teacher: previous`.
+    model: ModelConfig | None = None
     train: dict[str, Any] = Field(default_factory=dict)
     augment: dict[str, Any] = Field(default_factory=dict)
 
@@ -472,6 +522,7 @@ class Stage(Frozen):
 
     label: str
     phase: SerializeAsAny[PhaseConfig]
+    model: ModelConfig
     train: TrainConfig
     augment: AugmentConfig
 
@@ -517,7 +568,19 @@ class TrialConfig(Frozen):
         labels = [s.label for s in self.stages]
         if len(set(labels)) != len(labels):
             raise ValueError(f"phases: stage names must differ (got {' > '.join(labels)}); give each stage a `name`")
+        for i, (before, stage) in enumerate(zip(self.stages, self.stages[1:]), start=1):
+            if stage.model != before.model and getattr(stage.phase, "teacher", None) != PREVIOUS:
+                raise ValueError(
+                    f"phases.{i} ({stage.label}): its model ({stage.model.name}) differs from stage {before.label}'s "
+                    f"({before.model.name}), so it cannot start from that stage's weights; make it a distillation "
+                    f"stage with `teacher: previous` (phase.name: distill or token_distill), or give both the same model"
+                )
         return self
+
+    @property
+    def final_model(self) -> ModelConfig:
+        """The model the trial ends with (its last stage's): what is evaluated, exported and served."""
+        return self.stages[-1].model
 
     @model_serializer(mode="wrap")
     def _drop_unused_phase(self, handler: Any) -> dict[str, Any]:
@@ -531,11 +594,12 @@ class TrialConfig(Frozen):
     def stages(self) -> list[Stage]:
         """The phases this trial runs, in order: the chain, or the single `phase` as a one-stage chain."""
         if self.phases is None:
-            return [Stage(label=self.phase.name, phase=self.phase, train=self.train, augment=self.augment)]
+            return [Stage(label=self.phase.name, phase=self.phase, model=self.model, train=self.train, augment=self.augment)]
         return [
             Stage(
                 label=stage.name or stage.phase.name,
                 phase=stage.phase,
+                model=stage.model or self.model,
                 train=TrainConfig.model_validate({**self.train.model_dump(), **stage.train}),
                 augment=AugmentConfig.model_validate({**self.augment.model_dump(), **stage.augment}),
             )

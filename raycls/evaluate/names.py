@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 EPOCH = "epoch"
 LR = "lr"
@@ -25,6 +26,10 @@ DEVICE = "device"  # "cpu" or the CUDA device's name
 RESTARTS = "restarts"  # times the trial restarted from a checkpoint (Ray Train worker-group restarts and Tune retries)
 NODE_ID = "node_id"  # the Ray node that reported the epoch (rank 0's): where a trial ran, epoch by epoch
 STAGE = "stage"  # chains only: the label of the stage an epoch belongs to (a string)
+STAGE_INDEX = "stage_index"  # chains only: that stage's position in the chain, from 0
+# Chains only: the experiment metric as a chain's epochs rank (`ranked_value`); Tune and Ray Train keep
+# checkpoints by it, so a later stage's checkpoint is never deleted for an earlier stage's better score.
+CHAIN_SCORE = "chain_score"
 
 
 # ---------------------------------------------------------------------------------- held-out evaluation
@@ -111,6 +116,21 @@ def as_good(value: float, than: float | None, mode: Mode) -> bool:
     later epoch, as in Ray's checkpoint manager, which keeps the later of two equal checkpoints. The row's
     best epoch, its checkpoint and the weights evaluated are then always the same epoch's."""
     return than is None or (value >= than if mode == "max" else value <= than)
+
+
+# Wider than any metric's range: stage k's epochs rank above every epoch of stages before it.
+CHAIN_STRIDE = 1e6
+
+
+def ranked_value(metrics: Mapping[str, Any], metric: str, mode: Mode) -> float | None:
+    """`metric` of one epoch as epochs are ranked: a chain's product is its last stage, so an epoch of a later
+    stage ranks above any epoch of an earlier one (a DeiT student's val_acc is not beaten by its CNN
+    teacher's), then by the metric. One-stage trials: the metric itself."""
+    value = metrics.get(metric)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    stride = float(metrics.get(STAGE_INDEX, 0)) * CHAIN_STRIDE
+    return float(value) + stride if mode == "max" else float(value) - stride
 
 
 def better(value: float, than: float | None, mode: Mode) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from raycls.evaluate.names import EPOCH, Mode, as_good, better, mode_of
+from raycls.evaluate.names import CHAIN_SCORE, EPOCH, STAGE_INDEX, Mode, as_good, better, mode_of, ranked_value
 
 
 @dataclass(frozen=True)
@@ -29,15 +29,16 @@ def summarize(history: Sequence[dict[str, float]], metric: str, mode: Mode | Non
     mode = mode or mode_of(metric)
     if not history:
         return Summary(metric, mode)
-    scored = [h for h in history if isinstance(h.get(metric), (int, float))]
+    # Ranked as chains rank epochs (names.ranked_value): the best epoch of the last stage reached.
+    scored = [h for h in history if ranked_value(h, metric, mode) is not None]
     best_row = scored[0] if scored else history[-1]
     for row in scored[1:]:
-        if as_good(row[metric], best_row[metric], mode):
+        if as_good(ranked_value(row, metric, mode), ranked_value(best_row, metric, mode), mode):  # type: ignore[arg-type]
             best_row = row
     best: dict[str, float] = {}
     for row in history:
         for key, value in row.items():
-            if key == EPOCH or not isinstance(value, (int, float)):  # a chain's `stage` label is not ranked
+            if key in (EPOCH, STAGE_INDEX, CHAIN_SCORE) or not isinstance(value, (int, float)):  # nor is `stage`
                 continue
             if better(value, best.get(key), mode_of(key)):
                 best[key] = value

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from raycls.config.schema import ModelConfig
-from raycls.errors import RegistryError
+from raycls.errors import ConfigError, RegistryError
 from raycls.registry import Registry
 
 
@@ -58,6 +58,9 @@ MODELS = ModelRegistry("model")
 
 def create_model(config: ModelConfig, spec: InputSpec) -> nn.Module:
     model = MODELS.get(config.name)(config, spec)
+    if config.inference_head is not None and not hasattr(model, "inference_head"):
+        raise ConfigError(f"model.inference_head={config.inference_head}: {config.name} has one head; it applies to "
+                          "models with a distillation token (cifar_deit_distilled)")  # fmt: skip
     if config.adapter is not None:
         from raycls.models.adapters import apply_adapter
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from raycls.config.experiment import Experiment
-from raycls.config.schema import PhaseConfig
+from raycls.config.schema import ModelConfig, PhaseConfig, Stage
 from raycls.errors import ConfigError
 from raycls.evaluate import names
 from raycls.evaluate.evaluators import DEFAULT_KNN_K, ClassifierMetrics, EmbeddingMetrics, Evaluator, Outputs
@@ -53,6 +53,9 @@ class Phase(ABC, Generic[C]):
 
     def start(self, model: nn.Module, *, total_steps: int) -> None:
         """Called once the model is on its device, before the first step (schedules need the step count)."""
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before each training epoch with its index within the stage (resumed stages too)."""
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimizer step (EMA teachers update here). `model` is unwrapped."""
@@ -97,6 +100,10 @@ class Phase(ABC, Generic[C]):
         return None
 
     @classmethod
+    def check_stage(cls, stages: "list[Stage]", index: int) -> None:
+        """Refuse (ConfigError) a stage this phase cannot run, before any trial starts. Default: no check."""
+
+    @classmethod
     def reports(cls, topk: int) -> frozenset[str]:
         """The validation metrics this phase reports at every epoch (VAL_IMAGES is the loop's own)."""
         return frozenset({names.VAL_IMAGES}).union(*(kind.reports(topk) for kind in cls.evaluators))
@@ -111,11 +118,21 @@ PHASES: Registry[type[Phase]] = Registry("phase")
 
 @dataclass(frozen=True)
 class Previous:
-    """The stage before this one in a chain: its phase config, and its best weights (the whole module's; None
-    when a checkpoint of this stage is about to be restored over them)."""
+    """The stage before this one in a chain: its phase config, its best weights (the whole module's; None
+    when a checkpoint of this stage is about to be restored over them), and its model when that is not this
+    stage's (a CNN teacher stage before a ViT student: the teacher is rebuilt as that model)."""
 
     phase: PhaseConfig
     weights: dict[str, torch.Tensor] | None
+    model: ModelConfig | None = None
+
+    @classmethod
+    def of(cls, stages: "list[Stage]", index: int, weights: dict[str, torch.Tensor] | None) -> "Previous | None":
+        """Stage `index`'s previous stage, holding `weights`; None for the first stage."""
+        if index == 0:
+            return None
+        before = stages[index - 1]
+        return cls(before.phase, weights, before.model if before.model != stages[index].model else None)
 
 
 def create_phase(config: PhaseConfig, spec: InputSpec, *, topk: int = 5, previous: Previous | None = None) -> Phase:
@@ -134,3 +151,14 @@ def check_experiment_metric(experiment: Experiment) -> None:
             f"every phase of {experiment.base.chain} reports: {', '.join(sorted(common))}",
             source=experiment.source,
         )
+
+
+def check_stages(experiment: Experiment) -> None:
+    """Each stage of the base trial passes its phase's own check (token_distill: ViT student and teacher)."""
+    stages = experiment.base.stages
+    for index, stage in enumerate(stages):
+        try:
+            PHASES.get(stage.phase.name).check_stage(stages, index)
+        except ConfigError as err:
+            where = f"phases.{index} ({stage.label})" if experiment.base.phases else "phase"
+            raise ConfigError([f"{where}: {problem}" for problem in err.problems], source=experiment.source) from None

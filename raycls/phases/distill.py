@@ -16,12 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raycls.config.schema import PREVIOUS, DistillConfig, SupervisedConfig
+from raycls.config.schema import PREVIOUS, DistillConfig, SupervisedConfig, TeacherPhaseConfig
 from raycls.errors import CheckpointError, ConfigError
 from raycls.evaluate import names
 from raycls.losses import KD_LOSSES, kd_alpha
 from raycls.models import create_model, load_weights
-from raycls.phases.base import PHASES, Batch, Phase, create_phase
+from raycls.models.registry import InputSpec
+from raycls.phases.base import PHASES, Batch, Phase, Previous, create_phase
 from raycls.phases.mixing import BatchMixer, soft_cross_entropy
 
 
@@ -75,37 +76,16 @@ class Distill(Phase[DistillConfig]):
         self.kd = KD_LOSSES.create(self.config.kd, **({"temperature": self.config.temperature} if self.config.kd == "soft_kd" else {}))
         self.steps, self.total_steps = 0, 1
         self.mixer = BatchMixer.maybe(self.config, self.spec.num_classes, self.config.label_smoothing)
-        # The teacher has the student's architecture unless teacher_model says otherwise; an EMA teacher
-        # starts as a copy of the student.
-        trunk = create_model(self.config.teacher_model, self.spec) if self.config.teacher_model else copy.deepcopy(backbone)
+        trunk = teacher_trunk(self.config, self.spec, self.previous, backbone)
         return DistillModel(backbone, trunk if self.config.teacher is None else self._teacher(trunk))
 
     def _teacher(self, trunk: nn.Module) -> nn.Module:
-        """The frozen teacher: the phase that trained it rebuilt on `trunk`, its weights loaded, as a classifier."""
-        teacher, where = self.config.teacher, f"phase.teacher={self.config.teacher}"
-        if isinstance(teacher, str) and teacher == PREVIOUS:
-            if self.previous is None:
-                raise ConfigError("phase.teacher=previous: needs an earlier stage in `phases`")
-            source, weights = self.previous.phase, self.previous.weights
-        elif isinstance(teacher, str):
-            source, weights = self.config.teacher_phase or SupervisedConfig(), load_weights(teacher)
-        else:
-            raise CheckpointError(f"phase.teacher {teacher}: a leaderboard reference must be resolved "
-                                  "by the driver (raycls tune / raycls train) before the trial starts")  # fmt: skip
-        phase = create_phase(source, self.spec)
-        module = phase.build(trunk)
-        if weights is not None:  # None: resuming, and this stage's checkpoint (teacher included) comes next
-            try:
-                module.load_state_dict(weights)
-            except RuntimeError as err:  # shapes or keys differ: another architecture or phase
-                raise CheckpointError(
-                    f"{where}: the weights do not fit a {source.name} model of the teacher's architecture "
-                    f"(set phase.teacher_model / teacher_phase to the teacher's sections): {str(err).splitlines()[0]}"
-                ) from None
+        """The frozen teacher as a classifier: the phase that trained it, rebuilt on `trunk`, its heads'."""
+        phase, module = teacher_module(self.config, self.spec, self.previous, trunk)
         classifier = phase.classifier(module)
         if classifier is None:
-            raise ConfigError(f"{where}: a {source.name} model has no classifier to teach with; distil from a "
-                              "supervised, metric or distill model")  # fmt: skip
+            raise ConfigError(f"phase.teacher={self.config.teacher}: a {phase.config.name} model has no classifier "
+                              "to teach with; distil from a supervised, metric or distill model")  # fmt: skip
         return classifier
 
     def start(self, model: nn.Module, *, total_steps: int) -> None:
@@ -154,6 +134,41 @@ class Distill(Phase[DistillConfig]):
 
     def classifier(self, model: nn.Module) -> nn.Module:
         return model.student
+
+
+def teacher_module(config: TeacherPhaseConfig, spec: InputSpec, previous: Previous | None, trunk: nn.Module) -> tuple[Phase, nn.Module]:
+    """The teacher's phase module (what trained it, rebuilt on `trunk`) with its weights loaded."""
+    teacher, where = config.teacher, f"phase.teacher={config.teacher}"
+    if isinstance(teacher, str) and teacher == PREVIOUS:
+        if previous is None:
+            raise ConfigError("phase.teacher=previous: needs an earlier stage in `phases`")
+        source, weights = previous.phase, previous.weights
+    elif isinstance(teacher, str):
+        source, weights = config.teacher_phase or SupervisedConfig(), load_weights(teacher)
+    else:
+        raise CheckpointError(f"phase.teacher {teacher}: a leaderboard reference must be resolved "
+                              "by the driver (raycls tune / raycls train) before the trial starts")  # fmt: skip
+    phase = create_phase(source, spec)
+    module = phase.build(trunk)
+    if weights is not None:  # None: resuming, and this stage's checkpoint (teacher included) comes next
+        try:
+            module.load_state_dict(weights)
+        except RuntimeError as err:  # shapes or keys differ: another architecture or phase
+            raise CheckpointError(
+                f"{where}: the weights do not fit a {source.name} model of the teacher's architecture "
+                f"(set phase.teacher_model / teacher_phase to the teacher's sections): {str(err).splitlines()[0]}"
+            ) from None
+    return phase, module
+
+
+def teacher_trunk(config: TeacherPhaseConfig, spec: InputSpec, previous: Previous | None, student: nn.Module) -> nn.Module:
+    """The teacher's architecture, before its weights: `teacher_model`; else, teaching from the previous stage
+    of a chain, that stage's model; else the student's (an EMA teacher starts as a copy of the student)."""
+    if config.teacher_model is not None:
+        return create_model(config.teacher_model, spec)
+    if config.teacher == PREVIOUS and previous is not None and previous.model is not None:
+        return create_model(previous.model, spec)
+    return copy.deepcopy(student)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -204,6 +204,37 @@ def parallel_coordinates(data: ReportData) -> Section:
                    note="Early-stopped trials are scored at their last epoch, so they sit low by design.")  # fmt: skip
 
 
+# Held-out columns a per-choice comparison shows beside the score, when the trials were evaluated.
+COMPARED = (names.TEST_ACC, names.TEST_SHIFT_MCA, "test_shift_cifar10_1_acc", names.TEST_ECE)
+
+
+@REPORT_SECTIONS.register("choices")
+def choices(data: ReportData) -> Section | None:
+    """Each categorical parameter (model.name in a zoo) compared value by value: the best trial of each
+    value's score and held-out metrics side by side."""
+    rows = [r for r in data.scored() if r.get("status") != "failed"]
+    categorical = [p for p in data.params if any(isinstance(r.get(p), (str, bool)) for r in rows)]
+    if not categorical or not rows:
+        return None
+    shown = ["score", *[c for c in COMPARED if any(isinstance(r.get(c), (int, float)) for r in rows)]]
+    fig = make_subplots(rows=len(categorical), cols=1, subplot_titles=categorical)
+    for index, param in enumerate(categorical, start=1):
+        best: dict[str, dict] = {}
+        for row in rows:
+            key = str(row.get(param))
+            if key not in best or data.better(row["score"], best[key]["score"]):
+                best[key] = row
+        values = sorted(best, key=lambda k: best[k]["score"], reverse=data.mode == "max")
+        for column in shown:
+            label = data.metric if column == "score" else column
+            fig.add_bar(x=values, y=[best[v].get(column) for v in values], name=label, legendgroup=label,
+                        showlegend=index == 1, row=index, col=1)  # fmt: skip
+    _layout(fig, "Best trial per choice", barmode="group", height=320 * len(categorical) + 80)
+    return Section("choices", "Choices compared",
+                   f"For each value of a categorical parameter, its best trial's {data.metric} and held-out metrics.", fig,
+                   note="test_shift_mca: mean accuracy over the generated corruptions (CIFAR-10-C protocol).")  # fmt: skip
+
+
 def _study_section(name: str, title: str, about: str, data: ReportData, plot: Callable[[Any], go.Figure]) -> Section:
     """A figure of Optuna's own visualization module, drawn from the experiment's study."""
     import optuna

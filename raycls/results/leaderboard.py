@@ -120,7 +120,8 @@ class TrialRecord:
         fields = list(FIXED_COLUMNS)
         # Every numeric metric at the best epoch, under its own name (val_acc, val_loss, ...).
         for key, value in best.items():
-            if key not in FIXED_NAMES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            # CHAIN_SCORE is bookkeeping for checkpoint retention, not a metric to compare.
+            if key not in FIXED_NAMES and key != names.CHAIN_SCORE and isinstance(value, (int, float)) and not isinstance(value, bool):
                 fields.append((key, pa.float64()))
                 values[key] = float(value)
         for key, value in evaluation_columns(self.evaluation).items():

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from raycls.config.experiment import Experiment
-from raycls.config.schema import DistillConfig, PhaseConfig, Reference, TrialConfig
+from raycls.config.schema import PhaseConfig, Reference, TeacherPhaseConfig, TrialConfig
 from raycls.errors import CheckpointError
 from raycls.results.leaderboard import read_leaderboard
 from raycls.results.query import top_rows
@@ -75,7 +75,7 @@ def resolve_references(experiment: Experiment, storage: str) -> Experiment:
 
 
 def resolve_teacher(phase: PhaseConfig, storage: str) -> PhaseConfig:
-    if not isinstance(phase, DistillConfig) or not isinstance(phase.teacher, Reference):
+    if not isinstance(phase, TeacherPhaseConfig) or not isinstance(phase.teacher, Reference):
         return phase
     row = pick_trial(storage, phase.teacher)
     teacher_model, teacher_phase = phase.teacher_model, phase.teacher_phase
@@ -83,7 +83,7 @@ def resolve_teacher(phase: PhaseConfig, storage: str) -> PhaseConfig:
         # The teacher is built as it was trained: its architecture, and the phase (of a chain: the last
         # stage) whose heads give its logits.
         trained = TrialConfig.from_json(row["config_json"])
-        teacher_model = teacher_model or trained.model
+        teacher_model = teacher_model or trained.final_model
         teacher_phase = teacher_phase or trained.stages[-1].phase
     return phase.model_copy(update={
         "teacher": row["checkpoint"], "teacher_model": teacher_model, "teacher_phase": teacher_phase,

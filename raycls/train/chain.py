@@ -44,8 +44,10 @@ def fit(config: TrialConfig, report: Reporter, ctx: RunContext | None = None) ->
                 # The checkpoint closed this stage: the next one starts from its best, saved beside it.
                 handover = read_best(resume, _phase_class(stage).metric).weights
                 continue
-            previous = Previous(stages[index - 1].phase, handover) if index else None
-            handover = runner.run_stage(index, stage, init=handover, previous=previous, resume_from=resume,
+            previous = Previous.of(stages, index, handover)
+            # A stage of another model than the previous one's starts fresh: that stage teaches it instead.
+            init = None if previous is not None and previous.model is not None else handover
+            handover = runner.run_stage(index, stage, init=init, previous=previous, resume_from=resume,
                                         start=position.epoch + 1 if resume else 0)  # fmt: skip
         if not runner.history and ctx.resume_from is not None:
             # Resumed from the checkpoint of the last epoch (the trial ended, the driver did not hear of it):
@@ -131,4 +133,5 @@ class ChainRunner:
         if last:
             self.finished[stage.label] = {k: v for k, v in best.metrics.items() if k.startswith("val_") or k == names.EPOCH}
         kept = {names.stage_metric(label, k): v for label, done in self.finished.items() for k, v in done.items()}
-        return {**metrics, names.STAGE: stage.label, **kept}
+        index = [s.label for s in self.stages].index(stage.label)
+        return {**metrics, names.STAGE: stage.label, names.STAGE_INDEX: index, **kept}

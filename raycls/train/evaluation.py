@@ -55,7 +55,7 @@ def evaluate_weights(config: TrialConfig, weights: Weights, data: Data, ctx: Run
 
 def stage_model(config: TrialConfig, weights: Weights, data: Data, ctx: RunContext, stage: int) -> Parts:
     """Chain stage `stage`'s phase module (model, phase, loaders) holding `weights`, the whole module's."""
-    previous = Previous(config.stages[stage - 1].phase, None) if stage else None  # a teacher's weights are in `weights`
+    previous = Previous.of(config.stages, stage, None)  # a teacher's weights are in `weights`
     parts = build(config, config.stages[stage], data, ctx, index=stage, previous=previous)
     unwrap(parts.model).load_state_dict(weights)
     return parts

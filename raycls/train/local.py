@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from raycls.config.schema import TrialConfig
-from raycls.evaluate.names import Mode, as_good
+from raycls.evaluate.names import Mode, as_good, ranked_value
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
 from raycls.storage import EVAL_DIR
@@ -33,7 +33,7 @@ class KeepBestReporter:
     def __call__(self, metrics: Metrics, checkpoint: Path | None) -> None:
         if checkpoint is not None:
             replace_dir(checkpoint, self.out / "checkpoints" / "last")
-            value = metrics.get(self.metric)
+            value = ranked_value(metrics, self.metric, self.mode)  # a chain's later stages first
             if value is not None and as_good(value, self.best, self.mode):
                 self.best = value
                 replace_dir(checkpoint, self.out / "checkpoints" / "best")

@@ -101,7 +101,7 @@ def build(
     splits, spec = data.splits, data.spec
     phase = create_phase(stage.phase, spec, topk=config.eval.val_topk, previous=previous)
     policy = StepPolicy.resolve(stage.train, ctx.device)
-    backbone = create_model(config.model, spec)
+    backbone = create_model(stage.model, spec)
     if init is not None:
         load_backbone(backbone, backbone_weights(init), what="the previous stage's best weights" if index else "init")
     model = phase.build(backbone).to(ctx.device)
@@ -231,6 +231,7 @@ def train_epoch(
     model.train()
     keep_frozen_norms_in_eval(frozen)
     loader.set_epoch(epoch)
+    phase.begin_epoch(epoch)
     started = time.perf_counter()
     total = torch.zeros((), device=policy.device)
     first_step = 0.0

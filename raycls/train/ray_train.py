@@ -80,14 +80,24 @@ class RayReporter:
     # `raycls train` shows every epoch; Train V2's Result keeps only the last report's metrics.
     history_file: str | None = None
     rank: int = 0
+    # (metric, mode) of the experiment: a chain's epochs also report names.CHAIN_SCORE, which checkpoints
+    # are kept by (a later stage's above an earlier stage's).
+    ranking: tuple[str, str] | None = None
 
     def __call__(self, metrics: Metrics, checkpoint: Path | None) -> None:
         mark_restarts(checkpoint, self.extras[RESTARTS])
+        if self.ranking is not None and names.STAGE_INDEX in metrics:
+            metrics = {**metrics, names.CHAIN_SCORE: names.ranked_value(metrics, *self.ranking)}
         saved = self.checkpoint_class.from_directory(str(checkpoint)) if checkpoint else None
         if self.history_file and self.rank == 0:
             with open(self.history_file, "a") as handle:
                 handle.write(json.dumps({**metrics, **self.extras}) + "\n")
         self.report({**metrics, **self.extras}, checkpoint=saved)
+
+
+def checkpoint_score(config: TrialConfig, metric: str) -> str:
+    """What Tune and Ray Train keep a trial's best checkpoints by: the metric, or a chain's CHAIN_SCORE."""
+    return names.CHAIN_SCORE if len(config.stages) > 1 else metric
 
 
 # -------------------------------------------------------------------------------------- Ray Train run
@@ -101,8 +111,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     with restored(ray.train.get_checkpoint()) as resume_from:
         ctx.resume_from = resume_from
         extras = {**trial_extras(config, device), RESTARTS: restarts_of(resume_from)}
-        reporter = RayReporter(ray.train.report, ray.train.Checkpoint, extras,
-                               history_file=loop_config.get("history_file"), rank=ctx.rank)  # fmt: skip
+        reporter = RayReporter(ray.train.report, ray.train.Checkpoint, extras, history_file=loop_config.get("history_file"),
+                               rank=ctx.rank, ranking=tuple(loop_config["ranking"]))  # fmt: skip
         fit(config, reporter, ctx)
 
 
@@ -127,7 +137,7 @@ def torch_trainer(
     return TorchTrainer(
         train_worker,
         train_loop_config={"config_json": config.to_json(), "limit_batches": limit_batches, "history_file": history_file,
-                           "eval_dir": eval_dir},  # fmt: skip
+                           "eval_dir": eval_dir, "ranking": (metric, mode)},  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=resources.gpu, resources_per_worker=per_worker
         ),
@@ -136,7 +146,7 @@ def torch_trainer(
             storage_path=storage_path,
             callbacks=callbacks or [],
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=keep, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+                num_to_keep=keep, checkpoint_score_attribute=checkpoint_score(config, metric), checkpoint_score_order=mode
             ),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
@@ -174,7 +184,7 @@ def train_with_ray(
         if on_epoch is not None:
             on_epoch(metrics)
     summary = summarize(history, metric, mode)  # type: ignore[arg-type]
-    best = result.get_best_checkpoint(metric, mode) or result.checkpoint
+    best = result.get_best_checkpoint(checkpoint_score(config, metric), mode) or result.checkpoint
     if best is not None:
         with best.as_directory() as folder:
             replace_dir(Path(folder), out / "checkpoints" / "best")

@@ -22,7 +22,7 @@ from ray.tune.experiment import Trial
 from raycls.config.experiment import Experiment
 from raycls.errors import last_error_line
 from raycls.evaluate import names
-from raycls.evaluate.names import as_good, better
+from raycls.evaluate.names import as_good, better, ranked_value
 from raycls.results.leaderboard import Status, read_evaluation, write_trial
 from raycls.results.provenance import GitState
 from raycls.results.row import TrialSeen, build_record
@@ -118,8 +118,9 @@ class TrialLedger(Callback):
 
     def _offer_checkpoint(self, log: TrialLog, uri: str) -> None:
         """The checkpoint just taken becomes the trial's best when its epoch is (ties: the later, as Ray keeps)."""
-        value = log.last_result.get(self.experiment.experiment.metric)
-        improved = value is not None and as_good(value, log.best_value, self.experiment.experiment.mode)
+        section = self.experiment.experiment
+        value = ranked_value(log.last_result, section.metric, section.mode)  # a chain's later stages first
+        improved = value is not None and as_good(value, log.best_value, section.mode)
         if improved or log.best_checkpoint is None:
             log.best_value = value if value is not None else log.best_value
             log.best_checkpoint = uri
@@ -359,7 +360,7 @@ def _seen_in_folder(experiment: Experiment, folder: Path, trial_id: str, status:
     section = experiment.experiment
     best: tuple[float | None, Path | None] = (None, None)
     for checkpoint in sorted(folder.glob("checkpoint_*")):
-        value = read_metrics(checkpoint).get(section.metric) if is_whole(checkpoint) else None
+        value = ranked_value(read_metrics(checkpoint), section.metric, section.mode) if is_whole(checkpoint) else None
         if value is not None and (best[1] is None or as_good(value, best[0], section.mode)):
             best = (value, checkpoint)
     config = folder / TRIAL_CONFIG_FILE

@@ -200,7 +200,8 @@ def _new_tuner(experiment: Experiment, options: TuneOptions, paths: ExperimentPa
             failure_config=ray.tune.FailureConfig(max_failures=section.max_failures),
             checkpoint_config=ray.tune.CheckpointConfig(
                 num_to_keep=section.keep_checkpoints,
-                checkpoint_score_attribute=section.metric,
+                # A chain's epochs rank later stages first (names.CHAIN_SCORE): its product is its last stage.
+                checkpoint_score_attribute=names.CHAIN_SCORE if len(experiment.base.stages) > 1 else section.metric,
                 checkpoint_score_order=section.mode,
             ),
             verbose=0 if options.live else 1,

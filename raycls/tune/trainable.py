@@ -50,19 +50,20 @@ def tune_trainable(params: dict[str, Any], *, experiment_json: str, storage: str
     limit = FAST_DEV_BATCHES if experiment.experiment.fast_dev_run else None
     eval_dir = paths.eval_dir(trial_id)  # evaluated there once it completes (eval.on), by its own workers
     if experiment.experiment.resources.workers == 1:
-        _run_in_trial_actor(config, experiment.experiment.resources, limit_batches=limit, eval_dir=eval_dir)
+        ranking = (experiment.experiment.metric, experiment.experiment.mode)
+        _run_in_trial_actor(config, experiment.experiment.resources, limit_batches=limit, eval_dir=eval_dir, ranking=ranking)
     else:
         _run_torch_trainer(config, experiment, paths, name=f"train-{trial_id}", limit_batches=limit, eval_dir=eval_dir)
 
 
 def _run_in_trial_actor(config: TrialConfig, resources: Resources, *, limit_batches: int | None = None,
-                        eval_dir: str | None = None) -> None:  # fmt: skip
+                        eval_dir: str | None = None, ranking: tuple[str, str] | None = None) -> None:  # fmt: skip
     device = torch.device("cuda" if resources.gpu and torch.cuda.is_available() else "cpu")
     extras = trial_extras(config, device)
 
     with restored(ray.tune.get_checkpoint()) as resume_from:
         extras[RESTARTS] = restarts_of(resume_from)
-        reporter = RayReporter(ray.tune.report, ray.tune.Checkpoint, extras)
+        reporter = RayReporter(ray.tune.report, ray.tune.Checkpoint, extras, ranking=ranking)
         fit(config, reporter, RunContext(device=device, resume_from=resume_from, limit_batches=limit_batches, eval_dir=eval_dir))
 
 
