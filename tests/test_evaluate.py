@@ -433,3 +433,21 @@ def test_yaml_on_is_a_key_not_a_boolean(tmp_path: Path) -> None:
     space.write_text("experiment: {name: on-key}\nbase:\n  eval: {on: none, suite: full}\n  model: {pretrained: false}\n")
     experiment = load_experiment(space)
     assert experiment.base.eval.on == "none" and experiment.base.eval.suite == "full" and experiment.base.model.pretrained is False
+
+
+def test_label_issues_never_forks_a_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cleanlab forks a multiprocessing pool by default; forked from a Ray trial actor's training thread, a
+    child can inherit a held lock and hang the trial forever (seen in a zoo search). raycls asks for one job."""
+    import multiprocessing.pool
+
+    from raycls.evaluate.errors import label_issues
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("label_issues started a multiprocessing pool")
+
+    monkeypatch.setattr(multiprocessing.pool.Pool, "__init__", refuse)
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(400, 10, generator=gen), dim=1)
+    labels = torch.randint(0, 10, (400,), generator=gen)
+    issues = label_issues(probs, labels)
+    assert issues and all(0 <= i["index"] < 400 for i in issues)

@@ -24,6 +24,9 @@ def label_issues(probs: torch.Tensor, labels: torch.Tensor) -> list[dict[str, fl
     p = probs.double().numpy()
     p = p / p.sum(1, keepdims=True)
     y = labels.numpy()
-    ranked = find_label_issues(y, p, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab otherwise forks a multiprocessing pool, and a fork of a threaded process (a Ray trial
+    # actor runs the loop in a thread beside Ray's own) can inherit a held lock and hang forever (seen: a zoo
+    # search stuck in find_label_issues' forked worker). The work is a few argsorts: one process is enough.
+    ranked = find_label_issues(y, p, return_indices_ranked_by="self_confidence", n_jobs=1)
     return [{"index": int(i), "label": int(y[i]), "suggested": int(p[i].argmax()), "label_confidence": float(p[i, y[i]])}
             for i in ranked]  # fmt: skip

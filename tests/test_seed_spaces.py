@@ -1,0 +1,86 @@
+"""The shipped seed-pipeline spaces' CPU twins, end to end through `run_tune` (Ray Tune, Optuna, the
+leaderboard, the held-out evaluation), two trials each: the twin as shipped, only fewer trials."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray
+
+from raycls.config import TrialConfig, load_experiment
+from raycls.results import read_leaderboard
+from raycls.train.evaluation import read_checkpoint
+from raycls.tune.cluster import init_ray
+from raycls.tune.driver import TuneOptions, run_tune
+
+from .conftest import REPO
+
+SPACES = REPO / "search_spaces"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    init_ray(None, num_cpus=8)
+    yield
+    ray.shutdown()
+
+
+def run_twin(name: str, storage: Path, **overrides) -> list[dict]:
+    experiment = load_experiment(SPACES / name, {"experiment.trials": 2, **overrides})
+    run_tune(experiment, TuneOptions(storage=str(storage), live=False, wandb_mode="disabled"))
+    rows = read_leaderboard(str(storage), experiment.name).table.to_pylist()
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), [(r["status"], r["error"]) for r in rows]
+    return rows
+
+
+def test_zoo_twin_compares_models_with_test_and_shift_metrics(local_ray, tmp_path: Path) -> None:
+    from raycls.report.page import write_report
+
+    rows = run_twin("zoo-digits.yaml", tmp_path)
+    assert len({r["model.name"] for r in rows}) == 2  # the grid: each model once
+    for row in rows:
+        assert row["test_acc"] > 0.2 and 0 < row["test_shift_mca"] <= 1  # chance: 0.1
+        files = {p.name for p in (tmp_path / "zoo-digits" / "eval" / row["trial_id"]).iterdir()}
+        assert {"metrics.json", "corruptions.png", "confusion_matrix.png"} <= files
+    page = write_report(str(tmp_path), "zoo-digits", png=False).html.read_text()
+    assert '<section id="choices">' in page and all(r["model.name"] in page for r in rows)
+
+
+def test_adaptive_deit_twin_scores_the_deit_it_hands_over(local_ray, tmp_path: Path) -> None:
+    """A chain whose stages have their own models: the row's score, best epoch, checkpoint and held-out
+    evaluation are all the last stage's (the DeiT's), even where the CNN stage scored higher."""
+    rows = run_twin("adaptive-deit-digits.yaml", tmp_path)
+    for row in rows:
+        config = TrialConfig.from_json(row["config_json"])
+        assert [s.model.name for s in config.stages] == ["adaptive_cnn", "cifar_deit_distilled"]
+        assert row["score"] == row["deit.val_acc"] and row["best_epoch"] > config.stages[0].train.epochs
+        assert read_checkpoint(row["checkpoint"])[1] == 1  # a checkpoint of the DeiT stage
+        assert row["test_acc"] > 0.2 and row["cnn.val_acc"] > 0.5
+
+
+def test_deit_cst_twin_distils_tokens_from_a_vit_stage(local_ray, tmp_path: Path) -> None:
+    rows = run_twin("deit-cst-digits.yaml", tmp_path)
+    for row in rows:
+        assert row["phase"] == "teacher>cst" and row["score"] == row["cst.val_acc"]
+        assert row["test_acc"] > 0.2 and "phases.cst.phase.tok_weight" in row
+
+
+def test_finetune_twin_on_real_jpegs(local_ray, tmp_path: Path, shared_data: Path) -> None:
+    """Head on a frozen backbone, then the whole network with early stopping, on imagenette-mini's JPEGs
+    (from scratch offline, as the twin says); the full evaluation's error analysis is written."""
+    rows = run_twin("finetune-imagenette.yaml", tmp_path, **{"data.path": str(shared_data / "imagenette-mini")})
+    for row in rows:
+        assert row["phase"] == "head>full" and row["head.val_acc"] >= 0.0 and row["test_acc"] >= 0.0
+        folder = tmp_path / "finetune-imagenette" / "eval" / row["trial_id"]
+        assert (folder / "label_issues.csv").is_file() and json.loads((folder / "metrics.json").read_text())["metrics"]
+
+
+def test_pipeline_twin_with_the_toolkit_options(local_ray, tmp_path: Path) -> None:
+    rows = run_twin("pipeline-digits.yaml", tmp_path)
+    for row in rows:
+        config = TrialConfig.from_json(row["config_json"])
+        arcface, distill = config.stages[1], config.stages[2]
+        assert arcface.train.ema is not None and arcface.augment.randaugment is not None and distill.train.sam is not None
+        assert distill.train.sam.rho == row["phases.distill.train.sam.rho"] and row["score"] == row["distill.val_knn_acc"]
