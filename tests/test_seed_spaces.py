@@ -28,10 +28,15 @@ def local_ray():
 
 
 def run_twin(name: str, storage: Path, **overrides) -> list[dict]:
+    """The twin's two trials' rows; with ASHA one may be stopped early, but none may fail."""
     experiment = load_experiment(SPACES / name, {"experiment.trials": 2, **overrides})
     run_tune(experiment, TuneOptions(storage=str(storage), live=False, wandb_mode="disabled"))
     rows = read_leaderboard(str(storage), experiment.name).table.to_pylist()
-    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), [(r["status"], r["error"]) for r in rows]
+    statuses = [(r["status"], r["error"]) for r in rows]
+    assert len(rows) == 2 and all(r["status"] != "failed" for r in rows), statuses
+    assert any(r["status"] == "completed" for r in rows), statuses
+    if experiment.scheduler.name == "fifo":  # nothing stops a trial early
+        assert all(r["status"] == "completed" for r in rows), statuses
     return rows
 
 
@@ -78,9 +83,11 @@ def test_finetune_twin_on_real_jpegs(local_ray, tmp_path: Path, shared_data: Pat
 
 
 def test_pipeline_twin_with_the_toolkit_options(local_ray, tmp_path: Path) -> None:
-    rows = run_twin("pipeline-digits.yaml", tmp_path)
+    rows = run_twin("pipeline-digits.yaml", tmp_path)  # ASHA: one of the two may stop at its first rung
     for row in rows:
         config = TrialConfig.from_json(row["config_json"])
         arcface, distill = config.stages[1], config.stages[2]
         assert arcface.train.ema is not None and arcface.augment.randaugment is not None and distill.train.sam is not None
-        assert distill.train.sam.rho == row["phases.distill.train.sam.rho"] and row["score"] == row["distill.val_knn_acc"]
+        assert distill.train.sam.rho == row["phases.distill.train.sam.rho"]
+    for row in (r for r in rows if r["status"] == "completed"):
+        assert row["score"] == row["distill.val_knn_acc"] and row["test_acc"] > 0.5
