@@ -76,7 +76,7 @@ def test_every_family_and_head_exports_with_parity_at_32_px(model: dict, phase: 
     config = TrialConfig.model_validate({"data": {"name": "digits", "image_size": 32}, "model": model, "phase": phase})
     data = load_data(config)
     parts = build(config, config.stages[-1], data, RunContext())
-    trial = TrialModel("x", "t", config, parts.model.eval(), parts.phase, data)
+    trial = TrialModel("x", "t", config, parts.model.eval(), parts.phase, data, 0)
     module = Classifier(trial).eval()
     images = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     to_onnx(module, images[:2].float() / 255, tmp_path / MODEL_FILE, {"trial_id": "t"})

@@ -255,3 +255,56 @@ def test_the_seed_zoo_trains_at_cifar_size(name: str) -> None:
     assert logits.shape == (2, 10)
     F.cross_entropy(logits, torch.tensor([0, 1])).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------ review fixes
+def test_a_stage_model_field_in_the_space_inherits_the_trials_model() -> None:
+    """`phases.distill.model.drop_rate` on a stage without a model of its own changes that stage's copy of the
+    trial's model (not a default small_cnn), and dropout does not stop the weights being handed over."""
+    from raycls.config import load_experiment, resolve_trial
+    from raycls.phases.base import Previous
+
+    from tests.conftest import REPO
+
+    experiment = load_experiment(REPO / "search_spaces" / "pipeline-digits.yaml", {"phases.distill.model.drop_rate": 0.2})
+    config = resolve_trial(experiment)
+    arcface, distill = config.stages[1].model, config.stages[2].model
+    assert (distill.name, distill.width, distill.drop_rate) == (arcface.name, arcface.width, 0.2)
+    assert Previous.of(config.stages, 2, None).model is None  # same architecture: the hand-over happens
+
+
+def test_a_distilled_stage_teaches_the_next_with_its_student(tmp_path: Path) -> None:
+    """cnn > deit (distilled from the cnn) > cst (token-distilled from the deit): the third stage's teacher
+    is the second stage's student, rebuilt without that stage's own teacher."""
+    from raycls.phases.base import Previous
+    from raycls.train.loop import build, load_data
+
+    config = TrialConfig.model_validate({**BASE, "phases": [
+        {"name": "cnn", "phase": {"name": "supervised"}},
+        {"name": "deit", "model": DEIT, "phase": {"name": "distill", "teacher": "previous", "distill_token": True}},
+        {"name": "cst", "model": DEIT, "phase": {"name": "token_distill", "teacher": "previous"}},
+    ]})  # fmt: skip
+    data, stages = load_data(config), config.stages
+    cnn = build(config, stages[0], data, RunContext()).model.state_dict()
+    deit = build(config, stages[1], data, RunContext(), index=1, previous=Previous.of(stages, 1, cnn)).model
+    cst = build(config, stages[2], data, RunContext(), index=2, previous=Previous.of(stages, 2, deit.state_dict())).model
+    for key, value in deit.student.state_dict().items():
+        assert torch.equal(cst.teacher.state_dict()[key], value), key
+
+
+def test_token_pairs_follow_the_configs_order() -> None:
+    """timm returns the blocks asked for in block order; `student_layers: [1, 0]` pairs block 1 first."""
+    from raycls.phases.token_distill import in_config_order
+
+    blocks = [torch.zeros(1), torch.ones(1)]  # blocks 0 and 1, as timm returns them
+    assert [int(t) for t in in_config_order(blocks, [1, 0, 1])] == [1, 0, 1]
+
+
+def test_rebuilding_a_trials_model_downloads_nothing() -> None:
+    from raycls.train.evaluation import without_downloads
+
+    config = TrialConfig.model_validate({"model": {"name": "resnet50", "pretrained": True}, "phase": {
+        "name": "token_distill", "teacher_model": {"name": "vit_small_patch14_dinov2.lvd142m", "pretrained": True}}})
+    stage = without_downloads(config.stages[0])
+    assert not stage.model.pretrained and not stage.phase.teacher_model.pretrained
+    assert stage.model.name == "resnet50" and stage.phase.teacher_model.name == "vit_small_patch14_dinov2.lvd142m"

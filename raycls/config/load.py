@@ -94,6 +94,7 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
     In a list (a chain's `phases`) a level is an index or a stage's name: `phases.arcface.phase.margin`.
     """
+    _inherit_stage_model(tree, dotted)
     *parents, leaf = dotted.split(".")
     node: Any = tree
     for i, key in enumerate(parents):
@@ -109,6 +110,21 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     if isinstance(node, list):
         raise ConfigError(f"{dotted}: {'.'.join(parents)} is a list; name one of its items")
     node[leaf] = value
+
+
+def _inherit_stage_model(tree: dict[str, Any], dotted: str) -> None:
+    """`phases.<stage>.model.<key>` on a stage without a model of its own changes the trial's model *for that
+    stage*: the stage starts from a copy of the top-level `model`, not from the defaults (which would make
+    it another model, cut off from the previous stage's weights)."""
+    parts = dotted.split(".")
+    if len(parts) < 4 or parts[0] != "phases" or parts[2] != "model" or not isinstance(tree.get("phases"), list):
+        return
+    try:
+        stage = _list_item(tree["phases"], parts[1], dotted, "phases")
+    except ConfigError:
+        return  # set_path reports the unknown stage
+    if isinstance(stage, dict) and stage.get("model") is None:
+        stage["model"] = copy.deepcopy(tree.get("model") or {})
 
 
 def get_path(tree: dict[str, Any], dotted: str) -> Any:

@@ -87,6 +87,12 @@ class ModelConfig(Frozen):
 
     _known = registered("model", "name")
 
+    def same_architecture(self, other: "ModelConfig") -> bool:
+        """Whether weights of one load into the other: the fields that shape the network agree (dropout,
+        drop-path, pretrained and the inference head change how it trains or predicts, not its weights)."""
+        shaping = ("name", "width", "small_input", "kwargs", "adapter")
+        return all(getattr(self, f) == getattr(other, f) for f in shaping)
+
 
 class PhaseConfig(Frozen):
     """Common to every phase; each phase registers its own subclass in PHASE_CONFIGS."""
@@ -569,7 +575,7 @@ class TrialConfig(Frozen):
         if len(set(labels)) != len(labels):
             raise ValueError(f"phases: stage names must differ (got {' > '.join(labels)}); give each stage a `name`")
         for i, (before, stage) in enumerate(zip(self.stages, self.stages[1:]), start=1):
-            if stage.model != before.model and getattr(stage.phase, "teacher", None) != PREVIOUS:
+            if not stage.model.same_architecture(before.model) and getattr(stage.phase, "teacher", None) != PREVIOUS:
                 raise ValueError(
                     f"phases.{i} ({stage.label}): its model ({stage.model.name}) differs from stage {before.label}'s "
                     f"({before.model.name}), so it cannot start from that stage's weights; make it a distillation "

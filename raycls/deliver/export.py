@@ -37,7 +37,7 @@ def metadata(trial: TrialModel) -> dict[str, str]:
         "input_size": json.dumps([trial.channels, trial.image_size, trial.image_size]),
         "mean": json.dumps(list(trial.data.splits.mean)), "std": json.dumps(list(trial.data.splits.std)),
         "normalisation": "inside the graph: (x - mean) / std", "phase": trial.config.chain,
-        "model": trial.config.final_model.name,
+        "model": trial.config.stages[trial.stage].model.name,
     }  # fmt: skip
 
 

@@ -22,6 +22,7 @@ class TrialModel:
     model: nn.Module  # the phase module, in eval mode
     phase: Phase
     data: Data
+    stage: int  # the chain stage the checkpoint holds (its last, unless the trial stopped before it)
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -59,6 +60,7 @@ def load_trial_model(storage: str, experiment: str, pick: str = "best", *, devic
     config = TrialConfig.from_json(row["config_json"])
     data = load_data(config)
     weights, stage = read_checkpoint(row["checkpoint"])
-    parts = stage_model(config, weights, data, RunContext(device=torch.device(device)), len(config.stages) - 1 if stage is None else stage)
+    index = len(config.stages) - 1 if stage is None else stage
+    parts = stage_model(config, weights, data, RunContext(device=torch.device(device)), index)
     parts.model.eval()
-    return TrialModel(experiment, row["trial_id"], config, parts.model, parts.phase, data)
+    return TrialModel(experiment, row["trial_id"], config, parts.model, parts.phase, data, index)

@@ -54,6 +54,9 @@ INFERENCE_HEADS = ("class", "distill", "mean")
 
 
 def _build(cls: type[nn.Module], config: ModelConfig, spec: InputSpec, **extra: Any) -> nn.Module:
+    if config.pretrained:
+        raise ConfigError(f"model.pretrained=true: {config.name} has no pretrained weights; train it (or distil it) "
+                          "from scratch, or start from a checkpoint with `init:`")  # fmt: skip
     unknown = set(config.kwargs) - set(DEFAULTS)
     if unknown:
         raise ConfigError(f"model.kwargs: {', '.join(sorted(unknown))} not known to {config.name}; "

@@ -120,7 +120,7 @@ PHASES: Registry[type[Phase]] = Registry("phase")
 class Previous:
     """The stage before this one in a chain: its phase config, its best weights (the whole module's; None
     when a checkpoint of this stage is about to be restored over them), and its model when that is not this
-    stage's (a CNN teacher stage before a ViT student: the teacher is rebuilt as that model)."""
+    stage's architecture (a CNN teacher stage before a ViT student: the teacher is rebuilt as that model)."""
 
     phase: PhaseConfig
     weights: dict[str, torch.Tensor] | None
@@ -132,7 +132,7 @@ class Previous:
         if index == 0:
             return None
         before = stages[index - 1]
-        return cls(before.phase, weights, before.model if before.model != stages[index].model else None)
+        return cls(before.phase, weights, None if before.model.same_architecture(stages[index].model) else before.model)
 
 
 def create_phase(config: PhaseConfig, spec: InputSpec, *, topk: int = 5, previous: Previous | None = None) -> Phase:

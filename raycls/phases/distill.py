@@ -148,6 +148,10 @@ def teacher_module(config: TeacherPhaseConfig, spec: InputSpec, previous: Previo
     else:
         raise CheckpointError(f"phase.teacher {teacher}: a leaderboard reference must be resolved "
                               "by the driver (raycls tune / raycls train) before the trial starts")  # fmt: skip
+    if isinstance(source, TeacherPhaseConfig):
+        # A distilled model teaches with its student alone: its own teacher (and that one's) is not rebuilt.
+        weights = None if weights is None else {k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")}
+        source = SupervisedConfig()
     phase = create_phase(source, spec)
     module = phase.build(trunk)
     if weights is not None:  # None: resuming, and this stage's checkpoint (teacher included) comes next

@@ -50,6 +50,12 @@ def sketch(model: ModelConfig) -> nn.Module:
 SKETCH_SPEC = InputSpec(num_classes=10, in_chans=3, image_size=32)
 
 
+def in_config_order(blocks: list[torch.Tensor], layers: list[int]) -> list[torch.Tensor]:
+    """timm returns the blocks asked for in block order, each once; the pairs follow the config's order."""
+    by_index = dict(zip(sorted(set(layers)), blocks))
+    return [by_index[i] for i in layers]
+
+
 class TokenDistillModel(nn.Module):
     """Student + projections (trained) + frozen teacher. `backbone` is the student: what is evaluated and
     what a chain hands on; the projections exist for the loss only."""
@@ -76,13 +82,14 @@ class TokenDistillModel(nn.Module):
         if not tokens:
             return self.student(x)
         final, blocks = self.student.forward_intermediates(x, indices=self.student_layers, output_fmt="NLC")
+        blocks = in_config_order(blocks, self.student_layers)
         return self.student.forward_head(final), blocks, [p(t) for p, t in zip(self.projections, blocks)]
 
     @torch.no_grad()
     def teacher_tokens(self, x: torch.Tensor, count: int) -> list[torch.Tensor]:
         """The teacher's patch tokens at its chosen blocks, on the student's `count`-token grid."""
         blocks = self.teacher.forward_intermediates(x, indices=self.teacher_layers, output_fmt="NLC", intermediates_only=True)
-        return [match_grid(t, count) for t in blocks]
+        return [match_grid(t, count) for t in in_config_order(blocks, self.teacher_layers)]
 
 
 @PHASES.register("token_distill")

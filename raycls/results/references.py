@@ -83,9 +83,24 @@ def resolve_teacher(phase: PhaseConfig, storage: str) -> PhaseConfig:
         # The teacher is built as it was trained: its architecture, and the phase (of a chain: the last
         # stage) whose heads give its logits.
         trained = TrialConfig.from_json(row["config_json"])
-        teacher_model = teacher_model or trained.final_model
-        teacher_phase = teacher_phase or trained.stages[-1].phase
+        stage = trained.stages[_checkpoint_stage(row.get("checkpoint"), len(trained.stages))]
+        teacher_model = teacher_model or stage.model
+        teacher_phase = teacher_phase or stage.phase
     return phase.model_copy(update={
         "teacher": row["checkpoint"], "teacher_model": teacher_model, "teacher_phase": teacher_phase,
         "teacher_trial": f"{phase.teacher.experiment}/{row['trial_id']}",
     })  # fmt: skip
+
+
+def _checkpoint_stage(uri: str | None, stages: int) -> int:
+    """The chain stage the trial's best checkpoint holds: its last, unless the trial stopped before it."""
+    if not uri:
+        return stages - 1
+    from raycls.errors import CheckpointError
+    from raycls.train.evaluation import checkpoint_stage
+
+    try:
+        stage = checkpoint_stage(uri)
+    except CheckpointError:  # missing: the teacher's loading reports it, naming the path
+        return stages - 1
+    return stages - 1 if stage is None else stage

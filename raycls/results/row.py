@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from raycls.config.experiment import Experiment
 from raycls.config.load import resolve_trial
-from raycls.config.schema import TrialConfig
+from raycls.config.schema import TeacherPhaseConfig, TrialConfig
 from raycls.errors import RayclsError
 from raycls.evaluate import names
 from raycls.results.leaderboard import Status, TrialRecord
@@ -92,6 +92,9 @@ def teacher_of(config: TrialConfig) -> str | None:
     """What a distilled trial (or chain stage) learned from: the referenced trial, the checkpoint path, or "ema"."""
     for stage in config.stages:
         phase = stage.phase
-        if phase.name == "distill":
-            return phase.teacher_trial or (str(phase.teacher) if phase.teacher else "ema")
+        if isinstance(phase, TeacherPhaseConfig):
+            if phase.teacher_trial or phase.teacher:
+                return phase.teacher_trial or str(phase.teacher)
+            # No checkpoint: a pretrained teacher_model (token_distill's DINOv2), or distill's EMA of the student.
+            return phase.teacher_model.name if phase.teacher_model and phase.teacher_model.pretrained else "ema"
     return None

@@ -44,9 +44,11 @@ def fit(config: TrialConfig, report: Reporter, ctx: RunContext | None = None) ->
                 # The checkpoint closed this stage: the next one starts from its best, saved beside it.
                 handover = read_best(resume, _phase_class(stage).metric).weights
                 continue
-            previous = Previous.of(stages, index, handover)
-            # A stage of another model than the previous one's starts fresh: that stage teaches it instead.
-            init = None if previous is not None and previous.model is not None else handover
+            # Resuming mid-stage, the checkpoint holds the whole stage (a teacher too): nothing to hand over.
+            previous = Previous.of(stages, index, None if resume is not None else handover)
+            # A stage of another architecture than the previous one's starts fresh: that stage teaches it instead.
+            fresh = resume is not None or (previous is not None and previous.model is not None)
+            init = None if fresh else handover
             handover = runner.run_stage(index, stage, init=init, previous=previous, resume_from=resume,
                                         start=position.epoch + 1 if resume else 0)  # fmt: skip
         if not runner.history and ctx.resume_from is not None:

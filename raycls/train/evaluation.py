@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from raycls.config.schema import TrialConfig
+from raycls.config.schema import Stage, TrialConfig
 from raycls.evaluate.suite import Evaluation, run_suite
 from raycls.files import replace_dir
 from raycls.models import load_weights, unwrap
@@ -56,9 +56,25 @@ def evaluate_weights(config: TrialConfig, weights: Weights, data: Data, ctx: Run
 def stage_model(config: TrialConfig, weights: Weights, data: Data, ctx: RunContext, stage: int) -> Parts:
     """Chain stage `stage`'s phase module (model, phase, loaders) holding `weights`, the whole module's."""
     previous = Previous.of(config.stages, stage, None)  # a teacher's weights are in `weights`
-    parts = build(config, config.stages[stage], data, ctx, index=stage, previous=previous)
+    parts = build(config, without_downloads(config.stages[stage]), data, ctx, index=stage, previous=previous)
     unwrap(parts.model).load_state_dict(weights)
     return parts
+
+
+def without_downloads(stage: Stage) -> Stage:
+    """The stage with `pretrained: false` on its model and teacher model: every weight is about to come from
+    the checkpoint, so `raycls eval/export/serve` neither download (nor need) the pretrained ones."""
+    update: dict[str, Any] = {"model": stage.model.model_copy(update={"pretrained": False})}
+    teacher = getattr(stage.phase, "teacher_model", None)
+    if teacher is not None:
+        update["phase"] = stage.phase.model_copy(update={"teacher_model": teacher.model_copy(update={"pretrained": False})})
+    return stage.model_copy(update=update)
+
+
+def checkpoint_stage(uri: str) -> int | None:
+    """The chain stage a checkpoint was taken in (None: a weights-only folder), without loading its weights."""
+    with local_checkpoint(uri) as folder:
+        return read_position(folder).stage if (folder / STATE_FILE).is_file() else None
 
 
 def read_checkpoint(uri: str) -> tuple[Weights, int | None]:
