@@ -243,8 +243,8 @@ def test_raycls_eval_twice_leaves_one_set_of_columns(e2e, tmp_path: Path, capsys
 
 
 # ------------------------------------------------------------------------------------------- report
-REPORT_SECTIONS = ("leaderboard", "status", "best_so_far", "learning_curves", "parallel_coordinates", "importance",
-                   "slices", "evaluation")  # fmt: skip
+REPORT_SECTIONS = ("leaderboard", "status", "best_so_far", "learning_curves", "parallel_coordinates", "choices",
+                   "importance", "slices", "evaluation")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
