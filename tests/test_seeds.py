@@ -308,3 +308,25 @@ def test_rebuilding_a_trials_model_downloads_nothing() -> None:
     stage = without_downloads(config.stages[0])
     assert not stage.model.pretrained and not stage.phase.teacher_model.pretrained
     assert stage.model.name == "resnet50" and stage.phase.teacher_model.name == "vit_small_patch14_dinov2.lvd142m"
+
+
+def test_resuming_the_deit_stage_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    """A CNN > DeiT chain whose CNN starts from `init:` weights, resumed mid-way through the DeiT stage: the
+    checkpoint holds the stage whole (its teacher too), and the resumed epoch equals the uninterrupted one."""
+    from raycls.models import save_weights as save
+
+    torch.manual_seed(3)
+    save(create_model(ModelConfig(name="adaptive_cnn"), DIGITS), tmp_path / "init")
+    # No class-token dropout: its draws come from the global RNG, which a resumed run does not restore.
+    deit = {**DEIT, "kwargs": {**TINY_VIT, "cls_token_drop": 0.0}}
+    config = TrialConfig.model_validate({**BASE, "init": str(tmp_path / "init"), "phases": [
+        {"name": "cnn", "phase": {"name": "supervised"}},
+        {"name": "deit", "model": deit, "phase": {"name": "distill", "teacher": "previous", "distill_token": True}},
+    ]})  # fmt: skip
+    whole = Recorder(tmp_path / "whole")
+    fit(config, whole, RunContext())
+    resumed = Recorder(tmp_path / "resumed")
+    fit(config, resumed, RunContext(resume_from=whole.checkpoints[2]))  # after the DeiT's first epoch
+    assert [m[names.EPOCH] for m in resumed.metrics] == [4]
+    for key in (names.TRAIN_LOSS, names.VAL_ACC, "cnn.val_acc"):
+        assert resumed.metrics[0][key] == pytest.approx(whole.metrics[3][key], rel=1e-6, abs=1e-9), key

@@ -493,7 +493,7 @@ scheduler: {name: fifo}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
-""" + BASE.replace("epochs: 4", "epochs: 3"))
+""" + BASE.replace("epochs: 4", "epochs: 2"))
     storage = tmp_path / "results"
     command = [sys.executable, "-m", "raycls.cli", "tune", str(space), "--storage", str(storage), "--num-cpus", "4"]
     env = dict(os.environ)
