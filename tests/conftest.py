@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from raycls.evaluate import names
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RAYCLS_TEST_DATA", REPO.parent / "shared" / "data"))
 
@@ -118,3 +120,16 @@ def chromium() -> str | None:
         if found := _find_chromium():
             return found
     return None
+
+
+class Recorder:
+    """A report function that keeps every epoch's metrics and a copy of every checkpoint (chain tests)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.metrics, self.checkpoints = folder, [], []
+
+    def __call__(self, metrics: dict, checkpoint: Path | None) -> None:
+        self.metrics.append(dict(metrics))
+        copy = self.folder / f"epoch{metrics[names.EPOCH]}"
+        shutil.copytree(checkpoint, copy)
+        self.checkpoints.append(copy)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from raycls.train.chain import fit
 from raycls.train.loop import RunContext, build, load_data
 from raycls.train.state import CARRY_FILE
 
-from tests.conftest import write_yaml
+from tests.conftest import Recorder, write_yaml
 
 CHAIN = {
     "data": {"name": "digits", "val_fraction": 0.2, "train_subset": 600},
@@ -43,19 +42,6 @@ CHAIN = {
 def chain_config(**changes) -> TrialConfig:
     raw = {**CHAIN, **changes}
     return TrialConfig.model_validate(raw)
-
-
-class Recorder:
-    """A report function that keeps every epoch's metrics and a copy of every checkpoint."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.metrics, self.checkpoints = folder, [], []
-
-    def __call__(self, metrics: dict, checkpoint: Path | None) -> None:
-        self.metrics.append(dict(metrics))
-        copy = self.folder / f"epoch{metrics[names.EPOCH]}"
-        shutil.copytree(checkpoint, copy)
-        self.checkpoints.append(copy)
 
 
 def weights(folder: Path, file: str = "model.pt") -> dict[str, torch.Tensor]:

@@ -4,7 +4,6 @@ zoo at CIFAR size. Real models and training on the CPU."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,12 @@ from raycls.config.schema import TokenDistillConfig
 from raycls.errors import ConfigError
 from raycls.evaluate import names
 from raycls.losses.tokens import match_grid, token_relation_loss, token_representation_loss
-from raycls.models import InputSpec, create_model, save_weights
+from raycls.models import InputSpec, create_model, load_weights, save_weights
 from raycls.phases import create_phase
 from raycls.train.chain import fit
 from raycls.train.loop import RunContext
 
-from tests.conftest import write_yaml
+from tests.conftest import Recorder, write_yaml
 
 CIFAR = InputSpec(num_classes=10, in_chans=3, image_size=32)
 DIGITS = InputSpec(num_classes=10, in_chans=1, image_size=8)
@@ -91,23 +90,6 @@ BASE = {
 DEIT = {"name": "cifar_deit_distilled", "kwargs": TINY_VIT}
 
 
-class Recorder:
-    def __init__(self, folder: Path):
-        self.folder, self.metrics, self.checkpoints = folder, [], []
-
-    def __call__(self, metrics: dict, checkpoint: Path | None) -> None:
-        self.metrics.append(dict(metrics))
-        copy = self.folder / f"epoch{metrics[names.EPOCH]}"
-        shutil.copytree(checkpoint, copy)
-        self.checkpoints.append(copy)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    from raycls.models import load_weights
-
-    return load_weights(folder)
-
-
 def test_a_cnn_teacher_stage_then_a_deit_student_is_one_trial(tmp_path: Path) -> None:
     """Seed 003's two-step job as one trial: AdaptiveCNN supervised, then a DeiT (its own `model`) distilled
     from that stage's best model through its distillation token."""
@@ -122,8 +104,8 @@ def test_a_cnn_teacher_stage_then_a_deit_student_is_one_trial(tmp_path: Path) ->
     fit(config, record, RunContext())
     assert [m[names.STAGE] for m in record.metrics] == ["cnn", "cnn", "deit", "deit", "deit"]
     best = max(range(2), key=lambda i: record.metrics[i][names.VAL_ACC])
-    taught = weights(record.checkpoints[-1])
-    cnn = weights(record.checkpoints[best])
+    taught = load_weights(record.checkpoints[-1])
+    cnn = load_weights(record.checkpoints[best])
     for key, value in cnn.items():  # the frozen teacher is the CNN stage's best model, exactly
         assert torch.equal(taught[f"teacher.{key}"], value), key
     assert any(k.startswith("student.blocks.") for k in taught)  # the student is the DeiT, not the CNN
@@ -236,7 +218,7 @@ def test_cst_from_a_vit_stage_learns_digits(tmp_path: Path) -> None:
     record = Recorder(tmp_path / "ckpt")
     fit(config, record, RunContext())
     assert [m[names.STAGE] for m in record.metrics] == ["vit", "vit", "cst", "cst", "cst"]
-    taught = weights(record.checkpoints[-1])
+    taught = load_weights(record.checkpoints[-1])
     assert taught["projections.0.weight"].shape == (48, 32)  # student width 32 -> teacher width 48
     assert record.metrics[-1][names.VAL_ACC] > 0.3  # chance: 0.1
 
