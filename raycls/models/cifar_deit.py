@@ -50,9 +50,6 @@ def drop_class_token(tokens: torch.Tensor, prefix: int, p: float) -> torch.Tenso
     return torch.cat([cls.unsqueeze(1), tokens[:, 1:]], dim=1)
 
 
-INFERENCE_HEADS = ("class", "distill", "mean")
-
-
 def _build(cls: type[nn.Module], config: ModelConfig, spec: InputSpec, **extra: Any) -> nn.Module:
     if config.pretrained:
         raise ConfigError(f"model.pretrained=true: {config.name} has no pretrained weights; train it (or distil it) "
