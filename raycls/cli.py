@@ -176,6 +176,8 @@ def tune(
     shared_storage: Annotated[bool, typer.Option("--shared-storage", help="--storage is a folder every node mounts at the same path (NFS).")] = False,
     fast_dev_run: Annotated[bool, typer.Option("--fast-dev-run", help="Smoke test: 2 trials of one epoch per stage, two batches per split, as EXPERIMENT-fast-dev-run.")] = False,
     no_report: Annotated[bool, typer.Option("--no-report", help="Do not write the experiment's HTML report at the end.")] = False,
+    trials: Annotated[Optional[int], typer.Option("--trials", help="Trials in all (instead of experiment.trials); with --resume, more than before extends the search.")] = None,
+    time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Seconds for the whole search (instead of experiment.time_budget_s); --resume continues it.")] = None,
 ) -> None:
     """Search the space: Optuna proposes trials, ASHA stops weak ones, every trial lands in the leaderboard."""
     from raycls.prepare import prepare_experiment
@@ -185,6 +187,7 @@ def tune(
         raise RayclsError(f"--wandb {wandb!r}: expected auto, online, offline or disabled")
     # References are resolved by run_tune, against the storage it runs in.
     experiment = prepare_experiment(space, set_, fast_dev_run=fast_dev_run)
+    experiment = prepare_experiment(experiment.with_limits(trials=trials, time_budget_s=time_budget))  # grids check trials
     started = time.perf_counter()
     outcome = run_tune(experiment, TuneOptions(storage=storage_root(storage), address=address, resume=resume,
                                                wandb_mode=wandb, num_cpus=num_cpus, verbose=verbose,
@@ -195,6 +198,9 @@ def tune(
         counts[status] = counts.get(status, 0) + 1
     console.print(f"{experiment.name}: {board.num_rows} trials in the leaderboard "
                   f"({', '.join(f'{v} {k}' for k, v in counts.items())}) in {time.perf_counter() - started:.0f} s")  # fmt: skip
+    if outcome.ended is not None:
+        console.print(f"[yellow]the search ended early[/]: {outcome.ended.detail}; "
+                      f"`raycls tune {space} --resume` runs the trials that have no row yet", highlight=False)  # fmt: skip
     _print_leaderboard(outcome.leaderboard, experiment.experiment.metric, experiment.experiment.mode == "max", top)
     console.print(f"Results: {outcome.experiment_dir}   (raycls leaderboard {storage_root(storage)} --experiment {experiment.name})")
     if not no_report and board.num_rows:
@@ -269,6 +275,7 @@ def leaderboard(
     format: Annotated[str, typer.Option(help="table, csv, json or markdown.")] = "table",
     columns: Annotated[Optional[str], typer.Option(help="Comma-separated columns to show.")] = None,
     history: Annotated[bool, typer.Option("--history", help="Query the per-epoch history instead.")] = False,
+    pareto: Annotated[bool, typer.Option("--pareto", help="Only the Pareto front of a multi-objective experiment (experiment.objectives).")] = False,
 ) -> None:
     """Query the leaderboards of one or all experiments."""
     from raycls.results import read_leaderboard, run_sql, select
@@ -284,12 +291,17 @@ def leaderboard(
         where = f"{root.rstrip('/')}/{experiment}" if experiment else root
         raise RayclsError(f"no {kind} files under {where}: expected <storage>/<experiment>/{kind}/<trial_id>.parquet, "
                           "as `raycls tune` writes them (pass the storage root, or set $RAYCLS_STORAGE)")  # fmt: skip
+    table = read.table
+    if pareto:
+        table, first, first_max, shown = _pareto_rows(table, experiment or root)
+        if sort is None:  # the front in order of its first objective, best first
+            sort, ascending = first, not first_max
     if sql:
-        rows = run_sql(read.table, sql)
+        rows = run_sql(table, sql)
     else:
         default_sort = None if history else ("score" if "score" in read.table.column_names else None)
-        rows = select(read.table, where=where, sort=sort or default_sort, descending=not ascending, top=top)
-    wanted = [c.strip() for c in columns.split(",")] if columns else None
+        rows = select(table, where=where, sort=sort or default_sort, descending=not ascending, top=top)
+    wanted = [c.strip() for c in columns.split(",")] if columns else (shown if pareto else None)
     if wanted:
         missing = [c for c in wanted if c not in rows.column_names]
         if missing:
@@ -299,6 +311,23 @@ def leaderboard(
         console.print(_rich_table(rows, columns=wanted or (None if not sql and not history else rows.column_names)))
     else:
         sys.stdout.write(render(rows, format))
+
+
+def _pareto_rows(table, where: str):
+    """The rows on the Pareto front; the first objective and its direction (the default sort); the columns
+    worth showing (the objectives, the rank, the sampled parameters)."""
+    import pyarrow.compute as pc
+
+    from raycls.results.leaderboard import param_columns
+    from raycls.results.pareto import OBJECTIVES, PARETO, PARETO_RANK, parse_objectives
+
+    if PARETO not in table.column_names:
+        raise RayclsError(f"--pareto: {where} has no multi-objective experiment (its rows have no experiment.objectives); "
+                          "a single-objective experiment's best row is `--top 1`")  # fmt: skip
+    front = table.filter(pc.fill_null(table.column(PARETO), False))
+    objectives = parse_objectives(front.column(OBJECTIVES)[0].as_py()) if front.num_rows else [("score", "max")]
+    shown = ["experiment", "trial_id", *(m for m, _ in objectives), PARETO_RANK, "score", *param_columns(front)]
+    return front, objectives[0][0], objectives[0][1] == "max", [c for c in dict.fromkeys(shown) if c in table.column_names]
 
 
 # -------------------------------------------------------------------------------------------- eval

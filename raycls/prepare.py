@@ -13,8 +13,9 @@ from typing import Any
 
 from raycls.config import load_experiment, parse_overrides
 from raycls.config.experiment import Experiment
-from raycls.phases.base import check_experiment_metric, check_stages
+from raycls.phases.base import check_experiment_metric, check_objectives, check_stages
 from raycls.results.references import resolve_references
+from raycls.search import check_search
 
 
 def prepare_experiment(
@@ -34,5 +35,7 @@ def prepare_experiment(
         experiment = experiment.as_fast_dev_run()
     # Before anything starts: a chain whose stages do not all report the experiment metric is refused.
     check_experiment_metric(experiment)
+    check_objectives(experiment)  # objectives and stop targets name metrics a trial reports
+    check_search(experiment)  # a grid enumerates choices, and has enough of them
     check_stages(experiment)  # what each phase can run on (token_distill: ViTs only)
     return resolve_references(experiment, storage) if storage is not None else experiment

@@ -57,19 +57,54 @@ def cmaes(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
         return optuna.samplers.CmaEsSampler(seed=search.seed, warn_independent_sampling=False)
 
 
+@SAMPLERS.register("nsga2")
+def nsga2(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
+    """NSGA-II, the classic multi-objective evolutionary sampler (TPE handles several objectives too).
+    `search.n_startup_trials` sets its population size (Optuna's default: 50)."""
+    import optuna
+
+    population = {"population_size": max(2, search.n_startup_trials)} if search.n_startup_trials else {}
+    return optuna.samplers.NSGAIISampler(seed=search.seed, **population)
+
+
 @SAMPLERS.register("grid")
 def grid(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
     """Every combination of the space's choices once (Optuna's GridSampler, in a seeded random order):
-    "each model once" without listing points_to_evaluate. Only for spaces of unconditional choices; set
-    experiment.trials to the number of combinations."""
+    "each model once" without listing points_to_evaluate. Only for spaces of unconditional choices."""
     import optuna
+
+    return optuna.samplers.GridSampler(grid_values(space), seed=search.seed)
+
+
+def grid_values(space: Space) -> dict[str, list]:
+    """The grid's axes: every parameter must be a choice without `when` (a grid cannot enumerate a range)."""
+    from raycls.errors import ConfigError
+
+    wrong = [f"{path} ({param.type})" if param.type != "choice" else f"{path} (has `when`)"
+             for path, param in space.params.items() if param.type != "choice" or param.when]  # fmt: skip
+    if wrong:
+        raise ConfigError(f"search.algorithm: grid enumerates choices without `when`; not these: {', '.join(wrong)}")
+    return {path: list(param.values) for path, param in space.params.items()}
+
+
+def check_search(experiment: Experiment) -> None:
+    """Before any trial: a grid's space is all choices, and it has at least `experiment.trials` points (past
+    that, Optuna's GridSampler would run combinations again)."""
+    from math import prod
 
     from raycls.errors import ConfigError
 
-    wrong = [path for path, param in space.params.items() if param.type != "choice" or param.when]
-    if wrong:
-        raise ConfigError(f"search.algorithm: grid enumerates choices without `when`; not these: {', '.join(wrong)}")
-    return optuna.samplers.GridSampler({path: list(param.values) for path, param in space.params.items()}, seed=search.seed)
+    if experiment.search.algorithm != "grid":
+        return
+    space = experiment.space.model_copy(update={"params": {k: v for k, v in experiment.space.params.items()
+                                                           if k not in experiment.overrides}})  # fmt: skip
+    try:
+        points = prod(len(values) for values in grid_values(space).values())
+    except ConfigError as err:
+        raise ConfigError(err.problems, source=experiment.source) from None
+    if experiment.experiment.trials > points:
+        raise ConfigError(f"experiment.trials={experiment.experiment.trials} > the grid's {points} combinations: "
+                          f"set trials to {points} (each combination runs once)", source=experiment.source)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- trial schedulers

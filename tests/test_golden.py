@@ -21,6 +21,10 @@ from raycls.train import RunContext, fit
 GOLDEN = Path(__file__).parent / "golden"
 # Only the numbers a refactor must not move; timings and throughput are not deterministic.
 KEYS = ("epoch", "train_loss", "val_loss", "val_acc", "val_knn_acc", "lr")
+# CPUs differ in the last bits: the same torch build picks AVX2 or AVX-512 kernels, whose float sums round
+# differently; ArcFace's scaled logits (s=64) lift that to 4e-5 of the chain's val_loss on an AMD EPYC (AVX2)
+# against the Intel machine that wrote the file. A refactor that changes what is computed moves far more.
+RELATIVE = 2e-4
 RUNS = {
     "supervised": {
         "data": {"name": "digits", "val_fraction": 0.2, "train_subset": 600},
@@ -61,4 +65,4 @@ def test_per_epoch_numbers_match_the_golden_file(name: str) -> None:
     for epoch, (g, w) in enumerate(zip(got, want), start=1):
         assert set(g) == set(w), f"{name} epoch {epoch}: metrics {sorted(g)} != golden {sorted(w)}"
         for key in w:
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-7), f"{name} epoch {epoch} {key}"
+            assert g[key] == pytest.approx(w[key], rel=RELATIVE, abs=1e-7), f"{name} epoch {epoch} {key}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raycls.config.schema import Frozen, PositiveInt, TrialConfig, registered
 from raycls.config.space import Space
@@ -33,12 +33,29 @@ class Resources(Frozen):
         return self.gpus_per_worker > 0 if self.use_gpu == "auto" else bool(self.use_gpu)
 
 
+class Objective(Frozen):
+    """One objective of a multi-objective search: a metric and which way is better."""
+
+    metric: str
+    mode: Literal["max", "min"]
+
+
 class ExperimentSection(Frozen):
     # None: the YAML file's stem.
     name: str | None = None
+    # What ASHA stops trials by and checkpoints are kept by: a metric every epoch reports.
     metric: str = "val_acc"
     mode: Literal["max", "min"] = "max"
+    # A multi-objective search: Optuna is told every objective at a trial's end and keeps a Pareto front
+    # (test_acc vs params, latency_ms, flops). The first objective reported every epoch is the `metric`
+    # when `metric` is not set.
+    objectives: list[Objective] = Field(default_factory=list)
     trials: PositiveInt = 8
+    # The whole search's wall-clock budget: no new trial starts after it, running ones are stopped.
+    time_budget_s: Annotated[float, Field(gt=0)] | None = None
+    # Stop the search as soon as any trial reaches one of these, e.g. {val_acc: 0.99} (the direction is
+    # the metric's mode: `metric`'s, an objective's, or the metric's usual one).
+    stop: dict[str, float] = Field(default_factory=dict)
     # Trials at a time; None: as many as the cluster's CPUs/GPUs fit.
     concurrency: PositiveInt | None = None
     resources: Resources = Resources()
@@ -50,6 +67,43 @@ class ExperimentSection(Frozen):
     # and two batches of each split (TrialConfig.fast_dev_run, loop.FAST_DEV_BATCHES).
     fast_dev_run: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _metric_from_objectives(cls, data: Any) -> Any:
+        """Without an explicit `metric`, ASHA ranks by the first objective an epoch reports (not a held-out
+        `test_*` metric nor a cost, which exist only once a trial ends)."""
+        from raycls.evaluate import names
+
+        if not isinstance(data, dict) or "metric" in data or not isinstance(data.get("objectives"), list):
+            return data
+        for objective in data["objectives"]:
+            metric = objective.get("metric") if isinstance(objective, dict) else None
+            if isinstance(metric, str) and not metric.startswith(names.EVAL_PREFIX) and metric not in names.COST_METRICS:
+                return {**data, "metric": metric, "mode": data.get("mode", objective.get("mode", "max"))}
+        return data
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, objectives: list[Objective]) -> list[Objective]:
+        metrics = [o.metric for o in objectives]
+        if len(metrics) == 1:
+            raise ValueError(f"{metrics}: a multi-objective search needs two or more (one: use metric and mode)")
+        if len(set(metrics)) != len(metrics):
+            raise ValueError(f"{metrics}: each metric once")
+        return objectives
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    def direction(self, metric: str) -> Literal["max", "min"]:
+        """Which way `metric` is better: the experiment metric's mode, an objective's, or its usual one."""
+        from raycls.evaluate.names import mode_of
+
+        if metric == self.metric:
+            return self.mode
+        return next((o.mode for o in self.objectives if o.metric == metric), mode_of(metric))
+
 
 class SearchSection(Frozen):
     algorithm: str = "tpe"  # a SAMPLERS name (raycls.search)
@@ -60,6 +114,9 @@ class SearchSection(Frozen):
     warm_start: str | None = None
     # Random trials before TPE starts modelling (Optuna's n_startup_trials); None: Optuna's default.
     n_startup_trials: Annotated[int, Field(ge=0)] | None = None
+    # How a trial the scheduler stopped early is told to Optuna: pruned (raycls), or complete with its
+    # rung score as if final (Ray's OptunaSearch; kept to measure the difference, benchmarks/search_efficiency.py).
+    early_stopped_as: Literal["pruned", "complete"] = "pruned"
     _known_sampler = registered("sampler", "algorithm")
 
 
@@ -104,6 +161,24 @@ class Experiment(Frozen):
         section = self.experiment.model_copy(update={
             "name": f"{self.name}-fast-dev-run", "trials": min(trials, self.experiment.trials), "fast_dev_run": True,
         })  # fmt: skip
+        return self.model_copy(update={"experiment": section})
+
+    def with_limits(self, *, trials: int | None = None, time_budget_s: float | None = None) -> "Experiment":
+        """This search with `--trials` / `--time-budget` from the command line in place of the YAML's."""
+        from pydantic import ValidationError
+
+        from raycls.errors import ConfigError
+
+        given = {"trials": trials, "time_budget_s": time_budget_s}
+        update = {k: v for k, v in given.items() if v is not None}
+        if not update:
+            return self
+        flags = {"trials": "--trials", "time_budget_s": "--time-budget"}
+        try:
+            section = ExperimentSection.model_validate({**self.experiment.model_dump(), **update})
+        except ValidationError as err:
+            raise ConfigError([f"{flags[str(e['loc'][0])]} (experiment.{e['loc'][0]}): {e['msg']}, got {e['input']!r}"
+                               for e in err.errors()], source=self.source) from None  # fmt: skip
         return self.model_copy(update={"experiment": section})
 
     @property

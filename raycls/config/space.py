@@ -36,6 +36,10 @@ class _Param(Frozen):
     def suggest(self, trial: "optuna.Trial", name: str) -> Any:
         raise NotImplementedError
 
+    def distribution(self) -> "optuna.distributions.BaseDistribution":
+        """The Optuna distribution `suggest` samples from (a warm start checks old values against it)."""
+        raise NotImplementedError
+
     def column_type(self) -> str:
         """The Arrow type (an alias `pyarrow.type_for_alias` reads) of this parameter's leaderboard column."""
         return "double"
@@ -57,6 +61,11 @@ class Uniform(_Param):
 
     def suggest(self, trial: "optuna.Trial", name: str) -> float:
         return trial.suggest_float(name, self.low, self.high)
+
+    def distribution(self) -> "optuna.distributions.BaseDistribution":
+        from optuna.distributions import FloatDistribution
+
+        return FloatDistribution(self.low, self.high, log=isinstance(self, LogUniform))
 
 
 class LogUniform(Uniform):
@@ -95,6 +104,11 @@ class IntRange(_Param):
     def suggest(self, trial: "optuna.Trial", name: str) -> int:
         return trial.suggest_int(name, self.low, self.high, step=self.step, log=self.log)
 
+    def distribution(self) -> "optuna.distributions.BaseDistribution":
+        from optuna.distributions import IntDistribution
+
+        return IntDistribution(self.low, self.high, step=self.step, log=self.log)
+
     def column_type(self) -> str:
         return "int64"
 
@@ -108,6 +122,11 @@ class Choice(_Param):
 
     def suggest(self, trial: "optuna.Trial", name: str) -> Scalar:
         return trial.suggest_categorical(name, self.values)
+
+    def distribution(self) -> "optuna.distributions.BaseDistribution":
+        from optuna.distributions import CategoricalDistribution
+
+        return CategoricalDistribution(self.values)
 
     def column_type(self) -> str:
         """The narrowest type that holds every value: bool, int64, double, else string."""

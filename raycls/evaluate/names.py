@@ -63,6 +63,17 @@ TEST_SHIFT_GAP = "test_shift_gap"  # clean test accuracy minus the mean corrupti
 EVAL_S = "test_eval_s"  # seconds the evaluation took
 
 
+# ---------------------------------------------------------------------------------- what a model costs
+# Measured once per trial, on its final model (raycls.evaluate.cost), on the device it trained on, and
+# reported with its last epoch: multi-objective searches trade accuracy against them.
+PARAMS = "params"  # parameters the prediction uses (a distilled model's frozen teacher is not counted)
+FLOPS = "flops"  # floating-point operations of one image's forward pass (torch.utils.flop_counter: 2 per MAC)
+LATENCY_MS = "latency_ms"  # one image's forward pass, milliseconds, median of repeats
+LATENCY_MS_BATCH = "latency_ms_batch"  # one batch of `latency_batch` images, milliseconds, median of repeats
+LATENCY_BATCH = "latency_batch"  # the batch size latency_ms_batch was measured at (the eval batch size)
+COST_METRICS = (PARAMS, FLOPS, LATENCY_MS, LATENCY_MS_BATCH, LATENCY_BATCH)
+
+
 def test_topk(k: int) -> str:
     return f"test_top{k}"
 
@@ -75,6 +86,11 @@ def test_ood(dataset: str, scorer: str, measure: str) -> str:
 def test_shift(name: str) -> str:
     """Accuracy on a shifted set (`test_shift_cifar10_1_acc`) or one corruption over its severities."""
     return f"test_shift_{name}_acc"
+
+
+def is_evaluation_metric(metric: str) -> bool:
+    """A held-out metric the evaluation suite can produce (test_acc, test_ece, test_ood_..., test_shift_...)."""
+    return metric in MODES and metric.startswith(EVAL_PREFIX) or metric.startswith(("test_ood_", "test_shift_", "test_top"))
 
 
 def stage_metric(stage: str, metric: str) -> str:
@@ -98,6 +114,7 @@ MODES: dict[str, Mode] = {
                                 TEST_SHIFT_MCA, TEST_MACRO_PRECISION, TEST_MACRO_RECALL)},
     **{name: "min" for name in (TEST_NLL, TEST_ECE, TEST_MCE, TEST_BRIER, TEST_ECE_TS, TEST_NLL_TS, TEST_SHIFT_GAP)},
     **{test_topk(k): "max" for k in (1, 2, 3, 5, 10)},
+    **{name: "min" for name in (PARAMS, FLOPS, LATENCY_MS, LATENCY_MS_BATCH)},
     VAL_ACC: "max",
     VAL_KNN_ACC: "max",
     VAL_RECALL_AT_1: "max",

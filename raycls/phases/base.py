@@ -153,6 +153,33 @@ def check_experiment_metric(experiment: Experiment) -> None:
         )
 
 
+def check_objectives(experiment: Experiment) -> None:
+    """Every objective is something a trial ends with: a metric its last stage reports each epoch, a
+    held-out `test_*` metric (when trials are evaluated), or a cost (params, flops, latency_ms); every
+    `stop` target is a metric each stage reports."""
+    section, base = experiment.experiment, experiment.base
+    last = base.stages[-1]
+    reported = PHASES.get(last.phase.name).reports(base.eval.val_topk)
+    problems = []
+    for index, objective in enumerate(section.objectives):
+        metric = objective.metric
+        if metric in reported or metric in names.COST_METRICS:
+            continue
+        if names.is_evaluation_metric(metric):
+            if base.eval.on == "none":
+                problems.append(f"experiment.objectives.{index}.metric: {metric!r} is a held-out metric, and "
+                                "eval.on is 'none' (trials are not evaluated)")  # fmt: skip
+            continue
+        known = sorted(set(reported) - {names.VAL_IMAGES}) + ["test_acc", "test_...", *names.COST_METRICS[:-1]]
+        problems.append(f"experiment.objectives.{index}.metric: {metric!r} is not reported by phase {last.label}; "
+                        f"known: {', '.join(known)}")  # fmt: skip
+    every = frozenset.intersection(*(PHASES.get(s.phase.name).reports(base.eval.val_topk) for s in base.stages))
+    problems += [f"experiment.stop.{metric}: not reported every epoch by every phase of {base.chain}; they report: "
+                 f"{', '.join(sorted(every - {names.VAL_IMAGES}))}" for metric in section.stop if metric not in every]  # fmt: skip
+    if problems:
+        raise ConfigError(problems, source=experiment.source)
+
+
 def check_stages(experiment: Experiment) -> None:
     """Each stage of the base trial passes its phase's own check (token_distill: ViT student and teacher)."""
     stages = experiment.base.stages

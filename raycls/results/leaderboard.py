@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import raycls
 from raycls.evaluate import names
 from raycls.evaluate.summary import summarize
+from raycls.results.pareto import mark_pareto
 from raycls.results.provenance import GitState
 from raycls.storage import LEADERBOARD_DIR, ExperimentPaths, filesystem
 
@@ -37,6 +38,7 @@ FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("phase", pa.string()),
     ("metric", pa.string()),
     ("mode", pa.string()),
+    ("objectives", pa.string()),  # multi-objective experiments: "test_acc:max,params:min" (raycls.results.pareto)
     ("score", pa.float64()),  # the experiment metric at the best epoch: comparable across experiments
     ("epochs", pa.int64()),
     ("best_epoch", pa.int64()),
@@ -49,7 +51,9 @@ FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("workers", pa.int64()),
     ("seed", pa.int64()),
     ("restarts", pa.int64()),
-    ("stopped_by", pa.string()),  # "scheduler" (ASHA: early_stopped) or "patience" (train.early_stopping)
+    # "scheduler" (ASHA: early_stopped), "patience" (train.early_stopping), or the search's end cutting the
+    # trial short: "time_budget" (experiment.time_budget_s) or "target" (experiment.stop)
+    ("stopped_by", pa.string()),
     ("checkpoint", pa.string()),
     ("teacher", pa.string()),  # distillation: EXPERIMENT/TRIAL_ID of a referenced teacher, or its path, or "ema"
     ("config_json", pa.string()),
@@ -89,13 +93,15 @@ class TrialRecord:
     git: GitState = field(default_factory=GitState)
     # The held-out evaluation (`test_*` metrics, `eval_split`, `eval_suite`): see evaluation_columns.
     evaluation: dict[str, Any] = field(default_factory=dict)
+    ended_by: str | None = None  # early_stopped by the end of the search (time_budget, target), not ASHA
+    objectives: str | None = None  # see raycls.results.pareto
 
     def best_row(self) -> dict[str, Any]:
         return summarize(self.history, self.metric, self.mode).at_best  # type: ignore[arg-type]
 
     def stopped_by(self) -> str | None:
         if self.status == "early_stopped":
-            return "scheduler"
+            return self.ended_by or "scheduler"
         last = self.history[-1] if self.history else {}
         return names.PATIENCE if self.status == "completed" and last.get(names.STOPPED_BY) == names.PATIENCE else None
 
@@ -103,11 +109,13 @@ class TrialRecord:
         # The experiment metric's best epoch, plus every chain stage's own summary (`supcon.val_knn_acc`),
         # which the epochs after that stage carry: the last epoch has them all.
         last = self.history[-1] if self.history else {}
-        best = {**{k: v for k, v in last.items() if names.is_stage_metric(k)}, **self.best_row()}
+        # The model's cost is measured once, with the last epoch: every row of a completed trial has it.
+        trial_level = {k: v for k, v in last.items() if names.is_stage_metric(k) or k in names.COST_METRICS}
+        best = {**self.best_row(), **trial_level}
         wall = (self.ended_at - self.started_at).total_seconds() if self.started_at and self.ended_at else None
         values: dict[str, Any] = {
             "experiment": self.experiment, "trial_id": self.trial_id, "status": self.status, "phase": self.phase,
-            "metric": self.metric, "mode": self.mode, "score": _float(best.get(self.metric)),
+            "metric": self.metric, "mode": self.mode, "objectives": self.objectives, "score": _float(best.get(self.metric)),
             "epochs": int(self.history[-1].get("epoch", len(self.history))) if self.history else 0,
             "best_epoch": int(best["epoch"]) if "epoch" in best else None, "max_epochs": self.max_epochs,
             "started_at": self.started_at, "ended_at": self.ended_at, "wall_s": wall,
@@ -121,7 +129,9 @@ class TrialRecord:
         # Every numeric metric at the best epoch, under its own name (val_acc, val_loss, ...).
         for key, value in best.items():
             # CHAIN_SCORE is bookkeeping for checkpoint retention, not a metric to compare.
-            if key not in FIXED_NAMES and key != names.CHAIN_SCORE and isinstance(value, (int, float)) and not isinstance(value, bool):
+            # The held-out columns come from the evaluation's own files (below), which `raycls eval` replaces.
+            if (key not in FIXED_NAMES and key != names.CHAIN_SCORE and not is_evaluation_column(key)
+                    and isinstance(value, (int, float)) and not isinstance(value, bool)):  # fmt: skip
                 fields.append((key, pa.float64()))
                 values[key] = float(value)
         for key, value in evaluation_columns(self.evaluation).items():
@@ -237,6 +247,8 @@ def read_leaderboard(storage: str, experiment: str | None = None, *, kind: str =
         table = pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowInvalid:  # a parameter changed type between runs: fall back to strings for clashing columns
         table = pa.concat_tables([_stringify_clashes(t, tables) for t in tables], promote_options="permissive")
+    if kind == LEADERBOARD_DIR:
+        table = mark_pareto(table)  # the front depends on every row: computed on read, never stored
     return ReadResult(table, skipped, len(files))
 
 

@@ -18,6 +18,7 @@ from raycls.config.schema import TeacherPhaseConfig, TrialConfig
 from raycls.errors import RayclsError
 from raycls.evaluate import names
 from raycls.results.leaderboard import Status, TrialRecord
+from raycls.results.pareto import format_objectives
 from raycls.results.provenance import GitState
 
 
@@ -35,6 +36,8 @@ class TrialSeen:
     checkpoint: str | None = None  # its best checkpoint's URI
     error: str | None = None
     config_json: str | None = None  # the resolved TrialConfig the trial wrote; None: resolved here
+    # An early-stopped trial cut by the end of the whole search ("time_budget", "target"), not by ASHA.
+    ended_by: str | None = None
 
 
 def param_types(experiment: Experiment) -> dict[str, pa.DataType]:
@@ -77,6 +80,8 @@ def build_record(experiment: Experiment, seen: TrialSeen, git: GitState) -> Tria
         config_json=config_json,
         error=error,
         git=git,
+        ended_by=seen.ended_by,
+        objectives=format_objectives([(o.metric, o.mode) for o in section.objectives]),
     )
 
 

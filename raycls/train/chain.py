@@ -19,11 +19,17 @@ import torch.nn as nn
 from raycls.config.schema import Stage, TrialConfig
 from raycls.errors import CheckpointError
 from raycls.evaluate import names
+from raycls.evaluate.cost import measure_cost
 from raycls.models.checkpoint import load_weights, unwrap
 from raycls.phases import PHASES, Phase
 from raycls.phases.base import Previous
 from raycls.train.loop import Metrics, Reporter, RunContext, StageRun, load_data, train_stage
 from raycls.train.state import Best, Position, Weights, read_best, read_metrics, read_position
+
+
+# Images per batch for the batch-N latency (the stage's eval batch size, capped: this is a measurement, not a
+# throughput benchmark, and it runs at the end of every trial).
+COST_BATCH = 64
 
 
 def fit(config: TrialConfig, report: Reporter, ctx: RunContext | None = None) -> list[Metrics]:
@@ -111,20 +117,34 @@ class ChainRunner:
             scratch=self.scratch / "checkpoint",
             annotate=(lambda metrics, best, last: self._chain_metrics(stage, metrics, best, last=last)) if self.chained else None,
             finished=self.finished,
-            on_last_epoch=self._evaluate_best if self.evaluating and index + 1 == len(self.stages) else None,
+            on_last_epoch=self._last_epoch if index + 1 == len(self.stages) else None,
         )
         best = train_stage(self.config, stage, self.data, self.ctx, self._report, run)
         return best.weights
 
-    def _evaluate_best(self, best: Best, model: nn.Module) -> None:
+    def _last_epoch(self, best: Best, model: nn.Module, phase: Phase) -> Metrics:
+        """The trial's last epoch: what its model costs to run and, when evaluating, its held-out metrics,
+        both reported with the epoch (a multi-objective search is told them)."""
+        stage = self.stages[-1]
+        cost = measure_cost(
+            unwrap(model), lambda x: phase.outputs(unwrap(model), x), channels=self.data.spec.in_chans,
+            image_size=self.config.data.image_size or self.data.splits.train.size,
+            batch_size=min(stage.train.eval_batch_size, COST_BATCH), device=self.ctx.device,
+        )  # fmt: skip
+        if not self.evaluating:
+            return cost
         # A stage whose metric was never reported (NaN-free but missing) has no best: its last weights.
-        self.evaluate(best.weights if best.weights is not None else {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()})
+        weights = best.weights if best.weights is not None else {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+        return {**cost, **self.evaluate(weights)}
 
-    def evaluate(self, weights: Weights) -> None:
-        """The held-out evaluation of the trial's best weights (raycls.train.evaluation), on every worker."""
+    def evaluate(self, weights: Weights) -> Metrics:
+        """The held-out evaluation of the trial's best weights (raycls.train.evaluation), on every worker;
+        returns its numeric `test_*` metrics."""
         from raycls.train.evaluation import evaluate_weights
 
-        evaluate_weights(self.config, weights, self.data, self.ctx, out_uri=self.ctx.eval_dir)
+        summary = evaluate_weights(self.config, weights, self.data, self.ctx, out_uri=self.ctx.eval_dir)
+        return {k: float(v) for k, v in summary.get("metrics", {}).items()
+                if k.startswith(names.EVAL_PREFIX) and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
 
     def _report(self, metrics: Metrics, checkpoint: Path | None) -> None:
         self.report(metrics, checkpoint)

@@ -142,10 +142,11 @@ class StageRun:
     # Chains add the stage's label and the finished stages' summaries to each epoch's metrics (chain.py).
     annotate: Callable[[Metrics, Best, bool], Metrics] | None = None
     finished: dict[str, dict[str, float]] = field(default_factory=dict)  # saved in the checkpoint's position
-    # Called with the stage's best (weights kept) after its last epoch, before that epoch is reported: the
-    # trial's held-out evaluation runs there, because once the last epoch is reported a scheduler may stop
-    # the trial at once (ASHA stops every trial at max_t).
-    on_last_epoch: Callable[[Best, nn.Module], None] | None = None
+    # Called with the stage's best (weights kept), the model it judges and its phase after its last epoch,
+    # before that epoch is reported: the trial's cost measurement and held-out evaluation run there, because
+    # once the last epoch is reported a scheduler may stop the trial at once (ASHA stops every trial at
+    # max_t). What it returns is reported with that epoch (the searcher's objectives read it there).
+    on_last_epoch: Callable[[Best, nn.Module, Phase], Metrics] | None = None
 
 
 def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, report: Reporter, run: StageRun) -> Best:
@@ -202,7 +203,7 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
         if run.annotate is not None:
             metrics = run.annotate(metrics, best, last)
         if run.on_last_epoch is not None and last:
-            run.on_last_epoch(best, judged)
+            metrics = {**metrics, **run.on_last_epoch(best, judged, phase)}
         # Only rank 0 writes a checkpoint: all ranks hold the same weights under DDP.
         position = Position(stage=run.index, epoch=epoch, finished=run.finished)
         checkpoint = save_checkpoint(run.scratch, model, optimizer, lr_schedule, metrics, position=position,

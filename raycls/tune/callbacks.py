@@ -133,6 +133,13 @@ class TrialLedger(Callback):
         self.record(trial, "failed", error=error_message(trial))
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        if self._search_end() is not None:
+            # The search's own end (time budget, target) stops the running trials without on_trial_complete:
+            # each that started gets its row here (one that was only queued never ran, and gets none).
+            for trial in trials:
+                if trial.trial_id in self.logs and trial.trial_id not in self.written and trial.status != Trial.ERROR:
+                    last = self.logs[trial.trial_id].last_result
+                    self.record(trial, "completed" if last and not stopped_early(last) else "early_stopped")
         self.wandb.close()
 
     # ------------------------------------------------------------------------------------------ rows
@@ -151,6 +158,13 @@ class TrialLedger(Callback):
             return self.paths.read_text(uri) if self.paths.exists(uri) else None
         except (OSError, AttributeError, TypeError):
             return None
+
+    def _search_end(self) -> str | None:
+        """Why the whole search ended early, when it did (raycls.tune.stop): the trials it cut say so."""
+        from raycls.tune.stop import read_end
+
+        end = read_end(Path(self.experiment_dir))
+        return end.reason if end is not None else None
 
     def _config_summary(self, trial: Trial) -> dict[str, Any]:
         return {**dict(trial.config), "experiment": self.experiment.name, "trial_id": trial.trial_id}
@@ -173,6 +187,7 @@ class TrialLedger(Callback):
             checkpoint=log.best_checkpoint,
             error=error,
             config_json=self._config_written(trial),
+            ended_by=self._search_end() if status == "early_stopped" else None,
         )
         record = build_record(self.experiment, seen, self.git)
         record.evaluation = read_evaluation(self.storage, self.experiment.name, trial.trial_id)

@@ -32,6 +32,7 @@ from raycls.storage import ExperimentPaths, absolute, filesystem
 from raycls.tune.cluster import cluster_nodes, init_ray
 from raycls.tune.resume import ResumeMode, ResumePlan, SnapshotKeeper, prepare_resume, reconcile_study
 from raycls.tune.searcher import create_searcher, journal_path, open_study_storage
+from raycls.tune.stop import SearchEnd, SearchStopper, clear_end, read_end
 from raycls.tune.trainable import tune_trainable
 
 
@@ -54,6 +55,7 @@ class TuneOutcome:
     leaderboard: ReadResult
     trials: int
     errors: int
+    ended: SearchEnd | None = None  # the search ended before its trials: a time budget or a target reached
 
 
 def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
@@ -80,6 +82,8 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
         trial_bundle(resources, pin_on_demand=plan.pin_on_demand),
     )
     resume = _resume_plan(options, paths)
+    if resume.mode is not ResumeMode.RESTORE:
+        clear_end(state)  # a new run (or a continued one) ends for its own reasons
     if resume.note:
         print(f"resume: {resume.note}")
     if resume.mode is ResumeMode.RESTORE:
@@ -107,7 +111,7 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
         _evaluate_stopped(experiment, storage)
     board = read_leaderboard(storage, experiment.name)
     _reconcile(experiment, state, board)
-    return TuneOutcome(path, board, board.table.num_rows, errors)
+    return TuneOutcome(path, board, board.table.num_rows, errors, read_end(state))
 
 
 def _without_evaluated_points(experiment: Experiment, rows: list[dict]) -> Experiment:
@@ -122,6 +126,10 @@ def _without_evaluated_points(experiment: Experiment, rows: list[dict]) -> Exper
 def _resume_plan(options: TuneOptions, paths: ExperimentPaths) -> ResumePlan:
     if not options.resume:
         return ResumePlan(ResumeMode.START)
+    end = read_end(paths.state_dir)
+    if end is not None:
+        # Tune's run ended on purpose: its trials are all closed, and a restore would re-arm the old stop.
+        return ResumePlan(ResumeMode.REBUILD, note=f"the last run ended early ({end.detail}): running the trials that have no row yet")
     plan = prepare_resume(paths.folder, can_restore=ray.tune.Tuner.can_restore(paths.root))
     if plan.mode is ResumeMode.START:
         return ResumePlan(ResumeMode.START, note=f"nothing to resume at {paths.root}: starting the experiment")
@@ -205,5 +213,6 @@ def _new_tuner(experiment: Experiment, options: TuneOptions, paths: ExperimentPa
                 checkpoint_score_order=section.mode,
             ),
             verbose=0 if options.live else 1,
+            stop=SearchStopper(experiment, state) if section.time_budget_s or section.stop else None,
         ),
     )

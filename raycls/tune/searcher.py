@@ -4,6 +4,13 @@ early-stopped trials told to Optuna as PRUNED.
 Ray's OptunaSearch tells Optuna a trial that ASHA stopped as COMPLETE with its early-rung score, so TPE
 learns from 2-epoch scores as if they were final. Here such trials are PRUNED (their per-epoch values were
 already reported as intermediate values), and failed trials are FAIL even when they reported some epochs.
+(`search.early_stopped_as: complete` keeps Ray's bookkeeping, for benchmarks/search_efficiency.py.)
+
+Multi-objective searches (`experiment.objectives`): Optuna has no pruning for them (optuna#3450) and Ray's
+bridge tells an ASHA-stopped trial COMPLETE with its missing objectives as None, which Optuna refuses: the
+trial stays RUNNING in the study forever. Here ASHA stops trials on `experiment.metric` as usual, stopped
+trials are told PRUNED (never a point on the front), and a completed trial is told every objective: epoch
+metrics at its best epoch (as its leaderboard row has them), held-out and cost metrics from its last epoch.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from raycls.config.experiment import Experiment
@@ -60,13 +68,19 @@ def open_study_storage(path: Path) -> optuna.storages.BaseStorage:
 
 
 class RayclsOptunaSearch(OptunaSearch):
-    def __init__(self, *args: Any, warm_start_journal: Path | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, warm_start_journal: Path | None = None, objectives: list[tuple[str, str]] | None = None,
+                 distributions: dict[str, BaseDistribution] | None = None, early_stopped_as: str = "pruned",
+                 **kwargs: Any):  # fmt: skip
         # Set before super().__init__, which already sets up the study when given metric and mode.
         self._warm_start_journal = str(warm_start_journal) if warm_start_journal else None
+        self._objectives = list(objectives or [])  # (metric, mode) pairs; empty: one objective, `metric`
+        self._distributions = dict(distributions or {})  # the space's, for the warm start's checks
+        self._early_stopped_as = early_stopped_as
+        self._best_epoch: dict[str, dict] = {}  # multi-objective: each trial's result at its best epoch so far
         super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode: str | list) -> None:
-        super()._setup_study(mode)
+        super()._setup_study([m for _, m in self._objectives] if self._objectives else mode)
         # Only a fresh study (points_to_evaluate are already queued as WAITING trials by now).
         started = self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                     TrialState.FAIL, TrialState.RUNNING))  # fmt: skip
@@ -74,13 +88,18 @@ class RayclsOptunaSearch(OptunaSearch):
             self._warm_start(Path(self._warm_start_journal))
 
     def _warm_start(self, journal: Path) -> None:
-        """Seed TPE with another experiment's finished trials (same parameter names and ranges)."""
+        """Seed the sampler with another experiment's finished trials: the parameters that still fit this space
+        are kept, the rest dropped (renamed, re-ranged, removed), with a warning saying which."""
         storage = open_study_storage(journal)
-        summaries = optuna.get_all_study_summaries(storage)
-        for summary in summaries:
+        trials = []
+        for summary in optuna.get_all_study_summaries(storage):
             other = optuna.load_study(study_name=summary.study_name, storage=storage)
-            done = [t for t in other.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-            self._ot_study.add_trials(done)
+            trials += [t for t in other.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        kept, dropped = fitting_trials(trials, self._distributions, objectives=len(self._objectives) or 1)
+        if dropped:
+            warnings.warn(f"search.warm_start from {journal.parent.parent.name}: kept {len(kept)} of {len(trials)} "
+                          f"trials; dropped {'; '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))}")  # fmt: skip
+        self._ot_study.add_trials(kept)
 
     def suggest(self, trial_id: str) -> dict | None:
         suggestion = super().suggest(trial_id)
@@ -96,6 +115,10 @@ class RayclsOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         return self._storage.get_trial(ot_trial._trial_id).state.is_finished()
 
+    @property
+    def multi_objective(self) -> bool:
+        return len(self._objectives) > 1
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # A trial Optuna has already closed (told by a driver killed before the trial's row was written;
         # Tune's restored snapshot still has it running) reports its last epoch again on resume: Optuna
@@ -103,7 +126,29 @@ class RayclsOptunaSearch(OptunaSearch):
         # whole resumed search. Its row is written when it ends; the study already has its outcome.
         if trial_id in self._ot_trials and self._told(trial_id):
             return None
+        if self.multi_objective:  # Optuna takes no intermediate values for several objectives
+            self._keep_best_epoch(trial_id, result)
+            return None
         return super().on_trial_result(trial_id, result)
+
+    def _keep_best_epoch(self, trial_id: str, result: dict) -> None:
+        """The result of the trial's best epoch by `metric`, as a leaderboard row ranks them (chains too)."""
+        value = names.ranked_value(result, self._metric, self._mode)
+        best = self._best_epoch.get(trial_id)
+        if value is not None and names.as_good(value, best and names.ranked_value(best, self._metric, self._mode), self._mode):
+            self._best_epoch[trial_id] = dict(result)
+
+    def objective_values(self, trial_id: str, last: dict) -> list[float] | None:
+        """A completed trial's objectives: epoch metrics at its best epoch, the others (test_*, costs) from its
+        last epoch. None when one is missing or not a finite number."""
+        best = self._best_epoch.get(trial_id, last)
+        values = []
+        for metric, _ in self._objectives:
+            value = (last if metric.startswith(names.EVAL_PREFIX) or metric in names.COST_METRICS else best).get(metric)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+                return None
+            values.append(float(value))
+        return values
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
@@ -111,11 +156,15 @@ class RayclsOptunaSearch(OptunaSearch):
         if self._told(trial_id):
             self._completed_trials.add(trial_id)
             return None
+        if self.multi_objective:
+            self._keep_best_epoch(trial_id, result or {})
+        if not error and stopped_early(result) and self._early_stopped_as == "complete" and not self.multi_objective:
+            return super().on_trial_complete(trial_id, result, error)  # Ray's bookkeeping: the rung score as final
         if error or stopped_early(result):
             state = TrialState.FAIL if error else TrialState.PRUNED
             ot_trial = self._ot_trials[trial_id]
             try:
-                if state == TrialState.PRUNED and isinstance(result.get(self._metric), (int, float)):
+                if state == TrialState.PRUNED and not self.multi_objective and isinstance(result.get(self._metric), (int, float)):
                     # Tune withholds the result that made the scheduler stop the trial from the searcher;
                     # report it, so the pruned trial's last intermediate value is its score at that rung.
                     # (Optuna ignores, with a warning, a second report for the same step.)
@@ -127,10 +176,25 @@ class RayclsOptunaSearch(OptunaSearch):
                 warnings.warn(f"optuna could not record trial {trial_id} as {state.name}: {err}")
             self._completed_trials.add(trial_id)
             return None
+        if self.multi_objective:
+            return self._tell_objectives(trial_id, result or {})
         if result and result.get(names.STOPPED_BY) == names.PATIENCE:
             # Stopped on a plateau: its last epoch is `patience` epochs past its best, which is its score.
             result = {**result, self._metric: self._best_reported(trial_id, result[self._metric])}
         return super().on_trial_complete(trial_id, result, error)
+
+    def _tell_objectives(self, trial_id: str, result: dict) -> None:
+        values = self.objective_values(trial_id, result)
+        ot_trial = self._ot_trials[trial_id]
+        if values is None:
+            missing = [m for m, _ in self._objectives if not isinstance(result.get(m), (int, float))]
+            warnings.warn(f"trial {trial_id} ended without objective(s) {missing}: told to Optuna as FAIL")
+        try:
+            self._ot_study.tell(ot_trial, values, state=TrialState.COMPLETE if values is not None else TrialState.FAIL)
+        except Exception as err:  # never break the search for Optuna's bookkeeping
+            warnings.warn(f"optuna could not record trial {trial_id}: {err}")
+        self._completed_trials.add(trial_id)
+        self._best_epoch.pop(trial_id, None)
 
     def _best_reported(self, trial_id: str, last: float) -> float:
         """The best of the trial's intermediate values (one per epoch reported), its last value included."""
@@ -139,13 +203,56 @@ class RayclsOptunaSearch(OptunaSearch):
         return max(reported) if self._mode == "max" else min(reported)
 
 
+def fitting_trials(trials: list[FrozenTrial], distributions: dict[str, BaseDistribution], *, objectives: int
+                   ) -> tuple[list[FrozenTrial], dict[str, str]]:  # fmt: skip
+    """Another study's finished trials cut to this space: each keeps the parameters that exist here with a value
+    inside this space's distribution (under this space's distribution); a trial with none left, or told a
+    different number of objectives, is dropped. Returns the trials and why each parameter was dropped."""
+    kept: list[FrozenTrial] = []
+    dropped: dict[str, str] = {}
+    outside: dict[str, int] = {}
+    for trial in trials:
+        if trial.state == TrialState.COMPLETE and len(trial.values) != objectives:
+            dropped["(objectives)"] = f"{len(trial.values)} objective(s) there, {objectives} here"
+            continue
+        params = {}
+        for name, value in trial.params.items():
+            if name not in distributions:
+                dropped[name] = "not a parameter of this space"
+            elif _fits(distributions[name], value):
+                params[name] = value
+            else:
+                outside[name] = outside.get(name, 0) + 1
+        if not params:
+            continue
+        kept.append(optuna.trial.create_trial(
+            state=trial.state, values=trial.values if trial.state == TrialState.COMPLETE else None,
+            params=params, distributions={k: distributions[k] for k in params},
+            intermediate_values=trial.intermediate_values if objectives == 1 else None,
+            user_attrs={"warm_start_from": trial.number},
+        ))  # fmt: skip
+    dropped.update({name: f"{n} value(s) outside {distributions[name]}" for name, n in outside.items()})
+    return kept, dropped
+
+
+def _fits(distribution: BaseDistribution, value: Any) -> bool:
+    try:
+        return distribution._contains(distribution.to_internal_repr(value))
+    except (ValueError, TypeError):  # a choice this space no longer has, a string where a number goes
+        return False
+
+
 def create_searcher(experiment: Experiment, experiment_dir: Path, warm_start_dir: Path | None) -> RayclsOptunaSearch:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    search = experiment.search
+    search, section = experiment.search, experiment.experiment
     return RayclsOptunaSearch(
         space=SpaceFunction(experiment.space, experiment.overrides),
-        metric=experiment.experiment.metric,
-        mode=experiment.experiment.mode,
+        # Tune checks every result for `metric` and ASHA ranks by it; the objectives are told at the end.
+        metric=section.metric,
+        mode=section.mode,
+        objectives=[(o.metric, o.mode) for o in section.objectives],
+        distributions={path: param.distribution() for path, param in experiment.space.params.items()},
+        early_stopped_as=search.early_stopped_as,
         # The sampler sees the space less the parameters --set pinned (those are not sampled).
         sampler=SAMPLERS.create(search.algorithm, search, experiment.space.model_copy(
             update={"params": {k: v for k, v in experiment.space.params.items() if k not in experiment.overrides}})),
