@@ -25,6 +25,8 @@ from raycls.errors import ConfigError
 from raycls.evaluate import names
 from raycls.evaluate.cost import measure_cost
 from raycls.prepare import prepare_experiment
+from raycls.report.data import load_report_data
+from raycls.report.figures import pareto as pareto_section
 from raycls.results import read_leaderboard
 from raycls.results.pareto import mark_pareto, non_dominated_ranks
 from raycls.tune.cluster import init_ray
@@ -219,6 +221,12 @@ def test_two_objective_search_front_and_pruned_trials(local_ray, tmp_path: Path,
     for row in stopped:
         assert told[row["trial_id"]].state == TrialState.PRUNED
     assert {t.number for t in study.best_trials} == {told[r["trial_id"]].number for r in completed if r["pareto"]}
+    # The report's figure: the front's trials as the line, the other completed trials as grey dots.
+    section = pareto_section(load_report_data(storage, "front"))
+    assert section is not None and section.figure is not None
+    drawn = {trace.name: sorted(zip(trace.x, trace.y)) for trace in section.figure.data}
+    assert drawn["Pareto front"] == sorted((r["test_acc"], r[names.PARAMS]) for r in completed if r["pareto"])
+    assert drawn["dominated"] == sorted((r["test_acc"], r[names.PARAMS]) for r in completed if not r["pareto"])
     # `raycls leaderboard --pareto`: the front only, objectives shown.
     capsys.readouterr()  # what Tune printed during the search
     try:

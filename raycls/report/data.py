@@ -64,6 +64,20 @@ class ReportData:
         return rungs
 
     @cached_property
+    def objectives(self) -> list[tuple[str, str]]:
+        """A multi-objective experiment's (metric, mode) pairs, as its rows record them; [] otherwise."""
+        from raycls.results.pareto import OBJECTIVES, parse_objectives
+
+        text = next((r[OBJECTIVES] for r in reversed(self.rows) if r.get(OBJECTIVES)), None)
+        return parse_objectives(text)
+
+    def study_target(self) -> dict[str, Any]:
+        """Keyword arguments that point Optuna's plots at one value: a multi-objective study's first objective."""
+        if not self.objectives:
+            return {}
+        return {"target": lambda trial: trial.values[0], "target_name": self.objectives[0][0]}
+
+    @cached_property
     def study(self) -> optuna.Study | None:
         """The experiment's own Optuna study (its journal), or None when there is none to load."""
         import optuna

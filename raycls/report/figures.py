@@ -263,7 +263,7 @@ def importance(data: ReportData) -> Section:
         # Optuna's default trees grow to depth 64: 8 s for 2,000 trials on 2 cores. Depth 8 gives the same
         # importances to two decimals (measured on benchmarks/report_time.py's study) in about 1 s.
         evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=64, max_depth=8, seed=0)
-        return optuna.visualization.plot_param_importances(study, evaluator=evaluator)
+        return optuna.visualization.plot_param_importances(study, evaluator=evaluator, **data.study_target())
 
     return _study_section("importance", "Parameter importance (fANOVA)",
                           "How much of the score's variance each parameter explains, by Optuna's fANOVA over the completed trials.",
@@ -275,7 +275,7 @@ def slices(data: ReportData) -> Section:
     def plot(study: Any) -> go.Figure:
         import optuna
 
-        return optuna.visualization.plot_slice(study)
+        return optuna.visualization.plot_slice(study, **data.study_target())
 
     return _study_section("slices", "Slice plots", "The score against each parameter, one dot per completed trial.", data, plot)
 
@@ -313,11 +313,32 @@ def evaluation(data: ReportData) -> Section:
 
 @REPORT_SECTIONS.register("pareto")
 def pareto(data: ReportData) -> Section | None:
-    """Multi-objective studies only: Optuna's Pareto front."""
-    study = data.study
-    if study is None or len(study.directions) < 2:
+    """Multi-objective experiments only: the completed trials on the first two objectives, the front (rank 0,
+    computed on read by raycls.results.pareto) drawn as a line, the dominated trials grey."""
+    if len(data.objectives) < 2:
         return None
-    import optuna
+    (x, x_mode), (y, y_mode) = data.objectives[:2]
+    about = f"Completed trials by {x} and {y}: on the front, no other trial is as good on every objective and better on one."
+    ranked = [r for r in data.rows if r.get("pareto_rank") is not None]
+    if not ranked:
+        return Section("pareto", "Pareto front", about, note="No completed trial has every objective yet.")
+    front = sorted((r for r in ranked if r["pareto"]), key=lambda r: r[x])
+    rest = [r for r in ranked if not r["pareto"]]
 
-    return Section("pareto", "Pareto front", "Trials no other trial beats on every objective.",
-                   _layout(optuna.visualization.plot_pareto_front(study), "Pareto front"))
+    def hover(rows: list[dict[str, Any]]) -> list[str]:
+        return ["<br>".join([r["trial_id"], *(f"{p}={_fmt(r.get(p))}" for p in data.params)]) for r in rows]
+
+    fig = go.Figure()
+    fig.add_scatter(x=[r[x] for r in rest], y=[r[y] for r in rest], mode="markers", name="dominated",
+                    marker={"color": "#adb5bd", "size": 8}, text=hover(rest), hoverinfo="text+x+y")  # fmt: skip
+    fig.add_scatter(x=[r[x] for r in front], y=[r[y] for r in front], mode="lines+markers", name="Pareto front",
+                    marker={"color": STATUS_COLOURS["completed"], "size": 10}, text=hover(front), hoverinfo="text+x+y")  # fmt: skip
+    better = {"max": "higher is better", "min": "lower is better"}
+    _layout(fig, "Pareto front", xaxis_title=f"{x} ({better[x_mode]})", yaxis_title=f"{y} ({better[y_mode]})")
+    for axis, metric in (("xaxis", x), ("yaxis", y)):
+        values = [r[metric] for r in ranked if r[metric] and r[metric] > 0]
+        if metric in names.COST_METRICS and values and max(values) > 20 * min(values):  # sizes span decades
+            fig.update_layout(**{axis: {"type": "log"}})
+    note = (f"{len(data.objectives)} objectives: the front is over all of them, drawn on the first two."
+            if len(data.objectives) > 2 else None)  # fmt: skip
+    return Section("pareto", "Pareto front", about, fig, note=note)
