@@ -163,14 +163,14 @@ def check_objectives(experiment: Experiment) -> None:
     problems = []
     for index, objective in enumerate(section.objectives):
         metric = objective.metric
-        if metric in reported or metric in names.COST_METRICS:
+        if metric in reported or metric in names.COST_OBJECTIVES:
             continue
         if names.is_evaluation_metric(metric):
             if base.eval.on == "none":
                 problems.append(f"experiment.objectives.{index}.metric: {metric!r} is a held-out metric, and "
                                 "eval.on is 'none' (trials are not evaluated)")  # fmt: skip
             continue
-        known = sorted(set(reported) - {names.VAL_IMAGES}) + ["test_acc", "test_...", *names.COST_METRICS[:-1]]
+        known = sorted(set(reported) - {names.VAL_IMAGES}) + ["test_acc", "test_...", *names.COST_OBJECTIVES]
         problems.append(f"experiment.objectives.{index}.metric: {metric!r} is not reported by phase {last.label}; "
                         f"known: {', '.join(known)}")  # fmt: skip
     every = frozenset.intersection(*(PHASES.get(s.phase.name).reports(base.eval.val_topk) for s in base.stages))
