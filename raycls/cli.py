@@ -265,7 +265,8 @@ def _fmt(value) -> str:
 # ------------------------------------------------------------------------------------- leaderboard
 @app.command()
 def leaderboard(
-    storage: Annotated[Optional[str], typer.Argument(help="Results root (default $RAYCLS_STORAGE or ./raycls_results).")] = None,
+    storage: Annotated[Optional[str], typer.Argument(help="Results root (default $RAYCLS_STORAGE or ./raycls_results); `compact [ROOT]` rebuilds the query index.")] = None,
+    compact_root: Annotated[Optional[str], typer.Argument(help="After `compact`: the results root.", show_default=False)] = None,
     experiment: Annotated[Optional[str], typer.Option(help="Only this experiment.")] = None,
     top: Annotated[Optional[int], typer.Option(help="Only the best K rows.")] = None,
     sort: Annotated[Optional[str], typer.Option(help="Column to sort by (default: score, the experiment metric).")] = None,
@@ -283,6 +284,11 @@ def leaderboard(
     from raycls.results.render import render
 
     kind = HISTORY_DIR if history else LEADERBOARD_DIR
+    if storage == "compact":
+        _compact(storage_root(compact_root), experiment)
+        return
+    if compact_root is not None:
+        raise RayclsError(f"leaderboard: one results root, got {storage!r} and {compact_root!r} (`raycls leaderboard compact ROOT` rebuilds the index)")
     root = storage_root(storage)
     read = read_leaderboard(root, experiment, kind=kind)
     for problem in read.skipped:
@@ -311,6 +317,18 @@ def leaderboard(
         console.print(_rich_table(rows, columns=wanted or (None if not sql and not history else rows.column_names)))
     else:
         sys.stdout.write(render(rows, format))
+
+
+def _compact(root: str, experiment: str | None) -> None:
+    """Rebuild every experiment's query index from its files (reads do it incrementally on their own)."""
+    from raycls.results import read_leaderboard
+    from raycls.storage import HISTORY_DIR, LEADERBOARD_DIR
+
+    for kind in (LEADERBOARD_DIR, HISTORY_DIR):
+        started = time.perf_counter()
+        read = read_leaderboard(root, experiment, kind=kind, rebuild_index=True)
+        console.print(f"{kind}: {read.files} files, {read.table.num_rows} rows indexed in {time.perf_counter() - started:.1f} s"
+                      + (f" ({len(read.skipped)} skipped)" if read.skipped else ""), highlight=False)  # fmt: skip
 
 
 def _pareto_rows(table, where: str):

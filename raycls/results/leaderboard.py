@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import raycls
 from raycls.evaluate import names
 from raycls.evaluate.summary import summarize
+from raycls.results.index import index_path, read_folder
 from raycls.results.pareto import mark_pareto
 from raycls.results.provenance import GitState
 from raycls.storage import LEADERBOARD_DIR, ExperimentPaths, filesystem
@@ -183,7 +184,8 @@ def update_evaluation(storage: str, experiment: str, trial_id: str, summary: Map
     table = pq.read_table(path, filesystem=fs)
     table = table.drop_columns([n for n in table.column_names if is_evaluation_column(n)])
     for key, value in evaluation_columns(summary).items():
-        table = table.append_column(pa.field(key, pa.string() if isinstance(value, str) else pa.float64()), pa.array([value]))
+        dtype = pa.string() if isinstance(value, str) or key in (names.EVAL_SPLIT, names.EVAL_SUITE) else pa.float64()
+        table = table.append_column(pa.field(key, dtype), pa.array([value], dtype))
     return _write_atomic(fs, path, table)
 
 
@@ -219,37 +221,55 @@ class ReadResult:
     table: pa.Table
     skipped: list[str] = field(default_factory=list)  # "path: why" for every file that was not read
     files: int = 0  # leaderboard (or history) files found, read or skipped
+    opened: int = 0  # files this read opened: the rest came from the index (raycls.results.index)
 
 
-def read_leaderboard(storage: str, experiment: str | None = None, *, kind: str = LEADERBOARD_DIR) -> ReadResult:
-    """All rows under `storage` (one experiment, or every experiment) as one table."""
+def read_leaderboard(storage: str, experiment: str | None = None, *, kind: str = LEADERBOARD_DIR,
+                     rebuild_index: bool = False) -> ReadResult:  # fmt: skip
+    """All rows under `storage` (one experiment, or every experiment) as one table. Each experiment's files
+    are read through its index (raycls.results.index): only new or rewritten files are opened."""
     fs, root = filesystem(storage)
-    selector = pafs.FileSelector(root if experiment is None else f"{root}/{experiment}", recursive=True, allow_not_found=True)
-    files = sorted(
-        info.path for info in fs.get_file_info(selector)
-        if info.type == pafs.FileType.File and info.path.endswith(".parquet")
-        and Path(info.path).parent.name == kind and not Path(info.path).name.startswith(".")
-    )  # fmt: skip
-    tables, skipped = [], []
-    for path in files:
-        try:
-            table = read_parquet(fs, path)
-        except (pa.ArrowException, OSError) as err:
-            skipped.append(f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
-            continue
-        if not {"experiment", "trial_id"} <= set(table.column_names):
-            skipped.append(f"{path}: not a raycls {kind} file (no experiment/trial_id columns)")
-            continue
-        tables.append(table)
+    tables, skipped, files, opened = [], [], 0, 0
+    for folder, experiment_root in _kind_folders(fs, root, experiment, kind):
+        read = read_folder(fs, folder, index_path(experiment_root, kind), read_parquet, lambda t: _foreign(t, kind),
+                           _concat, rebuild=rebuild_index)  # fmt: skip
+        skipped += read.skipped
+        files += read.files
+        opened += read.read
+        if read.table is not None:
+            tables.append(read.table)
     if not tables:
-        return ReadResult(pa.table({name: pa.array([], dtype) for name, dtype in FIXED_COLUMNS}), skipped, len(files))
-    try:
-        table = pa.concat_tables(tables, promote_options="permissive")
-    except pa.ArrowInvalid:  # a parameter changed type between runs: fall back to strings for clashing columns
-        table = pa.concat_tables([_stringify_clashes(t, tables) for t in tables], promote_options="permissive")
+        return ReadResult(pa.table({name: pa.array([], dtype) for name, dtype in FIXED_COLUMNS}), skipped, files, opened)
+    table = _concat(tables)
     if kind == LEADERBOARD_DIR:
         table = mark_pareto(table)  # the front depends on every row: computed on read, never stored
-    return ReadResult(table, skipped, len(files))
+    return ReadResult(table, skipped, files, opened)
+
+
+def _kind_folders(fs: pafs.FileSystem, root: str, experiment: str | None, kind: str) -> list[tuple[str, str]]:
+    """(`kind` folder, experiment folder) of each experiment to read: `<root>/<experiment>/<kind>`, every
+    experiment under the root, or the root itself when it is an experiment's folder."""
+    if experiment is not None:
+        return [(f"{root}/{experiment}/{kind}", f"{root}/{experiment}")]
+    if fs.get_file_info(f"{root}/{kind}").type == pafs.FileType.Directory:
+        return [(f"{root}/{kind}", root)]
+    children = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    folders = [c.path for c in children if c.type == pafs.FileType.Directory and not c.base_name.startswith(".")]
+    kinds = fs.get_file_info([f"{folder}/{kind}" for folder in folders])
+    return sorted((info.path, folder) for info, folder in zip(kinds, folders) if info.type == pafs.FileType.Directory)
+
+
+def _foreign(table: pa.Table, kind: str) -> str | None:
+    if not {"experiment", "trial_id"} <= set(table.column_names):
+        return f"not a raycls {kind} file (no experiment/trial_id columns)"
+    return None
+
+
+def _concat(tables: Sequence[pa.Table]) -> pa.Table:
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # a parameter changed type between runs: strings for clashing columns
+        return pa.concat_tables([_stringify_clashes(t, tables) for t in tables], promote_options="permissive")
 
 
 def read_parquet(fs: pafs.FileSystem, path: str) -> pa.Table:
