@@ -174,3 +174,33 @@ def test_tiny_imagenet_in_its_own_layout(tmp_path: Path) -> None:
         load_splits(DataConfig(name="tiny_imagenet", root=str(tmp_path)), seed=0)
     with pytest.raises(DataError, match="Tiny ImageNet not found: .*wnids.txt is missing"):
         load_splits(DataConfig(name="tiny_imagenet", root=str(tmp_path / "elsewhere")), seed=0)
+
+
+def test_folder_is_decoded_once_per_node_and_files_and_size(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The folder reader's decode cache: the second read decodes nothing and gives the same pixels from the
+    memory-mapped cache; another size, or an edited image, is a new entry (never stale pixels)."""
+    import shutil
+
+    from raycls.data.decode import CACHE_SUBDIR, STATS
+
+    monkeypatch.setenv("RAYCLS_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "imagenette"
+    shutil.copytree(shared_data / "imagenette-mini", root)
+    config = DataConfig(name="folder", path=str(root), folder_size=24)
+    decoded = STATS.decoded
+    first = load_splits(config, seed=0)
+    assert STATS.decoded - decoded == 400  # 300 train + 100 val JPEGs, decoded once
+    second = load_splits(config, seed=0)
+    assert STATS.decoded - decoded == 400  # none again
+    assert torch.equal(first.train.images, second.train.images) and torch.equal(first.test.images, second.test.images)
+    assert len(list((tmp_path / "cache" / CACHE_SUBDIR).glob("*.npy"))) == 2  # train and test
+    uncached = load_splits(config.model_copy(update={"decode_cache": False}), seed=0)
+    assert torch.equal(first.train.images, uncached.train.images)  # the cache holds exactly what decoding gives
+    load_splits(config.model_copy(update={"folder_size": 16}), seed=0)
+    assert len(list((tmp_path / "cache" / CACHE_SUBDIR).glob("*.npy"))) == 4
+    edited = next((root / "train").rglob("*.JPEG"))
+    Image.new("RGB", (50, 50), (255, 0, 0)).save(edited, format="JPEG")
+    before = STATS.decoded
+    changed = load_splits(config, seed=0)
+    assert STATS.decoded - before == 300  # the train split's entry is new; the val split's is still good
+    assert not torch.equal(first.train.images, changed.train.images)

@@ -50,6 +50,9 @@ class DataConfig(Frozen):
     image_size: PositiveInt | None = None
     # Image files (folder, csv) are decoded once to this side length (they may be any size on disk).
     folder_size: PositiveInt = 64
+    # folder / csv: decode each (file list, size) once per node into $RAYCLS_CACHE/decoded (raycls.data.decode),
+    # shared by every trial and experiment; false decodes in memory every time.
+    decode_cache: bool = True
     download: bool = True
 
     _known = registered("dataset", "name")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from raycls.config.schema import DataConfig
+from raycls.data.decode import decode_cached
 from raycls.errors import DataError
 from raycls.registry import Registry
 
@@ -263,22 +264,22 @@ def read_cifar10_1(config: DataConfig, root: Path) -> RawDataset:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def read_image_folder(folder: Path, size: int) -> ArrayData:
-    """ImageFolder layout: one subfolder per class. Images are decoded once, as RGB, resized to size x size."""
+def read_image_folder(folder: Path, size: int, *, cache: Path | None = None) -> ArrayData:
+    """ImageFolder layout: one subfolder per class. Images are decoded as RGB, resized to size x size, over the
+    node's cores, once per node when `cache` is a folder (raycls.data.decode)."""
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist")
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
     if not class_dirs:
         raise DataError(f"image folder {folder} has no class subfolders (expected {folder}/<class>/<image>)")
-    images, labels = [], []
+    files, labels = [], []
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
+        found = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
             raise DataError(f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        for file in files:
-            images.append(decode_image(file, size))
-            labels.append(label)
-    return from_hwc(np.stack(images), np.asarray(labels), tuple(p.name for p in class_dirs))
+        files += found
+        labels += [label] * len(found)
+    return from_hwc(decode_cached(files, size, cache=cache), np.asarray(labels), tuple(p.name for p in class_dirs))
 
 
 def decode_image(file: Path, size: int, *, where: str = "") -> np.ndarray:
@@ -303,8 +304,9 @@ def read_folder(config: DataConfig, root: Path) -> RawDataset:
         raise DataError(f"data.path {base} does not exist")
     train_dir = base / "train" if (base / "train").is_dir() else base
     test_dir = next((base / n for n in ("test", "val") if (base / n).is_dir()), None)
-    train = read_image_folder(train_dir, config.folder_size)
-    test = read_image_folder(test_dir, config.folder_size) if test_dir else None
+    cache = cache_dir() if config.decode_cache else None
+    train = read_image_folder(train_dir, config.folder_size, cache=cache)
+    test = read_image_folder(test_dir, config.folder_size, cache=cache) if test_dir else None
     if test is not None and test.classes != train.classes:
         raise DataError(f"{test_dir} classes {test.classes} differ from {train_dir} classes {train.classes}")
     return RawDataset(train, test)
@@ -340,14 +342,16 @@ def read_csv(config: DataConfig, root: Path) -> RawDataset:
         raise DataError(f"{table}: no training rows")
 
     def read(indices: list[int]) -> ArrayData:
-        images, labels = [], []
-        for i in indices:
-            row, line = rows[i], i + 2  # the header is line 1
-            if row["label"] not in classes:
-                raise DataError(f"{table}:{line}: label {row['label']!r} is not one of the training labels {classes}")
-            images.append(decode_image(table.parent / row[path_column], config.folder_size, where=f"{table}:{line}: "))
-            labels.append(classes.index(row["label"]))
-        return from_hwc(np.stack(images), np.asarray(labels), classes)
+        for i in indices:  # the header is line 1
+            if rows[i]["label"] not in classes:
+                raise DataError(f"{table}:{i + 2}: label {rows[i]['label']!r} is not one of the training labels {classes}")
+        files = [table.parent / rows[i][path_column] for i in indices]
+        where = [f"{table}:{i + 2}: " for i in indices]
+        missing = next((k for k, file in enumerate(files) if not file.is_file()), None)
+        if missing is not None:
+            raise DataError(f"{where[missing]}image {files[missing]} does not exist")
+        images = decode_cached(files, config.folder_size, where=where, cache=cache_dir() if config.decode_cache else None)
+        return from_hwc(images, np.asarray([classes.index(rows[i]["label"]) for i in indices]), classes)
 
     return RawDataset(read(train_rows), read(tests) if tests else None)
 
