@@ -175,6 +175,7 @@ class RayclsOptunaSearch(OptunaSearch):
             except Exception as err:  # optuna refuses e.g. a second tell; never break the search for it
                 warnings.warn(f"optuna could not record trial {trial_id} as {state.name}: {err}")
             self._completed_trials.add(trial_id)
+            self._best_epoch.pop(trial_id, None)
             return None
         if self.multi_objective:
             return self._tell_objectives(trial_id, result or {})
