@@ -193,6 +193,7 @@ class TrialLedger(Callback):
         record.evaluation = read_evaluation(self.storage, self.experiment.name, trial.trial_id)
         write_trial(self.storage, record)
         self.written.add(trial.trial_id)
+        self.logs.pop(trial.trial_id, None)  # its epochs are in its files now: the driver keeps only its id
         row = {k: v for k, v in record.to_table().to_pylist()[0].items() if not isinstance(v, datetime)}
         self.wandb.finish(trial.trial_id, row, failed=status == "failed", images=self._eval_images(trial.trial_id))
 
