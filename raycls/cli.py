@@ -108,6 +108,12 @@ def train(
         raise RayclsError(f"--out {out}: `raycls train` writes to a local folder; use --out DIR")
     started = time.perf_counter()
     if no_ray:
+        if trial is not None:
+            # A replay computes as its trial did: Ray runs a trial with as many intra-op threads as CPUs it
+            # asked for, and a CPU's float sums depend on how work is split over threads.
+            import torch
+
+            torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
         summary = _train_in_process(job.config, out, job.metric, job.mode, fast_dev_run)
     else:
         from raycls.train.ray_train import train_with_ray
