@@ -192,8 +192,11 @@ def tune(
     if wandb not in (None, "auto", "online", "offline", "disabled"):
         raise RayclsError(f"--wandb {wandb!r}: expected auto, online, offline or disabled")
     # References are resolved by run_tune, against the storage it runs in.
-    experiment = prepare_experiment(space, set_, fast_dev_run=fast_dev_run)
-    experiment = prepare_experiment(experiment.with_limits(trials=trials, time_budget_s=time_budget))  # grids check trials
+    from raycls.config import load_experiment, parse_overrides
+
+    # --trials / --time-budget go in before the checks (a grid checks its trials against its combinations).
+    loaded = load_experiment(space, parse_overrides(set_ or []))
+    experiment = prepare_experiment(loaded.with_limits(trials=trials, time_budget_s=time_budget), fast_dev_run=fast_dev_run)
     started = time.perf_counter()
     outcome = run_tune(experiment, TuneOptions(storage=storage_root(storage), address=address, resume=resume,
                                                wandb_mode=wandb, num_cpus=num_cpus, verbose=verbose,

@@ -130,16 +130,19 @@ def _read_index(fs: pafs.FileSystem, path: str) -> pa.Table | None:
     return table if set(BOOKKEEPING) <= set(table.column_names) else None
 
 
+def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> str:
+    """A temp file beside `path`, then a rename: readers never see half a file."""
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, path)  # a rename on local/NFS; object stores have no half-written objects to begin with
+    return path
+
+
 def _write_index(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
     """Atomically; a storage this reader may not write to (read-only mounts) just goes without an index."""
-    parent = path.rsplit("/", 1)[0]
-    tmp = f"{parent}/.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        fs.create_dir(parent, recursive=True)
-        pq.write_table(table, tmp, filesystem=fs)
-        fs.move(tmp, path)
+        write_table_atomic(fs, path, table)
     except (pa.ArrowException, OSError):
-        try:
-            fs.delete_file(tmp)
-        except (pa.ArrowException, OSError):
-            pass
+        pass

@@ -9,7 +9,6 @@ Queries read every file of the storage as one table; corrupt or foreign files ar
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +22,7 @@ import pyarrow.parquet as pq
 import raycls
 from raycls.evaluate import names
 from raycls.evaluate.summary import summarize
-from raycls.results.index import index_path, read_folder
+from raycls.results.index import index_path, read_folder, write_table_atomic
 from raycls.results.pareto import mark_pareto
 from raycls.results.provenance import GitState
 from raycls.storage import LEADERBOARD_DIR, ExperimentPaths, filesystem
@@ -186,7 +185,7 @@ def update_evaluation(storage: str, experiment: str, trial_id: str, summary: Map
     for key, value in evaluation_columns(summary).items():
         dtype = pa.string() if isinstance(value, str) or key in (names.EVAL_SPLIT, names.EVAL_SUITE) else pa.float64()
         table = table.append_column(pa.field(key, dtype), pa.array([value], dtype))
-    return _write_atomic(fs, path, table)
+    return write_table_atomic(fs, path, table)
 
 
 def _float(value: Any) -> float | None:
@@ -194,21 +193,14 @@ def _float(value: Any) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------- writing
-def _write_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> str:
-    parent, name = path.rsplit("/", 1)
-    fs.create_dir(parent, recursive=True)
-    tmp = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-    pq.write_table(table, tmp, filesystem=fs)
-    fs.move(tmp, path)  # a rename on local/NFS; object stores have no half-written objects to begin with
-    return path
 
 
 def write_trial(storage: str, record: TrialRecord) -> str:
     """Write (or replace) the trial's leaderboard row and its per-epoch history; returns the row's path."""
     paths = ExperimentPaths(storage, record.experiment)
     if record.history:
-        _write_atomic(*paths.locate(paths.history(record.trial_id)), record.history_table())
-    return _write_atomic(*paths.locate(paths.row(record.trial_id)), record.to_table())
+        write_table_atomic(*paths.locate(paths.history(record.trial_id)), record.history_table())
+    return write_table_atomic(*paths.locate(paths.row(record.trial_id)), record.to_table())
 
 
 def written_trials(storage: str, experiment: str) -> set[str]:
