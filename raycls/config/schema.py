@@ -53,6 +53,12 @@ class DataConfig(Frozen):
     # folder / csv: decode each (file list, size) once per node into $RAYCLS_CACHE/decoded (raycls.data.decode),
     # shared by every trial and experiment; false decodes in memory every time.
     decode_cache: bool = True
+    # memory: the decoded split is held in memory, then on the device (fast for small images); stream: folder /
+    # csv images are read, decoded and resized by Ray Data on the cluster's CPUs and streamed to each Train
+    # worker (datasets larger than memory); auto: stream when the decoded training pool would take more than
+    # `memory_fraction` of this host's available memory (or of the GPU's, where one is used).
+    loader: Literal["auto", "memory", "stream"] = "auto"
+    memory_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25
     download: bool = True
 
     _known = registered("dataset", "name")

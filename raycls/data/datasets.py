@@ -21,6 +21,7 @@ import torch
 
 from raycls.config.schema import DataConfig
 from raycls.data.decode import decode_cached
+from raycls.images import decode_image
 from raycls.errors import DataError
 from raycls.registry import Registry
 
@@ -56,6 +57,35 @@ class ArrayData:
 
 
 @dataclass(frozen=True)
+class FileData:
+    """Image files not yet decoded, with integer labels: what `data.loader: stream` reads through Ray Data.
+    `size` is the side length they decode to; `where[i]` prefixes file i's errors (a CSV's line)."""
+
+    files: tuple[str, ...]
+    labels: np.ndarray
+    classes: tuple[str, ...]
+    size: int
+    where: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def subset(self, index: np.ndarray | torch.Tensor) -> "FileData":
+        index = np.asarray(index, dtype=np.int64)
+        where = tuple(self.where[i] for i in index) if self.where else None
+        return FileData(tuple(self.files[i] for i in index), self.labels[index], self.classes, self.size, where)
+
+    @property
+    def channels(self) -> int:
+        return 3  # decode_image converts every file to RGB
+
+    def decode(self, cache: Path | None) -> ArrayData:
+        """The files as ArrayData, through the node's decode cache when `cache` is a folder."""
+        images = decode_cached([Path(f) for f in self.files], self.size, where=self.where, cache=cache)
+        return from_hwc(images, self.labels, self.classes)
+
+
+@dataclass(frozen=True)
 class RawDataset:
     """What a reader returns: the training pool (validation is carved from it) and the test set if any."""
 
@@ -63,7 +93,16 @@ class RawDataset:
     test: ArrayData | None
 
 
+@dataclass(frozen=True)
+class RawFiles:
+    """What a file lister returns: the training pool's files and the test set's, if any."""
+
+    train: FileData
+    test: FileData | None
+
+
 Reader = Callable[[DataConfig, Path], RawDataset]
+Lister = Callable[[DataConfig, Path], RawFiles]
 
 
 @dataclass(frozen=True)
@@ -71,6 +110,8 @@ class DatasetSpec:
     read: Reader
     # Evaluation-only datasets (CIFAR-10.1) have no training split.
     eval_only: bool = False
+    # Datasets of image files (folder, csv) can be listed without decoding: those can be streamed.
+    list_files: Lister | None = None
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
@@ -80,6 +121,21 @@ def register_dataset(name: str, *, eval_only: bool = False) -> Callable[[Reader]
     def add(read: Reader) -> Reader:
         DATASETS.register(name)(DatasetSpec(read, eval_only))
         return read
+
+    return add
+
+
+def register_files(name: str) -> Callable[[Lister], Lister]:
+    """A dataset of image files: its lister, and a reader that decodes what it lists (through the cache)."""
+
+    def add(list_files: Lister) -> Lister:
+        def read(config: DataConfig, root: Path) -> RawDataset:
+            listed = list_files(config, root)
+            cache = cache_dir() if config.decode_cache else None
+            return RawDataset(listed.train.decode(cache), listed.test.decode(cache) if listed.test else None)
+
+        DATASETS.register(name)(DatasetSpec(read, list_files=list_files))
+        return list_files
 
     return add
 
@@ -264,39 +320,32 @@ def read_cifar10_1(config: DataConfig, root: Path) -> RawDataset:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def read_image_folder(folder: Path, size: int, *, cache: Path | None = None) -> ArrayData:
-    """ImageFolder layout: one subfolder per class. Images are decoded as RGB, resized to size x size, over the
-    node's cores, once per node when `cache` is a folder (raycls.data.decode)."""
+def list_image_folder(folder: Path, size: int) -> FileData:
+    """ImageFolder layout: one subfolder per class (sorted names are the classes), decoded to size x size."""
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist")
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
     if not class_dirs:
         raise DataError(f"image folder {folder} has no class subfolders (expected {folder}/<class>/<image>)")
-    files, labels = [], []
+    files: list[str] = []
+    labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
-        found = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(e.path for e in os.scandir(class_dir) if Path(e.name).suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise DataError(f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         files += found
         labels += [label] * len(found)
-    return from_hwc(decode_cached(files, size, cache=cache), np.asarray(labels), tuple(p.name for p in class_dirs))
+    return FileData(tuple(files), np.asarray(labels, dtype=np.int64), tuple(p.name for p in class_dirs), size)
 
 
-def decode_image(file: Path, size: int, *, where: str = "") -> np.ndarray:
-    """One image file as RGB uint8 [size, size, 3]; a DataError naming the file (and `where`) otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(file) as image:
-            return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{where}image {file} does not exist") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{where}unreadable image {file}: {err}") from None
+def read_image_folder(folder: Path, size: int, *, cache: Path | None = None) -> ArrayData:
+    """An ImageFolder decoded as RGB, resized to size x size, over the node's cores, once per node when `cache`
+    is a folder (raycls.data.decode)."""
+    return list_image_folder(folder, size).decode(cache)
 
 
-@register_dataset("folder")
-def read_folder(config: DataConfig, root: Path) -> RawDataset:
+@register_files("folder")
+def list_folder(config: DataConfig, root: Path) -> RawFiles:
     if config.path is None:
         raise DataError("dataset 'folder' needs data.path: a folder holding train/<class>/<image> (and val/ or test/)")
     base = Path(config.path).expanduser()
@@ -304,20 +353,19 @@ def read_folder(config: DataConfig, root: Path) -> RawDataset:
         raise DataError(f"data.path {base} does not exist")
     train_dir = base / "train" if (base / "train").is_dir() else base
     test_dir = next((base / n for n in ("test", "val") if (base / n).is_dir()), None)
-    cache = cache_dir() if config.decode_cache else None
-    train = read_image_folder(train_dir, config.folder_size, cache=cache)
-    test = read_image_folder(test_dir, config.folder_size, cache=cache) if test_dir else None
+    train = list_image_folder(train_dir, config.folder_size)
+    test = list_image_folder(test_dir, config.folder_size) if test_dir else None
     if test is not None and test.classes != train.classes:
         raise DataError(f"{test_dir} classes {test.classes} differ from {train_dir} classes {train.classes}")
-    return RawDataset(train, test)
+    return RawFiles(train, test)
 
 
 # ---------------------------------------------------------------------------------------------- csv
 CSV_PATH_COLUMNS = ("path", "filepath", "file", "image")
 
 
-@register_dataset("csv")
-def read_csv(config: DataConfig, root: Path) -> RawDataset:
+@register_files("csv")
+def list_csv(config: DataConfig, root: Path) -> RawFiles:
     """A CSV with a header: an image path column (path, filepath, file or image; relative to the CSV's
     folder), a `label` column (class names, any text), and optionally `split` (train / val / test: test rows
     are the held-out test set, the others the training pool that validation is carved from)."""
@@ -341,19 +389,19 @@ def read_csv(config: DataConfig, root: Path) -> RawDataset:
     if not classes:
         raise DataError(f"{table}: no training rows")
 
-    def read(indices: list[int]) -> ArrayData:
+    def listed(indices: list[int]) -> FileData:
         for i in indices:  # the header is line 1
             if rows[i]["label"] not in classes:
                 raise DataError(f"{table}:{i + 2}: label {rows[i]['label']!r} is not one of the training labels {classes}")
         files = [table.parent / rows[i][path_column] for i in indices]
-        where = [f"{table}:{i + 2}: " for i in indices]
+        where = tuple(f"{table}:{i + 2}: " for i in indices)
         missing = next((k for k, file in enumerate(files) if not file.is_file()), None)
         if missing is not None:
             raise DataError(f"{where[missing]}image {files[missing]} does not exist")
-        images = decode_cached(files, config.folder_size, where=where, cache=cache_dir() if config.decode_cache else None)
-        return from_hwc(images, np.asarray([classes.index(rows[i]["label"]) for i in indices]), classes)
+        labels = np.asarray([classes.index(rows[i]["label"]) for i in indices], dtype=np.int64)
+        return FileData(tuple(str(f) for f in files), labels, classes, config.folder_size, where)
 
-    return RawDataset(read(train_rows), read(tests) if tests else None)
+    return RawFiles(listed(train_rows), listed(tests) if tests else None)
 
 
 # ------------------------------------------------------------------------------------- tiny imagenet

@@ -81,7 +81,7 @@ def decode_cached(files: Sequence[Path], size: int, *, where: Sequence[str] | No
 
 
 def decode_all(files: Sequence[Path], size: int, *, where: Sequence[str] | None = None, workers: int | None = None) -> np.ndarray:
-    from raycls.data.datasets import decode_image
+    from raycls.images import decode_image
 
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
 

@@ -96,11 +96,21 @@ class BatchLoader:
                 yield torch.stack([self._prepare(images, gen) for _ in range(self.views)], dim=1), self.labels[chunk]
 
     def _prepare(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
-        if self.image_size is not None and self.image_size != x.shape[-1]:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        if self.augment is not None:
-            x = apply_augmentations(x, self.augment, gen, mean=self.mean / 255.0, std=self.std / 255.0)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return prepare(images, self.mean, self.std, gen, image_size=self.image_size, augment=self.augment,
+                       channels_last=self.channels_last)  # fmt: skip
+
+
+def prepare(
+    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator, *,
+    image_size: int | None, augment: AugmentConfig | None, channels_last: bool,
+) -> torch.Tensor:  # fmt: skip
+    """uint8 [B, C, H, W] on the device -> normalised (mean, std in 0..255 units), resized, augmented floats.
+    Both loaders (in memory, streamed) end here, so a batch is the same tensor whichever brought it."""
+    x = (images.float() - mean) / std
+    if image_size is not None and image_size != x.shape[-1]:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    if augment is not None:
+        x = apply_augmentations(x, augment, gen, mean=mean / 255.0, std=std / 255.0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x

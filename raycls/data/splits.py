@@ -8,15 +8,23 @@ import numpy as np
 import torch
 
 from raycls.config.schema import DataConfig
-from raycls.data.datasets import DATASETS, ArrayData, data_root
+from raycls.data.datasets import DATASETS, ArrayData, FileData, data_root
+from raycls.data.stream import device_bytes, host_available_bytes, should_stream
 from raycls.errors import DataError
+
+# Image-file datasets normalise by the statistics of at most this many training images (a seeded sample, the
+# same whichever loader reads them): a streamed dataset is never decoded whole in one process.
+STATS_SAMPLE = 4096
 
 
 @dataclass(frozen=True)
 class Splits:
-    train: ArrayData
-    val: ArrayData
-    test: ArrayData | None
+    """The training, validation and test splits: decoded arrays (data.loader: memory), or image files that
+    Ray Data decodes as they stream (data.loader: stream; `test` is then decoded, for the evaluation suite)."""
+
+    train: ArrayData | FileData
+    val: ArrayData | FileData
+    test: ArrayData | FileData | None
     # Per-channel mean and std of the training split, in [0, 1] units: the normalisation every split uses.
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -56,19 +64,64 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
 
 
 def load_splits(config: DataConfig, *, seed: int) -> Splits:
-    """Read the dataset and carve a stratified validation split (seeded by the trial seed)."""
+    """Read the dataset and carve a stratified validation split (seeded by the trial seed). With
+    `data.loader: stream` (resolved by `resolve_loader`) the splits are image files, not decoded."""
     spec = DATASETS.get(config.name)
     if spec.eval_only:
         raise DataError(f"dataset {config.name!r} is evaluation-only: it has no training split")
-    raw = spec.read(config, data_root(config))
-    assert raw.train is not None  # readers of training datasets always return one
-    pool = raw.train
-    labels = pool.labels.numpy()
+    if config.loader == "stream":
+        if spec.list_files is None:
+            raise DataError(f"data.loader: stream needs a dataset of image files ({', '.join(streamable())}); "
+                            f"{config.name!r} is read into memory whole: use data.loader: memory or auto")  # fmt: skip
+        files = spec.list_files(config, data_root(config))
+        pool, test = files.train, files.test
+    else:
+        raw = spec.read(config, data_root(config))
+        assert raw.train is not None  # readers of training datasets always return one
+        pool, test = raw.train, raw.test
+    labels = np.asarray(pool.labels)
     if config.train_subset is not None and config.train_subset < len(pool):
         # CIFAR arrays may be sorted by class: a subset must be stratified, never "the first N".
         _, keep = stratified_split(labels, config.train_subset / len(pool), seed)
         pool, labels = pool.subset(keep), labels[keep]
     train_idx, val_idx = stratified_split(labels, config.val_fraction, seed)
     train = pool.subset(train_idx)
-    mean, std = channel_stats(train.images)
-    return Splits(train=train, val=pool.subset(val_idx), test=raw.test, mean=mean, std=std)
+    mean, std = normalisation(train, seed, sample=STATS_SAMPLE if spec.list_files else None,
+                              cache=cache_folder(config))  # fmt: skip
+    return Splits(train=train, val=pool.subset(val_idx), test=test, mean=mean, std=std)
+
+
+def streamable() -> list[str]:
+    return [name for name in DATASETS.names() if DATASETS.get(name).list_files is not None]
+
+
+def cache_folder(config: DataConfig):
+    from raycls.data.datasets import cache_dir
+
+    return cache_dir() if config.decode_cache else None
+
+
+def normalisation(train: ArrayData | FileData, seed: int, *, sample: int | None, cache=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training split, or of a seeded sample of `sample` of its images."""
+    if sample is not None and len(train) > sample:
+        pick = np.sort(np.random.default_rng(seed).choice(len(train), size=sample, replace=False))
+        train = train.subset(pick)
+    images = train.decode(cache).images if isinstance(train, FileData) else train.images
+    return channel_stats(images)
+
+
+def resolve_loader(config: DataConfig, *, seed: int, device_memory: int | None = None) -> DataConfig:
+    """`data.loader: auto` made `memory` or `stream` (files listed, nothing decoded), so that every worker of
+    a trial, and a replay of it, reads the same way. Called once per trial, where the trial is launched."""
+    spec = DATASETS.get(config.name)
+    if config.loader != "auto":
+        return config
+    if spec.list_files is None:
+        return config.model_copy(update={"loader": "memory"})
+    pool = spec.list_files(config, data_root(config)).train
+    images = min(len(pool), config.train_subset or len(pool))
+    stream = should_stream(config, images, config.folder_size, device_memory=device_memory, host_memory=host_available_bytes())
+    return config.model_copy(update={"loader": "stream" if stream else "memory"})
+
+
+__all__ = ["STATS_SAMPLE", "Splits", "device_bytes", "load_splits", "normalisation", "resolve_loader", "stratified_split"]

@@ -68,6 +68,7 @@ class Evaluation:
     data_config: Any = None  # the trial's DataConfig (OOD and shift sets are read from its root)
     notes: list[str] = field(default_factory=list)
     _cache: dict[str, Predictions] = field(default_factory=dict)
+    _arrays: dict[str, ArrayData] = field(default_factory=dict)
 
     @property
     def split(self) -> str:
@@ -76,7 +77,20 @@ class Evaluation:
     @property
     def test(self) -> ArrayData:
         """The held-out split: test, or validation for a dataset without one (the row's `eval_split` says)."""
-        return self.splits.test if self.splits.test is not None else self.splits.val
+        return self.arrays(self.split)
+
+    def arrays(self, split: str) -> ArrayData:
+        """A split as arrays. A streamed trial's splits are files: the suite's steps index images at random
+        (CAM, error grids, shift samples), so they are decoded here, through the node's decode cache."""
+        if split not in self._arrays:
+            from raycls.data.datasets import FileData, cache_dir
+
+            data = {"test": self.splits.test, "val": self.splits.val, "train": self.splits.train}[split]
+            if isinstance(data, FileData):
+                keep = self.data_config is None or self.data_config.decode_cache
+                data = data.decode(cache_dir() if keep else None)
+            self._arrays[split] = data  # type: ignore[assignment]
+        return self._arrays[split]
 
     @property
     def writes(self) -> bool:
@@ -94,8 +108,7 @@ class Evaluation:
         return result
 
     def predictions(self, split: str) -> Predictions:
-        data = {"test": self.test, "val": self.splits.val, "train": self.splits.train}[split]
-        return self.predict(data, key=split)
+        return self.predict(self.test if split == "test" else self.arrays(split), key=split)
 
     def limited(self, data: ArrayData, n: int) -> ArrayData:
         """The first `n` images of `data` in a seeded random order (a class-balanced-enough sample)."""

@@ -14,10 +14,19 @@ def is_distributed() -> bool:
 
 def all_reduce_sum(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Each value summed over all workers (in float64: counts of images stay exact)."""
-    if not values:
-        return {}
     keys = sorted(values)
-    stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float64) for k in keys])
+    if is_distributed():
+        # A rank may hold no batch of a split (a streamed shard is dealt out as the data flows; a split smaller
+        # than the world): its sums lack the keys its phase adds per batch. Every rank must all-reduce the same
+        # vector, so the keys are agreed first and a missing one counts zero.
+        named: list = [None] * dist.get_world_size()
+        dist.all_gather_object(named, keys)
+        keys = sorted(set().union(*named))
+    if not keys:
+        return {}
+    device = next((torch.as_tensor(v).device for v in values.values()), torch.device("cpu"))
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    stacked = torch.stack([torch.as_tensor(values.get(k, zero), dtype=torch.float64).to(device) for k in keys])
     if is_distributed():
         dist.all_reduce(stacked)
     return dict(zip(keys, stacked.tolist()))
@@ -30,6 +39,7 @@ def all_gather_cat(embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     shards: list = [None] * dist.get_world_size()
     dist.all_gather_object(shards, (embeddings.cpu(), labels.cpu()))
     device = embeddings.device
+    shards = [(e, y) for e, y in shards if len(y)]  # ranks that held no image send empty tensors
     return torch.cat([e for e, _ in shards]).to(device), torch.cat([y for _, y in shards]).to(device)
 
 

@@ -23,6 +23,8 @@ import torch.nn as nn
 
 from raycls.config.schema import Stage, TrialConfig
 from raycls.data import BatchLoader, Splits, load_splits
+from raycls.data.datasets import FileData
+from raycls.data.stream import TRAIN, TRAIN_EVAL, VAL, StreamLoader, StreamSource
 from raycls.errors import ConfigError
 from raycls.evaluate import names
 from raycls.models import InputSpec, create_model, unwrap
@@ -65,6 +67,12 @@ class RunContext:
     # Where rank 0 puts the held-out evaluation of the trial's best weights once training ends (a folder
     # URI); None: no evaluation (the config's `eval.on: none` skips it too).
     eval_dir: str | None = None
+    # Where a streamed dataset's batches come from (data.loader: stream): this worker's shards of the Ray Data
+    # datasets (raycls.train.ray_data). None: the trial cannot stream (`raycls train --no-ray`).
+    streams: StreamSource | None = None
+
+
+Loader = BatchLoader | StreamLoader
 
 
 @dataclass
@@ -77,11 +85,11 @@ class Data:
 class Parts:
     phase: Phase
     model: nn.Module
-    train_loader: BatchLoader
-    val_loader: BatchLoader
+    train_loader: Loader
+    val_loader: Loader
     policy: StepPolicy
     frozen: list[nn.Module] = field(default_factory=list)  # train.freeze: kept out of training
-    bn_loader: BatchLoader | None = None  # the training split without augmentation (SWA's BatchNorm update)
+    bn_loader: Loader | None = None  # the training split without augmentation (SWA's BatchNorm update)
 
 
 def load_data(config: TrialConfig) -> Data:
@@ -114,16 +122,28 @@ def build(
         channels_last=policy.channels_last, seed=config.seed + index, rank=ctx.rank, world_size=ctx.world_size,
         limit_batches=ctx.limit_batches,
     )  # fmt: skip
-    train_loader = BatchLoader(splits.train, stage.train.batch_size, train=True, augment=stage.augment,
-                               views=phase.views, **common)  # fmt: skip
-    val_loader = BatchLoader(splits.val, stage.train.eval_batch_size, train=False, **common)
+    loader = loader_factory(splits, ctx)
+    train_loader = loader(TRAIN, stage.train.batch_size, train=True, augment=stage.augment, views=phase.views, **common)
+    val_loader = loader(VAL, stage.train.eval_batch_size, train=False, **common)
     if len(train_loader) == 0:
         raise ConfigError(
             f"train.batch_size={stage.train.batch_size} exceeds the {len(splits.train)} training images "
             f"of a worker ({ctx.world_size} workers)"
         )
-    bn_loader = BatchLoader(splits.train, stage.train.eval_batch_size, train=False, **common) if stage.train.swa else None
+    bn_loader = loader(TRAIN_EVAL, stage.train.eval_batch_size, train=False, **common) if stage.train.swa else None
     return Parts(phase, model, train_loader, val_loader, policy, frozen, bn_loader)
+
+
+def loader_factory(splits: Splits, ctx: RunContext) -> Callable[..., Loader]:
+    """(split, batch size, **options) -> its loader: in memory (arrays), or streamed (files, data.loader: stream)."""
+    named = {TRAIN: splits.train, VAL: splits.val, TRAIN_EVAL: splits.train}
+    if not isinstance(splits.train, FileData):
+        return lambda split, batch_size, **options: BatchLoader(named[split], batch_size, **options)  # type: ignore[arg-type]
+    if ctx.streams is None:
+        raise ConfigError("data.loader: stream reads the images through Ray Data, which `raycls train --no-ray` "
+                          "does not start: drop --no-ray, or set data.loader: memory")  # fmt: skip
+    streams = ctx.streams
+    return lambda split, batch_size, **options: StreamLoader(streams, split, len(named[split]), batch_size, **options)
 
 
 @dataclass
@@ -254,6 +274,7 @@ def train_epoch(
 
 # The count of validation images, summed with the phase's statistics (a key no phase uses).
 IMAGES_KEY = "_images"
+EMBEDS_KEY = "_embeds"  # whether a rank made embeddings (so all join the gather)
 
 
 @torch.no_grad()
@@ -278,10 +299,16 @@ def evaluate(model: nn.Module, phase: Phase, loader: BatchLoader, policy: StepPo
         if embedding is not None:
             embedded.append(embedding.float())
             labels.append(batch[1])
+    totals[EMBEDS_KEY] = torch.tensor(float(bool(embedded)), device=policy.device)
     summed = all_reduce_sum(totals)
+    # Every worker's embeddings: k-NN over a shard alone would score a different (smaller) problem. Every rank
+    # joins the gather when any rank embedded (a rank whose shard was empty sends nothing).
+    gathered = None
+    if summed.pop(EMBEDS_KEY):
+        empty = (torch.zeros(0, device=policy.device), torch.zeros(0, dtype=torch.long, device=policy.device))
+        gathered = all_gather_cat(*((torch.cat(embedded), torch.cat(labels)) if embedded else empty))
     metrics = phase.eval_metrics(summed)
-    # Every worker's embeddings: k-NN over a shard alone would score a different (smaller) problem.
-    if embedded:
-        metrics.update(phase.embedding_metrics(*all_gather_cat(torch.cat(embedded), torch.cat(labels))))
+    if gathered is not None:
+        metrics.update(phase.embedding_metrics(*gathered))
     # How many validation images the metrics cover, over all workers: the whole split, each once.
     return {**metrics, names.VAL_IMAGES: summed.pop(IMAGES_KEY)}

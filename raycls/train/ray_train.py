@@ -1,8 +1,9 @@
 """The plain-PyTorch loop under Ray Train: the per-worker function, the TorchTrainer that runs it, and
 `raycls train` without --no-ray (one Ray Train run, no Tune).
 
-This module and `raycls.tune` are the only places that import Ray; nothing here imports `ray.tune`
-(the Tune trainable, which launches `torch_trainer` for multi-worker trials, is `raycls.tune.trainable`).
+This module, its Ray Data side (`raycls.train.ray_data`, for streamed datasets) and `raycls.tune` are the
+only places that import Ray; nothing here imports `ray.tune` (the Tune trainable, which launches
+`torch_trainer` for multi-worker trials, is `raycls.tune.trainable`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from raycls.storage import EVAL_DIR
 from raycls.train.local import CONFIG_FILE, METRICS_FILE
 from raycls.train.chain import fit
 from raycls.train.loop import FAST_DEV_BATCHES, Metrics, RunContext
+from raycls.train.ray_data import ShardConfig, resolve_data, shard_source, trial_datasets
 
 # Reported with every epoch: how many times this trial has started again from one of its checkpoints (a
 # Ray Train worker-group restart after a lost node, a Tune retry, a resumed driver). The count travels in
@@ -107,7 +109,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
     ctx = RunContext(device=device, rank=context.get_world_rank(), world_size=context.get_world_size(),
-                     limit_batches=loop_config.get("limit_batches"), eval_dir=loop_config.get("eval_dir"))  # fmt: skip
+                     limit_batches=loop_config.get("limit_batches"), eval_dir=loop_config.get("eval_dir"),
+                     streams=shard_source() if config.data.loader == "stream" else None)  # fmt: skip
     with restored(ray.train.get_checkpoint()) as resume_from:
         ctx.resume_from = resume_from
         extras = {**trial_extras(config, device), RESTARTS: restarts_of(resume_from)}
@@ -134,8 +137,11 @@ def torch_trainer(
     from ray.train.torch import TorchTrainer
 
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if resources.gpu else {})}
+    config = resolve_data(config, device_memory=launch_device_memory(resources))
     return TorchTrainer(
         train_worker,
+        datasets=trial_datasets(config, world_size=resources.workers, limit_batches=limit_batches) or None,
+        dataset_config=ShardConfig(),
         train_loop_config={"config_json": config.to_json(), "limit_batches": limit_batches, "history_file": history_file,
                            "eval_dir": eval_dir, "ranking": (metric, mode)},  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
@@ -151,6 +157,14 @@ def torch_trainer(
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
     )
+
+
+def launch_device_memory(resources: Resources) -> int | None:
+    """The GPU memory `data.loader: auto` budgets by, as seen where the trial is launched (its workers' GPUs
+    are taken to be like the first GPU visible here; none visible: host memory decides alone)."""
+    if not resources.gpu or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(0).total_memory)
 
 
 def train_with_ray(

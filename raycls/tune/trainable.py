@@ -22,10 +22,12 @@ import torch
 from raycls.config.experiment import Experiment, Resources
 from raycls.config.load import resolve_trial
 from raycls.config.schema import TrialConfig
+from raycls.data.stream import device_bytes
 from raycls.errors import last_error_line
 from raycls.storage import ExperimentPaths, filesystem
 from raycls.train.chain import fit
 from raycls.train.loop import FAST_DEV_BATCHES, RunContext
+from raycls.train.ray_data import local_source, resolve_data, trial_datasets
 from raycls.train.ray_train import RESTARTS, RayReporter, restarts_of, restored, torch_trainer, trial_extras
 
 # A multi-worker trial whose Ray Train run gave up (after its own max_failures restarts) leaves this file in
@@ -60,11 +62,14 @@ def _run_in_trial_actor(config: TrialConfig, resources: Resources, *, limit_batc
                         eval_dir: str | None = None, ranking: tuple[str, str] | None = None) -> None:  # fmt: skip
     device = torch.device("cuda" if resources.gpu and torch.cuda.is_available() else "cpu")
     extras = trial_extras(config, device)
+    config = resolve_data(config, device_memory=device_bytes(device))
+    streams = local_source(trial_datasets(config, limit_batches=limit_batches)) if config.data.loader == "stream" else None
 
     with restored(ray.tune.get_checkpoint()) as resume_from:
         extras[RESTARTS] = restarts_of(resume_from)
         reporter = RayReporter(ray.tune.report, ray.tune.Checkpoint, extras, ranking=ranking)
-        fit(config, reporter, RunContext(device=device, resume_from=resume_from, limit_batches=limit_batches, eval_dir=eval_dir))
+        fit(config, reporter, RunContext(device=device, resume_from=resume_from, limit_batches=limit_batches,
+                                         eval_dir=eval_dir, streams=streams))  # fmt: skip
 
 
 def _run_torch_trainer(
