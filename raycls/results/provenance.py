@@ -13,12 +13,14 @@ import hashlib
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from raycls.config.experiment import Experiment
 from raycls.storage import ExperimentPaths
+
+if TYPE_CHECKING:  # annotations only: `raycls leaderboard` starts without the config models (pydantic)
+    from raycls.config.experiment import Experiment
 
 
 

@@ -60,12 +60,14 @@ def select(
     top: int | None = None,
 ) -> pa.Table:
     columns = table.column_names
+    if sort and sort not in columns:
+        raise LeaderboardError(f"--sort {sort!r}: no such column; columns: {', '.join(columns)}")
+    if not where:  # no SQL to run: Arrow sorts and cuts (importing DuckDB costs more than the query)
+        return top_rows(table, sort, descending=descending, top=top) if sort else table.slice(0, top)
     sql = f"SELECT * FROM {TABLE}"
     if where:
         sql += f" WHERE {quote_dotted(where, columns)}"
     if sort:
-        if sort not in columns:
-            raise LeaderboardError(f"--sort {sort!r}: no such column; columns: {', '.join(columns)}")
         sql += f' ORDER BY "{sort}" {"DESC" if descending else "ASC"} NULLS LAST'
     if top is not None:
         sql += f" LIMIT {int(top)}"
