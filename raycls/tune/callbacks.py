@@ -227,23 +227,31 @@ class LiveTable(Callback):
     """Trial progress on the driver's stdout: a rich table that redraws as results arrive on a terminal, and
     one line per trial event where stdout is not one (`ray job submit`, CI, nohup: a live table would print
     nothing until the end). Tune's own reporter is turned off. Whether stdout is a terminal is read at
-    every event, so a search started in a terminal and resumed under nohup logs lines."""
+    every event, so a search started in a terminal and resumed under nohup logs lines.
+
+    It holds the running trials and the best `BEST_ENDED` ended ones, and counts the rest: a search of
+    100,000 trials draws (and keeps) a table as small as one of ten (`raycls leaderboard` lists them all)."""
 
     # Seconds between two result lines of the same trial when not on a terminal.
     LINE_EVERY_S = 5.0
+    BEST_ENDED = 10
+    ENDED = ("completed", "early_stopped", "failed")
 
     def __init__(self, experiment_name: str, metric: str, mode: str, total: int):
         self.experiment_name, self.metric, self.mode, self.total = experiment_name, metric, mode, total
         self._live = None
-        self._rows: dict[str, dict[str, Any]] = {}
+        self._rows: dict[str, dict[str, Any]] = {}  # running trials
+        self._best: list[tuple[str, dict[str, Any]]] = []  # the best ended trials, best first
+        self._ended: dict[str, int] = dict.fromkeys(self.ENDED, 0)
         self._last_draw = 0.0
         self._last_line: dict[str, float] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_live": None, "_rows": {}, "_last_draw": 0.0, "_last_line": {}}
+        return {**self.__dict__, "_live": None, "_rows": {}, "_best": [], "_ended": dict.fromkeys(self.ENDED, 0),
+                "_last_draw": 0.0, "_last_line": {}}  # fmt: skip
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"_last_line": {}, **state})
+        self.__dict__.update({"_last_line": {}, "_best": [], "_ended": dict.fromkeys(self.ENDED, 0), **state})
 
     @staticmethod
     def _on_terminal() -> bool:
@@ -257,11 +265,14 @@ class LiveTable(Callback):
         if not force and now - self._last_draw < 0.5:
             return
         self._last_draw = now
-        table = Table(title=f"{self.experiment_name}: {len(self._rows)}/{self.total} trials")
+        counts = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in self._ended.items() if n)
+        table = Table(title=f"{self.experiment_name}: {sum(self._ended.values())}/{self.total} trials ended"
+                            f"{f' ({counts})' if counts else ''}, {len(self._rows)} running",
+                      caption=f"running trials, then the best {self.BEST_ENDED} ended" if self._best else None)  # fmt: skip
         for column in ("trial", "status", "epoch", self.metric, "params"):
             table.add_column(column)
-        for trial_id, row in self._rows.items():
-            value = row.get(self.metric)
+        for trial_id, row in [*self._rows.items(), *self._best]:
+            value = row.get("best") if row["status"] in self.ENDED else row.get(self.metric)
             table.add_row(trial_id, row["status"], str(row.get("epoch", "")),
                           "" if value is None else f"{value:.4f}", row["params"])  # fmt: skip
         if self._live is None:
@@ -273,17 +284,15 @@ class LiveTable(Callback):
     def _line(self, text: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {self.experiment_name} {text}", flush=True)
 
-    def _show(self, trial: Trial, event: str, *, force: bool = False) -> None:
+    def _show(self, trial: Trial, row: dict[str, Any], event: str, *, force: bool = False) -> None:
         if self._on_terminal():
             self._draw(force=force)
             return
-        row = self._rows[trial.trial_id]
         if event == "result":
             now = time.monotonic()
             if now - self._last_line.get(trial.trial_id, float("-inf")) < self.LINE_EVERY_S:
                 return
             self._last_line[trial.trial_id] = now
-        ended = sum(r["status"] in ("completed", "early_stopped", "failed") for r in self._rows.values())
         value = row.get(self.metric)
         score = "" if value is None else f" {self.metric}={value:.4f}"
         best = row.get("best")
@@ -292,9 +301,9 @@ class LiveTable(Callback):
         params = f" {row['params']}" if event == "started" else ""
         word = event if event in ("started", "result") else row["status"]
         self._line(f"trial {trial.trial_id} {word}{epoch}{score}{best_text}"
-                   f"{params} [{ended}/{self.total} ended]")  # fmt: skip
+                   f"{params} [{sum(self._ended.values())}/{self.total} ended]")  # fmt: skip
 
-    def _set(self, trial: Trial, status: str, result: dict | None = None) -> None:
+    def _set(self, trial: Trial, status: str, result: dict | None = None) -> dict[str, Any]:
         row = self._rows.setdefault(trial.trial_id, {"params": _short(trial.config)})
         row["status"] = status
         if result:
@@ -304,22 +313,31 @@ class LiveTable(Callback):
                 row[self.metric] = value
                 if better(value, row.get("best"), self.mode):  # type: ignore[arg-type]
                     row["best"] = value
+        if status in self.ENDED:  # out of the running rows: counted, and kept only among the best
+            self._rows.pop(trial.trial_id, None)
+            self._last_line.pop(trial.trial_id, None)
+            self._ended[status] += 1
+            self._keep_if_best(trial.trial_id, row)
+        return row
+
+    def _keep_if_best(self, trial_id: str, row: dict[str, Any]) -> None:
+        best = [*self._best, (trial_id, row)]
+        sign = -1.0 if self.mode == "max" else 1.0
+        best.sort(key=lambda item: float("inf") if item[1].get("best") is None else sign * item[1]["best"])
+        self._best = best[: self.BEST_ENDED]
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._set(trial, "running")
-        self._show(trial, "started")
+        self._show(trial, self._set(trial, "running"), "started")
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any) -> None:
-        self._set(trial, "running", result)
-        self._show(trial, "result")
+        self._show(trial, self._set(trial, "running", result), "result")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._set(trial, "early_stopped" if stopped_early(trial.last_result) else "completed")
-        self._show(trial, "ended", force=True)
+        row = self._set(trial, "early_stopped" if stopped_early(trial.last_result) else "completed")
+        self._show(trial, row, "ended", force=True)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._set(trial, "failed")
-        self._show(trial, "ended", force=True)
+        self._show(trial, self._set(trial, "failed"), "ended", force=True)
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         if self._live is not None:
