@@ -13,6 +13,7 @@ from typing import Any
 
 from raycls.config import load_experiment, parse_overrides
 from raycls.config.experiment import Experiment
+from raycls.errors import ConfigError
 from raycls.phases.base import check_experiment_metric, check_objectives, check_stages
 from raycls.results.references import resolve_references
 from raycls.search import check_search
@@ -38,4 +39,17 @@ def prepare_experiment(
     check_objectives(experiment)  # objectives and stop targets name metrics a trial reports
     check_search(experiment)  # a grid enumerates choices, and has enough of them
     check_stages(experiment)  # what each phase can run on (token_distill: ViTs only)
+    check_loader(experiment)  # data.loader: stream reads image files only
     return resolve_references(experiment, storage) if storage is not None else experiment
+
+
+def check_loader(experiment: Experiment) -> None:
+    """`data.loader: stream` on a dataset held as arrays (MNIST, CIFAR) is refused before any trial starts."""
+    from raycls.data.datasets import DATASETS
+    from raycls.data.splits import streamable
+
+    data = experiment.base.data
+    if data.loader == "stream" and DATASETS.get(data.name).list_files is None:
+        raise ConfigError([f"data.loader: stream needs a dataset of image files ({', '.join(streamable())}); "
+                           f"data.name {data.name!r} is read into memory whole: use loader memory or auto"],
+                          source=experiment.source)  # fmt: skip

@@ -140,3 +140,12 @@ def test_a_trial_forced_onto_the_streaming_path_trains_and_counts_each_image_onc
     assert row["val_acc"] > 1.5 / CLASSES  # it learned from the streamed pixels (chance is 0.25)
     if workers > 1:
         assert list((Path(storage) / name / "train_runs").glob("train-*"))  # through Ray Train
+
+
+def test_streaming_an_array_dataset_is_refused_before_any_trial(tmp_path: Path) -> None:
+    from raycls.errors import ConfigError
+    from raycls.prepare import prepare_experiment
+
+    space = write_yaml(tmp_path / "bad.yaml", "base:\n  data: {name: cifar10, loader: stream}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: data.loader: stream needs a dataset of image files .*'cifar10'"):
+        prepare_experiment(space)
