@@ -62,10 +62,10 @@ def test_auto_streams_only_what_does_not_fit(folder: Path) -> None:
     assert should_stream(data_config(folder), 120, 16, device_memory=None, host_memory=10**5)  # 25% of 100 kB: no
     assert not should_stream(data_config(folder), 120, 16, device_memory=None, host_memory=10**6)
     assert should_stream(data_config(folder), 120, 16, device_memory=10**5, host_memory=10**9)  # the GPU's 25% binds
-    assert resolve_loader(data_config(folder, memory_fraction=1e-9), seed=0).loader == "stream"
-    assert resolve_loader(data_config(folder), seed=0).loader == "memory"
-    assert resolve_loader(DataConfig(name="digits", memory_fraction=1e-9), seed=0).loader == "memory"  # arrays only
-    assert resolve_loader(data_config(folder, loader="memory", memory_fraction=1e-9), seed=0).loader == "memory"
+    assert resolve_loader(data_config(folder, memory_fraction=1e-9)).loader == "stream"
+    assert resolve_loader(data_config(folder)).loader == "memory"
+    assert resolve_loader(DataConfig(name="digits", memory_fraction=1e-9)).loader == "memory"  # arrays only
+    assert resolve_loader(data_config(folder, loader="memory", memory_fraction=1e-9)).loader == "memory"
     with pytest.raises(DataError, match=r"data.loader: stream needs a dataset of image files \(.*folder.*\); 'digits'"):
         load_splits(DataConfig(name="digits", loader="stream"), seed=0)
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from raycls.config.schema import DataConfig
-from raycls.data.datasets import DATASETS, ArrayData, FileData, data_root
-from raycls.data.stream import device_bytes, host_available_bytes, should_stream
+from raycls.data.datasets import DATASETS, ArrayData, FileData, cache_dir, data_root
+from raycls.data.stream import host_available_bytes, should_stream
 from raycls.errors import DataError
 
 # Image-file datasets normalise by the statistics of at most this many training images (a seeded sample, the
@@ -95,13 +96,12 @@ def streamable() -> list[str]:
     return [name for name in DATASETS.names() if DATASETS.get(name).list_files is not None]
 
 
-def cache_folder(config: DataConfig):
-    from raycls.data.datasets import cache_dir
-
+def cache_folder(config: DataConfig) -> Path | None:
     return cache_dir() if config.decode_cache else None
 
 
-def normalisation(train: ArrayData | FileData, seed: int, *, sample: int | None, cache=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalisation(train: ArrayData | FileData, seed: int, *, sample: int | None,
+                  cache: Path | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:  # fmt: skip
     """Per-channel mean and std of the training split, or of a seeded sample of `sample` of its images."""
     if sample is not None and len(train) > sample:
         pick = np.sort(np.random.default_rng(seed).choice(len(train), size=sample, replace=False))
@@ -110,7 +110,7 @@ def normalisation(train: ArrayData | FileData, seed: int, *, sample: int | None,
     return channel_stats(images)
 
 
-def resolve_loader(config: DataConfig, *, seed: int, device_memory: int | None = None) -> DataConfig:
+def resolve_loader(config: DataConfig, *, device_memory: int | None = None) -> DataConfig:
     """`data.loader: auto` made `memory` or `stream` (files listed, nothing decoded), so that every worker of
     a trial, and a replay of it, reads the same way. Called once per trial, where the trial is launched."""
     spec = DATASETS.get(config.name)
@@ -124,4 +124,4 @@ def resolve_loader(config: DataConfig, *, seed: int, device_memory: int | None =
     return config.model_copy(update={"loader": "stream" if stream else "memory"})
 
 
-__all__ = ["STATS_SAMPLE", "Splits", "device_bytes", "load_splits", "normalisation", "resolve_loader", "stratified_split"]
+__all__ = ["STATS_SAMPLE", "Splits", "load_splits", "normalisation", "resolve_loader", "stratified_split"]

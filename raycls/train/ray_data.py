@@ -71,7 +71,7 @@ def trial_datasets(config: TrialConfig, *, world_size: int = 1, limit_batches: i
 
 def resolve_data(config: TrialConfig, *, device_memory: int | None = None) -> TrialConfig:
     """The trial with `data.loader: auto` decided (memory or stream), once, where the trial is launched."""
-    data: DataConfig = resolve_loader(config.data, seed=config.seed, device_memory=device_memory)
+    data: DataConfig = resolve_loader(config.data, device_memory=device_memory)
     return config if data == config.data else config.model_copy(update={"data": data})
 
 
