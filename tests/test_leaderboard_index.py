@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from raycls.cli import main
+from raycls.results import index
 from raycls.results.index import INDEX_DIR
 from raycls.results.leaderboard import TrialRecord, read_leaderboard, update_evaluation, write_trial
 
@@ -45,7 +46,9 @@ def same(got: list[dict], want: list[dict]) -> bool:
     return len(got) == len(want) and all({k: g.get(k) for k in w} == w for g, w in zip(got, want))
 
 
-def test_index_reads_only_what_changed_and_matches_the_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk", [1000, 7])  # 7: files joined into tables seven at a time, as 100k files are
+def test_index_reads_only_what_changed_and_matches_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    monkeypatch.setattr(index, "READ_CHUNK", chunk)
     generate(tmp_path, "a", range(0, 120))
     generate(tmp_path, "b", range(120, 200), string_param=True)  # another experiment, other columns
     first, rows = indexed(tmp_path)
