@@ -105,7 +105,7 @@ def measure(size: int, root: Path, *, reuse: Path | None = None) -> dict:
     key = lambda t: t.sort_by("trial_id").select(sorted(reference.column_names)).to_pylist()  # noqa: E731
     same = key(settled.table.cast(settled.table.schema)) == key(reference.cast(reference.schema))
     result = {
-        "trials": size + new, "generate_s": round(generate_s, 2),
+        "trials": size + new, "generate_s": None if generate_s is None else round(generate_s, 2),
         "first_read_s": round(cold_s, 3), "first_read_opened": cold.opened,
         "indexed_read_s": round(warm_s, 3), "indexed_read_opened": warm.opened,
         "after_1pct_new_s": round(grown_s, 3), "after_1pct_new_opened": grown.opened,
@@ -121,7 +121,7 @@ def measure(size: int, root: Path, *, reuse: Path | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10_000, 100_000])
     parser.add_argument("--reuse", type=Path, nargs="*", default=[], help="storage roots generated before, measured as they are")
     parser.add_argument("--previous", type=Path, help="a results JSON whose measured sizes are kept beside these")
     args = parser.parse_args()
