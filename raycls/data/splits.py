@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from raycls.config.schema import DataConfig
-from raycls.data.datasets import DATASETS, ArrayData, FileData, cache_dir, data_root
+from raycls.data.datasets import DATASETS, ArrayData, FileData, data_root
 from raycls.data.stream import host_available_bytes, should_stream
 from raycls.errors import DataError
 
@@ -87,8 +86,7 @@ def load_splits(config: DataConfig, *, seed: int) -> Splits:
         pool, labels = pool.subset(keep), labels[keep]
     train_idx, val_idx = stratified_split(labels, config.val_fraction, seed)
     train = pool.subset(train_idx)
-    mean, std = normalisation(train, seed, sample=STATS_SAMPLE if spec.list_files else None,
-                              cache=cache_folder(config))  # fmt: skip
+    mean, std = normalisation(train, seed, sample=STATS_SAMPLE if spec.list_files else None)
     return Splits(train=train, val=pool.subset(val_idx), test=test, mean=mean, std=std)
 
 
@@ -96,17 +94,14 @@ def streamable() -> list[str]:
     return [name for name in DATASETS.names() if DATASETS.get(name).list_files is not None]
 
 
-def cache_folder(config: DataConfig) -> Path | None:
-    return cache_dir() if config.decode_cache else None
-
-
-def normalisation(train: ArrayData | FileData, seed: int, *, sample: int | None,
-                  cache: Path | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:  # fmt: skip
-    """Per-channel mean and std of the training split, or of a seeded sample of `sample` of its images."""
+def normalisation(train: ArrayData | FileData, seed: int, *, sample: int | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of the training split, or of a seeded sample of `sample` of its images. A
+    streamed split's sample is decoded here, not cached: each seed samples other files, and the decode cache
+    would keep a copy of every sample."""
     if sample is not None and len(train) > sample:
         pick = np.sort(np.random.default_rng(seed).choice(len(train), size=sample, replace=False))
         train = train.subset(pick)
-    images = train.decode(cache).images if isinstance(train, FileData) else train.images
+    images = train.decode(None).images if isinstance(train, FileData) else train.images
     return channel_stats(images)
 
 
