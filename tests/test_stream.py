@@ -91,7 +91,8 @@ def test_stream_loader_reads_every_image_once_as_the_in_memory_loader_does(folde
     common = dict(mean=splits.mean, std=splits.std, device=torch.device("cpu"))
     streamed_val = list(StreamLoader(source, "val", len(splits.val), 7, train=False, **common))
     memory_val = list(BatchLoader(memory.val, 7, train=False, **common))
-    assert [len(y) for _, y in streamed_val] == [len(y) for _, y in memory_val]  # 30 images: 7, 7, 7, 7, 2
+    # 30 images: 7, 7, 7, 7, 2. Ray Data formats batches on threads: the short one may come out before the last.
+    assert sorted(len(y) for _, y in streamed_val) == sorted(len(y) for _, y in memory_val)
     # The same normalised images with the same labels, each once (Ray Data does not keep the files' order).
     assert images_with_labels(streamed_val) == images_with_labels(memory_val)
     train = StreamLoader(source, "train", len(splits.train), 16, train=True, **common)
