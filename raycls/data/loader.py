@@ -6,6 +6,7 @@ slower than the model (and, on 2 CPU cores, competes with it).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,17 +19,13 @@ from raycls.data.datasets import ArrayData
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-class BatchLoader:
-    """Batches of (normalised float images [B, C, H, W], labels [B]) for one rank of `world_size`.
-
-    Training: shuffled by a DistributedSampler (each rank a disjoint shard, reshuffled by `set_epoch`), full
-    batches only (constant shapes; MixUp needs even batches). Evaluation: a contiguous, unpadded shard per
-    rank, so metrics summed over ranks count every image exactly once.
-    """
+class Batching:
+    """What both loaders share: the batch options, the per-(seed, epoch, rank) augmentation stream, and the
+    uint8 -> normalised, resized, augmented batch step (`prepare`). BatchLoader and StreamLoader (streamed,
+    raycls.data.stream) differ only in where a batch's uint8 images come from."""
 
     def __init__(
         self,
-        data: ArrayData,
         batch_size: int,
         *,
         mean: tuple[float, ...],
@@ -44,8 +41,6 @@ class BatchLoader:
         limit_batches: int | None = None,
         views: int = 1,
     ):
-        self.images = data.images.to(device, non_blocking=True)
-        self.labels = data.labels.to(device, non_blocking=True)
         self.batch_size = batch_size
         self.device = device
         self.train = train
@@ -59,12 +54,46 @@ class BatchLoader:
         self.epoch = 0
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
-        self.sampler = DistributedSampler(
-            range(len(data)), num_replicas=world_size, rank=rank, shuffle=train, seed=seed, drop_last=False
-        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def _generator(self) -> torch.Generator:
+        # One stream per (seed, epoch, rank): reproducible, and different on every rank and epoch.
+        return torch.Generator(device=self.device).manual_seed(
+            (self.seed * 1_000_003 + self.epoch * 1_009 + self.rank) % (2**31)
+        )
+
+    def _batch(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> Batch:
+        """uint8 [B, C, H, W] images on the device -> the batch the model trains on (with its views)."""
+        if self.views == 1:
+            return self._prepare(images, gen), labels
+        return torch.stack([self._prepare(images, gen) for _ in range(self.views)], dim=1), labels
+
+    def _prepare(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return prepare(images, self.mean, self.std, gen, image_size=self.image_size, augment=self.augment,
+                       channels_last=self.channels_last)  # fmt: skip
+
+
+class BatchLoader(Batching):
+    """Batches of (normalised float images [B, C, H, W], labels [B]) for one rank of `world_size`.
+
+    Training: shuffled by a DistributedSampler (each rank a disjoint shard, reshuffled by `set_epoch`), full
+    batches only (constant shapes; MixUp needs even batches). Evaluation: a contiguous, unpadded shard per
+    rank, so metrics summed over ranks count every image exactly once.
+    """
+
+    def __init__(self, data: ArrayData, batch_size: int, **options: Any):
+        super().__init__(batch_size, **options)
+        self.images = data.images.to(self.device, non_blocking=True)
+        self.labels = data.labels.to(self.device, non_blocking=True)
+        self.sampler = DistributedSampler(
+            range(len(data)), num_replicas=self.world_size, rank=self.rank, shuffle=self.train, seed=self.seed,
+            drop_last=False,
+        )  # fmt: skip
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
         self.sampler.set_epoch(epoch)
 
     def _indices(self) -> torch.Tensor:
@@ -83,21 +112,10 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         index = self._indices()
-        # One stream per (seed, epoch, rank): reproducible, and different on every rank and epoch.
-        gen = torch.Generator(device=self.device).manual_seed(
-            (self.seed * 1_000_003 + self.epoch * 1_009 + self.rank) % (2**31)
-        )
+        gen = self._generator()
         for i in range(len(self)):
             chunk = index[i * self.batch_size : (i + 1) * self.batch_size]
-            images = self.images[chunk]
-            if self.views == 1:
-                yield self._prepare(images, gen), self.labels[chunk]
-            else:
-                yield torch.stack([self._prepare(images, gen) for _ in range(self.views)], dim=1), self.labels[chunk]
-
-    def _prepare(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return prepare(images, self.mean, self.std, gen, image_size=self.image_size, augment=self.augment,
-                       channels_last=self.channels_last)  # fmt: skip
+            yield self._batch(self.images[chunk], self.labels[chunk], gen)
 
 
 def prepare(

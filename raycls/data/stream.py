@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from raycls.config.schema import AugmentConfig, DataConfig
-from raycls.data.loader import Batch, prepare
+from raycls.config.schema import DataConfig
+from raycls.data.loader import Batch, Batching
 
 # The splits a StreamSource serves: the training split (shuffled, split into equal shards: every worker takes
 # the same number of steps, as DDP needs), validation, and the training split again unshuffled and without
@@ -56,46 +56,16 @@ def should_stream(config: DataConfig, images: int, size: int, *, device_memory: 
     return any(need > config.memory_fraction * budget for budget in budgets)
 
 
-class StreamLoader:
+class StreamLoader(Batching):
     """The streaming counterpart of BatchLoader, with its interface (len, set_epoch, num_images, iteration).
 
     `images` is the split's size over all workers. Training shards are equal (Ray Data drops the remainder
     rows, at most workers - 1) and batches full, so every rank takes len(self) steps per epoch.
     """
 
-    def __init__(
-        self,
-        source: StreamSource,
-        split: str,
-        images: int,
-        batch_size: int,
-        *,
-        mean: tuple[float, ...],
-        std: tuple[float, ...],
-        device: torch.device,
-        train: bool,
-        augment: AugmentConfig | None = None,
-        image_size: int | None = None,
-        channels_last: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        limit_batches: int | None = None,
-        views: int = 1,
-    ):
+    def __init__(self, source: StreamSource, split: str, images: int, batch_size: int, **options: Any):
+        super().__init__(batch_size, **options)
         self.source, self.split, self.images = source, split, images
-        self.batch_size, self.device, self.train = batch_size, device, train
-        self.augment = augment if train else None
-        self.image_size, self.channels_last = image_size, channels_last
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.limit_batches = limit_batches
-        self.views = views if train else 1
-        self.epoch = 0
-        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
-        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         # Evaluation shards are dealt out as the data streams: their length is this rank's expected share.
@@ -108,9 +78,7 @@ class StreamLoader:
         return len(self) * self.batch_size if self.train else -(-self.images // self.world_size)
 
     def __iter__(self) -> Iterator[Batch]:
-        gen = torch.Generator(device=self.device).manual_seed(
-            (self.seed * 1_000_003 + self.epoch * 1_009 + self.rank) % (2**31)
-        )
+        gen = self._generator()
         # Every batch of the shard is consumed: a Ray Data shard must be read to its end by every worker
         # before the next epoch starts (fast dev runs limit the dataset itself, raycls.train.ray_data).
         # Validation shards are dealt out as the data streams (one rank may get more than its share): all of a
@@ -123,11 +91,4 @@ class StreamLoader:
             images = torch.from_numpy(np.require(batch["image"], requirements="W")).to(self.device, non_blocking=True)
             images = images.permute(0, 3, 1, 2)  # Ray Data's rows are HWC images
             labels = torch.tensor(np.asarray(batch["label"]), dtype=torch.long).to(self.device, non_blocking=True)
-            if self.views == 1:
-                yield self._prepare(images, gen), labels
-            else:
-                yield torch.stack([self._prepare(images, gen) for _ in range(self.views)], dim=1), labels
-
-    def _prepare(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return prepare(images, self.mean, self.std, gen, image_size=self.image_size, augment=self.augment,
-                       channels_last=self.channels_last)  # fmt: skip
+            yield self._batch(images, labels, gen)
