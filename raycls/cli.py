@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from raycls.errors import RayclsError
+from raycls.ranking import Ranking
 from raycls.storage import is_local
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -210,7 +211,8 @@ def tune(
     if outcome.ended is not None:
         console.print(f"[yellow]the search ended early[/]: {outcome.ended.detail}; "
                       f"`raycls tune {space} --resume` runs the trials that have no row yet", highlight=False)  # fmt: skip
-    _print_leaderboard(outcome.leaderboard, experiment.experiment.metric, experiment.experiment.mode == "max", top)
+    ranking = Ranking.of(experiment.experiment.metric, experiment.experiment.mode)
+    _print_leaderboard(outcome.leaderboard, ranking.metric, ranking.maximize, top)
     console.print(f"Results: {outcome.experiment_dir}   (raycls leaderboard {storage_root(storage)} --experiment {experiment.name})")
     if not no_report and board.num_rows:
         _report_after_search(storage_root(storage), experiment.name, wandb)
@@ -354,7 +356,8 @@ def _pareto_rows(table, where: str):
     front = table.filter(pc.fill_null(table.column(PARETO), False))
     objectives = parse_objectives(front.column(OBJECTIVES)[0].as_py()) if front.num_rows else [("score", "max")]
     shown = ["experiment", "trial_id", *(m for m, _ in objectives), PARETO_RANK, "score", *param_columns(front)]
-    return front, objectives[0][0], objectives[0][1] == "max", [c for c in dict.fromkeys(shown) if c in table.column_names]
+    first = Ranking.of(*objectives[0])
+    return front, first.metric, first.maximize, [c for c in dict.fromkeys(shown) if c in table.column_names]
 
 
 # -------------------------------------------------------------------------------------------- eval

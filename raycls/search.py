@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from raycls.evaluate import names
+from raycls import names
 from raycls.registry import Registry
 
 if TYPE_CHECKING:
@@ -108,14 +108,32 @@ def check_search(experiment: Experiment) -> None:
 
 
 # ----------------------------------------------------------------------------------- trial schedulers
+def last_stage(scheduler: type[TrialScheduler]) -> type[TrialScheduler]:
+    """A Tune scheduler that judges a trial as its leaderboard row does (raycls.ranking): only the epochs that
+    count, so a chain's earlier stage (a CNN teacher) is never compared at a rung. A chain's trials reach
+    their last stage at the same epoch (epochs are numbered over the chain), so a trial's first counted
+    result fills every rung it has passed, against other trials' values of the same stage. (Defined when
+    called: this module must load without Ray.)"""
+    from raycls.ranking import Ranking
+
+    class LastStage(scheduler):  # type: ignore[misc, valid-type]
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:  # noqa: ANN001 - Tune's types
+            if not Ranking.counts(result):
+                return self.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+    LastStage.__name__ = LastStage.__qualname__ = f"LastStage{scheduler.__name__}"
+    return LastStage
+
+
 @TRIAL_SCHEDULERS.register("asha")
 def asha(experiment: Experiment) -> TrialScheduler:
-    """Stops weak trials at rungs counted in epochs."""
+    """Stops weak trials at rungs counted in epochs (a chain's last stage only)."""
     from ray.tune.schedulers import ASHAScheduler
 
     section = experiment.scheduler
     # time_attr is our own epoch counter, not Tune's training_iteration: it stays right across restores.
-    return ASHAScheduler(
+    return last_stage(ASHAScheduler)(
         time_attr=names.EPOCH,
         max_t=experiment.max_t,
         grace_period=section.grace_period,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raycls.evaluate import names
+from raycls import names
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RAYCLS_TEST_DATA", REPO.parent / "shared" / "data"))

@@ -13,7 +13,7 @@ from raycls.config.load import load_experiment, resolve_trial, set_path
 from pydantic import ValidationError
 
 from raycls.errors import CheckpointError, ConfigError
-from raycls.evaluate import names
+from raycls import names
 from raycls.models.checkpoint import backbone_weights
 from raycls.phases.base import check_experiment_metric
 from raycls.results.leaderboard import TrialRecord, param_columns, read_leaderboard, stage_columns, write_trial

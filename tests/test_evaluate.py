@@ -17,7 +17,7 @@ from sklearn import metrics as skm
 
 from raycls.config import TrialConfig
 from raycls.errors import ConfigError
-from raycls.evaluate import names
+from raycls import names
 from raycls.evaluate.calibration import (
     brier,
     calibration_metrics,

@@ -13,7 +13,7 @@ import torch
 
 from raycls.config import PHASE_CONFIGS, TrainConfig
 from raycls.errors import RegistryError
-from raycls.evaluate import names
+from raycls import names
 from raycls.models import InputSpec, create_model, save_weights
 from raycls.config import ModelConfig
 from raycls.phases import PHASES, create_phase

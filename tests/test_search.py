@@ -22,7 +22,7 @@ from torch import nn
 from raycls.cli import main
 from raycls.config import load_experiment
 from raycls.errors import ConfigError
-from raycls.evaluate import names
+from raycls import names
 from raycls.evaluate.cost import measure_cost
 from raycls.prepare import prepare_experiment
 from raycls.report.data import load_report_data

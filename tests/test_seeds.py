@@ -15,7 +15,7 @@ from raycls.cli import main
 from raycls.config import ModelConfig, TrialConfig
 from raycls.config.schema import TokenDistillConfig
 from raycls.errors import ConfigError
-from raycls.evaluate import names
+from raycls import names
 from raycls.losses.tokens import match_grid, token_relation_loss, token_representation_loss
 from raycls.models import InputSpec, create_model, load_weights, save_weights
 from raycls.phases import create_phase

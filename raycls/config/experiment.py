@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from raycls.config.schema import Frozen, PositiveInt, TrialConfig, registered
 from raycls.config.space import Space
+from raycls.ranking import mode_of
 
 
 class Resources(Frozen):
@@ -72,7 +73,7 @@ class ExperimentSection(Frozen):
     def _metric_from_objectives(cls, data: Any) -> Any:
         """Without an explicit `metric`, ASHA ranks by the first objective an epoch reports (not a held-out
         `test_*` metric nor a cost, which exist only once a trial ends)."""
-        from raycls.evaluate import names
+        from raycls import names
 
         if not isinstance(data, dict) or "metric" in data or not isinstance(data.get("objectives"), list):
             return data
@@ -98,8 +99,6 @@ class ExperimentSection(Frozen):
 
     def direction(self, metric: str) -> Literal["max", "min"]:
         """Which way `metric` is better: the experiment metric's mode, an objective's, or its usual one."""
-        from raycls.evaluate.names import mode_of
-
         if metric == self.metric:
             return self.mode
         return next((o.mode for o in self.objectives if o.metric == metric), mode_of(metric))

@@ -1,6 +1,2 @@
-"""Metrics and their names. The evaluation suite (calibration, OOD, shift) grows here. No Ray here."""
-
-from raycls.evaluate import names
-from raycls.evaluate.names import MODES, mode_of
-
-__all__ = ["MODES", "mode_of", "names"]
+"""The held-out evaluation suite (metrics, calibration, OOD, shift, errors, CAM). No Ray here.
+Metric names live on the ground floor (`raycls.names`), how they rank in `raycls.ranking`."""

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from raycls.evaluate import names
+from raycls import names
 
 BINS = 15
 

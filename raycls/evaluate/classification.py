@@ -17,7 +17,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from raycls.evaluate import names
+from raycls import names
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, *, topk: tuple[int, ...] = (1, 3, 5)) -> dict[str, float]:

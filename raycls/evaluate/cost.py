@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from raycls.evaluate import names
+from raycls import names
 
 Forward = Callable[[torch.Tensor], object]
 

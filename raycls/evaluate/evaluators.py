@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raycls.evaluate import names
+from raycls import names
 from raycls.evaluate.embeddings import knn_accuracy, recall_at_1
 
 # Neighbours in the k-NN accuracy of phases whose config has no knn_k.

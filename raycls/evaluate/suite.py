@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from raycls.evaluate import names
+from raycls import names
 from raycls.evaluate.predict import Predictions, predict
 from raycls.registry import Registry
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from raycls.evaluate.names import CHAIN_SCORE, EPOCH, STAGE_INDEX, Mode, as_good, better, mode_of, ranked_value
+from raycls.names import EPOCH, Mode
+from raycls.ranking import Ranking, is_ranked
 
 
 @dataclass(frozen=True)
@@ -13,11 +14,12 @@ class Summary:
     metric: str
     mode: Mode
     best_epoch: int | None = None
-    # Every metric at the epoch where `metric` was best (the leaderboard's row).
+    # Every metric at the epoch where `metric` was best (the leaderboard's row); {} when no epoch counts.
     at_best: dict[str, float] = field(default_factory=dict)
     # Every metric at the last epoch.
     final: dict[str, float] = field(default_factory=dict)
-    # Each ranked metric's own best value over epochs (metrics.json's "best").
+    # Each ranked metric's own best value over the epochs that count (metrics.json's "best"); counters such
+    # as trainable_params or epoch_s have no best.
     best: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -26,27 +28,23 @@ class Summary:
 
 
 def summarize(history: Sequence[dict[str, float]], metric: str, mode: Mode | None = None) -> Summary:
-    mode = mode or mode_of(metric)
+    ranking = Ranking.of(metric, mode)
     if not history:
-        return Summary(metric, mode)
-    # Ranked as chains rank epochs (names.ranked_value): the best epoch of the last stage reached.
-    scored = [h for h in history if ranked_value(h, metric, mode) is not None]
-    best_row = scored[0] if scored else history[-1]
-    for row in scored[1:]:
-        if as_good(ranked_value(row, metric, mode), ranked_value(best_row, metric, mode), mode):  # type: ignore[arg-type]
-            best_row = row
+        return Summary(metric, ranking.mode)
+    best_row = ranking.best_epoch(history)  # the best epoch of a chain's last stage (raycls.ranking)
     best: dict[str, float] = {}
     for row in history:
+        if not ranking.counts(row):
+            continue
         for key, value in row.items():
-            if key in (EPOCH, STAGE_INDEX, CHAIN_SCORE) or not isinstance(value, (int, float)):  # nor is `stage`
-                continue
-            if better(value, best.get(key), mode_of(key)):
-                best[key] = value
+            if key != EPOCH and is_ranked(key) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if Ranking.of(key).better(value, best.get(key)):
+                    best[key] = value
     return Summary(
         metric=metric,
-        mode=mode,
-        best_epoch=int(best_row.get(EPOCH, len(history))),
-        at_best=dict(best_row),
+        mode=ranking.mode,
+        best_epoch=int(best_row.get(EPOCH, len(history))) if best_row is not None else None,
+        at_best=dict(best_row) if best_row is not None else {},
         final=dict(history[-1]),
         best=best,
     )

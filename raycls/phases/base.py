@@ -12,7 +12,7 @@ import torch.nn as nn
 from raycls.config.experiment import Experiment
 from raycls.config.schema import ModelConfig, PhaseConfig, Stage
 from raycls.errors import ConfigError
-from raycls.evaluate import names
+from raycls import names
 from raycls.evaluate.evaluators import DEFAULT_KNN_K, ClassifierMetrics, EmbeddingMetrics, Evaluator, Outputs
 from raycls.models.registry import InputSpec, embed_and_classify
 from raycls.registry import Registry
@@ -29,7 +29,7 @@ class Phase(ABC, Generic[C]):
     embeddings, from one pass) into metrics. A new classifier phase needs `build` and `loss`, little else.
     """
 
-    # The metric this phase is judged by (a name from raycls.evaluate.names).
+    # The metric this phase is judged by (a name from raycls.names).
     metric: ClassVar[str]
     # Augmented views of each training image per batch: batches arrive as [B, views, C, H, W] when > 1.
     views: ClassVar[int] = 1

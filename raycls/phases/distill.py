@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from raycls.config.schema import PREVIOUS, DistillConfig, SupervisedConfig, TeacherPhaseConfig
 from raycls.errors import CheckpointError, ConfigError
-from raycls.evaluate import names
+from raycls import names
 from raycls.losses import KD_LOSSES, kd_alpha
 from raycls.models import create_model, load_weights
 from raycls.models.registry import InputSpec

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from raycls.config.schema import MetricConfig
 from raycls.errors import ConfigError
-from raycls.evaluate import names
+from raycls import names
 from raycls.losses import LOSSES, MarginLoss
 from raycls.models import BackboneModel
 from raycls.evaluate.evaluators import Outputs

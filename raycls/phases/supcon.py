@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from raycls.config.schema import SupConConfig
-from raycls.evaluate import names
+from raycls import names
 from raycls.losses import ProjectionHead, SupConLoss
 from raycls.models import BackboneModel
 from raycls.evaluate.evaluators import EmbeddingMetrics, Outputs

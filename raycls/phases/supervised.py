@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raycls.config.schema import SupervisedConfig
-from raycls.evaluate import names
+from raycls import names
 from raycls.models.registry import InputSpec
 from raycls.phases.base import PHASES, Batch, Phase
 from raycls.phases.mixing import BatchMixer, soft_cross_entropy

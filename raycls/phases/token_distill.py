@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from raycls.config.schema import PREVIOUS, ModelConfig, Stage, TokenDistillConfig
 from raycls.errors import ConfigError
-from raycls.evaluate import names
+from raycls import names
 from raycls.models.registry import InputSpec, create_model
 from raycls.losses.tokens import match_grid, token_relation_loss, token_representation_loss
 from raycls.phases.base import PHASES, Batch, Phase

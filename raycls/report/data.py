@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 
 from raycls.errors import LeaderboardError, RayclsError
-from raycls.evaluate import names
+from raycls import names
+from raycls.ranking import Ranking
 from raycls.results.leaderboard import param_columns, read_leaderboard, stage_columns
 from raycls.storage import HISTORY_DIR, ExperimentPaths
 
@@ -45,12 +46,16 @@ class ReportData:
     def scored(self) -> list[dict[str, Any]]:
         return [r for r in self.rows if isinstance(r.get("score"), (int, float))]
 
+    @property
+    def ranking(self) -> Ranking:
+        return Ranking.of(self.metric, self.mode)
+
     def ranked(self) -> list[dict[str, Any]]:
         """Rows with a score, best first."""
-        return sorted(self.scored(), key=lambda r: r["score"], reverse=self.mode == "max")
+        return self.ranking.sort(self.scored())
 
     def better(self, a: float, b: float) -> bool:
-        return a > b if self.mode == "max" else a < b
+        return self.ranking.better(a, b)
 
     def rungs(self) -> list[int]:
         """The epochs at which ASHA compared trials (its milestones below max_t); none for other schedulers."""

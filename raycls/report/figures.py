@@ -18,7 +18,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from raycls.evaluate import names
+from raycls import names
 from raycls.registry import Registry
 from raycls.report.data import ReportData, timestamp
 
@@ -61,7 +61,7 @@ def _layout(fig: go.Figure, title: str, **kwargs: Any) -> go.Figure:
 
 
 def _metric_label(data: ReportData) -> str:
-    return f"{data.metric} ({'higher' if data.mode == 'max' else 'lower'} is better)"
+    return f"{data.metric} ({'higher' if data.ranking.maximize else 'lower'} is better)"
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -71,17 +71,12 @@ def leaderboard(data: ReportData) -> Section:
     columns = ["trial_id", "status", "score", data.metric, "test_acc", "epochs", "best_epoch", "wall_s", *data.params, "error"]
     seen: set[str] = set()
     columns = [c for c in columns if any(c in r for r in data.rows) and not (c in seen or seen.add(c))]
-    worst = -math.inf if data.mode == "max" else math.inf
-
-    def number(row: dict, key: str) -> float:
-        value = row.get(key)
-        return float(value) if isinstance(value, (int, float)) else worst
-
+    by_score = data.ranking.sort(data.rows)
     orders: dict[str, list[dict]] = {
-        "score, best first": sorted(data.rows, key=lambda r: number(r, "score"), reverse=data.mode == "max"),
+        "score, best first": by_score,
         "end time": list(data.rows),
         "wall time, longest first": sorted(data.rows, key=lambda r: -(r.get("wall_s") or 0.0)),
-        "status": sorted(data.rows, key=lambda r: (str(r.get("status")), -number(r, "score") if data.mode == "max" else number(r, "score"))),
+        "status": sorted(by_score, key=lambda r: str(r.get("status"))),  # stable: best first within a status
     }  # fmt: skip
     if "test_acc" in columns:
         orders["test_acc, best first"] = sorted(data.rows, key=lambda r: -(r.get("test_acc") or -1.0))
@@ -197,7 +192,7 @@ def parallel_coordinates(data: ReportData) -> Section:
     scores = [r["score"] for r in rows]
     dimensions.append({"label": data.metric, "values": scores})
     fig = go.Figure(go.Parcoords(dimensions=dimensions, line={"color": scores, "colorscale": "Viridis", "showscale": True,
-                                                                  "reversescale": data.mode == "min"}))  # fmt: skip
+                                                                  "reversescale": not data.ranking.maximize}))  # fmt: skip
     _layout(fig, "Sampled parameters, coloured by the score", margin={"l": 80, "r": 80, "t": 90, "b": 40})
     return Section("parallel_coordinates", "Sampled parameters",
                    "One line per scored trial through its sampled values; drag along an axis to filter.", fig,
@@ -224,7 +219,7 @@ def choices(data: ReportData) -> Section | None:
             key = str(row.get(param))
             if key not in best or data.better(row["score"], best[key]["score"]):
                 best[key] = row
-        values = sorted(best, key=lambda k: best[k]["score"], reverse=data.mode == "max")
+        values = [str(r.get(param)) for r in data.ranking.sort(best.values())]
         for column in shown:
             label = data.metric if column == "score" else column
             fig.add_bar(x=values, y=[best[v].get(column) for v in values], name=label, legendgroup=label,

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 import raycls
-from raycls.evaluate import names
+from raycls import names
 from raycls.evaluate.summary import summarize
 from raycls.results.index import index_path, read_folder, write_table_atomic
 from raycls.results.pareto import mark_pareto
@@ -97,7 +97,14 @@ class TrialRecord:
     objectives: str | None = None  # see raycls.results.pareto
 
     def best_row(self) -> dict[str, Any]:
-        return summarize(self.history, self.metric, self.mode).at_best  # type: ignore[arg-type]
+        """Every metric at the best epoch. A trial with no epoch that counts (failed first, or cut before a
+        chain's last stage) shows its last epoch's metrics, without a score: an earlier stage's value of the
+        experiment metric is not the trial's."""
+        summary = summarize(self.history, self.metric, self.mode)  # type: ignore[arg-type]
+        if summary.best_epoch is not None:
+            return summary.at_best
+        last = self.history[-1] if self.history else {}
+        return {k: v for k, v in last.items() if k not in (self.metric, names.EPOCH)}
 
     def stopped_by(self) -> str | None:
         if self.status == "early_stopped":
@@ -145,9 +152,14 @@ class TrialRecord:
         return pa.Table.from_pylist([{name: values.get(name) for name in schema.names}], schema=schema)
 
     def history_table(self) -> pa.Table:
+        """One row per epoch with every metric any epoch reported (a chain's later stages and SWA's
+        `val_*_swa` first appear after epoch 1; epochs without a metric hold null)."""
         rows = [{"experiment": self.experiment, "trial_id": self.trial_id, **{k: v for k, v in h.items()
                  if isinstance(v, (int, float, str)) and not isinstance(v, bool)}} for h in self.history]  # fmt: skip
-        return pa.Table.from_pylist(rows) if rows else pa.table({"experiment": pa.array([], pa.string())})
+        if not rows:
+            return pa.table({"experiment": pa.array([], pa.string())})
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # the union, in first-seen order
+        return pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
 
 
 def evaluation_columns(summary: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
+from raycls.ranking import Ranking
+
 OBJECTIVES = "objectives"  # the row's column: "test_acc:max,params:min"
 PARETO = "pareto"
 PARETO_RANK = "pareto_rank"
@@ -62,7 +64,8 @@ def mark_pareto(table: pa.Table) -> pa.Table:
         ranked = [i for i in indices if all(_finite(column[i]) for column in columns)]
         if not ranked:
             continue
-        losses = np.array([[(-1.0 if mode == "max" else 1.0) * float(columns[k][i]) for k, (_, mode) in enumerate(objectives)]
+        rankings = [Ranking.of(metric, mode) for metric, mode in objectives]
+        losses = np.array([[-rankings[k].signed(float(columns[k][i])) for k in range(len(objectives))]
                            for i in ranked])  # fmt: skip
         for i, rank in zip(ranked, non_dominated_ranks(losses)):
             ranks[i] = int(rank)

@@ -13,7 +13,7 @@ from raycls.config.experiment import Experiment
 from raycls.config.schema import PhaseConfig, Reference, TeacherPhaseConfig, TrialConfig
 from raycls.errors import CheckpointError
 from raycls.results.leaderboard import read_leaderboard
-from raycls.results.query import top_rows
+from raycls.ranking import PickError, Ranking
 
 
 def pick_trial(storage: str, reference: Reference) -> dict[str, Any]:
@@ -22,16 +22,11 @@ def pick_trial(storage: str, reference: Reference) -> dict[str, Any]:
     rows = table.to_pylist()
     if not rows:
         raise CheckpointError(f"reference {{from: {reference.experiment}}}: no leaderboard for that experiment under {storage}")
-    if reference.pick == "best":
-        completed = [r for r in rows if r["status"] == "completed" and r["score"] is not None]
-        if not completed:
-            raise CheckpointError(f"reference {{from: {reference.experiment}, pick: best}}: no completed trial")
-        descending = completed[0]["mode"] == "max"
-        import pyarrow as pa
-
-        row = top_rows(pa.Table.from_pylist(completed), "score", descending=descending, top=1).to_pylist()[0]
-    else:
-        row = _row_of(rows, reference.pick, what=f"reference {{from: {reference.experiment}, pick: {reference.pick}}}")
+    try:
+        what = f"reference {{from: {reference.experiment}, pick: {reference.pick}}}:"
+        row = Ranking.of(rows[0]["metric"], rows[0]["mode"]).pick(rows, reference.pick, what=what)[0]
+    except PickError as err:
+        raise CheckpointError(str(err)) from None
     if not row.get("checkpoint"):
         raise CheckpointError(f"trial {reference.experiment}/{row['trial_id']} has no checkpoint")
     return row

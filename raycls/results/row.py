@@ -16,7 +16,7 @@ from raycls.config.experiment import Experiment
 from raycls.config.load import resolve_trial
 from raycls.config.schema import TeacherPhaseConfig, TrialConfig
 from raycls.errors import RayclsError
-from raycls.evaluate import names
+from raycls import names
 from raycls.results.leaderboard import Status, TrialRecord
 from raycls.results.pareto import format_objectives
 from raycls.results.provenance import GitState

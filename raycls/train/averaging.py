@@ -14,7 +14,7 @@ from typing import Any
 import torch.nn as nn
 
 from raycls.config.schema import EmaConfig, SwaConfig
-from raycls.evaluate import names
+from raycls import names
 from raycls.models import unwrap
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from raycls.config.schema import Stage, TrialConfig
 from raycls.errors import CheckpointError
-from raycls.evaluate import names
+from raycls import names
 from raycls.evaluate.cost import measure_cost
 from raycls.models.checkpoint import load_weights, unwrap
 from raycls.phases import PHASES, Phase
@@ -156,4 +156,4 @@ class ChainRunner:
             self.finished[stage.label] = {k: v for k, v in best.metrics.items() if k.startswith("val_") or k == names.EPOCH}
         kept = {names.stage_metric(label, k): v for label, done in self.finished.items() for k, v in done.items()}
         index = [s.label for s in self.stages].index(stage.label)
-        return {**metrics, names.STAGE: stage.label, names.STAGE_INDEX: index, **kept}
+        return {**metrics, names.STAGE: stage.label, names.STAGE_INDEX: index, names.STAGE_COUNT: len(self.stages), **kept}

@@ -111,31 +111,18 @@ def publish(local: Path, uri: str) -> None:
 def pick_rows(rows: list[dict[str, Any]], pick: str, experiment: str) -> list[dict[str, Any]]:
     """`best`, `top:K` (by score, completed trials) or a trial id (any status with a checkpoint)."""
     from raycls.errors import ConfigError
+    from raycls.ranking import PickError, Ranking
 
     usable = [r for r in rows if r.get("checkpoint") and r.get("config_json")]
-    if pick == "best" or pick.startswith("top:"):
-        k = 1 if pick == "best" else _positive(pick.removeprefix("top:"), pick)
-        done = [r for r in usable if r["status"] == "completed" and r.get("score") is not None]
-        if not done:
-            raise ConfigError(f"experiment {experiment!r}: no completed trial with a checkpoint to evaluate "
-                              f"({len(rows)} row(s); statuses: {sorted({r['status'] for r in rows})})")  # fmt: skip
-        descending = done[0].get("mode", "max") == "max"
-        return sorted(done, key=lambda r: r["score"], reverse=descending)[:k]
-    match = [r for r in rows if r["trial_id"] == pick]
-    if not match:
-        raise ConfigError(f"--trial {pick!r}: no such trial in {experiment!r} (known: {', '.join(sorted(r['trial_id'] for r in rows))}); "
-                          "or use best / top:K")  # fmt: skip
+    ranked = pick == "best" or pick.startswith("top:")
+    try:
+        picked = Ranking.of(rows[0]["metric"], rows[0]["mode"]) if rows else Ranking.of("score", "max")
+        match = picked.pick(usable if ranked else rows, pick, what=f"experiment {experiment!r}: --trial")
+    except PickError as err:
+        raise ConfigError(str(err)) from None
     if match[0] not in usable:
         raise ConfigError(f"--trial {pick!r}: the trial has no checkpoint to evaluate (status {match[0]['status']})")
     return match
-
-
-def _positive(text: str, pick: str) -> int:
-    from raycls.errors import ConfigError
-
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError(f"--trial {pick!r}: expected best, top:K with K >= 1, or a trial id")
-    return int(text)
 
 
 def evaluate_rows(storage: str, experiment: str, rows: list[dict[str, Any]], *, suite: str | None = None,

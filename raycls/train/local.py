@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 from raycls.config.schema import TrialConfig
-from raycls.evaluate.names import Mode, as_good, ranked_value
+from raycls.names import Mode
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
+from raycls.ranking import Ranking
 from raycls.storage import EVAL_DIR
 from raycls.train.chain import fit
 from raycls.train.loop import FAST_DEV_BATCHES, Metrics, ProgressFn, RunContext
@@ -27,14 +28,14 @@ class KeepBestReporter:
     """Keeps `checkpoints/last` and `checkpoints/best` (by `metric`) under `out`."""
 
     def __init__(self, out: Path, metric: str, mode: Mode, on_epoch: Callable[[Metrics], None] | None = None):
-        self.out, self.metric, self.mode, self.on_epoch = out, metric, mode, on_epoch
+        self.out, self.ranking, self.on_epoch = out, Ranking.of(metric, mode), on_epoch
         self.best: float | None = None
 
     def __call__(self, metrics: Metrics, checkpoint: Path | None) -> None:
         if checkpoint is not None:
             replace_dir(checkpoint, self.out / "checkpoints" / "last")
-            value = ranked_value(metrics, self.metric, self.mode)  # a chain's later stages first
-            if value is not None and as_good(value, self.best, self.mode):
+            value = self.ranking.checkpoint_key(metrics)  # a chain's later stages first
+            if value is not None and self.ranking.as_good(value, self.best):
                 self.best = value
                 replace_dir(checkpoint, self.out / "checkpoints" / "best")
         if self.on_epoch is not None:

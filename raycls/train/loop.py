@@ -26,7 +26,7 @@ from raycls.data import BatchLoader, Splits, load_splits
 from raycls.data.datasets import FileData
 from raycls.data.stream import TRAIN, TRAIN_EVAL, VAL, StreamLoader, StreamSource
 from raycls.errors import ConfigError
-from raycls.evaluate import names
+from raycls import names
 from raycls.models import InputSpec, create_model, unwrap
 from raycls.models.checkpoint import backbone_weights, load_backbone
 from raycls.optim import create_lr_schedule, create_optimizer

@@ -21,9 +21,10 @@ import torch
 
 from raycls.config.experiment import Resources
 from raycls.config.schema import TrialConfig
-from raycls.evaluate import names
+from raycls import names
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
+from raycls.ranking import Ranking, checkpoint_attribute
 from raycls.storage import EVAL_DIR
 from raycls.train.local import CONFIG_FILE, METRICS_FILE
 from raycls.train.chain import fit
@@ -89,7 +90,7 @@ class RayReporter:
     def __call__(self, metrics: Metrics, checkpoint: Path | None) -> None:
         mark_restarts(checkpoint, self.extras[RESTARTS])
         if self.ranking is not None and names.STAGE_INDEX in metrics:
-            metrics = {**metrics, names.CHAIN_SCORE: names.ranked_value(metrics, *self.ranking)}
+            metrics = {**metrics, names.CHAIN_SCORE: Ranking.of(*self.ranking).checkpoint_key(metrics)}
         saved = self.checkpoint_class.from_directory(str(checkpoint)) if checkpoint else None
         if self.history_file and self.rank == 0:
             with open(self.history_file, "a") as handle:
@@ -98,8 +99,7 @@ class RayReporter:
 
 
 def checkpoint_score(config: TrialConfig, metric: str) -> str:
-    """What Tune and Ray Train keep a trial's best checkpoints by: the metric, or a chain's CHAIN_SCORE."""
-    return names.CHAIN_SCORE if len(config.stages) > 1 else metric
+    return checkpoint_attribute(metric, len(config.stages))
 
 
 # -------------------------------------------------------------------------------------- Ray Train run

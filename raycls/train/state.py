@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from raycls.errors import CheckpointError
-from raycls.evaluate.names import as_good, better, mode_of
+from raycls.ranking import Ranking
 from raycls.models.checkpoint import WEIGHTS_FILE, atomic_save, save_weights, unwrap
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ class Best:
         value = metrics.get(self.metric)
         if value is None:
             return
-        if as_good(value, self.value, mode_of(self.metric)):
+        if Ranking.of(self.metric).as_good(value, self.value):
             self.value, self.metrics = value, dict(metrics)
             if keep_weights:
                 self.weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
@@ -76,8 +76,7 @@ class Plateau:
         value = metrics.get(self.metric)
         if value is None:
             return False
-        margin = self.min_delta if mode_of(self.metric) == "max" else -self.min_delta
-        if self.best is None or better(value, self.best + margin, mode_of(self.metric)):
+        if Ranking.of(self.metric).improves(value, self.best, self.min_delta):
             self.best, self.waited = value, 0
         else:
             self.waited += 1

@@ -21,8 +21,8 @@ from ray.tune.experiment import Trial
 
 from raycls.config.experiment import Experiment
 from raycls.errors import last_error_line
-from raycls.evaluate import names
-from raycls.evaluate.names import as_good, better, ranked_value
+from raycls import names
+from raycls.ranking import Ranking
 from raycls.results.leaderboard import Status, read_evaluation, write_trial
 from raycls.results.provenance import GitState
 from raycls.results.row import TrialSeen, build_record
@@ -118,9 +118,9 @@ class TrialLedger(Callback):
 
     def _offer_checkpoint(self, log: TrialLog, uri: str) -> None:
         """The checkpoint just taken becomes the trial's best when its epoch is (ties: the later, as Ray keeps)."""
-        section = self.experiment.experiment
-        value = ranked_value(log.last_result, section.metric, section.mode)  # a chain's later stages first
-        improved = value is not None and as_good(value, log.best_value, section.mode)
+        ranking = Ranking.of(self.experiment.experiment.metric, self.experiment.experiment.mode)
+        value = ranking.checkpoint_key(log.last_result)  # a chain's later stages first
+        improved = value is not None and ranking.as_good(value, log.best_value)
         if improved or log.best_checkpoint is None:
             log.best_value = value if value is not None else log.best_value
             log.best_checkpoint = uri
@@ -238,7 +238,8 @@ class LiveTable(Callback):
     ENDED = ("completed", "early_stopped", "failed")
 
     def __init__(self, experiment_name: str, metric: str, mode: str, total: int):
-        self.experiment_name, self.metric, self.mode, self.total = experiment_name, metric, mode, total
+        self.experiment_name, self.metric, self.total = experiment_name, metric, total
+        self.ranking = Ranking.of(metric, mode)  # the row's rule: a chain's last stage only
         self._live = None
         self._rows: dict[str, dict[str, Any]] = {}  # running trials
         self._best: list[tuple[str, dict[str, Any]]] = []  # the best ended trials, best first
@@ -252,6 +253,8 @@ class LiveTable(Callback):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update({"_last_line": {}, "_best": [], "_ended": dict.fromkeys(self.ENDED, 0), **state})
+        if "ranking" not in state:  # pickled by an older raycls (tuner.pkl of a resumed search)
+            self.ranking = Ranking.of(state["metric"], state.get("mode"))
 
     @staticmethod
     def _on_terminal() -> bool:
@@ -298,6 +301,8 @@ class LiveTable(Callback):
         best = row.get("best")
         best_text = "" if best is None or event == "started" else f" best={best:.4f}"
         epoch = f" epoch {row['epoch']}" if row.get("epoch") is not None and event != "started" else ""
+        if row.get("stage") and event != "started":
+            epoch += f" ({row['stage']})"
         params = f" {row['params']}" if event == "started" else ""
         word = event if event in ("started", "result") else row["status"]
         self._line(f"trial {trial.trial_id} {word}{epoch}{score}{best_text}"
@@ -308,11 +313,12 @@ class LiveTable(Callback):
         row["status"] = status
         if result:
             row["epoch"] = result.get(names.EPOCH, row.get("epoch"))
-            value = result.get(self.metric)
-            if isinstance(value, (int, float)):
-                row[self.metric] = value
-                if better(value, row.get("best"), self.mode):  # type: ignore[arg-type]
-                    row["best"] = value
+            shown = result.get(self.metric)
+            row[self.metric] = shown if isinstance(shown, (int, float)) else None
+            row["stage"] = result.get(names.STAGE)  # a chain's stage: shown, but only its last stage counts
+            value = self.ranking.value(result)  # None in a chain's earlier stages: they do not count for "best"
+            if value is not None and self.ranking.as_good(value, row.get("best")):
+                row["best"] = value
         if status in self.ENDED:  # out of the running rows: counted, and kept only among the best
             self._rows.pop(trial.trial_id, None)
             self._last_line.pop(trial.trial_id, None)
@@ -321,10 +327,8 @@ class LiveTable(Callback):
         return row
 
     def _keep_if_best(self, trial_id: str, row: dict[str, Any]) -> None:
-        best = [*self._best, (trial_id, row)]
-        sign = -1.0 if self.mode == "max" else 1.0
-        best.sort(key=lambda item: float("inf") if item[1].get("best") is None else sign * item[1]["best"])
-        self._best = best[: self.BEST_ENDED]
+        ranked = self.ranking.sort([{**row, "trial_id": tid} for tid, row in [*self._best, (trial_id, row)]], key="best")
+        self._best = [(r["trial_id"], r) for r in ranked[: self.BEST_ENDED]]
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._show(trial, self._set(trial, "running"), "started")
@@ -391,11 +395,11 @@ def _seen_in_folder(experiment: Experiment, folder: Path, trial_id: str, status:
     """A trial as its Tune folder tells it, for a row the driver did not live to write."""
     results = folder / "result.json"
     history = _read_result_json(results) if results.is_file() else {}
-    section = experiment.experiment
+    ranking = Ranking.of(experiment.experiment.metric, experiment.experiment.mode)
     best: tuple[float | None, Path | None] = (None, None)
     for checkpoint in sorted(folder.glob("checkpoint_*")):
-        value = ranked_value(read_metrics(checkpoint), section.metric, section.mode) if is_whole(checkpoint) else None
-        if value is not None and (best[1] is None or as_good(value, best[0], section.mode)):
+        value = ranking.checkpoint_key(read_metrics(checkpoint)) if is_whole(checkpoint) else None
+        if value is not None and (best[1] is None or ranking.as_good(value, best[0])):
             best = (value, checkpoint)
     config = folder / TRIAL_CONFIG_FILE
     return TrialSeen(

@@ -19,7 +19,8 @@ import ray.tune
 
 from raycls.config.experiment import Experiment
 from raycls.errors import RayclsError
-from raycls.evaluate import names
+from raycls import names
+from raycls.ranking import checkpoint_attribute
 from raycls.results.leaderboard import ReadResult, read_leaderboard
 from raycls.results.provenance import git_state, write_space_as_run
 from raycls.prepare import prepare_experiment
@@ -209,7 +210,7 @@ def _new_tuner(experiment: Experiment, options: TuneOptions, paths: ExperimentPa
             checkpoint_config=ray.tune.CheckpointConfig(
                 num_to_keep=section.keep_checkpoints,
                 # A chain's epochs rank later stages first (names.CHAIN_SCORE): its product is its last stage.
-                checkpoint_score_attribute=names.CHAIN_SCORE if len(experiment.base.stages) > 1 else section.metric,
+                checkpoint_score_attribute=checkpoint_attribute(section.metric, len(experiment.base.stages)),
                 checkpoint_score_order=section.mode,
             ),
             verbose=0 if options.live else 1,

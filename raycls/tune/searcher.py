@@ -26,7 +26,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raycls.config.experiment import Experiment
 from raycls.config.space import Space, suggest
-from raycls.evaluate import names
+from raycls import names
+from raycls.ranking import Ranking
 from raycls.search import SAMPLERS
 from raycls.tune.resume import TRIAL_ID_ATTR
 
@@ -129,13 +130,18 @@ class RayclsOptunaSearch(OptunaSearch):
         if self.multi_objective:  # Optuna takes no intermediate values for several objectives
             self._keep_best_epoch(trial_id, result)
             return None
+        if not self._ranking.counts(result):
+            return None  # a chain's earlier stage: its values are not the trial's (raycls.ranking)
         return super().on_trial_result(trial_id, result)
+
+    @property
+    def _ranking(self) -> Ranking:
+        return Ranking.of(self._metric, self._mode)
 
     def _keep_best_epoch(self, trial_id: str, result: dict) -> None:
         """The result of the trial's best epoch by `metric`, as a leaderboard row ranks them (chains too)."""
-        value = names.ranked_value(result, self._metric, self._mode)
         best = self._best_epoch.get(trial_id)
-        if value is not None and names.as_good(value, best and names.ranked_value(best, self._metric, self._mode), self._mode):
+        if self._ranking.best_epoch([best, result] if best else [result]) is result:
             self._best_epoch[trial_id] = dict(result)
 
     def objective_values(self, trial_id: str, last: dict) -> list[float] | None:
@@ -164,13 +170,14 @@ class RayclsOptunaSearch(OptunaSearch):
             state = TrialState.FAIL if error else TrialState.PRUNED
             ot_trial = self._ot_trials[trial_id]
             try:
-                if state == TrialState.PRUNED and not self.multi_objective and isinstance(result.get(self._metric), (int, float)):
+                value = self._ranking.value(result or {})
+                if state == TrialState.PRUNED and not self.multi_objective and value is not None:
                     # Tune withholds the result that made the scheduler stop the trial from the searcher;
                     # report it, so the pruned trial's last intermediate value is its score at that rung.
                     # (Optuna ignores, with a warning, a second report for the same step.)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        ot_trial.report(result[self._metric], int(result.get("training_iteration", result[names.EPOCH])))
+                        ot_trial.report(value, int(result.get("training_iteration", result[names.EPOCH])))
                 self._ot_study.tell(ot_trial, state=state)
             except Exception as err:  # optuna refuses e.g. a second tell; never break the search for it
                 warnings.warn(f"optuna could not record trial {trial_id} as {state.name}: {err}")
@@ -179,9 +186,10 @@ class RayclsOptunaSearch(OptunaSearch):
             return None
         if self.multi_objective:
             return self._tell_objectives(trial_id, result or {})
-        if result and result.get(names.STOPPED_BY) == names.PATIENCE:
-            # Stopped on a plateau: its last epoch is `patience` epochs past its best, which is its score.
-            result = {**result, self._metric: self._best_reported(trial_id, result[self._metric])}
+        if result and not error:
+            # Told the row's score, the best epoch's value (not the last epoch's: a plateau's last epoch is
+            # `patience` epochs past its best, and a chain's earlier stages do not count).
+            result = {**result, self._metric: self._best_reported(trial_id, self._ranking.value(result))}
         return super().on_trial_complete(trial_id, result, error)
 
     def _tell_objectives(self, trial_id: str, result: dict) -> None:
@@ -197,11 +205,11 @@ class RayclsOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         self._best_epoch.pop(trial_id, None)
 
-    def _best_reported(self, trial_id: str, last: float) -> float:
-        """The best of the trial's intermediate values (one per epoch reported), its last value included."""
+    def _best_reported(self, trial_id: str, last: float | None) -> float | None:
+        """The best of the trial's intermediate values (one per epoch that counts), its last value included."""
         ot_trial = self._ot_trials[trial_id]
-        reported = list(self._storage.get_trial(ot_trial._trial_id).intermediate_values.values()) + [last]
-        return max(reported) if self._mode == "max" else min(reported)
+        reported = list(self._storage.get_trial(ot_trial._trial_id).intermediate_values.values())
+        return self._ranking.best_of([*reported, *([last] if last is not None else [])])
 
 
 def fitting_trials(trials: list[FrozenTrial], distributions: dict[str, BaseDistribution], *, objectives: int

@@ -22,6 +22,7 @@ from ray.tune import Stopper
 
 from raycls.config.experiment import Experiment
 from raycls.files import write_text_atomic
+from raycls.ranking import Ranking
 
 END_FILE = "search_end.json"
 Reason = Literal["time_budget", "target"]
@@ -50,17 +51,11 @@ def clear_end(state_dir: Path) -> None:
     end_file(state_dir).unlink(missing_ok=True)
 
 
-def reached(value: Any, target: float, mode: str) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-        return False
-    return value >= target if mode == "max" else value <= target
-
-
 class SearchStopper(Stopper):
     def __init__(self, experiment: Experiment, state_dir: Path):
         section = experiment.experiment
         self.budget_s = section.time_budget_s
-        self.targets = {metric: (value, section.direction(metric)) for metric, value in section.stop.items()}
+        self.targets = {metric: (value, section.direction(metric)) for metric, value in section.stop.items()}  # picklable
         self.state_dir = str(state_dir)
         self._clock()
 
@@ -79,7 +74,9 @@ class SearchStopper(Stopper):
     def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
         if self.end is None:
             for metric, (target, mode) in self.targets.items():
-                if reached(result.get(metric), target, mode):
+                ranking = Ranking.of(metric, mode)
+                # Judged like the row: a chain's earlier stages (a teacher) never end the search.
+                if ranking.reached(ranking.value(result), target):
                     self._finish("target", f"trial {trial_id} reached {metric}={result[metric]:.4g} (target {target:g})")
                     break
         return False  # no trial is stopped on its own: stop_all ends them all

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 EPOCH = "epoch"
 LR = "lr"
@@ -27,7 +26,8 @@ RESTARTS = "restarts"  # times the trial restarted from a checkpoint (Ray Train 
 NODE_ID = "node_id"  # the Ray node that reported the epoch (rank 0's): where a trial ran, epoch by epoch
 STAGE = "stage"  # chains only: the label of the stage an epoch belongs to (a string)
 STAGE_INDEX = "stage_index"  # chains only: that stage's position in the chain, from 0
-# Chains only: the experiment metric as a chain's epochs rank (`ranked_value`); Tune and Ray Train keep
+STAGE_COUNT = "stage_count"  # chains only: how many stages the chain has (its last stage is the one that counts)
+# Chains only: the experiment metric as a chain's checkpoints rank (raycls.ranking.Ranking.checkpoint_key); Tune and Ray Train keep
 # checkpoints by it, so a later stage's checkpoint is never deleted for an earlier stage's better score.
 CHAIN_SCORE = "chain_score"
 
@@ -109,7 +109,7 @@ def val_topk(k: int) -> str:
 
 Mode = Literal["max", "min"]
 
-# Which way is better, for picking the best epoch of a metric. Unlisted metrics are not ranked.
+# Which way is better for each metric (raycls.ranking compares them; unlisted metrics rank as "max").
 MODES: dict[str, Mode] = {
     **{name: "max" for name in (TEST_ACC, TEST_MACRO_F1, TEST_WEIGHTED_F1, TEST_AUROC, TEST_ACC_TTA, TEST_KNN_ACC,
                                 TEST_SHIFT_MCA, TEST_MACRO_PRECISION, TEST_MACRO_RECALL)},
@@ -123,34 +123,3 @@ MODES: dict[str, Mode] = {
     TRAIN_LOSS: "min",
     **{val_topk(k): "max" for k in (2, 3, 5, 10)},
 }
-
-
-def mode_of(metric: str) -> Mode:
-    return MODES.get(metric.rsplit(".", 1)[-1], "max")  # a stage's metric ranks like the metric itself
-
-
-def as_good(value: float, than: float | None, mode: Mode) -> bool:
-    """Whether the epoch scoring `value` becomes the best one over an earlier best `than`: ties go to the
-    later epoch, as in Ray's checkpoint manager, which keeps the later of two equal checkpoints. The row's
-    best epoch, its checkpoint and the weights evaluated are then always the same epoch's."""
-    return than is None or (value >= than if mode == "max" else value <= than)
-
-
-# Wider than any metric's range: stage k's epochs rank above every epoch of stages before it.
-CHAIN_STRIDE = 1e6
-
-
-def ranked_value(metrics: Mapping[str, Any], metric: str, mode: Mode) -> float | None:
-    """`metric` of one epoch as epochs are ranked: a chain's product is its last stage, so an epoch of a later
-    stage ranks above any epoch of an earlier one (a DeiT student's val_acc is not beaten by its CNN
-    teacher's), then by the metric. One-stage trials: the metric itself."""
-    value = metrics.get(metric)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return None
-    stride = float(metrics.get(STAGE_INDEX, 0)) * CHAIN_STRIDE
-    return float(value) + stride if mode == "max" else float(value) - stride
-
-
-def better(value: float, than: float | None, mode: Mode) -> bool:
-    """Whether `value` beats `than` (None: nothing yet, so anything does). Ties keep the earlier one."""
-    return than is None or (value > than if mode == "max" else value < than)
