@@ -33,11 +33,11 @@ CHAIN_SCORE = "chain_score"
 
 
 # ---------------------------------------------------------------------------------- held-out evaluation
-# Computed once per trial, from its best checkpoint, on the test split (never used for selection). Every
-# evaluation column starts with `test_` (the row's `eval_split` says when a dataset had no test split and
-# the validation split stood in); `raycls eval` replaces exactly these columns.
+# Computed once per trial, from its best checkpoint, on the test split (never used for selection: a dataset
+# without one has one carved, raycls.data.splits.carve_test). Every evaluation column starts with `test_`;
+# `raycls eval` replaces exactly these columns.
 EVAL_PREFIX = "test_"
-EVAL_SPLIT = "eval_split"  # "test", or "val" for a dataset without a test split
+EVAL_SPLIT = "eval_split"  # "test" (rows written before every dataset had a test split may say "val")
 EVAL_SUITE = "eval_suite"  # the suite that produced the columns ("default", "full")
 TEST_ACC = "test_acc"
 TEST_NLL = "test_nll"

@@ -24,6 +24,7 @@ FAMILIES: dict[str, "Registry"] = {}
 # pointing one way: config validates names without importing a higher layer.
 BUILTIN_MODULES: dict[str, str] = {
     "dataset": "raycls.data.datasets",
+    "resize": "raycls.images",
     "augmentation": "raycls.data.augment",
     "model": "raycls.models",
     "small-input adapter": "raycls.models",

@@ -19,7 +19,7 @@ def test_digits_split_is_stratified_and_seeded() -> None:
     a = load_splits(DataConfig(name="digits", val_fraction=0.2), seed=0)
     b = load_splits(DataConfig(name="digits", val_fraction=0.2), seed=0)
     c = load_splits(DataConfig(name="digits", val_fraction=0.2), seed=1)
-    assert len(a.train) + len(a.val) == 1797 and a.test is None
+    assert len(a.train) + len(a.val) == 1797 - 359 and len(a.test) == 359  # the carved test split: 20%
     assert torch.equal(a.val.labels, b.val.labels) and not torch.equal(a.val.images, c.val.images)
     share = torch.bincount(a.val.labels, minlength=10) / torch.bincount(a.train.labels, minlength=10)
     assert share.min() > 0.2 and share.max() < 0.3  # every class split ~20/80

@@ -49,7 +49,7 @@ def test_export_of_the_best_trial_with_parity_and_int8(digits_row, tmp_path: Pat
     report = export(trial, tmp_path, int8=True)
     parity = report["parity"]
     print(json.dumps({k: report[k] for k in ("parity", "int8", "exporter")}, indent=1))
-    assert parity["split"] == "val" and parity["images"] == len(trial.data.splits.val)
+    assert parity["split"] == "test" and parity["images"] == len(trial.data.splits.test)
     assert parity["max_abs_logit_diff"] < 1e-3 and parity["top1_agreement"] == 1.0 and parity["onnx_acc"] > 0.9
     q = report["int8"]
     assert abs(q["acc_delta"]) < 0.03 and q["size_ratio"] < 0.6 and q["latency_ms_int8"] > 0

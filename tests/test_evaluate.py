@@ -205,8 +205,8 @@ def test_planted_label_flips_are_found_by_confident_learning(digits_model, tmp_p
     rng = np.random.default_rng(0)
     flipped = rng.choice(len(labels), size=16, replace=False)
     labels[flipped] = (labels[flipped] + torch.from_numpy(rng.integers(1, 10, 16))) % 10
-    noisy = type(splits)(train=splits.train, val=type(splits.val)(splits.val.images, labels, splits.val.classes),
-                         test=None, mean=splits.mean, std=splits.std)  # fmt: skip
+    noisy = type(splits)(train=splits.train, val=splits.val, test=type(splits.val)(splits.val.images, labels, splits.val.classes),
+                         mean=splits.mean, std=splits.std)  # fmt: skip
     ev = _evaluation(config, weights, Data(noisy, data.spec), tmp_path / "eval")
     got = errors_step(ev)
     rows = list(csv_rows(tmp_path / "eval" / "label_issues.csv"))
@@ -232,7 +232,7 @@ def test_full_suite_writes_every_file_and_sane_images(digits_model, tmp_path: Pa
     config = config.model_copy(update={"eval": config.eval.model_copy(update={"shift_images": 200, "severities": (1, 5)})})
     summary = evaluate_weights(config, weights, data, RunContext(), out_uri=str(tmp_path / "eval"), suite="full")
     m = summary["metrics"]
-    assert summary[names.EVAL_SPLIT] == "val"  # digits has no test split: the validation split stands in
+    assert summary[names.EVAL_SPLIT] == "test"  # digits' carved test split
     assert m[names.TEST_ACC] > 0.85 and m[names.TEST_KNN_ACC] > 0.8 and 0 <= m[names.TEST_ECE] <= 1
     assert m[names.TEST_SHIFT_GAP] == pytest.approx(m[names.TEST_ACC] - m[names.TEST_SHIFT_MCA], abs=1e-6)
     assert names.TEST_ACC_TTA in m and names.test_ood("textures", "vim", "fpr95") in m
@@ -313,8 +313,8 @@ def test_unknown_suite_and_bad_eval_keys_are_config_errors() -> None:
 def test_run_suite_counts_the_split_it_evaluated(digits_model, tmp_path: Path) -> None:
     config, weights, data = digits_model
     summary = run_suite(_evaluation(config, weights, data, tmp_path / "eval"), "default")
-    assert summary["metrics"][names.TEST_IMAGES] == len(data.splits.val)
-    assert names.TEST_TEMPERATURE not in summary["metrics"]  # no test split: T is never fitted on the scored split
+    assert summary["metrics"][names.TEST_IMAGES] == len(data.splits.test)
+    assert names.TEST_TEMPERATURE in summary["metrics"]  # fitted on validation, scored on the test split
 
 
 def test_picking_the_trials_to_evaluate() -> None:
@@ -358,8 +358,8 @@ def test_raycls_data_explore_writes_a_report(tmp_path: Path, capsys) -> None:
 
     main(["data", "explore", str(Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml"), "--out", str(tmp_path)])
     report = json.loads((tmp_path / "data_report.json").read_text())
-    assert set(report["splits"]) == {"train", "val"} and report["splits"]["train"]["image_size"] == [8, 8]
-    assert report["splits"]["train"]["images"] + report["splits"]["val"]["images"] == 1797
+    assert set(report["splits"]) == {"train", "val", "test"} and report["splits"]["train"]["image_size"] == [8, 8]
+    assert sum(report["splits"][name]["images"] for name in ("train", "val", "test")) == 1797
     for png in tmp_path.glob("*.png"):
         with Image.open(png) as image:
             assert min(image.size) >= 150
@@ -377,7 +377,7 @@ def test_every_phase_is_evaluated_through_the_head_it_predicts_with(phase: str, 
     summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert (names.TEST_ACC in summary["metrics"]) == has_classifier
     assert (names.TEST_KNN_ACC in summary["metrics"]) == (not has_classifier)
-    assert summary["metrics"][names.TEST_IMAGES] == len(load_data(config).splits.val)
+    assert summary["metrics"][names.TEST_IMAGES] == len(load_data(config).splits.test)
 
 
 @pytest.mark.parametrize("name", OOD_SCORERS.names())

@@ -184,7 +184,7 @@ def test_completed_trials_are_evaluated_on_held_out_data(e2e) -> None:
         folder = Path(storage) / "e2e" / "eval" / row["trial_id"]
         if row["status"] == "completed":
             summary = json.loads((folder / "metrics.json").read_text())
-            assert row["eval_split"] == summary["eval_split"] == "val"  # digits has no test split
+            assert row["eval_split"] == summary["eval_split"] == "test"  # digits' carved test split
             assert row["eval_suite"] == "default" and row["test_acc"] == pytest.approx(summary["metrics"]["test_acc"])
             assert 0 <= row["test_ece"] <= 1 and row["test_auroc"] > 0.5 and row["test_macro_f1"] is not None
             assert {"reliability.png", "confusion_matrix.png", "classification_report.csv"} <= {p.name for p in folder.iterdir()}
@@ -211,7 +211,7 @@ space:
     rows = {r["train.lr"]: r for r in read_leaderboard(storage, "evalall").table.to_pylist()}
     assert rows[0.01]["status"] == "completed" and rows[0.00001]["status"] == "early_stopped"
     for row in rows.values():
-        assert row["test_acc"] is not None and row["eval_split"] == "val"
+        assert row["test_acc"] is not None and row["eval_split"] == "test"
         assert (Path(storage) / "evalall" / "eval" / row["trial_id"] / "metrics.json").is_file()
 
 
@@ -473,7 +473,7 @@ wandb: {mode: disabled}
     assert list((Path(storage) / "ddp" / "train_runs").glob("train-*"))  # it ran through Ray Train
     # Evaluated by its 2 workers, each predicting half the split: every image once, and the same metrics as
     # one process evaluating the same best checkpoint afterwards (`raycls eval`'s path).
-    assert row["test_images"] == len(splits.val) and row["eval_split"] == "val"
+    assert row["test_images"] == len(splits.test) and row["eval_split"] == "test"
     from raycls.train.evaluation import evaluate_rows
 
     (single,) = evaluate_rows(storage, "ddp", [row])

@@ -50,6 +50,11 @@ class DataConfig(Frozen):
     image_size: PositiveInt | None = None
     # Image files (folder, csv) are decoded once to this side length (they may be any size on disk).
     folder_size: PositiveInt = 64
+    # How an image file of any shape becomes folder_size x folder_size (raycls.images.RESIZES). crop: timm's
+    # convention, the shorter side resized and the centre square kept, and training batches random-resized
+    # crops of it (raycls.data.augment.training_augment): no object is ever distorted, as pretrained weights
+    # expect. squash: the whole image resized to a square (aspect ratio changed; nothing cut off).
+    resize: str = "crop"
     # folder / csv: decode each (file list, size) once per node into $RAYCLS_CACHE/decoded (raycls.data.decode),
     # shared by every trial and experiment; false decodes in memory every time.
     decode_cache: bool = True
@@ -62,6 +67,7 @@ class DataConfig(Frozen):
     download: bool = True
 
     _known = registered("dataset", "name")
+    _known_resize = registered("resize", "resize")
 
 
 class AdapterConfig(Frozen):

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from raycls.config.schema import AugmentConfig
+from raycls.config.schema import AugmentConfig, DataConfig
 from raycls.registry import Registry
 
 AugmentOp = Callable[[torch.Tensor, Any, torch.Generator], torch.Tensor]
@@ -34,6 +34,8 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 JITTER_PROBABILITY = 0.8
 # Random-resized crop's aspect range (Szegedy et al. 2015; torchvision's default).
 ASPECT_RANGE = (3 / 4, 4 / 3)
+# The smallest area of timm's (and torchvision's) RandomResizedCrop: scale=(0.08, 1.0).
+TIMM_MIN_AREA = 0.08
 
 
 def _uniform(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -149,6 +151,18 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     xs = torch.arange(w, device=x.device)[None, None, :]
     inside = ((ys - cy).abs() <= size // 2) & ((xs - cx).abs() <= size // 2)
     return x.masked_fill(inside[:, None], 0.0)
+
+
+def training_augment(augment: AugmentConfig, data: DataConfig) -> AugmentConfig:
+    """The augmentation training batches get. `data.resize: crop` on a dataset of image files is timm's
+    convention: centre crops to evaluate, random-resized crops to train, of area TIMM_MIN_AREA..1 unless
+    `augment.resized_crop` sets another. They are drawn from the decoded centre square, not the whole file
+    as timm's are: files are decoded once per node (raycls.data.decode), and augmentation runs on the device."""
+    from raycls.data.datasets import DATASETS
+
+    if data.resize != "crop" or augment.resized_crop or not DATASETS.get(data.name).from_files:
+        return augment
+    return augment.model_copy(update={"resized_crop": TIMM_MIN_AREA})
 
 
 Stats = torch.Tensor | Sequence[float]

@@ -59,13 +59,15 @@ class ArrayData:
 @dataclass(frozen=True)
 class FileData:
     """Image files not yet decoded, with integer labels: what `data.loader: stream` reads through Ray Data.
-    `size` is the side length they decode to; `where[i]` prefixes file i's errors (a CSV's line)."""
+    `size` is the side length they decode to, `resize` how (raycls.images.RESIZES); `where[i]` prefixes file
+    i's errors (a CSV's line)."""
 
     files: tuple[str, ...]
     labels: np.ndarray
     classes: tuple[str, ...]
     size: int
     where: tuple[str, ...] | None = None
+    resize: str = "squash"
 
     def __len__(self) -> int:
         return len(self.files)
@@ -73,7 +75,7 @@ class FileData:
     def subset(self, index: np.ndarray | torch.Tensor) -> "FileData":
         index = np.asarray(index, dtype=np.int64)
         where = tuple(self.where[i] for i in index) if self.where else None
-        return FileData(tuple(self.files[i] for i in index), self.labels[index], self.classes, self.size, where)
+        return FileData(tuple(self.files[i] for i in index), self.labels[index], self.classes, self.size, where, self.resize)
 
     @property
     def channels(self) -> int:
@@ -81,7 +83,7 @@ class FileData:
 
     def decode(self, cache: Path | None) -> ArrayData:
         """The files as ArrayData, through the node's decode cache when `cache` is a folder."""
-        images = decode_cached([Path(f) for f in self.files], self.size, where=self.where, cache=cache)
+        images = decode_cached([Path(f) for f in self.files], self.size, resize=self.resize, where=self.where, cache=cache)
         return from_hwc(images, self.labels, self.classes)
 
 
@@ -112,14 +114,17 @@ class DatasetSpec:
     eval_only: bool = False
     # Datasets of image files (folder, csv) can be listed without decoding: those can be streamed.
     list_files: Lister | None = None
+    # Decoded from image files of any shape, made square by `data.resize` (folder, csv, Tiny ImageNet); the
+    # others are arrays at their native size, which `data.resize` leaves alone.
+    from_files: bool = False
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def register_dataset(name: str, *, eval_only: bool = False) -> Callable[[Reader], Reader]:
+def register_dataset(name: str, *, eval_only: bool = False, from_files: bool = False) -> Callable[[Reader], Reader]:
     def add(read: Reader) -> Reader:
-        DATASETS.register(name)(DatasetSpec(read, eval_only))
+        DATASETS.register(name)(DatasetSpec(read, eval_only, from_files=from_files))
         return read
 
     return add
@@ -134,7 +139,7 @@ def register_files(name: str) -> Callable[[Lister], Lister]:
             cache = cache_dir() if config.decode_cache else None
             return RawDataset(listed.train.decode(cache), listed.test.decode(cache) if listed.test else None)
 
-        DATASETS.register(name)(DatasetSpec(read, list_files=list_files))
+        DATASETS.register(name)(DatasetSpec(read, list_files=list_files, from_files=True))
         return list_files
 
     return add
@@ -320,7 +325,7 @@ def read_cifar10_1(config: DataConfig, root: Path) -> RawDataset:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def list_image_folder(folder: Path, size: int) -> FileData:
+def list_image_folder(folder: Path, size: int, resize: str = "squash") -> FileData:
     """ImageFolder layout: one subfolder per class (sorted names are the classes), decoded to size x size."""
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist")
@@ -335,13 +340,13 @@ def list_image_folder(folder: Path, size: int) -> FileData:
             raise DataError(f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         files += found
         labels += [label] * len(found)
-    return FileData(tuple(files), np.asarray(labels, dtype=np.int64), tuple(p.name for p in class_dirs), size)
+    return FileData(tuple(files), np.asarray(labels, dtype=np.int64), tuple(p.name for p in class_dirs), size, resize=resize)
 
 
-def read_image_folder(folder: Path, size: int, *, cache: Path | None = None) -> ArrayData:
+def read_image_folder(folder: Path, size: int, *, resize: str = "squash", cache: Path | None = None) -> ArrayData:
     """An ImageFolder decoded as RGB, resized to size x size, over the node's cores, once per node when `cache`
     is a folder (raycls.data.decode)."""
-    return list_image_folder(folder, size).decode(cache)
+    return list_image_folder(folder, size, resize).decode(cache)
 
 
 @register_files("folder")
@@ -353,8 +358,8 @@ def list_folder(config: DataConfig, root: Path) -> RawFiles:
         raise DataError(f"data.path {base} does not exist")
     train_dir = base / "train" if (base / "train").is_dir() else base
     test_dir = next((base / n for n in ("test", "val") if (base / n).is_dir()), None)
-    train = list_image_folder(train_dir, config.folder_size)
-    test = list_image_folder(test_dir, config.folder_size) if test_dir else None
+    train = list_image_folder(train_dir, config.folder_size, config.resize)
+    test = list_image_folder(test_dir, config.folder_size, config.resize) if test_dir else None
     if test is not None and test.classes != train.classes:
         raise DataError(f"{test_dir} classes {test.classes} differ from {train_dir} classes {train.classes}")
     return RawFiles(train, test)
@@ -399,7 +404,7 @@ def list_csv(config: DataConfig, root: Path) -> RawFiles:
         if missing is not None:
             raise DataError(f"{where[missing]}image {files[missing]} does not exist")
         labels = np.asarray([classes.index(rows[i]["label"]) for i in indices], dtype=np.int64)
-        return FileData(tuple(str(f) for f in files), labels, classes, config.folder_size, where)
+        return FileData(tuple(str(f) for f in files), labels, classes, config.folder_size, where, config.resize)
 
     return RawFiles(listed(train_rows), listed(tests) if tests else None)
 
@@ -408,7 +413,7 @@ def list_csv(config: DataConfig, root: Path) -> RawFiles:
 TINY_IMAGENET = "tiny-imagenet-200"
 
 
-@register_dataset("tiny_imagenet")
+@register_dataset("tiny_imagenet", from_files=True)
 def read_tiny_imagenet(config: DataConfig, root: Path) -> RawDataset:
     """Tiny ImageNet in its own layout, under `<root>/tiny-imagenet-200/` (or data.path): wnids.txt (the 200
     classes), train/<wnid>/images/*.JPEG, and val/images/*.JPEG labelled by val/val_annotations.txt, the
@@ -425,7 +430,7 @@ def read_tiny_imagenet(config: DataConfig, root: Path) -> RawDataset:
         files = sorted((base / "train" / wnid / "images").glob("*.[jJ][pP][eE][gG]"))
         if not files:
             raise DataError(f"{base}/train/{wnid}/images holds no JPEG images (class {wnid} of wnids.txt)")
-        images += [decode_image(f, config.folder_size) for f in files]
+        images += [decode_image(f, config.folder_size, resize=config.resize) for f in files]
         labels += [label] * len(files)
     train = from_hwc(np.stack(images), np.asarray(labels), classes)
     annotations = base / "val" / "val_annotations.txt"
@@ -438,6 +443,7 @@ def read_tiny_imagenet(config: DataConfig, root: Path) -> RawDataset:
         name, wnid = line.split("\t")[:2]
         if wnid not in classes:
             raise DataError(f"{annotations}:{line_number}: class {wnid!r} is not in wnids.txt")
-        val_images.append(decode_image(base / "val" / "images" / name, config.folder_size, where=f"{annotations}:{line_number}: "))
+        val_images.append(decode_image(base / "val" / "images" / name, config.folder_size, resize=config.resize,
+                                       where=f"{annotations}:{line_number}: "))  # fmt: skip
         val_labels.append(classes.index(wnid))
     return RawDataset(train, from_hwc(np.stack(val_images), np.asarray(val_labels), classes) if val_images else None)

@@ -4,7 +4,7 @@ A folder or CSV dataset used to be decoded single-threaded, in full, by every tr
 100k-image folder. Here the first trial that needs a (file list, size) decodes it over the node's cores and
 writes `<RAYCLS_CACHE>/decoded/<key>.npy` (a temp file, then a rename); every later trial, and later
 experiments, memory-map that file. The key hashes each file's path, size and modification time with the
-size and this decoder's version, so an edited image or another size is a new entry, never a stale one. A
+size, the resize mode (`data.resize`) and this decoder's version, so an edited image or another size is a new entry, never a stale one. A
 file lock makes trials that start together wait for the one decoding instead of decoding the same images.
 
 Decoding uses threads: Pillow releases the GIL while it decodes and resizes, and a trial actor must not
@@ -47,8 +47,8 @@ def node_cores() -> int:
         return os.cpu_count() or 1
 
 
-def cache_key(files: Sequence[Path], size: int) -> str:
-    digest = hashlib.sha256(f"v{DECODER_VERSION}:{size}:{len(files)}".encode())
+def cache_key(files: Sequence[Path], size: int, resize: str = "squash") -> str:
+    digest = hashlib.sha256(f"v{DECODER_VERSION}:{size}:{resize}:{len(files)}".encode())
     for file in files:
         try:
             stat = file.stat()
@@ -58,20 +58,21 @@ def cache_key(files: Sequence[Path], size: int) -> str:
     return digest.hexdigest()[:32]
 
 
-def decode_cached(files: Sequence[Path], size: int, *, where: Sequence[str] | None = None,
+def decode_cached(files: Sequence[Path], size: int, *, resize: str = "squash", where: Sequence[str] | None = None,
                   cache: Path | None = None, workers: int | None = None) -> np.ndarray:  # fmt: skip
-    """`files` as uint8 [N, size, size, 3] RGB, from the node's cache when it has them (read-only memory map).
-    `where[i]` prefixes file i's error message (a CSV's line); `cache` None: no cache, decode in memory."""
+    """`files` as uint8 [N, size, size, 3] RGB (made square by `resize`), from the node's cache when it has them
+    (read-only memory map). `where[i]` prefixes file i's error message (a CSV's line); `cache` None: no cache,
+    decode in memory."""
     if cache is None:
-        return decode_all(files, size, where=where, workers=workers)
+        return decode_all(files, size, resize=resize, where=where, workers=workers)
     folder = cache / CACHE_SUBDIR
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{cache_key(files, size)}.npy"
+    path = folder / f"{cache_key(files, size, resize)}.npy"
     if not path.is_file():
         with open(folder / f"{path.stem}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # a trial decoding these files: wait for it, then read its cache
             if not path.is_file():
-                images = decode_all(files, size, where=where, workers=workers)
+                images = decode_all(files, size, resize=resize, where=where, workers=workers)
                 tmp = folder / f".{path.stem}.{os.getpid()}.tmp.npy"
                 np.save(tmp, images)
                 os.replace(tmp, path)
@@ -80,13 +81,14 @@ def decode_cached(files: Sequence[Path], size: int, *, where: Sequence[str] | No
     return np.load(path, mmap_mode="r")
 
 
-def decode_all(files: Sequence[Path], size: int, *, where: Sequence[str] | None = None, workers: int | None = None) -> np.ndarray:
+def decode_all(files: Sequence[Path], size: int, *, resize: str = "squash", where: Sequence[str] | None = None,
+               workers: int | None = None) -> np.ndarray:  # fmt: skip
     from raycls.images import decode_image
 
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)
 
     def one(i: int) -> None:
-        out[i] = decode_image(files[i], size, where=where[i] if where else "")
+        out[i] = decode_image(files[i], size, resize=resize, where=where[i] if where else "")
 
     with ThreadPoolExecutor(max_workers=workers or node_cores()) as pool:
         list(pool.map(one, range(len(files))))  # list(): raises the first file's DataError here

@@ -1,7 +1,7 @@
 """`raycls data explore`: the dataset report seed pipelines write before training, as JSON plus PNGs.
 
-Per split (train and validation as a trial carves them, and test): class balance, image size and aspect
-ratio, brightness (mean grey level per image) and contrast (its standard deviation), per-channel mean and
+Per split (train and validation as a trial carves them, and test): class balance, image size (decoded) and
+the source files' sizes and aspect ratios (measured on the files, before `data.resize` squares them), brightness (mean grey level per image) and contrast (its standard deviation), per-channel mean and
 std; exact duplicates (identical bytes) and near duplicates (equal 64-bit perceptual hash: a DCT of the
 32x32 grey image, its 8x8 lowest frequencies against their median, as in pHash) within each split and
 across train/test (leakage: a test image the model may have trained on).
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from raycls.config.schema import TrialConfig
-from raycls.data.datasets import ArrayData
+from raycls.data.datasets import DATASETS, ArrayData, FileData, cache_dir
 from raycls.data.splits import channel_stats, load_splits
 from raycls.files import write_json_atomic
 
@@ -58,7 +58,24 @@ def _groups(keys: list[Any]) -> list[list[int]]:
     return [group for group in where.values() if len(group) > 1]
 
 
-def split_stats(data: ArrayData) -> dict[str, Any]:
+def source_sizes(data: ArrayData | FileData) -> np.ndarray:
+    """[N, 2] (height, width) of each image as stored: read from each file's header (nothing decoded) for
+    image files, the array's shape otherwise."""
+    if isinstance(data, ArrayData):
+        return np.tile(np.asarray(data.images.shape[-2:]), (len(data), 1))
+    from PIL import Image
+
+    def size(file: str) -> tuple[int, int]:
+        with Image.open(file) as image:
+            return image.height, image.width
+
+    return np.asarray([size(f) for f in data.files], dtype=np.int64).reshape(-1, 2)
+
+
+def split_stats(data: ArrayData, sizes: np.ndarray | None = None) -> dict[str, Any]:
+    """`sizes`: the source images' (height, width), from `source_sizes`; None: the arrays' own."""
+    sizes = source_sizes(data) if sizes is None else sizes
+    aspect = torch.as_tensor(sizes[:, 1] / sizes[:, 0], dtype=torch.float64)
     counts = torch.bincount(data.labels, minlength=len(data.classes)).tolist()
     grey = data.images.float().mean(1)  # [N, H, W]
     brightness = grey.mean((1, 2)) / 255
@@ -71,7 +88,9 @@ def split_stats(data: ArrayData) -> dict[str, Any]:
         "images": len(data),
         "class_counts": dict(zip(data.classes, counts)),
         "imbalance_ratio": max(counts) / max(min(counts), 1),
-        "image_size": [int(h), int(w)], "aspect_ratio": float(w / h), "channels": int(data.images.shape[1]),
+        "image_size": [int(h), int(w)], "channels": int(data.images.shape[1]),
+        "source_size": {"min": sizes.min(0).tolist(), "median": np.median(sizes, 0).tolist(), "max": sizes.max(0).tolist()},
+        "aspect_ratio": _summary(aspect),  # width / height of the source images
         "brightness": _summary(brightness), "contrast": _summary(contrast),
         "channel_mean": list(mean), "channel_std": list(std),
         "exact_duplicate_groups": len(exact), "exact_duplicate_images": sum(len(g) - 1 for g in exact),
@@ -81,7 +100,7 @@ def split_stats(data: ArrayData) -> dict[str, Any]:
 
 
 def _summary(values: torch.Tensor) -> dict[str, float]:
-    q = torch.quantile(values, torch.tensor([0.05, 0.5, 0.95]))
+    q = torch.quantile(values, torch.tensor([0.05, 0.5, 0.95], dtype=values.dtype))
     return {"mean": float(values.mean()), "std": float(values.std()), "p05": float(q[0]), "median": float(q[1]), "p95": float(q[2])}
 
 
@@ -98,14 +117,17 @@ def explore(config: TrialConfig, out: Path) -> dict[str, Any]:
     """Write `data_report.json` and its PNGs into `out`; returns the report."""
     from raycls.evaluate.plots import bars, histograms, image_grid
 
-    splits = load_splits(config.data, seed=config.seed)
-    named = {"train": splits.train, "val": splits.val, **({"test": splits.test} if splits.test is not None else {})}
-    report: dict[str, Any] = {"dataset": config.data.name, "seed": config.seed, "classes": list(splits.train.classes),
-                              "splits": {name: split_stats(data) for name, data in named.items()}}  # fmt: skip
-    pool = ArrayData(torch.cat([splits.train.images, splits.val.images]), torch.cat([splits.train.labels, splits.val.labels]),
-                     splits.train.classes)  # fmt: skip
-    if splits.test is not None:
-        report["train_test_leakage"] = leakage(pool, splits.test)
+    # Image files are listed (the splits a trial carves, as files) to measure the files, then decoded.
+    listed = config.data.model_copy(update={"loader": "stream"}) if DATASETS.get(config.data.name).list_files else config.data
+    splits = load_splits(listed, seed=config.seed)
+    files = {"train": splits.train, "val": splits.val, "test": splits.test}
+    cache = cache_dir() if config.data.decode_cache else None
+    named = {name: data.decode(cache) if isinstance(data, FileData) else data for name, data in files.items()}
+    report: dict[str, Any] = {"dataset": config.data.name, "seed": config.seed, "classes": list(named["train"].classes),
+                              "splits": {name: split_stats(named[name], source_sizes(files[name])) for name in named}}  # fmt: skip
+    pool = ArrayData(torch.cat([named["train"].images, named["val"].images]), torch.cat([named["train"].labels, named["val"].labels]),
+                     named["train"].classes)  # fmt: skip
+    report["train_test_leakage"] = leakage(pool, named["test"])
     out.mkdir(parents=True, exist_ok=True)
     for name, data in named.items():
         bars(report["splits"][name]["class_counts"], out / f"class_balance_{name}.png", title=f"{name}: images per class", ylabel="images")
@@ -115,9 +137,9 @@ def explore(config: TrialConfig, out: Path) -> dict[str, Any]:
     groups = report["splits"]["train"]["near_duplicate_examples"]
     if groups:
         index = [i for group in groups[:8] for i in group[:2]]
-        image_grid(splits.train.images[index], [f"group {k // 2}" for k in range(len(index))], out / "near_duplicates_train.png")
+        image_grid(named["train"].images[index], [f"group {k // 2}" for k in range(len(index))], out / "near_duplicates_train.png")
     write_json_atomic(out / REPORT_FILE, report)
     return report
 
 
-__all__ = ["explore", "leakage", "perceptual_hashes", "split_stats"]
+__all__ = ["explore", "leakage", "perceptual_hashes", "source_sizes", "split_stats"]

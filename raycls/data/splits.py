@@ -1,4 +1,5 @@
-"""Seeded, stratified train/validation splits (and subsets) of the training pool."""
+"""Seeded, stratified train/validation splits (and subsets) of the training pool, and the held-out test split
+carved once for a dataset that ships none."""
 
 from __future__ import annotations
 
@@ -15,16 +16,22 @@ from raycls.errors import DataError
 # Image-file datasets normalise by the statistics of at most this many training images (a seeded sample, the
 # same whichever loader reads them): a streamed dataset is never decoded whole in one process.
 STATS_SAMPLE = 4096
+# A dataset without a test split of its own (digits; a folder or CSV without test images) gets this stratified
+# share of its images as the test split, carved with a fixed seed, not the trial's: every trial of every
+# experiment is evaluated on the same images, and no trial trains or selects on them (digits: 359 of 1,797).
+TEST_FRACTION = 0.2
+TEST_SEED = 0
 
 
 @dataclass(frozen=True)
 class Splits:
     """The training, validation and test splits: decoded arrays (data.loader: memory), or image files that
-    Ray Data decodes as they stream (data.loader: stream; `test` is then decoded, for the evaluation suite)."""
+    Ray Data decodes as they stream (data.loader: stream; the evaluation suite decodes `test`). Every
+    training dataset has a test split: its own, or one carved by `carve_test`."""
 
     train: ArrayData | FileData
     val: ArrayData | FileData
-    test: ArrayData | FileData | None
+    test: ArrayData | FileData
     # Per-channel mean and std of the training split, in [0, 1] units: the normalisation every split uses.
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -40,13 +47,19 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
     counts = np.bincount(labels)
     if (counts[counts > 0] < 2).any():
-        raise DataError("every class needs at least 2 images to split off a validation set")
+        raise DataError("every class needs at least 2 images to split off a test or validation set")
     n_classes = int((counts > 0).sum())
     taken = max(int(round(fraction * len(labels))), n_classes)
     rest_idx, taken_idx = train_test_split(
         np.arange(len(labels)), test_size=taken, stratify=labels, random_state=seed
     )
     return np.sort(rest_idx), np.sort(taken_idx)
+
+
+def carve_test(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (pool, test) of the held-out test split of a dataset that has none: TEST_FRACTION of every
+    class, the same whatever the trial's seed."""
+    return stratified_split(labels, TEST_FRACTION, TEST_SEED)
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -64,7 +77,8 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
 
 
 def load_splits(config: DataConfig, *, seed: int) -> Splits:
-    """Read the dataset and carve a stratified validation split (seeded by the trial seed). With
+    """Read the dataset, carve its test split if it has none (`carve_test`), and a stratified validation
+    split from the rest (seeded by the trial seed). With
     `data.loader: stream` (resolved by `resolve_loader`) the splits are image files, not decoded."""
     spec = DATASETS.get(config.name)
     if spec.eval_only:
@@ -79,6 +93,9 @@ def load_splits(config: DataConfig, *, seed: int) -> Splits:
         raw = spec.read(config, data_root(config))
         assert raw.train is not None  # readers of training datasets always return one
         pool, test = raw.train, raw.test
+    if test is None:
+        pool_idx, test_idx = carve_test(np.asarray(pool.labels))
+        pool, test = pool.subset(pool_idx), pool.subset(test_idx)
     labels = np.asarray(pool.labels)
     if config.train_subset is not None and config.train_subset < len(pool):
         # CIFAR arrays may be sorted by class: a subset must be stratified, never "the first N".
@@ -119,4 +136,4 @@ def resolve_loader(config: DataConfig, *, device_memory: int | None = None) -> D
     return config.model_copy(update={"loader": "stream" if stream else "memory"})
 
 
-__all__ = ["STATS_SAMPLE", "Splits", "load_splits", "normalisation", "resolve_loader", "stratified_split"]
+__all__ = ["STATS_SAMPLE", "TEST_FRACTION", "Splits", "carve_test", "load_splits", "normalisation", "resolve_loader", "stratified_split"]

@@ -110,8 +110,7 @@ def export(trial: TrialModel, out: Path, *, int8: bool = False, parity_images: i
     """Write model.onnx (and model.int8.onnx) and export.json into `out`; returns the report."""
     out.mkdir(parents=True, exist_ok=True)
     module = Classifier(trial).eval()
-    split = "test" if trial.data.splits.test is not None else "val"
-    held_out = trial.data.splits.test if trial.data.splits.test is not None else trial.data.splits.val
+    split, held_out = "test", trial.data.splits.test
     n = min(parity_images, len(held_out))
     images, labels = _resized(trial, held_out.images[:n]), held_out.labels[:n].numpy()
     example = images[:2].float() / 255

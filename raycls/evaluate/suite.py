@@ -70,13 +70,11 @@ class Evaluation:
     _cache: dict[str, Predictions] = field(default_factory=dict)
     _arrays: dict[str, ArrayData] = field(default_factory=dict)
 
-    @property
-    def split(self) -> str:
-        return "test" if self.splits.test is not None else "val"
+    # The held-out split, never used for selection: every dataset has one (raycls.data.splits.carve_test).
+    split = "test"
 
     @property
     def test(self) -> ArrayData:
-        """The held-out split: test, or validation for a dataset without one (the row's `eval_split` says)."""
         return self.arrays(self.split)
 
     def arrays(self, split: str) -> ArrayData:
@@ -180,9 +178,8 @@ def calibration_step(ev: Evaluation) -> dict[str, float]:
     test = ev.predictions("test")
     if test.logits is None:
         return {}
-    val = ev.predictions("val") if ev.split == "test" else None  # T is never fitted on the split it is scored on
-    metrics = calibration_metrics(test.logits, test.labels, val_logits=val.logits if val else None,
-                                  val_labels=val.labels if val else None)  # fmt: skip
+    val = ev.predictions("val")  # T is fitted on validation, never on the split it is scored on
+    metrics = calibration_metrics(test.logits, test.labels, val_logits=val.logits, val_labels=val.labels)
     if ev.writes:
         reliability_diagram(reliability_bins(test.logits, test.labels), ev.file("reliability.png"),
                             title=f"{ev.split}: ECE {metrics[names.TEST_ECE]:.3f}")  # fmt: skip

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from raycls.config.schema import Stage, TrialConfig
 from raycls.data import BatchLoader, Splits, load_splits
+from raycls.data.augment import training_augment
 from raycls.data.datasets import FileData
 from raycls.data.stream import TRAIN, TRAIN_EVAL, VAL, StreamLoader, StreamSource
 from raycls.errors import ConfigError
@@ -123,7 +124,8 @@ def build(
         limit_batches=ctx.limit_batches,
     )  # fmt: skip
     loader = loader_factory(splits, ctx)
-    train_loader = loader(TRAIN, stage.train.batch_size, train=True, augment=stage.augment, views=phase.views, **common)
+    augment = training_augment(stage.augment, config.data)
+    train_loader = loader(TRAIN, stage.train.batch_size, train=True, augment=augment, views=phase.views, **common)
     val_loader = loader(VAL, stage.train.eval_batch_size, train=False, **common)
     if len(train_loader) == 0:
         raise ConfigError(

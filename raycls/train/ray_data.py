@@ -48,7 +48,7 @@ def image_dataset(files: FileData, *, shuffle: bool, limit: int | None = None) -
     dataset = ray.data.from_arrow(blocks)
     if shuffle:
         dataset = dataset.random_shuffle()  # paths only: a new order every epoch, without moving pixels
-    return dataset.map_batches(decode_rows, fn_kwargs={"size": files.size}, batch_size=rows, batch_format="numpy")
+    return dataset.map_batches(decode_rows, fn_kwargs={"size": files.size, "resize": files.resize}, batch_size=rows, batch_format="numpy")
 
 
 def trial_datasets(config: TrialConfig, *, world_size: int = 1, limit_batches: int | None = None) -> dict[str, ray.data.Dataset]:
