@@ -17,7 +17,7 @@ from raycls.config.schema import AugmentConfig
 from raycls.data import load_splits
 from raycls.data.datasets import DATASETS, data_root
 from raycls.data import splits as split_module
-from raycls.evaluate import names
+from raycls import names
 
 DIGITS = 1797
 
