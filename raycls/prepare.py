@@ -2,6 +2,7 @@
 `raycls space validate` and `run_tune`, so each checks the same things in the same order.
 
     load the YAML (--set applied, once) -> the fast-dev-run variant -> every stage reports the metric
+    -> each model takes the input size -> this machine has the data and the pretrained weights
     -> leaderboard references resolved (teacher / init: {from: EXPERIMENT, pick: best})
 """
 
@@ -11,8 +12,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from raycls.config import load_experiment, parse_overrides
+from raycls.config import load_experiment, parse_overrides, resolve_trial
 from raycls.config.experiment import Experiment
+from raycls.config.schema import ModelConfig, TrialConfig
 from raycls.errors import ConfigError
 from raycls.phases.base import check_experiment_metric, check_objectives, check_stages
 from raycls.results.references import resolve_references
@@ -25,8 +27,11 @@ def prepare_experiment(
     *,
     storage: str | None = None,
     fast_dev_run: bool = False,
+    environment: bool = True,
 ) -> Experiment:
-    """`storage`: where references are looked up (None: left unresolved, as `space validate` does)."""
+    """`storage`: where references are looked up (None: left unresolved, as `space validate` does).
+    `environment`: also refuse what this machine lacks (data paths, pretrained weights); `space validate`
+    checks the file alone and reports those as warnings (`environment_problems`)."""
     if isinstance(source, Experiment):
         experiment = source
     else:
@@ -40,6 +45,11 @@ def prepare_experiment(
     check_search(experiment)  # a grid enumerates choices, and has enough of them
     check_stages(experiment)  # what each phase can run on (token_distill: ViTs only)
     check_loader(experiment)  # data.loader: stream reads image files only
+    check_input_sizes(experiment)  # each model a trial builds takes the images' size (ViTs: a fixed one)
+    if environment:
+        problems = environment_problems(experiment)
+        if problems:
+            raise ConfigError(problems, source=experiment.source)
     return resolve_references(experiment, storage) if storage is not None else experiment
 
 
@@ -53,3 +63,77 @@ def check_loader(experiment: Experiment) -> None:
         raise ConfigError([f"data.loader: stream needs a dataset of image files ({', '.join(streamable())}); "
                            f"data.name {data.name!r} is read into memory whole: use loader memory or auto"],
                           source=experiment.source)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- models
+MODEL_NAME = "model.name"  # a choice over it puts each of its values in every trial that samples it
+
+
+def trial_variants(experiment: Experiment) -> list[tuple[str, TrialConfig]]:
+    """The trial configs whose models are fixed before sampling: the base (with --set), and one per value of a
+    `model.name` choice, each with the prefix its problems are reported under."""
+    variants = [("", resolve_trial(experiment))]
+    param = experiment.space.params.get(MODEL_NAME)
+    for value in getattr(param, "values", []) if MODEL_NAME not in experiment.overrides else []:
+        variants.append((f"space.{MODEL_NAME} value {value!r}: ", resolve_trial(experiment, {MODEL_NAME: value})))
+    return variants
+
+
+def stage_models(config: TrialConfig) -> list[tuple[str, ModelConfig]]:
+    """Each stage's model and teacher model, under the dotted key a user writes for it."""
+    models = []
+    for i, stage in enumerate(config.stages):
+        own = config.phases is not None and config.phases[i].model is not None
+        models.append((f"phases.{i}.model" if own else "model", stage.model))
+        teacher = getattr(stage.phase, "teacher_model", None)
+        if teacher is not None:
+            models.append((f"{'phases.' + str(i) + '.' if config.phases is not None else ''}phase.teacher_model", teacher))
+    return models
+
+
+def check_input_sizes(experiment: Experiment) -> None:
+    """A model that cannot take the images' size (EVA, Swin V2 at 32 px) is refused with the fix, instead of
+    every trial tracing back inside timm. Teachers are left out: token_distill resizes for its teacher."""
+    from raycls.data.datasets import DATASETS
+    from raycls.models.preflight import input_size_problem
+
+    problems: list[str] = []
+    for prefix, config in trial_variants(experiment):
+        size = DATASETS.get(config.data.name).image_size(config.data)
+        if size is None:  # a dataset whose size is known only once read
+            continue
+        for key, model in stage_models(config):
+            problem = None if key.endswith("teacher_model") else input_size_problem(model, size)
+            if problem and f"{prefix}{key}.name: {problem}" not in problems:
+                problems.append(f"{prefix}{key}.name: {problem}")
+    if problems:
+        raise ConfigError(problems, source=experiment.source)
+
+
+# ----------------------------------------------------------------------------------------- environment
+def environment_problems(experiment: Experiment) -> list[str]:
+    """What this machine lacks for the experiment: data paths that do not exist, pretrained weights that are
+    not in the local caches. Checked without the network, before any trial starts."""
+    return data_path_problems(experiment) + weights_problems(experiment)
+
+
+def data_path_problems(experiment: Experiment) -> list[str]:
+    config = resolve_trial(experiment)
+    path = config.data.path
+    if path is None or "://" in path or Path(path).exists():
+        return []
+    given = "--set data.path" if "data.path" in experiment.overrides else "data.path"
+    return [f"{given}: {path} does not exist (a relative data.path in a space file is read under $RAYCLS_DATA "
+            f"when that is set, else under the space file's folder; a --set one under the working folder)"]  # fmt: skip
+
+
+def weights_problems(experiment: Experiment) -> list[str]:
+    from raycls.models.preflight import weights_problem
+
+    problems: list[str] = []
+    for prefix, config in trial_variants(experiment):
+        for key, model in stage_models(config):
+            problem = weights_problem(model)
+            if problem and f"{prefix}{key}.pretrained: {problem}" not in problems:
+                problems.append(f"{prefix}{key}.pretrained: {problem}")
+    return problems

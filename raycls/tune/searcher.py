@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -65,6 +66,16 @@ def open_study_storage(path: Path) -> optuna.storages.BaseStorage:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler calls `Study.stop` once the grid is used up, which works only inside
+    `study.optimize`; Tune asks and tells, so every grid search warned. `experiment.trials` (checked against
+    the grid's size before any trial, raycls.search.check_search) is what ends a search: the stop is left out."""
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:  # fmt: skip
+        return None
 
 
 class RayclsOptunaSearch(OptunaSearch):
