@@ -19,6 +19,7 @@ from raycls.errors import ConfigError
 from raycls.phases.base import check_experiment_metric, check_objectives, check_stages
 from raycls.results.references import resolve_references
 from raycls.search import check_search
+from raycls.storage import is_local
 
 
 def prepare_experiment(
@@ -69,14 +70,19 @@ def check_loader(experiment: Experiment) -> None:
 MODEL_NAME = "model.name"  # a choice over it puts each of its values in every trial that samples it
 
 
-def trial_variants(experiment: Experiment) -> list[tuple[str, TrialConfig]]:
-    """The trial configs whose models are fixed before sampling: the base (with --set), and one per value of a
-    `model.name` choice, each with the prefix its problems are reported under."""
+def models_to_check(experiment: Experiment) -> list[tuple[str, ModelConfig, TrialConfig]]:
+    """Each distinct model a trial will build whose config is fixed before sampling, with the dotted key a user
+    writes for it and the trial config it is built in: every stage's model and teacher model in the base (with
+    --set), and again for each value of a `model.name` choice (prefixed `space.model.name value '...': `)."""
     variants = [("", resolve_trial(experiment))]
     param = experiment.space.params.get(MODEL_NAME)
     for value in getattr(param, "values", []) if MODEL_NAME not in experiment.overrides else []:
         variants.append((f"space.{MODEL_NAME} value {value!r}: ", resolve_trial(experiment, {MODEL_NAME: value})))
-    return variants
+    found: dict[tuple[str, str], tuple[str, ModelConfig, TrialConfig]] = {}
+    for prefix, config in variants:
+        for key, model in stage_models(config):  # a model the choice leaves alone is checked once
+            found.setdefault((key, model.model_dump_json()), (prefix + key, model, config))
+    return list(found.values())
 
 
 def stage_models(config: TrialConfig) -> list[tuple[str, ModelConfig]]:
@@ -98,14 +104,11 @@ def check_input_sizes(experiment: Experiment) -> None:
     from raycls.models.preflight import input_size_problem
 
     problems: list[str] = []
-    for prefix, config in trial_variants(experiment):
-        size = DATASETS.get(config.data.name).image_size(config.data)
-        if size is None:  # a dataset whose size is known only once read
-            continue
-        for key, model in stage_models(config):
-            problem = None if key.endswith("teacher_model") else input_size_problem(model, size)
-            if problem and f"{prefix}{key}.name: {problem}" not in problems:
-                problems.append(f"{prefix}{key}.name: {problem}")
+    for key, model, config in models_to_check(experiment):
+        size = DATASETS.get(config.data.name).image_size(config.data)  # None: known only once read
+        problem = None if size is None or key.endswith("teacher_model") else input_size_problem(model, size)
+        if problem:
+            problems.append(f"{key}.name: {problem}")
     if problems:
         raise ConfigError(problems, source=experiment.source)
 
@@ -120,7 +123,7 @@ def environment_problems(experiment: Experiment) -> list[str]:
 def data_path_problems(experiment: Experiment) -> list[str]:
     config = resolve_trial(experiment)
     path = config.data.path
-    if path is None or "://" in path or Path(path).exists():
+    if path is None or not is_local(path) or Path(path.removeprefix("file://")).exists():
         return []
     given = "--set data.path" if "data.path" in experiment.overrides else "data.path"
     return [f"{given}: {path} does not exist (a relative data.path in a space file is read under $RAYCLS_DATA "
@@ -130,10 +133,5 @@ def data_path_problems(experiment: Experiment) -> list[str]:
 def weights_problems(experiment: Experiment) -> list[str]:
     from raycls.models.preflight import weights_problem
 
-    problems: list[str] = []
-    for prefix, config in trial_variants(experiment):
-        for key, model in stage_models(config):
-            problem = weights_problem(model)
-            if problem and f"{prefix}{key}.pretrained: {problem}" not in problems:
-                problems.append(f"{prefix}{key}.pretrained: {problem}")
-    return problems
+    problems = [(key, weights_problem(model)) for key, model, _ in models_to_check(experiment)]
+    return [f"{key}.pretrained: {problem}" for key, problem in problems if problem]

@@ -106,10 +106,11 @@ def timm_factory(config: ModelConfig, spec: InputSpec, *, load_weights: bool = T
     except Exception as err:
         if config.pretrained and load_weights:
             # timm fetches weights from the Hugging Face hub; offline that fails deep inside huggingface_hub.
+            # No dotted key here: this factory builds students and teachers alike (raycls.prepare names it).
             raise RayclsError(
-                f"model.pretrained=true: could not load timm weights for {config.name!r} "
+                f"pretrained=true: could not load timm weights for {config.name!r} "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Offline, put them in the "
-                f"Hugging Face cache (HF_HOME) first, or set model.pretrained=false."
+                f"Hugging Face cache (HF_HOME) first, or set pretrained=false on this model."
             ) from None
         raise RayclsError(f"timm could not build {config.name!r} with {kwargs}: {err}") from None
     if adapter:
