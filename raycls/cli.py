@@ -216,6 +216,10 @@ def tune(
     console.print(f"Results: {outcome.experiment_dir}   (raycls leaderboard {storage_root(storage)} --experiment {experiment.name})")
     if not no_report and board.num_rows:
         _report_after_search(storage_root(storage), experiment.name, wandb)
+    nothing = outcome.none_completed()
+    if nothing is not None:  # last, and a non-zero exit: CI and schedulers see a search that produced nothing
+        console.print(f"[red]{nothing}[/]", highlight=False, soft_wrap=True)  # one line, for grep and CI
+        sys.exit(1)
 
 
 def _report_after_search(root: str, experiment: str, wandb_mode: str | None) -> None:
@@ -247,19 +251,30 @@ def _print_leaderboard(read, sort: str, descending: bool, top: int) -> None:
         return
     sort = sort if sort in read.table.column_names else "score"
     rows = top_rows(read.table, sort, descending=descending, top=top)
-    console.print(_rich_table(rows, title=f"top {min(top, rows.num_rows)} by {sort}"))
+    title = f"top {min(top, rows.num_rows)} by {sort}"
+    if console.is_terminal:
+        console.print(_rich_table(rows, title=title))
+        return
+    # A log (CI, a scheduler's file): the key columns, one line per trial however wide, as Tune's reporter
+    # prints them; every column stays in `raycls leaderboard` and its --format csv / json / markdown.
+    from raycls.results.leaderboard import param_columns
+
+    key = [c for c in dict.fromkeys((*LOG_COLUMNS, sort)) if c in rows.column_names] + param_columns(rows)
+    table = _rich_table(rows, title=title, columns=key, wrap=False)
+    console.print(table, width=max(console.width, console.measure(table).maximum))
 
 
 SUMMARY_COLUMNS = ("experiment", "trial_id", "status", "phase", "score", "val_acc", "val_loss", "test_acc", "test_ece", "epochs", "wall_s")
+LOG_COLUMNS = ("trial_id", "status", "score", "epochs", "wall_s")
 
 
-def _rich_table(table, *, title: str | None = None, columns: list[str] | None = None) -> Table:
+def _rich_table(table, *, title: str | None = None, columns: list[str] | None = None, wrap: bool = True) -> Table:
     from raycls.results.leaderboard import param_columns, stage_columns
 
     columns = columns or [c for c in SUMMARY_COLUMNS if c in table.column_names] + stage_columns(table) + param_columns(table)
     out = Table(title=title)
     for column in columns:
-        out.add_column(column, overflow="fold")
+        out.add_column(column, overflow="fold", no_wrap=not wrap)
     for row in table.to_pylist():
         out.add_row(*(_fmt(row.get(c)) for c in columns))
     return out
@@ -548,9 +563,10 @@ def space_validate(
 ) -> None:
     """Check a search-space YAML and print parameter sets sampled from it."""
     from raycls.config.sampling import sample_configs
-    from raycls.prepare import prepare_experiment
+    from raycls.prepare import environment_problems, prepare_experiment
 
-    experiment = prepare_experiment(space, set_)
+    # The file is checked here; what this machine lacks (data, weights) is said, and refused by `raycls tune`.
+    experiment = prepare_experiment(space, set_, environment=False)
     table = Table(title=f"{experiment.name}: {len(experiment.space.params)} parameters, "
                         f"{experiment.experiment.trials} trials by {experiment.search.algorithm}")  # fmt: skip
     table.add_column("parameter")
@@ -562,6 +578,8 @@ def space_validate(
     console.print(table)
     for i, (params, _config) in enumerate(sample_configs(experiment, samples, seed=experiment.search.seed)):
         console.print(f"sample {i + 1}: {params}")
+    for problem in environment_problems(experiment):
+        console.print(f"[yellow]not on this machine[/] (`raycls tune` refuses it): {problem}", highlight=False)
     console.print(f"[green]OK[/] {space}")
 
 

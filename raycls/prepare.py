@@ -2,6 +2,7 @@
 `raycls space validate` and `run_tune`, so each checks the same things in the same order.
 
     load the YAML (--set applied, once) -> the fast-dev-run variant -> every stage reports the metric
+    -> each model takes the input size -> this machine has the data and the pretrained weights
     -> leaderboard references resolved (teacher / init: {from: EXPERIMENT, pick: best})
 """
 
@@ -11,12 +12,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from raycls.config import load_experiment, parse_overrides
+from raycls.config import load_experiment, parse_overrides, resolve_trial
 from raycls.config.experiment import Experiment
+from raycls.config.schema import ModelConfig, TrialConfig
 from raycls.errors import ConfigError
 from raycls.phases.base import check_experiment_metric, check_objectives, check_stages
 from raycls.results.references import resolve_references
 from raycls.search import check_search
+from raycls.storage import is_local
 
 
 def prepare_experiment(
@@ -25,8 +28,11 @@ def prepare_experiment(
     *,
     storage: str | None = None,
     fast_dev_run: bool = False,
+    environment: bool = True,
 ) -> Experiment:
-    """`storage`: where references are looked up (None: left unresolved, as `space validate` does)."""
+    """`storage`: where references are looked up (None: left unresolved, as `space validate` does).
+    `environment`: also refuse what this machine lacks (data paths, pretrained weights); `space validate`
+    checks the file alone and reports those as warnings (`environment_problems`)."""
     if isinstance(source, Experiment):
         experiment = source
     else:
@@ -40,6 +46,11 @@ def prepare_experiment(
     check_search(experiment)  # a grid enumerates choices, and has enough of them
     check_stages(experiment)  # what each phase can run on (token_distill: ViTs only)
     check_loader(experiment)  # data.loader: stream reads image files only
+    check_input_sizes(experiment)  # each model a trial builds takes the images' size (ViTs: a fixed one)
+    if environment:
+        problems = environment_problems(experiment)
+        if problems:
+            raise ConfigError(problems, source=experiment.source)
     return resolve_references(experiment, storage) if storage is not None else experiment
 
 
@@ -53,3 +64,74 @@ def check_loader(experiment: Experiment) -> None:
         raise ConfigError([f"data.loader: stream needs a dataset of image files ({', '.join(streamable())}); "
                            f"data.name {data.name!r} is read into memory whole: use loader memory or auto"],
                           source=experiment.source)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- models
+MODEL_NAME = "model.name"  # a choice over it puts each of its values in every trial that samples it
+
+
+def models_to_check(experiment: Experiment) -> list[tuple[str, ModelConfig, TrialConfig]]:
+    """Each distinct model a trial will build whose config is fixed before sampling, with the dotted key a user
+    writes for it and the trial config it is built in: every stage's model and teacher model in the base (with
+    --set), and again for each value of a `model.name` choice (prefixed `space.model.name value '...': `)."""
+    variants = [("", resolve_trial(experiment))]
+    param = experiment.space.params.get(MODEL_NAME)
+    for value in getattr(param, "values", []) if MODEL_NAME not in experiment.overrides else []:
+        variants.append((f"space.{MODEL_NAME} value {value!r}: ", resolve_trial(experiment, {MODEL_NAME: value})))
+    found: dict[tuple[str, str], tuple[str, ModelConfig, TrialConfig]] = {}
+    for prefix, config in variants:
+        for key, model in stage_models(config):  # a model the choice leaves alone is checked once
+            found.setdefault((key, model.model_dump_json()), (prefix + key, model, config))
+    return list(found.values())
+
+
+def stage_models(config: TrialConfig) -> list[tuple[str, ModelConfig]]:
+    """Each stage's model and teacher model, under the dotted key a user writes for it."""
+    models = []
+    for i, stage in enumerate(config.stages):
+        own = config.phases is not None and config.phases[i].model is not None
+        models.append((f"phases.{i}.model" if own else "model", stage.model))
+        teacher = getattr(stage.phase, "teacher_model", None)
+        if teacher is not None:
+            models.append((f"{'phases.' + str(i) + '.' if config.phases is not None else ''}phase.teacher_model", teacher))
+    return models
+
+
+def check_input_sizes(experiment: Experiment) -> None:
+    """A model that cannot take the images' size (EVA, Swin V2 at 32 px) is refused with the fix, instead of
+    every trial tracing back inside timm. Teachers are left out: token_distill resizes for its teacher."""
+    from raycls.data.datasets import DATASETS
+    from raycls.models.preflight import input_size_problem
+
+    problems: list[str] = []
+    for key, model, config in models_to_check(experiment):
+        size = DATASETS.get(config.data.name).image_size(config.data)  # None: known only once read
+        problem = None if size is None or key.endswith("teacher_model") else input_size_problem(model, size)
+        if problem:
+            problems.append(f"{key}.name: {problem}")
+    if problems:
+        raise ConfigError(problems, source=experiment.source)
+
+
+# ----------------------------------------------------------------------------------------- environment
+def environment_problems(experiment: Experiment) -> list[str]:
+    """What this machine lacks for the experiment: data paths that do not exist, pretrained weights that are
+    not in the local caches. Checked without the network, before any trial starts."""
+    return data_path_problems(experiment) + weights_problems(experiment)
+
+
+def data_path_problems(experiment: Experiment) -> list[str]:
+    config = resolve_trial(experiment)
+    path = config.data.path
+    if path is None or not is_local(path) or Path(path.removeprefix("file://")).exists():
+        return []
+    given = "--set data.path" if "data.path" in experiment.overrides else "data.path"
+    return [f"{given}: {path} does not exist (a relative data.path in a space file is read under $RAYCLS_DATA "
+            f"when that is set, else under the space file's folder; a --set one under the working folder)"]  # fmt: skip
+
+
+def weights_problems(experiment: Experiment) -> list[str]:
+    from raycls.models.preflight import weights_problem
+
+    problems = [(key, weights_problem(model)) for key, model, _ in models_to_check(experiment)]
+    return [f"{key}.pretrained: {problem}" for key, problem in problems if problem]

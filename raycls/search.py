@@ -71,9 +71,9 @@ def nsga2(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
 def grid(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
     """Every combination of the space's choices once (Optuna's GridSampler, in a seeded random order):
     "each model once" without listing points_to_evaluate. Only for spaces of unconditional choices."""
-    import optuna
+    from raycls.samplers import AskTellGridSampler
 
-    return optuna.samplers.GridSampler(grid_values(space), seed=search.seed)
+    return AskTellGridSampler(grid_values(space), seed=search.seed)
 
 
 def grid_values(space: Space) -> dict[str, list]:

@@ -372,16 +372,17 @@ def test_report_of_one_trial_and_of_only_failed_trials_says_so(local_ray, tmp_pa
     page = report.read_text()
     assert "1 trial (1 completed" in page and "One trial: there is no progress to show yet." in page
     assert "Needs at least two completed trials and a sampled parameter" in page  # importance, slices
+    (tmp_path / "no-images").mkdir()  # exists (a missing data.path is refused before any trial), holds nothing
     failing = load_experiment(write_yaml(tmp_path / "failing.yaml", f"""
 experiment: {{name: failing, trials: 2, concurrency: 2}}
 wandb: {{mode: disabled}}
 space:
   train.lr: {{type: loguniform, low: 1.0e-3, high: 1.0e-2}}
-""" + BASE.replace("name: digits", f"name: folder, path: {tmp_path / 'no-such-folder'}")))
+""" + BASE.replace("name: digits", f"name: folder, path: {tmp_path / 'no-images'}")))
     run_tune(failing, TuneOptions(storage=storage, live=False))
     page = write_report(storage, "failing", png=False).html.read_text()
     assert "2 trials (0 completed, 0 early_stopped, 2 failed)" in page and "Every trial failed" in page
-    assert "No trial ended with a score" in page and "no-such-folder" in page  # the errors, in the leaderboard
+    assert "No trial ended with a score" in page and "no-images" in page  # the errors, in the leaderboard
 
 
 def test_recipes_search_samples_the_toolkit_and_stops_on_plateaus(local_ray, tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from raycls.config.experiment import (
     WandbSection,
 )
 from raycls.config.schema import PHASE_CONFIGS, PhaseConfig, TrialConfig
-from raycls.config.space import Space
+from raycls.config.space import Space, unknown_conditions
 from raycls.errors import ConfigError, RegistryError
 
 SECTIONS: dict[str, type[BaseModel]] = {
@@ -243,7 +243,7 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
     if overrides:
         parsed, space = _apply_overrides(raw, parsed, space, section_overrides, trial_overrides)
 
-    parsed["base"], trial_overrides = _absolute_data_paths(parsed["base"], trial_overrides)
+    parsed["base"], trial_overrides = _absolute_data_paths(parsed["base"], trial_overrides, Path(path).parent)
     experiment = parsed["experiment"]
     name = experiment.name or Path(path).stem
     if not NAME_PATTERN.match(name):
@@ -263,14 +263,28 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
 DATA_PATHS = ("path", "root")  # data.path, data.root
 
 
-def _absolute_data_paths(base: TrialConfig, overrides: dict[str, Any]) -> tuple[TrialConfig, dict[str, Any]]:
-    """A relative data.path / data.root means relative to where the command runs; trials run elsewhere (Ray
-    Tune gives each its own working folder), so both are made absolute here, in the base and in `--set`."""
-    data = {key: os.path.abspath(os.path.expanduser(value)) for key in DATA_PATHS
+def _absolute_data_paths(base: TrialConfig, overrides: dict[str, Any], space_dir: Path) -> tuple[TrialConfig, dict[str, Any]]:
+    """Trials run elsewhere (Ray Tune gives each its own working folder), so data paths are made absolute
+    here, once, and the absolute path is what the serialized config carries to trials and rows."""
+    data = {key: resolve_file_path(key, value, space_dir) for key in DATA_PATHS
             if isinstance(value := getattr(base.data, key), str) and not _is_uri(value)}  # fmt: skip
+    # `--set` values were typed in a shell: relative to where the command runs, as the shell completes them.
     pinned = {key: os.path.abspath(os.path.expanduser(value)) if key in {f"data.{k}" for k in DATA_PATHS}
               and isinstance(value, str) and not _is_uri(value) else value for key, value in overrides.items()}  # fmt: skip
     return base.model_copy(update={"data": base.data.model_copy(update=data)}), pinned
+
+
+def resolve_file_path(key: str, value: str, space_dir: Path) -> str:
+    """A path written in a space file, made absolute: an absolute path as it is; a relative `data.path` under
+    $RAYCLS_DATA when that is set (the folder holding the datasets, as for data.root), else under the space
+    file's folder, never the working folder (a shipped space must not depend on where the command runs).
+    A relative `data.root` is under the space file's folder."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    data_home = os.environ.get("RAYCLS_DATA")
+    anchor = Path(data_home).expanduser() if key == "path" and data_home else space_dir
+    return os.path.abspath(anchor / path)
 
 
 def _is_uri(value: str) -> bool:
@@ -290,13 +304,16 @@ def _load_space(raw_space: Any, raw_base: dict[str, Any]) -> tuple[Space, list[s
                 f"(uniform, loguniform, int or choice), got {spec!r}"
             )
     if problems:
-        return Space(), problems
+        return Space(), problems + [f"space: {problem}" for problem in unknown_conditions(raw_space)]
     try:
         space = Space(params=raw_space)
     except ValidationError as err:
         # Drop pydantic's internal `params` level and the union tag from the location.
         tags = ("params", "uniform", "loguniform", "int", "choice")
-        return Space(), format_validation_error(err, section="space", model=Space, raw=raw_space, skip=tags)
+        problems = format_validation_error(err, section="space", model=Space, raw=raw_space, skip=tags)
+        if any(item["loc"] for item in err.errors()):  # a field failed, so Space's own checks did not run
+            problems += [f"space: {problem}" for problem in unknown_conditions(raw_space)]
+        return Space(), problems
     return space, _check_space_paths(space, raw_base)
 
 

@@ -147,13 +147,11 @@ class Space(Frozen):
 
     @model_validator(mode="after")
     def _conditions(self) -> "Space":
+        unknown = unknown_conditions(self.params)
+        if unknown:
+            raise ValueError("; ".join(unknown))
         for path, param in self.params.items():
             for other, expected in param.when.items():
-                if other not in self.params:
-                    raise ValueError(
-                        f"{path}: condition on {other!r}, which is not a parameter of the space; "
-                        f"parameters: {', '.join(self.params) or '(none)'}"
-                    )
                 target = self.params[other]
                 allowed = expected if isinstance(expected, list) else [expected]
                 if isinstance(target, Choice):
@@ -182,6 +180,20 @@ class Space(Frozen):
         for path in self.params:
             visit(path)
         return done
+
+
+def unknown_conditions(params: Mapping[str, Any]) -> list[str]:
+    """Conditions (`when`) on names that are not parameters of the space. Takes parsed parameters or the
+    YAML's raw mappings: pydantic runs Space's own checks only once every field is valid, so the loader asks
+    this directly to report these beside field errors, all at once."""
+    problems = []
+    for path, param in params.items():
+        when = param.get("when") if isinstance(param, Mapping) else getattr(param, "when", None)
+        for other in when if isinstance(when, Mapping) else {}:
+            if other not in params:
+                problems.append(f"{path}: condition on {other!r}, which is not a parameter of the space; "
+                                f"parameters: {', '.join(params) or '(none)'}")  # fmt: skip
+    return problems
 
 
 def condition_holds(when: Mapping[str, Any], values: Mapping[str, Any]) -> bool:

@@ -117,14 +117,25 @@ class DatasetSpec:
     # Decoded from image files of any shape, made square by `data.resize` (folder, csv, Tiny ImageNet); the
     # others are arrays at their native size, which `data.resize` leaves alone.
     from_files: bool = False
+    # The side length its images load at, known without reading them (so models can be checked against it
+    # before any trial starts); None: unknown until read.
+    native_size: Callable[[DataConfig], int] | None = None
+
+    def image_size(self, config: DataConfig) -> int | None:
+        """The side length a model sees: data.image_size (resized on the device), else the native size."""
+        return config.image_size or (self.native_size(config) if self.native_size else None)
 
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
-def register_dataset(name: str, *, eval_only: bool = False, from_files: bool = False) -> Callable[[Reader], Reader]:
+def register_dataset(
+    name: str, *, eval_only: bool = False, from_files: bool = False, size: int | Callable[[DataConfig], int] | None = None
+) -> Callable[[Reader], Reader]:
+    """`size`: the images' side length, or a function of the config giving it (None: unknown until read)."""
+
     def add(read: Reader) -> Reader:
-        DATASETS.register(name)(DatasetSpec(read, eval_only, from_files=from_files))
+        DATASETS.register(name)(DatasetSpec(read, eval_only, from_files=from_files, native_size=_fixed_size(size)))
         return read
 
     return add
@@ -139,10 +150,18 @@ def register_files(name: str) -> Callable[[Lister], Lister]:
             cache = cache_dir() if config.decode_cache else None
             return RawDataset(listed.train.decode(cache), listed.test.decode(cache) if listed.test else None)
 
-        DATASETS.register(name)(DatasetSpec(read, list_files=list_files, from_files=True))
+        DATASETS.register(name)(DatasetSpec(read, list_files=list_files, from_files=True, native_size=_folder_size))
         return list_files
 
     return add
+
+
+def _fixed_size(size: int | Callable[[DataConfig], int] | None) -> Callable[[DataConfig], int] | None:
+    return size if size is None or callable(size) else (lambda config: size)
+
+
+def _folder_size(config: DataConfig) -> int:
+    return config.folder_size  # image files are decoded to this side length
 
 
 def data_root(config: DataConfig) -> Path:
@@ -170,7 +189,7 @@ def _download_error(name: str, where: Path, err: Exception) -> DataError:
 
 
 # ----------------------------------------------------------------------------------------------- digits
-@register_dataset("digits")
+@register_dataset("digits", size=8)
 def read_digits(config: DataConfig, root: Path) -> RawDataset:
     """The 1,797 real 8x8 handwritten digits that ship inside scikit-learn: no download, trains in seconds."""
     from sklearn.datasets import load_digits
@@ -231,7 +250,7 @@ def _read_mnist_like(config: DataConfig, root: Path, folder: str, tv_name: str, 
     return RawDataset(splits["train"], splits["test"])
 
 
-@register_dataset("mnist")
+@register_dataset("mnist", size=28)
 def read_mnist(config: DataConfig, root: Path) -> RawDataset:
     return _read_mnist_like(config, root, "mnist", "MNIST", tuple(str(i) for i in range(10)))
 
@@ -239,7 +258,7 @@ def read_mnist(config: DataConfig, root: Path) -> RawDataset:
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 
 
-@register_dataset("fashion_mnist")
+@register_dataset("fashion_mnist", size=28)
 def read_fashion_mnist(config: DataConfig, root: Path) -> RawDataset:
     return _read_mnist_like(config, root, "fashion-mnist", "FashionMNIST", FASHION_CLASSES)
 
@@ -271,7 +290,7 @@ def _array_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", size=32)
 def read_cifar10(config: DataConfig, root: Path) -> RawDataset:
     base = root / "cifar10"
     files = {s: (_array_file(base, f"{s}_images"), _array_file(base, f"{s}_labels")) for s in ("train", "test")}
@@ -283,7 +302,7 @@ def read_cifar10(config: DataConfig, root: Path) -> RawDataset:
     return _read_torchvision_cifar(config, base, "CIFAR10")
 
 
-@register_dataset("cifar100")
+@register_dataset("cifar100", size=32)
 def read_cifar100(config: DataConfig, root: Path) -> RawDataset:
     return _read_torchvision_cifar(config, root / "cifar100", "CIFAR100")
 
@@ -302,7 +321,7 @@ CIFAR10_1_URL = "https://github.com/modestyachts/CIFAR-10.1/raw/master/datasets/
 CIFAR10_1_FILES = ("cifar10.1_v6_data.npy", "cifar10.1_v6_labels.npy")
 
 
-@register_dataset("cifar10_1", eval_only=True)
+@register_dataset("cifar10_1", eval_only=True, size=32)
 def read_cifar10_1(config: DataConfig, root: Path) -> RawDataset:
     """CIFAR-10.1 (Recht et al. 2018), v6: 2,000 new test images for CIFAR-10 models; evaluation only."""
     base = root / "cifar10_1"
@@ -413,7 +432,7 @@ def list_csv(config: DataConfig, root: Path) -> RawFiles:
 TINY_IMAGENET = "tiny-imagenet-200"
 
 
-@register_dataset("tiny_imagenet", from_files=True)
+@register_dataset("tiny_imagenet", from_files=True, size=_folder_size)
 def read_tiny_imagenet(config: DataConfig, root: Path) -> RawDataset:
     """Tiny ImageNet in its own layout, under `<root>/tiny-imagenet-200/` (or data.path): wnids.txt (the 200
     classes), train/<wnid>/images/*.JPEG, and val/images/*.JPEG labelled by val/val_annotations.txt, the

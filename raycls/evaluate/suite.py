@@ -281,8 +281,11 @@ def registered_set(ev: Evaluation, name: str, *, what: str) -> ArrayData:
     data = raw.test if raw.test is not None else raw.train
     images = data.images
     if images.shape[1] != channels:
+        # Suggestions come from the registries: a name raycls cannot read would only move the error.
+        others = [n for n in DATASETS.names() if n != name and not DATASETS.get(n).eval_only]
         raise ConfigError(f"{what}: its images have {images.shape[1]} channel(s), the model's have {channels}; "
-                          "choose a set with the same channels (e.g. fashion_mnist for mnist, svhn or cifar100 for cifar10)")  # fmt: skip
+                          f"choose a generated set (made with any channels: {', '.join(GENERATED_OOD.names())}) "
+                          f"or a registered dataset of {channels}-channel images ({', '.join(others)})")  # fmt: skip
     if images.shape[-1] != size or images.shape[-2] != size:
         images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
                                                  align_corners=False).round().clamp(0, 255).to(torch.uint8)  # fmt: skip

@@ -87,7 +87,9 @@ def small_input_adapter(config: ModelConfig, spec: InputSpec) -> SmallInputAdapt
     return None  # "auto" on an unknown family: timm's own stem, unchanged
 
 
-def timm_factory(config: ModelConfig, spec: InputSpec) -> nn.Module:
+def timm_factory(config: ModelConfig, spec: InputSpec, *, load_weights: bool = True) -> nn.Module:
+    """`load_weights=False` builds the architecture a pretrained config gets (its stem, its size) without
+    fetching weights: what the preflight's shape check needs."""
     import timm
 
     adapter = small_input_adapter(config, spec)
@@ -100,14 +102,15 @@ def timm_factory(config: ModelConfig, spec: InputSpec) -> nn.Module:
         **config.kwargs,
     }
     try:
-        model = timm.create_model(config.name, pretrained=config.pretrained, **kwargs)
+        model = timm.create_model(config.name, pretrained=config.pretrained and load_weights, **kwargs)
     except Exception as err:
-        if config.pretrained:
+        if config.pretrained and load_weights:
             # timm fetches weights from the Hugging Face hub; offline that fails deep inside huggingface_hub.
+            # No dotted key here: this factory builds students and teachers alike (raycls.prepare names it).
             raise RayclsError(
-                f"model.pretrained=true: could not load timm weights for {config.name!r} "
+                f"pretrained=true: could not load timm weights for {config.name!r} "
                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Offline, put them in the "
-                f"Hugging Face cache (HF_HOME) first, or set model.pretrained=false."
+                f"Hugging Face cache (HF_HOME) first, or set pretrained=false on this model."
             ) from None
         raise RayclsError(f"timm could not build {config.name!r} with {kwargs}: {err}") from None
     if adapter:

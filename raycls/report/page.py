@@ -121,11 +121,21 @@ def write_pngs(sections: list[Section], folder: Path) -> tuple[list[Path], str |
         try:
             pio.write_images([s.figure for s in drawn], paths, format="png", **PNG_SIZE)
         except Exception as err:  # noqa: BLE001 - kaleido raises its own types (no Chrome, a crashed browser)
-            why = f"kaleido could not draw them ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); " \
-                  "install Chrome or Chromium (`plotly_get_chrome`, or apt install chromium) and run `raycls report` again"
+            why = f"kaleido could not draw them ({error_reason(err)}); install Chrome or Chromium " \
+                  "(`plotly_get_chrome`, or apt install chromium) and run `raycls report` again"
             return [], why
         # Whole files only: each PNG lands under its name by a rename.
         return [Path(shutil.move(str(p), folder / p.name)) for p in paths], None
+
+
+def error_reason(err: BaseException) -> str:
+    """`Type: first line` of the error, or of the error it was raised from when its own text is empty (kaleido
+    raises a bare RuntimeError when its browser does not start), else the type and that it gave no reason."""
+    for cause in (err, err.__cause__, err.__context__):
+        lines = str(cause).strip().splitlines() if cause is not None else []
+        if lines:
+            return f"{type(cause).__name__}: {lines[0]}"
+    return f"{type(err).__name__} without a message; usually no Chrome or Chromium that kaleido can start"
 
 
 # ---------------------------------------------------------------------------------------------- W&B

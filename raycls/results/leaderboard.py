@@ -29,6 +29,7 @@ from raycls.storage import LEADERBOARD_DIR, ExperimentPaths, filesystem
 
 Status = Literal["completed", "early_stopped", "failed"]
 STATUSES: tuple[Status, ...] = ("completed", "early_stopped", "failed")
+SCORED_STATUSES: tuple[Status, ...] = ("completed", "early_stopped")  # trials that ended with a score
 
 # Columns every row has, in order, with their types. Metrics and sampled parameters follow.
 FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [

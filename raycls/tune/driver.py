@@ -21,7 +21,7 @@ from raycls.config.experiment import Experiment
 from raycls.errors import RayclsError
 from raycls import names
 from raycls.ranking import checkpoint_attribute
-from raycls.results.leaderboard import ReadResult, read_leaderboard
+from raycls.results.leaderboard import SCORED_STATUSES, ReadResult, read_leaderboard
 from raycls.results.provenance import git_state, write_space_as_run
 from raycls.prepare import prepare_experiment
 from raycls.results.wandb_log import resolve_mode
@@ -57,6 +57,17 @@ class TuneOutcome:
     trials: int
     errors: int
     ended: SearchEnd | None = None  # the search ended before its trials: a time budget or a target reached
+
+    def none_completed(self) -> str | None:
+        """Why the search has nothing to show (no trial ended completed or early_stopped with a score), said
+        with the first error; None when one did. The CLI exits non-zero on it, so CI and schedulers can tell."""
+        rows = self.leaderboard.table.to_pylist()
+        if any(r["status"] in SCORED_STATUSES and r.get("score") is not None for r in rows):
+            return None
+        failed = [r for r in rows if r["status"] == "failed"]
+        first = next((r["error"] for r in failed if r.get("error")), None)
+        ended = f"{len(failed)} failed" + (f", {len(rows) - len(failed)} without a score" if len(rows) > len(failed) else "")
+        return f"no trial completed: {ended or 'no trial ran'}" + (f" (first error: {first})" if first else "")
 
 
 def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
