@@ -176,7 +176,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_serve_answers_good_bad_and_concurrent_requests(digits_row, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_serve_answers_good_bad_and_concurrent_requests(own_ray, digits_row, tmp_path: Path) -> None:
     """~40 s: Ray Serve started here on 127.0.0.1, a real HTTP client, then shut down with nothing left."""
     import io
     from concurrent.futures import ThreadPoolExecutor
