@@ -72,6 +72,7 @@ def test_streamed_splits_are_the_in_memory_splits_undecoded(folder: Path) -> Non
         assert torch.equal(files.decode(None).images, arrays.images)  # the same images, in the same order
 
 
+@pytest.mark.slow
 def test_stream_loader_reads_every_image_once_as_the_in_memory_loader_does(folder: Path, ray_local) -> None:
     from raycls.train.ray_data import local_source, trial_datasets
 
@@ -112,6 +113,7 @@ base:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_trial_forced_onto_the_streaming_path_trains_and_counts_each_image_once(
     folder: Path, ray_local, tmp_path: Path, workers: int

@@ -362,6 +362,7 @@ def test_optuna_dashboard_serves_the_experiments_study(e2e, tmp_path: Path) -> N
     assert study["directions"] == ["maximize"] and len(detail["trials"]) == 8
 
 
+@pytest.mark.slow
 def test_report_of_one_trial_and_of_only_failed_trials_says_so(ray_local, tmp_path: Path, capsys) -> None:
     """`raycls tune` ends with the report (here in-process, on the session's Ray); one trial, or only failed
     ones, still get a report that says so."""
@@ -463,6 +464,7 @@ def test_conditional_space_through_the_searcher(tmp_path: Path) -> None:
     assert seen[0]["train.lr"] == 1e30  # points_to_evaluate come first
 
 
+@pytest.mark.slow
 def test_two_worker_ddp_trial(ray_local, tmp_path: Path) -> None:
     space = write_yaml(tmp_path / "ddp.yaml", """
 experiment: {name: ddp, trials: 1, concurrency: 1, resources: {workers: 2, cpus_per_worker: 1}}
@@ -597,6 +599,7 @@ def test_warm_start_seeds_the_study(tmp_path: Path) -> None:
     assert [t.params["train.lr"] for t in seeded] == [0.001, 0.01]
 
 
+@pytest.mark.slow
 def test_raycls_train_through_ray_train(ray_local, tmp_path: Path) -> None:
     from raycls.config import Resources
     from raycls.train.ray_train import train_with_ray
@@ -610,6 +613,7 @@ def test_raycls_train_through_ray_train(ray_local, tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / "best" / "model.pt").is_file()
 
 
+@pytest.mark.slow
 def test_distilled_trial_records_its_teacher(ray_local, tmp_path: Path) -> None:
     space = write_yaml(tmp_path / "ema.yaml", """
 experiment: {name: ema, trials: 1}
