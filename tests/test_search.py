@@ -230,6 +230,7 @@ def test_two_objective_search_front_and_pruned_trials(ray_local, tmp_path: Path,
     assert sorted(line.split(",")[1] for line in out.splitlines()[1:]) == sorted(r["trial_id"] for r in completed if r["pareto"])
 
 
+@pytest.mark.slow
 def test_pareto_query_on_a_single_objective_experiment_exits_2(ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     storage = str(tmp_path / "results")
     single = load_experiment(write_yaml(tmp_path / "single.yaml", "experiment: {name: single, trials: 1}\nwandb: {mode: disabled}\n"

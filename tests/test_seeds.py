@@ -230,6 +230,7 @@ ZOO = ["resnet18", "resnet50", "densenet121", "mobilenetv3_small_050", "efficien
        "vit_base_patch16_224", "deit_tiny_patch16_224"]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO)
 def test_the_seed_zoo_trains_at_cifar_size(name: str) -> None:
     """Each of the seed's eight models from scratch at 32 px: one forward and backward, logits per class."""
