@@ -7,7 +7,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +37,51 @@ def shared_data() -> Path:
 def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     # Decompressed dataset caches go to a per-session folder unless the user set one (CIFAR-10: ~10 s once).
     os.environ.setdefault("RAYCLS_CACHE", str(Path.home() / ".cache" / "raycls" / "cache"))
+
+
+# The session's local Ray: 8 logical CPUs (trial actors and Train workers each hold one while mostly waiting
+# on each other), and one logical GPU (no CUDA needed) so that fractional-GPU trials can be scheduled.
+SESSION_RAY = {"num_cpus": 8, "num_gpus": 1}
+
+
+@pytest.fixture(scope="session")
+def _session_ray() -> Iterator[dict[str, str]]:
+    """The address of the Ray `ray_local` started (starting one costs seconds on 2 cores: once a session);
+    stopped when the session ends."""
+    started: dict[str, str] = {}
+    yield started
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_session_ray: dict[str, str]) -> None:
+    """One local Ray for every test that needs one, started through `init_ray` (its dashboard stays on:
+    Ray Train frees stopped trials' resources through the State API). Checked at each use: a test that
+    needed a Ray of its own (`own_ray`) stopped it, and a Ray left by anything else would hold other
+    resources than the tests count on, so either way the session's one is started again."""
+    import ray
+
+    from raycls.tune.cluster import init_ray
+
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address != _session_ray.get("address"):
+        ray.shutdown()
+    if not ray.is_initialized():
+        init_ray(None, **SESSION_RAY)
+        _session_ray["address"] = ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="module")
+def own_ray() -> Iterator[None]:
+    """For tests that start or join a Ray of their own in this process (a `Cluster`, Ray Serve): the
+    session's Ray is stopped first (`init_ray` keeps a running Ray rather than start another), and theirs
+    after the module; `ray_local` starts the session's again when next needed."""
+    import ray
+
+    ray.shutdown()
+    yield
+    ray.shutdown()
 
 
 def write_yaml(path: Path, text: str) -> Path:

@@ -81,6 +81,7 @@ def test_chain_config_errors_name_the_stage_key() -> None:
         set_path(chain_config().to_dict(), "phases.arcface.phase.margin", 0.2)
 
 
+@pytest.mark.slow
 def test_chain_hands_the_best_weights_on_and_counts_epochs_over_the_chain(tmp_path: Path) -> None:
     record = Recorder(tmp_path / "ckpt")
     fit(chain_config(), record, RunContext())
@@ -105,6 +106,7 @@ def test_chain_hands_the_best_weights_on_and_counts_epochs_over_the_chain(tmp_pa
     assert record.metrics[3]["head.val_acc"] == record.metrics[3][names.VAL_ACC]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("resume_epoch", [2, 3], ids=["mid-stage", "at-the-boundary"])
 def test_resume_mid_chain_matches_an_uninterrupted_run(tmp_path: Path, resume_epoch: int) -> None:
     whole = Recorder(tmp_path / "whole")
@@ -225,6 +227,7 @@ def test_a_reference_given_with_set_stays_resolved_in_every_trial(tmp_path: Path
     assert resolve_trial(experiment, {}).phase.teacher == "/some/checkpoint"
 
 
+@pytest.mark.slow
 def test_two_phase_fine_tuning_heads_then_everything_at_a_lower_lr(tmp_path: Path) -> None:
     """The seed's fine-tuning recipe as a chain: the head alone on a frozen backbone, then everything at a
     tenth of the lr with early stopping; the second stage starts from the first's best weights."""

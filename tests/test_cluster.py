@@ -1,11 +1,11 @@
-"""Preflight checks against a cluster's nodes (no Ray needed), and once against a real one-node Ray."""
+"""Preflight checks against a cluster's nodes (no Ray needed), and once against a real one-node Ray (the
+session's: `ray_local`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import ray
 
 from raycls.config.experiment import Resources
 from raycls.errors import RayclsError
@@ -15,8 +15,10 @@ from raycls.cluster.resources import ON_DEMAND, trial_bundle
 from raycls.results.row import count_restarts
 from raycls.storage import TRAIN_RUNS_DIR, ExperimentPaths
 from raycls.train.ray_train import RESTARTS_FILE, mark_restarts, restarts_of
-from raycls.tune.cluster import cluster_nodes, init_ray
+from raycls.tune.cluster import cluster_nodes
 from raycls.tune.trainable import FAILED_FILE
+
+from .conftest import SESSION_RAY
 
 
 def cpu_node(name: str, cpus: float, gpus: float = 0.0, **custom: float) -> Node:
@@ -140,14 +142,11 @@ def test_a_failed_train_run_is_not_restarted_again_by_tune(tmp_path: Path) -> No
 
 
 # ----------------------------------------------------------------------------------- a real Ray node
-def test_preflight_on_a_local_ray(tmp_path: Path) -> None:
-    init_ray(None, num_cpus=4, num_gpus=1)
-    try:
-        nodes = cluster_nodes()
-        assert len(nodes) == 1 and nodes[0].resources["CPU"] == 4 and nodes[0].resources["GPU"] == 1
-        plan = preflight(Resources(gpus_per_worker=0.5), str(tmp_path), nodes)
-        assert plan.concurrency == 2 and plan.nodes == 1 and not plan.pin_on_demand
-        with pytest.raises(RayclsError, match="GPU=2"):
-            preflight(Resources(gpus_per_worker=2), str(tmp_path), nodes)
-    finally:
-        ray.shutdown()
+def test_preflight_on_a_local_ray(ray_local, tmp_path: Path) -> None:
+    nodes = cluster_nodes()
+    (node,) = nodes
+    assert node.resources["CPU"] == SESSION_RAY["num_cpus"] and node.resources["GPU"] == SESSION_RAY["num_gpus"] == 1
+    plan = preflight(Resources(gpus_per_worker=0.5), str(tmp_path), nodes)
+    assert plan.concurrency == 2 and plan.nodes == 1 and not plan.pin_on_demand
+    with pytest.raises(RayclsError, match="GPU=2"):
+        preflight(Resources(gpus_per_worker=2), str(tmp_path), nodes)

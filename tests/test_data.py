@@ -35,6 +35,7 @@ def test_mnist_and_fashion_from_idx_files(shared_data: Path) -> None:
     assert abs(mean.item() - 0.2860) < 0.002
 
 
+@pytest.mark.slow
 def test_cifar10_array_format_subset_is_stratified(shared_data: Path) -> None:
     splits = load_splits(DataConfig(name="cifar10", root=str(shared_data), train_subset=1000), seed=0)
     assert len(splits.train) + len(splits.val) == 1000

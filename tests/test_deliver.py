@@ -105,6 +105,7 @@ def test_raycls_export_command(digits_row, tmp_path: Path, capsys) -> None:
 
 
 # ------------------------------------------------------------------------------------------- predict
+@pytest.mark.slow
 def test_predict_a_real_image_folder_with_a_corrupt_file(shared_data: Path, tmp_path: Path) -> None:
     """~20 s: a small CNN trained a few epochs on imagenette-mini (300 real JPEGs, 32 px), then `raycls
     predict` over its 100 validation JPEGs plus a truncated JPEG and a text file: every file has its row."""
@@ -176,7 +177,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_serve_answers_good_bad_and_concurrent_requests(digits_row, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_serve_answers_good_bad_and_concurrent_requests(own_ray, digits_row, tmp_path: Path) -> None:
     """~40 s: Ray Serve started here on 127.0.0.1, a real HTTP client, then shut down with nothing left."""
     import io
     from concurrent.futures import ThreadPoolExecutor

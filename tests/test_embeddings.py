@@ -45,6 +45,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_worker_ddp_knn_equals_single_process(tmp_path: Path) -> None:
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_worker, args=(2, init, str(tmp_path / "result")), nprocs=2, join=True)

@@ -154,6 +154,7 @@ def mnist_model(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     return config, load_weights(out / "checkpoints" / "best"), load_data(config)
 
 
+@pytest.mark.slow
 def test_mnist_model_tells_fashion_mnist_apart(mnist_model, tmp_path: Path) -> None:
     """The feature-space scorers separate Fashion-MNIST from MNIST almost perfectly (measured AUROC 0.999 for
     Mahalanobis and ViM). The logit scorers do not, for this model: Fashion-MNIST's larger bright areas give
@@ -172,6 +173,7 @@ def test_mnist_model_tells_fashion_mnist_apart(mnist_model, tmp_path: Path) -> N
     assert Image.open(tmp_path / "eval" / "ood_scores.png").size[0] > 200
 
 
+@pytest.mark.slow
 def test_an_ood_set_with_other_channels_is_a_clear_error(mnist_model, tmp_path: Path) -> None:
     config, weights, data = mnist_model
     ev = _evaluation(config, weights, data, tmp_path / "eval", ood=("cifar10",))
@@ -227,6 +229,7 @@ def csv_rows(path: Path):
         yield from csv.DictReader(handle)
 
 
+@pytest.mark.slow
 def test_full_suite_writes_every_file_and_sane_images(digits_model, tmp_path: Path) -> None:
     config, weights, data = digits_model
     config = config.model_copy(update={"eval": config.eval.model_copy(update={"shift_images": 200, "severities": (1, 5)})})
@@ -280,6 +283,7 @@ def _ddp_worker(rank: int, world: int, init: str, out: str, config_json: str, we
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_worker_ddp_evaluation_equals_single_process(digits_model, tmp_path: Path) -> None:
     config, weights, data = digits_model
     torch.save(weights, tmp_path / "weights.pt")
@@ -400,6 +404,7 @@ def test_every_ood_scorer_ranks_the_training_clusters_above_far_points(name: str
     assert separation(scorer.score(inside, stats), scorer.score(outside, stats))["auroc"] > 0.95
 
 
+@pytest.mark.slow
 def test_cifar10_1_shift_through_its_reader(shared_data: Path, tmp_path: Path) -> None:
     """`eval.shift: [cifar10_1]` on a file in CIFAR-10.1's format that the test writes (the real one cannot
     be downloaded here): the images are read by the dataset's reader and scored with their own labels."""

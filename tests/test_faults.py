@@ -5,7 +5,7 @@
 
 Each node runs at most 2 one-CPU trials, so concurrent trials must spread. The nodes share one machine, so
 the storage is one local folder every node sees: marked shared for the preflight, as a user marks NFS.
-Tests over ~30 s on a 2-core machine are marked `slow` (`-m 'not slow'` skips them) and say their cost.
+Every test here runs searches on a multi-node cluster: the whole module is `slow` (`-m 'not slow'` skips it).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from raycls.tune.driver import TuneOptions, run_tune
 
 from .conftest import assert_resumed_whole, kill_driver_when, rows_written, write_yaml
 
+pytestmark = pytest.mark.slow
+
 BASE = """
 base:
   data: {name: digits, val_fraction: 0.2, train_subset: 400}
@@ -51,7 +53,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(own_ray):
     head = {
         "num_cpus": 2,
         "resources": {ON_DEMAND: 1},
@@ -220,7 +222,6 @@ def kill_and_resume(cluster, tmp_path: Path, ready, damage=None, *, concurrency:
     assert wait_until_released().get("CPU") == 6
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("point", [p for p in KILL_POINTS if p != "between_trials"])
 def test_driver_sigkill_then_resume_on_the_cluster(cluster, tmp_path: Path, point: str) -> None:
     """~25 s each: the driver is SIGKILLed at `point`; `--resume` ends every trial with exactly one row.
@@ -240,7 +241,6 @@ def cut_every_snapshot(experiment_dir: Path) -> None:
     shutil.rmtree(experiment_dir / ".raycls", ignore_errors=True)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("damage", [cut_tune_snapshot, cut_every_snapshot], ids=["kept_copy", "no_snapshot"])
 def test_resume_after_the_kill_cut_tunes_snapshot(cluster, tmp_path: Path, damage) -> None:
     """~25 s each. Tune copies its experiment state to the storage in place; a kill mid-copy left empty files,
@@ -250,7 +250,6 @@ def test_resume_after_the_kill_cut_tunes_snapshot(cluster, tmp_path: Path, damag
 
 
 # ---------------------------------------------------------------------------------------- node lost
-@pytest.mark.slow
 def test_worker_node_removed_mid_trial_resumes_from_checkpoint(cluster, tmp_path: Path) -> None:
     """~60 s: a 2-worker trial (Ray Train); once it has a checkpoint, the node its workers run on is removed.
     Ray Train restarts the worker group on the nodes left, from the last checkpoint, and the trial finishes;
@@ -312,7 +311,6 @@ wandb: {{mode: disabled}}
             cluster.wait_for_nodes()
 
 
-@pytest.mark.slow
 def test_multi_worker_trial_that_diverges_is_retried_max_failures_times(cluster, tmp_path: Path) -> None:
     """~45 s: a 2-worker trial whose loss is NaN. Ray Train restarts its worker group once (max_failures: 1);
     Tune's retry of the trial then fails at once instead of starting the worker group twice more."""

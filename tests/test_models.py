@@ -100,6 +100,7 @@ def test_drop_path_is_random_in_training_and_off_in_eval() -> None:
     torch.testing.assert_close(plain(x), plain(x))  # no drop path, no dropout: deterministic
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adapter", [{"type": "lora", "rank": 4}, {"type": "ia3"}])
 def test_an_adapter_trains_only_itself_and_the_classifier(tmp_path: Path, adapter: dict) -> None:
     """model.adapter (peft) on a timm ViT: after a run, every weight of the backbone is bit-identical to the

@@ -108,6 +108,7 @@ def test_backbone_lr_multiplier_leaves_the_head_at_the_base_lr() -> None:
     assert sorted({round(lr, 6) for lr in schedule.get_last_lr()}) == [0.001, 0.01]  # schedules scale each group
 
 
+@pytest.mark.slow
 def test_fp16_with_a_gradient_scaler_trains_digits_like_fp32(tmp_path: Path) -> None:
     fp16 = run_local(digits(epochs=2, amp="fp16"), tmp_path / "fp16", device=torch.device("cpu"))
     fp32 = run_local(digits(epochs=2, amp="off"), tmp_path / "fp32", device=torch.device("cpu"))

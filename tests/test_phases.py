@@ -26,6 +26,7 @@ def metric_config(loss: str, **phase) -> TrialConfig:
     })  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", MARGIN_LOSSES)
 def test_every_margin_loss_learns_digits(loss: str, tmp_path: Path) -> None:
     summary = run_local(metric_config(loss), tmp_path, device=torch.device("cpu"))
@@ -45,6 +46,7 @@ def test_metric_phase_config_errors(tmp_path: Path) -> None:
         run_local(metric_config("cosface", sub_centers=2), tmp_path, fast_dev_run=True)
 
 
+@pytest.mark.slow
 def test_supcon_pretraining_clusters_digits(tmp_path: Path) -> None:
     config = TrialConfig.model_validate({
         "data": {"name": "digits", "val_fraction": 0.2}, "model": {"width": 16},
@@ -76,6 +78,7 @@ def distill(tmp_path: Path, **phase) -> tuple[dict, Path]:
     return summary.best, tmp_path / "checkpoints" / "last" / "model.pt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kd", ["soft_kd", "hard_kd"])
 def test_distill_from_a_teacher_checkpoint_keeps_the_teacher_frozen(teacher: Path, tmp_path: Path, kd: str) -> None:
     best, weights = distill(tmp_path, teacher=str(teacher), teacher_model={"name": "small_cnn", "width": 16},

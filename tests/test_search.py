@@ -1,7 +1,7 @@
 """Searches that decide more (issue 16): several objectives with ASHA, a time budget, a target, a warm start
 from a changed space, and the errors a user gets for asking what cannot be done.
 
-The searches run on a real local Ray (shared by the module) with real Optuna studies read back from their
+The searches run on the session's local Ray (`ray_local`) with real Optuna studies read back from their
 journals; the front is checked by brute force over the leaderboard rows.
 """
 
@@ -14,7 +14,6 @@ import numpy as np
 import optuna
 import pyarrow as pa
 import pytest
-import ray
 import torch
 from optuna.trial import TrialState
 from torch import nn
@@ -29,7 +28,6 @@ from raycls.report.data import load_report_data
 from raycls.report.figures import pareto as pareto_section
 from raycls.results import read_leaderboard
 from raycls.results.pareto import mark_pareto, non_dominated_ranks
-from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 from raycls.tune.searcher import create_searcher, journal_path, open_study_storage
 
@@ -42,13 +40,6 @@ base:
   train: {epochs: 3, batch_size: 64, optimizer: adamw, lr: 1.0e-2, warmup_epochs: 0}
 """
 NO_EVAL = BASE + "  eval: {on: none}\n"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_ray(None, num_cpus=8)
-    yield
-    ray.shutdown()
 
 
 def study_of(storage: str, name: str) -> optuna.Study:
@@ -191,7 +182,8 @@ space:
 """ + BASE
 
 
-def test_two_objective_search_front_and_pruned_trials(local_ray, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.slow
+def test_two_objective_search_front_and_pruned_trials(ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     storage = str(tmp_path / "results")
     experiment = prepare_experiment(load_experiment(write_yaml(tmp_path / "front.yaml", MULTI)))
     assert experiment.experiment.metric == "val_acc"  # ASHA ranks by the first objective an epoch reports
@@ -238,7 +230,8 @@ def test_two_objective_search_front_and_pruned_trials(local_ray, tmp_path: Path,
     assert sorted(line.split(",")[1] for line in out.splitlines()[1:]) == sorted(r["trial_id"] for r in completed if r["pareto"])
 
 
-def test_pareto_query_on_a_single_objective_experiment_exits_2(local_ray, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.slow
+def test_pareto_query_on_a_single_objective_experiment_exits_2(ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     storage = str(tmp_path / "results")
     single = load_experiment(write_yaml(tmp_path / "single.yaml", "experiment: {name: single, trials: 1}\nwandb: {mode: disabled}\n"
                                         + NO_EVAL.replace("epochs: 3", "epochs: 1")))  # fmt: skip
@@ -259,7 +252,8 @@ space:
 """ + NO_EVAL
 
 
-def test_time_budget_ends_the_search_and_resume_continues_it(local_ray, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_time_budget_ends_the_search_and_resume_continues_it(ray_local, tmp_path: Path) -> None:
     storage = str(tmp_path / "results")
     experiment = load_experiment(write_yaml(tmp_path / "budget.yaml", BUDGET))
     outcome = run_tune(experiment, TuneOptions(storage=storage, live=False))
@@ -283,7 +277,8 @@ def test_time_budget_ends_the_search_and_resume_continues_it(local_ray, tmp_path
     assert len(study_of(storage, "budget").trials) == len(after)
 
 
-def test_target_stops_the_search_once_reached(local_ray, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_target_stops_the_search_once_reached(ray_local, tmp_path: Path) -> None:
     storage = str(tmp_path / "results")
     experiment = load_experiment(write_yaml(tmp_path / "target.yaml", BUDGET.replace("name: budget", "name: target").replace(
         "time_budget_s: 15", "stop: {val_acc: 0.5}").replace("epochs: 3", "epochs: 6")))  # fmt: skip

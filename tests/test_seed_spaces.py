@@ -1,6 +1,6 @@
 """The shipped seed-pipeline spaces' CPU twins, end to end through `run_tune` (Ray Tune, Optuna, the
 leaderboard, the held-out evaluation): the twin as shipped, only fewer trials (one; the zoo's comparison two).
-benchmarks/seeds_cpu.py runs them whole."""
+benchmarks/seeds_cpu.py runs them whole. Every twin is a whole search: `slow`."""
 
 from __future__ import annotations
 
@@ -8,24 +8,17 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 from raycls.config import TrialConfig, load_experiment
 from raycls.results import read_leaderboard
 from raycls.train.evaluation import read_checkpoint
-from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 
 from .conftest import REPO
 
+pytestmark = pytest.mark.slow
+
 SPACES = REPO / "search_spaces"
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_ray(None, num_cpus=8)
-    yield
-    ray.shutdown()
 
 
 def run_twin(name: str, storage: Path, trials: int = 1, **overrides) -> list[dict]:
@@ -41,7 +34,7 @@ def run_twin(name: str, storage: Path, trials: int = 1, **overrides) -> list[dic
     return rows
 
 
-def test_zoo_twin_compares_models_with_test_and_shift_metrics(local_ray, tmp_path: Path) -> None:
+def test_zoo_twin_compares_models_with_test_and_shift_metrics(ray_local, tmp_path: Path) -> None:
     from raycls.report.page import write_report
 
     # Two of the four models: the grid's first two at search.seed 0 are small_cnn and adaptive_cnn (the cheap
@@ -56,7 +49,7 @@ def test_zoo_twin_compares_models_with_test_and_shift_metrics(local_ray, tmp_pat
     assert '<section id="choices">' in page and all(r["model.name"] in page for r in rows)
 
 
-def test_adaptive_deit_twin_scores_the_deit_it_hands_over(local_ray, tmp_path: Path) -> None:
+def test_adaptive_deit_twin_scores_the_deit_it_hands_over(ray_local, tmp_path: Path) -> None:
     """A chain whose stages have their own models: the row's score, best epoch, checkpoint and held-out
     evaluation are all the last stage's (the DeiT's), even where the CNN stage scored higher."""
     rows = run_twin("adaptive-deit-digits.yaml", tmp_path)
@@ -68,14 +61,14 @@ def test_adaptive_deit_twin_scores_the_deit_it_hands_over(local_ray, tmp_path: P
         assert row["test_acc"] > 0.2 and row["cnn.val_acc"] > 0.5
 
 
-def test_deit_cst_twin_distils_tokens_from_a_vit_stage(local_ray, tmp_path: Path) -> None:
+def test_deit_cst_twin_distils_tokens_from_a_vit_stage(ray_local, tmp_path: Path) -> None:
     rows = run_twin("deit-cst-digits.yaml", tmp_path)
     for row in rows:
         assert row["phase"] == "teacher>cst" and row["score"] == row["cst.val_acc"]
         assert row["test_acc"] > 0.2 and "phases.cst.phase.tok_weight" in row
 
 
-def test_finetune_twin_on_real_jpegs(local_ray, tmp_path: Path, shared_data: Path) -> None:
+def test_finetune_twin_on_real_jpegs(ray_local, tmp_path: Path, shared_data: Path) -> None:
     """Head on a frozen backbone, then the whole network with early stopping, on imagenette-mini's JPEGs
     (from scratch offline, as the twin says); the full evaluation's error analysis is written."""
     rows = run_twin("finetune-imagenette.yaml", tmp_path, **{"data.path": str(shared_data / "imagenette-mini")})
@@ -85,7 +78,7 @@ def test_finetune_twin_on_real_jpegs(local_ray, tmp_path: Path, shared_data: Pat
         assert (folder / "label_issues.csv").is_file() and json.loads((folder / "metrics.json").read_text())["metrics"]
 
 
-def test_pipeline_twin_with_the_toolkit_options(local_ray, tmp_path: Path) -> None:
+def test_pipeline_twin_with_the_toolkit_options(ray_local, tmp_path: Path) -> None:
     rows = run_twin("pipeline-digits.yaml", tmp_path)
     for row in rows:
         config = TrialConfig.from_json(row["config_json"])

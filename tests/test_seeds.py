@@ -90,6 +90,7 @@ BASE = {
 DEIT = {"name": "cifar_deit_distilled", "kwargs": TINY_VIT}
 
 
+@pytest.mark.slow
 def test_a_cnn_teacher_stage_then_a_deit_student_is_one_trial(tmp_path: Path) -> None:
     """Seed 003's two-step job as one trial: AdaptiveCNN supervised, then a DeiT (its own `model`) distilled
     from that stage's best model through its distillation token."""
@@ -208,6 +209,7 @@ def test_token_distill_needs_vits_and_a_teacher() -> None:
         cnn.build(create_model(ModelConfig(name="adaptive_cnn"), DIGITS))
 
 
+@pytest.mark.slow
 def test_cst_from_a_vit_stage_learns_digits(tmp_path: Path) -> None:
     """A ViT teacher stage, then a distilled DeiT learning its tokens (L_rel from the second epoch)."""
     config = TrialConfig.model_validate({**BASE, "model": {"name": "cifar_deit", "kwargs": {**TINY_VIT, "embed_dim": 48}}, "phases": [
@@ -228,6 +230,7 @@ ZOO = ["resnet18", "resnet50", "densenet121", "mobilenetv3_small_050", "efficien
        "vit_base_patch16_224", "deit_tiny_patch16_224"]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ZOO)
 def test_the_seed_zoo_trains_at_cifar_size(name: str) -> None:
     """Each of the seed's eight models from scratch at 32 px: one forward and backward, logits per class."""
@@ -292,6 +295,7 @@ def test_rebuilding_a_trials_model_downloads_nothing() -> None:
     assert stage.model.name == "resnet50" and stage.phase.teacher_model.name == "vit_small_patch14_dinov2.lvd142m"
 
 
+@pytest.mark.slow
 def test_resuming_the_deit_stage_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     """A CNN > DeiT chain whose CNN starts from `init:` weights, resumed mid-way through the DeiT stage: the
     checkpoint holds the stage whole (its teacher too), and the resumed epoch equals the uninterrupted one."""

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -19,7 +18,6 @@ from raycls.data.splits import resolve_loader
 from raycls.data.stream import StreamLoader, should_stream
 from raycls.errors import DataError
 from raycls.results import read_leaderboard
-from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 
 from .conftest import write_yaml
@@ -44,13 +42,6 @@ def image_folder(root: Path, per_class: int = 30, test_per_class: int = 5) -> Pa
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return image_folder(tmp_path_factory.mktemp("stream") / "images")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    init_ray(None, num_cpus=8)
-    yield
-    ray.shutdown()
 
 
 def data_config(folder: Path, **update) -> DataConfig:
@@ -81,7 +72,8 @@ def test_streamed_splits_are_the_in_memory_splits_undecoded(folder: Path) -> Non
         assert torch.equal(files.decode(None).images, arrays.images)  # the same images, in the same order
 
 
-def test_stream_loader_reads_every_image_once_as_the_in_memory_loader_does(folder: Path, local_ray) -> None:
+@pytest.mark.slow
+def test_stream_loader_reads_every_image_once_as_the_in_memory_loader_does(folder: Path, ray_local) -> None:
     from raycls.train.ray_data import local_source, trial_datasets
 
     config = TrialConfig(data=data_config(folder, loader="stream"))
@@ -121,9 +113,10 @@ base:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_trial_forced_onto_the_streaming_path_trains_and_counts_each_image_once(
-    folder: Path, local_ray, tmp_path: Path, workers: int
+    folder: Path, ray_local, tmp_path: Path, workers: int
 ) -> None:
     """`data.loader: auto` with a memory budget no dataset fits: the trial streams (one worker: in its Tune
     trial actor; two: Ray Train DDP over get_dataset_shard shards), and its metrics cover every image once."""

@@ -26,6 +26,7 @@ def digits(**train) -> TrialConfig:
     })  # fmt: skip
 
 
+@pytest.mark.slow
 def test_short_digits_run_clears_090(tmp_path: Path) -> None:
     summary = run_local(digits(epochs=6, warmup_epochs=1), tmp_path, device=torch.device("cpu"))
     assert summary.best["val_acc"] >= 0.9
@@ -37,6 +38,7 @@ def test_short_digits_run_clears_090(tmp_path: Path) -> None:
     assert all(torch.isfinite(v.float()).all() for v in best.values())
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_on_cpu() -> None:
     runs = []
     for _ in range(2):
@@ -49,6 +51,7 @@ def test_same_seed_same_losses_on_cpu() -> None:
     assert [(h["train_loss"], h["val_loss"]) for h in other] != runs[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("train", [{}, {"ema": {"decay": 0.9, "select": True}}], ids=["plain", "ema-selected"])
 def test_resume_continues_from_checkpoint(tmp_path: Path, train: dict) -> None:
     """A resumed run reports what the whole run reported (with EMA: both weight sets come back)."""
@@ -76,6 +79,7 @@ def test_diverging_run_raises_non_finite() -> None:
         fit(digits(optimizer="sgd", lr=1e30, momentum=0.0), lambda m, c: None, RunContext())
 
 
+@pytest.mark.slow
 def test_fast_dev_run_cifar10_subset_resnet18(tmp_path: Path, shared_data: Path) -> None:
     config = TrialConfig.model_validate({
         "data": {"name": "cifar10", "root": str(shared_data), "train_subset": 2000},
@@ -88,6 +92,7 @@ def test_fast_dev_run_cifar10_subset_resnet18(tmp_path: Path, shared_data: Path)
     assert (tmp_path / "checkpoints" / "last" / "model.pt").is_file()
 
 
+@pytest.mark.slow
 def test_cli_train_fast_dev_run_digits(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = subprocess.run(
@@ -201,6 +206,7 @@ def test_plateau_counts_epochs_without_an_improvement_larger_than_min_delta() ->
     assert [lower.update({"val_loss": v}) for v in (1.0, 0.9, 0.9)] == [False, False, True]  # a tie is no gain
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_a_run_whose_metric_has_flattened(tmp_path: Path) -> None:
     """train.early_stopping: the stage ends once `patience` epochs in a row gain no more than `min_delta`;
     the last epoch says why, and the best checkpoint is the best epoch's (not the last's)."""
@@ -227,6 +233,7 @@ def _fresh_model(config: TrialConfig) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in create_model(config.model, spec).state_dict().items()}
 
 
+@pytest.mark.slow
 def test_a_frozen_backbone_is_bit_identical_after_a_head_only_run_and_changes_after_a_full_one(tmp_path: Path) -> None:
     """train.freeze: backbone trains only the classifier (BatchNorm statistics frozen too); the leaderboard's
     trainable_params says how many parameters trained."""
@@ -255,6 +262,7 @@ def test_freezing_named_modules_and_a_bad_name(tmp_path: Path) -> None:
         run_local(digits(epochs=1, freeze=["trunk"]), tmp_path / "bad", device=torch.device("cpu"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("select", [False, True], ids=["beside", "selected"])
 def test_ema_weights_are_evaluated_beside_the_raw_ones_and_checkpointed_when_selected(tmp_path: Path, select: bool) -> None:
     """train.ema: timm's ModelEmaV3 after every step. The checkpoint's model.pt holds the weights the epoch is
@@ -277,6 +285,7 @@ def test_ema_weights_are_evaluated_beside_the_raw_ones_and_checkpointed_when_sel
         assert evaluate(parts.model, parts.phase, parts.val_loader, parts.policy)["val_acc"] == pytest.approx(metrics[name])
 
 
+@pytest.mark.slow
 def test_swa_averages_the_last_epochs_and_updates_its_batchnorm_statistics(tmp_path: Path) -> None:
     """train.swa: from the last half of 4 epochs, the average of the epochs' weights with BatchNorm
     statistics recomputed on the training split (torch.optim.swa_utils): the checkpointed model is the
@@ -308,6 +317,7 @@ def test_ema_and_swa_together_are_refused() -> None:
         TrainConfig(ema={"decay": 0.99}, swa={"start": 0.5})
 
 
+@pytest.mark.slow
 def test_compiled_training_reports_its_compile_time_apart(tmp_path: Path) -> None:
     """train.compile: the training model goes through torch.compile (here its `eager` backend: Dynamo's
     tracing without kernel generation, seconds instead of minutes on a CPU); the first step's seconds are

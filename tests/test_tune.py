@@ -1,7 +1,8 @@
 """`raycls tune` end to end on a real local Ray: Tune + Optuna + ASHA, Ray Train DDP, Parquet, W&B offline.
 
-One Ray instance is shared by the module (starting one costs seconds); the resume test runs `raycls tune`
-in its own process group (with its own Ray) so that it can be SIGKILLed.
+One Ray instance is shared by the session (`ray_local`, conftest: starting one costs seconds); the resume
+test runs `raycls tune` in its own process group (with its own Ray) so that it can be SIGKILLed. Whole
+searches are `slow`; `-m "not slow"` keeps the smoke search (two one-epoch trials) and the pure tests.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from raycls.config import TrialConfig, load_experiment
 from raycls.config.schema import DataConfig
 from raycls.data import load_splits
 from raycls.results import read_leaderboard
-from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 from raycls.tune.searcher import create_searcher
 
@@ -69,15 +69,7 @@ FAKE_SECRETS = {"WANDB_API_KEY": FAKE_KEY, "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAK
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    # One logical GPU (no CUDA needed): enough for Ray to schedule fractional-GPU trials.
-    init_ray(None, num_cpus=8, num_gpus=1)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def e2e(local_ray, tmp_path_factory: pytest.TempPathFactory):
+def e2e(ray_local, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("tune")
     experiment = load_experiment(write_yaml(root / "e2e.yaml", E2E))
     storage = str(root / "results")
@@ -91,6 +83,7 @@ def e2e(local_ray, tmp_path_factory: pytest.TempPathFactory):
     return experiment, storage, outcome
 
 
+@pytest.mark.slow
 def test_every_trial_lands_in_the_leaderboard_with_its_status(e2e) -> None:
     experiment, storage, outcome = e2e
     table = read_leaderboard(storage, "e2e").table
@@ -109,6 +102,7 @@ def test_every_trial_lands_in_the_leaderboard_with_its_status(e2e) -> None:
     assert max(r["score"] or 0 for r in rows) > 0.8
 
 
+@pytest.mark.slow
 def test_parameter_columns_are_typed(e2e) -> None:
     table = read_leaderboard(e2e[1], "e2e").table
     assert table.schema.field("train.lr").type == pa.float64()
@@ -118,6 +112,7 @@ def test_parameter_columns_are_typed(e2e) -> None:
         assert (row["train.momentum"] is not None) == (row["train.optimizer"] == "sgd")
 
 
+@pytest.mark.slow
 def test_rows_replay_their_config_and_checkpoint(e2e) -> None:
     rows = read_leaderboard(e2e[1], "e2e").table.to_pylist()
     best = max((r for r in rows if r["status"] == "completed"), key=lambda r: r["score"])
@@ -129,6 +124,7 @@ def test_rows_replay_their_config_and_checkpoint(e2e) -> None:
     assert all(torch.isfinite(w.float()).all() for w in weights.values())
 
 
+@pytest.mark.slow
 def test_every_trial_folder_holds_its_resolved_config(e2e) -> None:
     """Written once, by the trial, where its checkpoints are; the row's config_json is read from it."""
     rows = read_leaderboard(e2e[1], "e2e").table.to_pylist()
@@ -141,6 +137,7 @@ def test_every_trial_folder_holds_its_resolved_config(e2e) -> None:
         assert written.train.lr == row["train.lr"]
 
 
+@pytest.mark.slow
 def test_optuna_study_states_match_leaderboard(e2e) -> None:
     experiment, storage, _ = e2e
     from raycls.tune.searcher import journal_path, open_study_storage
@@ -155,6 +152,7 @@ def test_optuna_study_states_match_leaderboard(e2e) -> None:
     assert all(t.intermediate_values for t in pruned)  # TPE sees their per-epoch values
 
 
+@pytest.mark.slow
 def test_wandb_offline_runs_hold_the_logged_metrics(e2e) -> None:
     _, storage, _ = e2e
     rows = {r["trial_id"]: r for r in read_leaderboard(storage, "e2e").table.to_pylist()}
@@ -175,6 +173,7 @@ def test_wandb_offline_runs_hold_the_logged_metrics(e2e) -> None:
             assert {"reliability", "confusion_matrix"} <= images
 
 
+@pytest.mark.slow
 def test_completed_trials_are_evaluated_on_held_out_data(e2e) -> None:
     """Each completed trial's best weights go through the default suite on its own worker at its end; trials
     ASHA stopped (and failed ones) are not evaluated (`eval.on: completed`)."""
@@ -192,7 +191,8 @@ def test_completed_trials_are_evaluated_on_held_out_data(e2e) -> None:
             assert not folder.exists() and row["test_acc"] is None and row["eval_split"] is None
 
 
-def test_eval_on_all_evaluates_early_stopped_trials_too(local_ray, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_eval_on_all_evaluates_early_stopped_trials_too(ray_local, tmp_path: Path) -> None:
     """`eval.on: all`: the driver evaluates, after the search, the trials ASHA stopped (they never reach
     their own evaluation); the good first trial is evaluated by itself, the weak second one is stopped."""
     space = write_yaml(tmp_path / "all.yaml", """
@@ -215,6 +215,7 @@ space:
         assert (Path(storage) / "evalall" / "eval" / row["trial_id"] / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_raycls_eval_twice_leaves_one_set_of_columns(e2e, tmp_path: Path, capsys) -> None:
     """`raycls eval` after the search: the full suite, then the default one again on the best two trials;
     one row per trial, and only the last evaluation's columns."""
@@ -257,6 +258,7 @@ def e2e_report(e2e, chromium):
     return Path(storage) / "e2e" / "report" / "report.html", done.stdout
 
 
+@pytest.mark.slow
 def test_report_of_a_digits_search_has_every_section(e2e, e2e_report) -> None:
     html, printed = e2e_report
     page = html.read_text()
@@ -273,6 +275,7 @@ def test_report_of_a_digits_search_has_every_section(e2e, e2e_report) -> None:
     assert page.count("data:image/png;base64,") >= 2 and "confusion matrix" in page and "reliability" in page
 
 
+@pytest.mark.slow
 def test_report_pngs_are_images_and_wandb_has_the_figures(e2e, e2e_report, chromium) -> None:
     from PIL import Image
 
@@ -295,6 +298,7 @@ def test_report_pngs_are_images_and_wandb_has_the_figures(e2e, e2e_report, chrom
         assert json.loads(figure.read_text())["data"], figure
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(e2e_report, chromium, tmp_path: Path) -> None:
     """Opened from a file, offline, in headless Chromium (driven by Playwright): no page error, no console
     error, every figure drawn, and a screenshot with content. (WebGL's performance warnings are warnings.)"""
@@ -325,6 +329,7 @@ def test_report_renders_in_headless_chromium(e2e_report, chromium, tmp_path: Pat
         assert image.height > 3000 and len(colours) > 100, "the screenshot is blank or cut short"
 
 
+@pytest.mark.slow
 def test_optuna_dashboard_serves_the_experiments_study(e2e, tmp_path: Path) -> None:
     """`optuna-dashboard <storage>/<experiment>/optuna.journal`, as the README says: its API lists the study."""
     import socket
@@ -357,8 +362,9 @@ def test_optuna_dashboard_serves_the_experiments_study(e2e, tmp_path: Path) -> N
     assert study["directions"] == ["maximize"] and len(detail["trials"]) == 8
 
 
-def test_report_of_one_trial_and_of_only_failed_trials_says_so(local_ray, tmp_path: Path, capsys) -> None:
-    """`raycls tune` ends with the report (here in-process, on the module's Ray); one trial, or only failed
+@pytest.mark.slow
+def test_report_of_one_trial_and_of_only_failed_trials_says_so(ray_local, tmp_path: Path, capsys) -> None:
+    """`raycls tune` ends with the report (here in-process, on the session's Ray); one trial, or only failed
     ones, still get a report that says so."""
     from raycls.cli import main
     from raycls.report.page import write_report
@@ -385,7 +391,8 @@ space:
     assert "No trial ended with a score" in page and "no-images" in page  # the errors, in the leaderboard
 
 
-def test_recipes_search_samples_the_toolkit_and_stops_on_plateaus(local_ray, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_recipes_search_samples_the_toolkit_and_stops_on_plateaus(ray_local, tmp_path: Path) -> None:
     """search_spaces/recipes-digits.yaml (optimizers, SAM, Lookahead, gradient centralisation, lr multiplier,
     RandAugment, erasing, affine) end to end. Early stopping that no epoch can satisfy (min_delta 0.5) ends
     every trial at its second epoch: `completed` with `stopped_by: patience`, and Optuna is told COMPLETE
@@ -413,7 +420,8 @@ def test_recipes_search_samples_the_toolkit_and_stops_on_plateaus(local_ray, tmp
         assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == pytest.approx(row["score"])
 
 
-def test_grid_search_runs_every_combination_once(local_ray, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_grid_search_runs_every_combination_once(ray_local, tmp_path: Path) -> None:
     """search.algorithm: grid (Optuna's GridSampler): a space of choices, each combination exactly once."""
     from raycls.errors import ConfigError
     from raycls.search import SAMPLERS
@@ -436,6 +444,7 @@ space:
         SAMPLERS.create("grid", mixed.search, mixed.space)
 
 
+@pytest.mark.slow
 def test_history_dataset_has_every_epoch(e2e) -> None:
     history = read_leaderboard(e2e[1], "e2e", kind="history").table
     rows = read_leaderboard(e2e[1], "e2e").table.to_pylist()
@@ -456,7 +465,8 @@ def test_conditional_space_through_the_searcher(tmp_path: Path) -> None:
     assert seen[0]["train.lr"] == 1e30  # points_to_evaluate come first
 
 
-def test_two_worker_ddp_trial(local_ray, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_two_worker_ddp_trial(ray_local, tmp_path: Path) -> None:
     space = write_yaml(tmp_path / "ddp.yaml", """
 experiment: {name: ddp, trials: 1, concurrency: 1, resources: {workers: 2, cpus_per_worker: 1}}
 scheduler: {name: fifo}
@@ -486,6 +496,7 @@ wandb: {mode: disabled}
     assert ray.available_resources().get("CPU", 0) == 8
 
 
+@pytest.mark.slow
 def test_resume_after_driver_sigkill(tmp_path: Path) -> None:
     space = write_yaml(tmp_path / "resume.yaml", """
 experiment: {name: resume, trials: 6, concurrency: 1}
@@ -508,8 +519,9 @@ space:
     assert all(r["status"] == "completed" for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("snapshot", ["kept", "lost"])
-def test_resume_writes_the_row_of_a_trial_optuna_closed_before_the_kill(local_ray, tmp_path: Path, snapshot: str) -> None:
+def test_resume_writes_the_row_of_a_trial_optuna_closed_before_the_kill(ray_local, tmp_path: Path, snapshot: str) -> None:
     """Tune tells Optuna a trial ended before its callbacks write the row: a kill in between left a COMPLETE
     Optuna trial without a row (seen in the fault tests, once in five). Removing a row makes that moment
     here. `--resume` writes the row from the trial's folder, with Tune's snapshot (`kept`: Tune restores the
@@ -546,6 +558,7 @@ space:
     assert sorted(h["epoch"] for h in history if h["trial_id"] == victim) == [1, 2]
 
 
+@pytest.mark.slow
 def test_api_key_never_written(e2e) -> None:
     _, storage, _ = e2e
     files = [p for p in Path(storage).rglob("*") if p.is_file()]
@@ -554,7 +567,8 @@ def test_api_key_never_written(e2e) -> None:
     assert not leaked, leaked
 
 
-def test_fractional_gpus_pack_four_trials_on_one_gpu(local_ray, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_fractional_gpus_pack_four_trials_on_one_gpu(ray_local, tmp_path: Path) -> None:
     space = write_yaml(tmp_path / "frac.yaml", """
 experiment: {name: frac, trials: 4, resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0.25}}
 scheduler: {name: fifo}
@@ -586,7 +600,8 @@ def test_warm_start_seeds_the_study(tmp_path: Path) -> None:
     assert [t.params["train.lr"] for t in seeded] == [0.001, 0.01]
 
 
-def test_raycls_train_through_ray_train(local_ray, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_raycls_train_through_ray_train(ray_local, tmp_path: Path) -> None:
     from raycls.config import Resources
     from raycls.train.ray_train import train_with_ray
 
@@ -599,7 +614,8 @@ def test_raycls_train_through_ray_train(local_ray, tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / "best" / "model.pt").is_file()
 
 
-def test_distilled_trial_records_its_teacher(local_ray, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_distilled_trial_records_its_teacher(ray_local, tmp_path: Path) -> None:
     space = write_yaml(tmp_path / "ema.yaml", """
 experiment: {name: ema, trials: 1}
 scheduler: {name: fifo}
@@ -616,7 +632,7 @@ def _git(folder: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_fast_dev_run_search_logs_lines_and_records_provenance(local_ray, tmp_path: Path, capsys) -> None:
+def test_fast_dev_run_search_logs_lines_and_records_provenance(ray_local, tmp_path: Path, capsys) -> None:
     """`raycls tune --fast-dev-run` (two one-epoch trials) from a space in the user's git repository, with
     stdout not a terminal (as under `ray job submit` or nohup): one line per trial event; the rows carry the
     repository's commit, and the experiment folder the YAML as run."""
@@ -670,6 +686,7 @@ def test_git_state_of_the_space_file(tmp_path: Path) -> None:
     assert git_state(other).dirty is True
 
 
+@pytest.mark.slow
 def test_replay_a_row_reproduces_its_losses(e2e, tmp_path: Path, capsys) -> None:
     """`raycls train --trial EXPERIMENT/TRIAL_ID --no-ray` retrains the row's config and seed: on CPU its
     per-epoch losses are the row's."""
