@@ -30,7 +30,8 @@ from raycls.results.leaderboard import TrialRecord, write_trial
 from raycls.results.provenance import write_space_as_run
 from raycls.results.row import param_types
 from raycls.tune.resume import TRIAL_ID_ATTR
-from raycls.tune.searcher import journal_path, open_study_storage
+from raycls.storage import journal_file
+from raycls.tune.searcher import open_study_storage
 
 SPACE = """
 experiment: {{name: {name}, trials: {trials}, metric: val_acc, mode: max}}
@@ -55,7 +56,7 @@ def synthetic_experiment(storage: Path, name: str, trials: int, seed: int = 0) -
     write_space_as_run(experiment, str(storage))
     types = param_types(experiment)
     study = optuna.create_study(study_name=name, direction="maximize",
-                                storage=open_study_storage(journal_path(storage / name)))  # fmt: skip
+                                storage=open_study_storage(journal_file(storage / name)))  # fmt: skip
     distributions = {
         "train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
         "train.weight_decay": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True),

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from raycls.errors import RayclsError
 from raycls.ranking import Ranking
-from raycls.storage import is_local
+from raycls.storage import ExperimentPaths, is_local
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Ray-distributed hyperparameter search for image classification.")  # fmt: skip
@@ -442,7 +442,7 @@ def export_(
         raise RayclsError(f"--format {format!r}: only onnx is supported")
     root = storage_root(storage)
     model = load_trial_model(root, experiment, trial)
-    out = out or Path(root) / experiment / "export" / model.trial_id
+    out = out or Path(ExperimentPaths(root, experiment).export_dir(model.trial_id))
     if not is_local(str(out)):
         raise RayclsError(f"--out {out}: export writes to a local folder; use --out DIR")
     started = time.perf_counter()

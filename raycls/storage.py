@@ -5,10 +5,19 @@
         history/<trial_id>.parquet       the trial's per-epoch metrics
         space.yaml                       the search space as run (--set applied)
         train_runs/train-<trial_id>/     the Ray Train run of a multi-worker trial
-        .raycls/                         raycls's own bookkeeping (a whole copy of Tune's snapshot, ...)
+        eval/<trial_id>/                 the held-out evaluation (metrics.json, tables, plots)
+        export/<trial_id>/               raycls export: model.onnx, export.json
+        report/report.html               raycls report (and its PNGs)
+        serve/requests/                  raycls serve's request log
+        .raycls/tune-snapshot/           a whole copy of Tune's latest snapshot (raycls.tune.resume)
+        .raycls/search_end.json          why the last run ended early (raycls.tune.stop)
+        .raycls/index/<kind>.parquet     the leaderboard's query index (raycls.results.index)
         optuna.journal                   the study (local storage; object storage keeps it in the cache)
         <trial folders>, tuner.pkl, experiment_state-*.json: Ray Tune's own
     <trial folder>/config.json           the trial's resolved TrialConfig
+
+    `raycls train --out DIR` (RunPaths):
+        config.json, metrics.json, checkpoints/{best,last}/, eval/
 
 `storage` is a local path or a URI (s3://, gs://, hdfs://, file://); pyarrow's filesystems read and write
 all of them alike, so nothing else in raycls parses a URI.
@@ -33,8 +42,64 @@ TRAIN_RUNS_DIR = "train_runs"
 EVAL_DIR = "eval"  # eval/<trial_id>/: the held-out evaluation of the trial's best weights
 RAYCLS_DIR = ".raycls"
 TRIAL_CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"  # a `raycls train --out` run's summary and history; an evaluation's metrics
+EXPORT_DIR = "export"
+REPORT_DIR = "report"
+REPORT_FILE = "report.html"
+SERVE_LOG_DIR = "serve/requests"
+JOURNAL_FILE = "optuna.journal"
+END_FILE = "search_end.json"
+SNAPSHOT_DIR = "tune-snapshot"
+INDEX_DIR = f"{RAYCLS_DIR}/index"
+CHECKPOINTS_DIR = "checkpoints"
+BEST, LAST = "best", "last"
 # Files that need a local filesystem (the Optuna journal, offline W&B runs) when the storage is a URI.
 CACHE_ENV = "RAYCLS_CACHE"
+
+
+def journal_file(state_dir: Path) -> Path:
+    """The Optuna study of the experiment whose local state folder is `state_dir` (ExperimentPaths.state_dir)."""
+    return state_dir / JOURNAL_FILE
+
+
+def end_file(state_dir: Path) -> Path:
+    return state_dir / RAYCLS_DIR / END_FILE
+
+
+def kept_snapshot_dir(experiment_dir: Path) -> Path:
+    return experiment_dir / RAYCLS_DIR / SNAPSHOT_DIR
+
+
+def aside_dir(experiment_dir: Path, name: str) -> Path:
+    """Where broken Tune snapshot files are moved for a post-mortem (Tune never looks there)."""
+    return experiment_dir / RAYCLS_DIR / name
+
+
+def index_file(experiment_root: str, kind: str) -> str:
+    return f"{experiment_root}/{INDEX_DIR}/{kind}.parquet"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one `raycls train --out DIR` run."""
+
+    out: Path
+
+    @property
+    def config(self) -> Path:
+        return self.out / TRIAL_CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / METRICS_FILE
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.out.absolute() / EVAL_DIR
+
+    def checkpoint(self, which: str) -> Path:
+        """`best` or `last`."""
+        return self.out / CHECKPOINTS_DIR / which
 
 
 def is_local(storage: str) -> bool:
@@ -106,11 +171,33 @@ class ExperimentPaths:
     def eval_dir(self, trial_id: str) -> str:
         return f"{self.root}/{EVAL_DIR}/{trial_id}"
 
+    def eval_metrics(self, trial_id: str) -> str:
+        return f"{self.eval_dir(trial_id)}/{METRICS_FILE}"
+
     def train_runs(self) -> str:
         return f"{self.root}/{TRAIN_RUNS_DIR}"
 
     def raycls_dir(self) -> Path | None:
         return self.folder / RAYCLS_DIR if self.folder is not None else None
+
+    def export_dir(self, trial_id: str) -> str:
+        return f"{self.root}/{EXPORT_DIR}/{trial_id}"
+
+    def report_file(self) -> Path:
+        """Local (object storage: under the cache), so that a browser and kaleido can open it."""
+        return (self.folder or self.state_dir) / REPORT_DIR / REPORT_FILE
+
+    def serve_log_dir(self) -> Path:
+        return (self.folder or self.state_dir) / SERVE_LOG_DIR
+
+    def journal(self) -> Path:
+        return journal_file(self.state_dir)
+
+    def end_file(self) -> Path:
+        return end_file(self.state_dir)
+
+    def index(self, kind: str) -> str:
+        return index_file(self.root, kind)
 
     # ------------------------------------------------------------------------------------------- access
     @cached_property

@@ -127,13 +127,14 @@ def assert_resumed_whole(storage: Path, experiment: str, trials: int, before: di
 
     from raycls.results import read_leaderboard
     from raycls.tune.resume import LOST_ATTR, ROW_STATES, TRIAL_ID_ATTR
-    from raycls.tune.searcher import journal_path, open_study_storage
+    from raycls.storage import journal_file
+    from raycls.tune.searcher import open_study_storage
 
     rows = read_leaderboard(str(storage), experiment).table.to_pylist()
     assert len(rows) == trials and len({r["trial_id"] for r in rows}) == trials, [r["trial_id"] for r in rows]
     after = rows_written(storage / experiment / "leaderboard")
     assert all(after[name] == mtime for name, mtime in before.items())  # finished trials were not rewritten
-    study = optuna.load_study(study_name=experiment, storage=open_study_storage(journal_path(storage / experiment)))
+    study = optuna.load_study(study_name=experiment, storage=open_study_storage(journal_file(storage / experiment)))
     by_id = {t.user_attrs.get(TRIAL_ID_ATTR): t for t in study.trials}
     for row in rows:
         assert by_id[row["trial_id"]].state == ROW_STATES[row["status"]], row["trial_id"]

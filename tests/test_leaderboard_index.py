@@ -12,7 +12,7 @@ import pytest
 
 from raycls.cli import main
 from raycls.results import index
-from raycls.results.index import INDEX_DIR
+from raycls.storage import INDEX_DIR
 from raycls.results.leaderboard import TrialRecord, read_leaderboard, update_evaluation, write_trial
 
 

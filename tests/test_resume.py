@@ -10,8 +10,8 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from raycls.storage import kept_snapshot_dir
 from raycls.tune.resume import (
-    KEPT_DIR,
     LOST_ATTR,
     TRIAL_ID_ATTR,
     ResumeMode,
@@ -40,7 +40,7 @@ def test_a_snapshot_cut_short_is_a_problem(tmp_path: Path) -> None:
 def test_the_kept_snapshot_replaces_a_broken_one(tmp_path: Path) -> None:
     (tmp_path / "tuner.pkl").write_bytes(b"tuner")
     write_snapshot(tmp_path, "2026-01-01_00-00-00", trials=3)
-    write_snapshot(tmp_path / KEPT_DIR, "2026-01-01_00-00-00", trials=4)  # kept at the newer snapshot
+    write_snapshot(kept_snapshot_dir(tmp_path), "2026-01-01_00-00-00", trials=4)  # kept at the newer snapshot
     (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text("")  # the kill emptied Tune's copy
     plan = prepare_resume(tmp_path, can_restore=True)
     assert plan.mode is ResumeMode.RESTORE and plan.repaired

@@ -29,7 +29,8 @@ from raycls.report.figures import pareto as pareto_section
 from raycls.results import read_leaderboard
 from raycls.results.pareto import mark_pareto, non_dominated_ranks
 from raycls.tune.driver import TuneOptions, run_tune
-from raycls.tune.searcher import create_searcher, journal_path, open_study_storage
+from raycls.storage import journal_file
+from raycls.tune.searcher import create_searcher, open_study_storage
 
 from .conftest import write_yaml
 
@@ -43,7 +44,7 @@ NO_EVAL = BASE + "  eval: {on: none}\n"
 
 
 def study_of(storage: str, name: str) -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_study_storage(journal_path(Path(storage) / name)))
+    return optuna.load_study(study_name=name, storage=open_study_storage(journal_file(Path(storage) / name)))
 
 
 def dominates(a: list[float], b: list[float]) -> bool:
@@ -98,7 +99,7 @@ def test_warm_start_keeps_the_parameters_that_still_fit(tmp_path: Path) -> None:
     """The old search had train.momentum (now gone) and lr in [1e-4, 1e-1] (now [1e-3, 1e-1]) and widths
     8/16 (now 16/32): each old trial keeps what fits, and one with nothing left is dropped."""
     old_dir = tmp_path / "results" / "old"
-    old = optuna.create_study(study_name="old", storage=open_study_storage(journal_path(old_dir)), direction="maximize")
+    old = optuna.create_study(study_name="old", storage=open_study_storage(journal_file(old_dir)), direction="maximize")
     distributions = {"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
                      "model.width": optuna.distributions.CategoricalDistribution([8, 16]),
                      "train.momentum": optuna.distributions.FloatDistribution(0.8, 0.99)}  # fmt: skip

@@ -140,9 +140,10 @@ def test_every_trial_folder_holds_its_resolved_config(e2e) -> None:
 @pytest.mark.slow
 def test_optuna_study_states_match_leaderboard(e2e) -> None:
     experiment, storage, _ = e2e
-    from raycls.tune.searcher import journal_path, open_study_storage
+    from raycls.storage import journal_file
+    from raycls.tune.searcher import open_study_storage
 
-    study = optuna.load_study(study_name="e2e", storage=open_study_storage(journal_path(Path(storage) / "e2e")))
+    study = optuna.load_study(study_name="e2e", storage=open_study_storage(journal_file(Path(storage) / "e2e")))
     by_state = {s: sum(t.state == s for t in study.trials) for s in optuna.trial.TrialState}
     rows = read_leaderboard(storage, "e2e").table.to_pylist()
     assert by_state[optuna.trial.TrialState.COMPLETE] == sum(r["status"] == "completed" for r in rows)
@@ -397,7 +398,8 @@ def test_recipes_search_samples_the_toolkit_and_stops_on_plateaus(ray_local, tmp
     RandAugment, erasing, affine) end to end. Early stopping that no epoch can satisfy (min_delta 0.5) ends
     every trial at its second epoch: `completed` with `stopped_by: patience`, and Optuna is told COMPLETE
     with the trial's best value, the row's score."""
-    from raycls.tune.searcher import journal_path, open_study_storage
+    from raycls.storage import journal_file
+    from raycls.tune.searcher import open_study_storage
 
     overrides = {"experiment.trials": 2, "scheduler.name": "fifo", "train.epochs": 4, "model.width": 8, "eval.on": "none",
                  "train.early_stopping.patience": 1, "train.early_stopping.min_delta": 0.5}  # fmt: skip
@@ -413,7 +415,7 @@ def test_recipes_search_samples_the_toolkit_and_stops_on_plateaus(ray_local, tmp
         assert config.augment.randaugment.magnitude == row["augment.randaugment.magnitude"]
         assert config.train.lookahead.k == row["train.lookahead.k"] and config.train.optimizer == row["train.optimizer"]
         assert (config.train.sam is not None) == (row["train.optimizer"] == "sgd")
-    study = optuna.load_study(study_name="recipes-digits", storage=open_study_storage(journal_path(Path(storage) / "recipes-digits")))
+    study = optuna.load_study(study_name="recipes-digits", storage=open_study_storage(journal_file(Path(storage) / "recipes-digits")))
     told = {t.user_attrs["trial_id"]: t for t in study.trials}
     for row in rows:
         trial = told[row["trial_id"]]
@@ -586,10 +588,11 @@ space:
 
 
 def test_warm_start_seeds_the_study(tmp_path: Path) -> None:
-    from raycls.tune.searcher import journal_path, open_study_storage
+    from raycls.storage import journal_file
+    from raycls.tune.searcher import open_study_storage
 
     other = tmp_path / "other"
-    study = optuna.create_study(study_name="other", storage=open_study_storage(journal_path(other)), direction="maximize")
+    study = optuna.create_study(study_name="other", storage=open_study_storage(journal_file(other)), direction="maximize")
     for lr in (0.001, 0.01):
         study.enqueue_trial({"train.lr": lr})
         trial = study.ask()

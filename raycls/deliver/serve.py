@@ -33,6 +33,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from raycls.storage import ExperimentPaths
+
 # Serve kills an HTTP proxy that is not ready 5 s after it starts; on a loaded machine or a busy node, starting
 # the proxy's worker process alone can take longer (seen: the proxy killed before it ran, serve.start failing).
 # Read by Serve's controller, which inherits the environment of the Ray started after this import.
@@ -105,7 +107,7 @@ class RayclsService:
         trial = load_trial_model(options.storage, options.experiment, options.trial, device=str(device))
         self.options = options
         self.predictor = Predictor.from_trial(trial, device)
-        self.log_dir = Path(options.log_dir or Path(options.storage) / options.experiment / "serve" / "requests")
+        self.log_dir = Path(options.log_dir) if options.log_dir else ExperimentPaths(options.storage, options.experiment).serve_log_dir()
         self.metadata = {"experiment": trial.experiment, "trial_id": trial.trial_id, "classes": list(trial.classes),
                          "input": {"channels": trial.channels, "size": trial.image_size}, "topk": options.topk}  # fmt: skip
         # The batch size and wait are per deployment options of the batched method.

@@ -32,6 +32,7 @@ from torch import nn
 from raycls import names
 from raycls.evaluate.predict import Predictions, predict
 from raycls.registry import Registry
+from raycls.storage import METRICS_FILE
 
 if TYPE_CHECKING:
     from raycls.config.schema import EvalConfig
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
     from raycls.data.splits import Splits
     from raycls.phases import Phase
 
-METRICS_FILE = "metrics.json"
 Step = Callable[["Evaluation"], dict[str, float]]
 EVAL_STEPS: Registry[Step] = Registry("eval step")
 EVAL_SUITES: Registry[tuple[str, ...]] = Registry("eval suite")

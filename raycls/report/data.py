@@ -87,9 +87,10 @@ class ReportData:
         """The experiment's own Optuna study (its journal), or None when there is none to load."""
         import optuna
 
-        from raycls.tune.searcher import journal_path, open_study_storage
+        from raycls.storage import journal_file
+        from raycls.tune.searcher import open_study_storage
 
-        journal = journal_path(self.paths.state_dir)
+        journal = journal_file(self.paths.state_dir)
         if not journal.is_file():
             return None
         try:

@@ -22,7 +22,6 @@ from raycls.files import write_text_atomic
 from raycls.report.data import ReportData, load_report_data
 from raycls.report.figures import Section, build_sections
 
-REPORT_DIR = "report"  # <storage>/<experiment>/report/report.html and its PNGs
 PNG_SIZE = {"width": 1200, "height": 700}
 
 STYLE = """
@@ -48,7 +47,7 @@ def default_out(storage: str, experiment: str) -> Path:
     from raycls.storage import ExperimentPaths
 
     paths = ExperimentPaths(storage, experiment)
-    return (paths.folder or paths.state_dir) / REPORT_DIR / "report.html"
+    return paths.report_file()
 
 
 def write_report(storage: str, experiment: str, *, out: Path | None = None, png: bool = True,

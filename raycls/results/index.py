@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-INDEX_DIR = ".raycls/index"
+from raycls.storage import index_file
+
 # Columns that tie an index row to its file; dropped before the table is returned.
 FILE, SIZE, MTIME = "__file", "__size", "__mtime_ns"
 BOOKKEEPING = (FILE, SIZE, MTIME)
@@ -37,7 +38,7 @@ class FolderRead:
 
 
 def index_path(experiment_root: str, kind: str) -> str:
-    return f"{experiment_root}/{INDEX_DIR}/{kind}.parquet"
+    return index_file(experiment_root, kind)
 
 
 @dataclass(frozen=True)

@@ -181,7 +181,7 @@ def is_evaluation_column(name: str) -> bool:
 def read_evaluation(storage: str, experiment: str, trial_id: str) -> dict[str, Any]:
     """The trial's evaluation summary (`eval/<trial_id>/metrics.json`), or {} when it was not evaluated."""
     paths = ExperimentPaths(storage, experiment)
-    uri = f"{paths.eval_dir(trial_id)}/metrics.json"
+    uri = paths.eval_metrics(trial_id)
     try:
         return json.loads(paths.read_text(uri)) if paths.exists(uri) else {}
     except (OSError, ValueError):  # unreadable: the row is written without evaluation columns

@@ -18,12 +18,12 @@ import torch.nn as nn
 from raycls.errors import CheckpointError
 from raycls.ranking import Ranking
 from raycls.models.checkpoint import WEIGHTS_FILE, atomic_save, save_weights, unwrap
+from raycls.storage import METRICS_FILE
 
 if TYPE_CHECKING:
     from raycls.train.averaging import WeightAverage
 
 STATE_FILE = "trainer.pt"
-METRICS_FILE = "metrics.json"
 CARRY_FILE = "carry.pt"
 
 Weights = dict[str, torch.Tensor]

@@ -32,7 +32,8 @@ from raycls.search import TRIAL_SCHEDULERS
 from raycls.storage import ExperimentPaths, absolute, filesystem
 from raycls.tune.cluster import cluster_nodes, init_ray
 from raycls.tune.resume import ResumeMode, ResumePlan, SnapshotKeeper, prepare_resume, reconcile_study
-from raycls.tune.searcher import create_searcher, journal_path, open_study_storage
+from raycls.storage import journal_file
+from raycls.tune.searcher import create_searcher, open_study_storage
 from raycls.tune.stop import SearchEnd, SearchStopper, clear_end, read_end
 from raycls.tune.trainable import tune_trainable
 
@@ -161,7 +162,7 @@ def _evaluate_stopped(experiment: Experiment, storage: str) -> None:
 
 def _study(experiment: Experiment, state: Path) -> optuna.Study | None:
     """The experiment's Optuna study, when its journal holds one."""
-    journal = journal_path(state)
+    journal = journal_file(state)
     if not journal.is_file():
         return None
     try:
@@ -191,8 +192,8 @@ def _new_tuner(experiment: Experiment, options: TuneOptions, paths: ExperimentPa
     section, storage, state = experiment.experiment, paths.storage, paths.state_dir
     warm = experiment.search.warm_start
     warm_dir = ExperimentPaths(storage, warm).state_dir if warm else None
-    if warm_dir is not None and not (warm_dir / "optuna.journal").is_file():
-        raise RayclsError(f"search.warm_start: no Optuna study for experiment {warm!r} at {warm_dir}/optuna.journal")
+    if warm_dir is not None and not journal_file(warm_dir).is_file():
+        raise RayclsError(f"search.warm_start: no Optuna study for experiment {warm!r} at {journal_file(warm_dir)}")
     wandb_mode = resolve_mode(options.wandb_mode or experiment.wandb.mode)
     write_space_as_run(experiment, storage)  # `raycls tune <experiment>/space.yaml` runs this search again
     callbacks = [TrialLedger(experiment, storage, state, wandb_mode, git_state(experiment.source))]

@@ -38,9 +38,10 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from raycls.storage import aside_dir, kept_snapshot_dir
+
 # Tune's snapshot files, one of each per driver session (the newest of each is what Tune restores).
 SNAPSHOT_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
-KEPT_DIR = Path(".raycls") / "tune-snapshot"
 # The Optuna user attribute that ties an Optuna trial to its Tune trial (and so to its leaderboard row).
 TRIAL_ID_ATTR = "trial_id"
 LOST_ATTR = "raycls_lost"
@@ -105,7 +106,7 @@ def _copy_snapshot(files: dict[str, Path], dest: Path) -> None:
 
 def kept_snapshot(experiment_dir: Path) -> Path | None:
     """The newest whole snapshot raycls kept for this experiment, if any."""
-    kept = experiment_dir / KEPT_DIR
+    kept = kept_snapshot_dir(experiment_dir)
     for folder in (kept, kept.with_name(f"{kept.name}.old")):
         if folder.is_dir() and snapshot_problem(folder) is None:
             return folder
@@ -132,14 +133,14 @@ class SnapshotKeeper(Callback):
         if self.staging is not None:
             files = newest_snapshot(Path(self.staging))
             if files is not None:
-                _copy_snapshot(files, Path(self.experiment_dir) / KEPT_DIR)
+                _copy_snapshot(files, kept_snapshot_dir(Path(self.experiment_dir)))
         return None
 
 
 def _clear_tune_snapshot(experiment_dir: Path, *, keep_as: str | None) -> None:
     """Remove Tune's snapshot files from the experiment folder; broken ones are moved aside (`keep_as`)
     for a post-mortem instead, under `.raycls/`, where Tune never looks."""
-    aside = experiment_dir / ".raycls" / keep_as if keep_as else None
+    aside = aside_dir(experiment_dir, keep_as) if keep_as else None
     for pattern in SNAPSHOT_PATTERNS:
         for path in experiment_dir.glob(pattern):
             if aside is None:

@@ -29,6 +29,7 @@ from raycls.config.space import Space, suggest
 from raycls import names
 from raycls.ranking import Ranking
 from raycls.search import SAMPLERS
+from raycls.storage import journal_file
 from raycls.tune.resume import TRIAL_ID_ATTR
 
 class SpaceFunction:
@@ -54,10 +55,6 @@ def stopped_early(result: dict[str, Any] | None) -> bool:
     if not result or names.EPOCH not in result or names.MAX_EPOCHS not in result:
         return False
     return result[names.EPOCH] < result[names.MAX_EPOCHS] and result.get(names.STOPPED_BY) != names.PATIENCE
-
-
-def journal_path(experiment_dir: Path) -> Path:
-    return experiment_dir / "optuna.journal"
 
 
 def open_study_storage(path: Path) -> optuna.storages.BaseStorage:
@@ -267,6 +264,6 @@ def create_searcher(experiment: Experiment, experiment_dir: Path, warm_start_dir
             update={"params": {k: v for k, v in experiment.space.params.items() if k not in experiment.overrides}})),
         points_to_evaluate=[dict(p) for p in search.points_to_evaluate] or None,
         study_name=experiment.name,
-        storage=open_study_storage(journal_path(experiment_dir)),
-        warm_start_journal=journal_path(warm_start_dir) if warm_start_dir else None,
+        storage=open_study_storage(journal_file(experiment_dir)),
+        warm_start_journal=journal_file(warm_start_dir) if warm_start_dir else None,
     )

@@ -23,8 +23,8 @@ from ray.tune import Stopper
 from raycls.config.experiment import Experiment
 from raycls.files import write_text_atomic
 from raycls.ranking import Ranking
+from raycls.storage import end_file
 
-END_FILE = "search_end.json"
 Reason = Literal["time_budget", "target"]
 
 
@@ -33,10 +33,6 @@ class SearchEnd:
     reason: Reason
     detail: str  # for people: "its 60 s time budget was spent", "trial 3f2a_00004 reached val_acc=0.991 (target 0.99)"
     elapsed_s: float
-
-
-def end_file(state_dir: Path) -> Path:
-    return state_dir / ".raycls" / END_FILE
 
 
 def read_end(state_dir: Path) -> SearchEnd | None:
