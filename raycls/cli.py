@@ -71,7 +71,7 @@ def _job_from_row(reference: str, overrides: list[str], storage: str, fast_dev_r
     from raycls.config import TrialConfig, load_experiment, parse_overrides
     from raycls.config.experiment import Resources
     from raycls.config.load import set_path
-    from raycls.results.references import replay_row
+    from raycls.references import replay_row
     from raycls.storage import ExperimentPaths
 
     row = replay_row(storage, reference)
@@ -478,7 +478,7 @@ def predict_(
     from raycls.deliver.model import load_trial_model
     from raycls.deliver.predict import Predictor, image_paths, predict, write_predictions
 
-    from raycls.train.local import default_device
+    from raycls.train.steps import default_device
 
     run_on = torch.device(device) if device else default_device()
     if source.endswith(".onnx"):

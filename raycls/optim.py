@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from raycls.config.schema import TrainConfig
-from raycls.models.registry import classifier_of
+from raycls.models.classifier import classifier_of
 from raycls.registry import Registry
 
 OptimizerFactory = Callable[[list[dict], TrainConfig], torch.optim.Optimizer]

@@ -17,7 +17,7 @@ from raycls.config.experiment import Experiment
 from raycls.config.schema import ModelConfig, TrialConfig
 from raycls.errors import ConfigError
 from raycls.phases.base import check_experiment_metric, check_objectives, check_stages
-from raycls.results.references import resolve_references
+from raycls.references import resolve_references
 from raycls.search import check_search
 from raycls.storage import is_local
 

@@ -25,10 +25,11 @@ FAMILIES: dict[str, "Registry"] = {}
 BUILTIN_MODULES: dict[str, str] = {
     "dataset": "raycls.data.datasets",
     "resize": "raycls.images",
-    "augmentation": "raycls.data.augment",
+    "augmentation": "raycls.data.policies",  # imports raycls.data.augment: every op, base and policy
     "model": "raycls.models",
     "small-input adapter": "raycls.models",
     "loss": "raycls.losses",
+    "margin loss": "raycls.losses",
     "kd loss": "raycls.losses",
     "alpha schedule": "raycls.losses",
     "phase": "raycls.phases",
@@ -39,6 +40,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "eval suite": "raycls.evaluate.suite",
     "eval step": "raycls.evaluate.suite",
     "ood set": "raycls.evaluate.suite",
+    "shift set": "raycls.evaluate.suite",
     "ood scorer": "raycls.evaluate.ood",
     "corruption": "raycls.evaluate.shift",
     "report section": "raycls.report.figures",
@@ -107,6 +109,17 @@ def load_builtins() -> None:
     """Every family's built-in entries (contract tests walk them all)."""
     for family in list(BUILTIN_MODULES):
         load_family(family)
+
+
+def is_registered(family: str, name: str) -> bool:
+    load_family(family)
+    return name in FAMILIES[family]
+
+
+def known(family: str) -> list[str]:
+    """The registered names of a family, sorted."""
+    load_family(family)
+    return FAMILIES[family].names()
 
 
 def check_name(family: str, name: str) -> str:

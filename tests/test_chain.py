@@ -17,7 +17,7 @@ from raycls import names
 from raycls.models.checkpoint import backbone_weights
 from raycls.phases.base import check_experiment_metric
 from raycls.results.leaderboard import TrialRecord, param_columns, read_leaderboard, stage_columns, write_trial
-from raycls.results.references import resolve_references
+from raycls.references import resolve_references
 from raycls.phases.base import Previous
 from raycls.train.chain import fit
 from raycls.train.loop import RunContext, build, load_data

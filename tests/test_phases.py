@@ -108,7 +108,7 @@ def test_distill_teacher_errors(teacher: Path, tmp_path: Path) -> None:
 def test_teacher_reference_resolves_to_the_best_trials_checkpoint(teacher: Path, tmp_path: Path) -> None:
     from raycls.config import load_experiment
     from raycls.results import TrialRecord, write_trial
-    from raycls.results.references import resolve_references
+    from raycls.references import resolve_references
 
     storage = str(tmp_path / "results")
     teacher_config = TrialConfig.model_validate({**DIGITS, "model": {"width": 16}})

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, Field, SerializeAsA
 
 from raycls.errors import RegistryError
 from raycls.registry import check_name as _check_name
+from raycls.registry import is_registered, known
 
 
 def check_name(family: str, name: str) -> str:
@@ -21,6 +22,13 @@ def check_name(family: str, name: str) -> str:
         return _check_name(family, name)
     except RegistryError as err:
         raise ValueError(str(err)) from None
+
+
+def _set_name(name: str, family: str, what: str) -> str:
+    """An OOD or shift set: one of the family's own (generated images, the corruption suite) or a dataset."""
+    if not is_registered(family, name) and not is_registered("dataset", name):
+        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(known(family))}, or a dataset: {', '.join(known('dataset'))}")
+    return name
 
 
 def registered(family: str, field: str) -> Any:
@@ -147,11 +155,8 @@ class MetricConfig(PhaseConfig):
     @classmethod
     def _margin_loss(cls, name: str) -> str:
         check_name("loss", name)
-        from raycls.losses import LOSSES, MarginLoss
-
-        if not issubclass(LOSSES.get(name), MarginLoss):
-            margin = sorted(n for n in LOSSES.names() if issubclass(LOSSES.get(n), MarginLoss))
-            raise ValueError(f"loss {name!r} is not a margin loss; margin losses: {', '.join(margin)}")
+        if not is_registered("margin loss", name):
+            raise ValueError(f"loss {name!r} is not a margin loss; margin losses: {', '.join(known('margin loss'))}")
         return name
 
 
@@ -488,16 +493,12 @@ class EvalConfig(Frozen):
     @field_validator("ood")
     @classmethod
     def _ood_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from raycls.evaluate.suite import check_ood_name
-
-        return tuple(check_ood_name(name) for name in value)
+        return tuple(_set_name(name, "ood set", "OOD set") for name in value)
 
     @field_validator("shift")
     @classmethod
     def _shift_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from raycls.evaluate.suite import check_shift_name
-
-        return tuple(check_shift_name(name) for name in value)
+        return tuple(_set_name(name, "shift set", "shift set") for name in value)
 
     @field_validator("corruptions")
     @classmethod

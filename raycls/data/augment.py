@@ -200,7 +200,3 @@ def _in_pixel_space(
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     return (op(x * s + m, value, gen) - m) / s
 
-
-# The policies and the other per-image ops register themselves into AUGMENTATIONS (after the base ops:
-# they use this module's helpers).
-from raycls.data import policies as _policies  # noqa: E402,F401

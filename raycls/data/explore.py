@@ -115,7 +115,7 @@ def leakage(train: ArrayData, test: ArrayData) -> dict[str, Any]:
 
 def explore(config: TrialConfig, out: Path) -> dict[str, Any]:
     """Write `data_report.json` and its PNGs into `out`; returns the report."""
-    from raycls.evaluate.plots import bars, histograms, image_grid
+    from raycls.plots import bars, histograms, image_grid
 
     # Image files are listed (the splits a trial carves, as files) to measure the files, then decoded.
     listed = config.data.model_copy(update={"loader": "stream"}) if DATASETS.get(config.data.name).list_files else config.data

@@ -134,7 +134,7 @@ def predict(predictor: Predictor, paths: list[Path], *, topk: int = 3, tta: bool
 
 def _gradcam(predictor: Predictor, batch: torch.Tensor, paths: list[Path], targets: torch.Tensor, folder: Path) -> None:
     from raycls.evaluate.cam import LogitsOf, gradcam_pp
-    from raycls.evaluate.plots import image_grid
+    from raycls.plots import image_grid
 
     if predictor.module is None:
         raise RayclsError("--gradcam needs the PyTorch model (an experiment), not an ONNX file")

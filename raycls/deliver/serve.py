@@ -101,7 +101,7 @@ class RayclsService:
         from raycls.deliver.model import load_trial_model
         from raycls.deliver.predict import Predictor
 
-        from raycls.train.local import default_device
+        from raycls.train.steps import default_device
 
         device = torch.device(options.device) if options.device else default_device()
         trial = load_trial_model(options.storage, options.experiment, options.trial, device=str(device))

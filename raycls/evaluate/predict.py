@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,15 @@ from torch import nn
 
 if TYPE_CHECKING:
     from raycls.data.datasets import ArrayData
-    from raycls.phases import Phase
+
+
+class Predicts(Protocol):
+    """What the suite needs of a training phase (raycls.phases.Phase is one): the logits and embeddings of one
+    forward pass, and the backbone. Named here so that evaluation depends on no phase."""
+
+    def outputs(self, model: nn.Module, x: torch.Tensor) -> Any: ...
+
+    def backbone(self, model: nn.Module) -> nn.Module: ...
 
 
 @dataclass
@@ -58,7 +66,7 @@ OutputsFn = Callable[[torch.Tensor], "tuple[torch.Tensor | None, torch.Tensor | 
 @torch.no_grad()
 def predict(
     model: nn.Module,
-    phase: Phase,
+    phase: Predicts,
     data: ArrayData,
     *,
     mean: tuple[float, ...],

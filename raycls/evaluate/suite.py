@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from raycls import names
-from raycls.evaluate.predict import Predictions, predict
+from raycls.evaluate.predict import Predictions, Predicts, predict
 from raycls.registry import Registry
 from raycls.storage import METRICS_FILE
 
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from raycls.config.schema import EvalConfig
     from raycls.data.datasets import ArrayData
     from raycls.data.splits import Splits
-    from raycls.phases import Phase
 
 Step = Callable[["Evaluation"], dict[str, float]]
 EVAL_STEPS: Registry[Step] = Registry("eval step")
@@ -46,6 +45,9 @@ EVAL_SUITES: Registry[tuple[str, ...]] = Registry("eval suite")
 # OOD sets made on the fly, no download: (n, channels, size, seed) -> uint8 images.
 GENERATED_OOD: Registry[Callable[[int, int, int, int], torch.Tensor]] = Registry("ood set")
 CORRUPTIONS_SET = "corruptions"  # `eval.shift: [corruptions]`: the generated corruption suite
+# Shift sets that are not datasets (a dataset with the same classes, such as cifar10_1, is one too).
+SHIFT_SETS: Registry[str] = Registry("shift set")
+SHIFT_SETS.register(CORRUPTIONS_SET)(CORRUPTIONS_SET)
 step = EVAL_STEPS.register
 
 
@@ -54,7 +56,7 @@ class Evaluation:
     """One model's evaluation: its inputs, the predictions made so far, and where files go (rank 0)."""
 
     model: nn.Module
-    phase: Phase
+    phase: Predicts
     splits: Splits
     config: EvalConfig
     out: Path
@@ -154,7 +156,7 @@ def classification_step(ev: Evaluation) -> dict[str, float]:
         confusion_matrix,
         per_class_report,
     )
-    from raycls.evaluate.plots import confusion_png
+    from raycls.plots import confusion_png
 
     test = ev.predictions("test")
     if test.logits is None:
@@ -173,7 +175,7 @@ def classification_step(ev: Evaluation) -> dict[str, float]:
 @step("calibration")
 def calibration_step(ev: Evaluation) -> dict[str, float]:
     from raycls.evaluate.calibration import calibration_metrics, reliability_bins
-    from raycls.evaluate.plots import reliability_diagram
+    from raycls.plots import reliability_diagram
 
     test = ev.predictions("test")
     if test.logits is None:
@@ -295,7 +297,7 @@ def registered_set(ev: Evaluation, name: str, *, what: str) -> ArrayData:
 @step("ood")
 def ood_step(ev: Evaluation) -> dict[str, float]:
     from raycls.evaluate.ood import OOD_SCORERS, fit_feature_stats, separation
-    from raycls.evaluate.plots import histograms
+    from raycls.plots import histograms
 
     test = ev.predictions("test")
     if test.logits is None or not ev.config.ood:
@@ -320,7 +322,7 @@ def ood_step(ev: Evaluation) -> dict[str, float]:
 @step("shift")
 def shift_step(ev: Evaluation) -> dict[str, float]:
     from raycls.data.datasets import ArrayData
-    from raycls.evaluate.plots import bars
+    from raycls.plots import bars
     from raycls.evaluate.shift import corrupt
 
     clean = ev.predictions("test")
@@ -354,7 +356,7 @@ def shift_step(ev: Evaluation) -> dict[str, float]:
 @step("errors")
 def errors_step(ev: Evaluation) -> dict[str, float]:
     from raycls.evaluate.errors import confident_mistakes, label_issues
-    from raycls.evaluate.plots import image_grid
+    from raycls.plots import image_grid
 
     test = ev.predictions("test")
     if test.logits is None:
@@ -376,7 +378,7 @@ def errors_step(ev: Evaluation) -> dict[str, float]:
 def cam_step(ev: Evaluation) -> dict[str, float]:
     from raycls.evaluate.cam import LogitsOf, gradcam_pp
     from raycls.evaluate.errors import confident_mistakes
-    from raycls.evaluate.plots import image_grid
+    from raycls.plots import image_grid
 
     test = ev.predictions("test")
     if test.logits is None or not ev.writes:
@@ -413,7 +415,7 @@ def _normalise(ev: Evaluation, images: torch.Tensor) -> torch.Tensor:
 def embedding_map_step(ev: Evaluation) -> dict[str, float]:
     from sklearn.manifold import TSNE
 
-    from raycls.evaluate.plots import scatter_2d
+    from raycls.plots import scatter_2d
 
     test = ev.predictions("test")
     if test.embeddings is None or not ev.writes or len(test) < 10:
@@ -464,24 +466,6 @@ def textures(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
     pattern = torch.where(torch.rand(n, 1, 1, generator=g) < 0.5, wave, checker)
     colour = torch.rand(n, channels, 1, 1, generator=g)
     return ((pattern[:, None] * 0.5 + 0.5) * colour * 255).round().to(torch.uint8)
-
-
-def check_ood_name(name: str) -> str:
-    """`eval.ood` entries: a generated set or a registered dataset (ValueError listing them otherwise)."""
-    from raycls.data.datasets import DATASETS
-
-    if name not in GENERATED_OOD and name not in DATASETS:
-        raise ValueError(f"unknown OOD set {name!r}; generated: {', '.join(GENERATED_OOD.names())}; "
-                         f"or a dataset: {', '.join(DATASETS.names())}")  # fmt: skip
-    return name
-
-
-def check_shift_name(name: str) -> str:
-    from raycls.data.datasets import DATASETS
-
-    if name != CORRUPTIONS_SET and name not in DATASETS:
-        raise ValueError(f"unknown shift set {name!r}; known: {CORRUPTIONS_SET}, or a dataset: {', '.join(DATASETS.names())}")
-    return name
 
 
 DEFAULT_STEPS = ("classification", "calibration", "knn_if_no_classifier")

@@ -36,6 +36,13 @@ from raycls.losses.margin import (  # noqa: E402
 )
 
 
+# The losses a `metric` phase can use (a cosine classifier with a margin): configs check names against it.
+MARGIN_LOSSES: Registry[type[MarginLoss]] = Registry("margin loss")
+for _name in LOSSES.names():
+    if issubclass(LOSSES.get(_name), MarginLoss):
+        MARGIN_LOSSES.register(_name)(LOSSES.get(_name))
+
+
 def create_loss(name: str, /, *args: object, **kwargs: object) -> nn.Module:
     """`create_loss("arcface", 512, 10, margin=0.3)`: the registered class called with the given arguments."""
     return LOSSES.create(name, *args, **kwargs)

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from raycls.config.schema import AdapterConfig
 from raycls.errors import ConfigError
-from raycls.models.registry import classifier_of
+from raycls.models.classifier import classifier_of
 from raycls.registry import Registry
 
 ADAPTERS: Registry[Callable[[AdapterConfig], Any]] = Registry("adapter")

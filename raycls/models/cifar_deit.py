@@ -41,15 +41,6 @@ def patch_size_for(image_size: int) -> int:
     return max(1, round(image_size / 16))
 
 
-def drop_class_token(tokens: torch.Tensor, prefix: int, p: float) -> torch.Tensor:
-    """The class token (position 0) of each image replaced by its patch tokens' mean with probability p."""
-    if p <= 0.0:
-        return tokens
-    replace = torch.rand(tokens.shape[0], 1, device=tokens.device) < p
-    cls = torch.where(replace, tokens[:, prefix:].mean(dim=1), tokens[:, 0])
-    return torch.cat([cls.unsqueeze(1), tokens[:, 1:]], dim=1)
-
-
 def _build(cls: type[nn.Module], config: ModelConfig, spec: InputSpec, **extra: Any) -> nn.Module:
     if config.pretrained:
         raise ConfigError(f"model.pretrained=true: {config.name} has no pretrained weights; train it (or distil it) "

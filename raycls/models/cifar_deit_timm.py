@@ -10,7 +10,16 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
-from raycls.models.cifar_deit import drop_class_token
+
+
+
+def drop_class_token(tokens: torch.Tensor, prefix: int, p: float) -> torch.Tensor:
+    """The class token (position 0) of each image replaced by its patch tokens' mean with probability p."""
+    if p <= 0.0:
+        return tokens
+    replace = torch.rand(tokens.shape[0], 1, device=tokens.device) < p
+    cls = torch.where(replace, tokens[:, prefix:].mean(dim=1), tokens[:, 0])
+    return torch.cat([cls.unsqueeze(1), tokens[:, 1:]], dim=1)
 
 
 class CifarDeiT(VisionTransformer):

@@ -68,12 +68,6 @@ def create_model(config: ModelConfig, spec: InputSpec) -> nn.Module:
     return model
 
 
-def classifier_of(backbone: nn.Module) -> nn.Module | None:
-    """The backbone's classifier head (timm's get_classifier), or None when it has none as a module."""
-    head = backbone.get_classifier() if hasattr(backbone, "get_classifier") else None
-    return head if isinstance(head, nn.Module) else None
-
-
 def embed(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The backbone's embedding (timm's pre-logits features): what heads and k-NN metrics work on."""
     return backbone.forward_head(backbone.forward_features(x), pre_logits=True)

@@ -136,7 +136,7 @@ def evaluate_rows(storage: str, experiment: str, rows: list[dict[str, Any]], *, 
     from raycls.config.load import set_path
     from raycls.results.leaderboard import update_evaluation
     from raycls.storage import ExperimentPaths
-    from raycls.train.local import default_device
+    from raycls.train.steps import default_device
     from raycls.train.loop import load_data
 
     paths = ExperimentPaths(storage, experiment)

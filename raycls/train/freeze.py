@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from raycls.errors import ConfigError
-from raycls.models.registry import classifier_of
+from raycls.models.classifier import classifier_of
 
 
 def frozen_modules(model: nn.Module, backbone: nn.Module, freeze: str | list[str]) -> list[nn.Module]:

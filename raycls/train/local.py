@@ -14,14 +14,11 @@ from raycls.files import replace_dir, write_json_atomic
 from raycls.ranking import Ranking
 from raycls.storage import EVAL_DIR
 from raycls.train.chain import fit
+from raycls.train.steps import default_device
 from raycls.train.loop import FAST_DEV_BATCHES, Metrics, ProgressFn, RunContext
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class KeepBestReporter:

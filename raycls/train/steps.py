@@ -134,3 +134,7 @@ def centralize_gradients(parameters: Iterable[nn.Parameter]) -> None:
     for param in parameters:
         if param.grad is not None and param.grad.ndim > 1:
             param.grad.sub_(param.grad.mean(dim=tuple(range(1, param.grad.ndim)), keepdim=True))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

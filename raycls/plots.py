@@ -1,10 +1,12 @@
-"""The evaluation's pictures, as PNG files (matplotlib, no display). Each is written whole or not at all."""
+"""Pictures as PNG files (matplotlib, no display): the evaluation's and `raycls data explore`'s. Each is written
+whole or not at all. Ground floor: any layer may draw."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import matplotlib
 
@@ -13,7 +15,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from raycls.evaluate.calibration import ReliabilityBins
+
+
+class ReliabilityBins(Protocol):
+    """raycls.evaluate.calibration's bins, as drawn here."""
+
+    edges: list[float]
+    confidence: list[float]
+    accuracy: list[float]
+    count: list[int]
 
 
 def _save(fig, path: Path) -> Path:
