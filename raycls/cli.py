@@ -187,17 +187,17 @@ def tune(
     time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Seconds for the whole search (instead of experiment.time_budget_s); --resume continues it.")] = None,
 ) -> None:
     """Search the space: Optuna proposes trials, ASHA stops weak ones, every trial lands in the leaderboard."""
-    from raycls.prepare import prepare_experiment
+    from raycls.config import load_experiment, parse_overrides
     from raycls.tune.driver import TuneOptions, run_tune
 
     if wandb not in (None, "auto", "online", "offline", "disabled"):
         raise RayclsError(f"--wandb {wandb!r}: expected auto, online, offline or disabled")
-    # References are resolved by run_tune, against the storage it runs in.
-    from raycls.config import load_experiment, parse_overrides
-
-    # --trials / --time-budget go in before the checks (a grid checks its trials against its combinations).
-    loaded = load_experiment(space, parse_overrides(set_ or []))
-    experiment = prepare_experiment(loaded.with_limits(trials=trials, time_budget_s=time_budget), fast_dev_run=fast_dev_run)
+    # --trials / --time-budget go in before the checks (a grid checks its trials against its combinations);
+    # run_tune runs every check once (raycls.prepare) and resolves references against its storage, all before
+    # Ray starts.
+    experiment = load_experiment(space, parse_overrides(set_ or [])).with_limits(trials=trials, time_budget_s=time_budget)
+    if fast_dev_run:
+        experiment = experiment.as_fast_dev_run()
     started = time.perf_counter()
     outcome = run_tune(experiment, TuneOptions(storage=storage_root(storage), address=address, resume=resume,
                                                wandb_mode=wandb, num_cpus=num_cpus, verbose=verbose,
