@@ -5,7 +5,6 @@ Errors a user can cause (RayclsError) print one message and exit with code 2, ne
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -68,17 +67,14 @@ def _job_from_space(space: Path, overrides: list[str], storage: str, fast_dev_ru
 
 def _job_from_row(reference: str, overrides: list[str], storage: str, fast_dev_run: bool) -> TrainJob:
     """Replay a leaderboard row: its full config and seed, judged by its metric, on its number of workers."""
-    from raycls.config import TrialConfig, load_experiment, parse_overrides
+    from raycls.config import load_experiment, parse_overrides
     from raycls.config.experiment import Resources
-    from raycls.config.load import set_path
+    from raycls.config.load import config_of_row
     from raycls.references import replay_row
     from raycls.storage import ExperimentPaths
 
     row = replay_row(storage, reference)
-    tree = json.loads(row["config_json"])
-    for key, value in parse_overrides(overrides).items():
-        set_path(tree, key, value)
-    config = TrialConfig.model_validate(tree)
+    config = config_of_row(row, parse_overrides(overrides))
     config = config.fast_dev_run() if fast_dev_run else config
     paths = ExperimentPaths(storage, row["experiment"])
     # The experiment's resources as it ran (space.yaml beside its leaderboard), else its rows' worker count.

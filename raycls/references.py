@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from raycls.config.experiment import Experiment
-from raycls.config.schema import PhaseConfig, Reference, TeacherPhaseConfig, TrialConfig
+from raycls.config.load import config_of_row
+from raycls.config.schema import PhaseConfig, Reference, TeacherPhaseConfig
 from raycls.errors import CheckpointError
 from raycls.results.leaderboard import read_leaderboard
 from raycls.ranking import PickError, Ranking
@@ -77,7 +78,7 @@ def resolve_teacher(phase: PhaseConfig, storage: str) -> PhaseConfig:
     if row.get("config_json"):
         # The teacher is built as it was trained: its architecture, and the phase (of a chain: the last
         # stage) whose heads give its logits.
-        trained = TrialConfig.from_json(row["config_json"])
+        trained = config_of_row(row)
         stage = trained.stages[_checkpoint_stage(row.get("checkpoint"), len(trained.stages))]
         teacher_model = teacher_model or stage.model
         teacher_phase = teacher_phase or stage.phase

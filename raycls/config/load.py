@@ -7,6 +7,7 @@ Every problem in a file is reported at once, each as `FILE: dotted.key: what is 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import typing
@@ -369,3 +370,19 @@ def resolve_trial(experiment: Experiment, sampled: Mapping[str, Any] | None = No
     if errs:
         raise ConfigError(errs, source=f"{experiment.source} (trial with {dict(sampled or {})})")
     return config.fast_dev_run() if experiment.experiment.fast_dev_run else config
+
+
+def config_of_row(row: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> TrialConfig:
+    """The TrialConfig a leaderboard row ran with (its `config_json`), `--set` overrides applied: the one way
+    back from a row to its config (replay, eval, export, serve, references), with the same error messages as
+    a YAML's."""
+    what = f"trial {row.get('experiment')}/{row.get('trial_id')}"
+    if not row.get("config_json"):
+        raise ConfigError("the row has no config_json (its sampled values were not a valid config)", source=what)
+    tree = json.loads(row["config_json"])
+    for key, value in (overrides or {}).items():
+        set_path(tree, key, value)
+    config, errs = _validate(TrialConfig, tree, section="")
+    if errs:
+        raise ConfigError(errs, source=f"{what} (with {dict(overrides)})" if overrides else what)
+    return config

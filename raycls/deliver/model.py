@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from raycls.config.load import config_of_row
 from raycls.config.schema import TrialConfig
 from raycls.errors import RayclsError
 from raycls.phases import Phase
@@ -57,7 +58,7 @@ class Classifier(nn.Module):
 def load_trial_model(storage: str, experiment: str, pick: str = "best", *, device: str = "cpu") -> TrialModel:
     """The picked trial's (best | top:1 | a trial id) best checkpoint in its phase module, ready to predict."""
     row = pick_rows(trial_rows(storage, experiment), pick, experiment)[0]
-    config = TrialConfig.from_json(row["config_json"])
+    config = config_of_row(row)
     data = load_data(config)
     weights, stage = read_checkpoint(row["checkpoint"])
     index = len(config.stages) - 1 if stage is None else stage

@@ -18,7 +18,6 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from raycls.config.schema import ModelConfig

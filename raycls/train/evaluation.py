@@ -129,11 +129,10 @@ def evaluate_rows(storage: str, experiment: str, rows: list[dict[str, Any]], *, 
                   overrides: dict[str, Any] | None = None, device: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Evaluate each row's checkpoint in this process; its `eval/<trial_id>/` folder and its row's
     evaluation columns are replaced. Returns each trial's summary."""
-    import json
 
     import torch
 
-    from raycls.config.load import set_path
+    from raycls.config.load import config_of_row
     from raycls.results.leaderboard import update_evaluation
     from raycls.storage import ExperimentPaths
     from raycls.train.steps import default_device
@@ -143,10 +142,7 @@ def evaluate_rows(storage: str, experiment: str, rows: list[dict[str, Any]], *, 
     run_on = torch.device(device) if device else default_device()
     summaries = []
     for row in rows:
-        tree = json.loads(row["config_json"])
-        for key, value in (overrides or {}).items():
-            set_path(tree, key, value)
-        config = TrialConfig.model_validate(tree)
+        config = config_of_row(row, overrides)
         weights, stage = read_checkpoint(row["checkpoint"])
         summary = evaluate_weights(config, weights, load_data(config), RunContext(device=run_on),
                                    out_uri=paths.eval_dir(row["trial_id"]), suite=suite, stage=stage)  # fmt: skip
