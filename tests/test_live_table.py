@@ -7,7 +7,7 @@ import io
 
 from ray.tune.experiment import Trial
 
-from raycls.tune.callbacks import LiveTable
+from raycls.tune.live import LiveTable
 
 
 def run_trials(table: LiveTable, n: int, *, fail_every: int = 0) -> str:

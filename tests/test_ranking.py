@@ -19,7 +19,7 @@ from raycls import names
 from raycls.evaluate.summary import summarize
 from raycls.ranking import PickError, Ranking
 from raycls.results.leaderboard import TrialRecord
-from raycls.tune.callbacks import LiveTable
+from raycls.tune.live import LiveTable
 
 # A two-stage chain (CNN teacher -> DeiT student): the teacher reaches 0.94, the student only 0.23 / 0.25.
 CHAIN = [

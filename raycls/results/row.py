@@ -1,6 +1,6 @@
 """A trial's leaderboard row from what the driver saw of it: a pure function, testable without Tune.
 
-`raycls.tune.callbacks.TrialLedger` collects a `TrialSeen` from Tune's events and hands it here; the row's
+`raycls.tune.ledger.TrialLedger` collects a `TrialSeen` from Tune's events and hands it here; the row's
 columns (parameter types, teacher, restarts, phase, epochs) are decided in this one place.
 """
 

@@ -10,6 +10,7 @@ journal, `leaderboard/`, `history/`, `wandb/` and, for multi-worker trials, `tra
 from __future__ import annotations
 
 import os
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from raycls.results.leaderboard import SCORED_STATUSES, ReadResult, read_leaderb
 from raycls.results.provenance import git_state, write_space_as_run
 from raycls.prepare import prepare_experiment
 from raycls.results.wandb_log import resolve_mode
-from raycls.tune.callbacks import LiveTable, TrialLedger, record_told_trials
+from raycls.tune.ledger import TrialLedger, record_told_trials
+from raycls.tune.live import LiveTable
 from raycls.cluster.preflight import preflight, shared_storage_from_env
 from raycls.cluster.resources import per_trial_request, trial_bundle
 from raycls.search import TRIAL_SCHEDULERS
@@ -89,11 +91,22 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
     concurrency = min(plan.concurrency, experiment.experiment.trials)
 
     paths = ExperimentPaths(storage, experiment.name)
-    path, state = paths.root, paths.state_dir
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(tune_trainable, experiment_json=experiment.model_dump_json(), storage=storage),
         trial_bundle(resources, pin_on_demand=plan.pin_on_demand),
     )
+    errors = _fit(experiment, options, paths, trainable, concurrency)
+    if experiment.base.eval.on == "all":
+        _evaluate_stopped(experiment, storage)
+    board = read_leaderboard(storage, experiment.name)
+    _reconcile(experiment, paths.state_dir, board)
+    return TuneOutcome(paths.root, board, board.table.num_rows, errors, read_end(paths.state_dir))
+
+
+def _fit(experiment: Experiment, options: TuneOptions, paths: ExperimentPaths, trainable: Any, concurrency: int) -> int:
+    """Run the search's trials, the one door for --resume: a fresh search, Tune's restore of an interrupted
+    one, or a rebuilt search of the trials that have no row yet. Returns how many trials errored."""
+    path, state = paths.root, paths.state_dir
     resume = _resume_plan(options, paths)
     if resume.mode is not ResumeMode.RESTORE:
         clear_end(state)  # a new run (or a continued one) ends for its own reasons
@@ -112,7 +125,7 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
             _record_told(experiment, paths)
         remaining = experiment.experiment.trials - (len(paths.trial_ids()) if options.resume else 0)
         if options.resume:
-            experiment = _without_evaluated_points(experiment, read_leaderboard(storage, experiment.name).table.to_pylist())
+            experiment = _without_evaluated_points(experiment, read_leaderboard(paths.storage, experiment.name).table.to_pylist())
         errors = 0
         if remaining > 0:
             grid = _new_tuner(experiment, options, paths, trainable, min(concurrency, remaining), remaining).fit()
@@ -120,11 +133,7 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
     if resume.mode is ResumeMode.RESTORE:
         # Tune may restore a trial Optuna closed as ended, without its row (a rebuilt search wrote them first).
         _record_told(experiment, paths)
-    if experiment.base.eval.on == "all":
-        _evaluate_stopped(experiment, storage)
-    board = read_leaderboard(storage, experiment.name)
-    _reconcile(experiment, state, board)
-    return TuneOutcome(path, board, board.table.num_rows, errors, read_end(state))
+    return errors
 
 
 def _without_evaluated_points(experiment: Experiment, rows: list[dict]) -> Experiment:
