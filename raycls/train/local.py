@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from raycls.config.schema import TrialConfig
+from raycls.config.schema import FAST_DEV_BATCHES, TrialConfig
 from raycls.evaluate.names import Mode, as_good, ranked_value
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
 from raycls.storage import EVAL_DIR
 from raycls.train.chain import fit
-from raycls.train.loop import FAST_DEV_BATCHES, Metrics, ProgressFn, RunContext
+from raycls.train.loop import Metrics, ProgressFn, RunContext
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
