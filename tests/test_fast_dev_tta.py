@@ -130,3 +130,20 @@ def test_a_fast_dev_run_shrinks_its_evaluation() -> None:
     assert small.images is not None and small.images <= 64 and small.shift_images <= small.images
     assert small.cam_per_class == 1 and small.gallery <= 8 and small.tta.runs == 1
     assert full.eval.images is None  # an ordinary trial evaluates every image
+
+
+def test_predict_tta_averages_the_trials_views() -> None:
+    """`raycls predict --tta` asks the same owner (raycls.evaluate.tta) as the suite: no flip unless listed."""
+    from raycls.deliver.predict import Predictor
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    images = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
+
+    def predictor(views: tuple[str, ...]) -> Predictor:
+        return Predictor(("a", "b", "c"), 1, 4, "t", module=module, tta_views=views)  # type: ignore[arg-type]
+
+    plain = predictor(("identity",))
+    assert np.allclose(plain.tta_logits(images), plain.logits(images))
+    mirrored = (plain.logits(images) + plain.logits(images.flip(-1))) / 2
+    assert np.allclose(predictor(("identity", "hflip")).tta_logits(images), mirrored, atol=1e-6)
