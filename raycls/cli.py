@@ -461,7 +461,7 @@ def predict_(
     images: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.")],
     trial: Annotated[str, typer.Option(help="best (by score) or a trial id (with an experiment).")] = "best",
     topk: Annotated[int, typer.Option(help="Classes per image.", min=1)] = 3,
-    tta: Annotated[bool, typer.Option("--tta", help="Average 6 flipped and shifted views (airbench's TTA).")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average the trial's TTA views (those of its test_acc_tta; flips only if it trained with them).")] = False,
     gradcam: Annotated[Optional[Path], typer.Option("--gradcam", help="Write a GradCAM++ overlay per image to this folder.")] = None,
     out: Annotated[Path, typer.Option("--out", help="predictions.parquet or predictions.csv")] = Path("predictions.parquet"),
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 64,

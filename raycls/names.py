@@ -54,12 +54,13 @@ TEST_BRIER = "test_brier"
 TEST_TEMPERATURE = "test_temperature"  # fitted on the validation split
 TEST_ECE_TS = "test_ece_ts"  # ECE after temperature scaling
 TEST_NLL_TS = "test_nll_ts"
-TEST_ACC_TTA = "test_acc_tta"  # flips and translations averaged (airbench's 6 views)
+TEST_ACC_TTA = "test_acc_tta"  # the trial's TTA views averaged (raycls.evaluate.tta; eval.tta)
 TEST_KNN_ACC = "test_knn_acc"  # test embeddings voting among the train embeddings (k-NN classifier)
 TEST_IMAGES = "test_images"
 TEST_LABEL_ISSUES = "test_label_issues"  # test images cleanlab flags as probably mislabelled
 TEST_SHIFT_MCA = "test_shift_mca"  # mean accuracy over every corruption and severity
 TEST_SHIFT_GAP = "test_shift_gap"  # clean test accuracy minus the mean corruption accuracy
+TEST_SHIFT_MCA_TTA = "test_shift_mca_tta"  # test_shift_mca with TTA (with_tta)
 EVAL_S = "test_eval_s"  # seconds the evaluation took
 
 
@@ -89,6 +90,11 @@ def test_shift(name: str) -> str:
     return f"test_shift_{name}_acc"
 
 
+def with_tta(metric: str) -> str:
+    """An accuracy measured with test-time augmentation: `test_shift_mca_tta`, `test_shift_gaussian_noise_acc_tta`."""
+    return f"{metric}_tta"
+
+
 def is_evaluation_metric(metric: str) -> bool:
     """A held-out metric the evaluation suite can produce (test_acc, test_ece, test_ood_..., test_shift_...)."""
     return (metric in MODES and metric.startswith(EVAL_PREFIX)) or metric.startswith(("test_ood_", "test_shift_", "test_top"))
@@ -112,7 +118,7 @@ Mode = Literal["max", "min"]
 # Which way is better for each metric (raycls.ranking compares them; unlisted metrics rank as "max").
 MODES: dict[str, Mode] = {
     **{name: "max" for name in (TEST_ACC, TEST_MACRO_F1, TEST_WEIGHTED_F1, TEST_AUROC, TEST_ACC_TTA, TEST_KNN_ACC,
-                                TEST_SHIFT_MCA, TEST_MACRO_PRECISION, TEST_MACRO_RECALL)},
+                                TEST_SHIFT_MCA, TEST_SHIFT_MCA_TTA, TEST_MACRO_PRECISION, TEST_MACRO_RECALL)},
     **{name: "min" for name in (TEST_NLL, TEST_ECE, TEST_MCE, TEST_BRIER, TEST_ECE_TS, TEST_NLL_TS, TEST_SHIFT_GAP)},
     **{test_topk(k): "max" for k in (1, 2, 3, 5, 10)},
     **{name: "min" for name in COST_OBJECTIVES},

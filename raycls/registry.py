@@ -43,6 +43,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "shift set": "raycls.evaluate.suite",
     "ood scorer": "raycls.evaluate.ood",
     "corruption": "raycls.evaluate.shift",
+    "tta view": "raycls.evaluate.tta",
     "report section": "raycls.report.figures",
     "adapter": "raycls.models.adapters",
 }

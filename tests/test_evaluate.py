@@ -38,8 +38,8 @@ from raycls.evaluate.suite import (
     errors_step,
     ood_step,
     run_suite,
-    tta_views,
 )
+from raycls.evaluate.tta import weighted_views
 from raycls.models import load_weights
 from raycls.train.evaluation import evaluate_weights
 from raycls.train.local import run_local
@@ -125,9 +125,11 @@ def test_corruptions_keep_shape_and_grow_with_severity() -> None:
 
 def test_tta_views_are_airbenchs_six() -> None:
     images = torch.arange(2 * 1 * 4 * 4, dtype=torch.uint8).view(2, 1, 4, 4)
-    views = tta_views(images)
-    assert len(views) == 6 and torch.equal(views["flip"], images.flip(-1))
-    assert torch.equal(views["up_left"][..., 1:, 1:], images[..., :-1, :-1])  # shifted by one pixel
+    views = weighted_views(images, ("identity", "translate", "hflip"))
+    assert [w for w, _ in views] == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]  # airbench's weights
+    assert views[0][1] is images and torch.equal(views[1][1], images.flip(-1))
+    assert torch.equal(views[2][1][..., 1:, 1:], images[..., :-1, :-1])  # shifted by one pixel
+    assert torch.equal(views[3][1], views[2][1].flip(-1))
 
 
 # ---------------------------------------------------------------------------------- trained models

@@ -65,7 +65,7 @@ class ExperimentSection(Frozen):
     # Keep this many best checkpoints per trial (by `metric`).
     keep_checkpoints: PositiveInt = 1
     # A smoke test of the whole search (`raycls tune --fast-dev-run`): every trial runs one epoch per stage
-    # and two batches of each split (TrialConfig.fast_dev_run, loop.FAST_DEV_BATCHES).
+    # and two batches of each split (TrialConfig.fast_dev_run, FAST_DEV_BATCHES).
     fast_dev_run: bool = False
 
     @model_validator(mode="before")

@@ -282,6 +282,12 @@ PHASE_CONFIGS: dict[str, type[PhaseConfig]] = {
 # A fast dev run's largest batch: big enough for batch norm and SupCon's positives, small enough that a
 # ResNet-18 step on CIFAR takes about a second on a 2-core CPU (512 two-view images took 29 s).
 FAST_DEV_BATCH_SIZE = 32
+# A fast dev run's batches per split and epoch (Lightning's `fast_dev_run` runs one; two exercise the
+# step-to-step state, e.g. the optimizer's second update and a scheduler step).
+FAST_DEV_BATCHES = 2
+# Images of each set a fast dev run evaluates (test, validation, OOD, shifted): one batch. The full suite
+# makes about 20 passes over a set (TTA's views, on the shifted sets too): zoo's ResNet-18 took 80 s at 64.
+FAST_DEV_EVAL_IMAGES = FAST_DEV_BATCH_SIZE
 
 
 class EarlyStoppingConfig(Frozen):
@@ -460,6 +466,24 @@ class AugmentConfig(Frozen):
     random_erasing: ErasingConfig | None = None
 
 
+class TtaConfig(Frozen):
+    """Test-time augmentation: `test_acc_tta`, the shifted sets' `*_tta` accuracies, `raycls predict --tta`."""
+
+    # Fixed views averaged (raycls.evaluate.tta: identity, hflip, translate), composed in this order, each
+    # keeping half the weight on the unaltered image as airbench weighs its 6 views. None: the trial's training
+    # augmentation decides (hflip only if it flipped, translate if it cropped or shifted): a view the model
+    # never trained on only hurts it (a mirrored digit is another symbol: digits' TTA accuracy fell 0.992 -> 0.953).
+    views: tuple[str, ...] | None = None
+    # Random passes through the trial's own training augmentation (seeded), averaged with the views: their
+    # weighted average counts as one pass, each run as one more. 0: none.
+    runs: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("views")
+    @classmethod
+    def _view_names(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else tuple(check_name("tta view", name) for name in value)
+
+
 class EvalConfig(Frozen):
     """The held-out evaluation of every trial's best weights (raycls.evaluate.suite) and what it covers."""
 
@@ -482,6 +506,10 @@ class EvalConfig(Frozen):
     shift_images: PositiveInt = 1000  # test images corrupted per corruption and severity
     gallery: PositiveInt = 24  # most confident mistakes drawn
     cam_per_class: PositiveInt = 2  # GradCAM++ overlays per class
+    # Images of each evaluated set (test, validation, training, OOD, shifted): a stratified seeded sample of
+    # this many (raycls.data.splits.stratified_sample); None: all of them. Fast dev runs: FAST_DEV_EVAL_IMAGES.
+    images: PositiveInt | None = None
+    tta: TtaConfig = Field(default_factory=TtaConfig)
 
     _suite = registered("eval suite", "suite")
 
@@ -509,6 +537,16 @@ class EvalConfig(Frozen):
     def val_topk(self) -> int:
         """The k of the per-epoch validation top-k accuracy."""
         return max(self.topk)
+
+    def fast_dev_run(self) -> "EvalConfig":
+        """Every step of the suite, on a handful of images: one OOD set, one corruption at one severity, few
+        overlays, at most one TTA run. It checks that the evaluation runs, in seconds, not what it measures."""
+        images = min(self.images or FAST_DEV_EVAL_IMAGES, FAST_DEV_EVAL_IMAGES)
+        return self.model_copy(update={
+            "images": images, "shift_images": min(self.shift_images, images), "ood": self.ood[:1],
+            "corruptions": self.corruptions[:1], "severities": self.severities[:1], "gallery": min(self.gallery, 8),
+            "cam_per_class": 1, "tta": self.tta.model_copy(update={"runs": min(self.tta.runs, 1)}),
+        })  # fmt: skip
 
 
 def _dispatch_phase(value: Any) -> Any:
@@ -640,9 +678,10 @@ class TrialConfig(Frozen):
 
     def fast_dev_run(self) -> "TrialConfig":
         """This config as a smoke test (Lightning's `fast_dev_run`): one epoch per stage, no warm-up, batches
-        of at most FAST_DEV_BATCH_SIZE images; the loop also runs only two batches of each split
-        (`RunContext.limit_batches`). It checks that every part runs, in seconds, not what it learns."""
-        data = self.to_dict()
+        of at most FAST_DEV_BATCH_SIZE images; the loop also runs only FAST_DEV_BATCHES batches of each split
+        (`RunContext.limit_batches`), and the evaluation a few images per set (`EvalConfig.fast_dev_run`). It
+        checks that every part runs, in seconds, not what it learns."""
+        data = {**self.to_dict(), "eval": self.eval.fast_dev_run().model_dump(mode="json")}
 
         def shrink(train: dict[str, Any], *, fill: bool) -> None:
             small = {"epochs": 1, "warmup_epochs": 0.0,

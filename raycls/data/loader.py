@@ -44,7 +44,7 @@ class Batching:
         self.batch_size = batch_size
         self.device = device
         self.train = train
-        self.augment = augment if train else None
+        self.augment = augment  # evaluation loaders get one only for TTA's augmented passes
         self.image_size = image_size
         self.channels_last = channels_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -80,11 +80,17 @@ class BatchLoader(Batching):
 
     Training: shuffled by a DistributedSampler (each rank a disjoint shard, reshuffled by `set_epoch`), full
     batches only (constant shapes; MixUp needs even batches). Evaluation: a contiguous, unpadded shard per
-    rank, so metrics summed over ranks count every image exactly once.
+    rank, so metrics summed over ranks count every image exactly once; with `limit_batches`, of a stratified
+    sample of that many batches' images.
     """
 
     def __init__(self, data: ArrayData, batch_size: int, **options: Any):
         super().__init__(batch_size, **options)
+        if self.limit_batches and not self.train:
+            # A fast dev run's evaluation batches: a stratified sample of the split, not its first batches.
+            from raycls.data.splits import stratified_sample  # here: splits imports the loaders (via stream)
+
+            data = stratified_sample(data, self.limit_batches * batch_size * self.world_size, self.seed)
         self.images = data.images.to(self.device, non_blocking=True)
         self.labels = data.labels.to(self.device, non_blocking=True)
         self.sampler = DistributedSampler(

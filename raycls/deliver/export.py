@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import raycls
+from raycls.data.splits import stratified_sample
 from raycls.deliver.model import Classifier, TrialModel
 from raycls.files import write_json_atomic
 
@@ -37,7 +38,7 @@ def metadata(trial: TrialModel) -> dict[str, str]:
         "input_size": json.dumps([trial.channels, trial.image_size, trial.image_size]),
         "mean": json.dumps(list(trial.data.splits.mean)), "std": json.dumps(list(trial.data.splits.std)),
         "normalisation": "inside the graph: (x - mean) / std", "phase": trial.config.chain,
-        "model": trial.config.stages[trial.stage].model.name,
+        "model": trial.config.stages[trial.stage].model.name, "tta_views": json.dumps(list(trial.tta_views)),
     }  # fmt: skip
 
 
@@ -110,9 +111,10 @@ def export(trial: TrialModel, out: Path, *, int8: bool = False, parity_images: i
     """Write model.onnx (and model.int8.onnx) and export.json into `out`; returns the report."""
     out.mkdir(parents=True, exist_ok=True)
     module = Classifier(trial).eval()
-    split, held_out = "test", trial.data.splits.test
-    n = min(parity_images, len(held_out))
-    images, labels = _resized(trial, held_out.images[:n]), held_out.labels[:n].numpy()
+    split = "test"
+    held_out = stratified_sample(trial.data.splits.test, parity_images, trial.config.seed)  # every class, not the first N
+    n = len(held_out)
+    images, labels = _resized(trial, held_out.images), held_out.labels.numpy()
     example = images[:2].float() / 255
     exporter = to_onnx(module, example, out / MODEL_FILE, metadata(trial))
     reference = torch_logits(module, images)

@@ -37,6 +37,13 @@ class TrialModel:
     def channels(self) -> int:
         return self.data.spec.in_chans
 
+    @property
+    def tta_views(self) -> tuple[str, ...]:
+        """The TTA views its evaluation averages (`test_acc_tta`); `raycls predict --tta` averages the same."""
+        from raycls.evaluate.tta import tta_views
+
+        return tta_views(self.config.eval.tta, self.config.stages[self.stage].augment)
+
 
 class Classifier(nn.Module):
     """Images as float [N, C, H, W] in [0, 1] -> the logits the phase predicts with; normalisation inside, so

@@ -1,8 +1,8 @@
 """`raycls predict`: image files, folders or globs in; one row per image (top-k classes, confidences) out.
 
 The model is a trial's best checkpoint (PyTorch, on a GPU when there is one; `--tta` and `--gradcam` use the
-evaluation suite's views and GradCAM++) or an exported `model.onnx` (onnxruntime; its metadata carries the
-classes and the input size). Images are decoded like the `folder` dataset decodes them (RGB or grey, resized
+trial's TTA views (raycls.evaluate.tta) and GradCAM++) or an exported `model.onnx` (onnxruntime; its metadata
+carries the classes, the input size and the TTA views). Images are decoded like the `folder` dataset decodes them (RGB or grey, resized
 to the model's input size, bilinear). A file that cannot be read gets its own row with the error; the rest go on.
 """
 
@@ -25,6 +25,7 @@ import torch
 from raycls.data.datasets import IMAGE_SUFFIXES
 from raycls.deliver.model import Classifier, TrialModel
 from raycls.errors import RayclsError
+from raycls.evaluate.tta import IDENTITY, tta_logits
 
 
 def image_paths(inputs: Iterable[str]) -> list[Path]:
@@ -67,10 +68,12 @@ class Predictor:
     module: Classifier | None = None  # PyTorch
     session: Any = None  # onnxruntime
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    tta_views: tuple[str, ...] = (IDENTITY,)  # `--tta`: the trial's views (raycls.evaluate.tta)
 
     @classmethod
     def from_trial(cls, trial: TrialModel, device: torch.device) -> Predictor:
-        return cls(trial.classes, trial.channels, trial.image_size, trial.trial_id, module=Classifier(trial).to(device).eval(), device=device)
+        return cls(trial.classes, trial.channels, trial.image_size, trial.trial_id, module=Classifier(trial).to(device).eval(),
+                   device=device, tta_views=trial.tta_views)  # fmt: skip
 
     @classmethod
     def from_onnx(cls, path: Path) -> Predictor:
@@ -82,7 +85,11 @@ class Predictor:
         if "class_names" not in props:
             raise RayclsError(f"{path}: no raycls metadata (class_names, input_size); export it with `raycls export`")
         channels, size, _ = json.loads(props["input_size"])
-        return cls(tuple(json.loads(props["class_names"])), channels, size, props.get("trial_id", ""), session=session(path))
+        # Files exported before the views were stored get none but the image: a view the model never trained
+        # on (a mirror) can lower its accuracy.
+        views = tuple(json.loads(props.get("tta_views", json.dumps([IDENTITY]))))
+        return cls(tuple(json.loads(props["class_names"])), channels, size, props.get("trial_id", ""), session=session(path),
+                   tta_views=views)  # fmt: skip
 
     def logits(self, images: torch.Tensor) -> np.ndarray:
         x = images.float() / 255
@@ -92,10 +99,8 @@ class Predictor:
             return self.module(x.to(self.device)).float().cpu().numpy()
 
     def tta_logits(self, images: torch.Tensor) -> np.ndarray:
-        """airbench's 6 views (flips, one-pixel shifts), weighted as the evaluation suite weighs them."""
-        from raycls.evaluate.suite import tta_logits
-
-        return tta_logits(images, lambda _name, view: self.logits(view))
+        """The trial's TTA views (those its evaluation averaged for `test_acc_tta`), weighted alike."""
+        return tta_logits(images, self.tta_views, self.logits)
 
 
 def predict(predictor: Predictor, paths: list[Path], *, topk: int = 3, tta: bool = False, batch_size: int = 64,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
+    from raycls.config.schema import AugmentConfig
     from raycls.data.datasets import ArrayData
 
 
@@ -76,18 +77,16 @@ def predict(
     image_size: int | None = None,
     rank: int = 0,
     world_size: int = 1,
-    limit: int | None = None,
+    augment: AugmentConfig | None = None,
+    seed: int = 0,
 ) -> Predictions:
-    """The phase's outputs (its classifier's logits and its backbone's embeddings) for every image of `data`.
-
-    `limit`: only the first `limit` images (fast dev runs). Every worker must call this (a collective).
-    """
+    """The phase's outputs (its classifier's logits and its backbone's embeddings) for every image of `data`,
+    through the training augmentation `augment` (seeded by `seed`) when given: TTA's random passes.
+    Every worker must call this (a collective)."""
     from raycls.data import BatchLoader
 
-    if limit is not None and limit < len(data):
-        data = data.subset(torch.arange(limit))
     loader = BatchLoader(data, batch_size, mean=mean, std=std, device=device, train=False, image_size=image_size,
-                         rank=rank, world_size=world_size)  # fmt: skip
+                         rank=rank, world_size=world_size, augment=augment, seed=seed)  # fmt: skip
     model.eval()
     logits, embeddings = [], []
     for x, _ in loader:

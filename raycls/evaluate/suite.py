@@ -9,8 +9,11 @@ runs every step (predictions are gathered onto all of them), so steps stay free 
 - `default` (cheap: about one forward pass over the test and validation splits): classification metrics,
   calibration with temperature scaling, per-class report, confusion matrix and reliability diagram; k-NN
   accuracy for a model with no classifier yet (a supcon stage).
-- `full`: the default plus TTA, OOD detection, distribution shift, error analysis (confident mistakes,
-  cleanlab's label issues), GradCAM++ overlays and a 2-D map of the test embeddings.
+- `full`: the default plus TTA (raycls.evaluate.tta), OOD detection, distribution shift (with and without
+  TTA), error analysis (confident mistakes, cleanlab's label issues), GradCAM++ overlays and a 2-D map of
+  the test embeddings.
+
+`eval.images` evaluates a stratified seeded sample of each set instead of all of it (fast dev runs).
 
 The heavy libraries (torchmetrics, scikit-learn, matplotlib, cleanlab, pytorch-grad-cam) are imported by
 the steps that use them: validating a config that names a suite imports this module, nothing more.
@@ -35,7 +38,7 @@ from raycls.registry import Registry
 from raycls.storage import METRICS_FILE
 
 if TYPE_CHECKING:
-    from raycls.config.schema import EvalConfig
+    from raycls.config.schema import AugmentConfig, EvalConfig
     from raycls.data.datasets import ArrayData
     from raycls.data.splits import Splits
 
@@ -48,6 +51,7 @@ CORRUPTIONS_SET = "corruptions"  # `eval.shift: [corruptions]`: the generated co
 # Shift sets that are not datasets (a dataset with the same classes, such as cifar10_1, is one too).
 SHIFT_SETS: Registry[str] = Registry("shift set")
 SHIFT_SETS.register(CORRUPTIONS_SET)(CORRUPTIONS_SET)
+TSNE_IMAGES = 1500  # test images in the t-SNE map (its cost grows as n log n; more points only overlap)
 step = EVAL_STEPS.register
 
 
@@ -65,9 +69,9 @@ class Evaluation:
     image_size: int | None = None
     rank: int = 0
     world_size: int = 1
-    limit: int | None = None  # images per split (fast dev runs)
     seed: int = 0
     data_config: Any = None  # the trial's DataConfig (OOD and shift sets are read from its root)
+    augment: AugmentConfig | None = None  # the evaluated stage's training augmentation (TTA follows it)
     notes: list[str] = field(default_factory=list)
     _cache: dict[str, Predictions] = field(default_factory=dict)
     _arrays: dict[str, ArrayData] = field(default_factory=dict)
@@ -80,12 +84,14 @@ class Evaluation:
         return self.arrays(self.split)
 
     def arrays(self, split: str) -> ArrayData:
-        """A split as arrays. A streamed trial's splits are files: the suite's steps index images at random
-        (CAM, error grids, shift samples), so they are decoded here, through the node's decode cache."""
+        """A split as arrays (`eval.images` of them, a stratified sample). A streamed trial's splits are files:
+        the suite's steps index images at random (CAM, error grids, shift samples), so they are decoded here,
+        through the node's decode cache."""
         if split not in self._arrays:
             from raycls.data.datasets import FileData, cache_dir
 
             data = {"test": self.splits.test, "val": self.splits.val, "train": self.splits.train}[split]
+            data = self.sample(data, self.config.images)  # type: ignore[arg-type]
             if isinstance(data, FileData):
                 keep = self.data_config is None or self.data_config.decode_cache
                 data = data.decode(cache_dir() if keep else None)
@@ -96,13 +102,16 @@ class Evaluation:
     def writes(self) -> bool:
         return self.rank == 0
 
-    def predict(self, data: ArrayData, key: str | None = None) -> Predictions:
-        """Predictions for every image of `data` (cached under `key`). Every worker must call it."""
+    def predict(self, data: ArrayData, key: str | None = None, *, augment: AugmentConfig | None = None,
+                run: int = 0) -> Predictions:  # fmt: skip
+        """Predictions for every image of `data` (`eval.images` of them; cached under `key`), through the
+        training `augment` when given (TTA's random passes; `run` seeds each). Every worker must call it."""
         if key is not None and key in self._cache:
             return self._cache[key]
-        result = predict(self.model, self.phase, data, mean=self.splits.mean, std=self.splits.std, device=self.device,
-                         batch_size=self.batch_size, image_size=self.image_size, rank=self.rank,
-                         world_size=self.world_size, limit=self.limit)  # fmt: skip
+        result = predict(self.model, self.phase, self.sample(data, self.config.images), mean=self.splits.mean,
+                         std=self.splits.std, device=self.device, batch_size=self.batch_size,
+                         image_size=self.image_size, rank=self.rank, world_size=self.world_size, augment=augment,
+                         seed=self.seed + run)  # fmt: skip
         if key is not None:
             self._cache[key] = result
         return result
@@ -110,13 +119,34 @@ class Evaluation:
     def predictions(self, split: str) -> Predictions:
         return self.predict(self.test if split == "test" else self.arrays(split), key=split)
 
-    def limited(self, data: ArrayData, n: int) -> ArrayData:
-        """The first `n` images of `data` in a seeded random order (a class-balanced-enough sample)."""
-        n = min(n, len(data), self.limit or n)
-        if n >= len(data):
-            return data
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))[:n]
-        return data.subset(order.sort().values)
+    def sample(self, data: ArrayData, n: int | None) -> ArrayData:
+        """`n` images of `data` (all when None), stratified and seeded: never its first n (sets may be sorted
+        by class)."""
+        from raycls.data.splits import stratified_sample
+
+        return stratified_sample(data, n, self.seed)
+
+    @property
+    def tta_views(self) -> tuple[str, ...]:
+        from raycls.config.schema import AugmentConfig
+        from raycls.evaluate.tta import tta_views
+
+        return tta_views(self.config.tta, self.augment or AugmentConfig())
+
+    def tta_logits(self, data: ArrayData, clean: Predictions) -> torch.Tensor:
+        """TTA's logits for `data` (whose plain predictions are `clean`, reused for the unaltered view): the
+        views' weighted average, and `eval.tta.runs` passes through the training augmentation."""
+        from raycls.data.datasets import ArrayData
+        from raycls.evaluate.tta import tta_logits
+
+        def logits_of(images: torch.Tensor) -> torch.Tensor:
+            return clean.logits if images is data.images else self.predict(ArrayData(images, data.labels, data.classes)).logits
+
+        logits = tta_logits(data.images, self.tta_views, logits_of)
+        runs = self.config.tta.runs if self.augment is not None else 0
+        for run in range(runs):
+            logits = logits + self.predict(data, augment=self.augment, run=run + 1).logits
+        return logits / (1 + runs)
 
     def file(self, name: str) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -221,39 +251,12 @@ def knn_classify(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Te
     return correct / max(len(b), 1)
 
 
-TTA_WEIGHTS = {"identity": 0.25, "flip": 0.25, "up_left": 0.125, "up_left_flip": 0.125, "down_right": 0.125,
-               "down_right_flip": 0.125}  # fmt: skip
-
-
-def tta_views(images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """airbench's 6 test-time views of uint8 [N, C, H, W] images: the image and its mirror, each also
-    translated by one pixel up-left and down-right (reflect padding)."""
-    padded = torch.nn.functional.pad(images.float(), (1, 1, 1, 1), mode="reflect").to(torch.uint8)
-    h, w = images.shape[-2:]
-    shifted = {"identity": images, "up_left": padded[..., 0:h, 0:w], "down_right": padded[..., 2 : h + 2, 2 : w + 2]}
-    views = dict(shifted)
-    views.update({f"{k}_flip" if k != "identity" else "flip": v.flip(-1) for k, v in shifted.items()})
-    return views
-
-
-def tta_logits(images: torch.Tensor, logits_of: Callable[[str, torch.Tensor], Any]) -> Any:
-    """The weighted average over the views of `images` of `logits_of(view name, view images)`."""
-    return sum(TTA_WEIGHTS[name] * logits_of(name, view) for name, view in tta_views(images).items())
-
-
 @step("tta")
 def tta_step(ev: Evaluation) -> dict[str, float]:
-    from raycls.data.datasets import ArrayData
-
-    test_data = ev.test
     clean = ev.predictions("test")
     if clean.logits is None:
         return {}
-
-    def logits_of(name: str, images: torch.Tensor) -> torch.Tensor:  # the clean pass is reused, not redone
-        return clean.logits if name == "identity" else ev.predict(ArrayData(images, test_data.labels, test_data.classes)).logits
-
-    logits = tta_logits(test_data.images, logits_of)
+    logits = ev.tta_logits(ev.test, clean)
     return {names.TEST_ACC_TTA: float((logits.argmax(-1) == clean.labels).float().mean())}
 
 
@@ -266,7 +269,7 @@ def ood_set(ev: Evaluation, name: str) -> ArrayData:
     if name in GENERATED_OOD:
         images = GENERATED_OOD.get(name)(n, channels, size, ev.seed)
     else:
-        images = registered_set(ev, name, what=f"eval.ood: {name}").images[:n]
+        images = ev.sample(registered_set(ev, name, what=f"eval.ood: {name}"), n).images
     return ArrayData(images, torch.zeros(len(images), dtype=torch.long), test.classes)
 
 
@@ -319,38 +322,83 @@ def ood_step(ev: Evaluation) -> dict[str, float]:
     return metrics
 
 
+ShiftedSet = tuple[str, "int | None", "ArrayData"]  # (dataset or corruption, severity or None, its images)
+
+
+def shifted_sets(ev: Evaluation) -> list[ShiftedSet]:
+    """The full suite's shifted sets (`eval.shift`): datasets with the same classes, and each corruption at
+    each severity of `eval.shift_images` test images (a stratified sample)."""
+    from raycls.data.datasets import ArrayData
+    from raycls.evaluate.shift import corrupt
+
+    sets: list[ShiftedSet] = []
+    for name in ev.config.shift:
+        if name != CORRUPTIONS_SET:  # a dataset with the same classes (CIFAR-10.1 for CIFAR-10)
+            sets.append((name, None, ev.sample(registered_set(ev, name, what=f"eval.shift: {name}"), ev.config.images)))
+            continue
+        sample = ev.sample(ev.test, ev.config.shift_images)
+        for corruption in ev.config.corruptions:
+            for severity in ev.config.severities:
+                images = corrupt(sample.images, corruption, severity, seed=ev.seed + severity)
+                sets.append((corruption, severity, ArrayData(images, sample.labels, sample.classes)))
+    return sets
+
+
+def shift_accuracies(ev: Evaluation, accuracy: Callable[[ArrayData], float], suffix: Callable[[str], str]) -> dict[str, float]:
+    """`accuracy` on every shifted set: per dataset, per corruption (mean over severities) and their mean
+    (`test_shift_mca`); `suffix` names each metric (plain, or with TTA)."""
+    metrics: dict[str, float] = {}
+    per_corruption: dict[str, list[float]] = {}
+    for name, severity, data in shifted_sets(ev):
+        if severity is None:
+            metrics[suffix(names.test_shift(name))] = accuracy(data)
+        else:
+            per_corruption.setdefault(name, []).append(accuracy(data))
+    for corruption, accuracies in per_corruption.items():
+        metrics[suffix(names.test_shift(corruption))] = sum(accuracies) / len(accuracies)
+    if per_corruption:
+        metrics[suffix(names.TEST_SHIFT_MCA)] = sum(sum(a) / len(a) for a in per_corruption.values()) / len(per_corruption)
+    return metrics
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
 @step("shift")
 def shift_step(ev: Evaluation) -> dict[str, float]:
-    from raycls.data.datasets import ArrayData
     from raycls.plots import bars
-    from raycls.evaluate.shift import corrupt
 
     clean = ev.predictions("test")
     if clean.logits is None or not ev.config.shift:
         return {}
-    clean_acc = float((clean.logits.argmax(-1) == clean.labels).float().mean())
-    metrics: dict[str, float] = {}
-    for name in ev.config.shift:
-        if name != CORRUPTIONS_SET:  # a dataset with the same classes (CIFAR-10.1 for CIFAR-10)
-            shifted = ev.predict(registered_set(ev, name, what=f"eval.shift: {name}"))
-            metrics[names.test_shift(name)] = float((shifted.logits.argmax(-1) == shifted.labels).float().mean())
-            continue
-        sample = ev.limited(ev.test, ev.config.shift_images)
-        per_corruption: dict[str, float] = {}
-        for corruption in ev.config.corruptions:
-            accuracies = []
-            for severity in ev.config.severities:
-                images = corrupt(sample.images, corruption, severity, seed=ev.seed + severity)
-                shifted = ev.predict(ArrayData(images, sample.labels, sample.classes))
-                accuracies.append(float((shifted.logits.argmax(-1) == shifted.labels).float().mean()))
-            per_corruption[corruption] = sum(accuracies) / len(accuracies)
-            metrics[names.test_shift(corruption)] = per_corruption[corruption]
-        metrics[names.TEST_SHIFT_MCA] = sum(per_corruption.values()) / len(per_corruption)
+
+    def accuracy(data: ArrayData) -> float:
+        shifted = ev.predict(data)
+        return _accuracy(shifted.logits, shifted.labels)
+
+    metrics = shift_accuracies(ev, accuracy, lambda name: name)
+    if names.TEST_SHIFT_MCA in metrics:
+        clean_acc = _accuracy(clean.logits, clean.labels)
         metrics[names.TEST_SHIFT_GAP] = clean_acc - metrics[names.TEST_SHIFT_MCA]
         if ev.writes:
+            per_corruption = {c: metrics[names.test_shift(c)] for c in ev.config.corruptions}
             bars(per_corruption, ev.file("corruptions.png"), title="accuracy under corruption (mean over severities)",
                  ylabel="accuracy", reference=clean_acc)  # fmt: skip
     return metrics
+
+
+@step("shift_tta")
+def shift_tta_step(ev: Evaluation) -> dict[str, float]:
+    """The shifted sets' accuracies with TTA (`test_shift_mca_tta`, ...): does TTA help under shift?"""
+    if ev.predictions("test").logits is None or not ev.config.shift:
+        return {}
+
+    def accuracy(data: ArrayData) -> float:
+        plain = ev.predict(data)
+        return _accuracy(ev.tta_logits(data, plain), plain.labels)
+
+    return shift_accuracies(ev, accuracy, names.with_tta)
 
 
 @step("errors")
@@ -420,7 +468,9 @@ def embedding_map_step(ev: Evaluation) -> dict[str, float]:
     test = ev.predictions("test")
     if test.embeddings is None or not ev.writes or len(test) < 10:
         return {}
-    keep = torch.randperm(len(test), generator=torch.Generator().manual_seed(ev.seed))[:1500]
+    from raycls.data.splits import stratified_subset
+
+    keep = torch.from_numpy(stratified_subset(test.labels.numpy(), TSNE_IMAGES, ev.seed))
     points = TSNE(n_components=2, init="pca", perplexity=min(30, len(keep) - 1), random_state=ev.seed).fit_transform(
         test.embeddings[keep].numpy()
     )
@@ -470,4 +520,5 @@ def textures(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
 
 DEFAULT_STEPS = ("classification", "calibration", "knn_if_no_classifier")
 EVAL_SUITES.register("default")(DEFAULT_STEPS)
-EVAL_SUITES.register("full")(("classification", "calibration", "knn", "tta", "ood", "shift", "errors", "cam", "embedding_map"))
+EVAL_SUITES.register("full")(("classification", "calibration", "knn", "tta", "ood", "shift", "shift_tta", "errors", "cam",
+                              "embedding_map"))  # fmt: skip

@@ -37,13 +37,13 @@ def evaluate_weights(config: TrialConfig, weights: Weights, data: Data, ctx: Run
     parts = stage_model(config, weights, data, ctx, index)
     # Every rank scores its shard with rank 0's weights: the checkpoint's, and `raycls eval`'s afterwards.
     broadcast_from_rank0(unwrap(parts.model).state_dict().values())
-    limit = ctx.limit_batches * stages[index].train.eval_batch_size if ctx.limit_batches else None
     scratch = Path(tempfile.mkdtemp(prefix="raycls-eval-"))
     try:
         evaluation = Evaluation(
             model=parts.model, phase=parts.phase, splits=data.splits, config=config.eval, out=scratch / "eval",
             device=ctx.device, batch_size=stages[index].train.eval_batch_size, image_size=config.data.image_size,
-            rank=ctx.rank, world_size=ctx.world_size, limit=limit, seed=config.seed, data_config=config.data,
+            rank=ctx.rank, world_size=ctx.world_size, seed=config.seed, data_config=config.data,
+            augment=stages[index].augment,
         )  # fmt: skip
         summary = run_suite(evaluation, suite or config.eval.suite)
         if ctx.rank == 0 and out_uri is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from raycls.config.schema import TrialConfig
+from raycls.config.schema import FAST_DEV_BATCHES, TrialConfig
 from raycls.names import Mode
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
@@ -15,7 +15,7 @@ from raycls.ranking import Ranking
 from raycls.storage import EVAL_DIR
 from raycls.train.chain import fit
 from raycls.train.steps import default_device
-from raycls.train.loop import FAST_DEV_BATCHES, Metrics, ProgressFn, RunContext
+from raycls.train.loop import Metrics, ProgressFn, RunContext
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"

@@ -41,9 +41,6 @@ from raycls.train.steps import StepPolicy, autocast, check_finite, seed_everythi
 
 Metrics = dict[str, float]
 ProgressFn = Callable[[int, int], None]  # (batches done in this epoch, batches in the epoch)
-# A fast dev run's batches per split and epoch (Lightning's `fast_dev_run` runs one; two exercise the
-# step-to-step state, e.g. the optimizer's second update and a scheduler step).
-FAST_DEV_BATCHES = 2
 
 
 class Reporter(Protocol):

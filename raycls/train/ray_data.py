@@ -24,7 +24,7 @@ import ray.train
 
 from raycls.config.schema import DataConfig, TrialConfig
 from raycls.data.datasets import FileData
-from raycls.data.splits import load_splits, resolve_loader
+from raycls.data.splits import load_splits, resolve_loader, stratified_sample
 from raycls.data.stream import TRAIN, TRAIN_EVAL, VAL, StreamSource
 from raycls.images import decode_rows
 
@@ -35,14 +35,12 @@ BLOCK_ROWS = 256
 MIN_BLOCKS = 16
 
 
-def image_dataset(files: FileData, *, shuffle: bool, limit: int | None = None) -> ray.data.Dataset:
+def image_dataset(files: FileData, *, shuffle: bool) -> ray.data.Dataset:
     """The files as a lazy Ray Dataset of {"image", "label"} rows; re-executed (and reshuffled) every epoch."""
     import pyarrow as pa
 
     where = files.where or ("",) * len(files)
     table = pa.table({"path": list(files.files), "label": np.asarray(files.labels, dtype=np.int64), "where": list(where)})
-    if limit is not None:
-        table = table.slice(0, limit)
     rows = max(1, min(BLOCK_ROWS, math.ceil(len(table) / MIN_BLOCKS)))
     blocks = [table.slice(start, rows) for start in range(0, max(len(table), 1), rows)]
     dataset = ray.data.from_arrow(blocks)
@@ -59,13 +57,14 @@ def trial_datasets(config: TrialConfig, *, world_size: int = 1, limit_batches: i
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per epoch and split: noise in logs
     splits = load_splits(config.data, seed=config.seed)
     assert isinstance(splits.train, FileData) and isinstance(splits.val, FileData)
-    # A fast dev run reads only what its batches use (a shard must be read to its end every epoch).
+    # A fast dev run reads only what its batches use (a shard must be read to its end every epoch): a
+    # stratified sample of each split, as the in-memory loader takes (folders list their files class by class).
     batch = max(max(s.train.batch_size, s.train.eval_batch_size) for s in config.stages)
     limit = limit_batches * batch * world_size if limit_batches else None
-    datasets = {TRAIN: image_dataset(splits.train, shuffle=True, limit=limit),
-                VAL: image_dataset(splits.val, shuffle=False, limit=limit)}  # fmt: skip
+    train, val = (stratified_sample(split, limit, config.seed) for split in (splits.train, splits.val))
+    datasets = {TRAIN: image_dataset(train, shuffle=True), VAL: image_dataset(val, shuffle=False)}
     if any(stage.train.swa for stage in config.stages):
-        datasets[TRAIN_EVAL] = image_dataset(splits.train, shuffle=False, limit=limit)
+        datasets[TRAIN_EVAL] = image_dataset(train, shuffle=False)
     return datasets
 
 

@@ -20,7 +20,7 @@ import ray.train
 import torch
 
 from raycls.config.experiment import Resources
-from raycls.config.schema import TrialConfig
+from raycls.config.schema import FAST_DEV_BATCHES, TrialConfig
 from raycls import names
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
@@ -28,7 +28,7 @@ from raycls.ranking import Ranking, checkpoint_attribute
 from raycls.storage import EVAL_DIR
 from raycls.train.local import CONFIG_FILE, METRICS_FILE
 from raycls.train.chain import fit
-from raycls.train.loop import FAST_DEV_BATCHES, Metrics, RunContext
+from raycls.train.loop import Metrics, RunContext
 from raycls.train.ray_data import ShardConfig, resolve_data, shard_source, trial_datasets
 
 # Reported with every epoch: how many times this trial has started again from one of its checkpoints (a

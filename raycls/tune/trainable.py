@@ -21,12 +21,12 @@ import torch
 
 from raycls.config.experiment import Experiment, Resources
 from raycls.config.load import resolve_trial
-from raycls.config.schema import TrialConfig
+from raycls.config.schema import FAST_DEV_BATCHES, TrialConfig
 from raycls.data.stream import device_bytes
 from raycls.errors import last_error_line
 from raycls.storage import ExperimentPaths, filesystem
 from raycls.train.chain import fit
-from raycls.train.loop import FAST_DEV_BATCHES, RunContext
+from raycls.train.loop import RunContext
 from raycls.train.ray_data import local_source, resolve_data, trial_datasets
 from raycls.train.ray_train import RESTARTS, RayReporter, restarts_of, restored, torch_trainer, trial_extras
 
