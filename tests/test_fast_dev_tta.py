@@ -30,14 +30,14 @@ def _digits(**eval_config) -> tuple[TrialConfig, Data]:
     }).fast_dev_run()  # fmt: skip
     data = load_data(config)
     splits = data.splits
-    sorted_splits = Splits(train=_class_sorted(splits.train), val=_class_sorted(splits.val), test=None,
+    sorted_splits = Splits(train=_class_sorted(splits.train), val=_class_sorted(splits.val), test=_class_sorted(splits.test),
                            mean=splits.mean, std=splits.std)  # fmt: skip
     return config, Data(sorted_splits, data.spec)
 
 
 # ------------------------------------------------------------------------------- stratified subsets (5)
 def test_a_stratified_subset_of_class_sorted_labels_has_every_class() -> None:
-    from raycls.data.splits import stratified_subset
+    from raycls.data.sampling import stratified_subset
 
     labels = np.repeat(np.arange(10), [100] * 9 + [1])  # sorted by class; class 9 has a single image
     picked = stratified_subset(labels, 50, seed=0)

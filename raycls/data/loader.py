@@ -88,7 +88,7 @@ class BatchLoader(Batching):
         super().__init__(batch_size, **options)
         if self.limit_batches and not self.train:
             # A fast dev run's evaluation batches: a stratified sample of the split, not its first batches.
-            from raycls.data.splits import stratified_sample  # here: splits imports the loaders (via stream)
+            from raycls.data.sampling import stratified_sample
 
             data = stratified_sample(data, self.limit_batches * batch_size * self.world_size, self.seed)
         self.images = data.images.to(self.device, non_blocking=True)

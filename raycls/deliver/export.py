@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import raycls
-from raycls.data.splits import stratified_sample
+from raycls.data.sampling import stratified_sample
 from raycls.deliver.model import Classifier, TrialModel
 from raycls.files import write_json_atomic
 

@@ -122,7 +122,7 @@ class Evaluation:
     def sample(self, data: ArrayData, n: int | None) -> ArrayData:
         """`n` images of `data` (all when None), stratified and seeded: never its first n (sets may be sorted
         by class)."""
-        from raycls.data.splits import stratified_sample
+        from raycls.data.sampling import stratified_sample
 
         return stratified_sample(data, n, self.seed)
 
@@ -468,7 +468,7 @@ def embedding_map_step(ev: Evaluation) -> dict[str, float]:
     test = ev.predictions("test")
     if test.embeddings is None or not ev.writes or len(test) < 10:
         return {}
-    from raycls.data.splits import stratified_subset
+    from raycls.data.sampling import stratified_subset
 
     keep = torch.from_numpy(stratified_subset(test.labels.numpy(), TSNE_IMAGES, ev.seed))
     points = TSNE(n_components=2, init="pca", perplexity=min(30, len(keep) - 1), random_state=ev.seed).fit_transform(

@@ -116,7 +116,7 @@ def pick_rows(rows: list[dict[str, Any]], pick: str, experiment: str) -> list[di
     usable = [r for r in rows if r.get("checkpoint") and r.get("config_json")]
     ranked = pick == "best" or pick.startswith("top:")
     try:
-        picked = Ranking.of(rows[0]["metric"], rows[0]["mode"]) if rows else Ranking.of("score", "max")
+        picked = Ranking.of(rows[0].get("metric") or "score", rows[0].get("mode")) if rows else Ranking.of("score", "max")
         match = picked.pick(usable if ranked else rows, pick, what=f"experiment {experiment!r}: --trial")
     except PickError as err:
         raise ConfigError(str(err)) from None

@@ -24,7 +24,8 @@ import ray.train
 
 from raycls.config.schema import DataConfig, TrialConfig
 from raycls.data.datasets import FileData
-from raycls.data.splits import load_splits, resolve_loader, stratified_sample
+from raycls.data.sampling import stratified_sample
+from raycls.data.splits import load_splits, resolve_loader
 from raycls.data.stream import TRAIN, TRAIN_EVAL, VAL, StreamSource
 from raycls.images import decode_rows
 
