@@ -65,7 +65,9 @@ def main() -> None:
     device = torch.device(args.device)
     gen = torch.Generator(device=device).manual_seed(0)
     images = torch.rand(args.batch, 3, 32, 32, generator=gen, device=device)
-    normalised = (images - torch.tensor(MEAN, device=device).view(1, 3, 1, 1)) / torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    normalised = (images - torch.tensor(MEAN, device=device).view(1, 3, 1, 1)) / torch.tensor(STD, device=device).view(
+        1, 3, 1, 1
+    )
     labels = torch.randint(0, 10, (args.batch,), device=device, generator=gen)
 
     steps = {}
@@ -86,17 +88,27 @@ def main() -> None:
     for policy, fields in POLICIES.items():
         config = AugmentConfig.model_validate(fields)
         seconds = timed(lambda: apply_augmentations(normalised, config, gen, mean=MEAN, std=STD), device, args.repeats)
-        row = {"policy": policy, "augment_images_per_s": args.batch / seconds,
-               **{f"share_of_{m}_step": seconds / (seconds + s) for m, s in steps.items()}}  # fmt: skip
+        row = {
+            "policy": policy,
+            "augment_images_per_s": args.batch / seconds,
+            **{f"share_of_{m}_step": seconds / (seconds + s) for m, s in steps.items()},
+        }
         print(row)
         results.append(row)
     heaviest = max(results, key=lambda r: 1 / r["augment_images_per_s"])
-    print(write_result(args.out, {
-        "claim": "the heaviest default policy costs under 10% of the step on GPU (reported as measured on CPU)",
-        "device": str(device), "batch": args.batch,
-        "step_images_per_s": {m: args.batch / s for m, s in steps.items()},
-        "heaviest": heaviest["policy"], "results": results,
-    }))  # fmt: skip
+    print(
+        write_result(
+            args.out,
+            {
+                "claim": "the heaviest default policy costs under 10% of the step on GPU (reported as measured on CPU)",
+                "device": str(device),
+                "batch": args.batch,
+                "step_images_per_s": {m: args.batch / s for m, s in steps.items()},
+                "heaviest": heaviest["policy"],
+                "results": results,
+            },
+        )
+    )
 
 
 if __name__ == "__main__":

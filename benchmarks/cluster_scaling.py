@@ -45,6 +45,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported
 
 from common import RESULTS, write_result  # noqa: E402
+
 from raycls.config import load_experiment  # noqa: E402
 from raycls.results import read_leaderboard  # noqa: E402
 
@@ -113,16 +114,26 @@ def run_on_cluster(folder: Path, *, nodes: int, per_node: int, trials: int, epoc
         first = next(h for h in history if h["trial_id"] == row["trial_id"])
         per_node_trials[first["node_id"]] = per_node_trials.get(first["node_id"], 0) + 1
     return {
-        "nodes": nodes, "per_node": per_node, "concurrency": concurrency, "trials": trials, "epochs": epochs,
-        "cluster_start_s": cluster_start_s, "wall_s": wall, "trials_per_min": trials / wall * 60,
-        "in_loop_s": in_loop, "overhead_per_trial_s": (wall * concurrency - in_loop) / trials,
+        "nodes": nodes,
+        "per_node": per_node,
+        "concurrency": concurrency,
+        "trials": trials,
+        "epochs": epochs,
+        "cluster_start_s": cluster_start_s,
+        "wall_s": wall,
+        "trials_per_min": trials / wall * 60,
+        "in_loop_s": in_loop,
+        "overhead_per_trial_s": (wall * concurrency - in_loop) / trials,
         "epoch_s_median": statistics.median(h["epoch_s"] for h in history),
         "trial_wall_s_median": statistics.median(r["wall_s"] for r in rows),
-        "statuses": sorted({r["status"] for r in rows}), "completed": sum(r["status"] == "completed" for r in rows),
-        "nodes_used": len(per_node_trials), "trials_per_node": sorted(per_node_trials.values(), reverse=True),
-        "driver_rss_before_mb": rss_before, "driver_rss_after_mb": rss_after,
+        "statuses": sorted({r["status"] for r in rows}),
+        "completed": sum(r["status"] == "completed" for r in rows),
+        "nodes_used": len(per_node_trials),
+        "trials_per_node": sorted(per_node_trials.values(), reverse=True),
+        "driver_rss_before_mb": rss_before,
+        "driver_rss_after_mb": rss_after,
         "driver_rss_growth_mb_per_100_trials": (rss_after - rss_before) * 100 / trials,
-    }  # fmt: skip
+    }
 
 
 TRIVIAL = """
@@ -183,13 +194,18 @@ def driver_flatness(folder: Path, *, trials: int) -> dict:
     ends = sorted(r["ended_at"] for r in rows)
     per_100 = [100 / max((ends[i + 99] - ends[i]).total_seconds(), 1e-9) * 60 for i in range(0, len(ends) - 99, 100)]
     return {
-        "trials": trials, "rows": len(rows), "statuses": sorted({r["status"] for r in rows}), "wall_s": wall,
-        "driver_mb_per_1000_trials": slope([r for r, _ in steady], [m for _, m in steady]) * 1000 if len(steady) > 2 else None,
+        "trials": trials,
+        "rows": len(rows),
+        "statuses": sorted({r["status"] for r in rows}),
+        "wall_s": wall,
+        "driver_mb_per_1000_trials": slope([r for r, _ in steady], [m for _, m in steady]) * 1000
+        if len(steady) > 2
+        else None,
         "driver_rss_mb_at_100_rows": steady[0][1] if steady else None,
         "driver_rss_mb_at_end": samples[-1][2] if samples else None,
         "trials_per_min_by_100": [round(x, 1) for x in per_100],
         "rss_samples": [(round(t, 1), r, round(m, 1)) for t, r, m in samples[:: max(1, len(samples) // 60)]],
-    }  # fmt: skip
+    }
 
 
 def main() -> None:
@@ -202,7 +218,11 @@ def main() -> None:
     args = parser.parse_args()
 
     runs = []
-    previous = json.loads((RESULTS / "cluster_scaling.json").read_text()) if (RESULTS / "cluster_scaling.json").is_file() else {}
+    previous = (
+        json.loads((RESULTS / "cluster_scaling.json").read_text())
+        if (RESULTS / "cluster_scaling.json").is_file()
+        else {}
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for nodes in args.nodes:
             run = run_on_cluster(Path(tmp), nodes=nodes, per_node=args.per_node, trials=args.trials, epochs=args.epochs)
@@ -214,29 +234,32 @@ def main() -> None:
         base = next((r for r in runs if r["nodes"] == 1), runs[0])
         for run in runs:
             run["throughput_vs_1_node"] = run["trials_per_min"] / base["trials_per_min"]
-    path = write_result("cluster_scaling", {
-        "claim": "trials spread over every node; scheduling overhead per trial stays flat as nodes are added; "
-                 "the driver's memory grows less than 50 MB per 1,000 trials",
-        "runs": runs or previous.get("runs", []),  # --nodes with no sizes: the node runs of the last full run
-        "driver": driver,
-        "notes": [
-            f"Simulated cluster (ray.cluster_utils.Cluster) on a {os.cpu_count()}-core machine: every node shares "
-            "the same cores, so more nodes add scheduling slots, not compute. Throughput cannot rise with nodes "
-            "here; the numbers show scheduling overhead and that trials spread, not speed-up.",
-            "overhead_per_trial_s = (wall x concurrency - seconds inside the loop) / trials; with more trials at "
-            "once on the same cores, each trial's loop is slower too (see epoch_s_median), and that contention "
-            "shows up in the loop time, not in the overhead.",
-            "The first run's driver RSS growth includes one-time imports and caches (Tune, Optuna, pyarrow); "
-            "later runs show the steady state.",
-            "Timings are noisy: other processes shared the machine.",
-            "driver: what grows is Ray Tune's. tracemalloc over 180 trivial trials: Python heap +20 MB, 15+ MB of "
-            "it Trial.run_metadata (for every numeric metric of every trial an analysis dict and two deques) and "
-            "Tune's cached per-trial JSON states; Tune's experiment snapshot serialises every trial and runs once "
-            "per trial here (raycls forces it when a trial checkpoints, for --resume): 74 ms per snapshot at 400 "
-            "trials, the falling trials_per_min_by_100. raycls's own holder, the live table's row per trial, now "
-            "keeps the running trials and the best 10.",
-        ],
-    })  # fmt: skip
+    path = write_result(
+        "cluster_scaling",
+        {
+            "claim": "trials spread over every node; scheduling overhead per trial stays flat as nodes are added; "
+            "the driver's memory grows less than 50 MB per 1,000 trials",
+            "runs": runs or previous.get("runs", []),  # --nodes with no sizes: the node runs of the last full run
+            "driver": driver,
+            "notes": [
+                f"Simulated cluster (ray.cluster_utils.Cluster) on a {os.cpu_count()}-core machine: every node shares "
+                "the same cores, so more nodes add scheduling slots, not compute. Throughput cannot rise with nodes "
+                "here; the numbers show scheduling overhead and that trials spread, not speed-up.",
+                "overhead_per_trial_s = (wall x concurrency - seconds inside the loop) / trials; with more trials at "
+                "once on the same cores, each trial's loop is slower too (see epoch_s_median), and that contention "
+                "shows up in the loop time, not in the overhead.",
+                "The first run's driver RSS growth includes one-time imports and caches (Tune, Optuna, pyarrow); "
+                "later runs show the steady state.",
+                "Timings are noisy: other processes shared the machine.",
+                "driver: what grows is Ray Tune's. tracemalloc over 180 trivial trials: Python heap +20 MB, 15+ MB of "
+                "it Trial.run_metadata (for every numeric metric of every trial an analysis dict and two deques) and "
+                "Tune's cached per-trial JSON states; Tune's experiment snapshot serialises every trial and runs once "
+                "per trial here (raycls forces it when a trial checkpoints, for --resume): 74 ms per snapshot at 400 "
+                "trials, the falling trials_per_min_by_100. raycls's own holder, the live table's row per trial, now "
+                "keeps the running trials and the best 10.",
+            ],
+        },
+    )
     print(f"-> {path}")
 
 

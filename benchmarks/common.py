@@ -37,7 +37,12 @@ def git_commit() -> str | None:
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {**payload, "machine": machine(), "git_commit": git_commit(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    payload = {
+        **payload,
+        "machine": machine(),
+        "git_commit": git_commit(),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     os.replace(tmp, path)

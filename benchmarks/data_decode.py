@@ -90,20 +90,31 @@ def main() -> None:
         uncached = timed(lambda: load_splits(config.model_copy(update={"decode_cache": False}), seed=0))
         memory_s, stream_s, train_images = loader_epochs(config, cores)
         result = {
-            "images": len(files), "source_px": 224, "decoded_px": args.size, "cores": cores,
+            "images": len(files),
+            "source_px": 224,
+            "decoded_px": args.size,
+            "cores": cores,
             "decode_1_thread_img_s": round(len(files) / one, 1),
             "decode_all_cores_img_s": round(len(files) / every, 1),
             "decode_img_s_per_core": round(len(files) / every / cores, 1),
             "parallel_speedup": round(one / every, 2),
-            "load_splits_cold_cache_s": round(cold, 3), "load_splits_warm_cache_s": round(warm, 3),
-            "load_splits_no_cache_s": round(uncached, 3), "warm_vs_no_cache": round(warm / uncached, 4),
+            "load_splits_cold_cache_s": round(cold, 3),
+            "load_splits_warm_cache_s": round(warm, 3),
+            "load_splits_no_cache_s": round(uncached, 3),
+            "warm_vs_no_cache": round(warm / uncached, 4),
             "reference_img_s_per_core": "600-700 (PIL / libjpeg-turbo, ImageNet-size JPEGs)",
-            "train_images": train_images, "memory_loader_img_s": round(train_images / memory_s, 1),
-            "stream_loader_img_s": round(train_images / stream_s, 1), "stream_vs_memory": round(memory_s / stream_s, 4),
+            "train_images": train_images,
+            "memory_loader_img_s": round(train_images / memory_s, 1),
+            "stream_loader_img_s": round(train_images / stream_s, 1),
+            "stream_vs_memory": round(memory_s / stream_s, 4),
             "stream_vs_decode_all_cores": round((train_images / stream_s) / (len(files) / every), 3),
-        }  # fmt: skip
+        }
         print(result)
-        print(write_result("data_decode", {"claim": "decode once per node; second setup in milliseconds", "result": result}))
+        print(
+            write_result(
+                "data_decode", {"claim": "decode once per node; second setup in milliseconds", "result": result}
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -39,12 +39,14 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    config = TrialConfig.model_validate({
-        "data": {"name": args.dataset, "root": str(SHARED_DATA), "train_subset": args.subset},
-        "model": {"name": args.model},
-        "train": {"epochs": args.epochs, "batch_size": 128, "optimizer": "sgd", "lr": 0.05},
-        "eval": {"on": "none"},
-    })  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": args.dataset, "root": str(SHARED_DATA), "train_subset": args.subset},
+            "model": {"name": args.model},
+            "train": {"epochs": args.epochs, "batch_size": 128, "optimizer": "sgd", "lr": 0.05},
+            "eval": {"on": "none"},
+        }
+    )
     with tempfile.TemporaryDirectory() as tmp:
         history: list[dict] = []
         run_local(config, Path(tmp) / "train", device=device, on_epoch=history.append)
@@ -56,23 +58,44 @@ def main() -> None:
             seconds, metrics = [], {}
             for repeat in range(args.repeats):
                 started = time.perf_counter()
-                summary = evaluate_weights(config, weights, data, RunContext(device=device),
-                                           out_uri=str(Path(tmp) / f"eval-{suite}"), suite=suite)  # fmt: skip
+                summary = evaluate_weights(
+                    config,
+                    weights,
+                    data,
+                    RunContext(device=device),
+                    out_uri=str(Path(tmp) / f"eval-{suite}"),
+                    suite=suite,
+                )
                 seconds.append(time.perf_counter() - started)
                 metrics = summary["metrics"]
                 print(f"{suite} suite, repeat {repeat}: {seconds[-1]:.1f} s ({seconds[-1] / epoch_s:.2f} epochs)")
-            suites[suite] = {"seconds": seconds, "median_s": statistics.median(seconds),
-                             "epochs": statistics.median(seconds) / epoch_s,
-                             "metrics": {k: v for k, v in metrics.items() if not k.startswith("test_ood_")},
-                             "ood_auroc": {k: v for k, v in metrics.items() if k.startswith("test_ood_") and k.endswith("auroc")}}  # fmt: skip
+            suites[suite] = {
+                "seconds": seconds,
+                "median_s": statistics.median(seconds),
+                "epochs": statistics.median(seconds) / epoch_s,
+                "metrics": {k: v for k, v in metrics.items() if not k.startswith("test_ood_")},
+                "ood_auroc": {k: v for k, v in metrics.items() if k.startswith("test_ood_") and k.endswith("auroc")},
+            }
     default_epochs = suites.get("default", {}).get("epochs")
-    path = write_result(args.out, {
-        "claim": "the default evaluation suite costs <= 1 training epoch of the same trial",
-        "config": vars(args), "train_images": len(data.splits.train), "test_images": len(data.splits.test or data.splits.val),
-        "epoch_s": epoch_s, "train_history": history, "suites": suites,
-        "goal": 1.0, "meets_goal": default_epochs is not None and default_epochs <= 1.0,
-    })  # fmt: skip
-    print(f"epoch {epoch_s:.1f} s; " + "; ".join(f"{k} {v['median_s']:.1f} s = {v['epochs']:.2f} epochs" for k, v in suites.items()) + f" -> {path}")
+    path = write_result(
+        args.out,
+        {
+            "claim": "the default evaluation suite costs <= 1 training epoch of the same trial",
+            "config": vars(args),
+            "train_images": len(data.splits.train),
+            "test_images": len(data.splits.test or data.splits.val),
+            "epoch_s": epoch_s,
+            "train_history": history,
+            "suites": suites,
+            "goal": 1.0,
+            "meets_goal": default_epochs is not None and default_epochs <= 1.0,
+        },
+    )
+    print(
+        f"epoch {epoch_s:.1f} s; "
+        + "; ".join(f"{k} {v['median_s']:.1f} s = {v['epochs']:.2f} epochs" for k, v in suites.items())
+        + f" -> {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from raycls.report.page import write_report
 from raycls.results.leaderboard import TrialRecord, write_trial
 from raycls.results.provenance import write_space_as_run
 from raycls.results.row import param_types
-from raycls.tune.resume import TRIAL_ID_ATTR
 from raycls.storage import journal_file
+from raycls.tune.resume import TRIAL_ID_ATTR
 from raycls.tune.searcher import open_study_storage
 
 SPACE = """
@@ -55,8 +55,9 @@ def synthetic_experiment(storage: Path, name: str, trials: int, seed: int = 0) -
     experiment = load_experiment(yaml_path)
     write_space_as_run(experiment, str(storage))
     types = param_types(experiment)
-    study = optuna.create_study(study_name=name, direction="maximize",
-                                storage=open_study_storage(journal_file(storage / name)))  # fmt: skip
+    study = optuna.create_study(
+        study_name=name, direction="maximize", storage=open_study_storage(journal_file(storage / name))
+    )
     distributions = {
         "train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
         "train.weight_decay": optuna.distributions.FloatDistribution(1e-6, 1e-2, log=True),
@@ -65,9 +66,16 @@ def synthetic_experiment(storage: Path, name: str, trials: int, seed: int = 0) -
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
     rung_best: dict[int, list[float]] = {3: [], 9: []}
     for i in range(trials):
-        params = {"train.lr": 10 ** rng.uniform(-4, -1), "train.weight_decay": 10 ** rng.uniform(-6, -2),
-                  "train.optimizer": rng.choice(["sgd", "adamw"])}  # fmt: skip
-        ceiling = 0.97 - 0.08 * (math.log10(params["train.lr"]) + 2.5) ** 2 - (0.02 if params["train.optimizer"] == "sgd" else 0)
+        params = {
+            "train.lr": 10 ** rng.uniform(-4, -1),
+            "train.weight_decay": 10 ** rng.uniform(-6, -2),
+            "train.optimizer": rng.choice(["sgd", "adamw"]),
+        }
+        ceiling = (
+            0.97
+            - 0.08 * (math.log10(params["train.lr"]) + 2.5) ** 2
+            - (0.02 if params["train.optimizer"] == "sgd" else 0)
+        )
         history, status = [], "completed"
         for epoch in range(1, 28):
             acc = max(0.1, ceiling * (1 - math.exp(-epoch / 5)) + rng.gauss(0, 0.01))
@@ -81,17 +89,32 @@ def synthetic_experiment(storage: Path, name: str, trials: int, seed: int = 0) -
         if rng.random() < 0.03:
             status, history = "failed", history[: rng.randint(0, 2)]
         started = start + timedelta(seconds=10 * i)
-        record = TrialRecord(experiment=name, trial_id=f"{i:05d}", status=status, metric="val_acc", mode="max",
-                             params=params, param_types=types, history=history, max_epochs=27, started_at=started,
-                             ended_at=started + timedelta(seconds=sum(h["epoch_s"] for h in history) + 5),
-                             error="RuntimeError: synthetic" if status == "failed" else None)  # fmt: skip
+        record = TrialRecord(
+            experiment=name,
+            trial_id=f"{i:05d}",
+            status=status,
+            metric="val_acc",
+            mode="max",
+            params=params,
+            param_types=types,
+            history=history,
+            max_epochs=27,
+            started_at=started,
+            ended_at=started + timedelta(seconds=sum(h["epoch_s"] for h in history) + 5),
+            error="RuntimeError: synthetic" if status == "failed" else None,
+        )
         write_trial(str(storage), record)
         trial = optuna.trial.create_trial(
-            params=params, distributions=distributions, user_attrs={TRIAL_ID_ATTR: record.trial_id},
-            state={"completed": optuna.trial.TrialState.COMPLETE, "early_stopped": optuna.trial.TrialState.PRUNED,
-                   "failed": optuna.trial.TrialState.FAIL}[status],
+            params=params,
+            distributions=distributions,
+            user_attrs={TRIAL_ID_ATTR: record.trial_id},
+            state={
+                "completed": optuna.trial.TrialState.COMPLETE,
+                "early_stopped": optuna.trial.TrialState.PRUNED,
+                "failed": optuna.trial.TrialState.FAIL,
+            }[status],
             value=max(h["val_acc"] for h in history) if status == "completed" else None,
-        )  # fmt: skip
+        )
         study.add_trial(trial)
 
 
@@ -118,14 +141,30 @@ def main() -> None:
                     size = files.html.stat().st_size
                     if png:
                         pngs, png_error = len(files.pngs), files.png_error
-            row = {"trials": trials, "html_s": min(timings["html"]), "html_and_png_s": min(timings["html_and_png"]),
-                   "html_bytes": size, "pngs": pngs, "png_error": png_error, "generate_s": round(made, 1),
-                   "runs": timings}  # fmt: skip
+            row = {
+                "trials": trials,
+                "html_s": min(timings["html"]),
+                "html_and_png_s": min(timings["html_and_png"]),
+                "html_bytes": size,
+                "pngs": pngs,
+                "png_error": png_error,
+                "generate_s": round(made, 1),
+                "runs": timings,
+            }
             print(row)
             results.append(row)
     largest = max(results, key=lambda r: r["trials"])
-    print(write_result(args.out, {"claim": "report of 2,000 trials in under 10 s on 2 cores (HTML)",
-                                  "goal_s": 10.0, "met": largest["html_s"] < 10.0, "results": results}))  # fmt: skip
+    print(
+        write_result(
+            args.out,
+            {
+                "claim": "report of 2,000 trials in under 10 s on 2 cores (HTML)",
+                "goal_s": 10.0,
+                "met": largest["html_s"] < 10.0,
+                "results": results,
+            },
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -111,11 +111,25 @@ def run_search(folder: Path, storage: str, method: str, seed: int, args: argpars
     spec = METHODS[method]
     name = f"{method}-s{seed}"
     path = folder / f"{name}.yaml"
-    path.write_text(YAML.format(
-        name=name, trials=args.trials, concurrency=args.concurrency, seed=seed, startup=args.startup,
-        epochs=args.epochs, grace=args.grace, reduction=args.reduction, dataset=args.dataset, root=SHARED_DATA,
-        val_fraction=args.val_fraction, subset=args.subset, image_size=args.image_size, space=json.dumps(SPACE), **spec,
-    ))  # fmt: skip
+    path.write_text(
+        YAML.format(
+            name=name,
+            trials=args.trials,
+            concurrency=args.concurrency,
+            seed=seed,
+            startup=args.startup,
+            epochs=args.epochs,
+            grace=args.grace,
+            reduction=args.reduction,
+            dataset=args.dataset,
+            root=SHARED_DATA,
+            val_fraction=args.val_fraction,
+            subset=args.subset,
+            image_size=args.image_size,
+            space=json.dumps(SPACE),
+            **spec,
+        )
+    )
     experiment = load_experiment(path)
     started = time.perf_counter()
     run_tune(experiment, TuneOptions(storage=storage, live=False))
@@ -127,20 +141,32 @@ def run_search(folder: Path, storage: str, method: str, seed: int, args: argpars
     completed = [r["score"] for r in rows if r["status"] == "completed" and r.get("score") is not None]
     scored = [r["score"] for r in rows if r.get("score") is not None]
     return {
-        "method": method, "seed": seed, "wall_s": round(wall, 1), "trials": len(rows),
+        "method": method,
+        "seed": seed,
+        "wall_s": round(wall, 1),
+        "trials": len(rows),
         "statuses": {s: sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
         "total_epochs": len(timeline),
         "best_completed_score": max(completed) if completed else None,
         "best_score": max(scored) if scored else None,
         # Every epoch in the order counted: [trial_id, epoch, val_acc].
         "timeline": [[t, e, round(v, 4) if v is not None else None] for _, t, e, v in timeline],
-        "trials_detail": sorted(({
-            "trial_id": r["trial_id"], "status": r["status"], "epochs": r.get("epochs"), "score": r.get("score"),
-            "started_at": r["started_at"].isoformat() if r.get("started_at") else None,
-            **{k: r.get(k) for k in SPACE},
-        } for r in rows), key=lambda t: t["started_at"] or ""),
+        "trials_detail": sorted(
+            (
+                {
+                    "trial_id": r["trial_id"],
+                    "status": r["status"],
+                    "epochs": r.get("epochs"),
+                    "score": r.get("score"),
+                    "started_at": r["started_at"].isoformat() if r.get("started_at") else None,
+                    **{k: r.get(k) for k in SPACE},
+                }
+                for r in rows
+            ),
+            key=lambda t: t["started_at"] or "",
+        ),
         "_timeline": timeline,
-    }  # fmt: skip
+    }
 
 
 def median_or_none(values: list[float]) -> float | None:
@@ -157,23 +183,29 @@ def summarise(runs: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[dict,
             reached = epochs_to_target(run["_timeline"], target) if target is not None else None
             run["epochs_to_target"] = reached
             per_seed[str(seed)][method] = {
-                "epochs_to_target": reached, "total_epochs": run["total_epochs"], "best_score": run["best_score"],
-                "wall_s": run["wall_s"], "statuses": run["statuses"],
-            }  # fmt: skip
+                "epochs_to_target": reached,
+                "total_epochs": run["total_epochs"],
+                "best_score": run["best_score"],
+                "wall_s": run["wall_s"],
+                "statuses": run["statuses"],
+            }
     summary: dict[str, dict] = {}
     for method in METHODS:
-        reached = [runs[method][s]["epochs_to_target"] for s in seeds if runs[method][s]["epochs_to_target"] is not None]
+        reached = [
+            runs[method][s]["epochs_to_target"] for s in seeds if runs[method][s]["epochs_to_target"] is not None
+        ]
         # Unreached seeds count as never: the median exists only while fewer than half never got there.
         censored = sorted([runs[method][s]["epochs_to_target"] or math.inf for s in seeds])
         median_censored = statistics.median(censored)
         summary[method] = {
             "median_epochs_to_target": median_or_none(reached),
-            "seeds_reached": len(reached), "seeds": len(seeds),
+            "seeds_reached": len(reached),
+            "seeds": len(seeds),
             "median_epochs_to_target_unreached_as_never": None if math.isinf(median_censored) else median_censored,
             "median_total_epochs": statistics.median(runs[method][s]["total_epochs"] for s in seeds),
             "median_wall_s": statistics.median(runs[method][s]["wall_s"] for s in seeds),
             "best_score_per_seed": {str(s): runs[method][s]["best_score"] for s in seeds},
-        }  # fmt: skip
+        }
     base = summary[BASELINE]["median_epochs_to_target"]
     base_never = summary[BASELINE]["median_epochs_to_target_unreached_as_never"]
     for method in METHODS:
@@ -183,17 +215,23 @@ def summarise(runs: dict[str, dict[int, dict]], seeds: list[int]) -> tuple[dict,
         never = summary[method]["median_epochs_to_target_unreached_as_never"]
         # The goal's measure: unreached seeds count as never (None: half or more never reached the target).
         summary[method]["ratio_vs_random_fifo_unreached_as_never"] = (
-            round(never / base_never, 3) if never is not None and base_never else None)
+            round(never / base_never, 3) if never is not None and base_never else None
+        )
         # Per seed, where both reached: this method's epochs over random_fifo's (a paired view of the same).
-        paired = [runs[method][s]["epochs_to_target"] / runs[BASELINE][s]["epochs_to_target"] for s in seeds
-                  if runs[method][s]["epochs_to_target"] and runs[BASELINE][s]["epochs_to_target"]]  # fmt: skip
+        paired = [
+            runs[method][s]["epochs_to_target"] / runs[BASELINE][s]["epochs_to_target"]
+            for s in seeds
+            if runs[method][s]["epochs_to_target"] and runs[BASELINE][s]["epochs_to_target"]
+        ]
         summary[method]["median_paired_ratio_vs_random_fifo"] = round(statistics.median(paired), 3) if paired else None
     return summary, per_seed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="search.seed and base.seed of each repeat")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="search.seed and base.seed of each repeat"
+    )
     parser.add_argument("--trials", type=int, default=20, help="trials per search (every method)")
     parser.add_argument("--epochs", type=int, default=9, help="epochs per trial (ASHA's max_t)")
     parser.add_argument("--grace", type=int, default=1, help="ASHA grace period, epochs")
@@ -201,15 +239,28 @@ def main() -> None:
     parser.add_argument("--startup", type=int, default=5, help="TPE's random startup trials (n_startup_trials)")
     parser.add_argument("--concurrency", type=int, default=2, help="trials at a time (2 cores: at most 2)")
     parser.add_argument("--dataset", default="fashion_mnist")
-    parser.add_argument("--subset", type=int, default=2000, help="stratified training subset (before the validation split)")
+    parser.add_argument(
+        "--subset", type=int, default=2000, help="stratified training subset (before the validation split)"
+    )
     parser.add_argument("--val-fraction", type=float, default=0.2)
-    parser.add_argument("--image-size", type=int, default=14, help="images resized to this side (28: native; 14 trains ~3x faster)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-                        help="a subset of methods (timing only: the summary needs all four)")  # fmt: skip
+    parser.add_argument(
+        "--image-size", type=int, default=14, help="images resized to this side (28: native; 14 trains ~3x faster)"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(METHODS),
+        help="a subset of methods (timing only: the summary needs all four)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke check: 1 seed, 4 trials, 2 epochs, 600 images")
     parser.add_argument("--no-write", action="store_true", help="print, do not write results/search_efficiency.json")
-    parser.add_argument("--from-result", type=Path, metavar="JSON",
-                        help="train nothing: summarise the raw runs (epoch timelines) of an earlier result file again")  # fmt: skip
+    parser.add_argument(
+        "--from-result",
+        type=Path,
+        metavar="JSON",
+        help="train nothing: summarise the raw runs (epoch timelines) of an earlier result file again",
+    )
     args = parser.parse_args()
     if args.from_result:
         return resummarise(args.from_result, write=not args.no_write)
@@ -229,8 +280,11 @@ def main() -> None:
             for method in args.methods:
                 run = run_search(folder, str(folder / "results"), method, seed, args)
                 runs[method][seed] = run
-                print(f"seed {seed} {method}: {run['wall_s']} s, {run['total_epochs']} epochs, best {run['best_score']}, "
-                      f"{run['statuses']}", flush=True)  # fmt: skip
+                print(
+                    f"seed {seed} {method}: {run['wall_s']} s, {run['total_epochs']} epochs, best {run['best_score']}, "
+                    f"{run['statuses']}",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
         shutil.rmtree(folder, ignore_errors=True)
@@ -240,14 +294,23 @@ def main() -> None:
         return
 
     config = {
-        "dataset": args.dataset, "train_subset": args.subset, "val_fraction": args.val_fraction,
-        "image_size": args.image_size, "model": "small_cnn",
-        "space": SPACE, "trials": args.trials, "epochs_per_trial": args.epochs, "concurrency": args.concurrency,
+        "dataset": args.dataset,
+        "train_subset": args.subset,
+        "val_fraction": args.val_fraction,
+        "image_size": args.image_size,
+        "model": "small_cnn",
+        "space": SPACE,
+        "trials": args.trials,
+        "epochs_per_trial": args.epochs,
+        "concurrency": args.concurrency,
         "asha": {"grace_period": args.grace, "reduction_factor": args.reduction, "max_t": args.epochs},
-        "tpe_n_startup_trials": args.startup, "seeds": args.seeds, "quick": args.quick, "methods": METHODS,
+        "tpe_n_startup_trials": args.startup,
+        "seeds": args.seeds,
+        "quick": args.quick,
+        "methods": METHODS,
         "target": "per seed, the best final score among random_fifo's completed trials",
         "epoch_order": "row started_at + cumulative setup_s + epoch_s per epoch (history has no time stamp)",
-    }  # fmt: skip
+    }
     report(config, runs, total_wall, write=not args.no_write)
 
 
@@ -255,40 +318,56 @@ def resummarise(path: Path, *, write: bool) -> None:
     """The summary of an earlier result's raw runs again (their stored timelines are already in time order)."""
     earlier = json.loads(path.read_text())
     config = earlier["config"]
-    runs = {m: {int(s): {**run, "_timeline": [(i, t, e, v) for i, (t, e, v) in enumerate(run["timeline"])]}
-                for s, run in by_seed.items()} for m, by_seed in earlier["runs"].items()}  # fmt: skip
-    measured = {"measured_at_commit": earlier.get("measured_at_commit", earlier.get("git_commit")),
-                "measured_at": earlier.get("measured_at", earlier.get("written_at"))}  # fmt: skip
+    runs = {
+        m: {
+            int(s): {**run, "_timeline": [(i, t, e, v) for i, (t, e, v) in enumerate(run["timeline"])]}
+            for s, run in by_seed.items()
+        }
+        for m, by_seed in earlier["runs"].items()
+    }
+    measured = {
+        "measured_at_commit": earlier.get("measured_at_commit", earlier.get("git_commit")),
+        "measured_at": earlier.get("measured_at", earlier.get("written_at")),
+    }
     report(config, runs, earlier["total_wall_s"], write=write, measured=measured)
 
 
-def report(config: dict, runs: dict[str, dict[int, dict]], total_wall: float, *, write: bool, measured: dict | None = None) -> None:
+def report(
+    config: dict, runs: dict[str, dict[int, dict]], total_wall: float, *, write: bool, measured: dict | None = None
+) -> None:
     summary, per_seed = summarise(runs, config["seeds"])
     for method, s in summary.items():
-        print(f"{method:18s} median epochs-to-target {s['median_epochs_to_target']} (reached {s['seeds_reached']}/{s['seeds']}, "
-              f"unreached as never: {s['median_epochs_to_target_unreached_as_never']}), ratio {s['ratio_vs_random_fifo']} "
-              f"(paired {s['median_paired_ratio_vs_random_fifo']}, unreached as never "
-              f"{s['ratio_vs_random_fifo_unreached_as_never']}), median total epochs {s['median_total_epochs']}, "
-              f"median wall {s['median_wall_s']} s")  # fmt: skip
+        print(
+            f"{method:18s} median epochs-to-target {s['median_epochs_to_target']} (reached {s['seeds_reached']}/{s['seeds']}, "
+            f"unreached as never: {s['median_epochs_to_target_unreached_as_never']}), ratio {s['ratio_vs_random_fifo']} "
+            f"(paired {s['median_paired_ratio_vs_random_fifo']}, unreached as never "
+            f"{s['ratio_vs_random_fifo_unreached_as_never']}), median total epochs {s['median_total_epochs']}, "
+            f"median wall {s['median_wall_s']} s"
+        )
     print(f"total wall {total_wall:.0f} s")
     if not write:
         return
     # The goal counts a seed that never reached the target as never: a median over the one seed that did
     # (ratio_vs_random_fifo) would call a method that mostly fails "fast".
     goal = summary["tpe_asha_pruned"]["ratio_vs_random_fifo_unreached_as_never"]
-    path = write_result("search_efficiency", {
-        "claim": "epochs for each method to reach random+FIFO's best final score (median over seeds); "
-                 "compass goal: TPE+ASHA (PRUNED) at most 1/3 of random+FIFO's epochs",
-        "config": config,
-        "summary": summary,
-        "goal_ratio": 1 / 3,
-        "meets_goal": goal is not None and goal <= 1 / 3,
-        "per_seed": per_seed,
-        "runs": {m: {str(s): {k: v for k, v in run.items() if k != "_timeline"} for s, run in by_seed.items()}
-                 for m, by_seed in runs.items()},
-        "total_wall_s": round(total_wall, 1),
-        **(measured or {}),
-    })  # fmt: skip
+    path = write_result(
+        "search_efficiency",
+        {
+            "claim": "epochs for each method to reach random+FIFO's best final score (median over seeds); "
+            "compass goal: TPE+ASHA (PRUNED) at most 1/3 of random+FIFO's epochs",
+            "config": config,
+            "summary": summary,
+            "goal_ratio": 1 / 3,
+            "meets_goal": goal is not None and goal <= 1 / 3,
+            "per_seed": per_seed,
+            "runs": {
+                m: {str(s): {k: v for k, v in run.items() if k != "_timeline"} for s, run in by_seed.items()}
+                for m, by_seed in runs.items()
+            },
+            "total_wall_s": round(total_wall, 1),
+            **(measured or {}),
+        },
+    )
     print(f"-> {path}")
 
 

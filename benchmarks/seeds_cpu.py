@@ -38,8 +38,24 @@ TWINS = {
 def run_twin(name: str, storage: Path) -> dict:
     sets = ["--set", f"data.path={SHARED_DATA / 'imagenette-mini'}"] if name == "finetune-imagenette" else []
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "raycls.cli", "tune", str(SPACES / f"{name}.yaml"), "--storage", str(storage),
-                           "--wandb", "disabled", "--no-report", *sets], capture_output=True, text=True, env={**os.environ})  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raycls.cli",
+            "tune",
+            str(SPACES / f"{name}.yaml"),
+            "--storage",
+            str(storage),
+            "--wandb",
+            "disabled",
+            "--no-report",
+            *sets,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
     wall = time.perf_counter() - started
     if done.returncode != 0:
         return {"twin": name, "error": (done.stdout + done.stderr)[-2000:], "wall_s": wall}
@@ -47,12 +63,18 @@ def run_twin(name: str, storage: Path) -> dict:
     rows = read_leaderboard(str(storage), experiment.name).table.to_pylist()
     best = max((r for r in rows if r.get("score") is not None), key=lambda r: r["score"])
     return {
-        "twin": name, "stands_for": TWINS[name][0], "to_beat": TWINS[name][1], "trials": len(rows),
-        "completed": sum(r["status"] == "completed" for r in rows), "wall_s": round(wall, 1),
-        "best_trial": best["trial_id"], "best_val": best["score"], "best_test_acc": best.get("test_acc"),
+        "twin": name,
+        "stands_for": TWINS[name][0],
+        "to_beat": TWINS[name][1],
+        "trials": len(rows),
+        "completed": sum(r["status"] == "completed" for r in rows),
+        "wall_s": round(wall, 1),
+        "best_trial": best["trial_id"],
+        "best_val": best["score"],
+        "best_test_acc": best.get("test_acc"),
         "best_test_shift_mca": best.get("test_shift_mca"),
         "best_params": {k: best[k] for k in experiment.space.params if k in best},
-    }  # fmt: skip
+    }
 
 
 def main() -> None:

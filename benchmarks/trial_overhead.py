@@ -26,8 +26,8 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import optuna  # noqa: E402
-
 from common import write_result  # noqa: E402
+
 from raycls.config import load_experiment, resolve_trial  # noqa: E402
 from raycls.config.space import suggest  # noqa: E402
 from raycls.results import read_leaderboard  # noqa: E402
@@ -65,13 +65,18 @@ def run_raycls(folder: Path, *, name: str, trials: int, concurrency: int, worker
     rows = read_leaderboard(storage, name).table.to_pylist()
     loop = in_loop_seconds(history)
     return {
-        "trials": trials, "concurrency": concurrency, "workers": workers, "wandb": wandb,
-        "wall_s": wall, "in_loop_s": loop, "overhead_per_trial_s": (wall * concurrency - loop) / trials,
+        "trials": trials,
+        "concurrency": concurrency,
+        "workers": workers,
+        "wandb": wandb,
+        "wall_s": wall,
+        "in_loop_s": loop,
+        "overhead_per_trial_s": (wall * concurrency - loop) / trials,
         "statuses": sorted(r["status"] for r in rows),
         "trial_wall_s_median": statistics.median(r["wall_s"] for r in rows),
         "setup_s_median": statistics.median(r["setup_s"] for r in history if r.get("setup_s") is not None),
         "epoch_s_median": statistics.median(r["epoch_s"] for r in history),
-    }  # fmt: skip
+    }
 
 
 def run_optuna(folder: Path, trials: int) -> dict:
@@ -92,8 +97,12 @@ def run_optuna(folder: Path, trials: int) -> dict:
     started = time.perf_counter()
     study.optimize(objective, n_trials=trials)
     wall = time.perf_counter() - started
-    return {"trials": trials, "wall_s": wall, "in_loop_s": sum(loop_seconds),
-            "overhead_per_trial_s": (wall - sum(loop_seconds)) / trials}  # fmt: skip
+    return {
+        "trials": trials,
+        "wall_s": wall,
+        "in_loop_s": sum(loop_seconds),
+        "overhead_per_trial_s": (wall - sum(loop_seconds)) / trials,
+    }
 
 
 def main() -> None:
@@ -114,25 +123,37 @@ def main() -> None:
         ray_init_s = time.perf_counter() - ray_started
         plain = run_optuna(folder, args.trials)
         print("optuna in-process:", plain)
-        one = run_raycls(folder, name="w1", trials=args.trials, concurrency=args.concurrency, workers=1, wandb="offline")
+        one = run_raycls(
+            folder, name="w1", trials=args.trials, concurrency=args.concurrency, workers=1, wandb="offline"
+        )
         print("raycls 1 worker:", one)
-        one_nowandb = run_raycls(folder, name="w1nowandb", trials=args.trials, concurrency=args.concurrency, workers=1, wandb="disabled")
+        one_nowandb = run_raycls(
+            folder, name="w1nowandb", trials=args.trials, concurrency=args.concurrency, workers=1, wandb="disabled"
+        )
         print("raycls 1 worker, W&B disabled:", one_nowandb)
         two = run_raycls(folder, name="w2", trials=args.trials_2w, concurrency=1, workers=2, wandb="offline")
         print("raycls 2 workers:", two)
         ray.shutdown()
 
-    path = write_result("trial_overhead", {
-        "claim": "platform overhead per 1-worker trial < 3 s on a 2-core machine",
-        "raycls_1worker_overhead_s": one["overhead_per_trial_s"],
-        "raycls_1worker_nowandb_overhead_s": one_nowandb["overhead_per_trial_s"],
-        "raycls_2worker_overhead_s": two["overhead_per_trial_s"],
-        "optuna_inprocess_overhead_s": plain["overhead_per_trial_s"],
-        "ray_init_s": ray_init_s,
-        "details": {"raycls_1worker": one, "raycls_1worker_nowandb": one_nowandb, "raycls_2worker": two, "optuna_inprocess": plain},
-        "goal_1worker_s": 3.0,
-        "meets_goal": one["overhead_per_trial_s"] < 3.0,
-    })  # fmt: skip
+    path = write_result(
+        "trial_overhead",
+        {
+            "claim": "platform overhead per 1-worker trial < 3 s on a 2-core machine",
+            "raycls_1worker_overhead_s": one["overhead_per_trial_s"],
+            "raycls_1worker_nowandb_overhead_s": one_nowandb["overhead_per_trial_s"],
+            "raycls_2worker_overhead_s": two["overhead_per_trial_s"],
+            "optuna_inprocess_overhead_s": plain["overhead_per_trial_s"],
+            "ray_init_s": ray_init_s,
+            "details": {
+                "raycls_1worker": one,
+                "raycls_1worker_nowandb": one_nowandb,
+                "raycls_2worker": two,
+                "optuna_inprocess": plain,
+            },
+            "goal_1worker_s": 3.0,
+            "meets_goal": one["overhead_per_trial_s"] < 3.0,
+        },
+    )
     print(f"-> {path}")
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
 # `data.resize`: how an image file of any shape becomes size x size (the decoded arrays are square).
-RESIZES: Registry[Callable[["PILImage", int], "PILImage"]] = Registry("resize")
+RESIZES: Registry[Callable[[PILImage, int], PILImage]] = Registry("resize")
 
 
 @RESIZES.register("squash")
@@ -63,6 +63,8 @@ def decode_image(file: Path, size: int, *, resize: str = "squash", where: str = 
 def decode_rows(rows: dict[str, np.ndarray], *, size: int, resize: str = "squash") -> dict[str, np.ndarray]:
     """A batch of rows {path, label, where} -> {image: uint8 [B, size, size, 3], label}: Ray Data's decode step
     (each row's `where` prefixes its file's error, e.g. a CSV's line)."""
-    images = [decode_image(Path(str(path)), size, resize=resize, where=str(where))
-              for path, where in zip(rows["path"], rows["where"])]  # fmt: skip
+    images = [
+        decode_image(Path(str(path)), size, resize=resize, where=str(where))
+        for path, where in zip(rows["path"], rows["where"])
+    ]
     return {"image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8), "label": rows["label"]}

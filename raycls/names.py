@@ -97,7 +97,9 @@ def with_tta(metric: str) -> str:
 
 def is_evaluation_metric(metric: str) -> bool:
     """A held-out metric the evaluation suite can produce (test_acc, test_ece, test_ood_..., test_shift_...)."""
-    return (metric in MODES and metric.startswith(EVAL_PREFIX)) or metric.startswith(("test_ood_", "test_shift_", "test_top"))
+    return (metric in MODES and metric.startswith(EVAL_PREFIX)) or metric.startswith(
+        ("test_ood_", "test_shift_", "test_top")
+    )
 
 
 def stage_metric(stage: str, metric: str) -> str:
@@ -117,8 +119,21 @@ Mode = Literal["max", "min"]
 
 # Which way is better for each metric (raycls.ranking compares them; unlisted metrics rank as "max").
 MODES: dict[str, Mode] = {
-    **{name: "max" for name in (TEST_ACC, TEST_MACRO_F1, TEST_WEIGHTED_F1, TEST_AUROC, TEST_ACC_TTA, TEST_KNN_ACC,
-                                TEST_SHIFT_MCA, TEST_SHIFT_MCA_TTA, TEST_MACRO_PRECISION, TEST_MACRO_RECALL)},
+    **{
+        name: "max"
+        for name in (
+            TEST_ACC,
+            TEST_MACRO_F1,
+            TEST_WEIGHTED_F1,
+            TEST_AUROC,
+            TEST_ACC_TTA,
+            TEST_KNN_ACC,
+            TEST_SHIFT_MCA,
+            TEST_SHIFT_MCA_TTA,
+            TEST_MACRO_PRECISION,
+            TEST_MACRO_RECALL,
+        )
+    },
     **{name: "min" for name in (TEST_NLL, TEST_ECE, TEST_MCE, TEST_BRIER, TEST_ECE_TS, TEST_NLL_TS, TEST_SHIFT_GAP)},
     **{test_topk(k): "max" for k in (1, 2, 3, 5, 10)},
     **{name: "min" for name in COST_OBJECTIVES},

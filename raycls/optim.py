@@ -59,8 +59,9 @@ def lars(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
     return Lars(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov and config.momentum > 0)
 
 
-def param_groups(model: nn.Module, weight_decay: float, *, backbone: nn.Module | None = None,
-                 backbone_lr_mult: float = 1.0) -> list[dict]:  # fmt: skip
+def param_groups(
+    model: nn.Module, weight_decay: float, *, backbone: nn.Module | None = None, backbone_lr_mult: float = 1.0
+) -> list[dict]:
     """Weight decay on weights only: decaying biases and norm scales hurts accuracy and buys nothing.
     With `backbone` and a multiplier other than 1, its parameters (less its classifier, a head) get their
     own groups at `lr * backbone_lr_mult` (LambdaLR scales each group's own initial lr)."""
@@ -69,8 +70,14 @@ def param_groups(model: nn.Module, weight_decay: float, *, backbone: nn.Module |
     for param in model.parameters():
         if param.requires_grad:
             groups.setdefault((param.ndim > 1, id(param) in slow), []).append(param)
-    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, **({"lr_mult": backbone_lr_mult} if in_backbone else {})}
-            for (decay, in_backbone), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]  # fmt: skip
+    return [
+        {
+            "params": params,
+            "weight_decay": weight_decay if decay else 0.0,
+            **({"lr_mult": backbone_lr_mult} if in_backbone else {}),
+        }
+        for (decay, in_backbone), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+    ]
 
 
 def _backbone_body(backbone: nn.Module) -> set[int]:
@@ -80,7 +87,9 @@ def _backbone_body(backbone: nn.Module) -> set[int]:
     return {id(p) for p in backbone.parameters() if id(p) not in excluded}
 
 
-def create_optimizer(config: TrainConfig, model: nn.Module, *, backbone: nn.Module | None = None) -> torch.optim.Optimizer:
+def create_optimizer(
+    config: TrainConfig, model: nn.Module, *, backbone: nn.Module | None = None
+) -> torch.optim.Optimizer:
     groups = param_groups(model, config.weight_decay, backbone=backbone, backbone_lr_mult=config.lr_mult.backbone)
     optimizer = OPTIMIZERS.create(config.optimizer, groups, config)
     for group in optimizer.param_groups:  # the multiplier becomes the group's own lr, which schedules scale

@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 
-
 class ReliabilityBins(Protocol):
     """raycls.evaluate.calibration's bins, as drawn here."""
 
@@ -59,8 +58,15 @@ def confusion_png(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> P
         for i in range(c):
             for j in range(c):
                 if matrix[i, j]:
-                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if normalised[i, j] > 0.5 else "black")  # fmt: skip
+                    ax.text(
+                        j,
+                        i,
+                        int(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if normalised[i, j] > 0.5 else "black",
+                    )
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (row-normalised colours)")
     return _save(fig, path)
 
@@ -79,8 +85,9 @@ def histograms(groups: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def image_grid(images: torch.Tensor, captions: Sequence[str], path: Path, *, columns: int = 8,
-               overlays: torch.Tensor | None = None) -> Path:  # fmt: skip
+def image_grid(
+    images: torch.Tensor, captions: Sequence[str], path: Path, *, columns: int = 8, overlays: torch.Tensor | None = None
+) -> Path:
     """uint8 images [N, C, H, W] with a caption each; `overlays` [N, H, W] in [0, 1] drawn as a heat map."""
     n = len(images)
     rows = max(1, -(-n // columns))
@@ -102,8 +109,13 @@ def scatter_2d(points: np.ndarray, labels: np.ndarray, classes: Sequence[str], p
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for c in np.unique(labels):
         mask = labels == c
-        ax.scatter(points[mask, 0], points[mask, 1], s=4, color=cmap(int(c) % cmap.N),
-                   label=str(classes[c]) if c < len(classes) else str(c))  # fmt: skip
+        ax.scatter(
+            points[mask, 0],
+            points[mask, 1],
+            s=4,
+            color=cmap(int(c) % cmap.N),
+            label=str(classes[c]) if c < len(classes) else str(c),
+        )
     if len(classes) <= 20:
         ax.legend(markerscale=3, fontsize=7, loc="best")
     ax.set(title=title, xticks=[], yticks=[])

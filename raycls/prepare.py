@@ -61,9 +61,13 @@ def check_loader(experiment: Experiment) -> None:
 
     data = experiment.base.data
     if data.loader == "stream" and DATASETS.get(data.name).list_files is None:
-        raise ConfigError([f"data.loader: stream needs a dataset of image files ({', '.join(streamable())}); "
-                           f"data.name {data.name!r} is read into memory whole: use loader memory or auto"],
-                          source=experiment.source)  # fmt: skip
+        raise ConfigError(
+            [
+                f"data.loader: stream needs a dataset of image files ({', '.join(streamable())}); "
+                f"data.name {data.name!r} is read into memory whole: use loader memory or auto"
+            ],
+            source=experiment.source,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -93,7 +97,9 @@ def stage_models(config: TrialConfig) -> list[tuple[str, ModelConfig]]:
         models.append((f"phases.{i}.model" if own else "model", stage.model))
         teacher = getattr(stage.phase, "teacher_model", None)
         if teacher is not None:
-            models.append((f"{'phases.' + str(i) + '.' if config.phases is not None else ''}phase.teacher_model", teacher))
+            models.append(
+                (f"{'phases.' + str(i) + '.' if config.phases is not None else ''}phase.teacher_model", teacher)
+            )
     return models
 
 
@@ -126,8 +132,10 @@ def data_path_problems(experiment: Experiment) -> list[str]:
     if path is None or not is_local(path) or Path(path.removeprefix("file://")).exists():
         return []
     given = "--set data.path" if "data.path" in experiment.overrides else "data.path"
-    return [f"{given}: {path} does not exist (a relative data.path in a space file is read under $RAYCLS_DATA "
-            f"when that is set, else under the space file's folder; a --set one under the working folder)"]  # fmt: skip
+    return [
+        f"{given}: {path} does not exist (a relative data.path in a space file is read under $RAYCLS_DATA "
+        f"when that is set, else under the space file's folder; a --set one under the working folder)"
+    ]
 
 
 def weights_problems(experiment: Experiment) -> list[str]:

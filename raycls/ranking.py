@@ -141,7 +141,9 @@ class Ranking:
             done = [r for r in rows if r.get("status") == "completed" and number(r.get("score")) is not None]
             if not done:
                 statuses = sorted({str(r.get("status")) for r in rows})
-                raise PickError(f"{what} {pick}: no completed trial with a score ({len(rows)} row(s); statuses: {statuses})")
+                raise PickError(
+                    f"{what} {pick}: no completed trial with a score ({len(rows)} row(s); statuses: {statuses})"
+                )
             return self.sort(done)[:k]
         match = [r for r in rows if r.get("trial_id") == pick]
         if not match:

@@ -13,8 +13,8 @@ from raycls.config.experiment import Experiment
 from raycls.config.load import config_of_row
 from raycls.config.schema import PhaseConfig, Reference, TeacherPhaseConfig
 from raycls.errors import CheckpointError
-from raycls.results.leaderboard import read_leaderboard
 from raycls.ranking import PickError, Ranking
+from raycls.results.leaderboard import read_leaderboard
 
 
 def pick_trial(storage: str, reference: Reference) -> dict[str, Any]:
@@ -22,7 +22,9 @@ def pick_trial(storage: str, reference: Reference) -> dict[str, Any]:
     table = read_leaderboard(storage, reference.experiment).table
     rows = table.to_pylist()
     if not rows:
-        raise CheckpointError(f"reference {{from: {reference.experiment}}}: no leaderboard for that experiment under {storage}")
+        raise CheckpointError(
+            f"reference {{from: {reference.experiment}}}: no leaderboard for that experiment under {storage}"
+        )
     try:
         what = f"reference {{from: {reference.experiment}, pick: {reference.pick}}}:"
         row = Ranking.of(rows[0]["metric"], rows[0]["mode"]).pick(rows, reference.pick, what=what)[0]
@@ -50,7 +52,9 @@ def replay_row(storage: str, reference: str) -> dict[str, Any]:
         raise CheckpointError(f"--trial {reference}: no leaderboard for experiment {experiment!r} under {storage}")
     row = _row_of(rows, trial_id, what=f"--trial {reference}")
     if not row.get("config_json"):
-        raise CheckpointError(f"--trial {reference}: the row has no config_json (its sampled values were not a valid config)")
+        raise CheckpointError(
+            f"--trial {reference}: the row has no config_json (its sampled values were not a valid config)"
+        )
     return row
 
 
@@ -63,7 +67,9 @@ def resolve_references(experiment: Experiment, storage: str) -> Experiment:
     if base.phases is None:
         update["phase"] = resolve_teacher(base.phase, storage)
     else:
-        update["phases"] = [stage.model_copy(update={"phase": resolve_teacher(stage.phase, storage)}) for stage in base.phases]
+        update["phases"] = [
+            stage.model_copy(update={"phase": resolve_teacher(stage.phase, storage)}) for stage in base.phases
+        ]
     # A `--set phase.teacher={from: ...}` is already in the base (and now resolved there); re-applying the
     # override to every trial would put the unresolved reference back.
     overrides = {k: v for k, v in experiment.overrides.items() if not (isinstance(v, dict) and "from" in v)}
@@ -82,10 +88,14 @@ def resolve_teacher(phase: PhaseConfig, storage: str) -> PhaseConfig:
         stage = trained.stages[_checkpoint_stage(row.get("checkpoint"), len(trained.stages))]
         teacher_model = teacher_model or stage.model
         teacher_phase = teacher_phase or stage.phase
-    return phase.model_copy(update={
-        "teacher": row["checkpoint"], "teacher_model": teacher_model, "teacher_phase": teacher_phase,
-        "teacher_trial": f"{phase.teacher.experiment}/{row['trial_id']}",
-    })  # fmt: skip
+    return phase.model_copy(
+        update={
+            "teacher": row["checkpoint"],
+            "teacher_model": teacher_model,
+            "teacher_phase": teacher_phase,
+            "teacher_trial": f"{phase.teacher.experiment}/{row['trial_id']}",
+        }
+    )
 
 
 def _checkpoint_stage(uri: str | None, stages: int) -> int:

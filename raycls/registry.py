@@ -18,7 +18,7 @@ from raycls.errors import RegistryError
 
 T = TypeVar("T")
 
-FAMILIES: dict[str, "Registry"] = {}
+FAMILIES: dict[str, Registry] = {}
 
 # The module whose import registers each family's built-in entries. Import by name keeps static imports
 # pointing one way: config validates names without importing a higher layer.

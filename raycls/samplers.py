@@ -14,6 +14,7 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
     `study.optimize`; Tune asks and tells, so every grid search warned. `experiment.trials` (checked against
     the grid's size before any trial, raycls.search.check_search) is what ends a search: the stop is left out."""
 
-    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
-                    values: Sequence[float] | None) -> None:  # fmt: skip
+    def after_trial(
+        self, study: optuna.Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None
+    ) -> None:
         return None

@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     from raycls.config.space import Space
 
 # A sampler is made from the search section and the space it samples (the grid enumerates the space).
-SAMPLERS: Registry[Callable[["SearchSection", "Space"], "optuna.samplers.BaseSampler"]] = Registry("sampler")
-TRIAL_SCHEDULERS: Registry[Callable[["Experiment"], "TrialScheduler"]] = Registry("trial scheduler")
+SAMPLERS: Registry[Callable[[SearchSection, Space], optuna.samplers.BaseSampler]] = Registry("sampler")
+TRIAL_SCHEDULERS: Registry[Callable[[Experiment], TrialScheduler]] = Registry("trial scheduler")
 
 
 # ------------------------------------------------------------------------------------------- samplers
@@ -35,9 +35,12 @@ def tpe(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
         # multivariate + group: TPE models conditional parameters per sub-space (Optuna's advice for
         # define-by-run spaces); constant_liar keeps parallel trials from sampling the same point.
         return optuna.samplers.TPESampler(
-            seed=search.seed, multivariate=True, group=True, constant_liar=True,
+            seed=search.seed,
+            multivariate=True,
+            group=True,
+            constant_liar=True,
             **({"n_startup_trials": search.n_startup_trials} if search.n_startup_trials is not None else {}),
-        )  # fmt: skip
+        )
 
 
 @SAMPLERS.register("random")
@@ -80,8 +83,11 @@ def grid_values(space: Space) -> dict[str, list]:
     """The grid's axes: every parameter must be a choice without `when` (a grid cannot enumerate a range)."""
     from raycls.errors import ConfigError
 
-    wrong = [f"{path} ({param.type})" if param.type != "choice" else f"{path} (has `when`)"
-             for path, param in space.params.items() if param.type != "choice" or param.when]  # fmt: skip
+    wrong = [
+        f"{path} ({param.type})" if param.type != "choice" else f"{path} (has `when`)"
+        for path, param in space.params.items()
+        if param.type != "choice" or param.when
+    ]
     if wrong:
         raise ConfigError(f"search.algorithm: grid enumerates choices without `when`; not these: {', '.join(wrong)}")
     return {path: list(param.values) for path, param in space.params.items()}
@@ -96,15 +102,19 @@ def check_search(experiment: Experiment) -> None:
 
     if experiment.search.algorithm != "grid":
         return
-    space = experiment.space.model_copy(update={"params": {k: v for k, v in experiment.space.params.items()
-                                                           if k not in experiment.overrides}})  # fmt: skip
+    space = experiment.space.model_copy(
+        update={"params": {k: v for k, v in experiment.space.params.items() if k not in experiment.overrides}}
+    )
     try:
         points = prod(len(values) for values in grid_values(space).values())
     except ConfigError as err:
         raise ConfigError(err.problems, source=experiment.source) from None
     if experiment.experiment.trials > points:
-        raise ConfigError(f"experiment.trials={experiment.experiment.trials} > the grid's {points} combinations: "
-                          f"set trials to {points} (each combination runs once)", source=experiment.source)  # fmt: skip
+        raise ConfigError(
+            f"experiment.trials={experiment.experiment.trials} > the grid's {points} combinations: "
+            f"set trials to {points} (each combination runs once)",
+            source=experiment.source,
+        )
 
 
 # ----------------------------------------------------------------------------------- trial schedulers

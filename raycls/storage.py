@@ -210,7 +210,7 @@ class ExperimentPaths:
         if not uri.startswith(self.storage):
             return filesystem(uri)
         fs, base = self._filesystem
-        return fs, base.rstrip("/") + uri[len(self.storage):]
+        return fs, base.rstrip("/") + uri[len(self.storage) :]
 
     def exists(self, uri: str) -> bool:
         fs, path = self.locate(uri)

@@ -89,7 +89,9 @@ def write_yaml(path: Path, text: str) -> Path:
     return path
 
 
-def kill_driver_when(command: list[str], env: dict[str, str], log: Path, ready: Callable[[], bool], *, timeout: float = 240) -> bool:
+def kill_driver_when(
+    command: list[str], env: dict[str, str], log: Path, ready: Callable[[], bool], *, timeout: float = 240
+) -> bool:
     """Run a `raycls tune` command in its own process group and SIGKILL the group once `ready()` holds (or it
     exits, or `timeout` s pass). Its stderr goes to `log` (a pipe nobody reads could fill and stall it).
     Returns whether the driver was still running when killed."""
@@ -113,7 +115,9 @@ def rows_written(board: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
 
 
-def kill_driver_after_rows(command: list[str], env: dict[str, str], board: Path, log: Path, *, rows: int = 2) -> dict[str, int]:
+def kill_driver_after_rows(
+    command: list[str], env: dict[str, str], board: Path, log: Path, *, rows: int = 2
+) -> dict[str, int]:
     """`kill_driver_when` `rows` leaderboard files exist; returns the rows written by then."""
     kill_driver_when(command, env, log, lambda: len(list(board.glob("*.parquet"))) >= rows)
     return rows_written(board)
@@ -126,8 +130,8 @@ def assert_resumed_whole(storage: Path, experiment: str, trials: int, before: di
     import optuna
 
     from raycls.results import read_leaderboard
-    from raycls.tune.resume import LOST_ATTR, ROW_STATES, TRIAL_ID_ATTR
     from raycls.storage import journal_file
+    from raycls.tune.resume import LOST_ATTR, ROW_STATES, TRIAL_ID_ATTR
     from raycls.tune.searcher import open_study_storage
 
     rows = read_leaderboard(str(storage), experiment).table.to_pylist()
@@ -158,7 +162,11 @@ def chromium() -> str | None:
     if found or not shutil.which("apt-get") or os.geteuid() != 0:
         return found
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for step in (["apt-get", "install", "-y", "-q", "chromium"], ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
+    for step in (
+        ["apt-get", "install", "-y", "-q", "chromium"],
+        ["apt-get", "update", "-q"],
+        ["apt-get", "install", "-y", "-q", "chromium"],
+    ):
         try:
             subprocess.run(step, capture_output=True, timeout=600, env=env)
         except subprocess.TimeoutExpired:

@@ -6,13 +6,30 @@ import pytest
 import torch
 
 from raycls.config import AugmentConfig
-from raycls.data.augment import AUGMENTATIONS, PIXEL_SPACE, apply_augmentations, color_jitter, grayscale, luma, resized_crop
+from raycls.data.augment import (
+    AUGMENTATIONS,
+    PIXEL_SPACE,
+    apply_augmentations,
+    color_jitter,
+    grayscale,
+    luma,
+    resized_crop,
+)
 
 # A value that enables each op visibly on 8x8 images.
-ENABLED = {"resized_crop": 0.3, "hflip": True, "random_crop": 2, "color_jitter": 0.8, "grayscale": 1.0, "cutout": 3,
-           "affine": {"degrees": 20.0, "translate": 0.1, "scale_min": 0.9, "scale_max": 1.1},
-           "randaugment": {"num_ops": 2, "magnitude": 9}, "trivialaugment": True, "autoaugment": "cifar10",
-           "random_erasing": {"p": 0.5, "area_min": 0.05, "area_max": 0.3}}  # fmt: skip
+ENABLED = {
+    "resized_crop": 0.3,
+    "hflip": True,
+    "random_crop": 2,
+    "color_jitter": 0.8,
+    "grayscale": 1.0,
+    "cutout": 3,
+    "affine": {"degrees": 20.0, "translate": 0.1, "scale_min": 0.9, "scale_max": 1.1},
+    "randaugment": {"num_ops": 2, "magnitude": 9},
+    "trivialaugment": True,
+    "autoaugment": "cifar10",
+    "random_erasing": {"p": 0.5, "area_min": 0.05, "area_max": 0.3},
+}
 
 
 def test_every_config_field_has_an_op_and_a_test_value() -> None:
@@ -71,7 +88,9 @@ def test_grayscale_makes_rgb_channels_equal_with_bt601_weights() -> None:
 def test_color_jitter_of_zero_strength_does_nothing() -> None:
     x = images(3)
     torch.testing.assert_close(color_jitter(x, 0.0, torch.Generator().manual_seed(0)), x)
-    assert torch.equal(apply_augmentations(x, AugmentConfig(color_jitter=0.0), torch.Generator(), mean=(0.5,) * 3, std=(0.25,) * 3), x)
+    assert torch.equal(
+        apply_augmentations(x, AugmentConfig(color_jitter=0.0), torch.Generator(), mean=(0.5,) * 3, std=(0.25,) * 3), x
+    )
 
 
 def test_color_jitter_leaves_about_a_fifth_untouched_and_stays_in_pixel_range() -> None:
@@ -85,7 +104,9 @@ def test_pixel_space_ops_run_on_pixels_of_a_normalised_batch() -> None:
     mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
     m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     x = images(3)
-    out = apply_augmentations((x - m) / s, AugmentConfig(grayscale=0.99), torch.Generator().manual_seed(3), mean=mean, std=std)
+    out = apply_augmentations(
+        (x - m) / s, AugmentConfig(grayscale=0.99), torch.Generator().manual_seed(3), mean=mean, std=std
+    )
     pixels = out * s + m
     torch.testing.assert_close(pixels[:, :1].expand_as(pixels), pixels)  # grey in pixel space, not normalised
     torch.testing.assert_close(pixels[:, :1], luma(x))
@@ -108,8 +129,16 @@ def test_an_epoch_of_every_op_is_reproducible() -> None:
 
 
 # ------------------------------------------------------------------------------ policies (per image)
-@pytest.mark.parametrize("config", [{"randaugment": {"num_ops": 2, "magnitude": 9}}, {"trivialaugment": True},
-                                    {"autoaugment": "cifar10"}, {"autoaugment": "imagenet"}, {"autoaugment": "svhn"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"randaugment": {"num_ops": 2, "magnitude": 9}},
+        {"trivialaugment": True},
+        {"autoaugment": "cifar10"},
+        {"autoaugment": "imagenet"},
+        {"autoaugment": "svhn"},
+    ],
+)
 def test_policies_draw_per_image_and_stay_in_pixel_range(config: dict) -> None:
     """One image repeated 64 times: torchvision's own transform would give 64 equal images (one draw per
     call); raycls draws per image, so many differ. Values stay pixels; the same seed gives the same batch."""
@@ -144,7 +173,9 @@ def test_affine_without_motion_is_the_identity_and_black_fills_the_rest() -> Non
     x = images(1, size=16)
     still = run("affine", x, {"degrees": 0.0, "translate": 0.0, "scale_min": 1.0, "scale_max": 1.0})
     torch.testing.assert_close(still, x, atol=1e-5, rtol=0)
-    shrunk = run("affine", torch.ones(8, 1, 16, 16), {"degrees": 0.0, "translate": 0.0, "scale_min": 0.5, "scale_max": 0.5})
+    shrunk = run(
+        "affine", torch.ones(8, 1, 16, 16), {"degrees": 0.0, "translate": 0.0, "scale_min": 0.5, "scale_max": 0.5}
+    )
     assert shrunk[:, :, 0, 0].max() == 0 and shrunk[:, :, 8, 8].min() > 0.99  # zoomed out: black border
 
 
@@ -164,7 +195,9 @@ space:
   augment.randaugment.magnitude: {type: int, low: 5, high: 15}
   augment.random_erasing.p: {type: uniform, low: 0.1, high: 0.5}
 """)
-    config = resolve_trial(load_experiment(space), {"augment.randaugment.magnitude": 12, "augment.random_erasing.p": 0.3})
+    config = resolve_trial(
+        load_experiment(space), {"augment.randaugment.magnitude": 12, "augment.random_erasing.p": 0.3}
+    )
     assert config.augment.randaugment.magnitude == 12 and config.augment.randaugment.num_ops == 2
     assert config.augment.random_erasing.p == 0.3
     assert type(config).from_json(config.to_json()) == config

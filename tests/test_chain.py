@@ -7,22 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from raycls.config import TrialConfig
-from raycls.config.load import load_experiment, resolve_trial, set_path
 from pydantic import ValidationError
 
-from raycls.errors import CheckpointError, ConfigError
 from raycls import names
+from raycls.config import TrialConfig
+from raycls.config.load import load_experiment, resolve_trial, set_path
+from raycls.errors import CheckpointError, ConfigError
 from raycls.models.checkpoint import backbone_weights
-from raycls.phases.base import check_experiment_metric
-from raycls.results.leaderboard import TrialRecord, param_columns, read_leaderboard, stage_columns, write_trial
+from raycls.phases.base import Previous, check_experiment_metric
 from raycls.references import resolve_references
-from raycls.phases.base import Previous
+from raycls.results.leaderboard import TrialRecord, param_columns, read_leaderboard, stage_columns, write_trial
 from raycls.train.chain import fit
 from raycls.train.loop import RunContext, build, load_data
 from raycls.train.state import CARRY_FILE
-
 from tests.conftest import Recorder, write_yaml
 
 CHAIN = {
@@ -33,10 +30,20 @@ CHAIN = {
     "phases": [
         {"phase": {"name": "supcon", "temperature": 0.1}, "train": {"epochs": 3}},
         # A vanishing lr, no momentum and no decay: the stage's weights stay where the hand-over put them.
-        {"name": "head", "phase": {"name": "supervised"},
-         "train": {"epochs": 1, "optimizer": "sgd", "lr": 1e-12, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}},
+        {
+            "name": "head",
+            "phase": {"name": "supervised"},
+            "train": {
+                "epochs": 1,
+                "optimizer": "sgd",
+                "lr": 1e-12,
+                "momentum": 0.0,
+                "nesterov": False,
+                "weight_decay": 0.0,
+            },
+        },
     ],
-}  # fmt: skip
+}
 
 
 def chain_config(**changes) -> TrialConfig:
@@ -122,14 +129,17 @@ def test_resume_mid_chain_matches_an_uninterrupted_run(tmp_path: Path, resume_ep
 
 
 def test_experiment_metric_must_exist_in_every_stage(tmp_path: Path) -> None:
-    space = write_yaml(tmp_path / "chain.yaml", """
+    space = write_yaml(
+        tmp_path / "chain.yaml",
+        """
 experiment: {name: chain, metric: val_acc}
 base:
   data: {name: digits}
   phases:
     - phase: {name: supcon}
     - phase: {name: metric}
-""")
+""",
+    )
     with pytest.raises(ConfigError, match=r"'val_acc' is not reported by phase\(s\) supcon.*val_knn_acc"):
         check_experiment_metric(load_experiment(space))
     check_experiment_metric(load_experiment(space, {"experiment.metric": "val_knn_acc"}))
@@ -140,17 +150,31 @@ def test_init_from_an_experiment_starts_from_its_best_checkpoint(tmp_path: Path)
     trained = Recorder(tmp_path / "ckpt")
     fit(chain_config(), trained, RunContext())
     for trial, (checkpoint, score) in enumerate([(trained.checkpoints[0], 0.5), (trained.checkpoints[2], 0.9)]):
-        write_trial(storage, TrialRecord(experiment="pre", trial_id=f"t{trial}", status="completed", metric="val_knn_acc",
-                                         mode="max", params={}, param_types={}, history=[{"epoch": 1, "val_knn_acc": score}],
-                                         checkpoint=str(checkpoint)))  # fmt: skip
-    space = write_yaml(tmp_path / "fine.yaml", """
+        write_trial(
+            storage,
+            TrialRecord(
+                experiment="pre",
+                trial_id=f"t{trial}",
+                status="completed",
+                metric="val_knn_acc",
+                mode="max",
+                params={},
+                param_types={},
+                history=[{"epoch": 1, "val_knn_acc": score}],
+                checkpoint=str(checkpoint),
+            ),
+        )
+    space = write_yaml(
+        tmp_path / "fine.yaml",
+        """
 experiment: {name: fine, metric: val_acc}
 base:
   data: {name: digits, val_fraction: 0.2, train_subset: 600}
   model: {width: 8}
   init: {from: pre, pick: best}
   train: {epochs: 1, optimizer: sgd, lr: 1.0e-12, momentum: 0.0, nesterov: false, weight_decay: 0.0}
-""")
+""",
+    )
     experiment = resolve_references(load_experiment(space), storage)
     assert experiment.base.init == str(trained.checkpoints[2])  # the best trial's checkpoint
     out = Recorder(tmp_path / "fine")
@@ -168,9 +192,21 @@ def test_leaderboard_keeps_each_stage_and_names_the_chain(tmp_path: Path) -> Non
     record = Recorder(tmp_path / "ckpt")
     config = chain_config()
     fit(config, record, RunContext())
-    write_trial(str(tmp_path), TrialRecord(experiment="chain", trial_id="a", status="completed", metric="val_knn_acc",
-                                           mode="max", params={}, param_types={}, history=record.metrics,
-                                           phase=config.chain, max_epochs=config.total_epochs))  # fmt: skip
+    write_trial(
+        str(tmp_path),
+        TrialRecord(
+            experiment="chain",
+            trial_id="a",
+            status="completed",
+            metric="val_knn_acc",
+            mode="max",
+            params={},
+            param_types={},
+            history=record.metrics,
+            phase=config.chain,
+            max_epochs=config.total_epochs,
+        ),
+    )
     table = read_leaderboard(str(tmp_path), "chain").table
     assert "supcon.val_knn_acc" in stage_columns(table) and "supcon.val_knn_acc" not in param_columns(table)
     row = table.to_pylist()[0]
@@ -201,16 +237,25 @@ def test_distill_from_the_previous_stage_teaches_with_its_cosine_classifier(tmp_
     arcface_stage, distill_stage = config.stages[1:]
     arcface = build(config, arcface_stage, data, RunContext(), index=1).model
     arcface.load_state_dict(weights(record.checkpoints[best]))
-    distill = build(config, distill_stage, data, RunContext(), index=2, init=weights(record.checkpoints[best]),
-                    previous=Previous(arcface_stage.phase, weights(record.checkpoints[best]))).model  # fmt: skip
+    distill = build(
+        config,
+        distill_stage,
+        data,
+        RunContext(),
+        index=2,
+        init=weights(record.checkpoints[best]),
+        previous=Previous(arcface_stage.phase, weights(record.checkpoints[best])),
+    ).model
     images = torch.randn(4, 1, 8, 8)
     arcface.eval()
     torch.testing.assert_close(distill.teacher_logits(images), 16.0 * arcface(images))
 
 
 def test_distill_from_a_stage_without_a_classifier_is_refused(tmp_path: Path) -> None:
-    phases = [{"phase": {"name": "supcon"}, "train": {"epochs": 1}},
-              {"phase": {"name": "distill", "teacher": "previous"}, "train": {"epochs": 1}}]  # fmt: skip
+    phases = [
+        {"phase": {"name": "supcon"}, "train": {"epochs": 1}},
+        {"phase": {"name": "distill", "teacher": "previous"}, "train": {"epochs": 1}},
+    ]
     with pytest.raises(ConfigError, match="a supcon model has no classifier to teach with"):
         fit(chain_config(phases=phases), Recorder(tmp_path), RunContext())
     with pytest.raises(ValidationError, match="`previous` needs an earlier stage"):
@@ -219,9 +264,20 @@ def test_distill_from_a_stage_without_a_classifier_is_refused(tmp_path: Path) ->
 
 def test_a_reference_given_with_set_stays_resolved_in_every_trial(tmp_path: Path) -> None:
     storage = str(tmp_path / "runs")
-    write_trial(storage, TrialRecord(experiment="pre", trial_id="t0", status="completed", metric="val_acc", mode="max",
-                                     params={}, param_types={}, history=[{"epoch": 1, "val_acc": 0.9}],
-                                     checkpoint="/some/checkpoint"))  # fmt: skip
+    write_trial(
+        storage,
+        TrialRecord(
+            experiment="pre",
+            trial_id="t0",
+            status="completed",
+            metric="val_acc",
+            mode="max",
+            params={},
+            param_types={},
+            history=[{"epoch": 1, "val_acc": 0.9}],
+            checkpoint="/some/checkpoint",
+        ),
+    )
     space = write_yaml(tmp_path / "d.yaml", "base: {data: {name: digits}, phase: {name: distill}}\n")
     experiment = resolve_references(load_experiment(space, {"phase.teacher": {"from": "pre", "pick": "best"}}), storage)
     assert resolve_trial(experiment, {}).phase.teacher == "/some/checkpoint"
@@ -234,15 +290,22 @@ def test_two_phase_fine_tuning_heads_then_everything_at_a_lower_lr(tmp_path: Pat
     from raycls.config import TrialConfig
     from raycls.train import run_local
 
-    config = TrialConfig.model_validate({
-        "data": {"name": "digits", "val_fraction": 0.2}, "model": {"width": 8}, "eval": {"on": "none"},
-        "train": {"batch_size": 64, "optimizer": "adamw", "lr": 1e-2},
-        "phases": [
-            {"name": "head", "phase": {"name": "supervised"}, "train": {"epochs": 2, "freeze": "backbone"}},
-            {"name": "all", "phase": {"name": "supervised"},
-             "train": {"epochs": 3, "lr": 1e-3, "early_stopping": {"patience": 2, "min_delta": 0.0}}},
-        ],
-    })  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits", "val_fraction": 0.2},
+            "model": {"width": 8},
+            "eval": {"on": "none"},
+            "train": {"batch_size": 64, "optimizer": "adamw", "lr": 1e-2},
+            "phases": [
+                {"name": "head", "phase": {"name": "supervised"}, "train": {"epochs": 2, "freeze": "backbone"}},
+                {
+                    "name": "all",
+                    "phase": {"name": "supervised"},
+                    "train": {"epochs": 3, "lr": 1e-3, "early_stopping": {"patience": 2, "min_delta": 0.0}},
+                },
+            ],
+        }
+    )
     history: list[dict] = []
     run_local(config, tmp_path, device=torch.device("cpu"), on_epoch=history.append)
     head, full = [h for h in history if h["stage"] == "head"], [h for h in history if h["stage"] == "all"]

@@ -30,7 +30,9 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 
 def test_the_table_has_every_command() -> None:
-    assert {("tune",), ("train",), ("leaderboard",), ("space", "validate"), ("cluster", "validate")} <= set(leaf_commands())
+    assert {("tune",), ("train",), ("leaderboard",), ("space", "validate"), ("cluster", "validate")} <= set(
+        leaf_commands()
+    )
 
 
 @pytest.mark.parametrize("command", leaf_commands(), ids=" ".join)
@@ -40,7 +42,9 @@ def test_unknown_option_is_a_usage_error(command: tuple[str, ...], capsys: pytes
     assert "Traceback" not in text
 
 
-@pytest.mark.parametrize("command", [c for c in leaf_commands() if c not in {("leaderboard",), ("train",)}], ids=" ".join)
+@pytest.mark.parametrize(
+    "command", [c for c in leaf_commands() if c not in {("leaderboard",), ("train",)}], ids=" ".join
+)
 def test_missing_argument_is_a_usage_error(command: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
     code, text = run(list(command), capsys)
     assert code == 2 and "Missing argument" in text and "Traceback" not in text
@@ -67,7 +71,9 @@ def test_leaderboard_of_a_folder_without_one_says_so(tmp_path: Path, capsys: pyt
     assert code == 2 and "no history files" in text
 
 
-def test_eval_of_a_missing_experiment_or_trial_says_what_to_change(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_of_a_missing_experiment_or_trial_says_what_to_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, text = run(["eval", "nope", "--storage", str(tmp_path)], capsys)
     assert code == 2 and "experiment 'nope': no leaderboard rows under" in text and "Traceback" not in text
     code, text = run(["eval", "nope", "--suite", "everything", "--storage", str(tmp_path)], capsys)

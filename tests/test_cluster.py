@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from raycls.config.experiment import Resources
-from raycls.errors import RayclsError
 from raycls.cluster.nodes import Node
 from raycls.cluster.preflight import default_concurrency, preflight, shared_storage_from_env
 from raycls.cluster.resources import ON_DEMAND, trial_bundle
+from raycls.config.experiment import Resources
+from raycls.errors import RayclsError
 from raycls.results.row import count_restarts
 from raycls.storage import TRAIN_RUNS_DIR, ExperimentPaths
 from raycls.train.ray_train import RESTARTS_FILE, mark_restarts, restarts_of
@@ -131,14 +131,18 @@ def test_a_failed_train_run_is_not_restarted_again_by_tune(tmp_path: Path) -> No
     from raycls.tune.trainable import _run_torch_trainer
 
     space = tmp_path / "two.yaml"
-    space.write_text("experiment: {name: two, resources: {workers: 2}, max_failures: 1}\nbase: {data: {name: digits}}\n")
+    space.write_text(
+        "experiment: {name: two, resources: {workers: 2}, max_failures: 1}\nbase: {data: {name: digits}}\n"
+    )
     experiment = load_experiment(space)
     run = tmp_path / "two" / TRAIN_RUNS_DIR / "train-x"
     run.mkdir(parents=True)
     (run / FAILED_FILE).write_text("NonFiniteLossError: train_loss is nan at epoch 1: training diverged")
     # Tune's retry of the trial: raises the first failure at once, without starting a worker group.
     with pytest.raises(RuntimeError, match="already failed after its retries.*diverged"):
-        _run_torch_trainer(resolve_trial(experiment, {}), experiment, ExperimentPaths(str(tmp_path), "two"), name="train-x")
+        _run_torch_trainer(
+            resolve_trial(experiment, {}), experiment, ExperimentPaths(str(tmp_path), "two"), name="train-x"
+        )
 
 
 # ----------------------------------------------------------------------------------- a real Ray node

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from raycls.errors import ConfigError
 from raycls.cluster.validate import check_launcher, validate_launcher
+from raycls.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

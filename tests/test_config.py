@@ -8,15 +8,14 @@ from pathlib import Path
 
 import optuna
 import pytest
-
-from raycls.config import TrialConfig, load_experiment, parse_overrides, resolve_trial, suggest
-from raycls.config.sampling import sample_configs
-from raycls.config.load import get_path
-from raycls.cli import main
-from raycls.phases.base import check_experiment_metric, check_stages
 from pydantic import ValidationError
 
+from raycls.cli import main
+from raycls.config import TrialConfig, load_experiment, parse_overrides, resolve_trial, suggest
+from raycls.config.load import get_path
+from raycls.config.sampling import sample_configs
 from raycls.errors import ConfigError
+from raycls.phases.base import check_experiment_metric, check_stages
 
 from .conftest import REPO, write_yaml
 
@@ -85,7 +84,11 @@ BAD = [
     ("experimnt: {}", "experimnt", "unknown section"),
     ("space: {train.lr: {type: uniform, low: 0.1, high: 0.01}}", "space.train.lr", "low=0.1 must be < high=0.01"),
     ("space: {train.lr: {type: loguniform, low: 0, high: 0.1}}", "space.train.lr", "loguniform needs low > 0"),
-    ("space: {train.lr: {type: gaussian, low: 0, high: 1}}", "space.train.lr", "expected tags: 'uniform', 'loguniform', 'int', 'choice'"),
+    (
+        "space: {train.lr: {type: gaussian, low: 0, high: 1}}",
+        "space.train.lr",
+        "expected tags: 'uniform', 'loguniform', 'int', 'choice'",
+    ),
     ("space: {train.lr: [0.1, 0.2]}", "space.train.lr", "expected a mapping with a `type`"),
     ("space: {train.lrr: {type: uniform, low: 0.1, high: 0.2}}", "space.train.lrr", "does not fit the trial config"),
     ("space: {model.name: {type: choice, values: [resnet18, nonet]}}", "space.model.name", "unknown model 'nonet'"),
@@ -147,11 +150,18 @@ def test_trial_config_json_round_trip_exact(good: Path) -> None:
 
 def test_define_by_run_conditions_with_fixed_trial(good: Path) -> None:
     space = load_experiment(good).space
-    sgd = suggest(optuna.trial.FixedTrial({"train.optimizer": "sgd", "train.lr": 0.01, "train.momentum": 0.9, "model.width": 16}), space)
+    sgd = suggest(
+        optuna.trial.FixedTrial({"train.optimizer": "sgd", "train.lr": 0.01, "train.momentum": 0.9, "model.width": 16}),
+        space,
+    )
     assert sgd == {"train.optimizer": "sgd", "train.lr": 0.01, "train.momentum": 0.9, "model.width": 16}
     adamw = suggest(optuna.trial.FixedTrial({"train.optimizer": "adamw", "train.lr": 0.01, "model.width": 8}), space)
     assert "train.momentum" not in adamw  # conditional parameter not sampled
-    pinned = suggest(optuna.trial.FixedTrial({"train.lr": 0.01, "train.momentum": 0.9, "model.width": 8}), space, fixed={"train.optimizer": "sgd"})
+    pinned = suggest(
+        optuna.trial.FixedTrial({"train.lr": 0.01, "train.momentum": 0.9, "model.width": 8}),
+        space,
+        fixed={"train.optimizer": "sgd"},
+    )
     assert "train.optimizer" not in pinned and pinned["train.momentum"] == 0.9
 
 
@@ -162,16 +172,32 @@ def test_conditional_parameters_in_sampling(good: Path) -> None:
 
 def test_cli_bad_input_exit_code_2_no_traceback(tmp_path: Path) -> None:
     path = write_yaml(tmp_path / "bad.yaml", "base: {train: {lr: -1}}")
-    result = subprocess.run([sys.executable, "-m", "raycls.cli", "space", "validate", str(path)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "raycls.cli", "space", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     output = result.stdout + result.stderr
     assert "base.train.lr" in output and "bad.yaml" in output and "Traceback" not in output
 
 
 def test_cli_space_validate_prints_samples() -> None:
-    result = subprocess.run([sys.executable, "-m", "raycls.cli", "space", "validate",
-                             str(REPO / "search_spaces" / "quickstart.yaml"), "--samples", "2"],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raycls.cli",
+            "space",
+            "validate",
+            str(REPO / "search_spaces" / "quickstart.yaml"),
+            "--samples",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "sample 2:" in result.stdout and "train.lr" in result.stdout

@@ -27,7 +27,7 @@ def test_digits_split_is_stratified_and_seeded() -> None:
 
 
 def test_mnist_and_fashion_from_idx_files(shared_data: Path) -> None:
-    for name, folder in [("mnist", "mnist"), ("fashion_mnist", "fashion-mnist")]:
+    for name, _folder in [("mnist", "mnist"), ("fashion_mnist", "fashion-mnist")]:
         raw = DATASETS.get(name).read(DataConfig(name=name, download=False), shared_data)
         assert raw.train.images.shape == (60000, 1, 28, 28) and raw.test.images.shape == (10000, 1, 28, 28)
         assert set(raw.test.labels.unique().tolist()) == set(range(10))
@@ -118,7 +118,9 @@ def test_random_crop_is_a_shifted_window() -> None:
     # Inside the 2x2 centre, every crop is the original shifted by at most one pixel.
     for img in y:
         centre = img[0, 1:3, 1:3]
-        assert any(torch.equal(centre, x[0, 0, 1 + dy : 3 + dy, 1 + dx : 3 + dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+        assert any(
+            torch.equal(centre, x[0, 0, 1 + dy : 3 + dy, 1 + dx : 3 + dx]) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+        )
 
 
 def test_csv_dataset_with_a_test_split_and_its_errors(shared_data: Path, tmp_path: Path) -> None:
@@ -139,10 +141,15 @@ def test_csv_dataset_with_a_test_split_and_its_errors(shared_data: Path, tmp_pat
     first = lines[1].split(",")[0]
     cases = {
         "missing.csv": ("filepath,label\nimages/none.jpg,cat\n", r"missing.csv:2: image .*none.jpg does not exist"),
-        "unknown.csv": (f"filepath,label,split\n{first},{classes[0]},train\n{first},zebra,test\n",
-                        r"unknown.csv:3: label 'zebra' is not one of the training labels"),
-        "header.csv": ("name,class\na.jpg,cat\n", r"header must name an image column .* and `label`; it has name, class"),
-    }  # fmt: skip
+        "unknown.csv": (
+            f"filepath,label,split\n{first},{classes[0]},train\n{first},zebra,test\n",
+            r"unknown.csv:3: label 'zebra' is not one of the training labels",
+        ),
+        "header.csv": (
+            "name,class\na.jpg,cat\n",
+            r"header must name an image column .* and `label`; it has name, class",
+        ),
+    }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)
         with pytest.raises(DataError, match=message):
@@ -177,7 +184,9 @@ def test_tiny_imagenet_in_its_own_layout(tmp_path: Path) -> None:
         load_splits(DataConfig(name="tiny_imagenet", root=str(tmp_path / "elsewhere")), seed=0)
 
 
-def test_folder_is_decoded_once_per_node_and_files_and_size(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_folder_is_decoded_once_per_node_and_files_and_size(
+    shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The folder reader's decode cache: the second read decodes nothing and gives the same pixels from the
     memory-mapped cache; another size, or an edited image, is a new entry (never stale pixels)."""
     import shutil

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from raycls import names
 from raycls.config import DataConfig, TrialConfig
 from raycls.config.schema import AugmentConfig
 from raycls.data import load_splits
-from raycls.data.datasets import DATASETS, data_root
 from raycls.data import splits as split_module
-from raycls import names
+from raycls.data.datasets import DATASETS, data_root
 
 DIGITS = 1797
 
@@ -33,7 +33,10 @@ def test_digits_test_split_is_a_fixed_stratified_part_no_trial_trains_or_selects
     assert a.test is not None and len(a.test) == round(split_module.TEST_FRACTION * DIGITS) == 359
     assert len(a.train) + len(a.val) == DIGITS - 359
     # Train, val and test together are exactly the dataset, each image once: the test split is disjoint.
-    union = _rows(torch.cat([a.train.images, a.val.images, a.test.images]), torch.cat([a.train.labels, a.val.labels, a.test.labels]))
+    union = _rows(
+        torch.cat([a.train.images, a.val.images, a.test.images]),
+        torch.cat([a.train.labels, a.val.labels, a.test.labels]),
+    )
     assert union == _rows(raw.train.images, raw.train.labels)
     # Stratified: every class's share within one image of proportional.
     expected = torch.bincount(raw.train.labels, minlength=10).double() * len(a.test) / DIGITS
@@ -47,9 +50,13 @@ def test_a_folder_without_a_test_folder_gets_a_carved_test_split(tmp_path: Path)
     for cls in ("cat", "dog"):
         (tmp_path / "train" / cls).mkdir(parents=True)
         for i in range(10):
-            Image.new("RGB", (12, 10), (i * 20, 100 if cls == "cat" else 0, 0)).save(tmp_path / "train" / cls / f"{i}.png")
+            Image.new("RGB", (12, 10), (i * 20, 100 if cls == "cat" else 0, 0)).save(
+                tmp_path / "train" / cls / f"{i}.png"
+            )
     for loader in ("memory", "stream"):
-        splits = load_splits(DataConfig(name="folder", path=str(tmp_path), folder_size=8, loader=loader, decode_cache=False), seed=3)
+        splits = load_splits(
+            DataConfig(name="folder", path=str(tmp_path), folder_size=8, loader=loader, decode_cache=False), seed=3
+        )
         assert splits.test is not None and torch.bincount(torch.as_tensor(splits.test.labels)).tolist() == [2, 2]
         assert len(splits.train) + len(splits.val) == 16
 
@@ -58,8 +65,13 @@ def test_a_digits_trial_is_evaluated_on_the_test_split(tmp_path: Path) -> None:
     from raycls.train.local import run_local
     from raycls.train.loop import load_data
 
-    config = TrialConfig.model_validate({"data": {"name": "digits", "train_subset": 400}, "model": {"name": "small_cnn", "width": 8},
-                                         "train": {"epochs": 1, "batch_size": 64}})  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits", "train_subset": 400},
+            "model": {"name": "small_cnn", "width": 8},
+            "train": {"epochs": 1, "batch_size": 64},
+        }
+    )
     run_local(config, tmp_path)
     summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert summary[names.EVAL_SPLIT] == "test"
@@ -115,8 +127,17 @@ def test_explore_measures_the_aspect_ratio_of_the_source_files(tmp_path: Path) -
         (tmp_path / "data" / "train" / cls).mkdir(parents=True)
         for i in range(5):
             _wide(tmp_path / "data" / "train" / cls / f"{i}.png")
-    config = TrialConfig.model_validate({"data": {"name": "folder", "path": str(tmp_path / "data"), "folder_size": 16,
-                                                  "decode_cache": False, "val_fraction": 0.25}})  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {
+                "name": "folder",
+                "path": str(tmp_path / "data"),
+                "folder_size": 16,
+                "decode_cache": False,
+                "val_fraction": 0.25,
+            }
+        }
+    )
     report = explore(config, tmp_path / "out")
     for split in ("train", "val", "test"):
         stats = report["splits"][split]

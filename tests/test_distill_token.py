@@ -71,11 +71,14 @@ def test_loss_is_deits_and_trains_both_heads(kd: str) -> None:
 
 
 def test_distill_token_learns_digits(tmp_path: Path) -> None:
-    config = TrialConfig.model_validate({
-        "data": {"name": "digits", "val_fraction": 0.2}, "model": DEIT.model_dump(),
-        "phase": {"name": "distill", "distill_token": True, "ema_decay": 0.9, "alpha": 0.5},
-        "train": {"epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0},
-    })  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits", "val_fraction": 0.2},
+            "model": DEIT.model_dump(),
+            "phase": {"name": "distill", "distill_token": True, "ema_decay": 0.9, "alpha": 0.5},
+            "train": {"epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0},
+        }
+    )
     summary = run_local(config, tmp_path, device=torch.device("cpu"))
     history = [h["train_loss"] for h in json.loads((tmp_path / "metrics.json").read_text())["history"]]
     assert history[-1] < history[0]
@@ -84,10 +87,13 @@ def test_distill_token_learns_digits(tmp_path: Path) -> None:
     assert "student.dist_token" in state and "teacher.head_dist.weight" in state
 
 
-@pytest.mark.parametrize("model, named", [
-    (ModelConfig(name="small_cnn", width=8), "model.name (a SmallCNN)"),
-    (ModelConfig(name="deit_tiny_patch16_224", kwargs=TINY), "model.name='deit_tiny_patch16_224'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, named",
+    [
+        (ModelConfig(name="small_cnn", width=8), "model.name (a SmallCNN)"),
+        (ModelConfig(name="deit_tiny_patch16_224", kwargs=TINY), "model.name='deit_tiny_patch16_224'"),
+    ],
+)
 def test_a_student_without_a_distillation_token_is_refused(model: ModelConfig, named: str) -> None:
     with pytest.raises(ConfigError) as info:
         build(model=model)

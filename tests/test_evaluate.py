@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn import metrics as skm
 
+from raycls import names
 from raycls.config import TrialConfig
 from raycls.errors import ConfigError
-from raycls import names
 from raycls.evaluate.calibration import (
     brier,
     calibration_metrics,
@@ -64,9 +64,13 @@ def test_classification_metrics_match_scikit_learn() -> None:
         assert got[names.test_topk(k)] == pytest.approx(skm.top_k_accuracy_score(y, probs, k=k), abs=1e-6)
     for average in ("macro", "weighted"):
         assert got[f"test_{average}_f1"] == pytest.approx(skm.f1_score(y, pred, average=average), abs=1e-5)
-        assert got[f"test_{average}_precision"] == pytest.approx(skm.precision_score(y, pred, average=average), abs=1e-5)
+        assert got[f"test_{average}_precision"] == pytest.approx(
+            skm.precision_score(y, pred, average=average), abs=1e-5
+        )
         assert got[f"test_{average}_recall"] == pytest.approx(skm.recall_score(y, pred, average=average), abs=1e-5)
-    assert got[names.TEST_AUROC] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-4)
+    assert got[names.TEST_AUROC] == pytest.approx(
+        skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-4
+    )
     assert got[names.TEST_NLL] == pytest.approx(skm.log_loss(y, probs), abs=1e-4)
     assert torch.equal(confusion_matrix(logits, labels), torch.from_numpy(skm.confusion_matrix(y, pred)))
     report = per_class_report(logits, labels, tuple("abcdefg"))
@@ -138,19 +142,29 @@ def _evaluation(config: TrialConfig, weights: dict, data: Data, out: Path, **eva
     parts = build(config, stage, data, RunContext())
     parts.model.load_state_dict(weights)
     eval_config = config.eval.model_copy(update=eval_overrides)
-    return Evaluation(model=parts.model, phase=parts.phase, splits=data.splits, config=eval_config, out=out,
-                      batch_size=512, seed=config.seed, data_config=config.data)  # fmt: skip
+    return Evaluation(
+        model=parts.model,
+        phase=parts.phase,
+        splits=data.splits,
+        config=eval_config,
+        out=out,
+        batch_size=512,
+        seed=config.seed,
+        data_config=config.data,
+    )
 
 
 @pytest.fixture(scope="module")
 def mnist_model(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
     """~12 s: a small CNN trained for 3 epochs on 4,000 real MNIST images (98% test accuracy)."""
-    config = TrialConfig.model_validate({
-        "data": {"name": "mnist", "root": str(shared_data), "train_subset": 4000, "val_fraction": 0.1},
-        "model": {"name": "small_cnn", "width": 16},
-        "train": {"epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 0},
-        "eval": {"on": "none"},
-    })  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "mnist", "root": str(shared_data), "train_subset": 4000, "val_fraction": 0.1},
+            "model": {"name": "small_cnn", "width": 16},
+            "train": {"epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 0},
+            "eval": {"on": "none"},
+        }
+    )
     out = tmp_path_factory.mktemp("mnist")
     run_local(config, out)
     return config, load_weights(out / "checkpoints" / "best"), load_data(config)
@@ -171,7 +185,9 @@ def test_mnist_model_tells_fashion_mnist_apart(mnist_model, tmp_path: Path) -> N
         assert got[names.test_ood("fashion_mnist", scorer, "auroc")] > 0.95, scorer
         assert got[names.test_ood("fashion_mnist", scorer, "fpr95")] < 0.2, scorer
     assert all(0 <= got[names.test_ood("fashion_mnist", s, "auroc")] <= 1 for s in ("msp", "max_logit", "energy"))
-    assert set(OOD_SCORERS.names()) == {k.split("_", 4)[-1].rsplit("_", 1)[0] for k in got if "fashion_mnist" in k and k.endswith("auroc")}
+    assert set(OOD_SCORERS.names()) == {
+        k.split("_", 4)[-1].rsplit("_", 1)[0] for k in got if "fashion_mnist" in k and k.endswith("auroc")
+    }
     assert Image.open(tmp_path / "eval" / "ood_scores.png").size[0] > 200
 
 
@@ -186,12 +202,14 @@ def test_an_ood_set_with_other_channels_is_a_clear_error(mnist_model, tmp_path: 
 @pytest.fixture(scope="module")
 def digits_model(tmp_path_factory: pytest.TempPathFactory):
     """~5 s: a small CNN trained to ~95% on the 1,797 real 8x8 digits."""
-    config = TrialConfig.model_validate({
-        "data": {"name": "digits", "val_fraction": 0.3},
-        "model": {"name": "small_cnn", "width": 16},
-        "train": {"epochs": 12, "batch_size": 64, "lr": 5e-3, "warmup_epochs": 0},
-        "eval": {"on": "none"},
-    })  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits", "val_fraction": 0.3},
+            "model": {"name": "small_cnn", "width": 16},
+            "train": {"epochs": 12, "batch_size": 64, "lr": 5e-3, "warmup_epochs": 0},
+            "eval": {"on": "none"},
+        }
+    )
     out = tmp_path_factory.mktemp("digits")
     run_local(config, out)
     return config, load_weights(out / "checkpoints" / "best"), load_data(config)
@@ -209,8 +227,13 @@ def test_planted_label_flips_are_found_by_confident_learning(digits_model, tmp_p
     rng = np.random.default_rng(0)
     flipped = rng.choice(len(labels), size=16, replace=False)
     labels[flipped] = (labels[flipped] + torch.from_numpy(rng.integers(1, 10, 16))) % 10
-    noisy = type(splits)(train=splits.train, val=splits.val, test=type(splits.val)(splits.val.images, labels, splits.val.classes),
-                         mean=splits.mean, std=splits.std)  # fmt: skip
+    noisy = type(splits)(
+        train=splits.train,
+        val=splits.val,
+        test=type(splits.val)(splits.val.images, labels, splits.val.classes),
+        mean=splits.mean,
+        std=splits.std,
+    )
     ev = _evaluation(config, weights, Data(noisy, data.spec), tmp_path / "eval")
     got = errors_step(ev)
     rows = list(csv_rows(tmp_path / "eval" / "label_issues.csv"))
@@ -234,7 +257,9 @@ def csv_rows(path: Path):
 @pytest.mark.slow
 def test_full_suite_writes_every_file_and_sane_images(digits_model, tmp_path: Path) -> None:
     config, weights, data = digits_model
-    config = config.model_copy(update={"eval": config.eval.model_copy(update={"shift_images": 200, "severities": (1, 5)})})
+    config = config.model_copy(
+        update={"eval": config.eval.model_copy(update={"shift_images": 200, "severities": (1, 5)})}
+    )
     summary = evaluate_weights(config, weights, data, RunContext(), out_uri=str(tmp_path / "eval"), suite="full")
     m = summary["metrics"]
     assert summary[names.EVAL_SPLIT] == "test"  # digits' carved test split
@@ -244,8 +269,15 @@ def test_full_suite_writes_every_file_and_sane_images(digits_model, tmp_path: Pa
     files = {p.name for p in (tmp_path / "eval").iterdir()}
     assert {"metrics.json", "classification_report.csv", "confusion_matrix.csv", "label_issues.csv"} <= files
     pngs = sorted((tmp_path / "eval").glob("*.png"))
-    assert {p.name for p in pngs} >= {"confusion_matrix.png", "reliability.png", "ood_scores.png", "corruptions.png",
-                                     "confident_mistakes.png", "gradcam_per_class.png", "embeddings_tsne.png"}  # fmt: skip
+    assert {p.name for p in pngs} >= {
+        "confusion_matrix.png",
+        "reliability.png",
+        "ood_scores.png",
+        "corruptions.png",
+        "confident_mistakes.png",
+        "gradcam_per_class.png",
+        "embeddings_tsne.png",
+    }
     for png in pngs:
         with Image.open(png) as image:
             image.verify()
@@ -263,11 +295,15 @@ def test_gradcam_on_a_vision_transformer(tmp_path: Path) -> None:
     from raycls.evaluate.cam import LogitsOf, gradcam_pp
 
     tiny = {"embed_dim": 32, "depth": 1, "num_heads": 2}  # on digits: 4 px patches, a 2x2 token grid
-    config = TrialConfig.model_validate({"data": {"name": "digits"}, "model": {"name": "vit_tiny_patch16_224", "kwargs": tiny}})
+    config = TrialConfig.model_validate(
+        {"data": {"name": "digits"}, "model": {"name": "vit_tiny_patch16_224", "kwargs": tiny}}
+    )
     data = load_data(config)
     parts = build(config, config.stages[-1], data, RunContext())
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    maps = gradcam_pp(LogitsOf(parts.model, parts.phase.outputs), parts.phase.backbone(parts.model), x, torch.tensor([0, 1, 2]))
+    maps = gradcam_pp(
+        LogitsOf(parts.model, parts.phase.outputs), parts.phase.backbone(parts.model), x, torch.tensor([0, 1, 2])
+    )
     assert maps.shape == (3, 8, 8) and torch.isfinite(maps).all()
 
 
@@ -279,8 +315,17 @@ def _ddp_worker(rank: int, world: int, init: str, out: str, config_json: str, we
     data = load_data(config)
     parts = build(config, config.stages[-1], data, RunContext(rank=rank, world_size=world))
     parts.model.load_state_dict(torch.load(weights_path, weights_only=True))
-    p = predict(parts.model, parts.phase, data.splits.val, mean=data.splits.mean, std=data.splits.std,
-                device=torch.device("cpu"), batch_size=64, rank=rank, world_size=world)  # fmt: skip
+    p = predict(
+        parts.model,
+        parts.phase,
+        data.splits.val,
+        mean=data.splits.mean,
+        std=data.splits.std,
+        device=torch.device("cpu"),
+        batch_size=64,
+        rank=rank,
+        world_size=world,
+    )
     torch.save({"logits": p.logits, "labels": p.labels, "embeddings": p.embeddings}, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -290,12 +335,23 @@ def test_two_worker_ddp_evaluation_equals_single_process(digits_model, tmp_path:
     config, weights, data = digits_model
     torch.save(weights, tmp_path / "weights.pt")
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_ddp_worker, args=(2, init, str(tmp_path / "shard"), config.to_json(), str(tmp_path / "weights.pt")),
-             nprocs=2, join=True)  # fmt: skip
+    mp.spawn(
+        _ddp_worker,
+        args=(2, init, str(tmp_path / "shard"), config.to_json(), str(tmp_path / "weights.pt")),
+        nprocs=2,
+        join=True,
+    )
     parts = build(config, config.stages[-1], data, RunContext())
     parts.model.load_state_dict(weights)
-    single = predict(parts.model, parts.phase, data.splits.val, mean=data.splits.mean, std=data.splits.std,
-                     device=torch.device("cpu"), batch_size=64)  # fmt: skip
+    single = predict(
+        parts.model,
+        parts.phase,
+        data.splits.val,
+        mean=data.splits.mean,
+        std=data.splits.std,
+        device=torch.device("cpu"),
+        batch_size=64,
+    )
     expected = classification_metrics(single.logits, single.labels)
     for rank in range(2):
         got = torch.load(f"{tmp_path / 'shard'}.{rank}")
@@ -307,10 +363,12 @@ def test_two_worker_ddp_evaluation_equals_single_process(digits_model, tmp_path:
 def test_unknown_suite_and_bad_eval_keys_are_config_errors() -> None:
     from pydantic import ValidationError
 
-    for bad, match in (({"suite": "everything"}, "unknown eval suite 'everything'; known: default, full"),
-                       ({"ood": ["svhn_typo"]}, "unknown OOD set 'svhn_typo'"),
-                       ({"corruptions": ["fog"]}, "unknown corruption"),
-                       ({"on": "sometimes"}, "completed")):  # fmt: skip
+    for bad, match in (
+        ({"suite": "everything"}, "unknown eval suite 'everything'; known: default, full"),
+        ({"ood": ["svhn_typo"]}, "unknown OOD set 'svhn_typo'"),
+        ({"corruptions": ["fog"]}, "unknown corruption"),
+        ({"on": "sometimes"}, "completed"),
+    ):
         with pytest.raises(ValidationError, match=match):
             TrialConfig.model_validate({"eval": bad})
     assert TrialConfig.model_validate({"eval": {"topk": 5}}).eval.topk == (1, 5)
@@ -326,9 +384,17 @@ def test_run_suite_counts_the_split_it_evaluated(digits_model, tmp_path: Path) -
 def test_picking_the_trials_to_evaluate() -> None:
     from raycls.train.evaluation import pick_rows
 
-    rows = [{"trial_id": f"t{i}", "status": s, "score": v, "mode": "max", "checkpoint": c, "config_json": "{}"}
-            for i, (s, v, c) in enumerate([("completed", 0.9, "/c0"), ("completed", 0.95, "/c1"),
-                                           ("early_stopped", 0.99, "/c2"), ("failed", None, None)])]  # fmt: skip
+    rows = [
+        {"trial_id": f"t{i}", "status": s, "score": v, "mode": "max", "checkpoint": c, "config_json": "{}"}
+        for i, (s, v, c) in enumerate(
+            [
+                ("completed", 0.9, "/c0"),
+                ("completed", 0.95, "/c1"),
+                ("early_stopped", 0.99, "/c2"),
+                ("failed", None, None),
+            ]
+        )
+    ]
     assert [r["trial_id"] for r in pick_rows(rows, "best", "x")] == ["t1"]  # stopped trials never rank
     assert [r["trial_id"] for r in pick_rows(rows, "top:5", "x")] == ["t1", "t0"]
     assert [r["trial_id"] for r in pick_rows(rows, "t2", "x")] == ["t2"]  # by id: any trial with a checkpoint
@@ -353,7 +419,11 @@ def test_duplicates_and_leakage_are_found(tmp_path: Path) -> None:
     assert stats["exact_duplicate_images"] == 1 and stats["near_duplicate_images"] >= 2
     assert [3, 10] in stats["near_duplicate_examples"] and [4, 11] in stats["near_duplicate_examples"]
     assert sum(stats["class_counts"].values()) == 200 and 0 < stats["brightness"]["mean"] < 1
-    test = ArrayData(torch.stack([images[3], images[11], splits.val.images[0]]), torch.zeros(3, dtype=torch.long), splits.train.classes)
+    test = ArrayData(
+        torch.stack([images[3], images[11], splits.val.images[0]]),
+        torch.zeros(3, dtype=torch.long),
+        splits.train.classes,
+    )
     leak = leakage(ArrayData(images, labels, splits.train.classes), test)
     assert leak["exact"] == 2 and leak["exact_test_indices"] == [0, 1]  # images[11] is itself in the pool
     assert leak["near"] >= 2 and {0, 1} <= set(leak["near_test_indices"])
@@ -362,7 +432,15 @@ def test_duplicates_and_leakage_are_found(tmp_path: Path) -> None:
 def test_raycls_data_explore_writes_a_report(tmp_path: Path, capsys) -> None:
     from raycls.cli import main
 
-    main(["data", "explore", str(Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml"), "--out", str(tmp_path)])
+    main(
+        [
+            "data",
+            "explore",
+            str(Path(__file__).parents[1] / "search_spaces" / "quickstart.yaml"),
+            "--out",
+            str(tmp_path),
+        ]
+    )
     report = json.loads((tmp_path / "data_report.json").read_text())
     assert set(report["splits"]) == {"train", "val", "test"} and report["splits"]["train"]["image_size"] == [8, 8]
     assert sum(report["splits"][name]["images"] for name in ("train", "val", "test")) == 1797
@@ -374,11 +452,19 @@ def test_raycls_data_explore_writes_a_report(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.parametrize("phase, has_classifier", [("supcon", False), ("metric", True)])
-def test_every_phase_is_evaluated_through_the_head_it_predicts_with(phase: str, has_classifier: bool, tmp_path: Path) -> None:
+def test_every_phase_is_evaluated_through_the_head_it_predicts_with(
+    phase: str, has_classifier: bool, tmp_path: Path
+) -> None:
     """A supcon model has no classifier yet: k-NN accuracy of its embeddings; a metric model is scored through
     its cosine classifier. Both through `raycls train --no-ray`'s path (run_local), at the trial's end."""
-    config = TrialConfig.model_validate({"data": {"name": "digits"}, "model": {"name": "small_cnn", "width": 8},
-                                         "phase": {"name": phase}, "train": {"epochs": 1, "batch_size": 64}})  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits"},
+            "model": {"name": "small_cnn", "width": 8},
+            "phase": {"name": phase},
+            "train": {"epochs": 1, "batch_size": 64},
+        }
+    )
     run_local(config, tmp_path)
     summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert (names.TEST_ACC in summary["metrics"]) == has_classifier
@@ -419,17 +505,25 @@ def test_cifar10_1_shift_through_its_reader(shared_data: Path, tmp_path: Path) -
     images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     np.save(root / "cifar10_1" / "cifar10.1_v6_data.npy", images)
     np.save(root / "cifar10_1" / "cifar10.1_v6_labels.npy", np.arange(40) % 10)
-    config = TrialConfig.model_validate({"data": {"name": "cifar10", "root": str(root), "train_subset": 500},
-                                         "model": {"name": "small_cnn", "width": 8}})  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "cifar10", "root": str(root), "train_subset": 500},
+            "model": {"name": "small_cnn", "width": 8},
+        }
+    )
     data = load_data(config)
     parts = build(config, config.stages[-1], data, RunContext())
     ev = _evaluation(config, parts.model.state_dict(), data, tmp_path / "eval", shift=("cifar10_1",))
     got = shift_step(ev)
     from raycls.data.datasets import ArrayData
 
-    fake = ArrayData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.arange(40) % 10, data.splits.train.classes)
+    fake = ArrayData(
+        torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.arange(40) % 10, data.splits.train.classes
+    )
     p = predict(parts.model, parts.phase, fake, mean=data.splits.mean, std=data.splits.std, device=torch.device("cpu"))
-    assert got == {names.test_shift("cifar10_1"): pytest.approx(float((p.logits.argmax(-1) == p.labels).float().mean()))}
+    assert got == {
+        names.test_shift("cifar10_1"): pytest.approx(float((p.logits.argmax(-1) == p.labels).float().mean()))
+    }
 
 
 def test_yaml_on_is_a_key_not_a_boolean(tmp_path: Path) -> None:
@@ -437,9 +531,15 @@ def test_yaml_on_is_a_key_not_a_boolean(tmp_path: Path) -> None:
     from raycls.config import load_experiment
 
     space = tmp_path / "on.yaml"
-    space.write_text("experiment: {name: on-key}\nbase:\n  eval: {on: none, suite: full}\n  model: {pretrained: false}\n")
+    space.write_text(
+        "experiment: {name: on-key}\nbase:\n  eval: {on: none, suite: full}\n  model: {pretrained: false}\n"
+    )
     experiment = load_experiment(space)
-    assert experiment.base.eval.on == "none" and experiment.base.eval.suite == "full" and experiment.base.model.pretrained is False
+    assert (
+        experiment.base.eval.on == "none"
+        and experiment.base.eval.suite == "full"
+        and experiment.base.model.pretrained is False
+    )
 
 
 def test_label_issues_never_forks_a_pool(monkeypatch: pytest.MonkeyPatch) -> None:

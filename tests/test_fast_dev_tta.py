@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from raycls import names
 from raycls.config.schema import FAST_DEV_BATCHES, TrialConfig
 from raycls.data import Splits
 from raycls.data.datasets import ArrayData
-from raycls import names
 from raycls.train.loop import Data, RunContext, build, load_data
 from tests.conftest import write_yaml
 
@@ -24,14 +24,22 @@ def _class_sorted(data: ArrayData) -> ArrayData:
 
 
 def _digits(**eval_config) -> tuple[TrialConfig, Data]:
-    config = TrialConfig.model_validate({
-        "data": {"name": "digits", "val_fraction": 0.3}, "model": {"name": "small_cnn", "width": 8},
-        "eval": eval_config,
-    }).fast_dev_run()  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits", "val_fraction": 0.3},
+            "model": {"name": "small_cnn", "width": 8},
+            "eval": eval_config,
+        }
+    ).fast_dev_run()
     data = load_data(config)
     splits = data.splits
-    sorted_splits = Splits(train=_class_sorted(splits.train), val=_class_sorted(splits.val), test=_class_sorted(splits.test),
-                           mean=splits.mean, std=splits.std)  # fmt: skip
+    sorted_splits = Splits(
+        train=_class_sorted(splits.train),
+        val=_class_sorted(splits.val),
+        test=_class_sorted(splits.test),
+        mean=splits.mean,
+        std=splits.std,
+    )
     return config, Data(sorted_splits, data.spec)
 
 
@@ -63,8 +71,9 @@ def test_a_fast_dev_runs_evaluation_covers_the_classes_of_a_sorted_split(tmp_pat
 
     config, data = _digits(suite="full")
     model = build(config, config.stages[0], data, RunContext()).model
-    summary = evaluate_weights(config, model.state_dict(), data, RunContext(limit_batches=FAST_DEV_BATCHES),
-                               out_uri=str(tmp_path / "eval"))  # fmt: skip
+    summary = evaluate_weights(
+        config, model.state_dict(), data, RunContext(limit_batches=FAST_DEV_BATCHES), out_uri=str(tmp_path / "eval")
+    )
     with open(tmp_path / "eval" / "classification_report.csv") as handle:
         support = [int(row["support"]) for row in csv.DictReader(handle)]
     assert sum(support) == summary["metrics"][names.TEST_IMAGES] <= 64
@@ -89,7 +98,9 @@ def test_tta_views_follow_the_training_flip(hflip: bool) -> None:
 def test_tta_views_and_runs_are_configurable(tmp_path: Path) -> None:
     from raycls.evaluate.tta import tta_views
 
-    config = TrialConfig.model_validate({"augment": {"hflip": True}, "eval": {"tta": {"views": ["identity"], "runs": 2}}})
+    config = TrialConfig.model_validate(
+        {"augment": {"hflip": True}, "eval": {"tta": {"views": ["identity"], "runs": 2}}}
+    )
     assert tta_views(config.eval.tta, config.augment) == ("identity",) and config.eval.tta.runs == 2
 
 
@@ -97,12 +108,15 @@ def test_an_unknown_tta_view_is_a_config_error_listing_the_known_views(tmp_path:
     from raycls.config.load import load_experiment
     from raycls.errors import ConfigError
 
-    space = write_yaml(tmp_path / "space.yaml", """
+    space = write_yaml(
+        tmp_path / "space.yaml",
+        """
 experiment: {name: bad-tta, metric: val_acc, mode: max, trials: 1}
 base:
   data: {name: digits}
   eval: {suite: full, tta: {views: [identity, vflip]}}
-""")
+""",
+    )
     with pytest.raises(ConfigError) as err:
         load_experiment(space)
     message = str(err.value)
@@ -159,10 +173,12 @@ def test_a_streamed_fast_dev_run_reads_a_stratified_sample_of_each_split(tmp_pat
     from tests.test_stream import CLASSES, image_folder
 
     folder = image_folder(tmp_path / "images", per_class=12, test_per_class=1)
-    config = TrialConfig.model_validate({
-        "data": {"name": "folder", "path": str(folder), "folder_size": 8, "val_fraction": 0.5, "loader": "stream"},
-        "train": {"batch_size": 4, "eval_batch_size": 4},
-    })  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "folder", "path": str(folder), "folder_size": 8, "val_fraction": 0.5, "loader": "stream"},
+            "train": {"batch_size": 4, "eval_batch_size": 4},
+        }
+    )
     init_ray(None, num_cpus=2)
     try:
         datasets = trial_datasets(config, limit_batches=1)

@@ -20,14 +20,13 @@ import threading
 import time
 from pathlib import Path
 
-import optuna
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from raycls.cluster.resources import ON_DEMAND
 from raycls.config import load_experiment
 from raycls.results import read_leaderboard
-from raycls.cluster.resources import ON_DEMAND
 from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 
@@ -59,8 +58,11 @@ def cluster(own_ray):
         "resources": {ON_DEMAND: 1},
         "dashboard_port": _free_port(),  # beside another Ray on this machine (a parallel test run)
         # Notice a removed node in about a second instead of Ray's default of tens of seconds.
-        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                           "health_check_failure_threshold": 3},  # fmt: skip
+        "_system_config": {
+            "health_check_initial_delay_ms": 0,
+            "health_check_period_ms": 500,
+            "health_check_failure_threshold": 3,
+        },
     }
     simulated = Cluster(initialize_head=True, head_node_args=head)
     for _ in range(2):
@@ -95,13 +97,18 @@ def wait_until_released(timeout: float = 60.0) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------- spread
 def test_trials_spread_over_the_nodes(cluster, tmp_path: Path) -> None:
-    storage, outcome = tune(tmp_path, "spread", """
+    storage, outcome = tune(
+        tmp_path,
+        "spread",
+        """
 experiment: {name: spread, trials: 6}
 scheduler: {name: fifo}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
-""" + NO_EVAL)
+"""
+        + NO_EVAL,
+    )
     rows = read_leaderboard(storage, "spread").table.to_pylist()
     assert len(rows) == 6 and all(r["status"] == "completed" and r["restarts"] == 0 for r in rows)
     history = read_leaderboard(storage, "spread", kind="history").table.to_pylist()
@@ -114,23 +121,30 @@ space:
 def test_failing_trials_are_failed_with_their_message_and_retries(cluster, tmp_path: Path) -> None:
     """A dataset folder that does not exist raises; lr=1e30 with no clipping makes the loss NaN. With
     max_failures: 1 Tune retries each once: both are failed, with their message, and one restart."""
-    storage, outcome = tune(tmp_path, "faulty", f"""
-experiment: {{name: faulty, trials: 3, concurrency: 3, max_failures: 1}}
+    storage, outcome = tune(
+        tmp_path,
+        "faulty",
+        """
+experiment: {name: faulty, trials: 3, concurrency: 3, max_failures: 1}
 search:
   points_to_evaluate:
-    - {{data.name: folder, train.lr: 0.003}}
-    - {{data.name: digits, train.lr: 1.0e+30}}
-    - {{data.name: digits, train.lr: 0.003}}
-scheduler: {{name: fifo}}
-wandb: {{mode: disabled}}
+    - {data.name: folder, train.lr: 0.003}
+    - {data.name: digits, train.lr: 1.0e+30}
+    - {data.name: digits, train.lr: 0.003}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
 space:
-  data.name: {{type: choice, values: [digits, folder]}}
-  train.lr: {{type: loguniform, low: 1.0e-3, high: 1.0e-2}}
-""" + BASE.replace("train_subset: 400}", f"train_subset: 400, path: {tmp_path / 'no-such-folder'}}}"))
+  data.name: {type: choice, values: [digits, folder]}
+  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+"""
+        + BASE.replace("train_subset: 400}", f"train_subset: 400, path: {tmp_path / 'no-such-folder'}}}"),
+    )
     rows = {(r["data.name"], r["train.lr"]): r for r in read_leaderboard(storage, "faulty").table.to_pylist()}
     assert len(rows) == 3 and outcome.errors == 2
     missing, diverged, good = rows[("folder", 0.003)], rows[("digits", 1e30)], rows[("digits", 0.003)]
-    assert missing["status"] == "failed" and "no-such-folder" in missing["error"] and "does not exist" in missing["error"]
+    assert (
+        missing["status"] == "failed" and "no-such-folder" in missing["error"] and "does not exist" in missing["error"]
+    )
     assert diverged["status"] == "failed" and "diverged" in diverged["error"]
     assert missing["restarts"] == 1 and diverged["restarts"] == 1  # max_failures: 1, each retried once
     assert good["status"] == "completed" and good["restarts"] == 0 and good["error"] is None
@@ -142,14 +156,19 @@ def test_asha_stopped_trials_release_placement_groups_and_gpus(cluster, tmp_path
     most at epoch 1 (judged by val_loss: accuracies of barely trained models tie, and ties are not stopped).
     Afterwards no placement group is left and every CPU and GPU is free again."""
     before = {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
-    storage, outcome = tune(tmp_path, "leak", """
+    storage, outcome = tune(
+        tmp_path,
+        "leak",
+        """
 experiment: {name: leak, metric: val_loss, mode: min, trials: 30, resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0.5}}
 search: {seed: 3, n_startup_trials: 30}
 scheduler: {name: asha, max_t: 3, grace_period: 1, reduction_factor: 3}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-1}
-""" + NO_EVAL.replace("epochs: 2", "epochs: 3").replace("train_subset: 400", "train_subset: 200"))
+"""
+        + NO_EVAL.replace("epochs: 2", "epochs: 3").replace("train_subset: 400", "train_subset: 200"),
+    )
     rows = read_leaderboard(storage, "leak").table.to_pylist()
     stopped = [r for r in rows if r["status"] == "early_stopped"]
     assert len(rows) == 30 and len(stopped) >= 15, [r["status"] for r in rows]
@@ -190,8 +209,11 @@ KILL_POINTS = {
     # (CONCURRENCY) so that it cannot end together with the one before it. Waiting for its first report
     # instead left a window of two reports, which a loaded driver handles back to back (seen once: the
     # driver finished before the kill landed).
-    "during_the_last_trial": lambda d: _rows(d) == TRIALS - 1 and len(list(d.glob("tune_trainable_*/params.json"))) == TRIALS
-    and sum(epochs_reported(d).values()) < TRIALS * 3,
+    "during_the_last_trial": lambda d: (
+        _rows(d) == TRIALS - 1
+        and len(list(d.glob("tune_trainable_*/params.json"))) == TRIALS
+        and sum(epochs_reported(d).values()) < TRIALS * 3
+    ),
 }
 CONCURRENCY = {"during_the_last_trial": 1}  # the others run two trials at a time
 
@@ -201,24 +223,39 @@ def kill_and_resume(cluster, tmp_path: Path, ready, damage=None, *, concurrency:
     on); `damage(experiment_dir)` then breaks what a kill can break; `--resume` must finish the experiment."""
     space = write_yaml(tmp_path / "resume.yaml", RESUME.replace("concurrency: 2", f"concurrency: {concurrency}"))
     storage = tmp_path / "results"
-    command = [sys.executable, "-m", "raycls.cli", "tune", str(space), "--storage", str(storage),
-               "--address", cluster.address]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "raycls.cli",
+        "tune",
+        str(space),
+        "--storage",
+        str(storage),
+        "--address",
+        cluster.address,
+    ]
     env = {**os.environ, "RAYCLS_SHARED_STORAGE": "1"}
     experiment_dir = storage / "resume"
     log = tmp_path / "driver.log"
     running = kill_driver_when(command, env, log, lambda: ready(experiment_dir))
-    assert running, (f"the driver ended before the kill point: {_rows(experiment_dir)} rows, epochs reported "
-                     f"{epochs_reported(experiment_dir)}\n{log.read_text(errors='replace')[-3000:]}")  # fmt: skip
+    assert running, (
+        f"the driver ended before the kill point: {_rows(experiment_dir)} rows, epochs reported "
+        f"{epochs_reported(experiment_dir)}\n{log.read_text(errors='replace')[-3000:]}"
+    )
     before = rows_written(experiment_dir / "leaderboard")
     assert len(before) < TRIALS and len(alive_node_ids()) == 3
     if damage is not None:
         damage(experiment_dir)
     # --no-report: these tests are about the trials (test_tune checks the report a resumed search writes).
-    resumed = subprocess.run([*command, "--resume", "--no-report"], capture_output=True, text=True, timeout=400, env=env)
+    resumed = subprocess.run(
+        [*command, "--resume", "--no-report"], capture_output=True, text=True, timeout=400, env=env
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert not (experiment_dir / "report").exists()
     rows = assert_resumed_whole(storage, "resume", TRIALS, before)
-    assert all(r["status"] == "completed" and r["epochs"] == 3 for r in rows), [(r["status"], r["epochs"], r["error"]) for r in rows]
+    assert all(r["status"] == "completed" and r["epochs"] == 3 for r in rows), [
+        (r["status"], r["epochs"], r["error"]) for r in rows
+    ]
     assert wait_until_released().get("CPU") == 6
 
 
@@ -255,17 +292,25 @@ def test_worker_node_removed_mid_trial_resumes_from_checkpoint(cluster, tmp_path
     Ray Train restarts the worker group on the nodes left, from the last checkpoint, and the trial finishes;
     its leaderboard row counts the restart (Tune's num_failures never sees it)."""
     epochs = 8
-    space = write_yaml(tmp_path / "lost.yaml", f"""
-experiment: {{name: lost, trials: 1, max_failures: 1, resources: {{workers: 2, cpus_per_worker: 1}}}}
-scheduler: {{name: fifo}}
-wandb: {{mode: disabled}}
-""" + BASE.replace("epochs: 2", f"epochs: {epochs}").replace(", train_subset: 400", ""))
+    space = write_yaml(
+        tmp_path / "lost.yaml",
+        """
+experiment: {name: lost, trials: 1, max_failures: 1, resources: {workers: 2, cpus_per_worker: 1}}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
+"""
+        + BASE.replace("epochs: 2", f"epochs: {epochs}").replace(", train_subset: 400", ""),
+    )
     storage = tmp_path / "results"
     removed: dict[str, str] = {}
 
     def remove_a_worker_node() -> None:
         def reports() -> list[dict]:  # seen by Tune: reports whose checkpoint Ray Train has registered
-            lines = [line for p in (storage / "lost").glob("tune_trainable_*/result.json") for line in p.read_text().splitlines()]
+            lines = [
+                line
+                for p in (storage / "lost").glob("tune_trainable_*/result.json")
+                for line in p.read_text().splitlines()
+            ]
             return [json.loads(line) for line in lines if line.strip().endswith("}")]
 
         deadline = time.monotonic() + 240
@@ -314,11 +359,16 @@ wandb: {{mode: disabled}}
 def test_multi_worker_trial_that_diverges_is_retried_max_failures_times(cluster, tmp_path: Path) -> None:
     """~45 s: a 2-worker trial whose loss is NaN. Ray Train restarts its worker group once (max_failures: 1);
     Tune's retry of the trial then fails at once instead of starting the worker group twice more."""
-    storage, outcome = tune(tmp_path, "nan2", """
+    storage, outcome = tune(
+        tmp_path,
+        "nan2",
+        """
 experiment: {name: nan2, trials: 1, max_failures: 1, resources: {workers: 2, cpus_per_worker: 1}}
 scheduler: {name: fifo}
 wandb: {mode: disabled}
-""" + BASE.replace("lr: 3.0e-3", "lr: 1.0e+30"))
+"""
+        + BASE.replace("lr: 3.0e-3", "lr: 1.0e+30"),
+    )
     (row,) = read_leaderboard(storage, "nan2").table.to_pylist()
     assert row["status"] == "failed" and "diverged" in row["error"] and row["restarts"] == 1
     (run,) = (Path(storage) / "nan2" / "train_runs").glob("train-*")

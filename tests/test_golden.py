@@ -38,10 +38,14 @@ RUNS = {
         "train": {"batch_size": 64, "optimizer": "adamw", "lr": 3e-3},
         "phases": [
             {"phase": {"name": "supcon", "temperature": 0.1}, "train": {"epochs": 2}},
-            {"name": "head", "phase": {"name": "metric", "loss": "arcface"}, "train": {"epochs": 2, "optimizer": "sgd", "lr": 0.05}},
+            {
+                "name": "head",
+                "phase": {"name": "metric", "loss": "arcface"},
+                "train": {"epochs": 2, "optimizer": "sgd", "lr": 0.05},
+            },
         ],
     },
-}  # fmt: skip
+}
 
 
 def run(raw: dict) -> list[dict[str, float]]:

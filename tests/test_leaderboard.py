@@ -24,10 +24,19 @@ def record(trial_id: str, status: str, lr: float, acc: list[float], **kw) -> Tri
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
     history = [{"epoch": i + 1, "val_acc": a, "val_loss": 1 - a, "epoch_s": 0.5} for i, a in enumerate(acc)]
     return TrialRecord(
-        experiment=kw.pop("experiment", "exp"), trial_id=trial_id, status=status, metric="val_acc", mode="max",
-        params={"train.lr": lr, "model.width": 16, "train.optimizer": "sgd"}, param_types=TYPES, history=history,
-        max_epochs=3, started_at=start, ended_at=start + timedelta(seconds=10), **kw,
-    )  # fmt: skip
+        experiment=kw.pop("experiment", "exp"),
+        trial_id=trial_id,
+        status=status,
+        metric="val_acc",
+        mode="max",
+        params={"train.lr": lr, "model.width": 16, "train.optimizer": "sgd"},
+        param_types=TYPES,
+        history=history,
+        max_epochs=3,
+        started_at=start,
+        ended_at=start + timedelta(seconds=10),
+        **kw,
+    )
 
 
 @pytest.fixture
@@ -106,12 +115,21 @@ def test_render_formats(storage: str) -> None:
 
 
 def test_cli_leaderboard_json_and_errors(storage: str) -> None:
-    run = lambda *args: subprocess.run([sys.executable, "-m", "raycls.cli", "leaderboard", storage, *args],  # noqa: E731
-                                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "raycls.cli", "leaderboard", storage, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     result = run("--experiment", "exp", "--format", "json", "--where", "status != 'failed'", "--sort", "train.lr")
     assert result.returncode == 0, result.stderr
     assert [r["trial_id"] for r in json.loads(result.stdout)] == ["a", "b"]
-    sql = run("--sql", "select experiment, count(*) as n from leaderboard group by experiment order by experiment", "--format", "csv")
+    sql = run(
+        "--sql",
+        "select experiment, count(*) as n from leaderboard group by experiment order by experiment",
+        "--format",
+        "csv",
+    )
     assert sql.stdout.splitlines() == ["experiment,n", "exp,3", "other,1"]
     bad = run("--where", "nonsense ===")
     assert bad.returncode == 2 and "query failed" in bad.stdout and "Traceback" not in bad.stdout + bad.stderr
@@ -125,15 +143,27 @@ def test_a_row_is_built_from_what_the_driver_saw_without_tune(tmp_path: Path) ->
     from raycls.results.row import TrialSeen, build_record
 
     space = tmp_path / "rows.yaml"
-    space.write_text("experiment: {name: rows}\nbase: {data: {name: digits}, train: {epochs: 3}}\n"
-                     "space:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
-                     "  model.width: {type: choice, values: [8, 16]}\n"
-                     "  train.nesterov: {type: choice, values: [true, false]}\n")  # fmt: skip
+    space.write_text(
+        "experiment: {name: rows}\nbase: {data: {name: digits}, train: {epochs: 3}}\n"
+        "space:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"
+        "  model.width: {type: choice, values: [8, 16]}\n"
+        "  train.nesterov: {type: choice, values: [true, false]}\n"
+    )
     experiment = load_experiment(space)
     now = datetime.now(timezone.utc)
-    history = [{"epoch": 1, "val_acc": 0.5, "restarts": 0}, {"epoch": 2, "val_acc": 0.7, "restarts": 1, "device": "cpu"}]
-    seen = TrialSeen("t1", "early_stopped", {"train.lr": 0.01, "model.width": 16, "train.nesterov": False},
-                     history=history, started_at=now, ended_at=now, num_failures=0)  # fmt: skip
+    history = [
+        {"epoch": 1, "val_acc": 0.5, "restarts": 0},
+        {"epoch": 2, "val_acc": 0.7, "restarts": 1, "device": "cpu"},
+    ]
+    seen = TrialSeen(
+        "t1",
+        "early_stopped",
+        {"train.lr": 0.01, "model.width": 16, "train.nesterov": False},
+        history=history,
+        started_at=now,
+        ended_at=now,
+        num_failures=0,
+    )
     record = build_record(experiment, seen, GitState(commit="abc", dirty=False))
     row = record.to_table().to_pylist()[0]
     assert row["score"] == 0.7 and row["epochs"] == 2 and row["max_epochs"] == 3 and row["restarts"] == 1

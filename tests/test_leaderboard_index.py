@@ -12,19 +12,27 @@ import pytest
 
 from raycls.cli import main
 from raycls.results import index
-from raycls.storage import INDEX_DIR
 from raycls.results.leaderboard import TrialRecord, read_leaderboard, update_evaluation, write_trial
+from raycls.storage import INDEX_DIR
 
 
 def generate(storage: Path, experiment: str, trials: range, *, string_param: bool = False) -> None:
     for i in trials:
-        params, types = ({"model.name": f"net{i % 2}"}, {"model.name": pa.string()}) if string_param else \
-            ({"train.lr": 10.0 ** -(i % 4)}, {"train.lr": pa.float64()})
+        params, types = (
+            ({"model.name": f"net{i % 2}"}, {"model.name": pa.string()})
+            if string_param
+            else ({"train.lr": 10.0 ** -(i % 4)}, {"train.lr": pa.float64()})
+        )
         record = TrialRecord(
-            experiment=experiment, trial_id=f"t{i:05d}", status=("completed", "early_stopped", "failed")[i % 3],
-            metric="val_acc", mode="max", params=params, param_types=types,
+            experiment=experiment,
+            trial_id=f"t{i:05d}",
+            status=("completed", "early_stopped", "failed")[i % 3],
+            metric="val_acc",
+            mode="max",
+            params=params,
+            param_types=types,
             history=[{"epoch": e, "val_acc": 0.1 * e + i / 1e4} for e in range(1, 1 + i % 3 + 1)],
-        )  # fmt: skip
+        )
         write_trial(str(storage), record)
 
 
@@ -47,7 +55,9 @@ def same(got: list[dict], want: list[dict]) -> bool:
 
 
 @pytest.mark.parametrize("chunk", [1000, 7])  # 7: files joined into tables seven at a time, as 100k files are
-def test_index_reads_only_what_changed_and_matches_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+def test_index_reads_only_what_changed_and_matches_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
     monkeypatch.setattr(index, "READ_CHUNK", chunk)
     generate(tmp_path, "a", range(0, 120))
     generate(tmp_path, "b", range(120, 200), string_param=True)  # another experiment, other columns
@@ -58,7 +68,9 @@ def test_index_reads_only_what_changed_and_matches_the_files(tmp_path: Path, mon
     assert again.opened == 0 and same(rows, one_by_one(tmp_path))
 
     generate(tmp_path, "a", range(200, 203))  # new trials
-    update_evaluation(str(tmp_path), "a", "t00005", {"metrics": {"test_acc": 0.5}, "eval_split": "test", "eval_suite": "default"})  # rewritten
+    update_evaluation(
+        str(tmp_path), "a", "t00005", {"metrics": {"test_acc": 0.5}, "eval_split": "test", "eval_suite": "default"}
+    )  # rewritten
     (tmp_path / "b" / "leaderboard" / "t00150.parquet").unlink()  # deleted
     (tmp_path / "b" / "leaderboard" / "broken.parquet").write_bytes(b"PAR1 not really")  # corrupt
     changed, rows = indexed(tmp_path)  # 3 new, 1 rewritten, 1 corrupt: opened; the other 198 from the index

@@ -194,8 +194,9 @@ def test_adaface_margin_adapts_to_the_feature_norm() -> None:
         loss.batch_mean.fill_(4.0)
         loss.batch_std.fill_(2.0)
     # Same cosine, same label; only the norm differs (2: low quality, 6: high quality).
-    logits = loss.margin_logits(torch.tensor([[0.7, 0.1], [0.7, 0.1]]), torch.tensor([0, 0]),
-                                norms=torch.tensor([2.0, 6.0]))  # fmt: skip
+    logits = loss.margin_logits(
+        torch.tensor([[0.7, 0.1], [0.7, 0.1]]), torch.tensor([0, 0]), norms=torch.tensor([2.0, 6.0])
+    )
     expected, margins = [], []
     for norm in (2.0, 6.0):
         norm_hat = max(-1.0, min(1.0, h * (norm - 4.0) / (2.0 + eps)))

@@ -24,7 +24,12 @@ def test_every_registered_model_has_timm_interface(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "stem"),
-    [("resnet18", "conv1"), ("densenet121", "features.conv0"), ("efficientnet_b0", "conv_stem"), ("mobilenetv3_small_050", "conv_stem")],
+    [
+        ("resnet18", "conv1"),
+        ("densenet121", "features.conv0"),
+        ("efficientnet_b0", "conv_stem"),
+        ("mobilenetv3_small_050", "conv_stem"),
+    ],
 )
 def test_cnn_small_input_stem_keeps_resolution(name: str, stem: str) -> None:
     model = create_model(ModelConfig(name=name), CIFAR)
@@ -110,12 +115,14 @@ def test_an_adapter_trains_only_itself_and_the_classifier(tmp_path: Path, adapte
     from raycls.train.loop import load_data
     from raycls.train.steps import seed_everything
 
-    config = TrialConfig.model_validate({
-        "data": {"name": "digits", "val_fraction": 0.2, "train_subset": 256},
-        "model": {"name": "vit_tiny_patch16_224", "adapter": adapter},
-        "train": {"epochs": 1, "batch_size": 64, "optimizer": "adamw", "lr": 1e-2},
-        "eval": {"on": "none"},
-    })  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits", "val_fraction": 0.2, "train_subset": 256},
+            "model": {"name": "vit_tiny_patch16_224", "adapter": adapter},
+            "train": {"epochs": 1, "batch_size": 64, "optimizer": "adamw", "lr": 1e-2},
+            "eval": {"on": "none"},
+        }
+    )
     seed_everything(config.seed)
     start = create_model(config.model, load_data(config).spec)
     initial = {k: v.clone() for k, v in start.state_dict().items()}
@@ -136,15 +143,25 @@ def test_adapter_errors_name_the_key() -> None:
     with pytest.raises(ValidationError, match="unknown adapter 'dora'; known: ia3, lora"):
         ModelConfig(name="vit_tiny_patch16_224", adapter={"type": "dora"})
     with pytest.raises(RayclsError, match="model.adapter.targets: .*linear layers are named: .*qkv"):
-        create_model(ModelConfig(name="vit_tiny_patch16_224", adapter={"targets": ["query"]}), InputSpec(num_classes=10, in_chans=3, image_size=32))
+        create_model(
+            ModelConfig(name="vit_tiny_patch16_224", adapter={"targets": ["query"]}),
+            InputSpec(num_classes=10, in_chans=3, image_size=32),
+        )
 
 
-@pytest.mark.parametrize(("in_chans", "size", "params"), [(1, 28, 709_510), (3, 32, 17_632_506)], ids=["mnist", "cifar10"])
+@pytest.mark.parametrize(
+    ("in_chans", "size", "params"), [(1, 28, 709_510), (3, 32, 17_632_506)], ids=["mnist", "cifar10"]
+)
 def test_adaptive_cnn_has_the_seeds_layout_for_each_dataset(in_chans: int, size: int, params: int) -> None:
     """AdaptiveCNN picks its layout from the data: the seed's 709K-parameter MNIST network and its 17.6M
     CIFAR-10 one (residual blocks with squeeze-and-excitation, a two-layer classifier)."""
-    model = create_model(ModelConfig(name="adaptive_cnn", drop_rate=0.3), InputSpec(num_classes=10, in_chans=in_chans, image_size=size))
+    model = create_model(
+        ModelConfig(name="adaptive_cnn", drop_rate=0.3), InputSpec(num_classes=10, in_chans=in_chans, image_size=size)
+    )
     assert sum(p.numel() for p in model.parameters()) == params
     x = torch.randn(2, in_chans, size, size)
-    assert model(x).shape == (2, 10) and model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
+    assert model(x).shape == (2, 10) and model.forward_head(model.forward_features(x), pre_logits=True).shape == (
+        2,
+        model.num_features,
+    )
     assert model.neck[-1].p == 0.3

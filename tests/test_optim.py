@@ -59,8 +59,14 @@ def test_sam_undoes_its_climb_before_the_step() -> None:
     before = [p.detach().clone() for p in model.parameters()]
     config = TrainConfig(optimizer="sgd", lr=1e-12, momentum=0.0, weight_decay=0.0, epochs=1, sam={"rho": 0.5})
     optimizer = create_optimizer(config, model)
-    train_step(model, lambda m, b: (torch.nn.functional.mse_loss(m(b[0]), b[1]), {}), batch, optimizer,
-               create_lr_schedule(config, optimizer, 1), StepPolicy.resolve(config, torch.device("cpu")))  # fmt: skip
+    train_step(
+        model,
+        lambda m, b: (torch.nn.functional.mse_loss(m(b[0]), b[1]), {}),
+        batch,
+        optimizer,
+        create_lr_schedule(config, optimizer, 1),
+        StepPolicy.resolve(config, torch.device("cpu")),
+    )
     for old, new in zip(before, model.parameters()):
         torch.testing.assert_close(new.detach(), old, atol=1e-6, rtol=0)
 

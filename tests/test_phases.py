@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from raycls.config import TrialConfig
 from pydantic import ValidationError
 
+from raycls.config import TrialConfig
 from raycls.errors import CheckpointError, ConfigError
 from raycls.losses import LOSSES, MarginLoss
 from raycls.train import run_local
@@ -19,11 +18,14 @@ MARGIN_LOSSES = [n for n in LOSSES.names() if issubclass(LOSSES.get(n), MarginLo
 
 
 def metric_config(loss: str, **phase) -> TrialConfig:
-    return TrialConfig.model_validate({
-        "data": {"name": "digits", "val_fraction": 0.2}, "model": {"width": 16},
-        "phase": {"name": "metric", "loss": loss, "margin_warmup_steps": 50, **phase},
-        "train": {"epochs": 4, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 1},
-    })  # fmt: skip
+    return TrialConfig.model_validate(
+        {
+            "data": {"name": "digits", "val_fraction": 0.2},
+            "model": {"width": 16},
+            "phase": {"name": "metric", "loss": loss, "margin_warmup_steps": 50, **phase},
+            "train": {"epochs": 4, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 1},
+        }
+    )
 
 
 @pytest.mark.slow
@@ -48,11 +50,15 @@ def test_metric_phase_config_errors(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_supcon_pretraining_clusters_digits(tmp_path: Path) -> None:
-    config = TrialConfig.model_validate({
-        "data": {"name": "digits", "val_fraction": 0.2}, "model": {"width": 16},
-        "phase": {"name": "supcon", "temperature": 0.1}, "augment": {"random_crop": 1},
-        "train": {"epochs": 4, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 1},
-    })  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits", "val_fraction": 0.2},
+            "model": {"width": 16},
+            "phase": {"name": "supcon", "temperature": 0.1},
+            "augment": {"random_crop": 1},
+            "train": {"epochs": 4, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 1},
+        }
+    )
     summary = run_local(config, tmp_path, metric="val_knn_acc", device=torch.device("cpu"))
     history = [h["train_loss"] for h in json.loads((tmp_path / "metrics.json").read_text())["history"]]
     assert history[-1] < history[0]
@@ -61,8 +67,11 @@ def test_supcon_pretraining_clusters_digits(tmp_path: Path) -> None:
     assert any(k.startswith("backbone.") for k in state) and any(k.startswith("projection.") for k in state)
 
 
-DIGITS = {"data": {"name": "digits", "val_fraction": 0.2}, "model": {"width": 8},
-          "train": {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3}}  # fmt: skip
+DIGITS = {
+    "data": {"name": "digits", "val_fraction": 0.2},
+    "model": {"width": 8},
+    "train": {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3},
+}
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +90,9 @@ def distill(tmp_path: Path, **phase) -> tuple[dict, Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize("kd", ["soft_kd", "hard_kd"])
 def test_distill_from_a_teacher_checkpoint_keeps_the_teacher_frozen(teacher: Path, tmp_path: Path, kd: str) -> None:
-    best, weights = distill(tmp_path, teacher=str(teacher), teacher_model={"name": "small_cnn", "width": 16},
-                            kd=kd, alpha_schedule="cosine")  # fmt: skip
+    best, weights = distill(
+        tmp_path, teacher=str(teacher), teacher_model={"name": "small_cnn", "width": 16}, kd=kd, alpha_schedule="cosine"
+    )
     assert best["val_acc"] > 0.8
     state = torch.load(weights, weights_only=True)
     original = torch.load(teacher / "model.pt", weights_only=True)
@@ -107,20 +117,35 @@ def test_distill_teacher_errors(teacher: Path, tmp_path: Path) -> None:
 
 def test_teacher_reference_resolves_to_the_best_trials_checkpoint(teacher: Path, tmp_path: Path) -> None:
     from raycls.config import load_experiment
-    from raycls.results import TrialRecord, write_trial
     from raycls.references import resolve_references
+    from raycls.results import TrialRecord, write_trial
 
     storage = str(tmp_path / "results")
     teacher_config = TrialConfig.model_validate({**DIGITS, "model": {"width": 16}})
-    for trial_id, status, acc, checkpoint in [("good", "completed", 0.95, str(teacher)),
-                                              ("better-but-stopped", "early_stopped", 0.99, "/nowhere"),
-                                              ("worse", "completed", 0.5, "/elsewhere")]:  # fmt: skip
-        write_trial(storage, TrialRecord(
-            experiment="teachers", trial_id=trial_id, status=status, metric="val_acc", mode="max", params={},
-            param_types={}, history=[{"epoch": 1, "val_acc": acc}], checkpoint=checkpoint,
-            config_json=teacher_config.to_json()))  # fmt: skip
+    for trial_id, status, acc, checkpoint in [
+        ("good", "completed", 0.95, str(teacher)),
+        ("better-but-stopped", "early_stopped", 0.99, "/nowhere"),
+        ("worse", "completed", 0.5, "/elsewhere"),
+    ]:
+        write_trial(
+            storage,
+            TrialRecord(
+                experiment="teachers",
+                trial_id=trial_id,
+                status=status,
+                metric="val_acc",
+                mode="max",
+                params={},
+                param_types={},
+                history=[{"epoch": 1, "val_acc": acc}],
+                checkpoint=checkpoint,
+                config_json=teacher_config.to_json(),
+            ),
+        )
     space = tmp_path / "distill.yaml"
-    space.write_text(json.dumps({"base": {**DIGITS, "phase": {"name": "distill", "teacher": {"from": "teachers", "pick": "best"}}}}))
+    space.write_text(
+        json.dumps({"base": {**DIGITS, "phase": {"name": "distill", "teacher": {"from": "teachers", "pick": "best"}}}})
+    )
     experiment = resolve_references(load_experiment(space), storage)
     phase = experiment.base.phase
     assert phase.teacher == str(teacher) and phase.teacher_trial == "teachers/good"
@@ -165,11 +190,15 @@ def test_a_mixed_margin_loss_weighs_both_labels_by_the_mixing_ratio() -> None:
     torch.testing.assert_close(loss, expected)
 
 
-@pytest.mark.parametrize("phase", [
-    {"name": "metric", "loss": "cosface", "cutmix_alpha": 1.0},
-    {"name": "distill", "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "label_smoothing": 0.1},
-    {"name": "supervised", "mixup_alpha": 0.4, "label_smoothing": 0.1},
-], ids=["metric-cutmix", "distill-mixup-cutmix", "supervised-mixup"])  # fmt: skip
+@pytest.mark.parametrize(
+    "phase",
+    [
+        {"name": "metric", "loss": "cosface", "cutmix_alpha": 1.0},
+        {"name": "distill", "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "label_smoothing": 0.1},
+        {"name": "supervised", "mixup_alpha": 0.4, "label_smoothing": 0.1},
+    ],
+    ids=["metric-cutmix", "distill-mixup-cutmix", "supervised-mixup"],
+)
 def test_every_labelled_phase_trains_on_mixed_batches(phase: dict) -> None:
     created, model = _phase_and_model(phase)
     assert created.mixer is not None

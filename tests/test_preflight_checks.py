@@ -60,8 +60,19 @@ def test_a_search_whose_trials_all_fail_exits_1_and_says_so_last(tmp_path: Path,
     (tmp_path / "no-images").mkdir()
     init_ray(None, num_cpus=4)
     try:
-        code = exit_code(["tune", str(space), "--storage", str(tmp_path / "results"), "--no-report",
-                          "--set", "data.name=folder", "--set", f"data.path={tmp_path / 'no-images'}"])  # fmt: skip
+        code = exit_code(
+            [
+                "tune",
+                str(space),
+                "--storage",
+                str(tmp_path / "results"),
+                "--no-report",
+                "--set",
+                "data.name=folder",
+                "--set",
+                f"data.path={tmp_path / 'no-images'}",
+            ]
+        )
     finally:
         ray.shutdown()
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
@@ -90,7 +101,9 @@ def test_a_relative_data_path_is_read_under_raycls_data_when_set(tmp_path: Path,
     assert load_experiment(absolute).base.data.path == str(tmp_path / "datasets")  # absolute: as it is
 
 
-def test_a_missing_data_path_exits_2_before_any_trial_naming_file_key_and_path(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_a_missing_data_path_exits_2_before_any_trial_naming_file_key_and_path(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
     monkeypatch.delenv("RAYCLS_DATA", raising=False)
     space = write_yaml(tmp_path / "s.yaml", DIGITS.replace("name: digits", "name: folder, path: missing-images"))
     started = time.perf_counter()
@@ -101,7 +114,9 @@ def test_a_missing_data_path_exits_2_before_any_trial_naming_file_key_and_path(t
     assert not (tmp_path / "results").exists()  # refused before Ray, before any trial
 
 
-def test_the_shipped_imagenette_space_finds_its_data_under_raycls_data(shared_data: Path, monkeypatch, tmp_path: Path) -> None:
+def test_the_shipped_imagenette_space_finds_its_data_under_raycls_data(
+    shared_data: Path, monkeypatch, tmp_path: Path
+) -> None:
     """A fresh clone anywhere: RAYCLS_DATA names the datasets' folder, the space names its dataset in it."""
     monkeypatch.setenv("RAYCLS_DATA", str(shared_data))
     monkeypatch.chdir(tmp_path)
@@ -113,8 +128,9 @@ def test_the_shipped_imagenette_space_finds_its_data_under_raycls_data(shared_da
 def test_a_model_that_cannot_take_the_image_size_is_refused_with_the_fix(tmp_path: Path, capsys) -> None:
     """EVA-02 is built for 224 px (patch 14): on 8 px digits it would trace back inside timm in every trial."""
     space = write_yaml(tmp_path / "tiny.yaml", DIGITS)
-    code = exit_code(["tune", str(space), "--storage", str(tmp_path / "results"),
-                      "--set", "model.name=eva02_tiny_patch14_224"])  # fmt: skip
+    code = exit_code(
+        ["tune", str(space), "--storage", str(tmp_path / "results"), "--set", "model.name=eva02_tiny_patch14_224"]
+    )
     message = said(capsys)
     assert code == 2 and str(space) in message and "model.name: eva02_tiny_patch14_224 cannot take 8 px" in message
     assert "data.image_size: 224" in message and "Traceback" not in message
@@ -122,7 +138,11 @@ def test_a_model_that_cannot_take_the_image_size_is_refused_with_the_fix(tmp_pat
 
 
 def test_each_choice_of_model_name_is_checked_and_img_size_is_offered_where_it_builds(tmp_path: Path) -> None:
-    space = write_yaml(tmp_path / "s.yaml", DIGITS.replace("name: digits", "name: cifar10") + "  model.name: {type: choice, values: [small_cnn, swinv2_cr_tiny_ns_224]}\n")
+    space = write_yaml(
+        tmp_path / "s.yaml",
+        DIGITS.replace("name: digits", "name: cifar10")
+        + "  model.name: {type: choice, values: [small_cnn, swinv2_cr_tiny_ns_224]}\n",
+    )
     with pytest.raises(ConfigError) as info:
         prepare_experiment(space, environment=False)
     [problem] = info.value.problems
@@ -142,15 +162,27 @@ def empty_weight_caches(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
 
-def test_teacher_weights_missing_offline_name_the_teachers_key_at_once(tmp_path: Path, capsys, empty_weight_caches) -> None:
-    space = write_yaml(tmp_path / "kd.yaml", DIGITS.replace("  eval: {on: none}", """  eval: {on: none}
-  phase: {name: distill, teacher_model: {name: resnet18, pretrained: true}}"""))
+def test_teacher_weights_missing_offline_name_the_teachers_key_at_once(
+    tmp_path: Path, capsys, empty_weight_caches
+) -> None:
+    space = write_yaml(
+        tmp_path / "kd.yaml",
+        DIGITS.replace(
+            "  eval: {on: none}",
+            """  eval: {on: none}
+  phase: {name: distill, teacher_model: {name: resnet18, pretrained: true}}""",
+        ),
+    )
     started = time.perf_counter()
     code = exit_code(["tune", str(space), "--storage", str(tmp_path / "results")])
     message = said(capsys)
     assert code == 2 and time.perf_counter() - started < 20, message  # no network retries
     assert "phase.teacher_model.pretrained: the weights of resnet18" in message and str(space) in message
-    assert "HF_HOME" in message and "pretrained: false" in message and not re.search(r"(?<!teacher_)model\.pretrained", message)
+    assert (
+        "HF_HOME" in message
+        and "pretrained: false" in message
+        and not re.search(r"(?<!teacher_)model\.pretrained", message)
+    )
 
 
 def test_weights_in_the_hugging_face_cache_are_found(tmp_path: Path, empty_weight_caches) -> None:
@@ -168,12 +200,17 @@ def test_weights_in_the_hugging_face_cache_are_found(tmp_path: Path, empty_weigh
 
 
 # -------------------------------------------------------------------- 11: every problem at once, true hints
-def test_space_validate_lists_a_bad_field_and_a_condition_on_an_unknown_parameter_together(tmp_path: Path, capsys) -> None:
-    space = write_yaml(tmp_path / "s.yaml", """
+def test_space_validate_lists_a_bad_field_and_a_condition_on_an_unknown_parameter_together(
+    tmp_path: Path, capsys
+) -> None:
+    space = write_yaml(
+        tmp_path / "s.yaml",
+        """
 space:
   train.lr: {type: loguniform, low: -1.0, high: 1.0e-1}
   train.momentum: {type: uniform, low: 0.8, high: 0.99, when: {train.optimizr: sgd}}
-""")
+""",
+    )
     assert exit_code(["space", "validate", str(space)]) == 2
     message = said(capsys)
     assert "2 problems" in message and "space.train.lr: loguniform needs low > 0" in message
@@ -185,7 +222,9 @@ def test_an_ood_set_of_other_channels_suggests_only_registered_sets() -> None:
     from raycls.evaluate.suite import GENERATED_OOD, registered_set
 
     # The evaluation's part registered_set reads: 3-channel test images (digits are 1-channel).
-    evaluation = SimpleNamespace(test=SimpleNamespace(images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8)), data_config=None)
+    evaluation = SimpleNamespace(
+        test=SimpleNamespace(images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8)), data_config=None
+    )
     with pytest.raises(ConfigError) as info:
         registered_set(evaluation, "digits", what="eval.ood: digits")
     message = str(info.value)
@@ -213,7 +252,10 @@ def test_a_grid_search_tells_its_last_point_without_study_stop() -> None:
 def test_kaleidos_bare_error_gets_a_reason() -> None:
     from raycls.report.page import error_reason
 
-    assert error_reason(RuntimeError()) == "RuntimeError without a message; usually no Chrome or Chromium that kaleido can start"
+    assert (
+        error_reason(RuntimeError())
+        == "RuntimeError without a message; usually no Chrome or Chromium that kaleido can start"
+    )
     try:
         try:
             raise ValueError("browser closed")
@@ -229,12 +271,25 @@ def test_the_final_table_in_a_log_keeps_each_trial_on_one_line(capsys) -> None:
     from raycls.results.leaderboard import ReadResult
 
     n = 3
-    columns = {"experiment": ["quickstart-with-a-long-name"] * n, "trial_id": [f"trial_{i:05d}" for i in range(n)],
-               "status": ["completed"] * n, "phase": ["supcon>arcface>distill"] * n, "score": [0.91, 0.82, 0.73],
-               "val_acc": [0.91, 0.82, 0.73], "val_loss": [0.3] * n, "test_acc": [0.9] * n, "test_ece": [0.05] * n,
-               "epochs": [10] * n, "wall_s": [123.4] * n, "train.lr": [0.001234] * n, "train.weight_decay": [0.0005] * n,
-               "model.name": ["efficientnet_b0_with_a_long_name"] * n, "augment.randaugment_magnitude": [9] * n,
-               "phase.label_smoothing": [0.1] * n, "train.optimizer": ["adamw"] * n}  # fmt: skip
+    columns = {
+        "experiment": ["quickstart-with-a-long-name"] * n,
+        "trial_id": [f"trial_{i:05d}" for i in range(n)],
+        "status": ["completed"] * n,
+        "phase": ["supcon>arcface>distill"] * n,
+        "score": [0.91, 0.82, 0.73],
+        "val_acc": [0.91, 0.82, 0.73],
+        "val_loss": [0.3] * n,
+        "test_acc": [0.9] * n,
+        "test_ece": [0.05] * n,
+        "epochs": [10] * n,
+        "wall_s": [123.4] * n,
+        "train.lr": [0.001234] * n,
+        "train.weight_decay": [0.0005] * n,
+        "model.name": ["efficientnet_b0_with_a_long_name"] * n,
+        "augment.randaugment_magnitude": [9] * n,
+        "phase.label_smoothing": [0.1] * n,
+        "train.optimizer": ["adamw"] * n,
+    }
     _print_leaderboard(ReadResult(pa.table(columns)), "val_acc", True, 5)
     lines = capsys.readouterr().out.splitlines()
     for i in range(n):

@@ -23,12 +23,52 @@ from raycls.tune.live import LiveTable
 
 # A two-stage chain (CNN teacher -> DeiT student): the teacher reaches 0.94, the student only 0.23 / 0.25.
 CHAIN = [
-    {"epoch": 1, "val_acc": 0.90, "val_loss": 0.3, "trainable_params": 17e6, "stage": "cnn", "stage_index": 0, "stage_count": 2},
-    {"epoch": 2, "val_acc": 0.94, "val_loss": 0.2, "trainable_params": 17e6, "stage": "cnn", "stage_index": 0, "stage_count": 2},
-    {"epoch": 3, "val_acc": 0.23, "val_loss": 2.1, "trainable_params": 3e6, "stage": "deit", "stage_index": 1, "stage_count": 2},
-    {"epoch": 4, "val_acc": 0.25, "val_loss": 2.0, "trainable_params": 3e6, "stage": "deit", "stage_index": 1, "stage_count": 2},
-    {"epoch": 5, "val_acc": 0.24, "val_loss": 2.2, "trainable_params": 3e6, "stage": "deit", "stage_index": 1, "stage_count": 2},
-]  # fmt: skip
+    {
+        "epoch": 1,
+        "val_acc": 0.90,
+        "val_loss": 0.3,
+        "trainable_params": 17e6,
+        "stage": "cnn",
+        "stage_index": 0,
+        "stage_count": 2,
+    },
+    {
+        "epoch": 2,
+        "val_acc": 0.94,
+        "val_loss": 0.2,
+        "trainable_params": 17e6,
+        "stage": "cnn",
+        "stage_index": 0,
+        "stage_count": 2,
+    },
+    {
+        "epoch": 3,
+        "val_acc": 0.23,
+        "val_loss": 2.1,
+        "trainable_params": 3e6,
+        "stage": "deit",
+        "stage_index": 1,
+        "stage_count": 2,
+    },
+    {
+        "epoch": 4,
+        "val_acc": 0.25,
+        "val_loss": 2.0,
+        "trainable_params": 3e6,
+        "stage": "deit",
+        "stage_index": 1,
+        "stage_count": 2,
+    },
+    {
+        "epoch": 5,
+        "val_acc": 0.24,
+        "val_loss": 2.2,
+        "trainable_params": 3e6,
+        "stage": "deit",
+        "stage_index": 1,
+        "stage_count": 2,
+    },
+]
 
 
 def test_a_chain_is_judged_by_its_last_stage() -> None:
@@ -45,15 +85,23 @@ def test_ties_go_to_the_later_epoch_and_the_earlier_trial() -> None:
     ranking = Ranking.of("val_loss")
     history = [{"epoch": 1, "val_loss": 0.5}, {"epoch": 2, "val_loss": 0.4}, {"epoch": 3, "val_loss": 0.4}]
     assert ranking.best_epoch(history)["epoch"] == 3  # as Ray's checkpoint manager keeps the later
-    rows = [{"trial_id": "a", "score": 0.4}, {"trial_id": "b", "score": None}, {"trial_id": "c", "score": 0.4},
-            {"trial_id": "d", "score": 0.1}]  # fmt: skip
+    rows = [
+        {"trial_id": "a", "score": 0.4},
+        {"trial_id": "b", "score": None},
+        {"trial_id": "c", "score": 0.4},
+        {"trial_id": "d", "score": 0.1},
+    ]
     assert [r["trial_id"] for r in ranking.sort(rows)] == ["d", "a", "c", "b"]
     assert [r["trial_id"] for r in Ranking.of("val_acc").sort(rows)] == ["a", "c", "d", "b"]
 
 
 def test_pick_best_top_and_id() -> None:
-    rows = [{"trial_id": "a", "status": "completed", "score": 0.7}, {"trial_id": "b", "status": "early_stopped", "score": 0.9},
-            {"trial_id": "c", "status": "completed", "score": 0.8}, {"trial_id": "d", "status": "failed", "score": None}]  # fmt: skip
+    rows = [
+        {"trial_id": "a", "status": "completed", "score": 0.7},
+        {"trial_id": "b", "status": "early_stopped", "score": 0.9},
+        {"trial_id": "c", "status": "completed", "score": 0.8},
+        {"trial_id": "d", "status": "failed", "score": None},
+    ]
     ranking = Ranking.of("val_acc", "max")
     assert [r["trial_id"] for r in ranking.pick(rows, "best")] == ["c"]  # early-stopped trials are never "best"
     assert [r["trial_id"] for r in ranking.pick(rows, "top:5")] == ["c", "a"]
@@ -64,17 +112,36 @@ def test_pick_best_top_and_id() -> None:
 
 
 def test_a_trial_cut_before_its_last_stage_has_no_score() -> None:
-    record = TrialRecord(experiment="e", trial_id="t", status="early_stopped", metric="val_acc", mode="max",
-                         params={}, param_types={}, history=CHAIN[:2])  # fmt: skip
+    record = TrialRecord(
+        experiment="e",
+        trial_id="t",
+        status="early_stopped",
+        metric="val_acc",
+        mode="max",
+        params={},
+        param_types={},
+        history=CHAIN[:2],
+    )
     row = record.to_table().to_pylist()[0]
     assert row["score"] is None and row["best_epoch"] is None and row["val_loss"] == 0.2
 
 
 def test_the_history_keeps_metrics_that_appear_late() -> None:
-    history = [{"epoch": 1, "val_knn_acc": 0.5}, {"epoch": 2, "val_knn_acc": 0.6},
-               {"epoch": 3, "val_acc": 0.7, "val_loss": 1.0, "val_acc_swa": 0.72}]  # fmt: skip
-    record = TrialRecord(experiment="e", trial_id="t", status="completed", metric="val_knn_acc", mode="max",
-                         params={}, param_types={}, history=history)  # fmt: skip
+    history = [
+        {"epoch": 1, "val_knn_acc": 0.5},
+        {"epoch": 2, "val_knn_acc": 0.6},
+        {"epoch": 3, "val_acc": 0.7, "val_loss": 1.0, "val_acc_swa": 0.72},
+    ]
+    record = TrialRecord(
+        experiment="e",
+        trial_id="t",
+        status="completed",
+        metric="val_knn_acc",
+        mode="max",
+        params={},
+        param_types={},
+        history=history,
+    )
     table = record.history_table()
     assert {"val_knn_acc", "val_acc", "val_loss", "val_acc_swa"} <= set(table.column_names)
     assert table.column("val_acc").to_pylist() == [None, None, 0.7]
@@ -106,7 +173,9 @@ def test_a_target_is_not_reached_by_a_teacher_stage(tmp_path: Path) -> None:
     from raycls.tune.stop import SearchStopper, read_end
 
     experiment = load_experiment(Path(raycls.__file__).parents[1] / "search_spaces/quickstart.yaml", {})
-    experiment = experiment.model_copy(update={"experiment": experiment.experiment.model_copy(update={"stop": {"val_acc": 0.9}})})
+    experiment = experiment.model_copy(
+        update={"experiment": experiment.experiment.model_copy(update={"stop": {"val_acc": 0.9}})}
+    )
     stopper = SearchStopper(experiment, tmp_path)
     for result in CHAIN[:2]:
         stopper("t", result)
@@ -120,7 +189,9 @@ def test_asha_judges_only_the_last_stage() -> None:
 
     from raycls.search import last_stage
 
-    asha = last_stage(ASHAScheduler)(time_attr="epoch", metric="val_acc", mode="max", max_t=5, grace_period=1, reduction_factor=2)
+    asha = last_stage(ASHAScheduler)(
+        time_attr="epoch", metric="val_acc", mode="max", max_t=5, grace_period=1, reduction_factor=2
+    )
     trials = [Trial("__fake", config={}, trial_id=f"t{i}", stub=True) for i in range(3)]
     for trial in trials:
         asha.on_trial_add(None, trial)
@@ -147,8 +218,9 @@ def test_no_module_but_ranking_compares_modes() -> None:
         if path.name == "ranking.py" and path.parent == root:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in MODE_WORDS
-                                                     for c in [node.left, *node.comparators]):  # fmt: skip
+            if isinstance(node, ast.Compare) and any(
+                isinstance(c, ast.Constant) and c.value in MODE_WORDS for c in [node.left, *node.comparators]
+            ):
                 strays.append(f"{path.relative_to(root)}:{node.lineno}")
     assert strays == [], f"compare modes through raycls.ranking, not here: {strays}"
 

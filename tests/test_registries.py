@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from raycls.config import PHASE_CONFIGS, TrainConfig
-from raycls.errors import RegistryError
 from raycls import names
+from raycls.config import PHASE_CONFIGS, ModelConfig, TrainConfig
+from raycls.errors import RegistryError
 from raycls.models import InputSpec, create_model, save_weights
-from raycls.config import ModelConfig
-from raycls.phases import PHASES, create_phase
 from raycls.optim import LR_SCHEDULES, OPTIMIZERS, create_lr_schedule, create_optimizer
+from raycls.phases import PHASES, create_phase
 from raycls.registry import BUILTIN_MODULES, FAMILIES, Registry, load_builtins, load_family
 
 load_builtins()

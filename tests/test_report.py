@@ -37,14 +37,27 @@ def write_chain_rows(storage: Path, tmp_path: Path) -> None:
     experiment = load_experiment(write_yaml(tmp_path / "chain.yaml", CHAIN))
     write_space_as_run(experiment, str(storage))
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    for i, (status, supcon, arcface) in enumerate([("completed", 0.8, 0.9), ("completed", 0.7, 0.85), ("early_stopped", 0.5, None)]):
+    for i, (status, supcon, arcface) in enumerate(
+        [("completed", 0.8, 0.9), ("completed", 0.7, 0.85), ("early_stopped", 0.5, None)]
+    ):
         history = [{"epoch": e, "val_acc": 0.1 * e, "supcon.val_knn_acc": supcon} for e in (1, 2, 3)]
         if arcface is not None:
             history[-1]["arcface.val_acc"] = arcface
-        write_trial(str(storage), TrialRecord(
-            experiment="chain", trial_id=f"t{i}", status=status, metric="val_acc", mode="max",
-            params={"train.lr": 0.01 * (i + 1)}, param_types={"train.lr": pa.float64()}, history=history,
-            started_at=start + timedelta(minutes=i), ended_at=start + timedelta(minutes=i + 1)))  # fmt: skip
+        write_trial(
+            str(storage),
+            TrialRecord(
+                experiment="chain",
+                trial_id=f"t{i}",
+                status=status,
+                metric="val_acc",
+                mode="max",
+                params={"train.lr": 0.01 * (i + 1)},
+                param_types={"train.lr": pa.float64()},
+                history=history,
+                started_at=start + timedelta(minutes=i),
+                ended_at=start + timedelta(minutes=i + 1),
+            ),
+        )
 
 
 def test_a_chain_gets_a_section_with_each_stage_per_trial(tmp_path: Path) -> None:
@@ -83,24 +96,44 @@ def test_a_zoo_gets_its_models_compared(tmp_path: Path) -> None:
     """A categorical parameter (model.name) is compared value by value: each value's best trial, with its
     held-out metrics; a failed trial's value does not appear."""
     storage = tmp_path / "results"
-    experiment = load_experiment(write_yaml(tmp_path / "zoo.yaml", """
+    experiment = load_experiment(
+        write_yaml(
+            tmp_path / "zoo.yaml",
+            """
 experiment: {name: zoo, trials: 4, metric: val_acc}
 search: {algorithm: grid}
 scheduler: {name: fifo}
 base: {data: {name: digits}}
 space:
   model.name: {type: choice, values: [resnet18, small_cnn, adaptive_cnn]}
-"""))
+""",
+        )
+    )
     write_space_as_run(experiment, str(storage))
     start = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    trials = [("resnet18", 0.90, 0.88, "completed"), ("resnet18", 0.95, 0.93, "completed"),
-              ("small_cnn", 0.80, 0.79, "completed"), ("adaptive_cnn", 0.5, None, "failed")]  # fmt: skip
+    trials = [
+        ("resnet18", 0.90, 0.88, "completed"),
+        ("resnet18", 0.95, 0.93, "completed"),
+        ("small_cnn", 0.80, 0.79, "completed"),
+        ("adaptive_cnn", 0.5, None, "failed"),
+    ]
     for i, (model, val, test, status) in enumerate(trials):
-        write_trial(str(storage), TrialRecord(
-            experiment="zoo", trial_id=f"t{i}", status=status, metric="val_acc", mode="max",
-            params={"model.name": model}, param_types={"model.name": pa.string()}, history=[{"epoch": 1, "val_acc": val}],
-            evaluation={"metrics": {"test_acc": test}} if test is not None else {},
-            started_at=start + timedelta(minutes=i), ended_at=start + timedelta(minutes=i + 1)))  # fmt: skip
+        write_trial(
+            str(storage),
+            TrialRecord(
+                experiment="zoo",
+                trial_id=f"t{i}",
+                status=status,
+                metric="val_acc",
+                mode="max",
+                params={"model.name": model},
+                param_types={"model.name": pa.string()},
+                history=[{"epoch": 1, "val_acc": val}],
+                evaluation={"metrics": {"test_acc": test}} if test is not None else {},
+                started_at=start + timedelta(minutes=i),
+                ended_at=start + timedelta(minutes=i + 1),
+            ),
+        )
     sections = {s.name: s for s in build_sections(load_report_data(str(storage), "zoo"))}
     bars = {t.name: dict(zip(t.x, t.y)) for t in sections["choices"].figure.data}
     assert bars["val_acc"] == {"resnet18": 0.95, "small_cnn": 0.80}  # each model's best trial; the failed one left out

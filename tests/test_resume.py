@@ -69,10 +69,12 @@ def test_reconcile_gives_optuna_trials_their_rows_states(tmp_path: Path) -> None
         trial.set_user_attr(TRIAL_ID_ATTR, name)
         trial.report(0.5, 1)
     study.tell(asked["told"], 0.7)  # told before the kill: left as it is
-    rows = [{"trial_id": "done", "status": "completed", "score": 0.9},
-            {"trial_id": "stopped", "status": "early_stopped", "score": 0.4},
-            {"trial_id": "broke", "status": "failed", "score": None},
-            {"trial_id": "told", "status": "completed", "score": 0.7}]  # fmt: skip
+    rows = [
+        {"trial_id": "done", "status": "completed", "score": 0.9},
+        {"trial_id": "stopped", "status": "early_stopped", "score": 0.4},
+        {"trial_id": "broke", "status": "failed", "score": None},
+        {"trial_id": "told", "status": "completed", "score": 0.7},
+    ]
     told = reconcile_study(study, rows)
     states = {t.user_attrs[TRIAL_ID_ATTR]: t for t in study.trials}
     assert states["done"].state == TrialState.COMPLETE and states["done"].value == 0.9
@@ -92,8 +94,10 @@ def test_a_trial_optuna_closed_before_the_kill_may_report_again(tmp_path: Path) 
     from raycls.tune.searcher import create_searcher
 
     space = tmp_path / "told.yaml"
-    space.write_text("experiment: {name: told}\nbase: {data: {name: digits}}\n"
-                     "space: {train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}}\n")  # fmt: skip
+    space.write_text(
+        "experiment: {name: told}\nbase: {data: {name: digits}}\n"
+        "space: {train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}}\n"
+    )
     searcher = create_searcher(load_experiment(space), tmp_path, None)
     assert searcher.suggest("t1") is not None
     result = {"val_acc": 0.8, "epoch": 2, "max_epochs": 2, "training_iteration": 2}

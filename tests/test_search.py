@@ -18,18 +18,17 @@ import torch
 from optuna.trial import TrialState
 from torch import nn
 
+from raycls import names
 from raycls.cli import main
 from raycls.config import load_experiment
-from raycls.errors import ConfigError
-from raycls import names
 from raycls.evaluate.cost import measure_cost
 from raycls.prepare import prepare_experiment
 from raycls.report.data import load_report_data
 from raycls.report.figures import pareto as pareto_section
 from raycls.results import read_leaderboard
 from raycls.results.pareto import mark_pareto, non_dominated_ranks
-from raycls.tune.driver import TuneOptions, run_tune
 from raycls.storage import journal_file
+from raycls.tune.driver import TuneOptions, run_tune
 from raycls.tune.searcher import create_searcher, open_study_storage
 
 from .conftest import write_yaml
@@ -60,14 +59,46 @@ def test_non_dominated_ranks_peel_fronts() -> None:
 
 
 def test_pareto_columns_per_experiment_completed_rows_only() -> None:
-    table = pa.Table.from_pylist([
-        {"experiment": "a", "status": "completed", "objectives": "test_acc:max,params:min", "test_acc": 0.9, "params": 100.0},
-        {"experiment": "a", "status": "completed", "objectives": "test_acc:max,params:min", "test_acc": 0.8, "params": 50.0},
-        {"experiment": "a", "status": "completed", "objectives": "test_acc:max,params:min", "test_acc": 0.7, "params": 60.0},
-        {"experiment": "a", "status": "early_stopped", "objectives": "test_acc:max,params:min", "test_acc": None, "params": None},
-        {"experiment": "b", "status": "completed", "objectives": "test_acc:max,params:min", "test_acc": 0.5, "params": 10.0},
-        {"experiment": "c", "status": "completed", "objectives": None, "test_acc": 0.99, "params": 1.0},
-    ])  # fmt: skip
+    table = pa.Table.from_pylist(
+        [
+            {
+                "experiment": "a",
+                "status": "completed",
+                "objectives": "test_acc:max,params:min",
+                "test_acc": 0.9,
+                "params": 100.0,
+            },
+            {
+                "experiment": "a",
+                "status": "completed",
+                "objectives": "test_acc:max,params:min",
+                "test_acc": 0.8,
+                "params": 50.0,
+            },
+            {
+                "experiment": "a",
+                "status": "completed",
+                "objectives": "test_acc:max,params:min",
+                "test_acc": 0.7,
+                "params": 60.0,
+            },
+            {
+                "experiment": "a",
+                "status": "early_stopped",
+                "objectives": "test_acc:max,params:min",
+                "test_acc": None,
+                "params": None,
+            },
+            {
+                "experiment": "b",
+                "status": "completed",
+                "objectives": "test_acc:max,params:min",
+                "test_acc": 0.5,
+                "params": 10.0,
+            },
+            {"experiment": "c", "status": "completed", "objectives": None, "test_acc": 0.99, "params": 1.0},
+        ]
+    )
     marked = mark_pareto(table).to_pylist()
     assert [r["pareto"] for r in marked] == [True, True, False, None, True, None]
     assert [r["pareto_rank"] for r in marked] == [0, 0, 1, None, 0, None]
@@ -86,7 +117,9 @@ class Distilled(nn.Module):
 
 def test_cost_counts_what_the_prediction_uses() -> None:
     model = Distilled()
-    cost = measure_cost(model, lambda x: model.student(x), channels=3, image_size=2, batch_size=4, device=torch.device("cpu"))
+    cost = measure_cost(
+        model, lambda x: model.student(x), channels=3, image_size=2, batch_size=4, device=torch.device("cpu")
+    )
     assert cost[names.PARAMS] == 12 * 5 + 5  # the student's weight and bias; not the teacher's million
     assert cost[names.FLOPS] == 2 * 12 * 5  # one image: a multiply and an add per weight
     assert cost[names.LATENCY_MS] > 0 and cost[names.LATENCY_MS_BATCH] > 0 and cost[names.LATENCY_BATCH] == 4
@@ -100,19 +133,27 @@ def test_warm_start_keeps_the_parameters_that_still_fit(tmp_path: Path) -> None:
     8/16 (now 16/32): each old trial keeps what fits, and one with nothing left is dropped."""
     old_dir = tmp_path / "results" / "old"
     old = optuna.create_study(study_name="old", storage=open_study_storage(journal_file(old_dir)), direction="maximize")
-    distributions = {"train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
-                     "model.width": optuna.distributions.CategoricalDistribution([8, 16]),
-                     "train.momentum": optuna.distributions.FloatDistribution(0.8, 0.99)}  # fmt: skip
+    distributions = {
+        "train.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True),
+        "model.width": optuna.distributions.CategoricalDistribution([8, 16]),
+        "train.momentum": optuna.distributions.FloatDistribution(0.8, 0.99),
+    }
     for lr, width, value in [(1e-2, 16, 0.9), (1e-4, 8, 0.5), (5e-2, 8, 0.8)]:
         params = {"train.lr": lr, "model.width": width, "train.momentum": 0.9}
         old.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
-    experiment = load_experiment(write_yaml(tmp_path / "new.yaml", """
+    experiment = load_experiment(
+        write_yaml(
+            tmp_path / "new.yaml",
+            """
 experiment: {name: new, trials: 2}
 search: {warm_start: old}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}
   model.width: {type: choice, values: [16, 32]}
-""" + NO_EVAL))
+"""
+            + NO_EVAL,
+        )
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         searcher = create_searcher(experiment, tmp_path / "results" / "new", old_dir)
@@ -124,22 +165,36 @@ space:
 
 
 BAD = {
-    "unknown objective": ("experiment: {objectives: [{metric: val_acc, mode: max}, {metric: speed, mode: min}]}\n" + BASE,
-                          "experiment.objectives.1.metric: 'speed' is not reported"),
-    "held-out objective without evaluation": ("experiment: {objectives: [{metric: test_acc, mode: max}, {metric: params, mode: min}]}\n" + NO_EVAL,
-                                              "experiment.objectives.0.metric: 'test_acc' is a held-out metric, and eval.on is 'none'"),
+    "unknown objective": (
+        "experiment: {objectives: [{metric: val_acc, mode: max}, {metric: speed, mode: min}]}\n" + BASE,
+        "experiment.objectives.1.metric: 'speed' is not reported",
+    ),
+    "held-out objective without evaluation": (
+        "experiment: {objectives: [{metric: test_acc, mode: max}, {metric: params, mode: min}]}\n" + NO_EVAL,
+        "experiment.objectives.0.metric: 'test_acc' is a held-out metric, and eval.on is 'none'",
+    ),
     "one objective": ("experiment: {objectives: [{metric: val_acc, mode: max}]}\n" + BASE, "experiment.objectives"),
-    "stop on an unreported metric": ("experiment: {stop: {test_acc: 0.9}}\n" + BASE, "experiment.stop.test_acc: not reported every epoch"),
+    "stop on an unreported metric": (
+        "experiment: {stop: {test_acc: 0.9}}\n" + BASE,
+        "experiment.stop.test_acc: not reported every epoch",
+    ),
     "zero budget": ("experiment: {time_budget_s: 0}\n" + BASE, "experiment.time_budget_s"),
-    "grid over a range": ("search: {algorithm: grid}\nspace:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n" + BASE,
-                          "grid enumerates choices without `when`; not these: train.lr (loguniform)"),
-    "grid smaller than trials": ("experiment: {trials: 3}\nsearch: {algorithm: grid}\nspace:\n  model.width: {type: choice, values: [8, 16]}\n" + BASE,
-                                 "experiment.trials=3 > the grid's 2 combinations"),
-}  # fmt: skip
+    "grid over a range": (
+        "search: {algorithm: grid}\nspace:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n" + BASE,
+        "grid enumerates choices without `when`; not these: train.lr (loguniform)",
+    ),
+    "grid smaller than trials": (
+        "experiment: {trials: 3}\nsearch: {algorithm: grid}\nspace:\n  model.width: {type: choice, values: [8, 16]}\n"
+        + BASE,
+        "experiment.trials=3 > the grid's 2 combinations",
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_search_settings_exit_2_naming_the_key(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_search_settings_exit_2_naming_the_key(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     text, expected = BAD[case]
     space = write_yaml(tmp_path / "bad.yaml", text)
     with pytest.raises(SystemExit) as exited:  # refused before Ray starts: no cluster in this test
@@ -152,8 +207,10 @@ def test_bad_search_settings_exit_2_naming_the_key(case: str, tmp_path: Path, ca
 
 def test_bad_limits_on_the_command_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     space = write_yaml(tmp_path / "ok.yaml", BASE)
-    for flag, value, expected in (("--time-budget", "0", "--time-budget (experiment.time_budget_s): Input should be greater than 0"),
-                                  ("--trials", "0", "--trials (experiment.trials): Input should be greater than or equal to 1")):  # fmt: skip
+    for flag, value, expected in (
+        ("--time-budget", "0", "--time-budget (experiment.time_budget_s): Input should be greater than 0"),
+        ("--trials", "0", "--trials (experiment.trials): Input should be greater than or equal to 1"),
+    ):
         with pytest.raises(SystemExit) as exited:
             main(["tune", str(space), flag, value, "--storage", str(tmp_path / "results")])
         message = " ".join(capsys.readouterr().out.split())
@@ -161,7 +218,8 @@ def test_bad_limits_on_the_command_line_exit_2(tmp_path: Path, capsys: pytest.Ca
 
 
 # ---------------------------------------------------------------------------------------- with Ray
-MULTI = """
+MULTI = (
+    """
 experiment:
   name: front
   trials: 4
@@ -180,11 +238,15 @@ wandb: {mode: disabled}
 space:
   model.width: {type: choice, values: [4, 8, 16]}
   train.lr: {type: loguniform, low: 1.0e-5, high: 3.0e-2}
-""" + BASE
+"""
+    + BASE
+)
 
 
 @pytest.mark.slow
-def test_two_objective_search_front_and_pruned_trials(ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_two_objective_search_front_and_pruned_trials(
+    ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     storage = str(tmp_path / "results")
     experiment = prepare_experiment(load_experiment(write_yaml(tmp_path / "front.yaml", MULTI)))
     assert experiment.experiment.metric == "val_acc"  # ASHA ranks by the first objective an epoch reports
@@ -192,7 +254,9 @@ def test_two_objective_search_front_and_pruned_trials(ray_local, tmp_path: Path,
     rows = read_leaderboard(storage, "front").table.to_pylist()
     completed = [r for r in rows if r["status"] == "completed"]
     stopped = [r for r in rows if r["status"] == "early_stopped"]
-    assert len(rows) == 4 and len(completed) >= 2 and stopped, [(r["status"], r["model.width"], r["train.lr"]) for r in rows]
+    assert len(rows) == 4 and len(completed) >= 2 and stopped, [
+        (r["status"], r["model.width"], r["train.lr"]) for r in rows
+    ]
     # Every completed trial measured its own cost; the front is exactly the non-dominated completed rows.
     for row in completed:
         assert row[names.PARAMS] > 0 and row[names.FLOPS] > 0 and row[names.LATENCY_MS] > 0
@@ -228,14 +292,23 @@ def test_two_objective_search_front_and_pruned_trials(ray_local, tmp_path: Path,
         assert exited.code in (0, None)
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("experiment,trial_id,test_acc,params,pareto_rank")
-    assert sorted(line.split(",")[1] for line in out.splitlines()[1:]) == sorted(r["trial_id"] for r in completed if r["pareto"])
+    assert sorted(line.split(",")[1] for line in out.splitlines()[1:]) == sorted(
+        r["trial_id"] for r in completed if r["pareto"]
+    )
 
 
 @pytest.mark.slow
-def test_pareto_query_on_a_single_objective_experiment_exits_2(ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pareto_query_on_a_single_objective_experiment_exits_2(
+    ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     storage = str(tmp_path / "results")
-    single = load_experiment(write_yaml(tmp_path / "single.yaml", "experiment: {name: single, trials: 1}\nwandb: {mode: disabled}\n"
-                                        + NO_EVAL.replace("epochs: 3", "epochs: 1")))  # fmt: skip
+    single = load_experiment(
+        write_yaml(
+            tmp_path / "single.yaml",
+            "experiment: {name: single, trials: 1}\nwandb: {mode: disabled}\n"
+            + NO_EVAL.replace("epochs: 3", "epochs: 1"),
+        )
+    )
     run_tune(single, TuneOptions(storage=storage, live=False))
     with pytest.raises(SystemExit) as exited:
         main(["leaderboard", storage, "--pareto"])
@@ -243,14 +316,17 @@ def test_pareto_query_on_a_single_objective_experiment_exits_2(ray_local, tmp_pa
     assert exited.value.code == 2 and "--pareto:" in message and "no multi-objective experiment" in message
 
 
-BUDGET = """
+BUDGET = (
+    """
 experiment: {name: budget, trials: 40, concurrency: 1, time_budget_s: 15}
 search: {seed: 0}
 scheduler: {name: fifo}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 3.0e-2}
-""" + NO_EVAL
+"""
+    + NO_EVAL
+)
 
 
 @pytest.mark.slow
@@ -281,8 +357,14 @@ def test_time_budget_ends_the_search_and_resume_continues_it(ray_local, tmp_path
 @pytest.mark.slow
 def test_target_stops_the_search_once_reached(ray_local, tmp_path: Path) -> None:
     storage = str(tmp_path / "results")
-    experiment = load_experiment(write_yaml(tmp_path / "target.yaml", BUDGET.replace("name: budget", "name: target").replace(
-        "time_budget_s: 15", "stop: {val_acc: 0.5}").replace("epochs: 3", "epochs: 6")))  # fmt: skip
+    experiment = load_experiment(
+        write_yaml(
+            tmp_path / "target.yaml",
+            BUDGET.replace("name: budget", "name: target")
+            .replace("time_budget_s: 15", "stop: {val_acc: 0.5}")
+            .replace("epochs: 3", "epochs: 6"),
+        )
+    )
     outcome = run_tune(experiment, TuneOptions(storage=storage, live=False))
     rows = read_leaderboard(storage, "target").table.to_pylist()
     assert outcome.ended is not None and outcome.ended.reason == "target" and "val_acc" in outcome.ended.detail

@@ -83,7 +83,9 @@ def test_pipeline_twin_with_the_toolkit_options(ray_local, tmp_path: Path) -> No
     for row in rows:
         config = TrialConfig.from_json(row["config_json"])
         arcface, distill = config.stages[1], config.stages[2]
-        assert arcface.train.ema is not None and arcface.augment.randaugment is not None and distill.train.sam is not None
+        assert (
+            arcface.train.ema is not None and arcface.augment.randaugment is not None and distill.train.sam is not None
+        )
         assert distill.train.sam.rho == row["phases.distill.train.sam.rho"]
     for row in (r for r in rows if r["status"] == "completed"):
         assert row["score"] == row["distill.val_knn_acc"] and row["test_acc"] > 0.5

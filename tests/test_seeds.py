@@ -11,17 +11,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
+from raycls import names
 from raycls.cli import main
 from raycls.config import ModelConfig, TrialConfig
 from raycls.config.schema import TokenDistillConfig
 from raycls.errors import ConfigError
-from raycls import names
 from raycls.losses.tokens import match_grid, token_relation_loss, token_representation_loss
 from raycls.models import InputSpec, create_model, load_weights, save_weights
 from raycls.phases import create_phase
 from raycls.train.chain import fit
 from raycls.train.loop import RunContext
-
 from tests.conftest import Recorder, write_yaml
 
 CIFAR = InputSpec(num_classes=10, in_chans=3, image_size=32)
@@ -48,9 +47,14 @@ def test_cifar_deit_is_the_seeds_deit_tiny() -> None:
 @pytest.mark.parametrize("name", ["cifar_deit", "cifar_deit_distilled"])
 def test_class_token_dropout_reads_the_patch_token_mean(name: str) -> None:
     x = torch.randn(4, 1, 8, 8)
-    for p, expected in ((1.0, lambda f: f[:, f.shape[1] - 16:].mean(dim=1)), (0.0, lambda f: f[:, 0])):
+    for p, expected in ((1.0, lambda f: f[:, f.shape[1] - 16 :].mean(dim=1)), (0.0, lambda f: f[:, 0])):
         torch.manual_seed(0)
-        model = create_model(ModelConfig(name=name, kwargs={**TINY_VIT, "cls_token_drop": p}, inference_head="class" if "dist" in name else None), DIGITS)
+        model = create_model(
+            ModelConfig(
+                name=name, kwargs={**TINY_VIT, "cls_token_drop": p}, inference_head="class" if "dist" in name else None
+            ),
+            DIGITS,
+        )
         model.train()
         features = model.forward_features(x)
         torch.testing.assert_close(model.forward_head(features, pre_logits=True), expected(features))
@@ -64,7 +68,9 @@ def test_inference_head_chooses_class_distillation_or_mean() -> None:
     outputs = {}
     for head in ("class", "distill", "mean"):
         torch.manual_seed(0)
-        model = create_model(ModelConfig(name="cifar_deit_distilled", kwargs=TINY_VIT, inference_head=head), DIGITS).eval()
+        model = create_model(
+            ModelConfig(name="cifar_deit_distilled", kwargs=TINY_VIT, inference_head=head), DIGITS
+        ).eval()
         outputs[head] = model(x)
     features = model.forward_features(x)
     cls, dist = model.head(features[:, 0]), model.head_dist(features[:, 1])
@@ -94,11 +100,20 @@ DEIT = {"name": "cifar_deit_distilled", "kwargs": TINY_VIT}
 def test_a_cnn_teacher_stage_then_a_deit_student_is_one_trial(tmp_path: Path) -> None:
     """Seed 003's two-step job as one trial: AdaptiveCNN supervised, then a DeiT (its own `model`) distilled
     from that stage's best model through its distillation token."""
-    config = TrialConfig.model_validate({**BASE, "phases": [
-        {"name": "cnn", "phase": {"name": "supervised"}},
-        {"name": "deit", "model": DEIT, "train": {"epochs": 3, "lr": 1e-2},
-         "phase": {"name": "distill", "teacher": "previous", "distill_token": True, "alpha": 0.5}},
-    ]})  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            **BASE,
+            "phases": [
+                {"name": "cnn", "phase": {"name": "supervised"}},
+                {
+                    "name": "deit",
+                    "model": DEIT,
+                    "train": {"epochs": 3, "lr": 1e-2},
+                    "phase": {"name": "distill", "teacher": "previous", "distill_token": True, "alpha": 0.5},
+                },
+            ],
+        }
+    )
     assert [s.model.name for s in config.stages] == ["adaptive_cnn", "cifar_deit_distilled"]
     assert config.final_model.name == "cifar_deit_distilled"
     record = Recorder(tmp_path / "ckpt")
@@ -114,17 +129,25 @@ def test_a_cnn_teacher_stage_then_a_deit_student_is_one_trial(tmp_path: Path) ->
 
 
 def test_stages_whose_models_cannot_hand_weights_on_are_refused(tmp_path: Path, capsys) -> None:
-    phases = [{"name": "cnn", "phase": {"name": "supervised"}}, {"name": "vit", "model": DEIT, "phase": {"name": "supervised"}}]
-    with pytest.raises(ValidationError, match=r"phases.1 \(vit\): its model \(cifar_deit_distilled\) differs from stage cnn's"):
+    phases = [
+        {"name": "cnn", "phase": {"name": "supervised"}},
+        {"name": "vit", "model": DEIT, "phase": {"name": "supervised"}},
+    ]
+    with pytest.raises(
+        ValidationError, match=r"phases.1 \(vit\): its model \(cifar_deit_distilled\) differs from stage cnn's"
+    ):
         TrialConfig.model_validate({**BASE, "phases": phases})
-    space = write_yaml(tmp_path / "bad.yaml", """
+    space = write_yaml(
+        tmp_path / "bad.yaml",
+        """
 base:
   data: {name: digits}
   model: {name: adaptive_cnn}
   phases:
     - {name: cnn, phase: {name: supervised}}
     - {name: cst, model: {name: cifar_deit}, phase: {name: token_distill, teacher: previous}}
-""")
+""",
+    )
     with pytest.raises(SystemExit) as exit_:
         main(["space", "validate", str(space)])
     assert exit_.value.code == 2
@@ -145,7 +168,9 @@ def test_token_losses_match_hand_computed_values() -> None:
     same = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
     expected = torch.log(torch.tensor(torch.e + 1.0)).item() - 0.5 - torch.log(torch.tensor(2.0)).item()
     assert token_relation_loss(student, same, temperature=1.0).item() == pytest.approx(expected, rel=1e-5)
-    assert token_relation_loss(student, 5.0 * student, temperature=0.1).item() == pytest.approx(0.0, abs=1e-6)  # scale-free
+    assert token_relation_loss(student, 5.0 * student, temperature=0.1).item() == pytest.approx(
+        0.0, abs=1e-6
+    )  # scale-free
     # A 4x4 teacher grid onto 2x2 student tokens: each 2x2 block averaged.
     grid = torch.arange(16.0).view(1, 16, 1)
     assert match_grid(grid, 4).flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
@@ -164,8 +189,15 @@ def token_phase(tmp_path: Path, teacher: ModelConfig, **phase):
 
 def test_token_distill_loss_is_ce_then_the_staged_token_terms(tmp_path: Path) -> None:
     teacher = ModelConfig(name="cifar_deit", kwargs={**TINY_VIT, "embed_dim": 48, "depth": 3})
-    phase, model = token_phase(tmp_path, teacher, student_layers=[0, -1], teacher_layers=[1, 2], rel_start_epoch=1,
-                               tok_weight=1.0, rel_weight=0.1)  # fmt: skip
+    phase, model = token_phase(
+        tmp_path,
+        teacher,
+        student_layers=[0, -1],
+        teacher_layers=[1, 2],
+        rel_start_epoch=1,
+        tok_weight=1.0,
+        rel_weight=0.1,
+    )
     x, y = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
     model.eval()  # no class-token dropout: the manual pass must see the same tokens
 
@@ -173,7 +205,12 @@ def test_token_distill_loss_is_ce_then_the_staged_token_terms(tmp_path: Path) ->
         final, blocks = model.student.forward_intermediates(x, indices=[0, 1], output_fmt="NLC")
         taught = model.teacher.forward_intermediates(x, indices=[1, 2], output_fmt="NLC", intermediates_only=True)
         loss = F.cross_entropy(model.student.forward_head(final), y)
-        loss = loss + torch.stack([token_representation_loss(p(s), t) for p, s, t in zip(model.projections, blocks, taught)]).mean()
+        loss = (
+            loss
+            + torch.stack(
+                [token_representation_loss(p(s), t) for p, s, t in zip(model.projections, blocks, taught)]
+            ).mean()
+        )
         if epoch >= 1:
             loss = loss + 0.1 * torch.stack([token_relation_loss(s, t, 0.1) for s, t in zip(blocks, taught)]).mean()
         return loss
@@ -212,11 +249,21 @@ def test_token_distill_needs_vits_and_a_teacher() -> None:
 @pytest.mark.slow
 def test_cst_from_a_vit_stage_learns_digits(tmp_path: Path) -> None:
     """A ViT teacher stage, then a distilled DeiT learning its tokens (L_rel from the second epoch)."""
-    config = TrialConfig.model_validate({**BASE, "model": {"name": "cifar_deit", "kwargs": {**TINY_VIT, "embed_dim": 48}}, "phases": [
-        {"name": "vit", "phase": {"name": "supervised"}},
-        {"name": "cst", "model": DEIT, "train": {"epochs": 3, "lr": 1e-2},
-         "phase": {"name": "token_distill", "teacher": "previous", "rel_start_epoch": 1}},
-    ]})  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            **BASE,
+            "model": {"name": "cifar_deit", "kwargs": {**TINY_VIT, "embed_dim": 48}},
+            "phases": [
+                {"name": "vit", "phase": {"name": "supervised"}},
+                {
+                    "name": "cst",
+                    "model": DEIT,
+                    "train": {"epochs": 3, "lr": 1e-2},
+                    "phase": {"name": "token_distill", "teacher": "previous", "rel_start_epoch": 1},
+                },
+            ],
+        }
+    )
     record = Recorder(tmp_path / "ckpt")
     fit(config, record, RunContext())
     assert [m[names.STAGE] for m in record.metrics] == ["vit", "vit", "cst", "cst", "cst"]
@@ -226,8 +273,16 @@ def test_cst_from_a_vit_stage_learns_digits(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------- model zoo
-ZOO = ["resnet18", "resnet50", "densenet121", "mobilenetv3_small_050", "efficientnet_b0", "vit_tiny_patch16_224",
-       "vit_base_patch16_224", "deit_tiny_patch16_224"]  # fmt: skip
+ZOO = [
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "mobilenetv3_small_050",
+    "efficientnet_b0",
+    "vit_tiny_patch16_224",
+    "vit_base_patch16_224",
+    "deit_tiny_patch16_224",
+]
 
 
 @pytest.mark.slow
@@ -248,10 +303,11 @@ def test_a_stage_model_field_in_the_space_inherits_the_trials_model() -> None:
     trial's model (not a default small_cnn), and dropout does not stop the weights being handed over."""
     from raycls.config import load_experiment, resolve_trial
     from raycls.phases.base import Previous
-
     from tests.conftest import REPO
 
-    experiment = load_experiment(REPO / "search_spaces" / "pipeline-digits.yaml", {"phases.distill.model.drop_rate": 0.2})
+    experiment = load_experiment(
+        REPO / "search_spaces" / "pipeline-digits.yaml", {"phases.distill.model.drop_rate": 0.2}
+    )
     config = resolve_trial(experiment)
     arcface, distill = config.stages[1].model, config.stages[2].model
     assert (distill.name, distill.width, distill.drop_rate) == (arcface.name, arcface.width, 0.2)
@@ -264,15 +320,26 @@ def test_a_distilled_stage_teaches_the_next_with_its_student(tmp_path: Path) -> 
     from raycls.phases.base import Previous
     from raycls.train.loop import build, load_data
 
-    config = TrialConfig.model_validate({**BASE, "phases": [
-        {"name": "cnn", "phase": {"name": "supervised"}},
-        {"name": "deit", "model": DEIT, "phase": {"name": "distill", "teacher": "previous", "distill_token": True}},
-        {"name": "cst", "model": DEIT, "phase": {"name": "token_distill", "teacher": "previous"}},
-    ]})  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            **BASE,
+            "phases": [
+                {"name": "cnn", "phase": {"name": "supervised"}},
+                {
+                    "name": "deit",
+                    "model": DEIT,
+                    "phase": {"name": "distill", "teacher": "previous", "distill_token": True},
+                },
+                {"name": "cst", "model": DEIT, "phase": {"name": "token_distill", "teacher": "previous"}},
+            ],
+        }
+    )
     data, stages = load_data(config), config.stages
     cnn = build(config, stages[0], data, RunContext()).model.state_dict()
     deit = build(config, stages[1], data, RunContext(), index=1, previous=Previous.of(stages, 1, cnn)).model
-    cst = build(config, stages[2], data, RunContext(), index=2, previous=Previous.of(stages, 2, deit.state_dict())).model
+    cst = build(
+        config, stages[2], data, RunContext(), index=2, previous=Previous.of(stages, 2, deit.state_dict())
+    ).model
     for key, value in deit.student.state_dict().items():
         assert torch.equal(cst.teacher.state_dict()[key], value), key
 
@@ -288,8 +355,15 @@ def test_token_pairs_follow_the_configs_order() -> None:
 def test_rebuilding_a_trials_model_downloads_nothing() -> None:
     from raycls.train.evaluation import without_downloads
 
-    config = TrialConfig.model_validate({"model": {"name": "resnet50", "pretrained": True}, "phase": {
-        "name": "token_distill", "teacher_model": {"name": "vit_small_patch14_dinov2.lvd142m", "pretrained": True}}})
+    config = TrialConfig.model_validate(
+        {
+            "model": {"name": "resnet50", "pretrained": True},
+            "phase": {
+                "name": "token_distill",
+                "teacher_model": {"name": "vit_small_patch14_dinov2.lvd142m", "pretrained": True},
+            },
+        }
+    )
     stage = without_downloads(config.stages[0])
     assert not stage.model.pretrained and not stage.phase.teacher_model.pretrained
     assert stage.model.name == "resnet50" and stage.phase.teacher_model.name == "vit_small_patch14_dinov2.lvd142m"
@@ -305,10 +379,20 @@ def test_resuming_the_deit_stage_matches_an_uninterrupted_run(tmp_path: Path) ->
     save(create_model(ModelConfig(name="adaptive_cnn"), DIGITS), tmp_path / "init")
     # No class-token dropout: its draws come from the global RNG, which a resumed run does not restore.
     deit = {**DEIT, "kwargs": {**TINY_VIT, "cls_token_drop": 0.0}}
-    config = TrialConfig.model_validate({**BASE, "init": str(tmp_path / "init"), "phases": [
-        {"name": "cnn", "phase": {"name": "supervised"}},
-        {"name": "deit", "model": deit, "phase": {"name": "distill", "teacher": "previous", "distill_token": True}},
-    ]})  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            **BASE,
+            "init": str(tmp_path / "init"),
+            "phases": [
+                {"name": "cnn", "phase": {"name": "supervised"}},
+                {
+                    "name": "deit",
+                    "model": deit,
+                    "phase": {"name": "distill", "teacher": "previous", "distill_token": True},
+                },
+            ],
+        }
+    )
     whole = Recorder(tmp_path / "whole")
     fit(config, whole, RunContext())
     resumed = Recorder(tmp_path / "resumed")

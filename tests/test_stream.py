@@ -99,7 +99,9 @@ def test_stream_loader_reads_every_image_once_as_the_in_memory_loader_does(folde
 
 def images_with_labels(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[int, tuple[float, ...]]]:
     """Every (label, image) of the batches, sorted: a multiset to compare (images rounded to 1e-4)."""
-    return sorted((int(y), tuple(torch.round(x.flatten() * 1e4).tolist())) for xs, ys in batches for x, y in zip(xs, ys))
+    return sorted(
+        (int(y), tuple(torch.round(x.flatten() * 1e4).tolist())) for xs, ys in batches for x, y in zip(xs, ys)
+    )
 
 
 SPACE = """

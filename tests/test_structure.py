@@ -21,9 +21,20 @@ def modules_after(code: str) -> set[str]:
     return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("package", ["raycls.data", "raycls.models", "raycls.phases", "raycls.losses",
-                                     "raycls.evaluate", "raycls.config", "raycls.cluster.validate",
-                                     "raycls.cluster.preflight", "raycls.results.row"])  # fmt: skip
+@pytest.mark.parametrize(
+    "package",
+    [
+        "raycls.data",
+        "raycls.models",
+        "raycls.phases",
+        "raycls.losses",
+        "raycls.evaluate",
+        "raycls.config",
+        "raycls.cluster.validate",
+        "raycls.cluster.preflight",
+        "raycls.results.row",
+    ],
+)
 def test_lower_layers_leave_ray_wandb_and_tune_out(package: str) -> None:
     loaded = modules_after(f"import {package}")
     assert not loaded & set(HEAVY), f"importing {package} loads {sorted(loaded & set(HEAVY))}"
@@ -36,7 +47,9 @@ def test_loading_a_space_leaves_the_training_loop_out() -> None:
         "load_experiment('search_spaces/pipeline.yaml')"
     )
     # (wandb may load here: timm's model lookup imports timm.utils, which imports wandb when it is installed.)
-    assert not loaded & {"raycls.train", "raycls.tune", "ray", "optuna"}, sorted(loaded & {"raycls.train", "raycls.tune", "ray", "optuna"})
+    assert not loaded & {"raycls.train", "raycls.tune", "ray", "optuna"}, sorted(
+        loaded & {"raycls.train", "raycls.tune", "ray", "optuna"}
+    )
 
 
 def imported_modules(path) -> set[str]:

@@ -12,18 +12,21 @@ import torch
 
 from raycls.config import TrainConfig, TrialConfig
 from raycls.errors import NonFiniteLossError
-from raycls.train import RunContext, fit, run_local
 from raycls.optim import create_lr_schedule, lr_multiplier
+from raycls.train import RunContext, fit, run_local
 from raycls.train.steps import StepPolicy, autocast, clip_gradients
 
 from .conftest import REPO
 
 
 def digits(**train) -> TrialConfig:
-    return TrialConfig.model_validate({
-        "data": {"name": "digits", "val_fraction": 0.2}, "model": {"name": "small_cnn", "width": 16},
-        "train": {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, **train},
-    })  # fmt: skip
+    return TrialConfig.model_validate(
+        {
+            "data": {"name": "digits", "val_fraction": 0.2},
+            "model": {"name": "small_cnn", "width": 16},
+            "train": {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, **train},
+        }
+    )
 
 
 @pytest.mark.slow
@@ -32,7 +35,9 @@ def test_short_digits_run_clears_090(tmp_path: Path) -> None:
     assert summary.best["val_acc"] >= 0.9
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["best"]["val_acc"] == summary.best["val_acc"] and len(saved["history"]) == 6
-    assert TrialConfig.model_validate(json.loads((tmp_path / "config.json").read_text())) == digits(epochs=6, warmup_epochs=1)
+    assert TrialConfig.model_validate(json.loads((tmp_path / "config.json").read_text())) == digits(
+        epochs=6, warmup_epochs=1
+    )
     best = torch.load(tmp_path / "checkpoints" / "best" / "model.pt", weights_only=True)
     assert json.loads((tmp_path / "checkpoints" / "best" / "metrics.json").read_text())["epoch"] == summary.best_epoch
     assert all(torch.isfinite(v.float()).all() for v in best.values())
@@ -81,12 +86,15 @@ def test_diverging_run_raises_non_finite() -> None:
 
 @pytest.mark.slow
 def test_fast_dev_run_cifar10_subset_resnet18(tmp_path: Path, shared_data: Path) -> None:
-    config = TrialConfig.model_validate({
-        "data": {"name": "cifar10", "root": str(shared_data), "train_subset": 2000},
-        "model": {"name": "resnet18"}, "train": {"epochs": 1, "batch_size": 32},
-        "augment": {"hflip": True, "random_crop": 4, "cutout": 8},
-        "phase": {"name": "supervised", "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "label_smoothing": 0.1},
-    })  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "cifar10", "root": str(shared_data), "train_subset": 2000},
+            "model": {"name": "resnet18"},
+            "train": {"epochs": 1, "batch_size": 32},
+            "augment": {"hflip": True, "random_crop": 4, "cutout": 8},
+            "phase": {"name": "supervised", "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "label_smoothing": 0.1},
+        }
+    )
     summary = run_local(config, tmp_path, fast_dev_run=True, device=torch.device("cpu"))
     assert summary.final["epoch"] == 1 and summary.final["val_top5"] > 0
     assert (tmp_path / "checkpoints" / "last" / "model.pt").is_file()
@@ -96,10 +104,25 @@ def test_fast_dev_run_cifar10_subset_resnet18(tmp_path: Path, shared_data: Path)
 def test_cli_train_fast_dev_run_digits(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "raycls.cli", "train", str(REPO / "search_spaces" / "quickstart.yaml"), "--no-ray",
-         "--fast-dev-run", "--out", str(out), "--set", "train.epochs=2", "--set", "model.width=8"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "raycls.cli",
+            "train",
+            str(REPO / "search_spaces" / "quickstart.yaml"),
+            "--no-ray",
+            "--fast-dev-run",
+            "--out",
+            str(out),
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "model.width=8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "val_acc" in result.stdout
     config = json.loads((out / "config.json").read_text())
@@ -120,7 +143,9 @@ def test_fast_dev_run_is_one_epoch_per_stage(tmp_path: Path, space: str) -> None
     assert experiment.base.total_epochs > 3
     fast = resolve_trial(experiment.as_fast_dev_run())
     assert fast.total_epochs == len(fast.stages) == len(experiment.base.stages)
-    assert all(s.train.batch_size <= 32 and s.train.eval_batch_size <= 32 and s.train.warmup_epochs == 0 for s in fast.stages)
+    assert all(
+        s.train.batch_size <= 32 and s.train.eval_batch_size <= 32 and s.train.warmup_epochs == 0 for s in fast.stages
+    )
     # Everything else is the trial's own (phases, models, augmentations).
     assert [s.phase for s in fast.stages] == [s.phase for s in experiment.base.stages]
     assert experiment.as_fast_dev_run().name == f"{experiment.name}-fast-dev-run"
@@ -201,7 +226,14 @@ def test_plateau_counts_epochs_without_an_improvement_larger_than_min_delta() ->
 
     plateau = Plateau("val_acc", patience=2, min_delta=0.01)
     assert [plateau.update({"val_acc": v}) for v in (0.5, 0.8, 0.805, 0.809, 0.9, 0.9, 0.95)] == [
-        False, False, False, True, False, False, False]  # fmt: skip
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
     lower = Plateau("val_loss", patience=1, min_delta=0.0)
     assert [lower.update({"val_loss": v}) for v in (1.0, 0.9, 0.9)] == [False, False, True]  # a tie is no gain
 
@@ -264,7 +296,9 @@ def test_freezing_named_modules_and_a_bad_name(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("select", [False, True], ids=["beside", "selected"])
-def test_ema_weights_are_evaluated_beside_the_raw_ones_and_checkpointed_when_selected(tmp_path: Path, select: bool) -> None:
+def test_ema_weights_are_evaluated_beside_the_raw_ones_and_checkpointed_when_selected(
+    tmp_path: Path, select: bool
+) -> None:
     """train.ema: timm's ModelEmaV3 after every step. The checkpoint's model.pt holds the weights the epoch is
     judged by (the average when selected) and its val_acc is theirs; the other set, in the trainer state,
     scores the suffixed val_acc (`_ema` beside, `_raw` when selected)."""
@@ -282,7 +316,9 @@ def test_ema_weights_are_evaluated_beside_the_raw_ones_and_checkpointed_when_sel
     parts = build(config, config.stages[0], load_data(config), RunContext())
     for weights, name in ((judged, "val_acc"), (other, other_name)):
         parts.model.load_state_dict(weights)
-        assert evaluate(parts.model, parts.phase, parts.val_loader, parts.policy)["val_acc"] == pytest.approx(metrics[name])
+        assert evaluate(parts.model, parts.phase, parts.val_loader, parts.policy)["val_acc"] == pytest.approx(
+            metrics[name]
+        )
 
 
 @pytest.mark.slow
@@ -306,7 +342,9 @@ def test_swa_averages_the_last_epochs_and_updates_its_batchnorm_statistics(tmp_p
     assert not torch.equal(averaged[bn], raw[bn])  # update_bn recomputed the average's statistics
     parts = build(config, config.stages[0], load_data(config), RunContext())
     parts.model.load_state_dict(averaged)
-    assert evaluate(parts.model, parts.phase, parts.val_loader, parts.policy)["val_acc"] == pytest.approx(history[-1]["val_acc"])
+    assert evaluate(parts.model, parts.phase, parts.val_loader, parts.policy)["val_acc"] == pytest.approx(
+        history[-1]["val_acc"]
+    )
     assert history[-1]["val_acc"] > 0.8
 
 

@@ -38,7 +38,8 @@ base:
   train: {epochs: 4, batch_size: 64, optimizer: adamw, lr: 3.0e-3, warmup_epochs: 0}
 """
 
-E2E = """
+E2E = (
+    """
 experiment: {name: e2e, trials: 8, concurrency: 2}
 search:
   seed: 0
@@ -54,7 +55,9 @@ space:
   train.lr: {type: loguniform, low: 1.0e-4, high: 0.1}
   train.momentum: {type: uniform, low: 0.8, high: 0.95, when: {train.optimizer: sgd}}
   model.width: {type: choice, values: [8, 16]}
-""" + BASE
+"""
+    + BASE
+)
 
 
 def without_eval(base: str) -> str:
@@ -64,8 +67,11 @@ def without_eval(base: str) -> str:
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"  # the shape of a W&B key, but fake
 # Cloud credentials a cluster user has in their environment: fake values of the real shapes.
-FAKE_SECRETS = {"WANDB_API_KEY": FAKE_KEY, "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKEFAKE",
-                "AWS_SECRET_ACCESS_KEY": "fakeSecretKeyfakeSecretKeyfakeSecretKey0"}  # fmt: skip
+FAKE_SECRETS = {
+    "WANDB_API_KEY": FAKE_KEY,
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEFAKEFAKEFAKE",
+    "AWS_SECRET_ACCESS_KEY": "fakeSecretKeyfakeSecretKeyfakeSecretKey0",
+}
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +176,12 @@ def test_wandb_offline_runs_hold_the_logged_metrics(e2e) -> None:
             assert run["summary"]["score"] == pytest.approx(row["score"])
         if row["status"] == "completed":  # the held-out evaluation: its summary and its plots
             assert run["summary"]["test_acc"] == pytest.approx(row["test_acc"])
-            images = {key.split("/")[1] for h in run["history"] for key in h if key.startswith("eval/") and key.endswith("/_type")}
+            images = {
+                key.split("/")[1]
+                for h in run["history"]
+                for key in h
+                if key.startswith("eval/") and key.endswith("/_type")
+            }
             assert {"reliability", "confusion_matrix"} <= images
 
 
@@ -187,7 +198,9 @@ def test_completed_trials_are_evaluated_on_held_out_data(e2e) -> None:
             assert row["eval_split"] == summary["eval_split"] == "test"  # digits' carved test split
             assert row["eval_suite"] == "default" and row["test_acc"] == pytest.approx(summary["metrics"]["test_acc"])
             assert 0 <= row["test_ece"] <= 1 and row["test_auroc"] > 0.5 and row["test_macro_f1"] is not None
-            assert {"reliability.png", "confusion_matrix.png", "classification_report.csv"} <= {p.name for p in folder.iterdir()}
+            assert {"reliability.png", "confusion_matrix.png", "classification_report.csv"} <= {
+                p.name for p in folder.iterdir()
+            }
         else:
             assert not folder.exists() and row["test_acc"] is None and row["eval_split"] is None
 
@@ -196,7 +209,9 @@ def test_completed_trials_are_evaluated_on_held_out_data(e2e) -> None:
 def test_eval_on_all_evaluates_early_stopped_trials_too(ray_local, tmp_path: Path) -> None:
     """`eval.on: all`: the driver evaluates, after the search, the trials ASHA stopped (they never reach
     their own evaluation); the good first trial is evaluated by itself, the weak second one is stopped."""
-    space = write_yaml(tmp_path / "all.yaml", """
+    space = write_yaml(
+        tmp_path / "all.yaml",
+        """
 experiment: {name: evalall, trials: 2, concurrency: 1}
 search:
   points_to_evaluate:
@@ -206,7 +221,9 @@ scheduler: {name: asha, max_t: 3, grace_period: 1, reduction_factor: 2}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-5, high: 0.1}
-""" + BASE.replace("epochs: 4", "epochs: 3").replace("warmup_epochs: 0}", "warmup_epochs: 0}\n  eval: {on: all}"))
+"""
+        + BASE.replace("epochs: 4", "epochs: 3").replace("warmup_epochs: 0}", "warmup_epochs: 0}\n  eval: {on: all}"),
+    )
     storage = str(tmp_path / "results")
     run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))
     rows = {r["train.lr"]: r for r in read_leaderboard(storage, "evalall").table.to_pylist()}
@@ -225,8 +242,12 @@ def test_raycls_eval_twice_leaves_one_set_of_columns(e2e, tmp_path: Path, capsys
     storage = tmp_path / "results"
     shutil.copytree(Path(e2e[1]) / "e2e", storage / "e2e")
     before = read_leaderboard(str(storage), "e2e").table
-    best_two = [r["trial_id"] for r in sorted((r for r in before.to_pylist() if r["status"] == "completed"),
-                                              key=lambda r: r["score"], reverse=True)[:2]]  # fmt: skip
+    best_two = [
+        r["trial_id"]
+        for r in sorted(
+            (r for r in before.to_pylist() if r["status"] == "completed"), key=lambda r: r["score"], reverse=True
+        )[:2]
+    ]
     main(["eval", "e2e", "--trial", "top:2", "--suite", "full", "--storage", str(storage)])
     full = read_leaderboard(str(storage), "e2e").table
     assert full.num_rows == 8 and len(full.column_names) == len(set(full.column_names))
@@ -236,25 +257,44 @@ def test_raycls_eval_twice_leaves_one_set_of_columns(e2e, tmp_path: Path, capsys
     main(["eval", "e2e", "--trial", best_two[0], "--storage", str(storage)])  # the trial's own suite: default
     again = read_leaderboard(str(storage), "e2e").table
     rows = {r["trial_id"]: r for r in again.to_pylist()}
-    assert again.num_rows == 8 and rows[best_two[0]]["eval_suite"] == "default" and rows[best_two[0]]["test_acc_tta"] is None
+    assert (
+        again.num_rows == 8
+        and rows[best_two[0]]["eval_suite"] == "default"
+        and rows[best_two[0]]["test_acc_tta"] is None
+    )
     assert rows[best_two[1]]["eval_suite"] == "full"
-    assert rows[best_two[0]]["test_acc"] == pytest.approx(evaluated[best_two[0]]["test_acc"])  # same weights, same split
+    assert rows[best_two[0]]["test_acc"] == pytest.approx(
+        evaluated[best_two[0]]["test_acc"]
+    )  # same weights, same split
     assert not (storage / "e2e" / "eval" / best_two[0] / "ood_scores.png").exists()  # the folder was replaced
     out = capsys.readouterr().out
     assert "evaluated 2 trial(s)" in out and "evaluated 1 trial(s)" in out
 
 
 # ------------------------------------------------------------------------------------------- report
-REPORT_SECTIONS = ("leaderboard", "status", "best_so_far", "learning_curves", "parallel_coordinates", "choices",
-                   "importance", "slices", "evaluation")  # fmt: skip
+REPORT_SECTIONS = (
+    "leaderboard",
+    "status",
+    "best_so_far",
+    "learning_curves",
+    "parallel_coordinates",
+    "choices",
+    "importance",
+    "slices",
+    "evaluation",
+)
 
 
 @pytest.fixture(scope="module")
 def e2e_report(e2e, chromium):
     """`raycls report` of the e2e digits search (its own process, as a user runs it), W&B offline."""
     _, storage, _ = e2e
-    done = subprocess.run([sys.executable, "-m", "raycls.cli", "report", "e2e", "--storage", storage, "--wandb", "offline"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "raycls.cli", "report", "e2e", "--storage", storage, "--wandb", "offline"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return Path(storage) / "e2e" / "report" / "report.html", done.stdout
 
@@ -293,7 +333,9 @@ def test_report_pngs_are_images_and_wandb_has_the_figures(e2e, e2e_report, chrom
     (run_dir,) = (Path(e2e[1]) / "e2e" / "wandb").glob("offline-run-*-e2e-report")
     run = read_run(run_dir)
     assert run["group"] == "e2e" and run["summary"]["report/trials"] == 8
-    logged = {key.split("/")[1] for h in run["history"] for key in h if key.startswith("report/") and key.endswith("/_type")}
+    logged = {
+        key.split("/")[1] for h in run["history"] for key in h if key.startswith("report/") and key.endswith("/_type")
+    }
     assert set(REPORT_SECTIONS) - {"evaluation"} <= logged
     for figure in (run_dir / "files" / "media" / "plotly" / "report").glob("*.plotly.json"):
         assert json.loads(figure.read_text())["data"], figure
@@ -311,8 +353,16 @@ def test_report_renders_in_headless_chromium(e2e_report, chromium, tmp_path: Pat
     html, _ = e2e_report
     figures = html.read_text().count('<div id="figure-')
     shot, errors = tmp_path / "report.png", []
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync", "--enable-unsafe-swiftshader",
-             "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+    flags = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-sync",
+        "--enable-unsafe-swiftshader",
+        "--disable-background-networking",
+        "--disable-component-update",
+    ]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium, args=flags)
         try:
@@ -320,7 +370,9 @@ def test_report_renders_in_headless_chromium(e2e_report, chromium, tmp_path: Pat
             page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(html.as_uri())
-            page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {figures}", timeout=60_000)
+            page.wait_for_function(
+                f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {figures}", timeout=60_000
+            )
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
@@ -341,8 +393,12 @@ def test_optuna_dashboard_serves_the_experiments_study(e2e, tmp_path: Path) -> N
         port = probe.getsockname()[1]
     journal = Path(e2e[1]) / "e2e" / "optuna.journal"
     dashboard = shutil.which("optuna-dashboard") or pytest.fail("optuna-dashboard is not installed (a dependency)")
-    server = subprocess.Popen([dashboard, str(journal), "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    server = subprocess.Popen(
+        [dashboard, str(journal), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
     def get(path: str) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
             return json.loads(response.read())
@@ -354,7 +410,9 @@ def test_optuna_dashboard_serves_the_experiments_study(e2e, tmp_path: Path) -> N
                 answer = get("/api/studies")
             except OSError:
                 time.sleep(0.5)
-        assert answer is not None, server.stderr.read().decode(errors="replace")[-2000:] if server.poll() is not None else "no answer"
+        assert answer is not None, (
+            server.stderr.read().decode(errors="replace")[-2000:] if server.poll() is not None else "no answer"
+        )
         (study,) = [s for s in answer["study_summaries"] if s["study_name"] == "e2e"]
         detail = get(f"/api/studies/{study['study_id']}")
     finally:
@@ -371,8 +429,11 @@ def test_report_of_one_trial_and_of_only_failed_trials_says_so(ray_local, tmp_pa
     from raycls.report.page import write_report
 
     storage = str(tmp_path / "results")
-    one = write_yaml(tmp_path / "one.yaml", "experiment: {name: one, trials: 1}\nwandb: {mode: disabled}\n"
-                     + without_eval(BASE.replace("epochs: 4", "epochs: 1")))  # fmt: skip
+    one = write_yaml(
+        tmp_path / "one.yaml",
+        "experiment: {name: one, trials: 1}\nwandb: {mode: disabled}\n"
+        + without_eval(BASE.replace("epochs: 4", "epochs: 1")),
+    )
     main(["tune", str(one), "--storage", storage])
     report = Path(storage) / "one" / "report" / "report.html"
     assert f"Report: {report}" in capsys.readouterr().out.replace("\n", "")
@@ -380,12 +441,18 @@ def test_report_of_one_trial_and_of_only_failed_trials_says_so(ray_local, tmp_pa
     assert "1 trial (1 completed" in page and "One trial: there is no progress to show yet." in page
     assert "Needs at least two completed trials and a sampled parameter" in page  # importance, slices
     (tmp_path / "no-images").mkdir()  # exists (a missing data.path is refused before any trial), holds nothing
-    failing = load_experiment(write_yaml(tmp_path / "failing.yaml", f"""
-experiment: {{name: failing, trials: 2, concurrency: 2}}
-wandb: {{mode: disabled}}
+    failing = load_experiment(
+        write_yaml(
+            tmp_path / "failing.yaml",
+            """
+experiment: {name: failing, trials: 2, concurrency: 2}
+wandb: {mode: disabled}
 space:
-  train.lr: {{type: loguniform, low: 1.0e-3, high: 1.0e-2}}
-""" + BASE.replace("name: digits", f"name: folder, path: {tmp_path / 'no-images'}")))
+  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+"""
+            + BASE.replace("name: digits", f"name: folder, path: {tmp_path / 'no-images'}"),
+        )
+    )
     run_tune(failing, TuneOptions(storage=storage, live=False))
     page = write_report(storage, "failing", png=False).html.read_text()
     assert "2 trials (0 completed, 0 early_stopped, 2 failed)" in page and "Every trial failed" in page
@@ -401,21 +468,31 @@ def test_recipes_search_samples_the_toolkit_and_stops_on_plateaus(ray_local, tmp
     from raycls.storage import journal_file
     from raycls.tune.searcher import open_study_storage
 
-    overrides = {"experiment.trials": 2, "scheduler.name": "fifo", "train.epochs": 4, "model.width": 8, "eval.on": "none",
-                 "train.early_stopping.patience": 1, "train.early_stopping.min_delta": 0.5}  # fmt: skip
+    overrides = {
+        "experiment.trials": 2,
+        "scheduler.name": "fifo",
+        "train.epochs": 4,
+        "model.width": 8,
+        "eval.on": "none",
+        "train.early_stopping.patience": 1,
+        "train.early_stopping.min_delta": 0.5,
+    }
     experiment = load_experiment(REPO / "search_spaces" / "recipes-digits.yaml", overrides)
     storage = str(tmp_path / "results")
     run_tune(experiment, TuneOptions(storage=storage, live=False, wandb_mode="disabled"))
     rows = read_leaderboard(storage, "recipes-digits").table.to_pylist()
-    assert len(rows) == 2 and all(r["status"] == "completed" and r["stopped_by"] == "patience" for r in rows), \
-        [(r["status"], r["stopped_by"], r["epochs"], r["error"]) for r in rows]
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["stopped_by"] == "patience" for r in rows), [
+        (r["status"], r["stopped_by"], r["epochs"], r["error"]) for r in rows
+    ]
     assert all(r["epochs"] == 2 and r["max_epochs"] == 4 and r["score"] > 0.15 for r in rows)  # chance: 0.1
     for row in rows:
         config = TrialConfig.from_json(row["config_json"])
         assert config.augment.randaugment.magnitude == row["augment.randaugment.magnitude"]
         assert config.train.lookahead.k == row["train.lookahead.k"] and config.train.optimizer == row["train.optimizer"]
         assert (config.train.sam is not None) == (row["train.optimizer"] == "sgd")
-    study = optuna.load_study(study_name="recipes-digits", storage=open_study_storage(journal_file(Path(storage) / "recipes-digits")))
+    study = optuna.load_study(
+        study_name="recipes-digits", storage=open_study_storage(journal_file(Path(storage) / "recipes-digits"))
+    )
     told = {t.user_attrs["trial_id"]: t for t in study.trials}
     for row in rows:
         trial = told[row["trial_id"]]
@@ -428,7 +505,10 @@ def test_grid_search_runs_every_combination_once(ray_local, tmp_path: Path) -> N
     from raycls.errors import ConfigError
     from raycls.search import SAMPLERS
 
-    experiment = load_experiment(write_yaml(tmp_path / "grid.yaml", """
+    experiment = load_experiment(
+        write_yaml(
+            tmp_path / "grid.yaml",
+            """
 experiment: {name: grid, trials: 4, concurrency: 2}
 search: {algorithm: grid}
 scheduler: {name: fifo}
@@ -436,12 +516,22 @@ wandb: {mode: disabled}
 space:
   model.width: {type: choice, values: [8, 16]}
   train.optimizer: {type: choice, values: [adamw, sgd]}
-""" + without_eval(BASE.replace("epochs: 4", "epochs: 1"))))
+"""
+            + without_eval(BASE.replace("epochs: 4", "epochs: 1")),
+        )
+    )
     storage = str(tmp_path / "results")
     run_tune(experiment, TuneOptions(storage=storage, live=False))
     rows = read_leaderboard(storage, "grid").table.to_pylist()
-    assert sorted((r["model.width"], r["train.optimizer"]) for r in rows) == [(8, "adamw"), (8, "sgd"), (16, "adamw"), (16, "sgd")]
-    mixed = load_experiment(write_yaml(tmp_path / "mixed.yaml", "space:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n"))
+    assert sorted((r["model.width"], r["train.optimizer"]) for r in rows) == [
+        (8, "adamw"),
+        (8, "sgd"),
+        (16, "adamw"),
+        (16, "sgd"),
+    ]
+    mixed = load_experiment(
+        write_yaml(tmp_path / "mixed.yaml", "space:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}\n")
+    )
     with pytest.raises(ConfigError, match="grid enumerates choices without `when`; not these: train.lr"):
         SAMPLERS.create("grid", mixed.search, mixed.space)
 
@@ -469,11 +559,15 @@ def test_conditional_space_through_the_searcher(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_worker_ddp_trial(ray_local, tmp_path: Path) -> None:
-    space = write_yaml(tmp_path / "ddp.yaml", """
+    space = write_yaml(
+        tmp_path / "ddp.yaml",
+        """
 experiment: {name: ddp, trials: 1, concurrency: 1, resources: {workers: 2, cpus_per_worker: 1}}
 scheduler: {name: fifo}
 wandb: {mode: disabled}
-""" + BASE.replace("epochs: 4", "epochs: 2"))
+"""
+        + BASE.replace("epochs: 4", "epochs: 2"),
+    )
     storage = str(tmp_path / "results")
     run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))
     (row,) = read_leaderboard(storage, "ddp").table.to_pylist()
@@ -500,14 +594,18 @@ wandb: {mode: disabled}
 
 @pytest.mark.slow
 def test_resume_after_driver_sigkill(tmp_path: Path) -> None:
-    space = write_yaml(tmp_path / "resume.yaml", """
+    space = write_yaml(
+        tmp_path / "resume.yaml",
+        """
 experiment: {name: resume, trials: 6, concurrency: 1}
 search: {seed: 1}
 scheduler: {name: fifo}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
-""" + BASE.replace("epochs: 4", "epochs: 2"))
+"""
+        + BASE.replace("epochs: 4", "epochs: 2"),
+    )
     storage = tmp_path / "results"
     command = [sys.executable, "-m", "raycls.cli", "tune", str(space), "--storage", str(storage), "--num-cpus", "4"]
     env = dict(os.environ)
@@ -515,7 +613,9 @@ space:
     before = kill_driver_after_rows(command, env, board, tmp_path / "driver.log")  # and the Ray it started
     assert 2 <= len(before) < 6, f"kill came too late or too early: {len(before)} rows"
 
-    resumed = subprocess.run([*command, "--resume", "--no-report"], capture_output=True, text=True, timeout=400, env=env)
+    resumed = subprocess.run(
+        [*command, "--resume", "--no-report"], capture_output=True, text=True, timeout=400, env=env
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     rows = assert_resumed_whole(storage, "resume", 6, before)
     assert all(r["status"] == "completed" for r in rows)
@@ -523,19 +623,25 @@ space:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("snapshot", ["kept", "lost"])
-def test_resume_writes_the_row_of_a_trial_optuna_closed_before_the_kill(ray_local, tmp_path: Path, snapshot: str) -> None:
+def test_resume_writes_the_row_of_a_trial_optuna_closed_before_the_kill(
+    ray_local, tmp_path: Path, snapshot: str
+) -> None:
     """Tune tells Optuna a trial ended before its callbacks write the row: a kill in between left a COMPLETE
     Optuna trial without a row (seen in the fault tests, once in five). Removing a row makes that moment
     here. `--resume` writes the row from the trial's folder, with Tune's snapshot (`kept`: Tune restores the
     trial as ended) or without (`lost`: the search is rebuilt, and must not train a replacement)."""
-    space = write_yaml(tmp_path / "told.yaml", """
+    space = write_yaml(
+        tmp_path / "told.yaml",
+        """
 experiment: {name: told, trials: 3, concurrency: 1}
 search: {seed: 2}
 scheduler: {name: fifo}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
-""" + BASE.replace("epochs: 4", "epochs: 2"))
+"""
+        + BASE.replace("epochs: 4", "epochs: 2"),
+    )
     storage = tmp_path / "results"
     run_tune(load_experiment(space), TuneOptions(storage=str(storage), live=False))
     experiment_dir = storage / "told"
@@ -571,13 +677,17 @@ def test_api_key_never_written(e2e) -> None:
 
 @pytest.mark.slow
 def test_fractional_gpus_pack_four_trials_on_one_gpu(ray_local, tmp_path: Path) -> None:
-    space = write_yaml(tmp_path / "frac.yaml", """
+    space = write_yaml(
+        tmp_path / "frac.yaml",
+        """
 experiment: {name: frac, trials: 4, resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0.25}}
 scheduler: {name: fifo}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
-""" + without_eval(BASE.replace("epochs: 4", "epochs: 2")))
+"""
+        + without_eval(BASE.replace("epochs: 4", "epochs: 2")),
+    )
     storage = str(tmp_path / "results")
     run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))  # concurrency: 1 GPU / 0.25
     rows = read_leaderboard(storage, "frac").table.to_pylist()
@@ -592,7 +702,9 @@ def test_warm_start_seeds_the_study(tmp_path: Path) -> None:
     from raycls.tune.searcher import open_study_storage
 
     other = tmp_path / "other"
-    study = optuna.create_study(study_name="other", storage=open_study_storage(journal_file(other)), direction="maximize")
+    study = optuna.create_study(
+        study_name="other", storage=open_study_storage(journal_file(other)), direction="maximize"
+    )
     for lr in (0.001, 0.01):
         study.enqueue_trial({"train.lr": lr})
         trial = study.ask()
@@ -608,9 +720,16 @@ def test_raycls_train_through_ray_train(ray_local, tmp_path: Path) -> None:
     from raycls.config import Resources
     from raycls.train.ray_train import train_with_ray
 
-    config = TrialConfig.model_validate({"data": {"name": "digits"}, "model": {"width": 8},
-                                         "train": {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3}})  # fmt: skip
-    summary = train_with_ray(config, tmp_path, resources=Resources(workers=1), metric="val_acc", mode="max", fast_dev_run=True)
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits"},
+            "model": {"width": 8},
+            "train": {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3},
+        }
+    )
+    summary = train_with_ray(
+        config, tmp_path, resources=Resources(workers=1), metric="val_acc", mode="max", fast_dev_run=True
+    )
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["epoch"] for h in saved["history"]] == [1, 2] and summary.final["epoch"] == 2
     assert TrialConfig.from_json((tmp_path / "config.json").read_text()) == config
@@ -619,11 +738,19 @@ def test_raycls_train_through_ray_train(ray_local, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_distilled_trial_records_its_teacher(ray_local, tmp_path: Path) -> None:
-    space = write_yaml(tmp_path / "ema.yaml", """
+    space = write_yaml(
+        tmp_path / "ema.yaml",
+        """
 experiment: {name: ema, trials: 1}
 scheduler: {name: fifo}
 wandb: {mode: disabled}
-""" + without_eval(BASE.replace("epochs: 4", "epochs: 2").replace("  model:", "  phase: {name: distill, ema_decay: 0.99}\n  model:")))
+"""
+        + without_eval(
+            BASE.replace("epochs: 4", "epochs: 2").replace(
+                "  model:", "  phase: {name: distill, ema_decay: 0.99}\n  model:"
+            )
+        ),
+    )
     storage = str(tmp_path / "results")
     run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))
     (row,) = read_leaderboard(storage, "ema").table.to_pylist()
@@ -642,13 +769,17 @@ def test_fast_dev_run_search_logs_lines_and_records_provenance(ray_local, tmp_pa
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "-q")
-    space = write_yaml(repo / "smoke.yaml", """
+    space = write_yaml(
+        repo / "smoke.yaml",
+        """
 experiment: {name: smoke, trials: 6, concurrency: 2}
 scheduler: {name: asha, grace_period: 1}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
-""" + BASE)
+"""
+        + BASE,
+    )
     _git(repo, "add", "smoke.yaml")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "space")
     storage = tmp_path / "results"
@@ -701,8 +832,14 @@ def test_replay_a_row_reproduces_its_losses(e2e, tmp_path: Path, capsys) -> None
     out = tmp_path / "replay"
     main(["train", "--trial", f"e2e/{row['trial_id']}", "--storage", storage, "--no-ray", "--out", str(out)])
     replayed = json.loads((out / "metrics.json").read_text())["history"]
-    history = sorted((h for h in read_leaderboard(storage, "e2e", kind="history").table.to_pylist()
-                      if h["trial_id"] == row["trial_id"]), key=lambda h: h["epoch"])  # fmt: skip
+    history = sorted(
+        (
+            h
+            for h in read_leaderboard(storage, "e2e", kind="history").table.to_pylist()
+            if h["trial_id"] == row["trial_id"]
+        ),
+        key=lambda h: h["epoch"],
+    )
     assert [h["epoch"] for h in replayed] == [h["epoch"] for h in history] == list(range(1, 5))
     for mine, theirs in zip(replayed, history):
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
@@ -714,7 +851,9 @@ def test_run_tune_refuses_a_chain_metric_a_stage_does_not_report(tmp_path: Path)
     """Checked by run_tune itself (not only the CLI): a programmatic run fails before any trial or file."""
     from raycls.errors import ConfigError
 
-    space = write_yaml(tmp_path / "chain.yaml", """
+    space = write_yaml(
+        tmp_path / "chain.yaml",
+        """
 experiment: {name: chain, metric: val_acc, trials: 2}
 base:
   data: {name: digits}
@@ -722,7 +861,8 @@ base:
   phases:
     - phase: {name: supcon}
     - phase: {name: supervised}
-""")
+""",
+    )
     storage = tmp_path / "results"
     with pytest.raises(ConfigError, match="not reported by phase"):
         run_tune(load_experiment(space), TuneOptions(storage=str(storage), live=False))

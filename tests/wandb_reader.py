@@ -55,7 +55,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
             for item in record.config.update:
                 result["config"][item.key] = json.loads(item.value_json)
         elif kind == "history":
-            result["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            result["history"].append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            )
         elif kind == "summary":
             for item in record.summary.update:
                 result["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)

@@ -50,7 +50,6 @@ def load_doc(path: Path) -> Doc | str:
     return doc
 
 
-
 # ------------------------------------------------------------------------------------------- helpers
 def dotted(path: Any) -> str:
     return ".".join(str(part) for part in path)

@@ -123,7 +123,7 @@ def kuberay_dashboard_not_public(doc: Doc) -> list[str]:
     return [
         "spec.headGroupSpec.rayStartParams.dashboard-host: "
         + ("missing, and KubeRay then binds 0.0.0.0" if host is None else f"{host} opens the dashboard")
-        + "; the dashboard runs arbitrary jobs: set it to \"127.0.0.1\" and use `kubectl port-forward`"
+        + '; the dashboard runs arbitrary jobs: set it to "127.0.0.1" and use `kubectl port-forward`'
     ]
 
 

@@ -26,6 +26,7 @@ import yaml
 
 from raycls.cluster.doc import Doc, dotted, launcher_rule, short
 
+
 # ----------------------------------------------------------------------------------------- Ray's schema
 def _ray_file(*parts: str) -> Path | None:
     """A data file of the installed ray package, found without importing ray (slow, and a CLI check needs

@@ -20,7 +20,6 @@ checked by hand. Then raycls's own rules, each a small function in a registry, e
 Ray itself is not imported: the schema and defaults are read from the installed package's files.
 """
 
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,6 +29,7 @@ from raycls.cluster.kuberay import kuberay_structure
 from raycls.cluster.launcher import schema_problems
 from raycls.cluster.secrets import secret_problems
 from raycls.errors import ConfigError
+
 
 def validate_launcher(path: str | Path) -> list[str]:
     """Every problem of a cluster file, each `dotted.key: what is wrong`; empty when it is fine."""

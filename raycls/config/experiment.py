@@ -22,7 +22,7 @@ class Resources(Frozen):
     use_gpu: Union[Literal["auto"], bool] = "auto"
 
     @model_validator(mode="after")
-    def _gpu_consistent(self) -> "Resources":
+    def _gpu_consistent(self) -> Resources:
         if self.use_gpu is True and self.gpus_per_worker == 0:
             raise ValueError("use_gpu=true needs gpus_per_worker > 0")
         if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
@@ -79,7 +79,11 @@ class ExperimentSection(Frozen):
             return data
         for objective in data["objectives"]:
             metric = objective.get("metric") if isinstance(objective, dict) else None
-            if isinstance(metric, str) and not metric.startswith(names.EVAL_PREFIX) and metric not in names.COST_METRICS:
+            if (
+                isinstance(metric, str)
+                and not metric.startswith(names.EVAL_PREFIX)
+                and metric not in names.COST_METRICS
+            ):
                 return {**data, "metric": metric, "mode": data.get("mode", objective.get("mode", "max"))}
         return data
 
@@ -154,15 +158,19 @@ class Experiment(Frozen):
         assert self.experiment.name is not None  # filled by the loader
         return self.experiment.name
 
-    def as_fast_dev_run(self, *, trials: int = 2) -> "Experiment":
+    def as_fast_dev_run(self, *, trials: int = 2) -> Experiment:
         """This search as a smoke test under its own name (so the real experiment's leaderboard and study are
         untouched): `trials` trials of one epoch per stage and two batches per split."""
-        section = self.experiment.model_copy(update={
-            "name": f"{self.name}-fast-dev-run", "trials": min(trials, self.experiment.trials), "fast_dev_run": True,
-        })  # fmt: skip
+        section = self.experiment.model_copy(
+            update={
+                "name": f"{self.name}-fast-dev-run",
+                "trials": min(trials, self.experiment.trials),
+                "fast_dev_run": True,
+            }
+        )
         return self.model_copy(update={"experiment": section})
 
-    def with_limits(self, *, trials: int | None = None, time_budget_s: float | None = None) -> "Experiment":
+    def with_limits(self, *, trials: int | None = None, time_budget_s: float | None = None) -> Experiment:
         """This search with `--trials` / `--time-budget` from the command line in place of the YAML's."""
         from pydantic import ValidationError
 
@@ -176,8 +184,13 @@ class Experiment(Frozen):
         try:
             section = ExperimentSection.model_validate({**self.experiment.model_dump(), **update})
         except ValidationError as err:
-            raise ConfigError([f"{flags[str(e['loc'][0])]} (experiment.{e['loc'][0]}): {e['msg']}, got {e['input']!r}"
-                               for e in err.errors()], source=self.source) from None  # fmt: skip
+            raise ConfigError(
+                [
+                    f"{flags[str(e['loc'][0])]} (experiment.{e['loc'][0]}): {e['msg']}, got {e['input']!r}"
+                    for e in err.errors()
+                ],
+                source=self.source,
+            ) from None
         return self.model_copy(update={"experiment": section})
 
     @property

@@ -264,14 +264,23 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
 DATA_PATHS = ("path", "root")  # data.path, data.root
 
 
-def _absolute_data_paths(base: TrialConfig, overrides: dict[str, Any], space_dir: Path) -> tuple[TrialConfig, dict[str, Any]]:
+def _absolute_data_paths(
+    base: TrialConfig, overrides: dict[str, Any], space_dir: Path
+) -> tuple[TrialConfig, dict[str, Any]]:
     """Trials run elsewhere (Ray Tune gives each its own working folder), so data paths are made absolute
     here, once, and the absolute path is what the serialized config carries to trials and rows."""
-    data = {key: resolve_file_path(key, value, space_dir) for key in DATA_PATHS
-            if isinstance(value := getattr(base.data, key), str) and not _is_uri(value)}  # fmt: skip
+    data = {
+        key: resolve_file_path(key, value, space_dir)
+        for key in DATA_PATHS
+        if isinstance(value := getattr(base.data, key), str) and not _is_uri(value)
+    }
     # `--set` values were typed in a shell: relative to where the command runs, as the shell completes them.
-    pinned = {key: os.path.abspath(os.path.expanduser(value)) if key in {f"data.{k}" for k in DATA_PATHS}
-              and isinstance(value, str) and not _is_uri(value) else value for key, value in overrides.items()}  # fmt: skip
+    pinned = {
+        key: os.path.abspath(os.path.expanduser(value))
+        if key in {f"data.{k}" for k in DATA_PATHS} and isinstance(value, str) and not _is_uri(value)
+        else value
+        for key, value in overrides.items()
+    }
     return base.model_copy(update={"data": base.data.model_copy(update=data)}), pinned
 
 
@@ -301,8 +310,7 @@ def _load_space(raw_space: Any, raw_base: dict[str, Any]) -> tuple[Space, list[s
     for path, spec in raw_space.items():
         if not isinstance(spec, dict) or "type" not in spec:
             problems.append(
-                f"space.{path}: expected a mapping with a `type` "
-                f"(uniform, loguniform, int or choice), got {spec!r}"
+                f"space.{path}: expected a mapping with a `type` (uniform, loguniform, int or choice), got {spec!r}"
             )
     if problems:
         return Space(), problems + [f"space: {problem}" for problem in unknown_conditions(raw_space)]

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, Field, SerializeAsAny, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from raycls.errors import RegistryError
 from raycls.registry import check_name as _check_name
@@ -27,13 +36,16 @@ def check_name(family: str, name: str) -> str:
 def _set_name(name: str, family: str, what: str) -> str:
     """An OOD or shift set: one of the family's own (generated images, the corruption suite) or a dataset."""
     if not is_registered(family, name) and not is_registered("dataset", name):
-        raise ValueError(f"unknown {what} {name!r}; known: {', '.join(known(family))}, or a dataset: {', '.join(known('dataset'))}")
+        raise ValueError(
+            f"unknown {what} {name!r}; known: {', '.join(known(family))}, or a dataset: {', '.join(known('dataset'))}"
+        )
     return name
 
 
 def registered(family: str, field: str) -> Any:
     """A pydantic validator: `field` must name an entry of the `family` registry (its one source of truth)."""
     return field_validator(field)(classmethod(lambda cls, name: check_name(family, name)))
+
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -110,7 +122,7 @@ class ModelConfig(Frozen):
 
     _known = registered("model", "name")
 
-    def same_architecture(self, other: "ModelConfig") -> bool:
+    def same_architecture(self, other: ModelConfig) -> bool:
         """Whether weights of one load into the other: the fields that shape the network agree (dropout,
         drop-path, pretrained and the inference head change how it trains or predicts, not its weights)."""
         shaping = ("name", "width", "small_input", "kwargs", "adapter")
@@ -257,16 +269,20 @@ class TokenDistillConfig(TeacherPhaseConfig):
     label_smoothing: Fraction = 0.0
 
     @model_validator(mode="after")
-    def _has_teacher(self) -> "TokenDistillConfig":
+    def _has_teacher(self) -> TokenDistillConfig:
         if self.teacher is None and (self.teacher_model is None or not self.teacher_model.pretrained):
-            raise ValueError("token_distill needs a teacher: `teacher: previous` (in a chain), a checkpoint, "
-                             "{from: EXPERIMENT}, or teacher_model with pretrained: true "
-                             "(e.g. {name: vit_small_patch14_dinov2.lvd142m, pretrained: true})")  # fmt: skip
+            raise ValueError(
+                "token_distill needs a teacher: `teacher: previous` (in a chain), a checkpoint, "
+                "{from: EXPERIMENT}, or teacher_model with pretrained: true "
+                "(e.g. {name: vit_small_patch14_dinov2.lvd142m, pretrained: true})"
+            )
         if (self.student_layers is None) != (self.teacher_layers is None) or (
             self.student_layers is not None and len(self.student_layers) != len(self.teacher_layers or [])
         ):
-            raise ValueError(f"student_layers {self.student_layers} and teacher_layers {self.teacher_layers}: "
-                             "give both, of the same length (they pair one to one), or neither")  # fmt: skip
+            raise ValueError(
+                f"student_layers {self.student_layers} and teacher_layers {self.teacher_layers}: "
+                "give both, of the same length (they pair one to one), or neither"
+            )
         return self
 
 
@@ -383,19 +399,19 @@ class TrainConfig(Frozen):
     _known_lr_schedule = registered("lr schedule", "scheduler")
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> "TrainConfig":
+    def _warmup_fits(self) -> TrainConfig:
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be < epochs={self.epochs}")
         return self
 
     @model_validator(mode="after")
-    def _one_average(self) -> "TrainConfig":
+    def _one_average(self) -> TrainConfig:
         if self.ema is not None and self.swa is not None:
             raise ValueError("ema and swa are both set: choose one weight average per stage")
         return self
 
     @model_validator(mode="after")
-    def _sam_without_fp16(self) -> "TrainConfig":
+    def _sam_without_fp16(self) -> TrainConfig:
         # SAM's climb needs the true gradient norm: with fp16's scaled (and maybe inf) gradients it would
         # climb by the loss scale. bf16 needs no scaler.
         if self.sam is not None and self.amp == "fp16":
@@ -500,8 +516,16 @@ class EvalConfig(Frozen):
     # Shifted sets of the full suite: `corruptions` (generated, CIFAR-10-C protocol) or a dataset name with
     # the same classes (cifar10_1 for cifar10).
     shift: tuple[str, ...] = ("corruptions",)
-    corruptions: tuple[str, ...] = ("gaussian_noise", "shot_noise", "impulse_noise", "gaussian_blur", "brightness",
-                                    "contrast", "pixelate", "jpeg_compression")  # fmt: skip
+    corruptions: tuple[str, ...] = (
+        "gaussian_noise",
+        "shot_noise",
+        "impulse_noise",
+        "gaussian_blur",
+        "brightness",
+        "contrast",
+        "pixelate",
+        "jpeg_compression",
+    )
     severities: tuple[Annotated[int, Field(ge=1, le=5)], ...] = (1, 2, 3, 4, 5)
     shift_images: PositiveInt = 1000  # test images corrupted per corruption and severity
     gallery: PositiveInt = 24  # most confident mistakes drawn
@@ -538,15 +562,22 @@ class EvalConfig(Frozen):
         """The k of the per-epoch validation top-k accuracy."""
         return max(self.topk)
 
-    def fast_dev_run(self) -> "EvalConfig":
+    def fast_dev_run(self) -> EvalConfig:
         """Every step of the suite, on a handful of images: one OOD set, one corruption at one severity, few
         overlays, at most one TTA run. It checks that the evaluation runs, in seconds, not what it measures."""
         images = min(self.images or FAST_DEV_EVAL_IMAGES, FAST_DEV_EVAL_IMAGES)
-        return self.model_copy(update={
-            "images": images, "shift_images": min(self.shift_images, images), "ood": self.ood[:1],
-            "corruptions": self.corruptions[:1], "severities": self.severities[:1], "gallery": min(self.gallery, 8),
-            "cam_per_class": 1, "tta": self.tta.model_copy(update={"runs": min(self.tta.runs, 1)}),
-        })  # fmt: skip
+        return self.model_copy(
+            update={
+                "images": images,
+                "shift_images": min(self.shift_images, images),
+                "ood": self.ood[:1],
+                "corruptions": self.corruptions[:1],
+                "severities": self.severities[:1],
+                "gallery": min(self.gallery, 8),
+                "cam_per_class": 1,
+                "tta": self.tta.model_copy(update={"runs": min(self.tta.runs, 1)}),
+            }
+        )
 
 
 def _dispatch_phase(value: Any) -> Any:
@@ -611,9 +642,11 @@ class TrialConfig(Frozen):
         return raw
 
     @model_validator(mode="after")
-    def _stages_valid(self) -> "TrialConfig":
+    def _stages_valid(self) -> TrialConfig:
         if self.phases is not None and not self.phases:
-            raise ValueError("phases: expected a non-empty list of stages, e.g. [{phase: {name: supcon}, train: {epochs: 20}}]")
+            raise ValueError(
+                "phases: expected a non-empty list of stages, e.g. [{phase: {name: supcon}, train: {epochs: 20}}]"
+            )
         for i, stage in enumerate(self.phases or []):
             for section, model in (("train", TrainConfig), ("augment", AugmentConfig)):
                 try:
@@ -624,7 +657,9 @@ class TrialConfig(Frozen):
                     raise ValueError(f"phases.{i}.{section}{'.' + where if where else ''}: {first['msg']}") from None
         for i, stage in enumerate(self.stages):
             if getattr(stage.phase, "teacher", None) == PREVIOUS and i == 0:
-                raise ValueError(f"{'phases.0.' if self.phases else ''}phase.teacher: `previous` needs an earlier stage in `phases`")
+                raise ValueError(
+                    f"{'phases.0.' if self.phases else ''}phase.teacher: `previous` needs an earlier stage in `phases`"
+                )
         labels = [s.label for s in self.stages]
         if len(set(labels)) != len(labels):
             raise ValueError(f"phases: stage names must differ (got {' > '.join(labels)}); give each stage a `name`")
@@ -654,7 +689,9 @@ class TrialConfig(Frozen):
     def stages(self) -> list[Stage]:
         """The phases this trial runs, in order: the chain, or the single `phase` as a one-stage chain."""
         if self.phases is None:
-            return [Stage(label=self.phase.name, phase=self.phase, model=self.model, train=self.train, augment=self.augment)]
+            return [
+                Stage(label=self.phase.name, phase=self.phase, model=self.model, train=self.train, augment=self.augment)
+            ]
         return [
             Stage(
                 label=stage.name or stage.phase.name,
@@ -676,7 +713,7 @@ class TrialConfig(Frozen):
         """Epochs over the whole chain: the time axis ASHA's rungs count in."""
         return sum(s.train.epochs for s in self.stages)
 
-    def fast_dev_run(self) -> "TrialConfig":
+    def fast_dev_run(self) -> TrialConfig:
         """This config as a smoke test (Lightning's `fast_dev_run`): one epoch per stage, no warm-up, batches
         of at most FAST_DEV_BATCH_SIZE images; the loop also runs only FAST_DEV_BATCHES batches of each split
         (`RunContext.limit_batches`), and the evaluation a few images per set (`EvalConfig.fast_dev_run`). It
@@ -684,8 +721,15 @@ class TrialConfig(Frozen):
         data = {**self.to_dict(), "eval": self.eval.fast_dev_run().model_dump(mode="json")}
 
         def shrink(train: dict[str, Any], *, fill: bool) -> None:
-            small = {"epochs": 1, "warmup_epochs": 0.0,
-                     **{k: min(int(v), FAST_DEV_BATCH_SIZE) for k, v in train.items() if k in ("batch_size", "eval_batch_size")}}  # fmt: skip
+            small = {
+                "epochs": 1,
+                "warmup_epochs": 0.0,
+                **{
+                    k: min(int(v), FAST_DEV_BATCH_SIZE)
+                    for k, v in train.items()
+                    if k in ("batch_size", "eval_batch_size")
+                },
+            }
             train.update(small if fill else {k: v for k, v in small.items() if k in train})
 
         shrink(data["train"], fill=True)
@@ -697,7 +741,7 @@ class TrialConfig(Frozen):
         return self.model_dump_json()
 
     @classmethod
-    def from_json(cls, text: str) -> "TrialConfig":
+    def from_json(cls, text: str) -> TrialConfig:
         return cls.model_validate_json(text)
 
     def to_dict(self) -> dict[str, Any]:

@@ -33,10 +33,10 @@ class _Param(Frozen):
         """A value inside the distribution, used to type-check the path against TrialConfig."""
         raise NotImplementedError
 
-    def suggest(self, trial: "optuna.Trial", name: str) -> Any:
+    def suggest(self, trial: optuna.Trial, name: str) -> Any:
         raise NotImplementedError
 
-    def distribution(self) -> "optuna.distributions.BaseDistribution":
+    def distribution(self) -> optuna.distributions.BaseDistribution:
         """The Optuna distribution `suggest` samples from (a warm start checks old values against it)."""
         raise NotImplementedError
 
@@ -51,7 +51,7 @@ class Uniform(_Param):
     high: float
 
     @model_validator(mode="after")
-    def _range(self) -> "Uniform":
+    def _range(self) -> Uniform:
         if not self.low < self.high:
             raise ValueError(f"low={self.low} must be < high={self.high}")
         return self
@@ -59,10 +59,10 @@ class Uniform(_Param):
     def representative(self) -> float:
         return self.low
 
-    def suggest(self, trial: "optuna.Trial", name: str) -> float:
+    def suggest(self, trial: optuna.Trial, name: str) -> float:
         return trial.suggest_float(name, self.low, self.high)
 
-    def distribution(self) -> "optuna.distributions.BaseDistribution":
+    def distribution(self) -> optuna.distributions.BaseDistribution:
         from optuna.distributions import FloatDistribution
 
         return FloatDistribution(self.low, self.high, log=isinstance(self, LogUniform))
@@ -72,12 +72,12 @@ class LogUniform(Uniform):
     type: Literal["loguniform"]  # type: ignore[assignment]
 
     @model_validator(mode="after")
-    def _positive(self) -> "LogUniform":
+    def _positive(self) -> LogUniform:
         if self.low <= 0:
             raise ValueError(f"loguniform needs low > 0, got low={self.low}")
         return self
 
-    def suggest(self, trial: "optuna.Trial", name: str) -> float:
+    def suggest(self, trial: optuna.Trial, name: str) -> float:
         return trial.suggest_float(name, self.low, self.high, log=True)
 
 
@@ -89,7 +89,7 @@ class IntRange(_Param):
     log: bool = False
 
     @model_validator(mode="after")
-    def _range(self) -> "IntRange":
+    def _range(self) -> IntRange:
         if not self.low < self.high:
             raise ValueError(f"low={self.low} must be < high={self.high}")
         if self.log and self.low <= 0:
@@ -101,10 +101,10 @@ class IntRange(_Param):
     def representative(self) -> int:
         return self.low
 
-    def suggest(self, trial: "optuna.Trial", name: str) -> int:
+    def suggest(self, trial: optuna.Trial, name: str) -> int:
         return trial.suggest_int(name, self.low, self.high, step=self.step, log=self.log)
 
-    def distribution(self) -> "optuna.distributions.BaseDistribution":
+    def distribution(self) -> optuna.distributions.BaseDistribution:
         from optuna.distributions import IntDistribution
 
         return IntDistribution(self.low, self.high, step=self.step, log=self.log)
@@ -120,10 +120,10 @@ class Choice(_Param):
     def representative(self) -> Scalar:
         return self.values[0]
 
-    def suggest(self, trial: "optuna.Trial", name: str) -> Scalar:
+    def suggest(self, trial: optuna.Trial, name: str) -> Scalar:
         return trial.suggest_categorical(name, self.values)
 
-    def distribution(self) -> "optuna.distributions.BaseDistribution":
+    def distribution(self) -> optuna.distributions.BaseDistribution:
         from optuna.distributions import CategoricalDistribution
 
         return CategoricalDistribution(self.values)
@@ -146,7 +146,7 @@ class Space(Frozen):
     params: dict[str, Param] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _conditions(self) -> "Space":
+    def _conditions(self) -> Space:
         unknown = unknown_conditions(self.params)
         if unknown:
             raise ValueError("; ".join(unknown))
@@ -157,7 +157,9 @@ class Space(Frozen):
                 if isinstance(target, Choice):
                     missing = [v for v in allowed if v not in target.values]
                     if missing:
-                        raise ValueError(f"{path}: condition {other}={missing} can never hold; {other} takes {target.values}")
+                        raise ValueError(
+                            f"{path}: condition {other}={missing} can never hold; {other} takes {target.values}"
+                        )
         self.order()  # raises on cycles
         return self
 
@@ -191,8 +193,10 @@ def unknown_conditions(params: Mapping[str, Any]) -> list[str]:
         when = param.get("when") if isinstance(param, Mapping) else getattr(param, "when", None)
         for other in when if isinstance(when, Mapping) else {}:
             if other not in params:
-                problems.append(f"{path}: condition on {other!r}, which is not a parameter of the space; "
-                                f"parameters: {', '.join(params) or '(none)'}")  # fmt: skip
+                problems.append(
+                    f"{path}: condition on {other!r}, which is not a parameter of the space; "
+                    f"parameters: {', '.join(params) or '(none)'}"
+                )
     return problems
 
 
@@ -204,7 +208,7 @@ def condition_holds(when: Mapping[str, Any], values: Mapping[str, Any]) -> bool:
     return True
 
 
-def suggest(trial: "optuna.Trial", space: Space, fixed: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, space: Space, fixed: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The define-by-run function: sample every parameter whose condition holds, in dependency order.
 
     `fixed` holds values pinned by `--set`: they are not sampled, but conditions see them.

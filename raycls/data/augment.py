@@ -185,18 +185,30 @@ def apply_augmentations(
         if not value:
             continue
         op = AUGMENTATIONS.get(name)
-        x = _in_pixel_space(op, x, value, gen, name=name, mean=mean, std=std) if name in PIXEL_SPACE else op(x, value, gen)
+        x = (
+            _in_pixel_space(op, x, value, gen, name=name, mean=mean, std=std)
+            if name in PIXEL_SPACE
+            else op(x, value, gen)
+        )
     return x
 
 
 def _in_pixel_space(
-    op: AugmentOp, x: torch.Tensor, value: Any, gen: torch.Generator, *, name: str, mean: Stats | None, std: Stats | None
+    op: AugmentOp,
+    x: torch.Tensor,
+    value: Any,
+    gen: torch.Generator,
+    *,
+    name: str,
+    mean: Stats | None,
+    std: Stats | None,
 ) -> torch.Tensor:
     if mean is None or std is None:
         # Guessing (treating normalised values as pixels) would clip away half of every image silently.
-        raise ValueError(f"augmentation {name!r} works on pixel values: pass the batch's normalisation "
-                         "mean and std to apply_augmentations")  # fmt: skip
+        raise ValueError(
+            f"augmentation {name!r} works on pixel values: pass the batch's normalisation "
+            "mean and std to apply_augmentations"
+        )
     m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(1, -1, 1, 1)
     return (op(x * s + m, value, gen) - m) / s
-

@@ -21,8 +21,8 @@ import torch
 
 from raycls.config.schema import DataConfig
 from raycls.data.decode import decode_cached
-from raycls.images import decode_image
 from raycls.errors import DataError
+from raycls.images import decode_image
 from raycls.registry import Registry
 
 
@@ -43,7 +43,7 @@ class ArrayData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: np.ndarray | torch.Tensor) -> "ArrayData":
+    def subset(self, index: np.ndarray | torch.Tensor) -> ArrayData:
         index = torch.as_tensor(index, dtype=torch.long)
         return ArrayData(self.images[index], self.labels[index], self.classes)
 
@@ -72,10 +72,12 @@ class FileData:
     def __len__(self) -> int:
         return len(self.files)
 
-    def subset(self, index: np.ndarray | torch.Tensor) -> "FileData":
+    def subset(self, index: np.ndarray | torch.Tensor) -> FileData:
         index = np.asarray(index, dtype=np.int64)
         where = tuple(self.where[i] for i in index) if self.where else None
-        return FileData(tuple(self.files[i] for i in index), self.labels[index], self.classes, self.size, where, self.resize)
+        return FileData(
+            tuple(self.files[i] for i in index), self.labels[index], self.classes, self.size, where, self.resize
+        )
 
     @property
     def channels(self) -> int:
@@ -83,7 +85,9 @@ class FileData:
 
     def decode(self, cache: Path | None) -> ArrayData:
         """The files as ArrayData, through the node's decode cache when `cache` is a folder."""
-        images = decode_cached([Path(f) for f in self.files], self.size, resize=self.resize, where=self.where, cache=cache)
+        images = decode_cached(
+            [Path(f) for f in self.files], self.size, resize=self.resize, where=self.where, cache=cache
+        )
         return from_hwc(images, self.labels, self.classes)
 
 
@@ -130,7 +134,11 @@ DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
 def register_dataset(
-    name: str, *, eval_only: bool = False, from_files: bool = False, size: int | Callable[[DataConfig], int] | None = None
+    name: str,
+    *,
+    eval_only: bool = False,
+    from_files: bool = False,
+    size: int | Callable[[DataConfig], int] | None = None,
 ) -> Callable[[Reader], Reader]:
     """`size`: the images' side length, or a function of the config giving it (None: unknown until read)."""
 
@@ -246,7 +254,9 @@ def _read_mnist_like(config: DataConfig, root: Path, folder: str, tv_name: str, 
     for split, (images_stem, labels_stem) in stems.items():
         images = read_idx(_find(folders, images_stem))  # type: ignore[arg-type]
         labels = read_idx(_find(folders, labels_stem))  # type: ignore[arg-type]
-        splits[split] = ArrayData(torch.from_numpy(images.copy())[:, None], torch.as_tensor(labels.astype(np.int64)), classes)
+        splits[split] = ArrayData(
+            torch.from_numpy(images.copy())[:, None], torch.as_tensor(labels.astype(np.int64)), classes
+        )
     return RawDataset(splits["train"], splits["test"])
 
 
@@ -359,7 +369,9 @@ def list_image_folder(folder: Path, size: int, resize: str = "squash") -> FileDa
             raise DataError(f"class folder {class_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         files += found
         labels += [label] * len(found)
-    return FileData(tuple(files), np.asarray(labels, dtype=np.int64), tuple(p.name for p in class_dirs), size, resize=resize)
+    return FileData(
+        tuple(files), np.asarray(labels, dtype=np.int64), tuple(p.name for p in class_dirs), size, resize=resize
+    )
 
 
 def read_image_folder(folder: Path, size: int, *, resize: str = "squash", cache: Path | None = None) -> ArrayData:
@@ -405,8 +417,10 @@ def list_csv(config: DataConfig, root: Path) -> RawFiles:
     header = list(rows[0]) if rows else []
     path_column = next((c for c in CSV_PATH_COLUMNS if c in header), None)
     if path_column is None or "label" not in header:
-        raise DataError(f"{table}: the header must name an image column ({', '.join(CSV_PATH_COLUMNS)}) and `label`; "
-                        f"it has {', '.join(header) or 'no rows'}")  # fmt: skip
+        raise DataError(
+            f"{table}: the header must name an image column ({', '.join(CSV_PATH_COLUMNS)}) and `label`; "
+            f"it has {', '.join(header) or 'no rows'}"
+        )
     tests = [i for i, row in enumerate(rows) if (row.get("split") or "").strip().lower() == "test"]
     train_rows = [i for i in range(len(rows)) if i not in set(tests)]
     classes = tuple(sorted({rows[i]["label"] for i in train_rows}))
@@ -416,7 +430,9 @@ def list_csv(config: DataConfig, root: Path) -> RawFiles:
     def listed(indices: list[int]) -> FileData:
         for i in indices:  # the header is line 1
             if rows[i]["label"] not in classes:
-                raise DataError(f"{table}:{i + 2}: label {rows[i]['label']!r} is not one of the training labels {classes}")
+                raise DataError(
+                    f"{table}:{i + 2}: label {rows[i]['label']!r} is not one of the training labels {classes}"
+                )
         files = [table.parent / rows[i][path_column] for i in indices]
         where = tuple(f"{table}:{i + 2}: " for i in indices)
         missing = next((k for k, file in enumerate(files) if not file.is_file()), None)
@@ -441,8 +457,10 @@ def read_tiny_imagenet(config: DataConfig, root: Path) -> RawDataset:
     base = Path(config.path).expanduser() if config.path else root / TINY_IMAGENET
     wnids = base / "wnids.txt"
     if not wnids.is_file():
-        raise DataError(f"Tiny ImageNet not found: {wnids} is missing (unzip tiny-imagenet-200.zip under "
-                        f"{root} or set data.path to its folder)")  # fmt: skip
+        raise DataError(
+            f"Tiny ImageNet not found: {wnids} is missing (unzip tiny-imagenet-200.zip under "
+            f"{root} or set data.path to its folder)"
+        )
     classes = tuple(line.strip() for line in wnids.read_text().splitlines() if line.strip())
     images, labels = [], []
     for label, wnid in enumerate(classes):
@@ -462,7 +480,13 @@ def read_tiny_imagenet(config: DataConfig, root: Path) -> RawDataset:
         name, wnid = line.split("\t")[:2]
         if wnid not in classes:
             raise DataError(f"{annotations}:{line_number}: class {wnid!r} is not in wnids.txt")
-        val_images.append(decode_image(base / "val" / "images" / name, config.folder_size, resize=config.resize,
-                                       where=f"{annotations}:{line_number}: "))  # fmt: skip
+        val_images.append(
+            decode_image(
+                base / "val" / "images" / name,
+                config.folder_size,
+                resize=config.resize,
+                where=f"{annotations}:{line_number}: ",
+            )
+        )
         val_labels.append(classes.index(wnid))
     return RawDataset(train, from_hwc(np.stack(val_images), np.asarray(val_labels), classes) if val_images else None)

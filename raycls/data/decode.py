@@ -58,8 +58,15 @@ def cache_key(files: Sequence[Path], size: int, resize: str = "squash") -> str:
     return digest.hexdigest()[:32]
 
 
-def decode_cached(files: Sequence[Path], size: int, *, resize: str = "squash", where: Sequence[str] | None = None,
-                  cache: Path | None = None, workers: int | None = None) -> np.ndarray:  # fmt: skip
+def decode_cached(
+    files: Sequence[Path],
+    size: int,
+    *,
+    resize: str = "squash",
+    where: Sequence[str] | None = None,
+    cache: Path | None = None,
+    workers: int | None = None,
+) -> np.ndarray:
     """`files` as uint8 [N, size, size, 3] RGB (made square by `resize`), from the node's cache when it has them
     (read-only memory map). `where[i]` prefixes file i's error message (a CSV's line); `cache` None: no cache,
     decode in memory."""
@@ -81,8 +88,14 @@ def decode_cached(files: Sequence[Path], size: int, *, resize: str = "squash", w
     return np.load(path, mmap_mode="r")
 
 
-def decode_all(files: Sequence[Path], size: int, *, resize: str = "squash", where: Sequence[str] | None = None,
-               workers: int | None = None) -> np.ndarray:  # fmt: skip
+def decode_all(
+    files: Sequence[Path],
+    size: int,
+    *,
+    resize: str = "squash",
+    where: Sequence[str] | None = None,
+    workers: int | None = None,
+) -> np.ndarray:
     from raycls.images import decode_image
 
     out = np.empty((len(files), size, size, 3), dtype=np.uint8)

@@ -88,20 +88,35 @@ def split_stats(data: ArrayData, sizes: np.ndarray | None = None) -> dict[str, A
         "images": len(data),
         "class_counts": dict(zip(data.classes, counts)),
         "imbalance_ratio": max(counts) / max(min(counts), 1),
-        "image_size": [int(h), int(w)], "channels": int(data.images.shape[1]),
-        "source_size": {"min": sizes.min(0).tolist(), "median": np.median(sizes, 0).tolist(), "max": sizes.max(0).tolist()},
+        "image_size": [int(h), int(w)],
+        "channels": int(data.images.shape[1]),
+        "source_size": {
+            "min": sizes.min(0).tolist(),
+            "median": np.median(sizes, 0).tolist(),
+            "max": sizes.max(0).tolist(),
+        },
         "aspect_ratio": _summary(aspect),  # width / height of the source images
-        "brightness": _summary(brightness), "contrast": _summary(contrast),
-        "channel_mean": list(mean), "channel_std": list(std),
-        "exact_duplicate_groups": len(exact), "exact_duplicate_images": sum(len(g) - 1 for g in exact),
-        "near_duplicate_groups": len(near), "near_duplicate_images": sum(len(g) - 1 for g in near),
+        "brightness": _summary(brightness),
+        "contrast": _summary(contrast),
+        "channel_mean": list(mean),
+        "channel_std": list(std),
+        "exact_duplicate_groups": len(exact),
+        "exact_duplicate_images": sum(len(g) - 1 for g in exact),
+        "near_duplicate_groups": len(near),
+        "near_duplicate_images": sum(len(g) - 1 for g in near),
         "near_duplicate_examples": near[:10],
-    }  # fmt: skip
+    }
 
 
 def _summary(values: torch.Tensor) -> dict[str, float]:
     q = torch.quantile(values, torch.tensor([0.05, 0.5, 0.95], dtype=values.dtype))
-    return {"mean": float(values.mean()), "std": float(values.std()), "p05": float(q[0]), "median": float(q[1]), "p95": float(q[2])}
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "p05": float(q[0]),
+        "median": float(q[1]),
+        "p95": float(q[2]),
+    }
 
 
 def leakage(train: ArrayData, test: ArrayData) -> dict[str, Any]:
@@ -118,26 +133,50 @@ def explore(config: TrialConfig, out: Path) -> dict[str, Any]:
     from raycls.plots import bars, histograms, image_grid
 
     # Image files are listed (the splits a trial carves, as files) to measure the files, then decoded.
-    listed = config.data.model_copy(update={"loader": "stream"}) if DATASETS.get(config.data.name).list_files else config.data
+    listed = (
+        config.data.model_copy(update={"loader": "stream"})
+        if DATASETS.get(config.data.name).list_files
+        else config.data
+    )
     splits = load_splits(listed, seed=config.seed)
     files = {"train": splits.train, "val": splits.val, "test": splits.test}
     cache = cache_dir() if config.data.decode_cache else None
     named = {name: data.decode(cache) if isinstance(data, FileData) else data for name, data in files.items()}
-    report: dict[str, Any] = {"dataset": config.data.name, "seed": config.seed, "classes": list(named["train"].classes),
-                              "splits": {name: split_stats(named[name], source_sizes(files[name])) for name in named}}  # fmt: skip
-    pool = ArrayData(torch.cat([named["train"].images, named["val"].images]), torch.cat([named["train"].labels, named["val"].labels]),
-                     named["train"].classes)  # fmt: skip
+    report: dict[str, Any] = {
+        "dataset": config.data.name,
+        "seed": config.seed,
+        "classes": list(named["train"].classes),
+        "splits": {name: split_stats(named[name], source_sizes(files[name])) for name in named},
+    }
+    pool = ArrayData(
+        torch.cat([named["train"].images, named["val"].images]),
+        torch.cat([named["train"].labels, named["val"].labels]),
+        named["train"].classes,
+    )
     report["train_test_leakage"] = leakage(pool, named["test"])
     out.mkdir(parents=True, exist_ok=True)
-    for name, data in named.items():
-        bars(report["splits"][name]["class_counts"], out / f"class_balance_{name}.png", title=f"{name}: images per class", ylabel="images")
-    histograms({"brightness": {n: (d.images.float().mean((1, 2, 3)) / 255).numpy() for n, d in named.items()},
-                "contrast": {n: (d.images.float().mean(1).std((1, 2)) / 255).numpy() for n, d in named.items()}},
-               out / "brightness_contrast.png")  # fmt: skip
+    for name, _data in named.items():
+        bars(
+            report["splits"][name]["class_counts"],
+            out / f"class_balance_{name}.png",
+            title=f"{name}: images per class",
+            ylabel="images",
+        )
+    histograms(
+        {
+            "brightness": {n: (d.images.float().mean((1, 2, 3)) / 255).numpy() for n, d in named.items()},
+            "contrast": {n: (d.images.float().mean(1).std((1, 2)) / 255).numpy() for n, d in named.items()},
+        },
+        out / "brightness_contrast.png",
+    )
     groups = report["splits"]["train"]["near_duplicate_examples"]
     if groups:
         index = [i for group in groups[:8] for i in group[:2]]
-        image_grid(named["train"].images[index], [f"group {k // 2}" for k in range(len(index))], out / "near_duplicates_train.png")
+        image_grid(
+            named["train"].images[index],
+            [f"group {k // 2}" for k in range(len(index))],
+            out / "near_duplicates_train.png",
+        )
     write_json_atomic(out / REPORT_FILE, report)
     return report
 

@@ -71,8 +71,15 @@ class Batching:
         return torch.stack([self._prepare(images, gen) for _ in range(self.views)], dim=1), labels
 
     def _prepare(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return prepare(images, self.mean, self.std, gen, image_size=self.image_size, augment=self.augment,
-                       channels_last=self.channels_last)  # fmt: skip
+        return prepare(
+            images,
+            self.mean,
+            self.std,
+            gen,
+            image_size=self.image_size,
+            augment=self.augment,
+            channels_last=self.channels_last,
+        )
 
 
 class BatchLoader(Batching):
@@ -94,9 +101,13 @@ class BatchLoader(Batching):
         self.images = data.images.to(self.device, non_blocking=True)
         self.labels = data.labels.to(self.device, non_blocking=True)
         self.sampler = DistributedSampler(
-            range(len(data)), num_replicas=self.world_size, rank=self.rank, shuffle=self.train, seed=self.seed,
+            range(len(data)),
+            num_replicas=self.world_size,
+            rank=self.rank,
+            shuffle=self.train,
+            seed=self.seed,
             drop_last=False,
-        )  # fmt: skip
+        )
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -125,9 +136,15 @@ class BatchLoader(Batching):
 
 
 def prepare(
-    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator, *,
-    image_size: int | None, augment: AugmentConfig | None, channels_last: bool,
-) -> torch.Tensor:  # fmt: skip
+    images: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    gen: torch.Generator,
+    *,
+    image_size: int | None,
+    augment: AugmentConfig | None,
+    channels_last: bool,
+) -> torch.Tensor:
     """uint8 [B, C, H, W] on the device -> normalised (mean, std in 0..255 units), resized, augmented floats.
     Both loaders (in memory, streamed) end here, so a batch is the same tensor whichever brought it."""
     x = (images.float() - mean) / std

@@ -58,15 +58,15 @@ def _apply_groups(x: torch.Tensor, policy: Any, draws: list[Draw]) -> torch.Tens
     for mask, op, magnitude in draws:
         index = mask.nonzero().flatten()
         if len(index):
-            out = policy._apply_image_or_video_transform(images[index], op, magnitude,
-                                                         interpolation=v2.InterpolationMode.NEAREST, fill={torch.Tensor: None})  # fmt: skip
+            out = policy._apply_image_or_video_transform(
+                images[index], op, magnitude, interpolation=v2.InterpolationMode.NEAREST, fill={torch.Tensor: None}
+            )
             images[index] = out
     return images.to(x.dtype) / 255.0
 
 
 def _signs(n: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
     return _uniform(n, gen, device) < 0.5
-
 
 
 def _signed(chosen: torch.Tensor, negative: torch.Tensor, op: str, magnitude: float, signed: bool) -> list[Draw]:
@@ -84,8 +84,13 @@ def randaugment(x: torch.Tensor, config: dict, gen: torch.Generator) -> torch.Te
     for _ in range(config["num_ops"]):
         choice = (_uniform(n, gen, x.device) * len(ops)).long().clamp(max=len(ops) - 1)
         negative = _signs(n, gen, x.device)
-        draws = [draw for k, op in enumerate(ops)
-                 for draw in _signed(choice == k, negative, op, *_magnitude(policy, op, RANDAUGMENT_BINS, config["magnitude"], h, w))]
+        draws = [
+            draw
+            for k, op in enumerate(ops)
+            for draw in _signed(
+                choice == k, negative, op, *_magnitude(policy, op, RANDAUGMENT_BINS, config["magnitude"], h, w)
+            )
+        ]
         x = _apply_groups(x, policy, draws)
     return x
 
@@ -158,6 +163,10 @@ def random_erasing(x: torch.Tensor, config: dict, gen: torch.Generator) -> torch
     chosen = _uniform(n, gen, x.device) < config["p"]
     ys = torch.arange(h, device=x.device)[None, :, None]
     xs = torch.arange(w, device=x.device)[None, None, :]
-    inside = ((ys >= top[:, None, None]) & (ys < (top + eh)[:, None, None])
-              & (xs >= left[:, None, None]) & (xs < (left + ew)[:, None, None]))  # fmt: skip
+    inside = (
+        (ys >= top[:, None, None])
+        & (ys < (top + eh)[:, None, None])
+        & (xs >= left[:, None, None])
+        & (xs < (left + ew)[:, None, None])
+    )
     return x.masked_fill((inside & chosen[:, None, None])[:, None], 0.0)

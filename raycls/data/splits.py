@@ -50,9 +50,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
         raise DataError("every class needs at least 2 images to split off a test or validation set")
     n_classes = int((counts > 0).sum())
     taken = max(int(round(fraction * len(labels))), n_classes)
-    rest_idx, taken_idx = train_test_split(
-        np.arange(len(labels)), test_size=taken, stratify=labels, random_state=seed
-    )
+    rest_idx, taken_idx = train_test_split(np.arange(len(labels)), test_size=taken, stratify=labels, random_state=seed)
     return np.sort(rest_idx), np.sort(taken_idx)
 
 
@@ -85,8 +83,10 @@ def load_splits(config: DataConfig, *, seed: int) -> Splits:
         raise DataError(f"dataset {config.name!r} is evaluation-only: it has no training split")
     if config.loader == "stream":
         if spec.list_files is None:
-            raise DataError(f"data.loader: stream needs a dataset of image files ({', '.join(streamable())}); "
-                            f"{config.name!r} is read into memory whole: use data.loader: memory or auto")  # fmt: skip
+            raise DataError(
+                f"data.loader: stream needs a dataset of image files ({', '.join(streamable())}); "
+                f"{config.name!r} is read into memory whole: use data.loader: memory or auto"
+            )
         files = spec.list_files(config, data_root(config))
         pool, test = files.train, files.test
     else:
@@ -111,7 +111,9 @@ def streamable() -> list[str]:
     return [name for name in DATASETS.names() if DATASETS.get(name).list_files is not None]
 
 
-def normalisation(train: ArrayData | FileData, seed: int, *, sample: int | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalisation(
+    train: ArrayData | FileData, seed: int, *, sample: int | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of the training split, or of a seeded sample of `sample` of its images. A
     streamed split's sample is decoded here, not cached: each seed samples other files, and the decode cache
     would keep a copy of every sample."""
@@ -132,8 +134,19 @@ def resolve_loader(config: DataConfig, *, device_memory: int | None = None) -> D
         return config.model_copy(update={"loader": "memory"})
     pool = spec.list_files(config, data_root(config)).train
     images = min(len(pool), config.train_subset or len(pool))
-    stream = should_stream(config, images, config.folder_size, device_memory=device_memory, host_memory=host_available_bytes())
+    stream = should_stream(
+        config, images, config.folder_size, device_memory=device_memory, host_memory=host_available_bytes()
+    )
     return config.model_copy(update={"loader": "stream" if stream else "memory"})
 
 
-__all__ = ["STATS_SAMPLE", "TEST_FRACTION", "Splits", "carve_test", "load_splits", "normalisation", "resolve_loader", "stratified_split"]
+__all__ = [
+    "STATS_SAMPLE",
+    "TEST_FRACTION",
+    "Splits",
+    "carve_test",
+    "load_splits",
+    "normalisation",
+    "resolve_loader",
+    "stratified_split",
+]

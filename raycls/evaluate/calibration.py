@@ -19,11 +19,15 @@ BINS = 15
 
 
 def ece(logits: torch.Tensor, labels: torch.Tensor, *, bins: int = BINS) -> float:
-    return multiclass_calibration_error(F.softmax(logits.float(), -1), labels, num_classes=logits.shape[1], n_bins=bins, norm="l1").item()
+    return multiclass_calibration_error(
+        F.softmax(logits.float(), -1), labels, num_classes=logits.shape[1], n_bins=bins, norm="l1"
+    ).item()
 
 
 def mce(logits: torch.Tensor, labels: torch.Tensor, *, bins: int = BINS) -> float:
-    return multiclass_calibration_error(F.softmax(logits.float(), -1), labels, num_classes=logits.shape[1], n_bins=bins, norm="max").item()
+    return multiclass_calibration_error(
+        F.softmax(logits.float(), -1), labels, num_classes=logits.shape[1], n_bins=bins, norm="max"
+    ).item()
 
 
 def brier(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -76,17 +80,28 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, steps: int = 
     return float(log_t.exp().item())
 
 
-def calibration_metrics(logits: torch.Tensor, labels: torch.Tensor, *, val_logits: torch.Tensor | None = None,
-                        val_labels: torch.Tensor | None = None) -> dict[str, float]:  # fmt: skip
+def calibration_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    val_logits: torch.Tensor | None = None,
+    val_labels: torch.Tensor | None = None,
+) -> dict[str, float]:
     """ECE, MCE and Brier on the evaluated split; with validation logits, the temperature fitted on them and
     the evaluated split's ECE and NLL after scaling."""
-    metrics = {names.TEST_ECE: ece(logits, labels), names.TEST_MCE: mce(logits, labels), names.TEST_BRIER: brier(logits, labels)}
+    metrics = {
+        names.TEST_ECE: ece(logits, labels),
+        names.TEST_MCE: mce(logits, labels),
+        names.TEST_BRIER: brier(logits, labels),
+    }
     if val_logits is not None and val_labels is not None and len(val_labels) > 1:
         t = fit_temperature(val_logits, val_labels)
         scaled = logits.double() / t
-        metrics.update({
-            names.TEST_TEMPERATURE: t,
-            names.TEST_ECE_TS: ece(scaled, labels),
-            names.TEST_NLL_TS: F.cross_entropy(scaled, labels).item(),
-        })  # fmt: skip
+        metrics.update(
+            {
+                names.TEST_TEMPERATURE: t,
+                names.TEST_ECE_TS: ece(scaled, labels),
+                names.TEST_NLL_TS: F.cross_entropy(scaled, labels).item(),
+            }
+        )
     return metrics

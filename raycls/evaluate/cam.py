@@ -50,6 +50,9 @@ def gradcam_pp(classifier: nn.Module, backbone: nn.Module, x: torch.Tensor, targ
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     layer, reshape = target_layer(backbone)
-    with torch.enable_grad(), GradCAMPlusPlus(model=classifier, target_layers=[layer], reshape_transform=reshape) as cam:
+    with (
+        torch.enable_grad(),
+        GradCAMPlusPlus(model=classifier, target_layers=[layer], reshape_transform=reshape) as cam,
+    ):
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
     return torch.from_numpy(maps).float()

@@ -20,7 +20,9 @@ from torchmetrics.functional.classification import (
 from raycls import names
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, *, topk: tuple[int, ...] = (1, 3, 5)) -> dict[str, float]:
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, *, topk: tuple[int, ...] = (1, 3, 5)
+) -> dict[str, float]:
     """Every summary metric of a classifier on one split (k beyond the number of classes is left out)."""
     logits, labels = logits.float(), labels.long()
     c = logits.shape[1]
@@ -30,9 +32,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, *, topk: 
     }
     for k in sorted(set(topk)):
         if 1 < k <= c:
-            metrics[names.test_topk(k)] = multiclass_accuracy(logits, labels, num_classes=c, average="micro", top_k=k).item()
+            metrics[names.test_topk(k)] = multiclass_accuracy(
+                logits, labels, num_classes=c, average="micro", top_k=k
+            ).item()
     for average in ("macro", "weighted"):
-        metrics[f"test_{average}_precision"] = multiclass_precision(logits, labels, num_classes=c, average=average).item()
+        metrics[f"test_{average}_precision"] = multiclass_precision(
+            logits, labels, num_classes=c, average=average
+        ).item()
         metrics[f"test_{average}_recall"] = multiclass_recall(logits, labels, num_classes=c, average=average).item()
         metrics[f"test_{average}_f1"] = multiclass_f1_score(logits, labels, num_classes=c, average=average).item()
     # One-vs-rest AUROC of each class present in the split, averaged (a class without positives has none).
@@ -49,10 +55,16 @@ def per_class_report(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[
     f1 = multiclass_f1_score(logits, labels, **kwargs)
     support = torch.bincount(labels, minlength=c)
     return [
-        {"class": classes[i] if i < len(classes) else str(i), "support": int(support[i]), "accuracy": float(recall[i]),
-         "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i])}
+        {
+            "class": classes[i] if i < len(classes) else str(i),
+            "support": int(support[i]),
+            "accuracy": float(recall[i]),
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+        }
         for i in range(c)
-    ]  # fmt: skip
+    ]
 
 
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ def latency_ms(forward: Forward, batch: torch.Tensor) -> float:
     sync = torch.cuda.synchronize if batch.is_cuda else (lambda: None)
     times: list[float] = []
     with torch.no_grad():
-        for call in range(WARMUP_CALLS):
+        for _call in range(WARMUP_CALLS):
             started = time.perf_counter()
             forward(batch)
             sync()
@@ -78,8 +78,9 @@ def latency_ms(forward: Forward, batch: torch.Tensor) -> float:
     return 1000.0 * statistics.median(times)
 
 
-def measure_cost(model: nn.Module, forward: Forward, *, channels: int, image_size: int, batch_size: int,
-                 device: torch.device) -> dict[str, float]:  # fmt: skip
+def measure_cost(
+    model: nn.Module, forward: Forward, *, channels: int, image_size: int, batch_size: int, device: torch.device
+) -> dict[str, float]:
     """The model's cost metrics (names.COST_METRICS). `forward` maps normalised images to the outputs."""
     was_training = model.training
     model.eval()

@@ -12,8 +12,10 @@ def confident_mistakes(probs: torch.Tensor, labels: torch.Tensor, *, top: int = 
     confidence, predicted = probs.max(-1)
     wrong = (predicted != labels).nonzero().flatten()
     order = wrong[confidence[wrong].argsort(descending=True)][:top]
-    return [{"index": int(i), "label": int(labels[i]), "predicted": int(predicted[i]), "confidence": float(confidence[i])}
-            for i in order]  # fmt: skip
+    return [
+        {"index": int(i), "label": int(labels[i]), "predicted": int(predicted[i]), "confidence": float(confidence[i])}
+        for i in order
+    ]
 
 
 def label_issues(probs: torch.Tensor, labels: torch.Tensor) -> list[dict[str, float | int]]:
@@ -28,5 +30,7 @@ def label_issues(probs: torch.Tensor, labels: torch.Tensor) -> list[dict[str, fl
     # actor runs the loop in a thread beside Ray's own) can inherit a held lock and hang forever (seen: a zoo
     # search stuck in find_label_issues' forked worker). The work is a few argsorts: one process is enough.
     ranked = find_label_issues(y, p, return_indices_ranked_by="self_confidence", n_jobs=1)
-    return [{"index": int(i), "label": int(y[i]), "suggested": int(p[i].argmax()), "label_confidence": float(p[i, y[i]])}
-            for i in ranked]  # fmt: skip
+    return [
+        {"index": int(i), "label": int(y[i]), "suggested": int(p[i].argmax()), "label_confidence": float(p[i, y[i]])}
+        for i in ranked
+    ]

@@ -98,7 +98,10 @@ class EmbeddingMetrics(Evaluator):
         return cls(knn_k)
 
     def embedding_metrics(self, embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        return {names.VAL_KNN_ACC: knn_accuracy(embeddings, labels, k=self.k), names.VAL_RECALL_AT_1: recall_at_1(embeddings, labels)}
+        return {
+            names.VAL_KNN_ACC: knn_accuracy(embeddings, labels, k=self.k),
+            names.VAL_RECALL_AT_1: recall_at_1(embeddings, labels),
+        }
 
     @classmethod
     def reports(cls, topk: int) -> frozenset[str]:

@@ -42,7 +42,9 @@ def fit_feature_stats(train: Predictions) -> FeatureStats:
     features = train.embeddings.double()
     labels = train.labels
     classes = int(labels.max()) + 1
-    means = torch.stack([features[labels == c].mean(0) if (labels == c).any() else features.mean(0) for c in range(classes)])
+    means = torch.stack(
+        [features[labels == c].mean(0) if (labels == c).any() else features.mean(0) for c in range(classes)]
+    )
     centred = features - means[labels]
     covariance = centred.T @ centred / max(len(features) - 1, 1)
     precision = torch.linalg.pinv(covariance, hermitian=True)
@@ -103,4 +105,7 @@ def separation(in_scores: torch.Tensor, out_scores: torch.Tensor) -> dict[str, f
     scores = torch.cat([in_scores, out_scores]).double().numpy()
     truth = np.r_[np.ones(len(in_scores)), np.zeros(len(out_scores))]
     threshold = torch.quantile(in_scores.double(), 0.05).item()
-    return {"auroc": float(roc_auc_score(truth, scores)), "fpr95": float((out_scores.double() >= threshold).float().mean())}
+    return {
+        "auroc": float(roc_auc_score(truth, scores)),
+        "fpr95": float((out_scores.double() >= threshold).float().mean()),
+    }

@@ -85,8 +85,19 @@ def predict(
     Every worker must call this (a collective)."""
     from raycls.data import BatchLoader
 
-    loader = BatchLoader(data, batch_size, mean=mean, std=std, device=device, train=False, image_size=image_size,
-                         rank=rank, world_size=world_size, augment=augment, seed=seed)  # fmt: skip
+    loader = BatchLoader(
+        data,
+        batch_size,
+        mean=mean,
+        std=std,
+        device=device,
+        train=False,
+        image_size=image_size,
+        rank=rank,
+        world_size=world_size,
+        augment=augment,
+        seed=seed,
+    )
     model.eval()
     logits, embeddings = [], []
     for x, _ in loader:

@@ -102,16 +102,27 @@ class Evaluation:
     def writes(self) -> bool:
         return self.rank == 0
 
-    def predict(self, data: ArrayData, key: str | None = None, *, augment: AugmentConfig | None = None,
-                run: int = 0) -> Predictions:  # fmt: skip
+    def predict(
+        self, data: ArrayData, key: str | None = None, *, augment: AugmentConfig | None = None, run: int = 0
+    ) -> Predictions:
         """Predictions for every image of `data` (`eval.images` of them; cached under `key`), through the
         training `augment` when given (TTA's random passes; `run` seeds each). Every worker must call it."""
         if key is not None and key in self._cache:
             return self._cache[key]
-        result = predict(self.model, self.phase, self.sample(data, self.config.images), mean=self.splits.mean,
-                         std=self.splits.std, device=self.device, batch_size=self.batch_size,
-                         image_size=self.image_size, rank=self.rank, world_size=self.world_size, augment=augment,
-                         seed=self.seed + run)  # fmt: skip
+        result = predict(
+            self.model,
+            self.phase,
+            self.sample(data, self.config.images),
+            mean=self.splits.mean,
+            std=self.splits.std,
+            device=self.device,
+            batch_size=self.batch_size,
+            image_size=self.image_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            augment=augment,
+            seed=self.seed + run,
+        )
         if key is not None:
             self._cache[key] = result
         return result
@@ -140,7 +151,11 @@ class Evaluation:
         from raycls.evaluate.tta import tta_logits
 
         def logits_of(images: torch.Tensor) -> torch.Tensor:
-            return clean.logits if images is data.images else self.predict(ArrayData(images, data.labels, data.classes)).logits
+            return (
+                clean.logits
+                if images is data.images
+                else self.predict(ArrayData(images, data.labels, data.classes)).logits
+            )
 
         logits = tta_logits(data.images, self.tta_views, logits_of)
         runs = self.config.tta.runs if self.augment is not None else 0
@@ -161,7 +176,12 @@ def run_suite(evaluation: Evaluation, suite: str) -> dict[str, Any]:
         metrics.update(EVAL_STEPS.get(name)(evaluation))
     metrics[names.TEST_IMAGES] = len(evaluation.predictions("test"))
     metrics[names.EVAL_S] = time.perf_counter() - started
-    summary = {"metrics": metrics, names.EVAL_SPLIT: evaluation.split, names.EVAL_SUITE: suite, "notes": evaluation.notes}
+    summary = {
+        "metrics": metrics,
+        names.EVAL_SPLIT: evaluation.split,
+        names.EVAL_SUITE: suite,
+        "notes": evaluation.notes,
+    }
     if evaluation.writes:
         evaluation.file(METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -196,8 +216,13 @@ def classification_step(ev: Evaluation) -> dict[str, float]:
     if ev.writes:
         _write_csv(ev.file("classification_report.csv"), per_class_report(test.logits, test.labels, _classes(ev)))
         matrix = confusion_matrix(test.logits, test.labels)
-        _write_csv(ev.file("confusion_matrix.csv"), [{"true": _classes(ev)[i], **{c: int(v) for c, v in zip(_classes(ev), row)}}
-                                                      for i, row in enumerate(matrix.tolist())])  # fmt: skip
+        _write_csv(
+            ev.file("confusion_matrix.csv"),
+            [
+                {"true": _classes(ev)[i], **{c: int(v) for c, v in zip(_classes(ev), row)}}
+                for i, row in enumerate(matrix.tolist())
+            ],
+        )
         confusion_png(matrix, _classes(ev), ev.file("confusion_matrix.png"))
     return metrics
 
@@ -213,12 +238,18 @@ def calibration_step(ev: Evaluation) -> dict[str, float]:
     val = ev.predictions("val")  # T is fitted on validation, never on the split it is scored on
     metrics = calibration_metrics(test.logits, test.labels, val_logits=val.logits, val_labels=val.labels)
     if ev.writes:
-        reliability_diagram(reliability_bins(test.logits, test.labels), ev.file("reliability.png"),
-                            title=f"{ev.split}: ECE {metrics[names.TEST_ECE]:.3f}")  # fmt: skip
+        reliability_diagram(
+            reliability_bins(test.logits, test.labels),
+            ev.file("reliability.png"),
+            title=f"{ev.split}: ECE {metrics[names.TEST_ECE]:.3f}",
+        )
         if names.TEST_TEMPERATURE in metrics:
             scaled = test.logits / metrics[names.TEST_TEMPERATURE]
-            reliability_diagram(reliability_bins(scaled, test.labels), ev.file("reliability_ts.png"),
-                                title=f"temperature {metrics[names.TEST_TEMPERATURE]:.2f}: ECE {metrics[names.TEST_ECE_TS]:.3f}")  # fmt: skip
+            reliability_diagram(
+                reliability_bins(scaled, test.labels),
+                ev.file("reliability_ts.png"),
+                title=f"temperature {metrics[names.TEST_TEMPERATURE]:.2f}: ECE {metrics[names.TEST_ECE_TS]:.3f}",
+            )
     return metrics
 
 
@@ -237,8 +268,15 @@ def knn_if_no_classifier(ev: Evaluation) -> dict[str, float]:
     return knn_step(ev) if ev.predictions("test").logits is None else {}
 
 
-def knn_classify(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor,
-                 *, k: int = 20, temperature: float = 0.07) -> float:  # fmt: skip
+def knn_classify(
+    train: torch.Tensor,
+    train_labels: torch.Tensor,
+    test: torch.Tensor,
+    test_labels: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
     """Weighted k-NN vote of the train embeddings for each test embedding (cosine similarity)."""
     a, b = torch.nn.functional.normalize(train.float(), dim=-1), torch.nn.functional.normalize(test.float(), dim=-1)
     classes = int(max(train_labels.max(), test_labels.max())) + 1
@@ -288,12 +326,18 @@ def registered_set(ev: Evaluation, name: str, *, what: str) -> ArrayData:
     if images.shape[1] != channels:
         # Suggestions come from the registries: a name raycls cannot read would only move the error.
         others = [n for n in DATASETS.names() if n != name and not DATASETS.get(n).eval_only]
-        raise ConfigError(f"{what}: its images have {images.shape[1]} channel(s), the model's have {channels}; "
-                          f"choose a generated set (made with any channels: {', '.join(GENERATED_OOD.names())}) "
-                          f"or a registered dataset of {channels}-channel images ({', '.join(others)})")  # fmt: skip
+        raise ConfigError(
+            f"{what}: its images have {images.shape[1]} channel(s), the model's have {channels}; "
+            f"choose a generated set (made with any channels: {', '.join(GENERATED_OOD.names())}) "
+            f"or a registered dataset of {channels}-channel images ({', '.join(others)})"
+        )
     if images.shape[-1] != size or images.shape[-2] != size:
-        images = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
-                                                 align_corners=False).round().clamp(0, 255).to(torch.uint8)  # fmt: skip
+        images = (
+            torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
+        )
     return ArrayData(images, data.labels, data.classes)
 
 
@@ -344,7 +388,9 @@ def shifted_sets(ev: Evaluation) -> list[ShiftedSet]:
     return sets
 
 
-def shift_accuracies(ev: Evaluation, accuracy: Callable[[ArrayData], float], suffix: Callable[[str], str]) -> dict[str, float]:
+def shift_accuracies(
+    ev: Evaluation, accuracy: Callable[[ArrayData], float], suffix: Callable[[str], str]
+) -> dict[str, float]:
     """`accuracy` on every shifted set: per dataset, per corruption (mean over severities) and their mean
     (`test_shift_mca`); `suffix` names each metric (plain, or with TTA)."""
     metrics: dict[str, float] = {}
@@ -357,7 +403,9 @@ def shift_accuracies(ev: Evaluation, accuracy: Callable[[ArrayData], float], suf
     for corruption, accuracies in per_corruption.items():
         metrics[suffix(names.test_shift(corruption))] = sum(accuracies) / len(accuracies)
     if per_corruption:
-        metrics[suffix(names.TEST_SHIFT_MCA)] = sum(sum(a) / len(a) for a in per_corruption.values()) / len(per_corruption)
+        metrics[suffix(names.TEST_SHIFT_MCA)] = sum(sum(a) / len(a) for a in per_corruption.values()) / len(
+            per_corruption
+        )
     return metrics
 
 
@@ -383,8 +431,13 @@ def shift_step(ev: Evaluation) -> dict[str, float]:
         metrics[names.TEST_SHIFT_GAP] = clean_acc - metrics[names.TEST_SHIFT_MCA]
         if ev.writes:
             per_corruption = {c: metrics[names.test_shift(c)] for c in ev.config.corruptions}
-            bars(per_corruption, ev.file("corruptions.png"), title="accuracy under corruption (mean over severities)",
-                 ylabel="accuracy", reference=clean_acc)  # fmt: skip
+            bars(
+                per_corruption,
+                ev.file("corruptions.png"),
+                title="accuracy under corruption (mean over severities)",
+                ylabel="accuracy",
+                reference=clean_acc,
+            )
     return metrics
 
 
@@ -415,7 +468,9 @@ def errors_step(ev: Evaluation) -> dict[str, float]:
         mistakes = confident_mistakes(test.probs, test.labels, top=ev.config.gallery)
         if mistakes:
             index = torch.tensor([m["index"] for m in mistakes])
-            captions = [f"true {classes[m['label']]}\npred {classes[m['predicted']]} {m['confidence']:.2f}" for m in mistakes]
+            captions = [
+                f"true {classes[m['label']]}\npred {classes[m['predicted']]} {m['confidence']:.2f}" for m in mistakes
+            ]
             image_grid(ev.test.images[index], captions, ev.file("confident_mistakes.png"))
         rows = [{**r, "label_name": classes[r["label"]], "suggested_name": classes[r["suggested"]]} for r in issues]
         _write_csv(ev.file("label_issues.csv"), rows)
@@ -455,7 +510,9 @@ def _normalise(ev: Evaluation, images: torch.Tensor) -> torch.Tensor:
     std = torch.tensor(ev.splits.std, device=ev.device).view(1, -1, 1, 1)
     x = (images.to(ev.device).float() / 255.0 - mean) / std
     if ev.image_size is not None and ev.image_size != x.shape[-1]:
-        x = torch.nn.functional.interpolate(x, size=(ev.image_size, ev.image_size), mode="bilinear", align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=(ev.image_size, ev.image_size), mode="bilinear", align_corners=False
+        )
     return x
 
 
@@ -474,7 +531,13 @@ def embedding_map_step(ev: Evaluation) -> dict[str, float]:
     points = TSNE(n_components=2, init="pca", perplexity=min(30, len(keep) - 1), random_state=ev.seed).fit_transform(
         test.embeddings[keep].numpy()
     )
-    scatter_2d(points, test.labels[keep].numpy(), _classes(ev), ev.file("embeddings_tsne.png"), title=f"t-SNE of {ev.split} embeddings")
+    scatter_2d(
+        points,
+        test.labels[keep].numpy(),
+        _classes(ev),
+        ev.file("embeddings_tsne.png"),
+        title=f"t-SNE of {ev.split} embeddings",
+    )
     return {}
 
 
@@ -484,7 +547,9 @@ _generated = GENERATED_OOD.register
 
 @_generated("uniform_noise")
 def uniform_noise(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return torch.randint(
+        0, 256, (n, channels, size, size), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+    )
 
 
 @_generated("gaussian_blobs")
@@ -496,7 +561,9 @@ def gaussian_blobs(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
     radius = int(3 * sigma)
     kernel = torch.exp(-(torch.arange(-radius, radius + 1).float() ** 2) / (2 * sigma**2))
     kernel = (kernel / kernel.sum()).view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-    blurred = torch.nn.functional.conv2d(torch.nn.functional.pad(noise, (radius,) * 4, mode="circular"), kernel, groups=channels)
+    blurred = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(noise, (radius,) * 4, mode="circular"), kernel, groups=channels
+    )
     blurred = torch.nn.functional.conv2d(blurred, kernel.transpose(-1, -2), groups=channels)
     lo = blurred.amin(dim=(1, 2, 3), keepdim=True)
     hi = blurred.amax(dim=(1, 2, 3), keepdim=True)
@@ -520,5 +587,6 @@ def textures(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
 
 DEFAULT_STEPS = ("classification", "calibration", "knn_if_no_classifier")
 EVAL_SUITES.register("default")(DEFAULT_STEPS)
-EVAL_SUITES.register("full")(("classification", "calibration", "knn", "tta", "ood", "shift", "shift_tta", "errors", "cam",
-                              "embedding_map"))  # fmt: skip
+EVAL_SUITES.register("full")(
+    ("classification", "calibration", "knn", "tta", "ood", "shift", "shift_tta", "errors", "cam", "embedding_map")
+)

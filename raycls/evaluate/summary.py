@@ -23,8 +23,14 @@ class Summary:
     best: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric, "mode": self.mode, "best_epoch": self.best_epoch,
-                "at_best": self.at_best, "final": self.final, "best": self.best}  # fmt: skip
+        return {
+            "metric": self.metric,
+            "mode": self.mode,
+            "best_epoch": self.best_epoch,
+            "at_best": self.at_best,
+            "final": self.final,
+            "best": self.best,
+        }
 
 
 def summarize(history: Sequence[dict[str, float]], metric: str, mode: Mode | None = None) -> Summary:

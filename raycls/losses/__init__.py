@@ -35,7 +35,6 @@ from raycls.losses.margin import (  # noqa: E402
     SubCenterArcFace,
 )
 
-
 # The losses a `metric` phase can use (a cosine classifier with a margin): configs check names against it.
 MARGIN_LOSSES: Registry[type[MarginLoss]] = Registry("margin loss")
 for _name in LOSSES.names():

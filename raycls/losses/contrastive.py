@@ -19,8 +19,11 @@ class ProjectionHead(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
         super().__init__()
-        rules = [(in_dim >= 1, f"{in_dim=} must be >= 1"), (hidden >= 1, f"{hidden=} must be >= 1"),
-                 (out_dim >= 1, f"{out_dim=} must be >= 1")]  # fmt: skip
+        rules = [
+            (in_dim >= 1, f"{in_dim=} must be >= 1"),
+            (hidden >= 1, f"{hidden=} must be >= 1"),
+            (out_dim >= 1, f"{out_dim=} must be >= 1"),
+        ]
         problems = [msg for ok, msg in rules if not ok]
         if problems:
             raise ConfigError(problems)

@@ -78,8 +78,10 @@ def cosine(progress: float, start: float, end: float) -> float:
 
 def kd_alpha(schedule: str, progress: float, *, alpha: float, alpha_start: float = 0.0) -> float:
     """alpha at `progress` in [0, 1]: from `alpha_start` to `alpha` along `schedule` ("constant": `alpha`)."""
-    rules = [(0 <= alpha <= 1, f"{alpha=} must be in [0, 1]"),
-             (0 <= alpha_start <= 1, f"{alpha_start=} must be in [0, 1]")]  # fmt: skip
+    rules = [
+        (0 <= alpha <= 1, f"{alpha=} must be in [0, 1]"),
+        (0 <= alpha_start <= 1, f"{alpha_start=} must be in [0, 1]"),
+    ]
     problems = [msg for ok, msg in rules if not ok]
     if problems:
         raise ConfigError(problems)

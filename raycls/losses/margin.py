@@ -43,8 +43,11 @@ def _raise_if(problems: list[str]) -> None:
 
 
 def _head_problems(dim: int, num_classes: int, sub_centers: int) -> list[str]:
-    rules = [(dim >= 1, f"{dim=} must be >= 1"), (num_classes >= 2, f"{num_classes=} must be >= 2"),
-             (sub_centers >= 1, f"{sub_centers=} must be >= 1")]  # fmt: skip
+    rules = [
+        (dim >= 1, f"{dim=} must be >= 1"),
+        (num_classes >= 2, f"{num_classes=} must be >= 2"),
+        (sub_centers >= 1, f"{sub_centers=} must be >= 1"),
+    ]
     return [message for ok, message in rules if not ok]
 
 
@@ -189,8 +192,15 @@ class ArcFace(MarginLoss):
         margin_warmup_steps: int = 0,
         sub_centers: int = 1,
     ):
-        super().__init__(dim, num_classes, margin=margin, scale=scale, margin_warmup_steps=margin_warmup_steps,
-                         sub_centers=sub_centers, max_margin=math.pi)  # fmt: skip
+        super().__init__(
+            dim,
+            num_classes,
+            margin=margin,
+            scale=scale,
+            margin_warmup_steps=margin_warmup_steps,
+            sub_centers=sub_centers,
+            max_margin=math.pi,
+        )
         self.easy_margin = easy_margin
 
     def apply_margin(self, cosine: torch.Tensor, labels: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
@@ -213,8 +223,15 @@ class SubCenterArcFace(ArcFace):
         easy_margin: bool = False,
         margin_warmup_steps: int = 0,
     ):
-        super().__init__(dim, num_classes, margin=margin, scale=scale, easy_margin=easy_margin,
-                         margin_warmup_steps=margin_warmup_steps, sub_centers=sub_centers)  # fmt: skip
+        super().__init__(
+            dim,
+            num_classes,
+            margin=margin,
+            scale=scale,
+            easy_margin=easy_margin,
+            margin_warmup_steps=margin_warmup_steps,
+            sub_centers=sub_centers,
+        )
 
 
 @LOSSES.register("cosface")
@@ -260,8 +277,15 @@ class AdaFace(MarginLoss):
         margin_warmup_steps: int = 0,
     ):
         rules = [(h > 0, f"{h=} must be > 0"), (0 < momentum <= 1, f"{momentum=} must be in (0, 1]")]
-        super().__init__(dim, num_classes, margin=margin, scale=scale, margin_warmup_steps=margin_warmup_steps,
-                         max_margin=math.pi, more_problems=[msg for ok, msg in rules if not ok])  # fmt: skip
+        super().__init__(
+            dim,
+            num_classes,
+            margin=margin,
+            scale=scale,
+            margin_warmup_steps=margin_warmup_steps,
+            max_margin=math.pi,
+            more_problems=[msg for ok, msg in rules if not ok],
+        )
         self.h = float(h)
         # Weight of the current batch in the running statistics (the official t_alpha).
         self.momentum = float(momentum)
@@ -310,8 +334,15 @@ class CurricularFace(MarginLoss):
         margin_warmup_steps: int = 0,
     ):
         rules = [(0 < momentum <= 1, f"{momentum=} must be in (0, 1]")]
-        super().__init__(dim, num_classes, margin=margin, scale=scale, margin_warmup_steps=margin_warmup_steps,
-                         max_margin=math.pi, more_problems=[msg for ok, msg in rules if not ok])  # fmt: skip
+        super().__init__(
+            dim,
+            num_classes,
+            margin=margin,
+            scale=scale,
+            margin_warmup_steps=margin_warmup_steps,
+            max_margin=math.pi,
+            more_problems=[msg for ok, msg in rules if not ok],
+        )
         # Weight of the current batch in t: 0.01, i.e. t = 0.99 * t + 0.01 * mean(cos theta_y).
         self.momentum = float(momentum)
         self.register_buffer("t", torch.tensor(0.0))

@@ -50,5 +50,9 @@ def match_grid(tokens: torch.Tensor, count: int) -> torch.Tensor:
     if side == want:
         return tokens
     grid = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
-    grid = F.adaptive_avg_pool2d(grid, want) if side > want else F.interpolate(grid, size=want, mode="bilinear", align_corners=False)
+    grid = (
+        F.adaptive_avg_pool2d(grid, want)
+        if side > want
+        else F.interpolate(grid, size=want, mode="bilinear", align_corners=False)
+    )
     return grid.flatten(2).transpose(1, 2)

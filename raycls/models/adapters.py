@@ -25,8 +25,12 @@ def lora(config: AdapterConfig) -> Any:
     """LoRA (Hu et al. 2022): a rank-`rank` update B @ A beside each target linear layer, B starting at 0."""
     from peft import LoraConfig
 
-    return LoraConfig(r=config.rank, lora_alpha=config.alpha or 2 * config.rank, lora_dropout=config.dropout,
-                      target_modules=list(config.targets or ["qkv"]))  # fmt: skip
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha or 2 * config.rank,
+        lora_dropout=config.dropout,
+        target_modules=list(config.targets or ["qkv"]),
+    )
 
 
 @ADAPTERS.register("ia3")
@@ -46,7 +50,9 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
         model = inject_adapter_in_model(peft_config, model)
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(f"model.adapter.targets: {err}; this model's linear layers are named: {', '.join(linear)}") from None
+        raise ConfigError(
+            f"model.adapter.targets: {err}; this model's linear layers are named: {', '.join(linear)}"
+        ) from None
     head = classifier_of(model)
     if head is not None:
         head.requires_grad_(True)  # the classifier is new to the task: it trains in full

@@ -40,8 +40,13 @@ class SqueezeExcite(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         squeezed = max(channels // SE_REDUCTION, 1)
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, squeezed, 1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(squeezed, channels, 1), nn.Sigmoid())  # fmt: skip
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, squeezed, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(squeezed, channels, 1),
+            nn.Sigmoid(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)
@@ -51,11 +56,18 @@ class ResidualSE(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), SqueezeExcite(c_out),
-        )  # fmt: skip
-        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-                         if stride != 1 or c_in != c_out else nn.Identity())  # fmt: skip
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+            SqueezeExcite(c_out),
+        )
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))
@@ -64,7 +76,11 @@ class ResidualSE(nn.Module):
 class AdaptiveCNN(nn.Module):
     def __init__(self, num_classes: int, in_chans: int, layout: Layout, drop_rate: float = 0.0):
         super().__init__()
-        stem = [nn.Conv2d(in_chans, layout.stem, 3, 1, 1, bias=False), nn.BatchNorm2d(layout.stem), nn.ReLU(inplace=True)]
+        stem = [
+            nn.Conv2d(in_chans, layout.stem, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(layout.stem),
+            nn.ReLU(inplace=True),
+        ]
         blocks, width = [], layout.stem
         for index, (out, count) in enumerate(layout.stages):
             for b in range(count):

@@ -57,7 +57,7 @@ BACKBONE_PREFIXES = ("backbone.", "student.")
 def backbone_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The backbone's weights inside a saved model of any phase (a bare classifier's are all of them)."""
     for prefix in BACKBONE_PREFIXES:
-        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        inner = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if inner:
             return inner
     return state
@@ -68,5 +68,7 @@ def load_backbone(backbone: nn.Module, weights: dict[str, torch.Tensor], *, what
     try:
         backbone.load_state_dict(weights)
     except RuntimeError as err:
-        raise CheckpointError(f"{what}: the weights do not fit model {type(backbone).__name__} "
-                              f"(another architecture?): {str(err).splitlines()[0]}") from None  # fmt: skip
+        raise CheckpointError(
+            f"{what}: the weights do not fit model {type(backbone).__name__} "
+            f"(another architecture?): {str(err).splitlines()[0]}"
+        ) from None

@@ -24,15 +24,26 @@ from raycls.config.schema import ModelConfig
 from raycls.errors import ConfigError
 from raycls.models.registry import MODELS, InputSpec
 
-DEFAULTS: dict[str, Any] = {"embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_ratio": 2.0, "stem_width": 64, "cls_token_drop": 0.1}
+DEFAULTS: dict[str, Any] = {
+    "embed_dim": 192,
+    "depth": 12,
+    "num_heads": 3,
+    "mlp_ratio": 2.0,
+    "stem_width": 64,
+    "cls_token_drop": 0.1,
+}
 
 
 def conv_stem(in_chans: int, width: int) -> nn.Sequential:
     """Two 3x3 convs, the second with stride 2: the feature map the projection cuts into patches."""
     return nn.Sequential(
-        nn.Conv2d(in_chans, width // 2, 3, 1, 1, bias=False), nn.BatchNorm2d(width // 2), nn.GELU(),
-        nn.Conv2d(width // 2, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.GELU(),
-    )  # fmt: skip
+        nn.Conv2d(in_chans, width // 2, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(width // 2),
+        nn.GELU(),
+        nn.Conv2d(width // 2, width, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.GELU(),
+    )
 
 
 def patch_size_for(image_size: int) -> int:
@@ -42,23 +53,34 @@ def patch_size_for(image_size: int) -> int:
 
 def _build(cls: type[nn.Module], config: ModelConfig, spec: InputSpec, **extra: Any) -> nn.Module:
     if config.pretrained:
-        raise ConfigError(f"model.pretrained=true: {config.name} has no pretrained weights; train it (or distil it) "
-                          "from scratch, or start from a checkpoint with `init:`")  # fmt: skip
+        raise ConfigError(
+            f"model.pretrained=true: {config.name} has no pretrained weights; train it (or distil it) "
+            "from scratch, or start from a checkpoint with `init:`"
+        )
     unknown = set(config.kwargs) - set(DEFAULTS)
     if unknown:
-        raise ConfigError(f"model.kwargs: {', '.join(sorted(unknown))} not known to {config.name}; "
-                          f"it takes {', '.join(DEFAULTS)}")  # fmt: skip
+        raise ConfigError(
+            f"model.kwargs: {', '.join(sorted(unknown))} not known to {config.name}; it takes {', '.join(DEFAULTS)}"
+        )
     from timm.layers import HybridEmbed
 
     args = {**DEFAULTS, **config.kwargs}
     stem = conv_stem(spec.in_chans, int(args["stem_width"]))
     return cls(
-        img_size=spec.image_size, patch_size=patch_size_for(spec.image_size), in_chans=spec.in_chans,
-        num_classes=spec.num_classes, embed_dim=int(args["embed_dim"]), depth=int(args["depth"]),
-        num_heads=int(args["num_heads"]), mlp_ratio=float(args["mlp_ratio"]), drop_rate=config.drop_rate,
-        drop_path_rate=config.drop_path_rate, cls_token_drop=float(args["cls_token_drop"]),
-        embed_layer=partial(HybridEmbed, backbone=stem), **extra,
-    )  # fmt: skip
+        img_size=spec.image_size,
+        patch_size=patch_size_for(spec.image_size),
+        in_chans=spec.in_chans,
+        num_classes=spec.num_classes,
+        embed_dim=int(args["embed_dim"]),
+        depth=int(args["depth"]),
+        num_heads=int(args["num_heads"]),
+        mlp_ratio=float(args["mlp_ratio"]),
+        drop_rate=config.drop_rate,
+        drop_path_rate=config.drop_path_rate,
+        cls_token_drop=float(args["cls_token_drop"]),
+        embed_layer=partial(HybridEmbed, backbone=stem),
+        **extra,
+    )
 
 
 @MODELS.register("cifar_deit")

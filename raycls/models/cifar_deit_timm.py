@@ -11,8 +11,6 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 
-
-
 def drop_class_token(tokens: torch.Tensor, prefix: int, p: float) -> torch.Tensor:
     """The class token (position 0) of each image replaced by its patch tokens' mean with probability p."""
     if p <= 0.0:
@@ -43,7 +41,9 @@ class CifarDeiTDistilled(VisionTransformerDistilled):
         super().__init__(**kwargs)
         self.cls_token_drop, self.inference_head = cls_token_drop, inference_head
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward_head(
+        self, x: torch.Tensor, pre_logits: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.training:
             x = drop_class_token(x, self.num_prefix_tokens, self.cls_token_drop)
         cls, dist = x[:, 0], x[:, 1]

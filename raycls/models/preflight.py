@@ -40,7 +40,10 @@ def _input_size_problem(config_json: str, image_size: int) -> str | None:
     if native and native != image_size:
         fixes.append(f"data.image_size: {native} (resize on the device to the size it was built for)")
     # Models that take timm's `img_size` argument build for this size (those that do not fail on it: no fix).
-    if config.name not in MODELS.names() and _forward_error(_with_kwargs(config, img_size=image_size), image_size) is None:
+    if (
+        config.name not in MODELS.names()
+        and _forward_error(_with_kwargs(config, img_size=image_size), image_size) is None
+    ):
         fixes.append(f"model.kwargs: {{img_size: {image_size}}} (build it for {image_size} px)")
     fix = f"; set {' or '.join(fixes)}" if fixes else ""
     return f"{config.name} cannot take {image_size} px images ({error}){fix}"
@@ -100,10 +103,12 @@ def weights_problem(config: ModelConfig) -> str | None:
     from huggingface_hub import constants
 
     tried = cfg.hf_hub_id or cfg.url or cfg.file
-    return (f"the weights of {config.name} ({tried}) are not in this machine's caches "
-            f"(Hugging Face: {constants.HF_HUB_CACHE}, torch hub: {torch.hub.get_dir()}); "
-            f"download them once online (python -c \"import timm; timm.create_model('{config.name}', pretrained=True)\"), "
-            f"point HF_HOME at a cache holding them, or set pretrained: false")  # fmt: skip
+    return (
+        f"the weights of {config.name} ({tried}) are not in this machine's caches "
+        f"(Hugging Face: {constants.HF_HUB_CACHE}, torch hub: {torch.hub.get_dir()}); "
+        f"download them once online (python -c \"import timm; timm.create_model('{config.name}', pretrained=True)\"), "
+        f"point HF_HOME at a cache holding them, or set pretrained: false"
+    )
 
 
 def _cached_weights(cfg) -> Path | None:
@@ -113,7 +118,11 @@ def _cached_weights(cfg) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
 
         repo, _, revision = cfg.hf_hub_id.partition("@")
-        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        names = (
+            [cfg.hf_hub_filename]
+            if cfg.hf_hub_filename
+            else ["model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        )
         for filename in names:
             found = try_to_load_from_cache(repo, filename, revision=revision or None)
             if isinstance(found, str):
@@ -125,4 +134,3 @@ def _cached_weights(cfg) -> Path | None:
     if cfg.file and Path(cfg.file).is_file():
         return Path(cfg.file)
     return None
-

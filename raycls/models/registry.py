@@ -59,8 +59,10 @@ MODELS = ModelRegistry("model")
 def create_model(config: ModelConfig, spec: InputSpec) -> nn.Module:
     model = MODELS.get(config.name)(config, spec)
     if config.inference_head is not None and not hasattr(model, "inference_head"):
-        raise ConfigError(f"model.inference_head={config.inference_head}: {config.name} has one head; it applies to "
-                          "models with a distillation token (cifar_deit_distilled)")  # fmt: skip
+        raise ConfigError(
+            f"model.inference_head={config.inference_head}: {config.name} has one head; it applies to "
+            "models with a distillation token (cifar_deit_distilled)"
+        )
     if config.adapter is not None:
         from raycls.models.adapters import apply_adapter
 

@@ -20,10 +20,15 @@ class SmallCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            conv_bn(in_chans, w), conv_bn(w, w), nn.MaxPool2d(2),
-            conv_bn(w, 2 * w), conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
-            conv_bn(2 * w, 4 * w), conv_bn(4 * w, 4 * w),
-        )  # fmt: skip
+            conv_bn(in_chans, w),
+            conv_bn(w, w),
+            nn.MaxPool2d(2),
+            conv_bn(w, 2 * w),
+            conv_bn(2 * w, 2 * w),
+            nn.MaxPool2d(2),
+            conv_bn(2 * w, 4 * w),
+            conv_bn(4 * w, 4 * w),
+        )
         self.num_features = 4 * w
         self.drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes)

@@ -9,10 +9,10 @@ from typing import ClassVar, Generic, TypeVar
 import torch
 import torch.nn as nn
 
+from raycls import names
 from raycls.config.experiment import Experiment
 from raycls.config.schema import ModelConfig, PhaseConfig, Stage
 from raycls.errors import ConfigError
-from raycls import names
 from raycls.evaluate.evaluators import DEFAULT_KNN_K, ClassifierMetrics, EmbeddingMetrics, Evaluator, Outputs
 from raycls.models.registry import InputSpec, embed_and_classify
 from raycls.registry import Registry
@@ -37,7 +37,7 @@ class Phase(ABC, Generic[C]):
     # phases that train a classifier add ClassifierMetrics.
     evaluators: ClassVar[tuple[type[Evaluator], ...]] = (ClassifierMetrics, EmbeddingMetrics)
 
-    def __init__(self, config: C, spec: InputSpec, *, topk: int = 5, previous: "Previous | None" = None):
+    def __init__(self, config: C, spec: InputSpec, *, topk: int = 5, previous: Previous | None = None):
         self.config = config
         self.spec = spec
         # A chain's previous stage (its phase and best weights), for phases that build on more than its backbone.
@@ -100,7 +100,7 @@ class Phase(ABC, Generic[C]):
         return None
 
     @classmethod
-    def check_stage(cls, stages: "list[Stage]", index: int) -> None:
+    def check_stage(cls, stages: list[Stage], index: int) -> None:
         """Refuse (ConfigError) a stage this phase cannot run, before any trial starts. Default: no check."""
 
     @classmethod
@@ -110,7 +110,6 @@ class Phase(ABC, Generic[C]):
 
 
 EvalBatch = tuple[dict[str, torch.Tensor], torch.Tensor | None]
-
 
 
 PHASES: Registry[type[Phase]] = Registry("phase")
@@ -127,7 +126,7 @@ class Previous:
     model: ModelConfig | None = None
 
     @classmethod
-    def of(cls, stages: "list[Stage]", index: int, weights: dict[str, torch.Tensor] | None) -> "Previous | None":
+    def of(cls, stages: list[Stage], index: int, weights: dict[str, torch.Tensor] | None) -> Previous | None:
         """Stage `index`'s previous stage, holding `weights`; None for the first stage."""
         if index == 0:
             return None
@@ -167,15 +166,23 @@ def check_objectives(experiment: Experiment) -> None:
             continue
         if names.is_evaluation_metric(metric):
             if base.eval.on == "none":
-                problems.append(f"experiment.objectives.{index}.metric: {metric!r} is a held-out metric, and "
-                                "eval.on is 'none' (trials are not evaluated)")  # fmt: skip
+                problems.append(
+                    f"experiment.objectives.{index}.metric: {metric!r} is a held-out metric, and "
+                    "eval.on is 'none' (trials are not evaluated)"
+                )
             continue
         known = sorted(set(reported) - {names.VAL_IMAGES}) + ["test_acc", "test_...", *names.COST_OBJECTIVES]
-        problems.append(f"experiment.objectives.{index}.metric: {metric!r} is not reported by phase {last.label}; "
-                        f"known: {', '.join(known)}")  # fmt: skip
+        problems.append(
+            f"experiment.objectives.{index}.metric: {metric!r} is not reported by phase {last.label}; "
+            f"known: {', '.join(known)}"
+        )
     every = frozenset.intersection(*(PHASES.get(s.phase.name).reports(base.eval.val_topk) for s in base.stages))
-    problems += [f"experiment.stop.{metric}: not reported every epoch by every phase of {base.chain}; they report: "
-                 f"{', '.join(sorted(every - {names.VAL_IMAGES}))}" for metric in section.stop if metric not in every]  # fmt: skip
+    problems += [
+        f"experiment.stop.{metric}: not reported every epoch by every phase of {base.chain}; they report: "
+        f"{', '.join(sorted(every - {names.VAL_IMAGES}))}"
+        for metric in section.stop
+        if metric not in every
+    ]
     if problems:
         raise ConfigError(problems, source=experiment.source)
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raycls import names
 from raycls.config.schema import PREVIOUS, DistillConfig, SupervisedConfig, TeacherPhaseConfig
 from raycls.errors import CheckpointError, ConfigError
-from raycls import names
 from raycls.losses import KD_LOSSES, kd_alpha
 from raycls.models import create_model, load_weights
 from raycls.models.registry import InputSpec
@@ -38,7 +38,7 @@ class DistillModel(nn.Module):
         if _has_distillation_token(self.teacher):
             self.teacher.set_distilled_training(False)
 
-    def train(self, mode: bool = True) -> "DistillModel":
+    def train(self, mode: bool = True) -> DistillModel:
         super().train(mode)
         self.teacher.eval()  # dropout / batch statistics off in the teacher, always
         return self
@@ -73,7 +73,9 @@ class Distill(Phase[DistillConfig]):
     def build(self, backbone: nn.Module) -> nn.Module:
         if self.config.distill_token and not _has_distillation_token(backbone):  # before loading any teacher
             raise ConfigError(_no_token_message(backbone))
-        self.kd = KD_LOSSES.create(self.config.kd, **({"temperature": self.config.temperature} if self.config.kd == "soft_kd" else {}))
+        self.kd = KD_LOSSES.create(
+            self.config.kd, **({"temperature": self.config.temperature} if self.config.kd == "soft_kd" else {})
+        )
         self.steps, self.total_steps = 0, 1
         self.mixer = BatchMixer.maybe(self.config, self.spec.num_classes, self.config.label_smoothing)
         trunk = teacher_trunk(self.config, self.spec, self.previous, backbone)
@@ -84,8 +86,10 @@ class Distill(Phase[DistillConfig]):
         phase, module = teacher_module(self.config, self.spec, self.previous, trunk)
         classifier = phase.classifier(module)
         if classifier is None:
-            raise ConfigError(f"phase.teacher={self.config.teacher}: a {phase.config.name} model has no classifier "
-                              "to teach with; distil from a supervised, metric or distill model")  # fmt: skip
+            raise ConfigError(
+                f"phase.teacher={self.config.teacher}: a {phase.config.name} model has no classifier "
+                "to teach with; distil from a supervised, metric or distill model"
+            )
         return classifier
 
     def start(self, model: nn.Module, *, total_steps: int) -> None:
@@ -110,7 +114,9 @@ class Distill(Phase[DistillConfig]):
         label_logits, kd_logits = self.student_logits(model, x)
         teacher = _unwrap(model).teacher_logits(x).float()
         progress = min(self.steps / self.total_steps, 1.0)
-        alpha = kd_alpha(self.config.alpha_schedule, progress, alpha=self.config.alpha, alpha_start=self.config.alpha_start)
+        alpha = kd_alpha(
+            self.config.alpha_schedule, progress, alpha=self.config.alpha, alpha_start=self.config.alpha_start
+        )
         if mixed is not None:
             ce = soft_cross_entropy(label_logits, mixed.soft)  # timm's targets: smoothing already applied
         else:
@@ -136,7 +142,9 @@ class Distill(Phase[DistillConfig]):
         return model.student
 
 
-def teacher_module(config: TeacherPhaseConfig, spec: InputSpec, previous: Previous | None, trunk: nn.Module) -> tuple[Phase, nn.Module]:
+def teacher_module(
+    config: TeacherPhaseConfig, spec: InputSpec, previous: Previous | None, trunk: nn.Module
+) -> tuple[Phase, nn.Module]:
     """The teacher's phase module (what trained it, rebuilt on `trunk`) with its weights loaded."""
     teacher, where = config.teacher, f"phase.teacher={config.teacher}"
     if isinstance(teacher, str) and teacher == PREVIOUS:
@@ -146,11 +154,17 @@ def teacher_module(config: TeacherPhaseConfig, spec: InputSpec, previous: Previo
     elif isinstance(teacher, str):
         source, weights = config.teacher_phase or SupervisedConfig(), load_weights(teacher)
     else:
-        raise CheckpointError(f"phase.teacher {teacher}: a leaderboard reference must be resolved "
-                              "by the driver (raycls tune / raycls train) before the trial starts")  # fmt: skip
+        raise CheckpointError(
+            f"phase.teacher {teacher}: a leaderboard reference must be resolved "
+            "by the driver (raycls tune / raycls train) before the trial starts"
+        )
     if isinstance(source, TeacherPhaseConfig):
         # A distilled model teaches with its student alone: its own teacher (and that one's) is not rebuilt.
-        weights = None if weights is None else {k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")}
+        weights = (
+            None
+            if weights is None
+            else {k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")}
+        )
         source = SupervisedConfig()
     phase = create_phase(source, spec)
     module = phase.build(trunk)
@@ -165,7 +179,9 @@ def teacher_module(config: TeacherPhaseConfig, spec: InputSpec, previous: Previo
     return phase, module
 
 
-def teacher_trunk(config: TeacherPhaseConfig, spec: InputSpec, previous: Previous | None, student: nn.Module) -> nn.Module:
+def teacher_trunk(
+    config: TeacherPhaseConfig, spec: InputSpec, previous: Previous | None, student: nn.Module
+) -> nn.Module:
     """The teacher's architecture, before its weights: `teacher_model`; else, teaching from the previous stage
     of a chain, that stage's model; else the student's (an EMA teacher starts as a copy of the student)."""
     if config.teacher_model is not None:
@@ -195,4 +211,3 @@ def _no_token_message(student: nn.Module) -> str:
         f"none: set model.name to a timm distilled model (a name containing 'distilled': "
         f"{', '.join(timm.list_models('*distilled*'))}) or phase.distill_token=false"
     )
-

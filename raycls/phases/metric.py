@@ -10,12 +10,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from raycls import names
 from raycls.config.schema import MetricConfig
 from raycls.errors import ConfigError
-from raycls import names
+from raycls.evaluate.evaluators import Outputs
 from raycls.losses import LOSSES, MarginLoss
 from raycls.models import BackboneModel
-from raycls.evaluate.evaluators import Outputs
 from raycls.phases.base import PHASES, Batch, Phase
 from raycls.phases.mixing import BatchMixer
 
@@ -28,8 +28,13 @@ class MarginModel(BackboneModel):
         super().__init__(backbone)
         self.margin = margin
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, partners: torch.Tensor | None = None,
-                lam: float = 1.0) -> Any:  # fmt: skip
+    def forward(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        partners: torch.Tensor | None = None,
+        lam: float = 1.0,
+    ) -> Any:
         """Cosine logits without labels; the margin loss's output (loss, cosine) with them. The loss runs
         inside forward so that DDP synchronises the class centres' gradients. `partners`, `lam`: a mixed
         batch (MixUp / CutMix), whose loss is lam * loss(labels) + (1 - lam) * loss(partners)."""

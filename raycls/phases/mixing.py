@@ -24,15 +24,20 @@ class BatchMixer:
     def __init__(self, *, mixup_alpha: float, cutmix_alpha: float, num_classes: int, label_smoothing: float = 0.0):
         from timm.data import Mixup
 
-        self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing,
-                           num_classes=num_classes)  # fmt: skip
+        self.mixup = Mixup(
+            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing, num_classes=num_classes
+        )
 
     @classmethod
     def maybe(cls, config, num_classes: int, label_smoothing: float = 0.0) -> BatchMixer | None:
         """A mixer when the phase config asks for MixUp or CutMix, else None."""
         if config.mixup_alpha > 0 or config.cutmix_alpha > 0:
-            return cls(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, num_classes=num_classes,
-                       label_smoothing=label_smoothing)  # fmt: skip
+            return cls(
+                mixup_alpha=config.mixup_alpha,
+                cutmix_alpha=config.cutmix_alpha,
+                num_classes=num_classes,
+                label_smoothing=label_smoothing,
+            )
         return None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Mixed:

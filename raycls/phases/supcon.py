@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from raycls.config.schema import SupConConfig
 from raycls import names
+from raycls.config.schema import SupConConfig
+from raycls.evaluate.evaluators import EmbeddingMetrics, Outputs
 from raycls.losses import ProjectionHead, SupConLoss
 from raycls.models import BackboneModel
-from raycls.evaluate.evaluators import EmbeddingMetrics, Outputs
 from raycls.phases.base import PHASES, Batch, Phase
 
 

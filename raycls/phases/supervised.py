@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raycls.config.schema import SupervisedConfig
 from raycls import names
+from raycls.config.schema import SupervisedConfig
 from raycls.models.registry import InputSpec
 from raycls.phases.base import PHASES, Batch, Phase
 from raycls.phases.mixing import BatchMixer, soft_cross_entropy

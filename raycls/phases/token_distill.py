@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raycls import names
 from raycls.config.schema import PREVIOUS, ModelConfig, Stage, TokenDistillConfig
 from raycls.errors import ConfigError
-from raycls import names
-from raycls.models.registry import InputSpec, create_model
 from raycls.losses.tokens import match_grid, token_relation_loss, token_representation_loss
+from raycls.models.registry import InputSpec, create_model
 from raycls.phases.base import PHASES, Batch, Phase
 from raycls.phases.distill import teacher_module, teacher_trunk
 
@@ -37,7 +37,9 @@ def block_indices(layers: list[int] | None, depth: int, what: str) -> list[int]:
     resolved = [i + depth if i < 0 else i for i in chosen]
     bad = [i for i, r in zip(chosen, resolved) if not 0 <= r < depth]
     if bad:
-        raise ConfigError(f"phase.{what}: {bad} out of range for a {depth}-block ViT (0..{depth - 1}, or negative from the end)")
+        raise ConfigError(
+            f"phase.{what}: {bad} out of range for a {depth}-block ViT (0..{depth - 1}, or negative from the end)"
+        )
     return sorted(set(resolved)) if layers is None else resolved
 
 
@@ -67,7 +69,7 @@ class TokenDistillModel(nn.Module):
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
         self.projections = nn.ModuleList(nn.Linear(student.embed_dim, teacher.embed_dim) for _ in student_layers)
 
-    def train(self, mode: bool = True) -> "TokenDistillModel":
+    def train(self, mode: bool = True) -> TokenDistillModel:
         super().train(mode)
         self.teacher.eval()
         return self
@@ -76,7 +78,9 @@ class TokenDistillModel(nn.Module):
     def backbone(self) -> nn.Module:
         return self.student
 
-    def forward(self, x: torch.Tensor, *, tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, *, tokens: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The student's logits; with `tokens` (the loss), also its tokens at the chosen blocks and those
         tokens projected to the teacher's width. Through forward, so DDP synchronises every gradient."""
         if not tokens:
@@ -88,7 +92,9 @@ class TokenDistillModel(nn.Module):
     @torch.no_grad()
     def teacher_tokens(self, x: torch.Tensor, count: int) -> list[torch.Tensor]:
         """The teacher's patch tokens at its chosen blocks, on the student's `count`-token grid."""
-        blocks = self.teacher.forward_intermediates(x, indices=self.teacher_layers, output_fmt="NLC", intermediates_only=True)
+        blocks = self.teacher.forward_intermediates(
+            x, indices=self.teacher_layers, output_fmt="NLC", intermediates_only=True
+        )
         return [match_grid(t, count) for t in in_config_order(blocks, self.teacher_layers)]
 
 
@@ -98,8 +104,10 @@ class TokenDistill(Phase[TokenDistillConfig]):
 
     def build(self, backbone: nn.Module) -> nn.Module:
         if not vision_transformer(backbone):
-            raise ConfigError(f"phase.name=token_distill: the student ({type(backbone).__name__}) is not a ViT; "
-                              "token distillation needs a timm VisionTransformer student (vit_*, deit_*, cifar_deit)")  # fmt: skip
+            raise ConfigError(
+                f"phase.name=token_distill: the student ({type(backbone).__name__}) is not a ViT; "
+                "token distillation needs a timm VisionTransformer student (vit_*, deit_*, cifar_deit)"
+            )
         self.epoch = 0
         trunk = teacher_trunk(self.config, self.spec, self.previous, backbone)
         if not vision_transformer(trunk):
@@ -120,13 +128,17 @@ class TokenDistill(Phase[TokenDistillConfig]):
         stage = stages[index]
         config: TokenDistillConfig = stage.phase  # type: ignore[assignment]
         if not vision_transformer(sketch(stage.model)):
-            raise ConfigError(f"model.name={stage.model.name} is not a ViT; token distillation needs a timm "
-                              "VisionTransformer student (vit_*, deit_*, cifar_deit)")  # fmt: skip
+            raise ConfigError(
+                f"model.name={stage.model.name} is not a ViT; token distillation needs a timm "
+                "VisionTransformer student (vit_*, deit_*, cifar_deit)"
+            )
         teacher = config.teacher_model or (stages[index - 1].model if config.teacher == PREVIOUS and index else None)
         if teacher is not None and not vision_transformer(sketch(teacher)):
-            raise ConfigError(f"phase.teacher: the teacher's model ({teacher.name}) is not a ViT; token distillation "
-                              "needs ViT tokens (vit_*, deit_*, DINOv2, cifar_deit): distil a CNN teacher with "
-                              "phase.name=distill instead")  # fmt: skip
+            raise ConfigError(
+                f"phase.teacher: the teacher's model ({teacher.name}) is not a ViT; token distillation "
+                "needs ViT tokens (vit_*, deit_*, DINOv2, cifar_deit): distil a CNN teacher with "
+                "phase.name=distill instead"
+            )
 
     def _teacher_backbone(self, trunk: nn.Module) -> nn.Module:
         # The teacher's tokens come from its backbone (the ViT inside whichever phase trained it).
@@ -140,15 +152,20 @@ class TokenDistill(Phase[TokenDistillConfig]):
         x, y = batch
         logits, student, projected = model(x, tokens=True)
         inner = getattr(model, "module", model)
-        seen = x if self.config.teacher_image_size is None else F.interpolate(
-            x, size=self.config.teacher_image_size, mode="bilinear", align_corners=False)  # fmt: skip
+        seen = (
+            x
+            if self.config.teacher_image_size is None
+            else F.interpolate(x, size=self.config.teacher_image_size, mode="bilinear", align_corners=False)
+        )
         teacher = inner.teacher_tokens(seen, student[0].shape[1])
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
         l_tok = torch.stack([token_representation_loss(p, t) for p, t in zip(projected, teacher)]).mean()
         loss = ce + self.config.tok_weight * l_tok
         extras = {"l_tok": l_tok.detach()}
         if self.epoch >= self.config.rel_start_epoch:  # the staged start: L_tok alone before this epoch
-            l_rel = torch.stack([token_relation_loss(s, t, self.config.rel_temperature) for s, t in zip(student, teacher)]).mean()
+            l_rel = torch.stack(
+                [token_relation_loss(s, t, self.config.rel_temperature) for s, t in zip(student, teacher)]
+            ).mean()
             loss = loss + self.config.rel_weight * l_rel
             extras["l_rel"] = l_rel.detach()
         return loss, extras

@@ -13,9 +13,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-
-from raycls.errors import LeaderboardError, RayclsError
 from raycls import names
+from raycls.errors import LeaderboardError, RayclsError
 from raycls.ranking import Ranking
 from raycls.results.leaderboard import param_columns, read_leaderboard, stage_columns
 from raycls.storage import HISTORY_DIR, ExperimentPaths
@@ -117,8 +116,10 @@ def load_report_data(storage: str, experiment: str) -> ReportData:
     paths = ExperimentPaths(storage, experiment)
     board = read_leaderboard(storage, experiment)
     if board.table.num_rows == 0:
-        raise LeaderboardError(f"{paths.leaderboard_dir()}: no leaderboard rows of experiment {experiment!r} "
-                               f"(expected <trial_id>.parquet files written by `raycls tune`)")  # fmt: skip
+        raise LeaderboardError(
+            f"{paths.leaderboard_dir()}: no leaderboard rows of experiment {experiment!r} "
+            f"(expected <trial_id>.parquet files written by `raycls tune`)"
+        )
     epochs = read_leaderboard(storage, experiment, kind=HISTORY_DIR)
     histories: dict[str, list[dict[str, Any]]] = {}
     for epoch in epochs.table.to_pylist():
@@ -127,10 +128,18 @@ def load_report_data(storage: str, experiment: str) -> ReportData:
         history.sort(key=lambda h: h.get(names.EPOCH) or 0)
     rows = sorted(board.table.to_pylist(), key=lambda r: (timestamp(r.get("ended_at")), r["trial_id"]))
     first = rows[0]
-    return ReportData(experiment, paths.storage, rows, histories, metric=str(first.get("metric") or "score"),
-                      mode=str(first.get("mode") or "max"), params=param_columns(board.table),
-                      stages=stage_columns(board.table), space=_space_as_run(paths),
-                      skipped=board.skipped + epochs.skipped)  # fmt: skip
+    return ReportData(
+        experiment,
+        paths.storage,
+        rows,
+        histories,
+        metric=str(first.get("metric") or "score"),
+        mode=str(first.get("mode") or "max"),
+        params=param_columns(board.table),
+        stages=stage_columns(board.table),
+        space=_space_as_run(paths),
+        skipped=board.skipped + epochs.skipped,
+    )
 
 
 def _space_as_run(paths: ExperimentPaths) -> Experiment | None:

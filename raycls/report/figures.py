@@ -56,7 +56,9 @@ def _fmt(value: Any) -> str:
 
 
 def _layout(fig: go.Figure, title: str, **kwargs: Any) -> go.Figure:
-    fig.update_layout(**{"title": title, "template": "plotly_white", "margin": {"l": 60, "r": 30, "t": 60, "b": 50}, **kwargs})
+    fig.update_layout(
+        **{"title": title, "template": "plotly_white", "margin": {"l": 60, "r": 30, "t": 60, "b": 50}, **kwargs}
+    )
     return fig
 
 
@@ -68,7 +70,18 @@ def _metric_label(data: ReportData) -> str:
 @REPORT_SECTIONS.register("leaderboard")
 def leaderboard(data: ReportData) -> Section:
     """A table with buttons that sort it (Plotly's own update menus: no JavaScript of ours)."""
-    columns = ["trial_id", "status", "score", data.metric, "test_acc", "epochs", "best_epoch", "wall_s", *data.params, "error"]
+    columns = [
+        "trial_id",
+        "status",
+        "score",
+        data.metric,
+        "test_acc",
+        "epochs",
+        "best_epoch",
+        "wall_s",
+        *data.params,
+        "error",
+    ]
     seen: set[str] = set()
     columns = [c for c in columns if any(c in r for r in data.rows) and not (c in seen or seen.add(c))]
     by_score = data.ranking.sort(data.rows)
@@ -77,7 +90,7 @@ def leaderboard(data: ReportData) -> Section:
         "end time": list(data.rows),
         "wall time, longest first": sorted(data.rows, key=lambda r: -(r.get("wall_s") or 0.0)),
         "status": sorted(by_score, key=lambda r: str(r.get("status"))),  # stable: best first within a status
-    }  # fmt: skip
+    }
     if "test_acc" in columns:
         orders["test_acc, best first"] = sorted(data.rows, key=lambda r: -(r.get("test_acc") or -1.0))
 
@@ -85,11 +98,24 @@ def leaderboard(data: ReportData) -> Section:
         return [[_fmt(r.get(c)) for r in rows] for c in columns]
 
     first = next(iter(orders.values()))
-    fig = go.Figure(go.Table(header={"values": [f"<b>{c}</b>" for c in columns], "align": "left"},
-                             cells={"values": cells(first), "align": "left"}))  # fmt: skip
-    buttons = [{"label": f"sort by {label}", "method": "restyle", "args": [{"cells.values": [cells(rows)]}]} for label, rows in orders.items()]
-    _layout(fig, f"{len(data.rows)} trials", height=min(900, 120 + 26 * len(data.rows)),
-            updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.12, "yanchor": "top"}])  # fmt: skip
+    fig = go.Figure(
+        go.Table(
+            header={"values": [f"<b>{c}</b>" for c in columns], "align": "left"},
+            cells={"values": cells(first), "align": "left"},
+        )
+    )
+    buttons = [
+        {"label": f"sort by {label}", "method": "restyle", "args": [{"cells.values": [cells(rows)]}]}
+        for label, rows in orders.items()
+    ]
+    _layout(
+        fig,
+        f"{len(data.rows)} trials",
+        height=min(900, 120 + 26 * len(data.rows)),
+        updatemenus=[
+            {"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.12, "yanchor": "top"}
+        ],
+    )
     return Section("leaderboard", "Leaderboard", "Every trial's row; the menu at the top right sorts the table.", fig)
 
 
@@ -100,13 +126,35 @@ def status(data: ReportData) -> Section:
     for state, colour in STATUS_COLOURS.items():
         rows = [r for r in data.rows if r.get("status") == state]
         if rows:
-            fig.add_bar(x=[r["trial_id"] for r in rows], y=[r.get("wall_s") or 0.0 for r in rows], name=f"{state} ({len(rows)})",
-                        marker_color=colour, hovertext=[_fmt(r.get("error")) for r in rows])  # fmt: skip
-    _layout(fig, "Wall time per trial, by status", xaxis_title="trial (in the order they ended)", yaxis_title="wall time (s)")
-    fig.update_xaxes(categoryorder="array", categoryarray=[r["trial_id"] for r in data.rows], showticklabels=len(data.rows) <= 40)
+            fig.add_bar(
+                x=[r["trial_id"] for r in rows],
+                y=[r.get("wall_s") or 0.0 for r in rows],
+                name=f"{state} ({len(rows)})",
+                marker_color=colour,
+                hovertext=[_fmt(r.get("error")) for r in rows],
+            )
+    _layout(
+        fig,
+        "Wall time per trial, by status",
+        xaxis_title="trial (in the order they ended)",
+        yaxis_title="wall time (s)",
+    )
+    fig.update_xaxes(
+        categoryorder="array", categoryarray=[r["trial_id"] for r in data.rows], showticklabels=len(data.rows) <= 40
+    )
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
-    note = f"{summary}. Every trial failed: see the error column of the leaderboard." if counts["failed"] == len(data.rows) else summary
-    return Section("status", "Statuses and wall time", "Seconds each trial held its resources, coloured by how it ended.", fig, note)
+    note = (
+        f"{summary}. Every trial failed: see the error column of the leaderboard."
+        if counts["failed"] == len(data.rows)
+        else summary
+    )
+    return Section(
+        "status",
+        "Statuses and wall time",
+        "Seconds each trial held its resources, coloured by how it ended.",
+        fig,
+        note,
+    )
 
 
 @REPORT_SECTIONS.register("best_so_far")
@@ -122,18 +170,40 @@ def best_so_far(data: ReportData) -> Section:
     hours = [(timestamp(r.get("ended_at")) - start) / 3600 if math.isfinite(start) else None for r in rows]
     fig = make_subplots(rows=1, cols=2, subplot_titles=("against trials", "against wall-clock time"))
     for col, x in ((1, list(range(1, len(rows) + 1))), (2, hours)):
-        fig.add_scatter(x=x, y=[r["score"] for r in rows], mode="markers", name="trial", row=1, col=col, showlegend=col == 1,
-                        marker={"color": [STATUS_COLOURS.get(r.get("status"), "grey") for r in rows], "size": 6},
-                        text=[f"{r['trial_id']} ({r.get('status')})" for r in rows])  # fmt: skip
-        fig.add_scatter(x=x, y=best, mode="lines", line_shape="hv", name="best so far", row=1, col=col,
-                        showlegend=col == 1, line={"color": "#1c7ed6", "width": 2})  # fmt: skip
+        fig.add_scatter(
+            x=x,
+            y=[r["score"] for r in rows],
+            mode="markers",
+            name="trial",
+            row=1,
+            col=col,
+            showlegend=col == 1,
+            marker={"color": [STATUS_COLOURS.get(r.get("status"), "grey") for r in rows], "size": 6},
+            text=[f"{r['trial_id']} ({r.get('status')})" for r in rows],
+        )
+        fig.add_scatter(
+            x=x,
+            y=best,
+            mode="lines",
+            line_shape="hv",
+            name="best so far",
+            row=1,
+            col=col,
+            showlegend=col == 1,
+            line={"color": "#1c7ed6", "width": 2},
+        )
     fig.update_xaxes(title_text="trials ended", row=1, col=1)
     fig.update_xaxes(title_text="hours since the first trial started", row=1, col=2)
     fig.update_yaxes(title_text=_metric_label(data), row=1, col=1)
     _layout(fig, f"Best {data.metric} so far")
     note = "One trial: there is no progress to show yet." if len(rows) == 1 else None
-    return Section("best_so_far", "Best score so far",
-                   "Each dot is a trial's score when it ended (colour: its status); the line is the best so far.", fig, note)  # fmt: skip
+    return Section(
+        "best_so_far",
+        "Best score so far",
+        "Each dot is a trial's score when it ended (colour: its status); the line is the best so far.",
+        fig,
+        note,
+    )
 
 
 @REPORT_SECTIONS.register("learning_curves")
@@ -146,7 +216,9 @@ def learning_curves(data: ReportData) -> Section:
         text: list[str] = []
         ends_x, ends_y = [], []
         for row in data.rows:
-            epochs = [h for h in data.histories.get(row["trial_id"], []) if isinstance(h.get(data.metric), (int, float))]
+            epochs = [
+                h for h in data.histories.get(row["trial_id"], []) if isinstance(h.get(data.metric), (int, float))
+            ]
             if row.get("status") != state or not epochs:
                 continue
             drawn += 1
@@ -156,13 +228,29 @@ def learning_curves(data: ReportData) -> Section:
             ends_x.append(epochs[-1].get(names.EPOCH))
             ends_y.append(epochs[-1][data.metric])
         if x:
-            fig.add_scatter(x=x, y=y, text=text, mode="lines+markers", name=state, line={"color": colour, "width": 1},
-                            marker={"size": 3}, opacity=0.7, connectgaps=False)  # fmt: skip
+            fig.add_scatter(
+                x=x,
+                y=y,
+                text=text,
+                mode="lines+markers",
+                name=state,
+                line={"color": colour, "width": 1},
+                marker={"size": 3},
+                opacity=0.7,
+                connectgaps=False,
+            )
             if state == "early_stopped":  # where ASHA stopped each one
-                fig.add_scatter(x=ends_x, y=ends_y, mode="markers", name="stopped here",
-                                marker={"symbol": "x", "size": 9, "color": colour})  # fmt: skip
+                fig.add_scatter(
+                    x=ends_x,
+                    y=ends_y,
+                    mode="markers",
+                    name="stopped here",
+                    marker={"symbol": "x", "size": 9, "color": colour},
+                )
     if not drawn:
-        return Section("learning_curves", "Learning curves", "", note="No trial reported an epoch of the experiment metric.")
+        return Section(
+            "learning_curves", "Learning curves", "", note="No trial reported an epoch of the experiment metric."
+        )
     rungs = data.rungs()
     for rung in rungs:
         fig.add_vline(x=rung, line_dash="dash", line_color="#868e96", annotation_text=f"rung {rung}")
@@ -187,16 +275,35 @@ def parallel_coordinates(data: ReportData) -> Section:
             dimensions.append({"label": param, "values": numbers})
         else:  # categorical: integer positions labelled with the choices
             choices = sorted({str(v) for v in values})
-            dimensions.append({"label": param, "values": [choices.index(str(v)) for v in values],
-                                   "tickvals": list(range(len(choices))), "ticktext": choices})  # fmt: skip
+            dimensions.append(
+                {
+                    "label": param,
+                    "values": [choices.index(str(v)) for v in values],
+                    "tickvals": list(range(len(choices))),
+                    "ticktext": choices,
+                }
+            )
     scores = [r["score"] for r in rows]
     dimensions.append({"label": data.metric, "values": scores})
-    fig = go.Figure(go.Parcoords(dimensions=dimensions, line={"color": scores, "colorscale": "Viridis", "showscale": True,
-                                                                  "reversescale": not data.ranking.maximize}))  # fmt: skip
+    fig = go.Figure(
+        go.Parcoords(
+            dimensions=dimensions,
+            line={
+                "color": scores,
+                "colorscale": "Viridis",
+                "showscale": True,
+                "reversescale": not data.ranking.maximize,
+            },
+        )
+    )
     _layout(fig, "Sampled parameters, coloured by the score", margin={"l": 80, "r": 80, "t": 90, "b": 40})
-    return Section("parallel_coordinates", "Sampled parameters",
-                   "One line per scored trial through its sampled values; drag along an axis to filter.", fig,
-                   note="Early-stopped trials are scored at their last epoch, so they sit low by design.")  # fmt: skip
+    return Section(
+        "parallel_coordinates",
+        "Sampled parameters",
+        "One line per scored trial through its sampled values; drag along an axis to filter.",
+        fig,
+        note="Early-stopped trials are scored at their last epoch, so they sit low by design.",
+    )
 
 
 # Held-out columns a per-choice comparison shows beside the score, when the trials were evaluated.
@@ -222,12 +329,23 @@ def choices(data: ReportData) -> Section | None:
         values = [str(r.get(param)) for r in data.ranking.sort(best.values())]
         for column in shown:
             label = data.metric if column == "score" else column
-            fig.add_bar(x=values, y=[best[v].get(column) for v in values], name=label, legendgroup=label,
-                        showlegend=index == 1, row=index, col=1)  # fmt: skip
+            fig.add_bar(
+                x=values,
+                y=[best[v].get(column) for v in values],
+                name=label,
+                legendgroup=label,
+                showlegend=index == 1,
+                row=index,
+                col=1,
+            )
     _layout(fig, "Best trial per choice", barmode="group", height=320 * len(categorical) + 80)
-    return Section("choices", "Choices compared",
-                   f"For each value of a categorical parameter, its best trial's {data.metric} and held-out metrics.", fig,
-                   note="test_shift_mca: mean accuracy over the generated corruptions (CIFAR-10-C protocol).")  # fmt: skip
+    return Section(
+        "choices",
+        "Choices compared",
+        f"For each value of a categorical parameter, its best trial's {data.metric} and held-out metrics.",
+        fig,
+        note="test_shift_mca: mean accuracy over the generated corruptions (CIFAR-10-C protocol).",
+    )
 
 
 def _study_section(name: str, title: str, about: str, data: ReportData, plot: Callable[[Any], go.Figure]) -> Section:
@@ -260,9 +378,13 @@ def importance(data: ReportData) -> Section:
         evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=64, max_depth=8, seed=0)
         return optuna.visualization.plot_param_importances(study, evaluator=evaluator, **data.study_target())
 
-    return _study_section("importance", "Parameter importance (fANOVA)",
-                          "How much of the score's variance each parameter explains, by Optuna's fANOVA over the completed trials.",
-                          data, plot)  # fmt: skip
+    return _study_section(
+        "importance",
+        "Parameter importance (fANOVA)",
+        "How much of the score's variance each parameter explains, by Optuna's fANOVA over the completed trials.",
+        data,
+        plot,
+    )
 
 
 @REPORT_SECTIONS.register("slices")
@@ -272,7 +394,9 @@ def slices(data: ReportData) -> Section:
 
         return optuna.visualization.plot_slice(study, **data.study_target())
 
-    return _study_section("slices", "Slice plots", "The score against each parameter, one dot per completed trial.", data, plot)
+    return _study_section(
+        "slices", "Slice plots", "The score against each parameter, one dot per completed trial.", data, plot
+    )
 
 
 @REPORT_SECTIONS.register("stages")
@@ -297,12 +421,19 @@ def stages(data: ReportData) -> Section | None:
 
 @REPORT_SECTIONS.register("evaluation")
 def evaluation(data: ReportData) -> Section:
-    images = [(f"{row['trial_id']}: {png.stem.replace('_', ' ')}", png)
-              for row in data.ranked()[:TOP_EVALUATED] for png in data.eval_images(row["trial_id"])]  # fmt: skip
+    images = [
+        (f"{row['trial_id']}: {png.stem.replace('_', ' ')}", png)
+        for row in data.ranked()[:TOP_EVALUATED]
+        for png in data.eval_images(row["trial_id"])
+    ]
     about = f"The held-out evaluation of the top {TOP_EVALUATED} trials (raycls eval), when they have one."
     if not images:
-        return Section("evaluation", "Evaluation of the top trials", about,
-                       note="None of the top trials has evaluation plots (run `raycls eval EXPERIMENT --trial top:3`).")
+        return Section(
+            "evaluation",
+            "Evaluation of the top trials",
+            about,
+            note="None of the top trials has evaluation plots (run `raycls eval EXPERIMENT --trial top:3`).",
+        )
     return Section("evaluation", "Evaluation of the top trials", about, images=images)
 
 
@@ -324,16 +455,33 @@ def pareto(data: ReportData) -> Section | None:
         return ["<br>".join([r["trial_id"], *(f"{p}={_fmt(r.get(p))}" for p in data.params)]) for r in rows]
 
     fig = go.Figure()
-    fig.add_scatter(x=[r[x] for r in rest], y=[r[y] for r in rest], mode="markers", name="dominated",
-                    marker={"color": "#adb5bd", "size": 8}, text=hover(rest), hoverinfo="text+x+y")  # fmt: skip
-    fig.add_scatter(x=[r[x] for r in front], y=[r[y] for r in front], mode="lines+markers", name="Pareto front",
-                    marker={"color": STATUS_COLOURS["completed"], "size": 10}, text=hover(front), hoverinfo="text+x+y")  # fmt: skip
+    fig.add_scatter(
+        x=[r[x] for r in rest],
+        y=[r[y] for r in rest],
+        mode="markers",
+        name="dominated",
+        marker={"color": "#adb5bd", "size": 8},
+        text=hover(rest),
+        hoverinfo="text+x+y",
+    )
+    fig.add_scatter(
+        x=[r[x] for r in front],
+        y=[r[y] for r in front],
+        mode="lines+markers",
+        name="Pareto front",
+        marker={"color": STATUS_COLOURS["completed"], "size": 10},
+        text=hover(front),
+        hoverinfo="text+x+y",
+    )
     better = {"max": "higher is better", "min": "lower is better"}
     _layout(fig, "Pareto front", xaxis_title=f"{x} ({better[x_mode]})", yaxis_title=f"{y} ({better[y_mode]})")
     for axis, metric in (("xaxis", x), ("yaxis", y)):
         values = [r[metric] for r in ranked if r[metric] and r[metric] > 0]
         if metric in names.COST_METRICS and values and max(values) > 20 * min(values):  # sizes span decades
             fig.update_layout(**{axis: {"type": "log"}})
-    note = (f"{len(data.objectives)} objectives: the front is over all of them, drawn on the first two."
-            if len(data.objectives) > 2 else None)  # fmt: skip
+    note = (
+        f"{len(data.objectives)} objectives: the front is over all of them, drawn on the first two."
+        if len(data.objectives) > 2
+        else None
+    )
     return Section("pareto", "Pareto front", about, fig, note=note)

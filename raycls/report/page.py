@@ -50,8 +50,9 @@ def default_out(storage: str, experiment: str) -> Path:
     return paths.report_file()
 
 
-def write_report(storage: str, experiment: str, *, out: Path | None = None, png: bool = True,
-                 wandb_mode: str | None = None) -> ReportFiles:  # fmt: skip
+def write_report(
+    storage: str, experiment: str, *, out: Path | None = None, png: bool = True, wandb_mode: str | None = None
+) -> ReportFiles:
     """Draw the experiment; a LeaderboardError when it has no row to draw."""
     started = time.perf_counter()
     data = load_report_data(storage, experiment)
@@ -72,22 +73,29 @@ def render_html(data: ReportData, sections: list[Section], *, png_error: str | N
     from plotly.offline import get_plotlyjs
 
     best = data.ranked()[0] if data.scored() else None
-    counts = ", ".join(f"{sum(r.get('status') == s for r in data.rows)} {s}" for s in ("completed", "early_stopped", "failed"))
-    headline = f"{len(data.rows)} trial{'s' if len(data.rows) != 1 else ''} ({counts}); metric {data.metric} ({data.mode})"
+    counts = ", ".join(
+        f"{sum(r.get('status') == s for r in data.rows)} {s}" for s in ("completed", "early_stopped", "failed")
+    )
+    headline = (
+        f"{len(data.rows)} trial{'s' if len(data.rows) != 1 else ''} ({counts}); metric {data.metric} ({data.mode})"
+    )
     if best is not None:
         headline += f"; best: {best['trial_id']} with {data.metric} = {best['score']:.4g}"
     parts = [
-        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
         f"<title>raycls report: {html.escape(data.experiment)}</title>",
         f"<script>{get_plotlyjs()}</script>",  # plotly.js itself, inlined: the page needs no network
         f"<style>{STYLE}</style></head><body>",
         f"<h1>Experiment {html.escape(data.experiment)}</h1>",
         f"<p>{html.escape(headline)}.</p>",
-        (f"<p class=\"about\">Storage {html.escape(data.storage)}; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
-         f"by raycls {raycls.__version__}.{' PNGs: ' + html.escape(png_error) if png_error else ''}</p>"),
+        (
+            f'<p class="about">Storage {html.escape(data.storage)}; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC '
+            f"by raycls {raycls.__version__}.{' PNGs: ' + html.escape(png_error) if png_error else ''}</p>"
+        ),
         "<nav>" + "".join(f'<a href="#{s.name}">{html.escape(s.title)}</a>' for s in sections) + "</nav>",
-    ]  # fmt: skip
-    parts += [f"<p class=\"note\">Skipped: {html.escape(problem)}</p>" for problem in data.skipped]
+    ]
+    parts += [f'<p class="note">Skipped: {html.escape(problem)}</p>' for problem in data.skipped]
     for section in sections:
         parts.append(f'<section id="{section.name}"><h2>{html.escape(section.title)}</h2>')
         if section.about:
@@ -95,12 +103,20 @@ def render_html(data: ReportData, sections: list[Section], *, png_error: str | N
         if section.note:
             parts.append(f'<p class="note">{html.escape(section.note)}</p>')
         if section.figure is not None:
-            parts.append(section.figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{section.name}",
-                                                config={"displaylogo": False, "responsive": True}))  # fmt: skip
+            parts.append(
+                section.figure.to_html(
+                    full_html=False,
+                    include_plotlyjs=False,
+                    div_id=f"figure-{section.name}",
+                    config={"displaylogo": False, "responsive": True},
+                )
+            )
         for caption, png in section.images:
             encoded = base64.b64encode(png.read_bytes()).decode()
-            parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}">'
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
+            parts.append(
+                f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -120,8 +136,10 @@ def write_pngs(sections: list[Section], folder: Path) -> tuple[list[Path], str |
         try:
             pio.write_images([s.figure for s in drawn], paths, format="png", **PNG_SIZE)
         except Exception as err:  # noqa: BLE001 - kaleido raises its own types (no Chrome, a crashed browser)
-            why = f"kaleido could not draw them ({error_reason(err)}); install Chrome or Chromium " \
-                  "(`plotly_get_chrome`, or apt install chromium) and run `raycls report` again"
+            why = (
+                f"kaleido could not draw them ({error_reason(err)}); install Chrome or Chromium "
+                "(`plotly_get_chrome`, or apt install chromium) and run `raycls report` again"
+            )
             return [], why
         # Whole files only: each PNG lands under its name by a rename.
         return [Path(shutil.move(str(p), folder / p.name)) for p in paths], None
@@ -151,10 +169,20 @@ def log_to_wandb(data: ReportData, sections: list[Section], pngs: list[Path], mo
     settings = data.space.wandb if data.space is not None else WandbSection()
     folder = data.paths.state_dir
     folder.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=settings.project, entity=settings.entity, group=data.experiment, job_type="report",
-                     name=f"{data.experiment}-report", id=f"{data.experiment}-report"[:64], tags=settings.tags,
-                     dir=str(folder), mode=mode, reinit="create_new", resume="allow",
-                     settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True))  # fmt: skip
+    run = wandb.init(
+        project=settings.project,
+        entity=settings.entity,
+        group=data.experiment,
+        job_type="report",
+        name=f"{data.experiment}-report",
+        id=f"{data.experiment}-report"[:64],
+        tags=settings.tags,
+        dir=str(folder),
+        mode=mode,
+        reinit="create_new",
+        resume="allow",
+        settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True),
+    )
     try:
         logged = {f"report/{s.name}": wandb.Plotly(s.figure) for s in sections if s.figure is not None}
         logged.update({f"report/png/{p.stem}": wandb.Image(str(p)) for p in pngs})

@@ -121,24 +121,47 @@ class TrialRecord:
         best = {**self.best_row(), **trial_level}
         wall = (self.ended_at - self.started_at).total_seconds() if self.started_at and self.ended_at else None
         values: dict[str, Any] = {
-            "experiment": self.experiment, "trial_id": self.trial_id, "status": self.status, "phase": self.phase,
-            "metric": self.metric, "mode": self.mode, "objectives": self.objectives, "score": _float(best.get(self.metric)),
+            "experiment": self.experiment,
+            "trial_id": self.trial_id,
+            "status": self.status,
+            "phase": self.phase,
+            "metric": self.metric,
+            "mode": self.mode,
+            "objectives": self.objectives,
+            "score": _float(best.get(self.metric)),
             "epochs": int(self.history[-1].get("epoch", len(self.history))) if self.history else 0,
-            "best_epoch": int(best["epoch"]) if "epoch" in best else None, "max_epochs": self.max_epochs,
-            "started_at": self.started_at, "ended_at": self.ended_at, "wall_s": wall,
+            "best_epoch": int(best["epoch"]) if "epoch" in best else None,
+            "max_epochs": self.max_epochs,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "wall_s": wall,
             "train_s": sum(_float(h.get("epoch_s")) or 0.0 for h in self.history),
-            "device": self.device, "workers": self.workers, "seed": self.seed, "restarts": self.restarts,
+            "device": self.device,
+            "workers": self.workers,
+            "seed": self.seed,
+            "restarts": self.restarts,
             "stopped_by": self.stopped_by(),
-            "checkpoint": self.checkpoint, "teacher": self.teacher, "config_json": self.config_json,
-            "git_commit": self.git.commit, "git_dirty": self.git.dirty, "git_diff_sha": self.git.diff_sha, "raycls_version": raycls.__version__, "error": self.error,
-        }  # fmt: skip
+            "checkpoint": self.checkpoint,
+            "teacher": self.teacher,
+            "config_json": self.config_json,
+            "git_commit": self.git.commit,
+            "git_dirty": self.git.dirty,
+            "git_diff_sha": self.git.diff_sha,
+            "raycls_version": raycls.__version__,
+            "error": self.error,
+        }
         fields = list(FIXED_COLUMNS)
         # Every numeric metric at the best epoch, under its own name (val_acc, val_loss, ...).
         for key, value in best.items():
             # CHAIN_SCORE is bookkeeping for checkpoint retention, not a metric to compare.
             # The held-out columns come from the evaluation's own files (below), which `raycls eval` replaces.
-            if (key not in FIXED_NAMES and key != names.CHAIN_SCORE and not is_evaluation_column(key)
-                    and isinstance(value, (int, float)) and not isinstance(value, bool)):  # fmt: skip
+            if (
+                key not in FIXED_NAMES
+                and key != names.CHAIN_SCORE
+                and not is_evaluation_column(key)
+                and isinstance(value, (int, float))
+                and not isinstance(value, bool)
+            ):
                 fields.append((key, pa.float64()))
                 values[key] = float(value)
         for key, value in evaluation_columns(self.evaluation).items():
@@ -154,8 +177,14 @@ class TrialRecord:
     def history_table(self) -> pa.Table:
         """One row per epoch with every metric any epoch reported (a chain's later stages and SWA's
         `val_*_swa` first appear after epoch 1; epochs without a metric hold null)."""
-        rows = [{"experiment": self.experiment, "trial_id": self.trial_id, **{k: v for k, v in h.items()
-                 if isinstance(v, (int, float, str)) and not isinstance(v, bool)}} for h in self.history]  # fmt: skip
+        rows = [
+            {
+                "experiment": self.experiment,
+                "trial_id": self.trial_id,
+                **{k: v for k, v in h.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)},
+            }
+            for h in self.history
+        ]
         if not rows:
             return pa.table({"experiment": pa.array([], pa.string())})
         columns = list(dict.fromkeys(key for row in rows for key in row))  # the union, in first-seen order
@@ -166,7 +195,10 @@ def evaluation_columns(summary: Mapping[str, Any]) -> dict[str, Any]:
     """A suite's summary (raycls.evaluate.suite.run_suite: metrics, split, suite) as row columns."""
     if not summary:
         return {}
-    columns: dict[str, Any] = {names.EVAL_SPLIT: summary.get(names.EVAL_SPLIT), names.EVAL_SUITE: summary.get(names.EVAL_SUITE)}
+    columns: dict[str, Any] = {
+        names.EVAL_SPLIT: summary.get(names.EVAL_SPLIT),
+        names.EVAL_SUITE: summary.get(names.EVAL_SUITE),
+    }
     for key, value in summary.get("metrics", {}).items():
         if key.startswith(names.EVAL_PREFIX) and isinstance(value, (int, float)) and not isinstance(value, bool):
             columns[key] = float(value)
@@ -228,22 +260,32 @@ class ReadResult:
     opened: int = 0  # files this read opened: the rest came from the index (raycls.results.index)
 
 
-def read_leaderboard(storage: str, experiment: str | None = None, *, kind: str = LEADERBOARD_DIR,
-                     rebuild_index: bool = False) -> ReadResult:  # fmt: skip
+def read_leaderboard(
+    storage: str, experiment: str | None = None, *, kind: str = LEADERBOARD_DIR, rebuild_index: bool = False
+) -> ReadResult:
     """All rows under `storage` (one experiment, or every experiment) as one table. Each experiment's files
     are read through its index (raycls.results.index): only new or rewritten files are opened."""
     fs, root = filesystem(storage)
     tables, skipped, files, opened = [], [], 0, 0
     for folder, experiment_root in _kind_folders(fs, root, experiment, kind):
-        read = read_folder(fs, folder, index_path(experiment_root, kind), read_parquet, lambda t: _foreign(t, kind),
-                           _concat, rebuild=rebuild_index)  # fmt: skip
+        read = read_folder(
+            fs,
+            folder,
+            index_path(experiment_root, kind),
+            read_parquet,
+            lambda t: _foreign(t, kind),
+            _concat,
+            rebuild=rebuild_index,
+        )
         skipped += read.skipped
         files += read.files
         opened += read.read
         if read.table is not None:
             tables.append(read.table)
     if not tables:
-        return ReadResult(pa.table({name: pa.array([], dtype) for name, dtype in FIXED_COLUMNS}), skipped, files, opened)
+        return ReadResult(
+            pa.table({name: pa.array([], dtype) for name, dtype in FIXED_COLUMNS}), skipped, files, opened
+        )
     table = _concat(tables)
     if kind == LEADERBOARD_DIR:
         table = mark_pareto(table)  # the front depends on every row: computed on read, never stored
@@ -317,7 +359,11 @@ def param_columns(table: pa.Table) -> list[str]:
 
 def stage_columns(table: pa.Table) -> list[str]:
     """A chain's per-stage metric columns worth a glance: each stage's validation accuracies."""
-    return [n for n in table.column_names if "." in n and n not in param_columns(table) and n.endswith(("val_acc", "val_knn_acc"))]
+    return [
+        n
+        for n in table.column_names
+        if "." in n and n not in param_columns(table) and n.endswith(("val_acc", "val_knn_acc"))
+    ]
 
 
 def trial_config(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -65,8 +65,7 @@ def mark_pareto(table: pa.Table) -> pa.Table:
         if not ranked:
             continue
         rankings = [Ranking.of(metric, mode) for metric, mode in objectives]
-        losses = np.array([[-rankings[k].signed(float(columns[k][i])) for k in range(len(objectives))]
-                           for i in ranked])  # fmt: skip
+        losses = np.array([[-rankings[k].signed(float(columns[k][i])) for k in range(len(objectives))] for i in ranked])
         for i, rank in zip(ranked, non_dominated_ranks(losses)):
             ranks[i] = int(rank)
     table = table.append_column(PARETO, pa.array([None if r is None else r == 0 for r in ranks], pa.bool_()))

@@ -23,7 +23,6 @@ if TYPE_CHECKING:  # annotations only: `raycls leaderboard` starts without the c
     from raycls.config.experiment import Experiment
 
 
-
 @dataclass(frozen=True)
 class GitState:
     commit: str | None = None
@@ -49,7 +48,9 @@ def git_state(space_file: str | Path) -> GitState:
         return GitState()
     changes = tracked + (path.read_bytes() if untracked and path.is_file() else b"")
     dirty = bool(changes)
-    return GitState(head.stdout.decode().strip() or None, dirty, hashlib.sha256(changes).hexdigest()[:16] if dirty else None)
+    return GitState(
+        head.stdout.decode().strip() or None, dirty, hashlib.sha256(changes).hexdigest()[:16] if dirty else None
+    )
 
 
 def space_as_run(experiment: Experiment) -> str:
@@ -57,12 +58,18 @@ def space_as_run(experiment: Experiment) -> str:
     from raycls.config.load import resolve_trial
 
     sections: dict[str, Any] = {
-        name: getattr(experiment, name).model_dump(mode="json") for name in ("experiment", "search", "scheduler", "wandb")
+        name: getattr(experiment, name).model_dump(mode="json")
+        for name in ("experiment", "search", "scheduler", "wandb")
     }
-    base = resolve_trial(experiment.model_copy(update={"experiment": experiment.experiment.model_copy(update={"fast_dev_run": False})}))
+    base = resolve_trial(
+        experiment.model_copy(update={"experiment": experiment.experiment.model_copy(update={"fast_dev_run": False})})
+    )
     sections["base"] = base.to_dict()
-    sections["space"] = {path: param.model_dump(mode="json", exclude_none=True)
-                         for path, param in experiment.space.params.items() if path not in experiment.overrides}  # fmt: skip
+    sections["space"] = {
+        path: param.model_dump(mode="json", exclude_none=True)
+        for path, param in experiment.space.params.items()
+        if path not in experiment.overrides
+    }
     header = f"# {experiment.name} as run by raycls, from {experiment.source} (defaults filled in, --set applied)\n"
     return header + yaml.safe_dump(sections, sort_keys=False)
 

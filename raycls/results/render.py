@@ -24,6 +24,7 @@ def render(table: pa.Table, fmt: str) -> str:
         writer.writerows(rows)
         return buffer.getvalue()
     if fmt == "markdown":
+
         def cell(value: object) -> str:
             text = "" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
             return text.replace("|", "\\|").replace("\n", " ")

@@ -12,11 +12,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from raycls import names
 from raycls.config.experiment import Experiment
 from raycls.config.load import resolve_trial
 from raycls.config.schema import TeacherPhaseConfig, TrialConfig
 from raycls.errors import RayclsError
-from raycls import names
 from raycls.results.leaderboard import Status, TrialRecord
 from raycls.results.pareto import format_objectives
 from raycls.results.provenance import GitState
@@ -42,8 +42,11 @@ class TrialSeen:
 
 def param_types(experiment: Experiment) -> dict[str, pa.DataType]:
     """The Parquet type of each sampled parameter's column (a `--set` pins a parameter: no column)."""
-    return {path: pa.type_for_alias(param.column_type())
-            for path, param in experiment.space.params.items() if path not in experiment.overrides}  # fmt: skip
+    return {
+        path: pa.type_for_alias(param.column_type())
+        for path, param in experiment.space.params.items()
+        if path not in experiment.overrides
+    }
 
 
 def build_record(experiment: Experiment, seen: TrialSeen, git: GitState) -> TrialRecord:
@@ -89,7 +92,9 @@ def count_restarts(history: list[dict[str, Any]], num_failures: int, *, failed: 
     """How many times the trial started again: the count its workers report (every start from a checkpoint,
     Ray Train's worker-group restarts included) or Tune's retries (`num_failures`, of which the last one of
     a failed trial was not followed by a retry), whichever saw more."""
-    reported = max((int(h[names.RESTARTS]) for h in history if isinstance(h.get(names.RESTARTS), (int, float))), default=0)
+    reported = max(
+        (int(h[names.RESTARTS]) for h in history if isinstance(h.get(names.RESTARTS), (int, float))), default=0
+    )
     return max(reported, num_failures - 1 if failed else num_failures, 0)
 
 

@@ -36,7 +36,9 @@ def scrub(config: dict[str, Any]) -> dict[str, Any]:
 class TrialRun:
     """A W&B run for one trial; every method is a no-op when mode is `disabled`."""
 
-    def __init__(self, settings: WandbSection, mode: str, folder: Path, *, experiment: str, trial_id: str, config: dict[str, Any]):
+    def __init__(
+        self, settings: WandbSection, mode: str, folder: Path, *, experiment: str, trial_id: str, config: dict[str, Any]
+    ):
         self.run = None
         if mode == "disabled":
             return
@@ -90,7 +92,9 @@ class WandbWriter:
         self.runs: dict[str, TrialRun] = {}  # filled on the background thread
         self.started: set[str] = set()  # filled on the caller's thread
         self.failed: set[str] = set()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raycls-wandb") if mode != "disabled" else None
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="raycls-wandb") if mode != "disabled" else None
+        )
 
     def _submit(self, trial_id: str, fn, *args: Any) -> None:
         if self._pool is None:
@@ -113,15 +117,18 @@ class WandbWriter:
         self.started.add(trial_id)
 
         def start() -> None:
-            self.runs[trial_id] = TrialRun(self.settings, self.mode, self.folder, experiment=self.experiment,
-                                           trial_id=trial_id, config=config)  # fmt: skip
+            self.runs[trial_id] = TrialRun(
+                self.settings, self.mode, self.folder, experiment=self.experiment, trial_id=trial_id, config=config
+            )
 
         self._submit(trial_id, start)
 
     def log(self, trial_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
         self._submit(trial_id, lambda: self.runs[trial_id].log(metrics, step) if trial_id in self.runs else None)
 
-    def finish(self, trial_id: str, summary: dict[str, Any], *, failed: bool = False, images: dict[str, str] | None = None) -> None:
+    def finish(
+        self, trial_id: str, summary: dict[str, Any], *, failed: bool = False, images: dict[str, str] | None = None
+    ) -> None:
         def finish() -> None:
             run = self.runs.pop(trial_id, None)
             if run is not None:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch.nn as nn
 
-from raycls.config.schema import EmaConfig, SwaConfig
 from raycls import names
+from raycls.config.schema import EmaConfig, SwaConfig
 from raycls.models import unwrap
 
 
@@ -53,8 +53,11 @@ class WeightAverage:
             return raw
         judged, other, suffix = (averaged, raw, "_raw") if self.select else (raw, averaged, self.suffix)
         shown = {k: v for k, v in raw.items() if not _is_val(k)}
-        return {**shown, **{k: v for k, v in judged.items() if _is_val(k)},
-                **{k + suffix: v for k, v in other.items() if _is_val(k)}}  # fmt: skip
+        return {
+            **shown,
+            **{k: v for k, v in judged.items() if _is_val(k)},
+            **{k + suffix: v for k, v in other.items() if _is_val(k)},
+        }
 
     def state(self, model: nn.Module) -> dict[str, Any]:
         return {"weights": self.kept(model).state_dict(), **self._counters()}

@@ -16,16 +16,15 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from raycls import names
 from raycls.config.schema import Stage, TrialConfig
 from raycls.errors import CheckpointError
-from raycls import names
 from raycls.evaluate.cost import measure_cost
 from raycls.models.checkpoint import load_weights, unwrap
 from raycls.phases import PHASES, Phase
 from raycls.phases.base import Previous
 from raycls.train.loop import Metrics, Reporter, RunContext, StageRun, load_data, train_stage
 from raycls.train.state import Best, Position, Weights, read_best, read_metrics, read_position
-
 
 # Images per batch for the batch-N latency (the stage's eval batch size, capped: this is a measurement, not a
 # throughput benchmark, and it runs at the end of every trial).
@@ -55,8 +54,14 @@ def fit(config: TrialConfig, report: Reporter, ctx: RunContext | None = None) ->
             # A stage of another architecture than the previous one's starts fresh: that stage teaches it instead.
             fresh = resume is not None or (previous is not None and previous.model is not None)
             init = None if fresh else handover
-            handover = runner.run_stage(index, stage, init=init, previous=previous, resume_from=resume,
-                                        start=position.epoch + 1 if resume else 0)  # fmt: skip
+            handover = runner.run_stage(
+                index,
+                stage,
+                init=init,
+                previous=previous,
+                resume_from=resume,
+                start=position.epoch + 1 if resume else 0,
+            )
         if not runner.history and ctx.resume_from is not None:
             # Resumed from the checkpoint of the last epoch (the trial ended, the driver did not hear of it):
             # report that epoch again, so the driver, the scheduler and the searcher see the trial's true end
@@ -77,8 +82,10 @@ def initial_weights(config: TrialConfig) -> Weights | None:
     if config.init is None:
         return None
     if not isinstance(config.init, str):
-        raise CheckpointError(f"init {config.init}: a leaderboard reference must be resolved by the driver "
-                              "(raycls tune / raycls train) before the trial starts")  # fmt: skip
+        raise CheckpointError(
+            f"init {config.init}: a leaderboard reference must be resolved by the driver "
+            "(raycls tune / raycls train) before the trial starts"
+        )
     return load_weights(config.init)
 
 
@@ -101,8 +108,15 @@ class ChainRunner:
         self.evaluating = False  # the last stage's best weights are evaluated when the chain ends
 
     def run_stage(
-        self, index: int, stage: Stage, *, init: Weights | None, previous: Previous | None, resume_from: Path | None, start: int
-    ) -> Weights | None:  # fmt: skip
+        self,
+        index: int,
+        stage: Stage,
+        *,
+        init: Weights | None,
+        previous: Previous | None,
+        resume_from: Path | None,
+        start: int,
+    ) -> Weights | None:
         """Train one stage; returns its best weights (the whole phase module's) when a later stage needs them."""
         run = StageRun(
             index=index,
@@ -115,7 +129,9 @@ class ChainRunner:
             keep_best=index + 1 < len(self.stages) or self.evaluating,
             entered=time.perf_counter() if self.history else self.entered,  # the first stage also loaded the data
             scratch=self.scratch / "checkpoint",
-            annotate=(lambda metrics, best, last: self._chain_metrics(stage, metrics, best, last=last)) if self.chained else None,
+            annotate=(lambda metrics, best, last: self._chain_metrics(stage, metrics, best, last=last))
+            if self.chained
+            else None,
             finished=self.finished,
             on_last_epoch=self._last_epoch if index + 1 == len(self.stages) else None,
         )
@@ -127,14 +143,21 @@ class ChainRunner:
         both reported with the epoch (a multi-objective search is told them)."""
         stage = self.stages[-1]
         cost = measure_cost(
-            unwrap(model), lambda x: phase.outputs(unwrap(model), x), channels=self.data.spec.in_chans,
+            unwrap(model),
+            lambda x: phase.outputs(unwrap(model), x),
+            channels=self.data.spec.in_chans,
             image_size=self.config.data.image_size or self.data.splits.train.size,
-            batch_size=min(stage.train.eval_batch_size, COST_BATCH), device=self.ctx.device,
-        )  # fmt: skip
+            batch_size=min(stage.train.eval_batch_size, COST_BATCH),
+            device=self.ctx.device,
+        )
         if not self.evaluating:
             return cost
         # A stage whose metric was never reported (NaN-free but missing) has no best: its last weights.
-        weights = best.weights if best.weights is not None else {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+        weights = (
+            best.weights
+            if best.weights is not None
+            else {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+        )
         return {**cost, **self.evaluate(weights)}
 
     def evaluate(self, weights: Weights) -> Metrics:
@@ -143,8 +166,11 @@ class ChainRunner:
         from raycls.train.evaluation import evaluate_weights
 
         summary = evaluate_weights(self.config, weights, self.data, self.ctx, out_uri=self.ctx.eval_dir)
-        return {k: float(v) for k, v in summary.get("metrics", {}).items()
-                if k.startswith(names.EVAL_PREFIX) and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+        return {
+            k: float(v)
+            for k, v in summary.get("metrics", {}).items()
+            if k.startswith(names.EVAL_PREFIX) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
 
     def _report(self, metrics: Metrics, checkpoint: Path | None) -> None:
         self.report(metrics, checkpoint)
@@ -153,7 +179,15 @@ class ChainRunner:
     def _chain_metrics(self, stage: Stage, metrics: Metrics, best: Best, *, last: bool) -> Metrics:
         """A chain's epoch also says its stage and, from each finished stage, its metrics at its best epoch."""
         if last:
-            self.finished[stage.label] = {k: v for k, v in best.metrics.items() if k.startswith("val_") or k == names.EPOCH}
+            self.finished[stage.label] = {
+                k: v for k, v in best.metrics.items() if k.startswith("val_") or k == names.EPOCH
+            }
         kept = {names.stage_metric(label, k): v for label, done in self.finished.items() for k, v in done.items()}
         index = [s.label for s in self.stages].index(stage.label)
-        return {**metrics, names.STAGE: stage.label, names.STAGE_INDEX: index, names.STAGE_COUNT: len(self.stages), **kept}
+        return {
+            **metrics,
+            names.STAGE: stage.label,
+            names.STAGE_INDEX: index,
+            names.STAGE_COUNT: len(self.stages),
+            **kept,
+        }

@@ -27,8 +27,16 @@ from raycls.train.loop import Data, Parts, RunContext, build
 from raycls.train.state import STATE_FILE, Weights, read_position
 
 
-def evaluate_weights(config: TrialConfig, weights: Weights, data: Data, ctx: RunContext, *, out_uri: str | None,
-                     suite: str | None = None, stage: int | None = None) -> dict[str, Any]:  # fmt: skip
+def evaluate_weights(
+    config: TrialConfig,
+    weights: Weights,
+    data: Data,
+    ctx: RunContext,
+    *,
+    out_uri: str | None,
+    suite: str | None = None,
+    stage: int | None = None,
+) -> dict[str, Any]:
     """Evaluate the whole phase module's `weights` (of chain stage `stage`, default the last) with `suite`
     (default: the config's); returns the summary run_suite gives (metrics, split, suite). Every worker must
     call it."""
@@ -40,11 +48,20 @@ def evaluate_weights(config: TrialConfig, weights: Weights, data: Data, ctx: Run
     scratch = Path(tempfile.mkdtemp(prefix="raycls-eval-"))
     try:
         evaluation = Evaluation(
-            model=parts.model, phase=parts.phase, splits=data.splits, config=config.eval, out=scratch / "eval",
-            device=ctx.device, batch_size=stages[index].train.eval_batch_size, image_size=config.data.image_size,
-            rank=ctx.rank, world_size=ctx.world_size, seed=config.seed, data_config=config.data,
+            model=parts.model,
+            phase=parts.phase,
+            splits=data.splits,
+            config=config.eval,
+            out=scratch / "eval",
+            device=ctx.device,
+            batch_size=stages[index].train.eval_batch_size,
+            image_size=config.data.image_size,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=config.seed,
+            data_config=config.data,
             augment=stages[index].augment,
-        )  # fmt: skip
+        )
         summary = run_suite(evaluation, suite or config.eval.suite)
         if ctx.rank == 0 and out_uri is not None:
             publish(evaluation.out, out_uri)
@@ -67,7 +84,9 @@ def without_downloads(stage: Stage) -> Stage:
     update: dict[str, Any] = {"model": stage.model.model_copy(update={"pretrained": False})}
     teacher = getattr(stage.phase, "teacher_model", None)
     if teacher is not None:
-        update["phase"] = stage.phase.model_copy(update={"teacher_model": teacher.model_copy(update={"pretrained": False})})
+        update["phase"] = stage.phase.model_copy(
+            update={"teacher_model": teacher.model_copy(update={"pretrained": False})}
+        )
     return stage.model_copy(update=update)
 
 
@@ -90,8 +109,10 @@ def trial_rows(storage: str, experiment: str) -> list[dict[str, Any]]:
 
     rows = read_leaderboard(storage, experiment).table.to_pylist()
     if not rows:
-        raise RayclsError(f"experiment {experiment!r}: no leaderboard rows under {storage.rstrip('/')}/{experiment}/leaderboard "
-                          "(run `raycls tune` first, or pass --storage)")  # fmt: skip
+        raise RayclsError(
+            f"experiment {experiment!r}: no leaderboard rows under {storage.rstrip('/')}/{experiment}/leaderboard "
+            "(run `raycls tune` first, or pass --storage)"
+        )
     return rows
 
 
@@ -116,7 +137,9 @@ def pick_rows(rows: list[dict[str, Any]], pick: str, experiment: str) -> list[di
     usable = [r for r in rows if r.get("checkpoint") and r.get("config_json")]
     ranked = pick == "best" or pick.startswith("top:")
     try:
-        picked = Ranking.of(rows[0].get("metric") or "score", rows[0].get("mode")) if rows else Ranking.of("score", "max")
+        picked = (
+            Ranking.of(rows[0].get("metric") or "score", rows[0].get("mode")) if rows else Ranking.of("score", "max")
+        )
         match = picked.pick(usable if ranked else rows, pick, what=f"experiment {experiment!r}: --trial")
     except PickError as err:
         raise ConfigError(str(err)) from None
@@ -125,8 +148,15 @@ def pick_rows(rows: list[dict[str, Any]], pick: str, experiment: str) -> list[di
     return match
 
 
-def evaluate_rows(storage: str, experiment: str, rows: list[dict[str, Any]], *, suite: str | None = None,
-                  overrides: dict[str, Any] | None = None, device: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def evaluate_rows(
+    storage: str,
+    experiment: str,
+    rows: list[dict[str, Any]],
+    *,
+    suite: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
     """Evaluate each row's checkpoint in this process; its `eval/<trial_id>/` folder and its row's
     evaluation columns are replaced. Returns each trial's summary."""
 
@@ -135,8 +165,8 @@ def evaluate_rows(storage: str, experiment: str, rows: list[dict[str, Any]], *, 
     from raycls.config.load import config_of_row
     from raycls.results.leaderboard import update_evaluation
     from raycls.storage import ExperimentPaths
-    from raycls.train.steps import default_device
     from raycls.train.loop import load_data
+    from raycls.train.steps import default_device
 
     paths = ExperimentPaths(storage, experiment)
     run_on = torch.device(device) if device else default_device()
@@ -144,8 +174,15 @@ def evaluate_rows(storage: str, experiment: str, rows: list[dict[str, Any]], *, 
     for row in rows:
         config = config_of_row(row, overrides)
         weights, stage = read_checkpoint(row["checkpoint"])
-        summary = evaluate_weights(config, weights, load_data(config), RunContext(device=run_on),
-                                   out_uri=paths.eval_dir(row["trial_id"]), suite=suite, stage=stage)  # fmt: skip
+        summary = evaluate_weights(
+            config,
+            weights,
+            load_data(config),
+            RunContext(device=run_on),
+            out_uri=paths.eval_dir(row["trial_id"]),
+            suite=suite,
+            stage=stage,
+        )
         update_evaluation(storage, experiment, row["trial_id"], summary)
         summaries.append({"trial_id": row["trial_id"], **summary})
     return summaries

@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 
 from raycls.config.schema import FAST_DEV_BATCHES, TrialConfig
-from raycls.names import Mode
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
+from raycls.names import Mode
 from raycls.ranking import Ranking
 from raycls.storage import EVAL_DIR
 from raycls.train.chain import fit
-from raycls.train.steps import default_device
 from raycls.train.loop import Metrics, ProgressFn, RunContext
+from raycls.train.steps import default_device
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -53,8 +53,12 @@ def run_local(
     """Train `config`; write config.json, metrics.json and checkpoints/{last,best} into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / CONFIG_FILE, config.to_dict())
-    ctx = RunContext(device=device or default_device(), limit_batches=FAST_DEV_BATCHES if fast_dev_run else None,
-                     progress=progress, eval_dir=str(out.absolute() / EVAL_DIR))  # fmt: skip
+    ctx = RunContext(
+        device=device or default_device(),
+        limit_batches=FAST_DEV_BATCHES if fast_dev_run else None,
+        progress=progress,
+        eval_dir=str(out.absolute() / EVAL_DIR),
+    )
     history = fit(config, KeepBestReporter(out, metric, mode, on_epoch), ctx)
     summary = summarize(history, metric, mode)
     write_json_atomic(out / METRICS_FILE, {**summary.to_dict(), "history": history})

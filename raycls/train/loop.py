@@ -21,21 +21,21 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
+from raycls import names
 from raycls.config.schema import Stage, TrialConfig
 from raycls.data import BatchLoader, Splits, load_splits
 from raycls.data.augment import training_augment
 from raycls.data.datasets import FileData
 from raycls.data.stream import TRAIN, TRAIN_EVAL, VAL, StreamLoader, StreamSource
 from raycls.errors import ConfigError
-from raycls import names
 from raycls.models import InputSpec, create_model, unwrap
 from raycls.models.checkpoint import backbone_weights, load_backbone
 from raycls.optim import create_lr_schedule, create_optimizer
 from raycls.phases import Phase, create_phase
 from raycls.phases.base import Previous
 from raycls.train.averaging import WeightAverage, create_average
-from raycls.train.freeze import freeze_modules, frozen_modules, keep_frozen_norms_in_eval, trainable_parameters
 from raycls.train.distributed import all_gather_cat, all_reduce_sum, broadcast_from_rank0
+from raycls.train.freeze import freeze_modules, frozen_modules, keep_frozen_norms_in_eval, trainable_parameters
 from raycls.train.state import Best, Plateau, Position, Weights, load_checkpoint, read_best, save_checkpoint
 from raycls.train.steps import StepPolicy, autocast, check_finite, seed_everything, train_step
 
@@ -93,13 +93,21 @@ class Parts:
 def load_data(config: TrialConfig) -> Data:
     splits = load_splits(config.data, seed=config.seed)
     image_size = config.data.image_size or splits.train.size
-    return Data(splits, InputSpec(num_classes=splits.num_classes, in_chans=splits.train.channels, image_size=image_size))
+    return Data(
+        splits, InputSpec(num_classes=splits.num_classes, in_chans=splits.train.channels, image_size=image_size)
+    )
 
 
 def build(
-    config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, *,
-    index: int = 0, init: Weights | None = None, previous: Previous | None = None,
-) -> Parts:  # fmt: skip
+    config: TrialConfig,
+    stage: Stage,
+    data: Data,
+    ctx: RunContext,
+    *,
+    index: int = 0,
+    init: Weights | None = None,
+    previous: Previous | None = None,
+) -> Parts:
     """Phase, model and loaders of one stage on one worker; the same seed gives the same initial weights on
     every rank. `init`: weights to start the backbone from: a saved model of any phase (the previous stage's
     best, or `init:`), whose backbone part is taken. `previous`: the chain's previous stage, for its phase."""
@@ -116,10 +124,16 @@ def build(
     if policy.channels_last:
         model = model.to(memory_format=torch.channels_last)
     common = dict(
-        mean=splits.mean, std=splits.std, device=ctx.device, image_size=config.data.image_size,
-        channels_last=policy.channels_last, seed=config.seed + index, rank=ctx.rank, world_size=ctx.world_size,
+        mean=splits.mean,
+        std=splits.std,
+        device=ctx.device,
+        image_size=config.data.image_size,
+        channels_last=policy.channels_last,
+        seed=config.seed + index,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
         limit_batches=ctx.limit_batches,
-    )  # fmt: skip
+    )
     loader = loader_factory(splits, ctx)
     augment = training_augment(stage.augment, config.data)
     train_loader = loader(TRAIN, stage.train.batch_size, train=True, augment=augment, views=phase.views, **common)
@@ -139,8 +153,10 @@ def loader_factory(splits: Splits, ctx: RunContext) -> Callable[..., Loader]:
     if not isinstance(splits.train, FileData):
         return lambda split, batch_size, **options: BatchLoader(named[split], batch_size, **options)  # type: ignore[arg-type]
     if ctx.streams is None:
-        raise ConfigError("data.loader: stream reads the images through Ray Data, which `raycls train --no-ray` "
-                          "does not start: drop --no-ray, or set data.loader: memory")  # fmt: skip
+        raise ConfigError(
+            "data.loader: stream reads the images through Ray Data, which `raycls train --no-ray` "
+            "does not start: drop --no-ray, or set data.loader: memory"
+        )
     streams = ctx.streams
     return lambda split, batch_size, **options: StreamLoader(streams, split, len(named[split]), batch_size, **options)
 
@@ -168,7 +184,9 @@ class StageRun:
     on_last_epoch: Callable[[Best, nn.Module, Phase], Metrics] | None = None
 
 
-def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, report: Reporter, run: StageRun) -> Best:
+def train_stage(
+    config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, report: Reporter, run: StageRun
+) -> Best:
     """Train one stage for its epochs; returns its best epoch (with its weights when `run.keep_best`)."""
     parts = build(config, stage, data, ctx, index=run.index, init=run.init, previous=run.previous)
     model, phase, policy = parts.model, parts.phase, parts.policy
@@ -190,12 +208,26 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
     for epoch in range(run.start, stage.train.epochs):
         started = time.perf_counter()
         compiling = stage.train.compile and epoch == run.start
-        train_loss, images, seconds, first_step = train_epoch(trained, phase, parts.train_loader, optimizer, lr_schedule, policy,
-                                                              ctx, epoch, frozen=parts.frozen, average=average)  # fmt: skip
+        train_loss, images, seconds, first_step = train_epoch(
+            trained,
+            phase,
+            parts.train_loader,
+            optimizer,
+            lr_schedule,
+            policy,
+            ctx,
+            epoch,
+            frozen=parts.frozen,
+            average=average,
+        )
         validation = evaluate(model, phase, parts.val_loader, policy, sync=ctx.world_size > 1)
         if average is not None:
             average.after_epoch(model, epoch, parts.bn_loader)
-            averaged = evaluate(average.module, phase, parts.val_loader, policy, sync=ctx.world_size > 1) if average.active else None
+            averaged = (
+                evaluate(average.module, phase, parts.val_loader, policy, sync=ctx.world_size > 1)
+                if average.active
+                else None
+            )
             validation = average.merge(validation, averaged)
         judged = average.judged(model) if average is not None else model  # what the epoch is judged and kept by
         metrics = {
@@ -225,8 +257,20 @@ def train_stage(config: TrialConfig, stage: Stage, data: Data, ctx: RunContext, 
             metrics = {**metrics, **run.on_last_epoch(best, judged, phase)}
         # Only rank 0 writes a checkpoint: all ranks hold the same weights under DDP.
         position = Position(stage=run.index, epoch=epoch, finished=run.finished)
-        checkpoint = save_checkpoint(run.scratch, model, optimizer, lr_schedule, metrics, position=position,
-                                     best=best if run.keep_best else None, average=average) if ctx.rank == 0 else None  # fmt: skip
+        checkpoint = (
+            save_checkpoint(
+                run.scratch,
+                model,
+                optimizer,
+                lr_schedule,
+                metrics,
+                position=position,
+                best=best if run.keep_best else None,
+                average=average,
+            )
+            if ctx.rank == 0
+            else None
+        )
         report(metrics, checkpoint)
         if last:
             break
@@ -264,7 +308,9 @@ def train_epoch(
             average.after_step(model)
         if ctx.progress is not None:
             ctx.progress(i + 1, len(loader))
-    summed = all_reduce_sum({"loss": total / len(loader), "images": torch.tensor(float(loader.num_images), device=policy.device)})
+    summed = all_reduce_sum(
+        {"loss": total / len(loader), "images": torch.tensor(float(loader.num_images), device=policy.device)}
+    )
     seconds = time.perf_counter() - started  # after the all-reduce: includes waiting for the device
     mean_loss = summed["loss"] / ctx.world_size
     check_finite(mean_loss, what=names.TRAIN_LOSS, epoch=epoch + 1)

@@ -41,16 +41,22 @@ def image_dataset(files: FileData, *, shuffle: bool) -> ray.data.Dataset:
     import pyarrow as pa
 
     where = files.where or ("",) * len(files)
-    table = pa.table({"path": list(files.files), "label": np.asarray(files.labels, dtype=np.int64), "where": list(where)})
+    table = pa.table(
+        {"path": list(files.files), "label": np.asarray(files.labels, dtype=np.int64), "where": list(where)}
+    )
     rows = max(1, min(BLOCK_ROWS, math.ceil(len(table) / MIN_BLOCKS)))
     blocks = [table.slice(start, rows) for start in range(0, max(len(table), 1), rows)]
     dataset = ray.data.from_arrow(blocks)
     if shuffle:
         dataset = dataset.random_shuffle()  # paths only: a new order every epoch, without moving pixels
-    return dataset.map_batches(decode_rows, fn_kwargs={"size": files.size, "resize": files.resize}, batch_size=rows, batch_format="numpy")
+    return dataset.map_batches(
+        decode_rows, fn_kwargs={"size": files.size, "resize": files.resize}, batch_size=rows, batch_format="numpy"
+    )
 
 
-def trial_datasets(config: TrialConfig, *, world_size: int = 1, limit_batches: int | None = None) -> dict[str, ray.data.Dataset]:
+def trial_datasets(
+    config: TrialConfig, *, world_size: int = 1, limit_batches: int | None = None
+) -> dict[str, ray.data.Dataset]:
     """A streamed trial's datasets (none unless data.loader is `stream`): train, val, and train_eval when a
     stage averages weights with SWA (its BatchNorm update reads the training split unaugmented)."""
     if config.data.loader != "stream":
@@ -81,13 +87,21 @@ class ShardConfig(ray.train.DataConfig):
     every other split into shards that together hold every row once (Ray Train's default equalises them all,
     dropping validation images)."""
 
-    def configure(self, datasets: dict[str, ray.data.Dataset], world_size: int, worker_handles: Any,
-                  worker_node_ids: list | None, **kwargs: Any) -> list[dict[str, Any]]:  # fmt: skip
+    def configure(
+        self,
+        datasets: dict[str, ray.data.Dataset],
+        world_size: int,
+        worker_handles: Any,
+        worker_node_ids: list | None,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
         output: list[dict[str, Any]] = [{} for _ in range(world_size)]
         for name, dataset in datasets.items():
             dataset = dataset.copy(dataset)
             dataset.context.execution_options = self.default_ingest_options()
-            for rank, shard in enumerate(dataset.streaming_split(world_size, equal=name == TRAIN, locality_hints=worker_node_ids)):
+            for rank, shard in enumerate(
+                dataset.streaming_split(world_size, equal=name == TRAIN, locality_hints=worker_node_ids)
+            ):
                 output[rank][name] = shard
         return output
 

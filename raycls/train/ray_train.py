@@ -19,15 +19,15 @@ import ray
 import ray.train
 import torch
 
+from raycls import names
 from raycls.config.experiment import Resources
 from raycls.config.schema import FAST_DEV_BATCHES, TrialConfig
-from raycls import names
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
 from raycls.ranking import Ranking, checkpoint_attribute
 from raycls.storage import EVAL_DIR
-from raycls.train.local import CONFIG_FILE, METRICS_FILE
 from raycls.train.chain import fit
+from raycls.train.local import CONFIG_FILE, METRICS_FILE
 from raycls.train.loop import Metrics, RunContext
 from raycls.train.ray_data import ShardConfig, resolve_data, shard_source, trial_datasets
 
@@ -108,14 +108,25 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     config = TrialConfig.from_json(loop_config["config_json"])
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
-    ctx = RunContext(device=device, rank=context.get_world_rank(), world_size=context.get_world_size(),
-                     limit_batches=loop_config.get("limit_batches"), eval_dir=loop_config.get("eval_dir"),
-                     streams=shard_source() if config.data.loader == "stream" else None)  # fmt: skip
+    ctx = RunContext(
+        device=device,
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        limit_batches=loop_config.get("limit_batches"),
+        eval_dir=loop_config.get("eval_dir"),
+        streams=shard_source() if config.data.loader == "stream" else None,
+    )
     with restored(ray.train.get_checkpoint()) as resume_from:
         ctx.resume_from = resume_from
         extras = {**trial_extras(config, device), RESTARTS: restarts_of(resume_from)}
-        reporter = RayReporter(ray.train.report, ray.train.Checkpoint, extras, history_file=loop_config.get("history_file"),
-                               rank=ctx.rank, ranking=tuple(loop_config["ranking"]))  # fmt: skip
+        reporter = RayReporter(
+            ray.train.report,
+            ray.train.Checkpoint,
+            extras,
+            history_file=loop_config.get("history_file"),
+            rank=ctx.rank,
+            ranking=tuple(loop_config["ranking"]),
+        )
         fit(config, reporter, ctx)
 
 
@@ -142,8 +153,13 @@ def torch_trainer(
         train_worker,
         datasets=trial_datasets(config, world_size=resources.workers, limit_batches=limit_batches) or None,
         dataset_config=ShardConfig(),
-        train_loop_config={"config_json": config.to_json(), "limit_batches": limit_batches, "history_file": history_file,
-                           "eval_dir": eval_dir, "ranking": (metric, mode)},  # fmt: skip
+        train_loop_config={
+            "config_json": config.to_json(),
+            "limit_batches": limit_batches,
+            "history_file": history_file,
+            "eval_dir": eval_dir,
+            "ranking": (metric, mode),
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.workers, use_gpu=resources.gpu, resources_per_worker=per_worker
         ),
@@ -152,7 +168,9 @@ def torch_trainer(
             storage_path=storage_path,
             callbacks=callbacks or [],
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=keep, checkpoint_score_attribute=checkpoint_score(config, metric), checkpoint_score_order=mode
+                num_to_keep=keep,
+                checkpoint_score_attribute=checkpoint_score(config, metric),
+                checkpoint_score_order=mode,
             ),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
         ),
@@ -184,9 +202,17 @@ def train_with_ray(
     write_json_atomic(out / CONFIG_FILE, config.to_dict())
     history_file = out / "history.jsonl"
     history_file.unlink(missing_ok=True)
-    trainer = torch_trainer(config, resources, storage_path=str(out), name="ray_train", metric=metric, mode=mode,
-                             limit_batches=FAST_DEV_BATCHES if fast_dev_run else None, history_file=str(history_file),
-                             eval_dir=str(out / EVAL_DIR))  # fmt: skip
+    trainer = torch_trainer(
+        config,
+        resources,
+        storage_path=str(out),
+        name="ray_train",
+        metric=metric,
+        mode=mode,
+        limit_batches=FAST_DEV_BATCHES if fast_dev_run else None,
+        history_file=str(history_file),
+        eval_dir=str(out / EVAL_DIR),
+    )
     result = trainer.fit()
     if result.error:
         raise result.error

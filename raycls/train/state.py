@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from raycls.errors import CheckpointError
-from raycls.ranking import Ranking
 from raycls.models.checkpoint import WEIGHTS_FILE, atomic_save, save_weights, unwrap
+from raycls.ranking import Ranking
 from raycls.storage import METRICS_FILE
 
 if TYPE_CHECKING:
@@ -97,12 +97,20 @@ def save_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     # The weights the epoch was judged by (a selected weight average's) are the checkpoint's model.
     save_weights(average.judged(model) if average is not None else model, folder / WEIGHTS_FILE)
-    state = {"stage": position.stage, "epoch": position.epoch, "finished": position.finished,
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             **({"average": average.state(model)} if average is not None else {})}  # fmt: skip
+    state = {
+        "stage": position.stage,
+        "epoch": position.epoch,
+        "finished": position.finished,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        **({"average": average.state(model)} if average is not None else {}),
+    }
     atomic_save(state, folder / STATE_FILE)
     if best is not None and best.weights is not None:
-        atomic_save({"metric": best.metric, "value": best.value, "metrics": best.metrics, "weights": best.weights}, folder / CARRY_FILE)
+        atomic_save(
+            {"metric": best.metric, "value": best.value, "metrics": best.metrics, "weights": best.weights},
+            folder / CARRY_FILE,
+        )
     else:
         (folder / CARRY_FILE).unlink(missing_ok=True)  # the scratch folder is reused from epoch to epoch
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
@@ -118,7 +126,9 @@ def _state(folder: Path, device: torch.device | str = "cpu") -> dict:
 
 def read_position(folder: Path) -> Position:
     state = _state(folder)
-    return Position(stage=int(state.get("stage", 0)), epoch=int(state["epoch"]), finished=dict(state.get("finished", {})))
+    return Position(
+        stage=int(state.get("stage", 0)), epoch=int(state["epoch"]), finished=dict(state.get("finished", {}))
+    )
 
 
 def read_metrics(folder: Path) -> dict[str, float]:
@@ -135,8 +145,9 @@ def read_best(folder: Path, metric: str) -> Best:
     return Best(metric, value=carry["value"], metrics=dict(carry["metrics"]), weights=carry["weights"])
 
 
-def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *,
-                    average: WeightAverage | None = None) -> None:  # fmt: skip
+def load_checkpoint(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, average: WeightAverage | None = None
+) -> None:
     """Restore model, optimizer and schedule from `folder` (read_position says where it was taken)."""
     device = next(unwrap(model).parameters()).device
     state = _state(folder, device)

@@ -30,7 +30,7 @@ class StepPolicy:
     scaler: torch.amp.GradScaler | None = field(default=None, compare=False)
 
     @classmethod
-    def resolve(cls, config: TrainConfig, device: torch.device) -> "StepPolicy":
+    def resolve(cls, config: TrainConfig, device: torch.device) -> StepPolicy:
         cuda = device.type == "cuda"
         fp16 = config.amp == "fp16"
         return cls(

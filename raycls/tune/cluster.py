@@ -88,5 +88,8 @@ def _autoscaler_node_types() -> list[Node]:
         return []
     if config is None:
         return []
-    return [Node(group.name, dict(group.resources), alive=False, count=int(group.max_count))
-            for group in config.node_group_configs if group.max_count != 0]  # fmt: skip
+    return [
+        Node(group.name, dict(group.resources), alive=False, count=int(group.max_count))
+        for group in config.node_group_configs
+        if group.max_count != 0
+    ]

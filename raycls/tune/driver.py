@@ -10,31 +10,30 @@ journal, `leaderboard/`, `history/`, `wandb/` and, for multi-worker trials, `tra
 from __future__ import annotations
 
 import os
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import ray
 import ray.tune
 
+from raycls import names
+from raycls.cluster.preflight import preflight, shared_storage_from_env
+from raycls.cluster.resources import per_trial_request, trial_bundle
 from raycls.config.experiment import Experiment
 from raycls.errors import RayclsError
-from raycls import names
+from raycls.prepare import prepare_experiment
 from raycls.ranking import checkpoint_attribute
 from raycls.results.leaderboard import SCORED_STATUSES, ReadResult, read_leaderboard
 from raycls.results.provenance import git_state, write_space_as_run
-from raycls.prepare import prepare_experiment
 from raycls.results.wandb_log import resolve_mode
+from raycls.search import TRIAL_SCHEDULERS
+from raycls.storage import ExperimentPaths, absolute, filesystem, journal_file
+from raycls.tune.cluster import cluster_nodes, init_ray
 from raycls.tune.ledger import TrialLedger, record_told_trials
 from raycls.tune.live import LiveTable
-from raycls.cluster.preflight import preflight, shared_storage_from_env
-from raycls.cluster.resources import per_trial_request, trial_bundle
-from raycls.search import TRIAL_SCHEDULERS
-from raycls.storage import ExperimentPaths, absolute, filesystem
-from raycls.tune.cluster import cluster_nodes, init_ray
 from raycls.tune.resume import ResumeMode, ResumePlan, SnapshotKeeper, prepare_resume, reconcile_study
-from raycls.storage import journal_file
 from raycls.tune.searcher import create_searcher, open_study_storage
 from raycls.tune.stop import SearchEnd, SearchStopper, clear_end, read_end
 from raycls.tune.trainable import tune_trainable
@@ -69,7 +68,9 @@ class TuneOutcome:
             return None
         failed = [r for r in rows if r["status"] == "failed"]
         first = next((r["error"] for r in failed if r.get("error")), None)
-        ended = f"{len(failed)} failed" + (f", {len(rows) - len(failed)} without a score" if len(rows) > len(failed) else "")
+        ended = f"{len(failed)} failed" + (
+            f", {len(rows) - len(failed)} without a score" if len(rows) > len(failed) else ""
+        )
         return f"no trial completed: {ended or 'no trial ran'}" + (f" (first error: {first})" if first else "")
 
 
@@ -86,8 +87,9 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
     init_ray(options.address, needed_cpus=concurrency_cpus, num_cpus=options.num_cpus, verbose=options.verbose)
     shared = shared_storage_from_env() if options.shared_storage is None else options.shared_storage
     # Refuse what Ray would only punish later (node-local storage on several nodes, workers no node holds).
-    plan = preflight(resources, storage, cluster_nodes(), concurrency=experiment.experiment.concurrency,
-                     shared_storage=shared)  # fmt: skip
+    plan = preflight(
+        resources, storage, cluster_nodes(), concurrency=experiment.experiment.concurrency, shared_storage=shared
+    )
     concurrency = min(plan.concurrency, experiment.experiment.trials)
 
     paths = ExperimentPaths(storage, experiment.name)
@@ -125,7 +127,9 @@ def _fit(experiment: Experiment, options: TuneOptions, paths: ExperimentPaths, t
             _record_told(experiment, paths)
         remaining = experiment.experiment.trials - (len(paths.trial_ids()) if options.resume else 0)
         if options.resume:
-            experiment = _without_evaluated_points(experiment, read_leaderboard(paths.storage, experiment.name).table.to_pylist())
+            experiment = _without_evaluated_points(
+                experiment, read_leaderboard(paths.storage, experiment.name).table.to_pylist()
+            )
         errors = 0
         if remaining > 0:
             grid = _new_tuner(experiment, options, paths, trainable, min(concurrency, remaining), remaining).fit()
@@ -138,6 +142,7 @@ def _fit(experiment: Experiment, options: TuneOptions, paths: ExperimentPaths, t
 
 def _without_evaluated_points(experiment: Experiment, rows: list[dict]) -> Experiment:
     """`search.points_to_evaluate` less those a row already has: a rebuilt search must not queue them again."""
+
     def evaluated(point: dict) -> bool:
         return any(all(row.get(k) == v for k, v in point.items()) for row in rows)
 
@@ -151,7 +156,9 @@ def _resume_plan(options: TuneOptions, paths: ExperimentPaths) -> ResumePlan:
     end = read_end(paths.state_dir)
     if end is not None:
         # Tune's run ended on purpose: its trials are all closed, and a restore would re-arm the old stop.
-        return ResumePlan(ResumeMode.REBUILD, note=f"the last run ended early ({end.detail}): running the trials that have no row yet")
+        return ResumePlan(
+            ResumeMode.REBUILD, note=f"the last run ended early ({end.detail}): running the trials that have no row yet"
+        )
     plan = prepare_resume(paths.folder, can_restore=ray.tune.Tuner.can_restore(paths.root))
     if plan.mode is ResumeMode.START:
         return ResumePlan(ResumeMode.START, note=f"nothing to resume at {paths.root}: starting the experiment")
@@ -162,8 +169,11 @@ def _evaluate_stopped(experiment: Experiment, storage: str) -> None:
     """`eval.on: all`: trials ASHA stopped never reached their own evaluation; the driver evaluates them."""
     from raycls.train.evaluation import evaluate_rows
 
-    rows = [r for r in read_leaderboard(storage, experiment.name).table.to_pylist()
-            if r["status"] == "early_stopped" and r.get("checkpoint") and not r.get(names.EVAL_SPLIT)]  # fmt: skip
+    rows = [
+        r
+        for r in read_leaderboard(storage, experiment.name).table.to_pylist()
+        if r["status"] == "early_stopped" and r.get("checkpoint") and not r.get(names.EVAL_SPLIT)
+    ]
     if rows:
         print(f"eval.on=all: evaluating {len(rows)} early-stopped trial(s) in the driver")
         evaluate_rows(storage, experiment.name, rows)
@@ -196,8 +206,9 @@ def _reconcile(experiment: Experiment, state: Path, board: ReadResult) -> None:
         reconcile_study(study, board.table.select(["trial_id", "status", "score"]).to_pylist())
 
 
-def _new_tuner(experiment: Experiment, options: TuneOptions, paths: ExperimentPaths, trainable, concurrency: int,
-               trials: int):
+def _new_tuner(
+    experiment: Experiment, options: TuneOptions, paths: ExperimentPaths, trainable, concurrency: int, trials: int
+):
     section, storage, state = experiment.experiment, paths.storage, paths.state_dir
     warm = experiment.search.warm_start
     warm_dir = ExperimentPaths(storage, warm).state_dir if warm else None

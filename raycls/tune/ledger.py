@@ -18,9 +18,9 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from raycls import names
 from raycls.config.experiment import Experiment
 from raycls.errors import last_error_line
-from raycls import names
 from raycls.ranking import Ranking
 from raycls.results.leaderboard import Status, read_evaluation, write_trial
 from raycls.results.provenance import GitState
@@ -32,10 +32,29 @@ from raycls.tune.resume import LOST_ATTR, ROW_STATES, TRIAL_ID_ATTR
 from raycls.tune.searcher import stopped_early
 
 # Tune's own bookkeeping keys: not metrics of ours, kept out of the history and W&B.
-TUNE_KEYS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "time_since_restore",
-             "iterations_since_restore", "timesteps_total", "episodes_total", "done", "trial_id", "date",
-             "hostname", "node_ip", "pid", "config", "experiment_tag", "checkpoint_dir_name",
-             "should_checkpoint", "timesteps_since_restore", "experiment_id", "checkpoint_path"}  # fmt: skip
+TUNE_KEYS = {
+    "training_iteration",
+    "time_this_iter_s",
+    "time_total_s",
+    "timestamp",
+    "time_since_restore",
+    "iterations_since_restore",
+    "timesteps_total",
+    "episodes_total",
+    "done",
+    "trial_id",
+    "date",
+    "hostname",
+    "node_ip",
+    "pid",
+    "config",
+    "experiment_tag",
+    "checkpoint_dir_name",
+    "should_checkpoint",
+    "timesteps_since_restore",
+    "experiment_id",
+    "checkpoint_path",
+}
 # A multi-worker trial's checkpoint: Ray Train persists it itself, and its TuneReportCallback passes only its
 # path on to Tune, in the result (Tune's on_checkpoint never sees it).
 CHECKPOINT_PATH_KEY = "checkpoint_path"
@@ -52,7 +71,6 @@ def error_message(trial: Trial) -> str:
     if not text and trial.error_file and Path(trial.error_file).is_file():
         text = Path(trial.error_file).read_text(errors="replace")
     return last_error_line(text)
-
 
 
 @dataclass
@@ -80,8 +98,9 @@ class TrialLedger(Callback):
         self.paths = ExperimentPaths(self.storage, self.experiment.name)
         self.logs: dict[str, TrialLog] = {}
         self.written: set[str] = self.paths.trial_ids()
-        self.wandb = WandbWriter(self.experiment.wandb, self.wandb_mode, Path(self.experiment_dir),
-                                 experiment=self.experiment.name)  # fmt: skip
+        self.wandb = WandbWriter(
+            self.experiment.wandb, self.wandb_mode, Path(self.experiment_dir), experiment=self.experiment.name
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("experiment_json", "storage", "experiment_dir", "wandb_mode", "git")}
@@ -110,7 +129,9 @@ class TrialLedger(Callback):
         self.wandb.log(trial.trial_id, metrics, step=epoch)
         path = result.get(CHECKPOINT_PATH_KEY)
         if isinstance(path, str):
-            self._offer_checkpoint(log, path if "://" in path or is_local(self.storage) else f"{self.storage.split('://')[0]}://{path}")
+            self._offer_checkpoint(
+                log, path if "://" in path or is_local(self.storage) else f"{self.storage.split('://')[0]}://{path}"
+            )
 
     def on_checkpoint(self, iteration: int, trials: list[Trial], trial: Trial, checkpoint: Any, **info: Any) -> None:
         self._offer_checkpoint(self._log(trial), _uri(checkpoint))
@@ -212,7 +233,9 @@ def _read_result_json(path: Path) -> dict[int, dict[str, Any]]:
         except json.JSONDecodeError:  # a line cut short by a killed driver
             continue
         if names.EPOCH in result:
-            history[int(result[names.EPOCH])] = {k: v for k, v in result.items() if k not in TUNE_KEYS and not isinstance(v, dict)}
+            history[int(result[names.EPOCH])] = {
+                k: v for k, v in result.items() if k not in TUNE_KEYS and not isinstance(v, dict)
+            }
     return history
 
 
@@ -248,7 +271,9 @@ def record_told_trials(experiment: Experiment, paths: ExperimentPaths, study: op
         folder = next((p for p in paths.folder.glob(f"*_{trial_id}_*") if (p / "params.json").is_file()), None)
         if folder is None:
             continue  # nothing to write the row from (not seen: Tune writes params.json as the trial starts)
-        record = build_record(experiment, _seen_in_folder(experiment, folder, trial_id, TOLD_STATUS[ot_trial.state]), git)
+        record = build_record(
+            experiment, _seen_in_folder(experiment, folder, trial_id, TOLD_STATUS[ot_trial.state]), git
+        )
         record.evaluation = read_evaluation(paths.storage, experiment.name, trial_id)
         write_trial(paths.storage, record)
         recorded.append(trial_id)

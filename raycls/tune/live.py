@@ -40,8 +40,15 @@ class LiveTable(Callback):
         self._last_line: dict[str, float] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_live": None, "_rows": {}, "_best": [], "_ended": dict.fromkeys(self.ENDED, 0),
-                "_last_draw": 0.0, "_last_line": {}}  # fmt: skip
+        return {
+            **self.__dict__,
+            "_live": None,
+            "_rows": {},
+            "_best": [],
+            "_ended": dict.fromkeys(self.ENDED, 0),
+            "_last_draw": 0.0,
+            "_last_line": {},
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update({"_last_line": {}, "_best": [], "_ended": dict.fromkeys(self.ENDED, 0), **state})
@@ -61,15 +68,22 @@ class LiveTable(Callback):
             return
         self._last_draw = now
         counts = ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in self._ended.items() if n)
-        table = Table(title=f"{self.experiment_name}: {sum(self._ended.values())}/{self.total} trials ended"
-                            f"{f' ({counts})' if counts else ''}, {len(self._rows)} running",
-                      caption=f"running trials, then the best {self.BEST_ENDED} ended" if self._best else None)  # fmt: skip
+        table = Table(
+            title=f"{self.experiment_name}: {sum(self._ended.values())}/{self.total} trials ended"
+            f"{f' ({counts})' if counts else ''}, {len(self._rows)} running",
+            caption=f"running trials, then the best {self.BEST_ENDED} ended" if self._best else None,
+        )
         for column in ("trial", "status", "epoch", self.metric, "params"):
             table.add_column(column)
         for trial_id, row in [*self._rows.items(), *self._best]:
             value = row.get("best") if row["status"] in self.ENDED else row.get(self.metric)
-            table.add_row(trial_id, row["status"], str(row.get("epoch", "")),
-                          "" if value is None else f"{value:.4f}", row["params"])  # fmt: skip
+            table.add_row(
+                trial_id,
+                row["status"],
+                str(row.get("epoch", "")),
+                "" if value is None else f"{value:.4f}",
+                row["params"],
+            )
         if self._live is None:
             self._live = Live(table, refresh_per_second=2, transient=False)
             self._live.start()
@@ -97,8 +111,10 @@ class LiveTable(Callback):
             epoch += f" ({row['stage']})"
         params = f" {row['params']}" if event == "started" else ""
         word = event if event in ("started", "result") else row["status"]
-        self._line(f"trial {trial.trial_id} {word}{epoch}{score}{best_text}"
-                   f"{params} [{sum(self._ended.values())}/{self.total} ended]")  # fmt: skip
+        self._line(
+            f"trial {trial.trial_id} {word}{epoch}{score}{best_text}"
+            f"{params} [{sum(self._ended.values())}/{self.total} ended]"
+        )
 
     def _set(self, trial: Trial, status: str, result: dict | None = None) -> dict[str, Any]:
         row = self._rows.setdefault(trial.trial_id, {"params": _short(trial.config)})
@@ -119,7 +135,9 @@ class LiveTable(Callback):
         return row
 
     def _keep_if_best(self, trial_id: str, row: dict[str, Any]) -> None:
-        ranked = self.ranking.sort([{**row, "trial_id": tid} for tid, row in [*self._best, (trial_id, row)]], key="best")
+        ranked = self.ranking.sort(
+            [{**row, "trial_id": tid} for tid, row in [*self._best, (trial_id, row)]], key="best"
+        )
         self._best = [(r["trial_id"], r) for r in ranked[: self.BEST_ENDED]]
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:

@@ -171,15 +171,20 @@ def prepare_resume(experiment_dir: Path | None, *, can_restore: bool) -> ResumeP
             shutil.copy2(path, tmp)
             os.replace(tmp, experiment_dir / path.name)
         restore_missing_checkpoints(experiment_dir)
-        return ResumePlan(ResumeMode.RESTORE, repaired=problem is not None,
-                          note=f"{problem}: restored from the snapshot raycls kept" if problem else "")  # fmt: skip
+        return ResumePlan(
+            ResumeMode.RESTORE,
+            repaired=problem is not None,
+            note=f"{problem}: restored from the snapshot raycls kept" if problem else "",
+        )
     if problem is None and can_restore:
         restore_missing_checkpoints(experiment_dir)
         return ResumePlan(ResumeMode.RESTORE)
     if not can_restore and newest_snapshot(experiment_dir) is None:
         return ResumePlan(ResumeMode.START)
     _clear_tune_snapshot(experiment_dir, keep_as=broken)
-    return ResumePlan(ResumeMode.REBUILD, note=f"{problem}; no whole snapshot kept: running the trials that have no row")
+    return ResumePlan(
+        ResumeMode.REBUILD, note=f"{problem}; no whole snapshot kept: running the trials that have no row"
+    )
 
 
 def restore_missing_checkpoints(experiment_dir: Path) -> list[str]:

@@ -24,13 +24,14 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from raycls import names
 from raycls.config.experiment import Experiment
 from raycls.config.space import Space, suggest
-from raycls import names
 from raycls.ranking import Ranking
 from raycls.search import SAMPLERS
 from raycls.storage import journal_file
 from raycls.tune.resume import TRIAL_ID_ATTR
+
 
 class SpaceFunction:
     """The define-by-run function (picklable, for Tune's searcher checkpoints). No computation inside."""
@@ -66,9 +67,15 @@ def open_study_storage(path: Path) -> optuna.storages.BaseStorage:
 
 
 class RayclsOptunaSearch(OptunaSearch):
-    def __init__(self, *args: Any, warm_start_journal: Path | None = None, objectives: list[tuple[str, str]] | None = None,
-                 distributions: dict[str, BaseDistribution] | None = None, early_stopped_as: str = "pruned",
-                 **kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        *args: Any,
+        warm_start_journal: Path | None = None,
+        objectives: list[tuple[str, str]] | None = None,
+        distributions: dict[str, BaseDistribution] | None = None,
+        early_stopped_as: str = "pruned",
+        **kwargs: Any,
+    ):
         # Set before super().__init__, which already sets up the study when given metric and mode.
         self._warm_start_journal = str(warm_start_journal) if warm_start_journal else None
         self._objectives = list(objectives or [])  # (metric, mode) pairs; empty: one objective, `metric`
@@ -80,8 +87,9 @@ class RayclsOptunaSearch(OptunaSearch):
     def _setup_study(self, mode: str | list) -> None:
         super()._setup_study([m for _, m in self._objectives] if self._objectives else mode)
         # Only a fresh study (points_to_evaluate are already queued as WAITING trials by now).
-        started = self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                    TrialState.FAIL, TrialState.RUNNING))  # fmt: skip
+        started = self._ot_study.get_trials(
+            deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+        )
         if self._warm_start_journal and not started:
             self._warm_start(Path(self._warm_start_journal))
 
@@ -95,8 +103,11 @@ class RayclsOptunaSearch(OptunaSearch):
             trials += [t for t in other.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         kept, dropped = fitting_trials(trials, self._distributions, objectives=len(self._objectives) or 1)
         if dropped:
-            warnings.warn(f"search.warm_start from {journal.parent.parent.name}: kept {len(kept)} of {len(trials)} "
-                          f"trials; dropped {'; '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))}")  # fmt: skip
+            warnings.warn(
+                f"search.warm_start from {journal.parent.parent.name}: kept {len(kept)} of {len(trials)} "
+                f"trials; dropped {'; '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))}",
+                stacklevel=2,
+            )
         self._ot_study.add_trials(kept)
 
     def suggest(self, trial_id: str) -> dict | None:
@@ -177,7 +188,7 @@ class RayclsOptunaSearch(OptunaSearch):
                         ot_trial.report(value, int(result.get("training_iteration", result[names.EPOCH])))
                 self._ot_study.tell(ot_trial, state=state)
             except Exception as err:  # optuna refuses e.g. a second tell; never break the search for it
-                warnings.warn(f"optuna could not record trial {trial_id} as {state.name}: {err}")
+                warnings.warn(f"optuna could not record trial {trial_id} as {state.name}: {err}", stacklevel=2)
             self._completed_trials.add(trial_id)
             self._best_epoch.pop(trial_id, None)
             return None
@@ -194,11 +205,13 @@ class RayclsOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         if values is None:
             missing = [m for m, _ in self._objectives if not isinstance(result.get(m), (int, float))]
-            warnings.warn(f"trial {trial_id} ended without objective(s) {missing}: told to Optuna as FAIL")
+            warnings.warn(
+                f"trial {trial_id} ended without objective(s) {missing}: told to Optuna as FAIL", stacklevel=2
+            )
         try:
             self._ot_study.tell(ot_trial, values, state=TrialState.COMPLETE if values is not None else TrialState.FAIL)
         except Exception as err:  # never break the search for Optuna's bookkeeping
-            warnings.warn(f"optuna could not record trial {trial_id}: {err}")
+            warnings.warn(f"optuna could not record trial {trial_id}: {err}", stacklevel=2)
         self._completed_trials.add(trial_id)
         self._best_epoch.pop(trial_id, None)
 
@@ -209,8 +222,9 @@ class RayclsOptunaSearch(OptunaSearch):
         return self._ranking.best_of([*reported, *([last] if last is not None else [])])
 
 
-def fitting_trials(trials: list[FrozenTrial], distributions: dict[str, BaseDistribution], *, objectives: int
-                   ) -> tuple[list[FrozenTrial], dict[str, str]]:  # fmt: skip
+def fitting_trials(
+    trials: list[FrozenTrial], distributions: dict[str, BaseDistribution], *, objectives: int
+) -> tuple[list[FrozenTrial], dict[str, str]]:
     """Another study's finished trials cut to this space: each keeps the parameters that exist here with a value
     inside this space's distribution (under this space's distribution); a trial with none left, or told a
     different number of objectives, is dropped. Returns the trials and why each parameter was dropped."""
@@ -231,12 +245,16 @@ def fitting_trials(trials: list[FrozenTrial], distributions: dict[str, BaseDistr
                 outside[name] = outside.get(name, 0) + 1
         if not params:
             continue
-        kept.append(optuna.trial.create_trial(
-            state=trial.state, values=trial.values if trial.state == TrialState.COMPLETE else None,
-            params=params, distributions={k: distributions[k] for k in params},
-            intermediate_values=trial.intermediate_values if objectives == 1 else None,
-            user_attrs={"warm_start_from": trial.number},
-        ))  # fmt: skip
+        kept.append(
+            optuna.trial.create_trial(
+                state=trial.state,
+                values=trial.values if trial.state == TrialState.COMPLETE else None,
+                params=params,
+                distributions={k: distributions[k] for k in params},
+                intermediate_values=trial.intermediate_values if objectives == 1 else None,
+                user_attrs={"warm_start_from": trial.number},
+            )
+        )
     dropped.update({name: f"{n} value(s) outside {distributions[name]}" for name, n in outside.items()})
     return kept, dropped
 
@@ -260,8 +278,13 @@ def create_searcher(experiment: Experiment, experiment_dir: Path, warm_start_dir
         distributions={path: param.distribution() for path, param in experiment.space.params.items()},
         early_stopped_as=search.early_stopped_as,
         # The sampler sees the space less the parameters --set pinned (those are not sampled).
-        sampler=SAMPLERS.create(search.algorithm, search, experiment.space.model_copy(
-            update={"params": {k: v for k, v in experiment.space.params.items() if k not in experiment.overrides}})),
+        sampler=SAMPLERS.create(
+            search.algorithm,
+            search,
+            experiment.space.model_copy(
+                update={"params": {k: v for k, v in experiment.space.params.items() if k not in experiment.overrides}}
+            ),
+        ),
         points_to_evaluate=[dict(p) for p in search.points_to_evaluate] or None,
         study_name=experiment.name,
         storage=open_study_storage(journal_file(experiment_dir)),

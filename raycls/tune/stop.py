@@ -51,7 +51,9 @@ class SearchStopper(Stopper):
     def __init__(self, experiment: Experiment, state_dir: Path):
         section = experiment.experiment
         self.budget_s = section.time_budget_s
-        self.targets = {metric: (value, section.direction(metric)) for metric, value in section.stop.items()}  # picklable
+        self.targets = {
+            metric: (value, section.direction(metric)) for metric, value in section.stop.items()
+        }  # picklable
         self.state_dir = str(state_dir)
         self._clock()
 
@@ -73,7 +75,9 @@ class SearchStopper(Stopper):
                 ranking = Ranking.of(metric, mode)
                 # Judged like the row: a chain's earlier stages (a teacher) never end the search.
                 if ranking.reached(ranking.value(result), target):
-                    self._finish("target", f"trial {trial_id} reached {metric}={result[metric]:.4g} (target {target:g})")
+                    self._finish(
+                        "target", f"trial {trial_id} reached {metric}={result[metric]:.4g} (target {target:g})"
+                    )
                     break
         return False  # no trial is stopped on its own: stop_all ends them all
 

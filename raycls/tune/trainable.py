@@ -53,27 +53,47 @@ def tune_trainable(params: dict[str, Any], *, experiment_json: str, storage: str
     eval_dir = paths.eval_dir(trial_id)  # evaluated there once it completes (eval.on), by its own workers
     if experiment.experiment.resources.workers == 1:
         ranking = (experiment.experiment.metric, experiment.experiment.mode)
-        _run_in_trial_actor(config, experiment.experiment.resources, limit_batches=limit, eval_dir=eval_dir, ranking=ranking)
+        _run_in_trial_actor(
+            config, experiment.experiment.resources, limit_batches=limit, eval_dir=eval_dir, ranking=ranking
+        )
     else:
         _run_torch_trainer(config, experiment, paths, name=f"train-{trial_id}", limit_batches=limit, eval_dir=eval_dir)
 
 
-def _run_in_trial_actor(config: TrialConfig, resources: Resources, *, limit_batches: int | None = None,
-                        eval_dir: str | None = None, ranking: tuple[str, str] | None = None) -> None:  # fmt: skip
+def _run_in_trial_actor(
+    config: TrialConfig,
+    resources: Resources,
+    *,
+    limit_batches: int | None = None,
+    eval_dir: str | None = None,
+    ranking: tuple[str, str] | None = None,
+) -> None:
     device = torch.device("cuda" if resources.gpu and torch.cuda.is_available() else "cpu")
     extras = trial_extras(config, device)
     config = resolve_data(config, device_memory=device_bytes(device))
-    streams = local_source(trial_datasets(config, limit_batches=limit_batches)) if config.data.loader == "stream" else None
+    streams = (
+        local_source(trial_datasets(config, limit_batches=limit_batches)) if config.data.loader == "stream" else None
+    )
 
     with restored(ray.tune.get_checkpoint()) as resume_from:
         extras[RESTARTS] = restarts_of(resume_from)
         reporter = RayReporter(ray.tune.report, ray.tune.Checkpoint, extras, ranking=ranking)
-        fit(config, reporter, RunContext(device=device, resume_from=resume_from, limit_batches=limit_batches,
-                                         eval_dir=eval_dir, streams=streams))  # fmt: skip
+        fit(
+            config,
+            reporter,
+            RunContext(
+                device=device, resume_from=resume_from, limit_batches=limit_batches, eval_dir=eval_dir, streams=streams
+            ),
+        )
 
 
 def _run_torch_trainer(
-    config: TrialConfig, experiment: Experiment, paths: ExperimentPaths, *, name: str, limit_batches: int | None = None,
+    config: TrialConfig,
+    experiment: Experiment,
+    paths: ExperimentPaths,
+    *,
+    name: str,
+    limit_batches: int | None = None,
     eval_dir: str | None = None,
 ) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -123,7 +143,11 @@ def _raised_by_training(error: BaseException) -> bool:
     except ImportError:  # a Ray without these internals
         lost = (RayActorError,)
     failures = getattr(error, "worker_failures", None) or {}
-    return isinstance(error, WorkerGroupError) and bool(failures) and not any(isinstance(e, lost) for e in failures.values())
+    return (
+        isinstance(error, WorkerGroupError)
+        and bool(failures)
+        and not any(isinstance(e, lost) for e in failures.values())
+    )
 
 
 def _last_line(error: BaseException) -> str:
