@@ -265,13 +265,14 @@ LOG_COLUMNS = ("trial_id", "status", "score", "epochs", "wall_s")
 
 
 def _rich_table(table, *, title: str | None = None, columns: list[str] | None = None, wrap: bool = True) -> Table:
+    from raycls.results.arrays import to_pylist  # table.to_pylist() would import pandas for the timestamps
     from raycls.results.leaderboard import param_columns, stage_columns
 
     columns = columns or [c for c in SUMMARY_COLUMNS if c in table.column_names] + stage_columns(table) + param_columns(table)
     out = Table(title=title)
     for column in columns:
         out.add_column(column, overflow="fold", no_wrap=not wrap)
-    for row in table.to_pylist():
+    for row in to_pylist(table):
         out.add_row(*(_fmt(row.get(c)) for c in columns))
     return out
 
