@@ -155,7 +155,7 @@ def _dynamic(fp32: Path, int8: Path, calibration: torch.Tensor) -> None:
 
 
 def _static_qdq(fp32: Path, int8: Path, calibration: torch.Tensor) -> None:
-    """Weights and activations int8, activation ranges fixed beforehand from validation images; QDQ format
+    """Weights int8, activations uint8 with ranges fixed beforehand from validation images; QDQ format
     (QuantizeLinear/DequantizeLinear pairs that onnxruntime fuses into int8 kernels)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
