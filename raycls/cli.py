@@ -265,13 +265,14 @@ LOG_COLUMNS = ("trial_id", "status", "score", "epochs", "wall_s")
 
 
 def _rich_table(table, *, title: str | None = None, columns: list[str] | None = None, wrap: bool = True) -> Table:
+    from raycls.results.arrays import to_pylist  # table.to_pylist() would import pandas for the timestamps
     from raycls.results.leaderboard import param_columns, stage_columns
 
     columns = columns or [c for c in SUMMARY_COLUMNS if c in table.column_names] + stage_columns(table) + param_columns(table)
     out = Table(title=title)
     for column in columns:
         out.add_column(column, overflow="fold", no_wrap=not wrap)
-    for row in table.to_pylist():
+    for row in to_pylist(table):
         out.add_row(*(_fmt(row.get(c)) for c in columns))
     return out
 
@@ -426,7 +427,7 @@ def export_(
     experiment: Annotated[str, typer.Argument(help="Experiment name (a folder of the storage).")],
     trial: Annotated[str, typer.Option(help="best (by score) or a trial id.")] = "best",
     format: Annotated[str, typer.Option(help="Export format (onnx).")] = "onnx",
-    int8: Annotated[bool, typer.Option("--int8", help="Also write a dynamically quantised int8 copy, with its accuracy, size and latency.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Also try int8 copies (dynamic, static QDQ); write the fastest that beats fp32 at the same accuracy, export.json says why not otherwise.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder (default <storage>/<experiment>/export/<trial_id>).")] = None,
     storage: StorageOption = None,
 ) -> None:
@@ -447,10 +448,12 @@ def export_(
     console.print(f"{model.trial_id}: {parity['images']} {parity['split']} images, max |logit diff| "
                   f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4f}, "
                   f"accuracy torch {parity['torch_acc']:.4f} / onnx {parity['onnx_acc']:.4f}", highlight=False)  # fmt: skip
-    if "int8" in report:
+    if "int8" in report and report["int8"]["shipped"]:
         q = report["int8"]
-        console.print(f"int8: accuracy {q['acc']:.4f} ({q['acc_delta']:+.4f}), size x{q['size_ratio']:.2f}, "
+        console.print(f"int8 ({q['shipped']}): accuracy {q['acc']:.4f} ({q['acc_delta']:+.4f}), size x{q['size_ratio']:.2f}, "
                       f"CPU latency x{q['latency_ratio']:.2f}", highlight=False)  # fmt: skip
+    elif "int8" in report:
+        console.print(f"int8: not written, {report['int8']['why']}", highlight=False)
     console.print(f"Wrote {', '.join(report['files'])} and {REPORT_FILE} to [bold]{out}[/] in {time.perf_counter() - started:.1f} s")
 
 

@@ -13,7 +13,6 @@ import torch
 
 from raycls.config import TrialConfig
 from raycls.deliver.export import (
-    INT8_FILE,
     MODEL_FILE,
     REPORT_FILE,
     export,
@@ -51,8 +50,8 @@ def test_export_of_the_best_trial_with_parity_and_int8(digits_row, tmp_path: Pat
     print(json.dumps({k: report[k] for k in ("parity", "int8", "exporter")}, indent=1))
     assert parity["split"] == "test" and parity["images"] == len(trial.data.splits.test)
     assert parity["max_abs_logit_diff"] < 1e-3 and parity["top1_agreement"] == 1.0 and parity["onnx_acc"] > 0.9
-    q = report["int8"]
-    assert abs(q["acc_delta"]) < 0.03 and q["size_ratio"] < 0.6 and q["latency_ms_int8"] > 0
+    for q in report["int8"]["methods"].values():  # shipped or not (tests/test_leaderboard_startup_int8.py)
+        assert abs(q["acc_delta"]) < 0.03 and q["size_ratio"] < 0.6 and q["latency_ms"] > 0
     assert json.loads((tmp_path / REPORT_FILE).read_text()) == json.loads(json.dumps(report))
     props = {p.key: p.value for p in onnx.load(str(tmp_path / MODEL_FILE)).metadata_props}
     assert props["trial_id"] == trial_id and json.loads(props["class_names"]) == list(trial.classes)
@@ -60,7 +59,7 @@ def test_export_of_the_best_trial_with_parity_and_int8(digits_row, tmp_path: Pat
     # The exported graph takes any batch size, pixels in [0, 1]: normalisation is inside.
     for n in (1, 7):
         x = torch.rand(n, 1, 8, 8)
-        assert session(tmp_path / INT8_FILE).run(None, {"images": x.numpy()})[0].shape == (n, 10)
+        assert session(tmp_path / MODEL_FILE).run(None, {"images": x.numpy()})[0].shape == (n, 10)
 
 
 TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2}

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raycls.results.arrays import bools, repeated_int64, repeated_string
 from raycls.storage import index_file
 
 # Columns that tie an index row to its file; dropped before the table is returned.
@@ -89,7 +90,7 @@ def read_folder(
         files, sizes, mtimes = (cached.column(c).to_pylist() for c in BOOKKEEPING)
         keep = [current.get(f) == (s, m) for f, s, m in zip(files, sizes, mtimes)]
         unchanged = {f for f, k in zip(files, keep) if k}
-        parts.append(cached.filter(pa.array(keep, pa.bool_())))
+        parts.append(cached if all(keep) else cached.filter(bools(keep)))
     skipped: list[str] = []
     fresh: list[pa.Table] = []  # whole chunks, and the tables of the chunk being read
     pending = 0
@@ -126,9 +127,10 @@ def read_folder(
 
 def _tagged(table: pa.Table, info: Entry) -> pa.Table:
     n = table.num_rows
-    table = table.append_column(FILE, pa.array([info.name] * n, pa.string()))
-    table = table.append_column(SIZE, pa.array([info.size] * n, pa.int64()))
-    return table.append_column(MTIME, pa.array([info.mtime_ns] * n, pa.int64()))
+    # raycls.results.arrays, not pa.array: `raycls leaderboard` then starts without pandas.
+    table = table.append_column(FILE, repeated_string(info.name, n))
+    table = table.append_column(SIZE, repeated_int64(info.size, n))
+    return table.append_column(MTIME, repeated_int64(info.mtime_ns, n))
 
 
 def _read_index(fs: pafs.FileSystem, path: str) -> pa.Table | None:

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import raycls
 from raycls import names
 from raycls.evaluate.summary import summarize
+from raycls.results.arrays import to_pylist
 from raycls.results.index import index_path, read_folder, write_table_atomic
 from raycls.results.pareto import mark_pareto
 from raycls.results.provenance import GitState
@@ -283,9 +284,7 @@ def read_leaderboard(
         if read.table is not None:
             tables.append(read.table)
     if not tables:
-        return ReadResult(
-            pa.table({name: pa.array([], dtype) for name, dtype in FIXED_COLUMNS}), skipped, files, opened
-        )
+        return ReadResult(pa.schema(FIXED_COLUMNS).empty_table(), skipped, files, opened)
     table = _concat(tables)
     if kind == LEADERBOARD_DIR:
         table = mark_pareto(table)  # the front depends on every row: computed on read, never stored
@@ -339,7 +338,7 @@ def _stringify_clashes(table: pa.Table, tables: Sequence[pa.Table]) -> pa.Table:
 
 
 def rows_as_dicts(table: pa.Table) -> list[dict[str, Any]]:
-    return [{k: _jsonable(v) for k, v in row.items()} for row in table.to_pylist()]
+    return [{k: _jsonable(v) for k, v in row.items()} for row in to_pylist(table)]
 
 
 def _jsonable(value: Any) -> Any:

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from raycls.ranking import Ranking
+from raycls.results.arrays import bools, int64s
 
 OBJECTIVES = "objectives"  # the row's column: "test_acc:max,params:min"
 PARETO = "pareto"
@@ -68,8 +69,9 @@ def mark_pareto(table: pa.Table) -> pa.Table:
         losses = np.array([[-rankings[k].signed(float(columns[k][i])) for k in range(len(objectives))] for i in ranked])
         for i, rank in zip(ranked, non_dominated_ranks(losses)):
             ranks[i] = int(rank)
-    table = table.append_column(PARETO, pa.array([None if r is None else r == 0 for r in ranks], pa.bool_()))
-    return table.append_column(PARETO_RANK, pa.array(ranks, pa.int64()))
+    # Built without pa.array, which imports pandas (raycls.results.arrays): every leaderboard read comes here.
+    table = table.append_column(PARETO, bools([None if r is None else r == 0 for r in ranks]))
+    return table.append_column(PARETO_RANK, int64s(ranks))
 
 
 def _finite(value: object) -> bool:

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from raycls.storage import ExperimentPaths
 
 if TYPE_CHECKING:  # annotations only: `raycls leaderboard` starts without the config models (pydantic)
@@ -55,6 +53,8 @@ def git_state(space_file: str | Path) -> GitState:
 
 def space_as_run(experiment: Experiment) -> str:
     """The experiment as a search-space YAML: every section with its defaults, `--set` applied to `base`."""
+    import yaml  # here, not at the top: `raycls leaderboard` imports this module and never writes YAML
+
     from raycls.config.load import resolve_trial
 
     sections: dict[str, Any] = {
