@@ -139,10 +139,7 @@ class Endpoint:
 
     def answer(self, images: np.ndarray) -> list[dict[str, Any]]:
         """Answers for uint8 [N, C, H, W] images."""
-        import torch
-
-        images = np.require(images, requirements="W")  # a decoded image is PIL's read-only buffer; torch wants to own one
-        return answers(self.predictor.logits(torch.from_numpy(images)), self.predictor.classes, self.options.topk)
+        return answers(self.predictor.logits(images), self.predictor.classes, self.options.topk)
 
     async def infer_inline(self, image: np.ndarray) -> tuple[dict[str, Any], int]:
         return self.answer(image[None])[0], 1
