@@ -52,7 +52,7 @@ class RayclsService:
 
 
 def deploy(options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-           max_replicas: int | None = None, name: str = "raycls"):  # fmt: skip
+           max_replicas: int | None = None, name: str = "raycls", route_prefix: str = "/"):  # fmt: skip
     """Start Serve's HTTP proxy on host:port and run the application (Ray must be initialised)."""
     serve.start(http_options={"host": host, "port": port})
     deployment = RayclsService.options(max_ongoing_requests=max_ongoing(options))
@@ -61,7 +61,7 @@ def deploy(options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000, 
                                                             "target_ongoing_requests": options.max_batch_size})  # fmt: skip
     else:
         deployment = deployment.options(num_replicas=replicas)
-    return serve.run(deployment.bind(options), name=name, route_prefix="/")
+    return serve.run(deployment.bind(options), name=name, route_prefix=route_prefix)
 
 
 def stop() -> None:
