@@ -499,34 +499,32 @@ def predict_(
 def serve_(
     experiment: Annotated[str, typer.Argument(help="Experiment name (a folder of the storage).")],
     trial: Annotated[str, typer.Option(help="best (by score) or a trial id.")] = "best",
+    engine: Annotated[str, typer.Option(help="local: uvicorn in this process (one machine, no cluster); ray: Ray Serve (--address, replicas, autoscaling).")] = "ray",
     replicas: Annotated[int, typer.Option(help="Replicas of the model (the minimum when --max-replicas is set).", min=1)] = 1,
     max_replicas: Annotated[Optional[int], typer.Option(help="Autoscale up to this many replicas with the request queue.")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     address: Annotated[Optional[str], typer.Option(help="A Ray cluster to serve on (`auto`: the one this node belongs to).")] = None,
     log_dir: Annotated[Optional[str], typer.Option(help="Request log folder (default <storage>/<experiment>/serve/requests).")] = None,
+    log_rows: Annotated[int, typer.Option(help="Write the request log every this many requests ...", min=1)] = 256,
+    log_seconds: Annotated[float, typer.Option(help="... or this many seconds, and at shutdown.", min=0.01)] = 5.0,
     storage: StorageOption = None,
 ) -> None:
-    """Serve a trial's best model over HTTP (Ray Serve): POST /predict, GET /healthz, GET /metadata."""
-    from raycls.deliver.serve import TOKEN_ENV, ServeOptions, deploy, stop
-    from raycls.tune.cluster import init_ray
+    """Serve a trial's best model over HTTP: POST /predict, GET /healthz, GET /metadata."""
+    from raycls.deliver.app import TOKEN_ENV, ServeOptions
+    from raycls.deliver.engines import ENGINES, Hosting
 
+    run = ENGINES.get(engine)
     token = os.environ.get(TOKEN_ENV) or None
     if host not in ("127.0.0.1", "localhost", "::1"):
         Console(stderr=True).print(f"[yellow]warning:[/] listening on {host}: reachable from other machines"
                                    + ("" if token else f"; set {TOKEN_ENV} to require a bearer token"))  # fmt: skip
-    options = ServeOptions(storage=storage_root(storage), experiment=experiment, trial=trial, log_dir=log_dir, token=token)
-    from raycls.deliver.model import load_trial_model
+    options = ServeOptions(storage=storage_root(storage), experiment=experiment, trial=trial, log_dir=log_dir, token=token,
+                           log_rows=log_rows, log_seconds=log_seconds)  # fmt: skip
+    hosting = Hosting(host=host, port=port, replicas=replicas, max_replicas=max_replicas, address=address)
+    run(options, hosting, lambda url: console.print(f"serving {experiment} ({trial}) at {url}/predict with {engine}  (Ctrl-C stops)"))
 
-    load_trial_model(options.storage, experiment, trial)  # a missing trial or checkpoint fails here, clearly
-    init_ray(address, needed_cpus=replicas + 2)
-    deploy(options, host=host, port=port, replicas=replicas, max_replicas=max_replicas)
-    console.print(f"serving {experiment} ({trial}) at http://{host}:{port}/predict  (Ctrl-C stops)")
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        stop()
+
 @data_app.command("explore")
 def data_explore(
     space: Annotated[Path, typer.Argument(help="Search-space YAML; its `base` data section (and seed) is explored.")],

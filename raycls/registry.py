@@ -46,6 +46,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "tta view": "raycls.evaluate.tta",
     "report section": "raycls.report.figures",
     "adapter": "raycls.models.adapters",
+    "serve engine": "raycls.deliver.engines",
 }
 
 

@@ -55,10 +55,11 @@ def _session_ray() -> Iterator[dict[str, str]]:
     ray.shutdown()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_local(_session_ray: dict[str, str]) -> None:
     """One local Ray for every test that needs one, started through `init_ray` (its dashboard stays on:
-    Ray Train frees stopped trials' resources through the State API). Checked at each use: a test that
+    Ray Train frees stopped trials' resources through the State API). Module-scoped, so module fixtures (a
+    whole search shared by a file's tests) can use it; no module mixes it with `own_ray`. Checked at each module: a test that
     needed a Ray of its own (`own_ray`) stopped it, and a Ray left by anything else would hold other
     resources than the tests count on, so either way the session's one is started again."""
     import ray

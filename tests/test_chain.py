@@ -95,7 +95,8 @@ def test_chain_hands_the_best_weights_on_and_counts_epochs_over_the_chain(tmp_pa
     assert [m[names.EPOCH] for m in record.metrics] == [1, 2, 3, 4]
     assert [m[names.STAGE] for m in record.metrics] == ["supcon"] * 3 + ["head"]
     supcon = record.metrics[:3]
-    best = max(range(3), key=lambda i: supcon[i][names.VAL_KNN_ACC])
+    # Ties go to the later epoch (raycls.ranking's rule, as Ray's checkpoint manager keeps the later).
+    best = max(range(3), key=lambda i: (supcon[i][names.VAL_KNN_ACC], i))
     # The last supcon checkpoint carries the stage's best weights so far (for a resume at the boundary).
     carried = weights(record.checkpoints[2], CARRY_FILE)
     assert carried["value"] == supcon[best][names.VAL_KNN_ACC]

@@ -134,7 +134,7 @@ def test_an_adapter_trains_only_itself_and_the_classifier(tmp_path: Path, adapte
     assert changed and all(marker in k or k.startswith("head.") for k in changed), sorted(changed)[:5]
     assert any(marker in k for k in changed) and {"head.weight", "head.bias"} <= changed
     trainable = sum(p.numel() for n, p in start.named_parameters() if marker in n or n.startswith("head."))
-    assert summary.best["trainable_params"] == trainable < sum(p.numel() for p in start.parameters()) / 10
+    assert summary.final["trainable_params"] == trainable < sum(p.numel() for p in start.parameters()) / 10
 
 
 def test_adapter_errors_name_the_key() -> None:

@@ -275,7 +275,7 @@ def test_a_frozen_backbone_is_bit_identical_after_a_head_only_run_and_changes_af
     after = torch.load(tmp_path / "head" / "checkpoints" / "best" / "model.pt", weights_only=True)
     changed = {k for k in start if not torch.equal(start[k], after[k])}
     assert changed == {"head.weight", "head.bias"}, changed
-    assert summary.best["trainable_params"] == start["head.weight"].numel() + start["head.bias"].numel()
+    assert summary.final["trainable_params"] == start["head.weight"].numel() + start["head.bias"].numel()
     run_local(digits(epochs=1), tmp_path / "full", device=torch.device("cpu"))
     full = torch.load(tmp_path / "full" / "checkpoints" / "best" / "model.pt", weights_only=True)
     assert not torch.equal(full["features.0.0.weight"], start["features.0.0.weight"])

@@ -91,10 +91,13 @@ class Predictor:
         return cls(tuple(json.loads(props["class_names"])), channels, size, props.get("trial_id", ""), session=session(path),
                    tta_views=views)  # fmt: skip
 
-    def logits(self, images: torch.Tensor) -> np.ndarray:
-        x = images.float() / 255
+    def logits(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
+        """uint8 [N, C, H, W] (a tensor, or an array: onnxruntime then never touches torch, whose per-call
+        overhead exceeds a small model's run) -> logits."""
         if self.session is not None:
-            return self.session.run(None, {"images": x.numpy()})[0]
+            pixels = images.numpy() if isinstance(images, torch.Tensor) else images
+            return self.session.run(None, {"images": pixels.astype(np.float32) / 255})[0]
+        x = (images if isinstance(images, torch.Tensor) else torch.tensor(images)).float() / 255
         with torch.no_grad():
             return self.module(x.to(self.device)).float().cpu().numpy()
 
