@@ -36,21 +36,49 @@ from common import write_result
 
 from raycls.results.leaderboard import FIXED_COLUMNS, read_leaderboard
 
-METRICS = ("val_acc", "val_loss", "val_top5", "train_loss", "lr", "images_per_s", "epoch_s", "test_acc", "test_ece",
-           "test_nll", "params", "flops")  # fmt: skip
+METRICS = (
+    "val_acc",
+    "val_loss",
+    "val_top5",
+    "train_loss",
+    "lr",
+    "images_per_s",
+    "epoch_s",
+    "test_acc",
+    "test_ece",
+    "test_nll",
+    "params",
+    "flops",
+)
 
 
 def row(i: int, experiment: str) -> pa.Table:
     now = datetime(2026, 11, 29, tzinfo=timezone.utc)
     values = {name: None for name, _ in FIXED_COLUMNS}
-    values.update(experiment=experiment, trial_id=f"{i:08x}", status=("completed", "early_stopped", "failed")[i % 3],
-                  phase="supervised", metric="val_acc", mode="max", score=(i % 997) / 997, epochs=1 + i % 10,
-                  best_epoch=1 + i % 10, max_epochs=10, started_at=now, ended_at=now, wall_s=float(i % 60),
-                  config_json=json.dumps({"train": {"lr": 1e-3 * (1 + i % 7)}, "model": {"name": "small_cnn", "width": 8 << (i % 3)}}))  # fmt: skip
+    values.update(
+        experiment=experiment,
+        trial_id=f"{i:08x}",
+        status=("completed", "early_stopped", "failed")[i % 3],
+        phase="supervised",
+        metric="val_acc",
+        mode="max",
+        score=(i % 997) / 997,
+        epochs=1 + i % 10,
+        best_epoch=1 + i % 10,
+        max_epochs=10,
+        started_at=now,
+        ended_at=now,
+        wall_s=float(i % 60),
+        config_json=json.dumps(
+            {"train": {"lr": 1e-3 * (1 + i % 7)}, "model": {"name": "small_cnn", "width": 8 << (i % 3)}}
+        ),
+    )
     fields = list(FIXED_COLUMNS) + [(m, pa.float64()) for m in METRICS]
     fields += [("train.lr", pa.float64()), ("model.width", pa.int64()), ("train.optimizer", pa.string())]
     values.update({m: (i % 101) / 101 for m in METRICS})
-    values.update({"train.lr": 1e-3 * (1 + i % 7), "model.width": 8 << (i % 3), "train.optimizer": ("sgd", "adamw")[i % 2]})
+    values.update(
+        {"train.lr": 1e-3 * (1 + i % 7), "model.width": 8 << (i % 3), "train.optimizer": ("sgd", "adamw")[i % 2]}
+    )
     schema = pa.schema(fields)
     return pa.Table.from_pylist([{n: values.get(n) for n in schema.names}], schema=schema)
 
@@ -98,9 +126,12 @@ def cli_seconds(storage: Path) -> dict:
     """The whole `raycls leaderboard --top 10` beside its floor: the interpreter alone, and importing the CLI
     (what start-up costs before the query; tests/test_leaderboard_startup_int8.py keeps the heavy ones out)."""
     command = process_seconds(["-m", "raycls.cli", "leaderboard", str(storage), "--top", "10", "--format", "csv"])
-    return {"cli_top10_s": statistics.median(command), "cli_top10_runs": command,
-            "python_startup_s": statistics.median(process_seconds(["-c", "pass"])),
-            "cli_import_s": statistics.median(process_seconds(["-c", "import raycls.cli"]))}  # fmt: skip
+    return {
+        "cli_top10_s": statistics.median(command),
+        "cli_top10_runs": command,
+        "python_startup_s": statistics.median(process_seconds(["-c", "pass"])),
+        "cli_import_s": statistics.median(process_seconds(["-c", "import raycls.cli"])),
+    }
 
 
 def measure(size: int, root: Path, *, reuse: Path | None = None) -> dict:
@@ -122,15 +153,22 @@ def measure(size: int, root: Path, *, reuse: Path | None = None) -> dict:
     key = lambda t: t.sort_by("trial_id").select(sorted(reference.column_names)).to_pylist()  # noqa: E731
     same = key(settled.table.cast(settled.table.schema)) == key(reference.cast(reference.schema))
     result = {
-        "trials": size + new, "generate_s": None if generate_s is None else round(generate_s, 2),
-        "first_read_s": round(cold_s, 3), "first_read_opened": cold.opened,
-        "indexed_read_s": round(warm_s, 3), "indexed_read_opened": warm.opened,
-        "after_1pct_new_s": round(grown_s, 3), "after_1pct_new_opened": grown.opened,
+        "trials": size + new,
+        "generate_s": None if generate_s is None else round(generate_s, 2),
+        "first_read_s": round(cold_s, 3),
+        "first_read_opened": cold.opened,
+        "indexed_read_s": round(warm_s, 3),
+        "indexed_read_opened": warm.opened,
+        "after_1pct_new_s": round(grown_s, 3),
+        "after_1pct_new_opened": grown.opened,
         "indexed_again_s": round(settled_s, 3),
         **cli_seconds(storage),
-        "duckdb_direct_s": round(duck_s, 3), "duckdb_rows": count, "rows": settled.table.num_rows,
-        "same_rows_as_files": same, "indexed_vs_duckdb": round(settled_s / duck_s, 3),
-    }  # fmt: skip
+        "duckdb_direct_s": round(duck_s, 3),
+        "duckdb_rows": count,
+        "rows": settled.table.num_rows,
+        "same_rows_as_files": same,
+        "indexed_vs_duckdb": round(settled_s / duck_s, 3),
+    }
     if reuse is None:
         shutil.rmtree(storage, ignore_errors=True)
     return result
@@ -139,7 +177,9 @@ def measure(size: int, root: Path, *, reuse: Path | None = None) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10_000, 100_000])
-    parser.add_argument("--reuse", type=Path, nargs="*", default=[], help="storage roots generated before, measured as they are")
+    parser.add_argument(
+        "--reuse", type=Path, nargs="*", default=[], help="storage roots generated before, measured as they are"
+    )
     parser.add_argument("--previous", type=Path, help="a results JSON whose measured sizes are kept beside these")
     args = parser.parse_args()
     results = json.loads(args.previous.read_text())["results"] if args.previous else []
@@ -150,8 +190,16 @@ def main() -> None:
         for tree in args.reuse:
             results.append(measure(0, Path(root), reuse=tree))
             print(json.dumps(results[-1]), flush=True)
-    print(write_result("leaderboard_scale", {"claim": "leaderboard queries: < 1 s at 10k trials, < 3 s at 100k",
-                                             "cpus": os.cpu_count(), "results": results}))  # fmt: skip
+    print(
+        write_result(
+            "leaderboard_scale",
+            {
+                "claim": "leaderboard queries: < 1 s at 10k trials, < 3 s at 100k",
+                "cpus": os.cpu_count(),
+                "results": results,
+            },
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def free_port() -> int:
 
 def load(url: str, bodies: list[bytes], requests: int, concurrency: int) -> dict:
     with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+
         def one(i: int) -> tuple[int, float]:
             started = time.perf_counter()
             response = client.post(url, content=bodies[i % len(bodies)])
@@ -65,9 +66,15 @@ def load(url: str, bodies: list[bytes], requests: int, concurrency: int) -> dict
             results = list(pool.map(one, range(requests)))
         seconds = time.perf_counter() - started
     latencies = sorted(ms for _, ms in results)
-    return {"requests": requests, "concurrency": concurrency, "seconds": seconds, "requests_per_s": requests / seconds,
-            "p50_ms": statistics.median(latencies), "p99_ms": latencies[int(0.99 * (len(latencies) - 1))],
-            "errors": sum(status != 200 for status, _ in results)}  # fmt: skip
+    return {
+        "requests": requests,
+        "concurrency": concurrency,
+        "seconds": seconds,
+        "requests_per_s": requests / seconds,
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": latencies[int(0.99 * (len(latencies) - 1))],
+        "errors": sum(status != 200 for status, _ in results),
+    }
 
 
 HERE = Path(__file__).resolve().parent
@@ -105,7 +112,9 @@ def alternate(urls: dict[str, str], bodies: list[bytes], args: argparse.Namespac
         for label, url in urls.items():
             rounds[label].append(load(url, bodies, args.requests, args.concurrency))
             print(f"round {r}", label, rounds[label][-1], flush=True)
-    return {label: {**max(runs, key=lambda run: run["requests_per_s"]), "rounds": runs} for label, runs in rounds.items()}
+    return {
+        label: {**max(runs, key=lambda run: run["requests_per_s"]), "rounds": runs} for label, runs in rounds.items()
+    }
 
 
 def ray_runs(storage: str, bodies: list[bytes], args: argparse.Namespace, logs: Path) -> dict[str, dict]:
@@ -131,11 +140,23 @@ def ray_runs(storage: str, bodies: list[bytes], args: argparse.Namespace, logs: 
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(Constant.bind(), name="floor", route_prefix="/floor")
         for label, replicas in (("ray", 1), ("ray_2_replicas", 2)):
-            deploy(ServeOptions(storage=storage, experiment="bench", log_dir=str(logs / label)), port=port, replicas=replicas,
-                   name=label, route_prefix=f"/{label}")  # fmt: skip
+            deploy(
+                ServeOptions(storage=storage, experiment="bench", log_dir=str(logs / label)),
+                port=port,
+                replicas=replicas,
+                name=label,
+                route_prefix=f"/{label}",
+            )
         base = f"http://127.0.0.1:{port}"
-        runs = alternate({"ray_floor": f"{base}/floor/predict", "ray": f"{base}/ray/predict",
-                          "ray_2_replicas": f"{base}/ray_2_replicas/predict"}, bodies, args)  # fmt: skip
+        runs = alternate(
+            {
+                "ray_floor": f"{base}/floor/predict",
+                "ray": f"{base}/ray/predict",
+                "ray_2_replicas": f"{base}/ray_2_replicas/predict",
+            },
+            bodies,
+            args,
+        )
         serve.shutdown()
     finally:
         ray.shutdown()
@@ -144,14 +165,40 @@ def ray_runs(storage: str, bodies: list[bytes], args: argparse.Namespace, logs: 
     return runs
 
 
-def process_runs(storage: str, bodies: list[bytes], args: argparse.Namespace, logs: Path, graph: Path) -> dict[str, dict]:
+def process_runs(
+    storage: str, bodies: list[bytes], args: argparse.Namespace, logs: Path, graph: Path
+) -> dict[str, dict]:
     plain_port, local_port = free_port(), free_port()
-    plain = [sys.executable, "-m", "uvicorn", "serve_plain_app:app", "--port", str(plain_port), "--log-level", "warning"]
-    local = [sys.executable, "-m", "raycls.cli", "serve", "bench", "--engine", "local", "--storage", storage,
-             "--port", str(local_port), "--log-dir", str(logs / "local")]  # fmt: skip
+    plain = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "serve_plain_app:app",
+        "--port",
+        str(plain_port),
+        "--log-level",
+        "warning",
+    ]
+    local = [
+        sys.executable,
+        "-m",
+        "raycls.cli",
+        "serve",
+        "bench",
+        "--engine",
+        "local",
+        "--storage",
+        storage,
+        "--port",
+        str(local_port),
+        "--log-dir",
+        str(logs / "local"),
+    ]
     plain_url, local_url = f"http://127.0.0.1:{plain_port}", f"http://127.0.0.1:{local_port}"
-    with process(plain, plain_url, {"RAYCLS_BENCH_ONNX": str(graph), "PYTHONPATH": f"{HERE}:{HERE.parent}"}), \
-         process(local, local_url, {"PYTHONPATH": str(HERE.parent)}):  # fmt: skip
+    with (
+        process(plain, plain_url, {"RAYCLS_BENCH_ONNX": str(graph), "PYTHONPATH": f"{HERE}:{HERE.parent}"}),
+        process(local, local_url, {"PYTHONPATH": str(HERE.parent)}),
+    ):
         runs = alternate({"plain_floor": f"{plain_url}/predict", "local": f"{local_url}/predict"}, bodies, args)
     runs["local"]["log_files"] = len(list((logs / "local").glob("*.parquet")))
     return runs
@@ -170,12 +217,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         storage = str(root / "results")
-        config = TrialConfig.model_validate({"data": {"name": "digits"}, "model": {"name": "small_cnn", "width": 16},
-                                             "train": {"epochs": 4, "optimizer": "adamw", "lr": 5e-3}, "eval": {"on": "none"}})  # fmt: skip
+        config = TrialConfig.model_validate(
+            {
+                "data": {"name": "digits"},
+                "model": {"name": "small_cnn", "width": 16},
+                "train": {"epochs": 4, "optimizer": "adamw", "lr": 5e-3},
+                "eval": {"on": "none"},
+            }
+        )
         summary = run_local(config, root / "run")
-        write_trial(storage, TrialRecord(experiment="bench", trial_id="b1", status="completed", metric="val_acc",
-                    mode="max", params={}, param_types={}, history=[summary.at_best], config_json=config.to_json(),
-                    checkpoint=str(root / "run" / "checkpoints" / "best")))  # fmt: skip
+        write_trial(
+            storage,
+            TrialRecord(
+                experiment="bench",
+                trial_id="b1",
+                status="completed",
+                metric="val_acc",
+                mode="max",
+                params={},
+                param_types={},
+                history=[summary.at_best],
+                config_json=config.to_json(),
+                checkpoint=str(root / "run" / "checkpoints" / "best"),
+            ),
+        )
         trial = load_trial_model(storage, "bench")
         out = Path(ExperimentPaths(storage, "bench").export_dir(trial.trial_id))  # where `raycls serve` looks for it
         report = export(trial, out, int8=True)
@@ -184,23 +249,41 @@ def main() -> None:
             buffer = io.BytesIO()
             Image.fromarray(trial.data.splits.val.images[i, 0].numpy()).save(buffer, "PNG")
             bodies.append(buffer.getvalue())
-        runs = {**ray_runs(storage, bodies, args, root / "logs"), **process_runs(storage, bodies, args, root / "logs", out / MODEL_FILE)}
+        runs = {
+            **ray_runs(storage, bodies, args, root / "logs"),
+            **process_runs(storage, bodies, args, root / "logs", out / MODEL_FILE),
+        }
         fp32, int8 = session(out / MODEL_FILE), session(out / INT8_FILE)
         images = trial.data.splits.val.images[:64]
-        onnx = {f"batch{n}": {"fp32_ms": latency_ms(fp32, images[:n], repeats=30), "int8_ms": latency_ms(int8, images[:n], repeats=30)}
-                for n in (1, 64)}  # fmt: skip
+        onnx = {
+            f"batch{n}": {
+                "fp32_ms": latency_ms(fp32, images[:n], repeats=30),
+                "int8_ms": latency_ms(int8, images[:n], repeats=30),
+            }
+            for n in (1, 64)
+        }
         for figures in onnx.values():
             figures["int8_over_fp32"] = figures["int8_ms"] / figures["fp32_ms"]
-    ratios = {"ray_over_ray_floor_rps": runs["ray"]["requests_per_s"] / runs["ray_floor"]["requests_per_s"],
-              "ray_over_ray_floor_p99": runs["ray"]["p99_ms"] / runs["ray_floor"]["p99_ms"],
-              "ray_2_replicas_over_ray_floor_rps": runs["ray_2_replicas"]["requests_per_s"] / runs["ray_floor"]["requests_per_s"],
-              "local_over_plain_floor_rps": runs["local"]["requests_per_s"] / runs["plain_floor"]["requests_per_s"],
-              "local_over_ray_rps": runs["local"]["requests_per_s"] / runs["ray"]["requests_per_s"]}  # fmt: skip
-    path = write_result(args.out, {
-        "claim": "raycls serve: >= 0.8x its host's floor req/s (Ray Serve: p99 <= 2x), 0 errors, a log file per batch of rows",
-        "config": vars(args), "serve": runs, "ratios": ratios,
-        "onnx_cpu_latency": onnx, "int8_accuracy_delta": report["int8"]["acc_delta"], "torch_threads": torch.get_num_threads(),
-    })  # fmt: skip
+    ratios = {
+        "ray_over_ray_floor_rps": runs["ray"]["requests_per_s"] / runs["ray_floor"]["requests_per_s"],
+        "ray_over_ray_floor_p99": runs["ray"]["p99_ms"] / runs["ray_floor"]["p99_ms"],
+        "ray_2_replicas_over_ray_floor_rps": runs["ray_2_replicas"]["requests_per_s"]
+        / runs["ray_floor"]["requests_per_s"],
+        "local_over_plain_floor_rps": runs["local"]["requests_per_s"] / runs["plain_floor"]["requests_per_s"],
+        "local_over_ray_rps": runs["local"]["requests_per_s"] / runs["ray"]["requests_per_s"],
+    }
+    path = write_result(
+        args.out,
+        {
+            "claim": "raycls serve: >= 0.8x its host's floor req/s (Ray Serve: p99 <= 2x), 0 errors, a log file per batch of rows",
+            "config": vars(args),
+            "serve": runs,
+            "ratios": ratios,
+            "onnx_cpu_latency": onnx,
+            "int8_accuracy_delta": report["int8"]["acc_delta"],
+            "torch_threads": torch.get_num_threads(),
+        },
+    )
     print(" ".join(f"{k} {v:.2f}" for k, v in ratios.items()), f"-> {path}")
 
 

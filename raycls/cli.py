@@ -20,8 +20,12 @@ from raycls.errors import RayclsError
 from raycls.ranking import Ranking
 from raycls.storage import ExperimentPaths, is_local
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Ray-distributed hyperparameter search for image classification.")  # fmt: skip
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Ray-distributed hyperparameter search for image classification.",
+)
 space_app = typer.Typer(no_args_is_help=True, help="Inspect search-space YAMLs.")
 app.add_typer(space_app, name="space")
 cluster_app = typer.Typer(no_args_is_help=True, help="Check Ray cluster launcher YAMLs (cluster/).")
@@ -36,7 +40,9 @@ SetOption = Annotated[
 ]
 StorageOption = Annotated[
     Optional[str],
-    typer.Option("--storage", help="Results root: a path or s3:// / gs:// URI. Default $RAYCLS_STORAGE or ./raycls_results."),
+    typer.Option(
+        "--storage", help="Results root: a path or s3:// / gs:// URI. Default $RAYCLS_STORAGE or ./raycls_results."
+    ),
 ]
 
 
@@ -78,28 +84,40 @@ def _job_from_row(reference: str, overrides: list[str], storage: str, fast_dev_r
     config = config.fast_dev_run() if fast_dev_run else config
     paths = ExperimentPaths(storage, row["experiment"])
     # The experiment's resources as it ran (space.yaml beside its leaderboard), else its rows' worker count.
-    resources = (load_experiment(Path(paths.space_file())).experiment.resources
-                 if paths.local and paths.exists(paths.space_file())
-                 else Resources(workers=row.get("workers") or 1))  # fmt: skip
+    resources = (
+        load_experiment(Path(paths.space_file())).experiment.resources
+        if paths.local and paths.exists(paths.space_file())
+        else Resources(workers=row.get("workers") or 1)
+    )
     return TrainJob(f"{row['experiment']}-{row['trial_id']}", config, row["metric"], row["mode"], resources)
 
 
 @app.command()
 def train(
     space: Annotated[Optional[Path], typer.Argument(help="Search-space YAML; its `base` config is trained.")] = None,
-    trial: Annotated[Optional[str], typer.Option("--trial", help="EXPERIMENT/TRIAL_ID: replay that leaderboard row's config and seed.")] = None,
+    trial: Annotated[
+        Optional[str],
+        typer.Option("--trial", help="EXPERIMENT/TRIAL_ID: replay that leaderboard row's config and seed."),
+    ] = None,
     set_: SetOption = None,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="Run in this process (breakpoint() works).")] = False,
-    fast_dev_run: Annotated[bool, typer.Option("--fast-dev-run", help="Smoke test: one epoch per stage, two batches of each split.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: under the storage root).")] = None,
+    fast_dev_run: Annotated[
+        bool, typer.Option("--fast-dev-run", help="Smoke test: one epoch per stage, two batches of each split.")
+    ] = False,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Output folder (default: under the storage root).")
+    ] = None,
     storage: StorageOption = None,
 ) -> None:
     """Train one trial: the space's `base` config (plus --set overrides), or a leaderboard row (--trial)."""
     if (space is None) == (trial is None):
         raise RayclsError("raycls train: give a SPACE.yaml or --trial EXPERIMENT/TRIAL_ID (one of the two)")
     root = storage_root(storage)
-    job = (_job_from_space(space, set_ or [], root, fast_dev_run) if space is not None
-           else _job_from_row(trial, set_ or [], root, fast_dev_run))  # type: ignore[arg-type]  # fmt: skip
+    job = (
+        _job_from_space(space, set_ or [], root, fast_dev_run)
+        if space is not None
+        else _job_from_row(trial, set_ or [], root, fast_dev_run)
+    )  # type: ignore[arg-type]
     out = out or Path(root) / job.name / "train" / time.strftime("%Y%m%d-%H%M%S")
     if not is_local(str(out)):
         raise RayclsError(f"--out {out}: `raycls train` writes to a local folder; use --out DIR")
@@ -118,14 +136,25 @@ def train(
 
         init_ray(None, needed_cpus=job.resources.workers * job.resources.cpus_per_worker + 1)
         console.print(f"[dim]Ray Train: {job.resources.workers} worker(s); use --no-ray to debug in-process[/]")
-        summary = train_with_ray(job.config, out, resources=job.resources, metric=job.metric, mode=job.mode,
-                                 fast_dev_run=fast_dev_run, on_epoch=_print_epoch)  # fmt: skip
+        summary = train_with_ray(
+            job.config,
+            out,
+            resources=job.resources,
+            metric=job.metric,
+            mode=job.mode,
+            fast_dev_run=fast_dev_run,
+            on_epoch=_print_epoch,
+        )
     _print_summary(summary, time.perf_counter() - started)
     console.print(f"Wrote config.json, metrics.json and checkpoints/ to [bold]{out}[/]")
 
 
 def _print_epoch(metrics: dict[str, float]) -> None:
-    shown = {k: metrics[k] for k in ("epoch", "stage", "train_loss", "val_loss", "val_acc", "val_knn_acc", "images_per_s") if k in metrics}
+    shown = {
+        k: metrics[k]
+        for k in ("epoch", "stage", "train_loss", "val_loss", "val_acc", "val_knn_acc", "images_per_s")
+        if k in metrics
+    }
     console.print("  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
 
 
@@ -134,8 +163,14 @@ def _train_in_process(config, out: Path, metric: str, mode: str, fast_dev_run: b
 
     from raycls.train import run_local
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("{task.fields[metrics]}"), console=console) as bar:  # fmt: skip
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        console=console,
+    ) as bar:
         state = {"epoch": 1, "task": bar.add_task("epoch 1", total=None, metrics="")}
 
         def on_progress(done: int, total: int) -> None:
@@ -149,8 +184,9 @@ def _train_in_process(config, out: Path, metric: str, mode: str, fast_dev_run: b
                 state["epoch"] += 1
                 state["task"] = bar.add_task(f"epoch {state['epoch']}", total=None, metrics="")
 
-        return run_local(config, out, metric=metric, mode=mode, fast_dev_run=fast_dev_run,
-                         progress=on_progress, on_epoch=on_epoch)  # fmt: skip
+        return run_local(
+            config, out, metric=metric, mode=mode, fast_dev_run=fast_dev_run, progress=on_progress, on_epoch=on_epoch
+        )
 
 
 def _print_summary(summary, seconds: float) -> None:
@@ -170,17 +206,47 @@ def tune(
     space: Annotated[Path, typer.Argument(help="Search-space YAML.")],
     set_: SetOption = None,
     storage: StorageOption = None,
-    address: Annotated[Optional[str], typer.Option(help="Ray cluster: auto, or ray://host:10001. Default: a local Ray.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the experiment in the storage (after Ctrl-C or a crash).")] = False,
-    wandb: Annotated[Optional[str], typer.Option(help="W&B mode: auto, online, offline or disabled (overrides the YAML).")] = None,
-    num_cpus: Annotated[Optional[int], typer.Option(help="Logical CPUs of a local Ray (default: enough for the trials).")] = None,
+    address: Annotated[
+        Optional[str], typer.Option(help="Ray cluster: auto, or ray://host:10001. Default: a local Ray.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the experiment in the storage (after Ctrl-C or a crash).")
+    ] = False,
+    wandb: Annotated[
+        Optional[str], typer.Option(help="W&B mode: auto, online, offline or disabled (overrides the YAML).")
+    ] = None,
+    num_cpus: Annotated[
+        Optional[int], typer.Option(help="Logical CPUs of a local Ray (default: enough for the trials).")
+    ] = None,
     top: Annotated[int, typer.Option(help="Trials to print from the leaderboard at the end.")] = 5,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Ray's and the trials' own logs.")] = False,
-    shared_storage: Annotated[bool, typer.Option("--shared-storage", help="--storage is a folder every node mounts at the same path (NFS).")] = False,
-    fast_dev_run: Annotated[bool, typer.Option("--fast-dev-run", help="Smoke test: 2 trials of one epoch per stage, two batches per split, as EXPERIMENT-fast-dev-run.")] = False,
-    no_report: Annotated[bool, typer.Option("--no-report", help="Do not write the experiment's HTML report at the end.")] = False,
-    trials: Annotated[Optional[int], typer.Option("--trials", help="Trials in all (instead of experiment.trials); with --resume, more than before extends the search.")] = None,
-    time_budget: Annotated[Optional[float], typer.Option("--time-budget", help="Seconds for the whole search (instead of experiment.time_budget_s); --resume continues it.")] = None,
+    shared_storage: Annotated[
+        bool, typer.Option("--shared-storage", help="--storage is a folder every node mounts at the same path (NFS).")
+    ] = False,
+    fast_dev_run: Annotated[
+        bool,
+        typer.Option(
+            "--fast-dev-run",
+            help="Smoke test: 2 trials of one epoch per stage, two batches per split, as EXPERIMENT-fast-dev-run.",
+        ),
+    ] = False,
+    no_report: Annotated[
+        bool, typer.Option("--no-report", help="Do not write the experiment's HTML report at the end.")
+    ] = False,
+    trials: Annotated[
+        Optional[int],
+        typer.Option(
+            "--trials",
+            help="Trials in all (instead of experiment.trials); with --resume, more than before extends the search.",
+        ),
+    ] = None,
+    time_budget: Annotated[
+        Optional[float],
+        typer.Option(
+            "--time-budget",
+            help="Seconds for the whole search (instead of experiment.time_budget_s); --resume continues it.",
+        ),
+    ] = None,
 ) -> None:
     """Search the space: Optuna proposes trials, ASHA stops weak ones, every trial lands in the leaderboard."""
     from raycls.config import load_experiment, parse_overrides
@@ -191,25 +257,43 @@ def tune(
     # --trials / --time-budget go in before the checks (a grid checks its trials against its combinations);
     # run_tune runs every check once (raycls.prepare) and resolves references against its storage, all before
     # Ray starts.
-    experiment = load_experiment(space, parse_overrides(set_ or [])).with_limits(trials=trials, time_budget_s=time_budget)
+    experiment = load_experiment(space, parse_overrides(set_ or [])).with_limits(
+        trials=trials, time_budget_s=time_budget
+    )
     if fast_dev_run:
         experiment = experiment.as_fast_dev_run()
     started = time.perf_counter()
-    outcome = run_tune(experiment, TuneOptions(storage=storage_root(storage), address=address, resume=resume,
-                                               wandb_mode=wandb, num_cpus=num_cpus, verbose=verbose,
-                                               shared_storage=shared_storage or None))  # fmt: skip
+    outcome = run_tune(
+        experiment,
+        TuneOptions(
+            storage=storage_root(storage),
+            address=address,
+            resume=resume,
+            wandb_mode=wandb,
+            num_cpus=num_cpus,
+            verbose=verbose,
+            shared_storage=shared_storage or None,
+        ),
+    )
     board = outcome.leaderboard.table
     counts = {s: 0 for s in ("completed", "early_stopped", "failed")}
     for status in board.column("status").to_pylist() if board.num_rows else []:
         counts[status] = counts.get(status, 0) + 1
-    console.print(f"{experiment.name}: {board.num_rows} trials in the leaderboard "
-                  f"({', '.join(f'{v} {k}' for k, v in counts.items())}) in {time.perf_counter() - started:.0f} s")  # fmt: skip
+    console.print(
+        f"{experiment.name}: {board.num_rows} trials in the leaderboard "
+        f"({', '.join(f'{v} {k}' for k, v in counts.items())}) in {time.perf_counter() - started:.0f} s"
+    )
     if outcome.ended is not None:
-        console.print(f"[yellow]the search ended early[/]: {outcome.ended.detail}; "
-                      f"`raycls tune {space} --resume` runs the trials that have no row yet", highlight=False)  # fmt: skip
+        console.print(
+            f"[yellow]the search ended early[/]: {outcome.ended.detail}; "
+            f"`raycls tune {space} --resume` runs the trials that have no row yet",
+            highlight=False,
+        )
     ranking = Ranking.of(experiment.experiment.metric, experiment.experiment.mode)
     _print_leaderboard(outcome.leaderboard, ranking.metric, ranking.maximize, top)
-    console.print(f"Results: {outcome.experiment_dir}   (raycls leaderboard {storage_root(storage)} --experiment {experiment.name})")
+    console.print(
+        f"Results: {outcome.experiment_dir}   (raycls leaderboard {storage_root(storage)} --experiment {experiment.name})"
+    )
     if not no_report and board.num_rows:
         _report_after_search(storage_root(storage), experiment.name, wandb)
     nothing = outcome.none_completed()
@@ -225,8 +309,11 @@ def _report_after_search(root: str, experiment: str, wandb_mode: str | None) -> 
     try:
         files = write_report(root, experiment, wandb_mode=wandb_mode)
     except Exception as err:  # noqa: BLE001 - any failure here must not hide the finished search
-        console.print(f"[yellow]the report could not be written[/] ({type(err).__name__}: {err}); "
-                      f"`raycls report {experiment}` tries again", highlight=False)  # fmt: skip
+        console.print(
+            f"[yellow]the report could not be written[/] ({type(err).__name__}: {err}); "
+            f"`raycls report {experiment}` tries again",
+            highlight=False,
+        )
         return
     _print_report(files)
 
@@ -260,7 +347,19 @@ def _print_leaderboard(read, sort: str, descending: bool, top: int) -> None:
     console.print(table, width=max(console.width, console.measure(table).maximum))
 
 
-SUMMARY_COLUMNS = ("experiment", "trial_id", "status", "phase", "score", "val_acc", "val_loss", "test_acc", "test_ece", "epochs", "wall_s")
+SUMMARY_COLUMNS = (
+    "experiment",
+    "trial_id",
+    "status",
+    "phase",
+    "score",
+    "val_acc",
+    "val_loss",
+    "test_acc",
+    "test_ece",
+    "epochs",
+    "wall_s",
+)
 LOG_COLUMNS = ("trial_id", "status", "score", "epochs", "wall_s")
 
 
@@ -268,7 +367,9 @@ def _rich_table(table, *, title: str | None = None, columns: list[str] | None = 
     from raycls.results.arrays import to_pylist  # table.to_pylist() would import pandas for the timestamps
     from raycls.results.leaderboard import param_columns, stage_columns
 
-    columns = columns or [c for c in SUMMARY_COLUMNS if c in table.column_names] + stage_columns(table) + param_columns(table)
+    columns = columns or [c for c in SUMMARY_COLUMNS if c in table.column_names] + stage_columns(table) + param_columns(
+        table
+    )
     out = Table(title=title)
     for column in columns:
         out.add_column(column, overflow="fold", no_wrap=not wrap)
@@ -288,38 +389,56 @@ def _fmt(value) -> str:
 # ------------------------------------------------------------------------------------- leaderboard
 @app.command()
 def leaderboard(
-    storage: Annotated[Optional[str], typer.Argument(help="Results root (default $RAYCLS_STORAGE or ./raycls_results); `compact [ROOT]` rebuilds the query index.")] = None,
-    compact_root: Annotated[Optional[str], typer.Argument(help="After `compact`: the results root.", show_default=False)] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Argument(
+            help="Results root (default $RAYCLS_STORAGE or ./raycls_results); `compact [ROOT]` rebuilds the query index."
+        ),
+    ] = None,
+    compact_root: Annotated[
+        Optional[str], typer.Argument(help="After `compact`: the results root.", show_default=False)
+    ] = None,
     experiment: Annotated[Optional[str], typer.Option(help="Only this experiment.")] = None,
     top: Annotated[Optional[int], typer.Option(help="Only the best K rows.")] = None,
-    sort: Annotated[Optional[str], typer.Option(help="Column to sort by (default: score, the experiment metric).")] = None,
+    sort: Annotated[
+        Optional[str], typer.Option(help="Column to sort by (default: score, the experiment metric).")
+    ] = None,
     ascending: Annotated[bool, typer.Option("--ascending", help="Sort smallest first.")] = False,
-    where: Annotated[Optional[str], typer.Option(help="Filter, SQL syntax: \"train.lr < 0.01 and status = 'completed'\".")] = None,
+    where: Annotated[
+        Optional[str], typer.Option(help="Filter, SQL syntax: \"train.lr < 0.01 and status = 'completed'\".")
+    ] = None,
     sql: Annotated[Optional[str], typer.Option(help="Any DuckDB SQL over the table `leaderboard`.")] = None,
     format: Annotated[str, typer.Option(help="table, csv, json or markdown.")] = "table",
     columns: Annotated[Optional[str], typer.Option(help="Comma-separated columns to show.")] = None,
     history: Annotated[bool, typer.Option("--history", help="Query the per-epoch history instead.")] = False,
-    pareto: Annotated[bool, typer.Option("--pareto", help="Only the Pareto front of a multi-objective experiment (experiment.objectives).")] = False,
+    pareto: Annotated[
+        bool,
+        typer.Option("--pareto", help="Only the Pareto front of a multi-objective experiment (experiment.objectives)."),
+    ] = False,
 ) -> None:
     """Query the leaderboards of one or all experiments."""
     from raycls.results import read_leaderboard, run_sql, select
-    from raycls.storage import HISTORY_DIR, LEADERBOARD_DIR
     from raycls.results.render import render
+    from raycls.storage import HISTORY_DIR, LEADERBOARD_DIR
 
     kind = HISTORY_DIR if history else LEADERBOARD_DIR
     if storage == "compact":
         _compact(storage_root(compact_root), experiment)
         return
     if compact_root is not None:
-        raise RayclsError(f"leaderboard: one results root, got {storage!r} and {compact_root!r} (`raycls leaderboard compact ROOT` rebuilds the index)")
+        raise RayclsError(
+            f"leaderboard: one results root, got {storage!r} and {compact_root!r} (`raycls leaderboard compact ROOT` rebuilds the index)"
+        )
     root = storage_root(storage)
     read = read_leaderboard(root, experiment, kind=kind)
     for problem in read.skipped:
         Console(stderr=True).print(f"[yellow]skipped[/] {problem}", highlight=False)
     if read.table.num_rows == 0 and not read.files:
         where = f"{root.rstrip('/')}/{experiment}" if experiment else root
-        raise RayclsError(f"no {kind} files under {where}: expected <storage>/<experiment>/{kind}/<trial_id>.parquet, "
-                          "as `raycls tune` writes them (pass the storage root, or set $RAYCLS_STORAGE)")  # fmt: skip
+        raise RayclsError(
+            f"no {kind} files under {where}: expected <storage>/<experiment>/{kind}/<trial_id>.parquet, "
+            "as `raycls tune` writes them (pass the storage root, or set $RAYCLS_STORAGE)"
+        )
     table = read.table
     if pareto:
         table, first, first_max, shown = _pareto_rows(table, experiment or root)
@@ -350,8 +469,11 @@ def _compact(root: str, experiment: str | None) -> None:
     for kind in (LEADERBOARD_DIR, HISTORY_DIR):
         started = time.perf_counter()
         read = read_leaderboard(root, experiment, kind=kind, rebuild_index=True)
-        console.print(f"{kind}: {read.files} files, {read.table.num_rows} rows indexed in {time.perf_counter() - started:.1f} s"
-                      + (f" ({len(read.skipped)} skipped)" if read.skipped else ""), highlight=False)  # fmt: skip
+        console.print(
+            f"{kind}: {read.files} files, {read.table.num_rows} rows indexed in {time.perf_counter() - started:.1f} s"
+            + (f" ({len(read.skipped)} skipped)" if read.skipped else ""),
+            highlight=False,
+        )
 
 
 def _pareto_rows(table, where: str):
@@ -363,8 +485,10 @@ def _pareto_rows(table, where: str):
     from raycls.results.pareto import OBJECTIVES, PARETO, PARETO_RANK, parse_objectives
 
     if PARETO not in table.column_names:
-        raise RayclsError(f"--pareto: {where} has no multi-objective experiment (its rows have no experiment.objectives); "
-                          "a single-objective experiment's best row is `--top 1`")  # fmt: skip
+        raise RayclsError(
+            f"--pareto: {where} has no multi-objective experiment (its rows have no experiment.objectives); "
+            "a single-objective experiment's best row is `--top 1`"
+        )
     front = table.filter(pc.fill_null(table.column(PARETO), False))
     objectives = parse_objectives(front.column(OBJECTIVES)[0].as_py()) if front.num_rows else [("score", "max")]
     shown = ["experiment", "trial_id", *(m for m, _ in objectives), PARETO_RANK, "score", *param_columns(front)]
@@ -377,7 +501,9 @@ def _pareto_rows(table, where: str):
 def eval_(
     experiment: Annotated[str, typer.Argument(help="Experiment name (a folder of the storage).")],
     trial: Annotated[str, typer.Option(help="best, top:K (by score), or a trial id.")] = "best",
-    suite: Annotated[Optional[str], typer.Option(help="Evaluation suite: default or full (default: the trial's eval.suite).")] = None,
+    suite: Annotated[
+        Optional[str], typer.Option(help="Evaluation suite: default or full (default: the trial's eval.suite).")
+    ] = None,
     storage: StorageOption = None,
     set_: SetOption = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda when there is one).")] = None,
@@ -395,12 +521,30 @@ def eval_(
     summaries = evaluate_rows(root, experiment, rows, suite=suite, overrides=parse_overrides(set_ or []), device=device)
     for summary in summaries:
         metrics = summary["metrics"]
-        shown = {k: v for k, v in metrics.items() if k in ("test_acc", "test_macro_f1", "test_auroc", "test_ece", "test_ece_ts",
-                                                           "test_acc_tta", "test_shift_mca", "test_knn_acc")}  # fmt: skip
-        console.print(f"{summary['trial_id']}  ({summary['eval_split']} split, suite {summary['eval_suite']}): "
-                      + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()), highlight=False)  # fmt: skip
-    console.print(f"evaluated {len(summaries)} trial(s) in {time.perf_counter() - started:.1f} s; files under "
-                  f"{root.rstrip('/')}/{experiment}/eval/")  # fmt: skip
+        shown = {
+            k: v
+            for k, v in metrics.items()
+            if k
+            in (
+                "test_acc",
+                "test_macro_f1",
+                "test_auroc",
+                "test_ece",
+                "test_ece_ts",
+                "test_acc_tta",
+                "test_shift_mca",
+                "test_knn_acc",
+            )
+        }
+        console.print(
+            f"{summary['trial_id']}  ({summary['eval_split']} split, suite {summary['eval_suite']}): "
+            + "  ".join(f"{k}={v:.4f}" for k, v in shown.items()),
+            highlight=False,
+        )
+    console.print(
+        f"evaluated {len(summaries)} trial(s) in {time.perf_counter() - started:.1f} s; files under "
+        f"{root.rstrip('/')}/{experiment}/eval/"
+    )
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -408,9 +552,20 @@ def eval_(
 def report_(
     experiment: Annotated[str, typer.Argument(help="Experiment name (a folder of the storage).")],
     storage: StorageOption = None,
-    out: Annotated[Optional[Path], typer.Option(help="The HTML file (default: <storage>/<experiment>/report/report.html); PNGs go beside it.")] = None,
-    png: Annotated[bool, typer.Option("--png/--no-png", help="Also write each figure as a PNG (kaleido, with a Chrome or Chromium).")] = True,
-    wandb: Annotated[Optional[str], typer.Option(help="W&B mode for the report's run: auto, online, offline or disabled (default: the experiment's).")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="The HTML file (default: <storage>/<experiment>/report/report.html); PNGs go beside it."),
+    ] = None,
+    png: Annotated[
+        bool,
+        typer.Option("--png/--no-png", help="Also write each figure as a PNG (kaleido, with a Chrome or Chromium)."),
+    ] = True,
+    wandb: Annotated[
+        Optional[str],
+        typer.Option(
+            help="W&B mode for the report's run: auto, online, offline or disabled (default: the experiment's)."
+        ),
+    ] = None,
 ) -> None:
     """Draw an experiment: one self-contained HTML page (leaderboard, best so far, learning curves, parameters,
     importance, stages, evaluation), its figures as PNGs, and the same figures in W&B."""
@@ -427,8 +582,16 @@ def export_(
     experiment: Annotated[str, typer.Argument(help="Experiment name (a folder of the storage).")],
     trial: Annotated[str, typer.Option(help="best (by score) or a trial id.")] = "best",
     format: Annotated[str, typer.Option(help="Export format (onnx).")] = "onnx",
-    int8: Annotated[bool, typer.Option("--int8", help="Also try int8 copies (dynamic, static QDQ); write the fastest that beats fp32 at the same accuracy, export.json says why not otherwise.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder (default <storage>/<experiment>/export/<trial_id>).")] = None,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Also try int8 copies (dynamic, static QDQ); write the fastest that beats fp32 at the same accuracy, export.json says why not otherwise.",
+        ),
+    ] = False,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Folder (default <storage>/<experiment>/export/<trial_id>).")
+    ] = None,
     storage: StorageOption = None,
 ) -> None:
     """Export a trial's best model to ONNX (metadata inside), checked against PyTorch with onnxruntime."""
@@ -445,16 +608,24 @@ def export_(
     started = time.perf_counter()
     report = export(model, out, int8=int8)
     parity = report["parity"]
-    console.print(f"{model.trial_id}: {parity['images']} {parity['split']} images, max |logit diff| "
-                  f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4f}, "
-                  f"accuracy torch {parity['torch_acc']:.4f} / onnx {parity['onnx_acc']:.4f}", highlight=False)  # fmt: skip
+    console.print(
+        f"{model.trial_id}: {parity['images']} {parity['split']} images, max |logit diff| "
+        f"{parity['max_abs_logit_diff']:.2e}, top-1 agreement {parity['top1_agreement']:.4f}, "
+        f"accuracy torch {parity['torch_acc']:.4f} / onnx {parity['onnx_acc']:.4f}",
+        highlight=False,
+    )
     if "int8" in report and report["int8"]["shipped"]:
         q = report["int8"]
-        console.print(f"int8 ({q['shipped']}): accuracy {q['acc']:.4f} ({q['acc_delta']:+.4f}), size x{q['size_ratio']:.2f}, "
-                      f"CPU latency x{q['latency_ratio']:.2f}", highlight=False)  # fmt: skip
+        console.print(
+            f"int8 ({q['shipped']}): accuracy {q['acc']:.4f} ({q['acc_delta']:+.4f}), size x{q['size_ratio']:.2f}, "
+            f"CPU latency x{q['latency_ratio']:.2f}",
+            highlight=False,
+        )
     elif "int8" in report:
         console.print(f"int8: not written, {report['int8']['why']}", highlight=False)
-    console.print(f"Wrote {', '.join(report['files'])} and {REPORT_FILE} to [bold]{out}[/] in {time.perf_counter() - started:.1f} s")
+    console.print(
+        f"Wrote {', '.join(report['files'])} and {REPORT_FILE} to [bold]{out}[/] in {time.perf_counter() - started:.1f} s"
+    )
 
 
 # ----------------------------------------------------------------------------------------- predict
@@ -464,9 +635,19 @@ def predict_(
     images: Annotated[list[str], typer.Argument(help="Image files, folders (searched recursively) or globs.")],
     trial: Annotated[str, typer.Option(help="best (by score) or a trial id (with an experiment).")] = "best",
     topk: Annotated[int, typer.Option(help="Classes per image.", min=1)] = 3,
-    tta: Annotated[bool, typer.Option("--tta", help="Average the trial's TTA views (those of its test_acc_tta; flips only if it trained with them).")] = False,
-    gradcam: Annotated[Optional[Path], typer.Option("--gradcam", help="Write a GradCAM++ overlay per image to this folder.")] = None,
-    out: Annotated[Path, typer.Option("--out", help="predictions.parquet or predictions.csv")] = Path("predictions.parquet"),
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta",
+            help="Average the trial's TTA views (those of its test_acc_tta; flips only if it trained with them).",
+        ),
+    ] = False,
+    gradcam: Annotated[
+        Optional[Path], typer.Option("--gradcam", help="Write a GradCAM++ overlay per image to this folder.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="predictions.parquet or predictions.csv")] = Path(
+        "predictions.parquet"
+    ),
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 64,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda (default: cuda when there is one).")] = None,
     storage: StorageOption = None,
@@ -476,7 +657,6 @@ def predict_(
 
     from raycls.deliver.model import load_trial_model
     from raycls.deliver.predict import Predictor, image_paths, predict, write_predictions
-
     from raycls.train.steps import default_device
 
     run_on = torch.device(device) if device else default_device()
@@ -485,13 +665,17 @@ def predict_(
             raise RayclsError(f"{source}: no such ONNX file")
         predictor = Predictor.from_onnx(Path(source))
     else:
-        predictor = Predictor.from_trial(load_trial_model(storage_root(storage), source, trial, device=str(run_on)), run_on)
+        predictor = Predictor.from_trial(
+            load_trial_model(storage_root(storage), source, trial, device=str(run_on)), run_on
+        )
     paths = image_paths(images)
     started = time.perf_counter()
     rows = predict(predictor, paths, topk=topk, tta=tta, batch_size=batch_size, gradcam=gradcam)
     write_predictions(rows, out)
     failed = sum(r["error"] is not None for r in rows)
-    console.print(f"{len(rows)} image(s), {failed} unreadable, in {time.perf_counter() - started:.1f} s -> [bold]{out}[/]")
+    console.print(
+        f"{len(rows)} image(s), {failed} unreadable, in {time.perf_counter() - started:.1f} s -> [bold]{out}[/]"
+    )
 
 
 # ------------------------------------------------------------------------------------------- serve
@@ -499,13 +683,26 @@ def predict_(
 def serve_(
     experiment: Annotated[str, typer.Argument(help="Experiment name (a folder of the storage).")],
     trial: Annotated[str, typer.Option(help="best (by score) or a trial id.")] = "best",
-    engine: Annotated[str, typer.Option(help="local: uvicorn in this process (one machine, no cluster); ray: Ray Serve (--address, replicas, autoscaling).")] = "ray",
-    replicas: Annotated[int, typer.Option(help="Replicas of the model (the minimum when --max-replicas is set).", min=1)] = 1,
-    max_replicas: Annotated[Optional[int], typer.Option(help="Autoscale up to this many replicas with the request queue.")] = None,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local: uvicorn in this process (one machine, no cluster); ray: Ray Serve (--address, replicas, autoscaling)."
+        ),
+    ] = "ray",
+    replicas: Annotated[
+        int, typer.Option(help="Replicas of the model (the minimum when --max-replicas is set).", min=1)
+    ] = 1,
+    max_replicas: Annotated[
+        Optional[int], typer.Option(help="Autoscale up to this many replicas with the request queue.")
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
-    address: Annotated[Optional[str], typer.Option(help="A Ray cluster to serve on (`auto`: the one this node belongs to).")] = None,
-    log_dir: Annotated[Optional[str], typer.Option(help="Request log folder (default <storage>/<experiment>/serve/requests).")] = None,
+    address: Annotated[
+        Optional[str], typer.Option(help="A Ray cluster to serve on (`auto`: the one this node belongs to).")
+    ] = None,
+    log_dir: Annotated[
+        Optional[str], typer.Option(help="Request log folder (default <storage>/<experiment>/serve/requests).")
+    ] = None,
     log_rows: Annotated[int, typer.Option(help="Write the request log every this many requests ...", min=1)] = 256,
     log_seconds: Annotated[float, typer.Option(help="... or this many seconds, and at shutdown.", min=0.01)] = 5.0,
     storage: StorageOption = None,
@@ -517,19 +714,34 @@ def serve_(
     run = ENGINES.get(engine)
     token = os.environ.get(TOKEN_ENV) or None
     if host not in ("127.0.0.1", "localhost", "::1"):
-        Console(stderr=True).print(f"[yellow]warning:[/] listening on {host}: reachable from other machines"
-                                   + ("" if token else f"; set {TOKEN_ENV} to require a bearer token"))  # fmt: skip
-    options = ServeOptions(storage=storage_root(storage), experiment=experiment, trial=trial, log_dir=log_dir, token=token,
-                           log_rows=log_rows, log_seconds=log_seconds)  # fmt: skip
+        Console(stderr=True).print(
+            f"[yellow]warning:[/] listening on {host}: reachable from other machines"
+            + ("" if token else f"; set {TOKEN_ENV} to require a bearer token")
+        )
+    options = ServeOptions(
+        storage=storage_root(storage),
+        experiment=experiment,
+        trial=trial,
+        log_dir=log_dir,
+        token=token,
+        log_rows=log_rows,
+        log_seconds=log_seconds,
+    )
     hosting = Hosting(host=host, port=port, replicas=replicas, max_replicas=max_replicas, address=address)
-    run(options, hosting, lambda url: console.print(f"serving {experiment} ({trial}) at {url}/predict with {engine}  (Ctrl-C stops)"))
+    run(
+        options,
+        hosting,
+        lambda url: console.print(f"serving {experiment} ({trial}) at {url}/predict with {engine}  (Ctrl-C stops)"),
+    )
 
 
 @data_app.command("explore")
 def data_explore(
     space: Annotated[Path, typer.Argument(help="Search-space YAML; its `base` data section (and seed) is explored.")],
     set_: SetOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder (default: <storage>/data/<dataset>).")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Report folder (default: <storage>/data/<dataset>).")
+    ] = None,
     storage: StorageOption = None,
 ) -> None:
     """Class balance, sizes, brightness/contrast, channel stats, duplicates and train/test leakage."""
@@ -541,13 +753,17 @@ def data_explore(
     out = out or Path(storage_root(storage)) / "data" / config.data.name
     report = explore(config, out)
     for name, split in report["splits"].items():
-        console.print(f"{name}: {split['images']} images {split['channels']}x{split['image_size'][0]}x{split['image_size'][1]}, "
-                      f"imbalance {split['imbalance_ratio']:.2f}, brightness {split['brightness']['mean']:.3f}, "
-                      f"exact duplicates {split['exact_duplicate_images']}, near duplicates {split['near_duplicate_images']}",
-                      highlight=False)  # fmt: skip
+        console.print(
+            f"{name}: {split['images']} images {split['channels']}x{split['image_size'][0]}x{split['image_size'][1]}, "
+            f"imbalance {split['imbalance_ratio']:.2f}, brightness {split['brightness']['mean']:.3f}, "
+            f"exact duplicates {split['exact_duplicate_images']}, near duplicates {split['near_duplicate_images']}",
+            highlight=False,
+        )
     if "train_test_leakage" in report:
         leak = report["train_test_leakage"]
-        console.print(f"train/test leakage: {leak['exact']} exact, {leak['near']} near-duplicate test images", highlight=False)
+        console.print(
+            f"train/test leakage: {leak['exact']} exact, {leak['near']} near-duplicate test images", highlight=False
+        )
     console.print(f"Wrote {REPORT_FILE} and PNGs to [bold]{out}[/]")
 
 
@@ -564,8 +780,10 @@ def space_validate(
 
     # The file is checked here; what this machine lacks (data, weights) is said, and refused by `raycls tune`.
     experiment = prepare_experiment(space, set_, environment=False)
-    table = Table(title=f"{experiment.name}: {len(experiment.space.params)} parameters, "
-                        f"{experiment.experiment.trials} trials by {experiment.search.algorithm}")  # fmt: skip
+    table = Table(
+        title=f"{experiment.name}: {len(experiment.space.params)} parameters, "
+        f"{experiment.experiment.trials} trials by {experiment.search.algorithm}"
+    )
     table.add_column("parameter")
     table.add_column("distribution")
     table.add_column("when")

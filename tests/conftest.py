@@ -188,3 +188,45 @@ class Recorder:
         copy = self.folder / f"epoch{metrics[names.EPOCH]}"
         shutil.copytree(checkpoint, copy)
         self.checkpoints.append(copy)
+
+
+# ------------------------------------------------------------------------------- a trained digits trial
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory):
+    """A digits small_cnn trained once per session (~5 s on a quiet 2-core CPU): export, predict and serve
+    tests each write their own leaderboard row pointing at its checkpoint (`write_digits_row`)."""
+    from raycls.config import TrialConfig
+    from raycls.train.local import run_local
+
+    root = tmp_path_factory.mktemp("digits-run")
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits"},
+            "model": {"name": "small_cnn", "width": 16},
+            "train": {"epochs": 8, "batch_size": 64, "optimizer": "adamw", "lr": 5e-3, "warmup_epochs": 0},
+            "eval": {"on": "none"},
+        }
+    )
+    return config, run_local(config, root / "run"), root / "run"
+
+
+def write_digits_row(digits_run, storage: Path, experiment: str) -> tuple[str, str]:
+    """The trained digits trial as experiment `experiment`'s one completed row under `storage`."""
+    from raycls.results.leaderboard import TrialRecord, write_trial
+
+    config, summary, run = digits_run
+    record = TrialRecord(
+        experiment=experiment,
+        trial_id="t0001",
+        status="completed",
+        metric="val_acc",
+        mode="max",
+        params={},
+        param_types={},
+        history=[summary.at_best],
+        config_json=config.to_json(),
+        checkpoint=str(run / "checkpoints" / "best"),
+        seed=config.seed,
+    )
+    write_trial(str(storage), record)
+    return str(storage), "t0001"

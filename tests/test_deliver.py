@@ -26,20 +26,13 @@ from raycls.results.leaderboard import TrialRecord, write_trial
 from raycls.train.local import run_local
 from raycls.train.loop import RunContext, build, load_data
 
+from .conftest import write_digits_row
+
 
 @pytest.fixture(scope="module")
-def digits_row(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """~5 s: a trained digits trial with its leaderboard row (storage, trial id)."""
-    root = tmp_path_factory.mktemp("deliver")
-    config = TrialConfig.model_validate({"data": {"name": "digits"}, "model": {"name": "small_cnn", "width": 16},
-                                         "train": {"epochs": 8, "batch_size": 64, "optimizer": "adamw", "lr": 5e-3,
-                                                   "warmup_epochs": 0}, "eval": {"on": "none"}})  # fmt: skip
-    summary = run_local(config, root / "run")
-    record = TrialRecord(experiment="digits-export", trial_id="t0001", status="completed", metric="val_acc", mode="max",
-                         params={}, param_types={}, history=[summary.at_best], config_json=config.to_json(),
-                         checkpoint=str(root / "run" / "checkpoints" / "best"), seed=config.seed)  # fmt: skip
-    write_trial(str(root / "results"), record)
-    return str(root / "results"), "t0001"
+def digits_row(digits_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """The session's trained digits trial (conftest.digits_run) as this module's leaderboard row."""
+    return write_digits_row(digits_run, tmp_path_factory.mktemp("deliver") / "results", "digits-export")
 
 
 def test_export_of_the_best_trial_with_parity_and_int8(digits_row, tmp_path: Path) -> None:
@@ -65,12 +58,19 @@ def test_export_of_the_best_trial_with_parity_and_int8(digits_row, tmp_path: Pat
 TINY = {"embed_dim": 32, "depth": 1, "num_heads": 2}
 
 
-@pytest.mark.parametrize("model, phase", [
-    ({"name": "resnet18"}, {"name": "supervised"}),  # a timm CNN, with raycls's small-input stem at 32 px
-    ({"name": "vit_tiny_patch16_224", "kwargs": TINY}, {"name": "supervised"}),  # a ViT, 4 px patches
-    ({"name": "small_cnn", "width": 8}, {"name": "metric", "loss": "arcface"}),  # a cosine classifier head
-    ({"name": "deit_tiny_distilled_patch16_224", "kwargs": TINY}, {"name": "distill", "distill_token": True}),  # DeiT's averaged heads
-], ids=["resnet18", "vit", "cosine-head", "deit-distilled"])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, phase",
+    [
+        ({"name": "resnet18"}, {"name": "supervised"}),  # a timm CNN, with raycls's small-input stem at 32 px
+        ({"name": "vit_tiny_patch16_224", "kwargs": TINY}, {"name": "supervised"}),  # a ViT, 4 px patches
+        ({"name": "small_cnn", "width": 8}, {"name": "metric", "loss": "arcface"}),  # a cosine classifier head
+        (
+            {"name": "deit_tiny_distilled_patch16_224", "kwargs": TINY},
+            {"name": "distill", "distill_token": True},
+        ),  # DeiT's averaged heads
+    ],
+    ids=["resnet18", "vit", "cosine-head", "deit-distilled"],
+)
 def test_every_family_and_head_exports_with_parity_at_32_px(model: dict, phase: dict, tmp_path: Path) -> None:
     config = TrialConfig.model_validate({"data": {"name": "digits", "image_size": 32}, "model": model, "phase": phase})
     data = load_data(config)
@@ -87,8 +87,10 @@ def test_export_of_a_missing_experiment_or_trial_is_a_usage_error(digits_row, tm
     from raycls.cli import main
 
     storage, _ = digits_row
-    for argv, message in ((["export", "nope", "--storage", storage], "experiment 'nope': no leaderboard rows"),
-                          (["export", "digits-export", "--trial", "t9", "--storage", storage], "--trial 't9': no such trial")):  # fmt: skip
+    for argv, message in (
+        (["export", "nope", "--storage", storage], "experiment 'nope': no leaderboard rows"),
+        (["export", "digits-export", "--trial", "t9", "--storage", storage], "--trial 't9': no such trial"),
+    ):
         with pytest.raises(SystemExit) as exited:
             main(argv)
         assert exited.value.code == 2 and message in capsys.readouterr().out
@@ -112,31 +114,63 @@ def test_predict_a_real_image_folder_with_a_corrupt_file(shared_data: Path, tmp_
     from raycls.deliver.predict import read_image
 
     folder = shared_data / "imagenette-mini"
-    config = TrialConfig.model_validate({"data": {"name": "folder", "path": str(folder), "folder_size": 32, "val_fraction": 0.1},
-                                         "model": {"name": "small_cnn", "width": 16},
-                                         "train": {"epochs": 6, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3,
-                                                   "warmup_epochs": 0}, "eval": {"on": "none"}})  # fmt: skip
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "folder", "path": str(folder), "folder_size": 32, "val_fraction": 0.1},
+            "model": {"name": "small_cnn", "width": 16},
+            "train": {"epochs": 6, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3, "warmup_epochs": 0},
+            "eval": {"on": "none"},
+        }
+    )
     summary = run_local(config, tmp_path / "run")
-    write_trial(str(tmp_path / "results"), TrialRecord(
-        experiment="nette", trial_id="n0001", status="completed", metric="val_acc", mode="max", params={}, param_types={},
-        history=[summary.at_best], config_json=config.to_json(), checkpoint=str(tmp_path / "run" / "checkpoints" / "best")))  # fmt: skip
+    write_trial(
+        str(tmp_path / "results"),
+        TrialRecord(
+            experiment="nette",
+            trial_id="n0001",
+            status="completed",
+            metric="val_acc",
+            mode="max",
+            params={},
+            param_types={},
+            history=[summary.at_best],
+            config_json=config.to_json(),
+            checkpoint=str(tmp_path / "run" / "checkpoints" / "best"),
+        ),
+    )
     bad = tmp_path / "bad"
     bad.mkdir()
     first = next((folder / "val").rglob("*.JPEG"))
     (bad / "truncated.jpg").write_bytes(first.read_bytes()[:300])
     (bad / "notes.txt").write_text("not an image")
-    with pytest.raises(Exception):
+    with pytest.raises((OSError, SyntaxError)):  # PIL: a truncated JPEG is an OSError
         read_image(bad / "truncated.jpg", 3, 32)
     out = tmp_path / "predictions.parquet"
-    main(["predict", "nette", str(folder / "val"), str(bad / "truncated.jpg"), str(bad / "notes.txt"),
-          "--storage", str(tmp_path / "results"), "--topk", "3", "--out", str(out)])  # fmt: skip
+    main(
+        [
+            "predict",
+            "nette",
+            str(folder / "val"),
+            str(bad / "truncated.jpg"),
+            str(bad / "notes.txt"),
+            "--storage",
+            str(tmp_path / "results"),
+            "--topk",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     import pyarrow.parquet as pq
 
     rows = pq.read_table(out).to_pylist()
     good = [r for r in rows if r["error"] is None]
     assert len(rows) == 102 and len(good) == 100
     assert {Path(r["path"]).name for r in rows if r["error"]} == {"truncated.jpg", "notes.txt"}
-    assert all(len(r["topk_labels"]) == 3 and r["topk_confidences"] == sorted(r["topk_confidences"], reverse=True) for r in good)
+    assert all(
+        len(r["topk_labels"]) == 3 and r["topk_confidences"] == sorted(r["topk_confidences"], reverse=True)
+        for r in good
+    )
     accuracy = sum(r["label"] == Path(r["path"]).parent.name for r in good) / len(good)
     print(f"imagenette-mini val accuracy {accuracy:.2f} (chance 0.10)")
     assert accuracy > 0.2

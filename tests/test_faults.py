@@ -119,8 +119,10 @@ space:
 
 # ------------------------------------------------------------------------------------------- failures
 def test_failing_trials_are_failed_with_their_message_and_retries(cluster, tmp_path: Path) -> None:
-    """A dataset folder that does not exist raises; lr=1e30 with no clipping makes the loss NaN. With
+    """A dataset folder without images raises; lr=1e30 with no clipping makes the loss NaN. With
     max_failures: 1 Tune retries each once: both are failed, with their message, and one restart."""
+    empty = tmp_path / "no-images"
+    empty.mkdir()
     storage, outcome = tune(
         tmp_path,
         "faulty",
@@ -137,13 +139,15 @@ space:
   data.name: {type: choice, values: [digits, folder]}
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
 """
-        + BASE.replace("train_subset: 400}", f"train_subset: 400, path: {tmp_path / 'no-such-folder'}}}"),
+        # An empty folder: data.path exists (a missing one is refused before any trial), so the folder
+        # trial fails as it loads its data, on the workers.
+        + BASE.replace("train_subset: 400}", f"train_subset: 400, path: {empty}}}"),
     )
     rows = {(r["data.name"], r["train.lr"]): r for r in read_leaderboard(storage, "faulty").table.to_pylist()}
     assert len(rows) == 3 and outcome.errors == 2
     missing, diverged, good = rows[("folder", 0.003)], rows[("digits", 1e30)], rows[("digits", 0.003)]
     assert (
-        missing["status"] == "failed" and "no-such-folder" in missing["error"] and "does not exist" in missing["error"]
+        missing["status"] == "failed" and "no-images" in missing["error"] and "no class subfolders" in missing["error"]
     )
     assert diverged["status"] == "failed" and "diverged" in diverged["error"]
     assert missing["restarts"] == 1 and diverged["restarts"] == 1  # max_failures: 1, each retried once

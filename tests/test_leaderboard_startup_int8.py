@@ -19,6 +19,8 @@ import pytest
 
 from raycls.results.leaderboard import TrialRecord, write_trial
 
+from .conftest import write_digits_row
+
 STARTED = datetime(2026, 12, 2, 8, 0, tzinfo=timezone.utc)
 HEAVY = ("torch", "torchvision", "ray", "pandas", "duckdb", "optuna", "wandb", "sklearn", "onnxruntime")
 
@@ -36,8 +38,9 @@ finally:
 
 def loaded_by(*argv: str) -> list[str]:
     """The heavy modules a fresh interpreter holds after `raycls ARGV` (which must succeed)."""
-    result = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     marker = result.stdout.rsplit("LOADED ", 1)
     assert len(marker) == 2, result.stdout[-2000:]
@@ -48,13 +51,22 @@ def loaded_by(*argv: str) -> list[str]:
 def store(tmp_path: Path) -> Path:
     """Two experiments, one of them multi-objective (its rows' Pareto front is computed on every read)."""
     for i in range(12):
-        write_trial(str(tmp_path), TrialRecord(
-            experiment=("single", "multi")[i % 2], trial_id=f"t{i:03d}", status=("completed", "early_stopped", "failed")[i % 3],
-            metric="val_acc", mode="max", params={"train.lr": 10.0 ** -(i % 4)}, param_types={"train.lr": pa.float64()},
-            history=[{"epoch": e, "val_acc": 0.1 * e + i / 1e3, "val_loss": 1.0 / (e + i)} for e in range(1, 3)],
-            objectives="val_acc:max,val_loss:min" if i % 2 else None,
-            started_at=STARTED, ended_at=STARTED + timedelta(seconds=60 + i),  # time-zoned timestamp columns
-        ))  # fmt: skip
+        write_trial(
+            str(tmp_path),
+            TrialRecord(
+                experiment=("single", "multi")[i % 2],
+                trial_id=f"t{i:03d}",
+                status=("completed", "early_stopped", "failed")[i % 3],
+                metric="val_acc",
+                mode="max",
+                params={"train.lr": 10.0 ** -(i % 4)},
+                param_types={"train.lr": pa.float64()},
+                history=[{"epoch": e, "val_acc": 0.1 * e + i / 1e3, "val_loss": 1.0 / (e + i)} for e in range(1, 3)],
+                objectives="val_acc:max,val_loss:min" if i % 2 else None,
+                started_at=STARTED,
+                ended_at=STARTED + timedelta(seconds=60 + i),  # time-zoned timestamp columns
+            ),
+        )
     return tmp_path
 
 
@@ -71,7 +83,9 @@ def test_the_probe_sees_an_import(store: Path) -> None:
     assert "duckdb" in loaded_by("leaderboard", str(store), "--where", "score > 0.1")
 
 
-@pytest.mark.parametrize("values", [[], [True], [True, None, False], [i % 3 == 0 if i % 5 else None for i in range(37)]])
+@pytest.mark.parametrize(
+    "values", [[], [True], [True, None, False], [i % 3 == 0 if i % 5 else None for i in range(37)]]
+)
 def test_arrays_built_without_pandas_equal_pa_array(values: list) -> None:
     """raycls.results.arrays builds from bit-packed buffers (37 values: more than one bitmap byte, a partial last)."""
     from raycls.results import arrays
@@ -80,7 +94,9 @@ def test_arrays_built_without_pandas_equal_pa_array(values: list) -> None:
     ints = [None if v is None else (2**40 + i if v else -i) for i, v in enumerate(values)]
     assert arrays.int64s(ints).equals(pa.array(ints, pa.int64()))
     n = len(values)
-    assert arrays.repeated_int64(1_764_000_000_123_456_789, n).equals(pa.array([1_764_000_000_123_456_789] * n, pa.int64()))
+    assert arrays.repeated_int64(1_764_000_000_123_456_789, n).equals(
+        pa.array([1_764_000_000_123_456_789] * n, pa.int64())
+    )
     assert arrays.repeated_string("t00042.parquet", n).equals(pa.array(["t00042.parquet"] * n, pa.string()))
     assert arrays.bools(values).validate(full=True) is None
 
@@ -89,17 +105,24 @@ def test_rows_with_zoned_timestamps_equal_to_pylist() -> None:
     from raycls.results.arrays import to_pylist
 
     when = [STARTED, None, STARTED + timedelta(microseconds=7)]
-    table = pa.table({"started_at": pa.array(when, pa.timestamp("us", tz="UTC")),
-                      "paris": pa.array(when, pa.timestamp("ms", tz="Europe/Paris")),
-                      "naive": pa.array([w and w.replace(tzinfo=None) for w in when], pa.timestamp("us")),
-                      "score": pa.array([0.5, None, 1.0])})  # fmt: skip
+    table = pa.table(
+        {
+            "started_at": pa.array(when, pa.timestamp("us", tz="UTC")),
+            "paris": pa.array(when, pa.timestamp("ms", tz="Europe/Paris")),
+            "naive": pa.array([w and w.replace(tzinfo=None) for w in when], pa.timestamp("us")),
+            "score": pa.array([0.5, None, 1.0]),
+        }
+    )
     rows = to_pylist(table)
     assert rows == table.to_pylist()
     assert [r["paris"] and r["paris"].utcoffset() for r in rows] == [timedelta(hours=1), None, timedelta(hours=1)]
 
 
 # ------------------------------------------------------------------------------------------------- int8
-from tests.test_deliver import digits_row  # noqa: E402,F401 (the trained digits trial, a module fixture)
+@pytest.fixture(scope="module")
+def digits_row(digits_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """The session's trained digits trial (conftest.digits_run) as this module's leaderboard row."""
+    return write_digits_row(digits_run, tmp_path_factory.mktemp("int8") / "results", "digits-export")
 
 
 def test_int8_ships_only_the_fastest_copy_faster_than_fp32_at_the_same_accuracy() -> None:

@@ -88,4 +88,6 @@ def test_pipeline_twin_with_the_toolkit_options(ray_local, tmp_path: Path) -> No
         )
         assert distill.train.sam.rho == row["phases.distill.train.sam.rho"]
     for row in (r for r in rows if r["status"] == "completed"):
-        assert row["score"] == row["distill.val_knn_acc"] and row["test_acc"] > 0.5
+        # The score is the last stage's best epoch by the experiment metric (val_knn_acc); the stage's own
+        # column is at its best epoch by its phase's metric, which the score can only match or beat.
+        assert row["score"] >= row["distill.val_knn_acc"] and row["test_acc"] > 0.5

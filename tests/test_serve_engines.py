@@ -23,7 +23,6 @@ import pytest
 import torch
 from PIL import Image
 
-from raycls.config import TrialConfig
 from raycls.deliver.app import ServeOptions
 from raycls.deliver.engines import ENGINES, Hosting
 from raycls.deliver.export import MODEL_FILE
@@ -31,28 +30,17 @@ from raycls.deliver.model import load_trial_model
 from raycls.deliver.predict import Predictor
 from raycls.deliver.requestlog import RequestLog
 from raycls.errors import RayclsError
-from raycls.results.leaderboard import TrialRecord, write_trial
 from raycls.storage import ExperimentPaths
-from raycls.train.local import run_local
 
-from .conftest import REPO
+from .conftest import REPO, write_digits_row
 
 EXPERIMENT = "digits-serve"
 
 
 @pytest.fixture(scope="module")
-def digits_row(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """~5 s: a trained digits trial with its leaderboard row (storage, trial id)."""
-    root = tmp_path_factory.mktemp("serve")
-    config = TrialConfig.model_validate({"data": {"name": "digits"}, "model": {"name": "small_cnn", "width": 16},
-                                         "train": {"epochs": 8, "batch_size": 64, "optimizer": "adamw", "lr": 5e-3,
-                                                   "warmup_epochs": 0}, "eval": {"on": "none"}})  # fmt: skip
-    summary = run_local(config, root / "run")
-    record = TrialRecord(experiment=EXPERIMENT, trial_id="t0001", status="completed", metric="val_acc", mode="max",
-                         params={}, param_types={}, history=[summary.at_best], config_json=config.to_json(),
-                         checkpoint=str(root / "run" / "checkpoints" / "best"), seed=config.seed)  # fmt: skip
-    write_trial(str(root / "results"), record)
-    return str(root / "results"), "t0001"
+def digits_row(digits_run, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """The session's trained digits trial (conftest.digits_run) as this module's leaderboard row."""
+    return write_digits_row(digits_run, tmp_path_factory.mktemp("serve") / "results", EXPERIMENT)
 
 
 def _free_port() -> int:
@@ -141,9 +129,19 @@ def test_serve_answers_good_bad_and_concurrent_requests(engine: str, digits_row,
     trial = load_trial_model(storage, EXPERIMENT, "best")
     val = trial.data.splits.val
     # What the trial's PyTorch model says (the served graph must agree, whether the model is right or not).
-    expected = [trial.classes[int(i)] for i in Predictor.from_trial(trial, torch.device("cpu")).logits(val.images[:48]).argmax(1)]
-    options = ServeOptions(storage=storage, experiment=EXPERIMENT, log_dir=str(tmp_path / "log"), token="s3cret",
-                           max_bytes=20_000, log_rows=10, log_seconds=3600)  # fmt: skip
+    expected = [
+        trial.classes[int(i)]
+        for i in Predictor.from_trial(trial, torch.device("cpu")).logits(val.images[:48]).argmax(1)
+    ]
+    options = ServeOptions(
+        storage=storage,
+        experiment=EXPERIMENT,
+        log_dir=str(tmp_path / "log"),
+        token="s3cret",
+        max_bytes=20_000,
+        log_rows=10,
+        log_seconds=3600,
+    )
     with served(engine, options, request) as url:
         auth = {"Authorization": "Bearer s3cret"}
         with httpx.Client(timeout=60) as client:
@@ -152,20 +150,43 @@ def test_serve_answers_good_bad_and_concurrent_requests(engine: str, digits_row,
             assert meta["classes"] == list(trial.classes) and meta["input"] == {"channels": 1, "size": 8}
             # The trial's graph, exported on first use, runs in onnxruntime.
             graph = Path(ExperimentPaths(storage, EXPERIMENT).export_dir(trial_id)) / MODEL_FILE
-            assert meta["engine"] == engine and meta["runtime"] == "onnxruntime" and meta["model"] == str(graph) and graph.is_file()
-            good = client.post(f"{url}/predict", content=_png(val.images, 0), headers={**auth, "x-filename": "zero.png"})
+            assert (
+                meta["engine"] == engine
+                and meta["runtime"] == "onnxruntime"
+                and meta["model"] == str(graph)
+                and graph.is_file()
+            )
+            good = client.post(
+                f"{url}/predict", content=_png(val.images, 0), headers={**auth, "x-filename": "zero.png"}
+            )
             assert good.status_code == 200 and good.json()["label"] == expected[0]
-            assert good.json()["trial_id"] == trial_id and len(good.json()["topk"]) == 3 and good.json()["latency_ms"] > 0
-            multipart = client.post(f"{url}/predict", files={"image": ("one.png", _png(val.images, 1), "image/png")}, headers=auth)
+            assert (
+                good.json()["trial_id"] == trial_id and len(good.json()["topk"]) == 3 and good.json()["latency_ms"] > 0
+            )
+            multipart = client.post(
+                f"{url}/predict", files={"image": ("one.png", _png(val.images, 1), "image/png")}, headers=auth
+            )
             assert multipart.status_code == 200 and multipart.json()["label"] == expected[1]
             assert client.post(f"{url}/predict", content=_png(val.images, 2)).status_code == 401  # no token
-            assert client.post(f"{url}/predict", content=_png(val.images, 2), headers={"Authorization": "Bearer nope"}).status_code == 401
+            assert (
+                client.post(
+                    f"{url}/predict", content=_png(val.images, 2), headers={"Authorization": "Bearer nope"}
+                ).status_code
+                == 401
+            )
             bad = client.post(f"{url}/predict", content=b"not an image at all", headers=auth)
             assert bad.status_code == 400 and "not a readable image" in bad.json()["error"]
-            assert client.post(f"{url}/predict", content=_png(val.images, 3)[:40], headers=auth).status_code == 400  # truncated
+            assert (
+                client.post(f"{url}/predict", content=_png(val.images, 3)[:40], headers=auth).status_code == 400
+            )  # truncated
             assert client.post(f"{url}/predict", content=b"\0" * 30_000, headers=auth).status_code == 413
-        with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=16)) as client, ThreadPoolExecutor(16) as pool:
-            answers = list(pool.map(lambda i: client.post(f"{url}/predict", content=_png(val.images, i), headers=auth), range(48)))
+        with (
+            httpx.Client(timeout=60, limits=httpx.Limits(max_connections=16)) as client,
+            ThreadPoolExecutor(16) as pool,
+        ):
+            answers = list(
+                pool.map(lambda i: client.post(f"{url}/predict", content=_png(val.images, i), headers=auth), range(48))
+            )
             assert all(a.status_code == 200 for a in answers)
             assert [a.json()["label"] for a in answers] == expected
             assert client.get(f"{url}/healthz").status_code == 200  # still serving after the bad requests
@@ -190,8 +211,25 @@ def test_sigterm_keeps_every_request_in_the_log(engine: str, digits_row, tmp_pat
         request.getfixturevalue("own_ray")
     trial = load_trial_model(storage, EXPERIMENT, "best")
     port, log = _free_port(), tmp_path / "log"
-    command = [sys.executable, "-m", "raycls.cli", "serve", EXPERIMENT, "--engine", engine, "--storage", storage,
-               "--port", str(port), "--log-dir", str(log), "--log-rows", "1000", "--log-seconds", "3600"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "raycls.cli",
+        "serve",
+        EXPERIMENT,
+        "--engine",
+        engine,
+        "--storage",
+        storage,
+        "--port",
+        str(port),
+        "--log-dir",
+        str(log),
+        "--log-rows",
+        "1000",
+        "--log-seconds",
+        "3600",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(tmp_path / "stderr", "wb") as stderr:
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env, start_new_session=True)
@@ -204,8 +242,12 @@ def test_sigterm_keeps_every_request_in_the_log(engine: str, digits_row, tmp_pat
                 except httpx.HTTPError:
                     time.sleep(0.3)
             with httpx.Client(timeout=60) as client:
-                statuses = [client.post(f"http://127.0.0.1:{port}/predict", content=_png(trial.data.splits.val.images, i)).status_code
-                            for i in range(20)]  # fmt: skip
+                statuses = [
+                    client.post(
+                        f"http://127.0.0.1:{port}/predict", content=_png(trial.data.splits.val.images, i)
+                    ).status_code
+                    for i in range(20)
+                ]
             assert statuses == [200] * 20
             assert not list(log.glob("*.parquet"))  # all 20 rows wait in memory
             server.send_signal(signal.SIGTERM)

@@ -101,8 +101,13 @@ def serving_predictor(options: ServeOptions) -> tuple[Any, dict[str, Any], dict[
 
     device = torch.device(options.device) if options.device else default_device()
     trial = load_trial_model(options.storage, options.experiment, options.trial, device=str(device))
-    meta = {"experiment": trial.experiment, "trial_id": trial.trial_id, "classes": list(trial.classes),
-            "input": {"channels": trial.channels, "size": trial.image_size}, "topk": options.topk}  # fmt: skip
+    meta = {
+        "experiment": trial.experiment,
+        "trial_id": trial.trial_id,
+        "classes": list(trial.classes),
+        "input": {"channels": trial.channels, "size": trial.image_size},
+        "topk": options.topk,
+    }
     paths = ExperimentPaths(options.storage, options.experiment)
     graph = Path(paths.export_dir(trial.trial_id).removeprefix("file://")) / MODEL_FILE
     reason = _why_pytorch(options, device, paths)
@@ -134,7 +139,11 @@ class Endpoint:
         self.options = options
         self.predictor, meta, runtime = serving_predictor(options)
         self.metadata = {**meta, "engine": engine, **runtime}
-        folder = Path(options.log_dir) if options.log_dir else ExperimentPaths(options.storage, options.experiment).serve_log_dir()
+        folder = (
+            Path(options.log_dir)
+            if options.log_dir
+            else ExperimentPaths(options.storage, options.experiment).serve_log_dir()
+        )
         self.log = RequestLog(folder, rows=options.log_rows, seconds=options.log_seconds)
 
     def answer(self, images: np.ndarray) -> list[dict[str, Any]]:

@@ -56,8 +56,11 @@ def local_server(options: ServeOptions, host: str = "127.0.0.1", port: int = 800
 
 @ENGINES.register("local")
 def serve_local(options: ServeOptions, hosting: Hosting, ready: Callable[[str], None]) -> None:
-    needs_ray = {"--address": hosting.address, "--replicas": hosting.replicas if hosting.replicas > 1 else None,
-                 "--max-replicas": hosting.max_replicas}  # fmt: skip
+    needs_ray = {
+        "--address": hosting.address,
+        "--replicas": hosting.replicas if hosting.replicas > 1 else None,
+        "--max-replicas": hosting.max_replicas,
+    }
     asked = [name for name, value in needs_ray.items() if value]
     if asked:
         raise RayclsError(f"--engine local serves one process on this machine; {', '.join(asked)} need --engine ray")
@@ -80,12 +83,16 @@ def serve_ray(options: ServeOptions, hosting: Hosting, ready: Callable[[str], No
     from raycls.deliver.serve import deploy, stop
     from raycls.tune.cluster import init_ray
 
-    load_trial_model(options.storage, options.experiment, options.trial)  # a missing trial fails here, before Ray starts
+    load_trial_model(
+        options.storage, options.experiment, options.trial
+    )  # a missing trial fails here, before Ray starts
     init_ray(hosting.address, needed_cpus=hosting.replicas + 2)
     # SIGTERM ends the wait like Ctrl-C, so that Serve stops its replicas gracefully (their logs written).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        deploy(options, host=hosting.host, port=hosting.port, replicas=hosting.replicas, max_replicas=hosting.max_replicas)
+        deploy(
+            options, host=hosting.host, port=hosting.port, replicas=hosting.replicas, max_replicas=hosting.max_replicas
+        )
         ready(url_of(hosting))
         while True:
             time.sleep(3600)

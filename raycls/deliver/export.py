@@ -35,13 +35,19 @@ OPSET = 18
 def metadata(trial: TrialModel) -> dict[str, str]:
     """What a consumer needs beside the graph, stored in the ONNX file's metadata_props (strings)."""
     return {
-        "raycls_version": raycls.__version__, "experiment": trial.experiment, "trial_id": trial.trial_id,
-        "class_names": json.dumps(list(trial.classes)), "input": "float32 [N, C, H, W], RGB (or grey) in [0, 1]",
+        "raycls_version": raycls.__version__,
+        "experiment": trial.experiment,
+        "trial_id": trial.trial_id,
+        "class_names": json.dumps(list(trial.classes)),
+        "input": "float32 [N, C, H, W], RGB (or grey) in [0, 1]",
         "input_size": json.dumps([trial.channels, trial.image_size, trial.image_size]),
-        "mean": json.dumps(list(trial.data.splits.mean)), "std": json.dumps(list(trial.data.splits.std)),
-        "normalisation": "inside the graph: (x - mean) / std", "phase": trial.config.chain,
-        "model": trial.config.stages[trial.stage].model.name, "tta_views": json.dumps(list(trial.tta_views)),
-    }  # fmt: skip
+        "mean": json.dumps(list(trial.data.splits.mean)),
+        "std": json.dumps(list(trial.data.splits.std)),
+        "normalisation": "inside the graph: (x - mean) / std",
+        "phase": trial.config.chain,
+        "model": trial.config.stages[trial.stage].model.name,
+        "tta_views": json.dumps(list(trial.tta_views)),
+    }
 
 
 def to_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, props: dict[str, str]) -> str:
@@ -52,15 +58,29 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, props: d
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     module = module.eval()
     try:
-        program = torch.onnx.export(module, (example,), input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=OPSET,
-                                    dynamo=True, verbose=False)  # fmt: skip
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
+        )
         program.save(str(tmp))
         exporter = "torch.export"
     except Exception:  # noqa: BLE001 (any failure of the new exporter: fall back to the TorchScript one)
-        torch.onnx.export(module, (example,), str(tmp), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
-                          dynamo=False)  # fmt: skip
+        torch.onnx.export(
+            module,
+            (example,),
+            str(tmp),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
         exporter = "torchscript"
     model = onnx.load(str(tmp))
     for key, value in props.items():
@@ -81,7 +101,10 @@ def session(path: Path):
 
 def onnx_logits(sess, images: torch.Tensor, batch: int = 256) -> np.ndarray:
     """Logits of uint8 [N, C, H, W] images through an onnxruntime session, in batches."""
-    out = [sess.run(None, {"images": (images[i : i + batch].float() / 255).numpy()})[0] for i in range(0, len(images), batch)]
+    out = [
+        sess.run(None, {"images": (images[i : i + batch].float() / 255).numpy()})[0]
+        for i in range(0, len(images), batch)
+    ]
     return np.concatenate(out)
 
 
@@ -94,8 +117,12 @@ def _resized(trial: TrialModel, images: torch.Tensor) -> torch.Tensor:
     size = trial.image_size
     if images.shape[-1] == size:
         return images
-    return torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear",
-                                           align_corners=False).round().clamp(0, 255).to(torch.uint8)  # fmt: skip
+    return (
+        torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
+    )
 
 
 def latency_ms(sess, images: torch.Tensor, repeats: int = 10) -> float:
@@ -114,7 +141,9 @@ def export(trial: TrialModel, out: Path, *, int8: bool = False, parity_images: i
     out.mkdir(parents=True, exist_ok=True)
     module = Classifier(trial).eval()
     split = "test"
-    held_out = stratified_sample(trial.data.splits.test, parity_images, trial.config.seed)  # every class, not the first N
+    held_out = stratified_sample(
+        trial.data.splits.test, parity_images, trial.config.seed
+    )  # every class, not the first N
     n = len(held_out)
     images, labels = _resized(trial, held_out.images), held_out.labels.numpy()
     example = images[:2].float() / 255
@@ -123,12 +152,21 @@ def export(trial: TrialModel, out: Path, *, int8: bool = False, parity_images: i
     fp32 = session(out / MODEL_FILE)
     got = onnx_logits(fp32, images)
     report: dict[str, Any] = {
-        "experiment": trial.experiment, "trial_id": trial.trial_id, "exporter": exporter, "opset": OPSET,
-        "parity": {"split": split, "images": n, "max_abs_logit_diff": float(np.abs(got - reference).max()),
-                   "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
-                   "torch_acc": float((reference.argmax(1) == labels).mean()), "onnx_acc": float((got.argmax(1) == labels).mean())},
-        "files": {MODEL_FILE: (out / MODEL_FILE).stat().st_size}, "metadata": metadata(trial),
-    }  # fmt: skip
+        "experiment": trial.experiment,
+        "trial_id": trial.trial_id,
+        "exporter": exporter,
+        "opset": OPSET,
+        "parity": {
+            "split": split,
+            "images": n,
+            "max_abs_logit_diff": float(np.abs(got - reference).max()),
+            "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
+            "torch_acc": float((reference.argmax(1) == labels).mean()),
+            "onnx_acc": float((got.argmax(1) == labels).mean()),
+        },
+        "files": {MODEL_FILE: (out / MODEL_FILE).stat().st_size},
+        "metadata": metadata(trial),
+    }
     if int8:
         report["int8"] = quantize(trial, out, fp32, images, labels, float((got.argmax(1) == labels).mean()))
         if report["int8"]["shipped"]:
@@ -162,8 +200,12 @@ def _static_qdq(fp32: Path, int8: Path, calibration: torch.Tensor) -> None:
 
     class Batches(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter([{"images": (calibration[i : i + LATENCY_BATCH].float() / 255).numpy()}
-                                 for i in range(0, len(calibration), LATENCY_BATCH)])  # fmt: skip
+            self.batches = iter(
+                [
+                    {"images": (calibration[i : i + LATENCY_BATCH].float() / 255).numpy()}
+                    for i in range(0, len(calibration), LATENCY_BATCH)
+                ]
+            )
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
@@ -175,8 +217,15 @@ def _static_qdq(fp32: Path, int8: Path, calibration: torch.Tensor) -> None:
         quant_pre_process(str(fp32), str(prepared))
         # uint8 activations, int8 weights (U8S8): onnxruntime's CPU provider fuses those QDQ pairs into
         # QLinearConv; int8 activations left every Conv in float between its Q/DQ pairs (9x slower, measured).
-        quantize_static(str(prepared), str(int8), Batches(), quant_format=QuantFormat.QDQ, per_channel=False,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+        quantize_static(
+            str(prepared),
+            str(int8),
+            Batches(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=False,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
     finally:
         prepared.unlink(missing_ok=True)
 
@@ -188,16 +237,23 @@ QUANTISERS = {"dynamic": _dynamic, "static_qdq": _static_qdq}
 def verdict(candidates: dict[str, dict[str, Any]]) -> str | None:
     """The method whose copy ships: the fastest that is faster than fp32 (latency ratio < 1) with the accuracy
     of fp32 (at most INT8_ACC_TOLERANCE lower); None when none is."""
-    good = {m: c for m, c in candidates.items()
-            if "error" not in c and c["acc_delta"] >= -INT8_ACC_TOLERANCE and c["latency_ratio"] < 1}  # fmt: skip
+    good = {
+        m: c
+        for m, c in candidates.items()
+        if "error" not in c and c["acc_delta"] >= -INT8_ACC_TOLERANCE and c["latency_ratio"] < 1
+    }
     return min(good, key=lambda m: good[m]["latency_ratio"]) if good else None
 
 
-def quantize(trial: TrialModel, out: Path, fp32, images: torch.Tensor, labels: np.ndarray, fp32_acc: float) -> dict[str, Any]:
+def quantize(
+    trial: TrialModel, out: Path, fp32, images: torch.Tensor, labels: np.ndarray, fp32_acc: float
+) -> dict[str, Any]:
     """Every quantiser's int8 copy, measured against fp32 on the held-out images (accuracy) and one batch
     (CPU latency); the fastest copy that is faster than fp32 at the same accuracy (INT8_ACC_TOLERANCE) is
     shipped as model.int8.onnx, else none is and `why` says so with the measured ratios."""
-    calibration = _resized(trial, stratified_sample(trial.data.splits.val, CALIBRATION_IMAGES, trial.config.seed).images)
+    calibration = _resized(
+        trial, stratified_sample(trial.data.splits.val, CALIBRATION_IMAGES, trial.config.seed).images
+    )
     batch = images[:LATENCY_BATCH]
     fp32_ms = latency_ms(fp32, batch)
     candidates: dict[str, dict[str, Any]] = {}
@@ -208,12 +264,19 @@ def quantize(trial: TrialModel, out: Path, fp32, images: torch.Tensor, labels: n
             q = session(path)
             acc = float((onnx_logits(q, images).argmax(1) == labels).mean())
             ms = latency_ms(q, batch)
-            candidates[method] = {"path": path, "acc": acc, "acc_delta": acc - fp32_acc,
-                                  "size_ratio": path.stat().st_size / (out / MODEL_FILE).stat().st_size,
-                                  "latency_ms": ms, "latency_ratio": ms / fp32_ms}  # fmt: skip
+            candidates[method] = {
+                "path": path,
+                "acc": acc,
+                "acc_delta": acc - fp32_acc,
+                "size_ratio": path.stat().st_size / (out / MODEL_FILE).stat().st_size,
+                "latency_ms": ms,
+                "latency_ratio": ms / fp32_ms,
+            }
         except Exception as err:  # noqa: BLE001 (a quantiser that cannot handle the graph is reported, not fatal)
             path.unlink(missing_ok=True)
-            candidates[method] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"}
+            candidates[method] = {
+                "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+            }
     shipped = verdict(candidates)
     (out / INT8_FILE).unlink(missing_ok=True)  # a copy from an earlier export must not outlive this verdict
     for method, c in candidates.items():
@@ -222,13 +285,28 @@ def quantize(trial: TrialModel, out: Path, fp32, images: torch.Tensor, labels: n
             os.replace(path, out / INT8_FILE)
         elif path is not None:
             path.unlink(missing_ok=True)
-    report: dict[str, Any] = {"shipped": shipped, "acc_tolerance": INT8_ACC_TOLERANCE, "calibration_images": len(calibration),
-                              "latency_batch": len(batch), "latency_ms_fp32": fp32_ms, "methods": candidates}  # fmt: skip
+    report: dict[str, Any] = {
+        "shipped": shipped,
+        "acc_tolerance": INT8_ACC_TOLERANCE,
+        "calibration_images": len(calibration),
+        "latency_batch": len(batch),
+        "latency_ms_fp32": fp32_ms,
+        "methods": candidates,
+    }
     if shipped is None:
         report["why"] = "no int8 copy is faster than fp32 at the same accuracy: " + "; ".join(
-            f"{m}: {c['error']}" if "error" in c else
-            f"{m}: latency x{c['latency_ratio']:.2f}, accuracy {c['acc_delta']:+.4f}" for m, c in candidates.items())  # fmt: skip
+            f"{m}: {c['error']}"
+            if "error" in c
+            else f"{m}: latency x{c['latency_ratio']:.2f}, accuracy {c['acc_delta']:+.4f}"
+            for m, c in candidates.items()
+        )
         return report
     c = candidates[shipped]
-    return {**report, "acc": c["acc"], "acc_delta": c["acc_delta"], "size_ratio": c["size_ratio"],
-            "latency_ms_int8": c["latency_ms"], "latency_ratio": c["latency_ratio"]}  # fmt: skip
+    return {
+        **report,
+        "acc": c["acc"],
+        "acc_delta": c["acc_delta"],
+        "size_ratio": c["size_ratio"],
+        "latency_ms_int8": c["latency_ms"],
+        "latency_ratio": c["latency_ratio"],
+    }

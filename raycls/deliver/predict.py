@@ -72,8 +72,15 @@ class Predictor:
 
     @classmethod
     def from_trial(cls, trial: TrialModel, device: torch.device) -> Predictor:
-        return cls(trial.classes, trial.channels, trial.image_size, trial.trial_id, module=Classifier(trial).to(device).eval(),
-                   device=device, tta_views=trial.tta_views)  # fmt: skip
+        return cls(
+            trial.classes,
+            trial.channels,
+            trial.image_size,
+            trial.trial_id,
+            module=Classifier(trial).to(device).eval(),
+            device=device,
+            tta_views=trial.tta_views,
+        )
 
     @classmethod
     def from_onnx(cls, path: Path) -> Predictor:
@@ -88,8 +95,14 @@ class Predictor:
         # Files exported before the views were stored get none but the image: a view the model never trained
         # on (a mirror) can lower its accuracy.
         views = tuple(json.loads(props.get("tta_views", json.dumps([IDENTITY]))))
-        return cls(tuple(json.loads(props["class_names"])), channels, size, props.get("trial_id", ""), session=session(path),
-                   tta_views=views)  # fmt: skip
+        return cls(
+            tuple(json.loads(props["class_names"])),
+            channels,
+            size,
+            props.get("trial_id", ""),
+            session=session(path),
+            tta_views=views,
+        )
 
     def logits(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """uint8 [N, C, H, W] (a tensor, or an array: onnxruntime then never touches torch, whose per-call
@@ -106,8 +119,15 @@ class Predictor:
         return tta_logits(images, self.tta_views, self.logits)
 
 
-def predict(predictor: Predictor, paths: list[Path], *, topk: int = 3, tta: bool = False, batch_size: int = 64,
-            gradcam: Path | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def predict(
+    predictor: Predictor,
+    paths: list[Path],
+    *,
+    topk: int = 3,
+    tta: bool = False,
+    batch_size: int = 64,
+    gradcam: Path | None = None,
+) -> list[dict[str, Any]]:
     """One row per path, in order: the top-k classes and their softmax confidences, or the error."""
     rows: list[dict[str, Any]] = []
     for start in range(0, len(paths), batch_size):
@@ -132,8 +152,12 @@ def predict(predictor: Predictor, paths: list[Path], *, topk: int = 3, tta: bool
             row: dict[str, Any] = {"path": str(path), "trial_id": predictor.trial_id, "error": errors.get(path)}
             if path in done:
                 conf, idx = probs[done[path]].topk(k)
-                row.update(label=predictor.classes[int(idx[0])], confidence=float(conf[0]),
-                           topk_labels=[predictor.classes[int(i)] for i in idx], topk_confidences=[float(c) for c in conf])  # fmt: skip
+                row.update(
+                    label=predictor.classes[int(idx[0])],
+                    confidence=float(conf[0]),
+                    topk_labels=[predictor.classes[int(i)] for i in idx],
+                    topk_confidences=[float(c) for c in conf],
+                )
             else:
                 row.update(label=None, confidence=None, topk_labels=None, topk_confidences=None)
             rows.append(row)
@@ -150,13 +174,26 @@ def _gradcam(predictor: Predictor, batch: torch.Tensor, paths: list[Path], targe
     x = ((batch.float() / 255).to(predictor.device) - module.mean) / module.std
     maps = gradcam_pp(LogitsOf(module.model, module.phase.outputs), module.phase.backbone(module.model), x, targets)
     for i, path in enumerate(paths):
-        image_grid(batch[i : i + 1], [f"{path.name}: {predictor.classes[int(targets[i])]}"], folder / f"{path.stem}_gradcam.png",
-                   columns=1, overlays=maps[i : i + 1])  # fmt: skip
+        image_grid(
+            batch[i : i + 1],
+            [f"{path.name}: {predictor.classes[int(targets[i])]}"],
+            folder / f"{path.stem}_gradcam.png",
+            columns=1,
+            overlays=maps[i : i + 1],
+        )
 
 
-SCHEMA = pa.schema([("path", pa.string()), ("trial_id", pa.string()), ("error", pa.string()), ("label", pa.string()),
-                    ("confidence", pa.float64()), ("topk_labels", pa.list_(pa.string())),
-                    ("topk_confidences", pa.list_(pa.float64()))])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("trial_id", pa.string()),
+        ("error", pa.string()),
+        ("label", pa.string()),
+        ("confidence", pa.float64()),
+        ("topk_labels", pa.list_(pa.string())),
+        ("topk_confidences", pa.list_(pa.float64())),
+    ]
+)
 
 
 def write_predictions(rows: list[dict[str, Any]], out: Path) -> Path:
@@ -165,9 +202,13 @@ def write_predictions(rows: list[dict[str, Any]], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     if out.suffix == ".csv":
-        flat = {**{n: table[n] for n in table.column_names},
-                "topk_labels": pa.array([";".join(v) if v else None for v in table["topk_labels"].to_pylist()]),
-                "topk_confidences": pa.array([";".join(f"{c:.6f}" for c in v) if v else None for v in table["topk_confidences"].to_pylist()])}  # fmt: skip
+        flat = {
+            **{n: table[n] for n in table.column_names},
+            "topk_labels": pa.array([";".join(v) if v else None for v in table["topk_labels"].to_pylist()]),
+            "topk_confidences": pa.array(
+                [";".join(f"{c:.6f}" for c in v) if v else None for v in table["topk_confidences"].to_pylist()]
+            ),
+        }
         pacsv.write_csv(pa.table(flat), tmp)
     elif out.suffix == ".parquet":
         pq.write_table(table, tmp)

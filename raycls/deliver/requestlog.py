@@ -20,9 +20,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA = pa.schema([("time", pa.string()), ("path", pa.string()), ("filename", pa.string()), ("bytes", pa.int64()),
-                    ("status", pa.int64()), ("label", pa.string()), ("confidence", pa.float64()),
-                    ("latency_ms", pa.float64()), ("batch", pa.int64()), ("error", pa.string())])  # fmt: skip
+SCHEMA = pa.schema(
+    [
+        ("time", pa.string()),
+        ("path", pa.string()),
+        ("filename", pa.string()),
+        ("bytes", pa.int64()),
+        ("status", pa.int64()),
+        ("label", pa.string()),
+        ("confidence", pa.float64()),
+        ("latency_ms", pa.float64()),
+        ("batch", pa.int64()),
+        ("error", pa.string()),
+    ]
+)
 
 
 def write_log(folder: Path, rows: list[dict[str, Any]]) -> Path | None:

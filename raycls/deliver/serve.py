@@ -51,14 +51,27 @@ class RayclsService:
             endpoint.close()
 
 
-def deploy(options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-           max_replicas: int | None = None, name: str = "raycls", route_prefix: str = "/"):  # fmt: skip
+def deploy(
+    options: ServeOptions,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    max_replicas: int | None = None,
+    name: str = "raycls",
+    route_prefix: str = "/",
+):
     """Start Serve's HTTP proxy on host:port and run the application (Ray must be initialised)."""
     serve.start(http_options={"host": host, "port": port})
     deployment = RayclsService.options(max_ongoing_requests=max_ongoing(options))
     if max_replicas and max_replicas > replicas:  # scale with the queue between the two bounds
-        deployment = deployment.options(autoscaling_config={"min_replicas": replicas, "max_replicas": max_replicas,
-                                                            "target_ongoing_requests": options.max_batch_size})  # fmt: skip
+        deployment = deployment.options(
+            autoscaling_config={
+                "min_replicas": replicas,
+                "max_replicas": max_replicas,
+                "target_ongoing_requests": options.max_batch_size,
+            }
+        )
     else:
         deployment = deployment.options(num_replicas=replicas)
     return serve.run(deployment.bind(options), name=name, route_prefix=route_prefix)

@@ -58,8 +58,11 @@ def _from_buffers(dtype: pa.DataType, valid: np.ndarray, data: pa.Buffer) -> pa.
 
 def to_pylist(table: pa.Table) -> list[dict[str, Any]]:
     """table.to_pylist(), the same values: time-zoned timestamps (started_at, ended_at) as aware datetimes."""
-    zoned = {f.name: f.type.tz for f in table.schema
-             if pa.types.is_timestamp(f.type) and f.type.tz is not None and f.type.unit != "ns"}  # fmt: skip
+    zoned = {
+        f.name: f.type.tz
+        for f in table.schema
+        if pa.types.is_timestamp(f.type) and f.type.tz is not None and f.type.unit != "ns"
+    }
     if not zoned:
         return table.to_pylist()
     # Cast to naive timestamps (the same UTC instants, no zone to ask pyarrow about), then put the zone back

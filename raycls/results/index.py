@@ -56,14 +56,23 @@ def list_parquet(fs: pafs.FileSystem, folder: str) -> list[Entry]:
     if isinstance(fs, pafs.LocalFileSystem):
         try:
             with os.scandir(folder) as entries:
-                found = [(e.name, e.path, e.stat()) for e in entries
-                         if e.name.endswith(".parquet") and not e.name.startswith(".") and e.is_file()]  # fmt: skip
+                found = [
+                    (e.name, e.path, e.stat())
+                    for e in entries
+                    if e.name.endswith(".parquet") and not e.name.startswith(".") and e.is_file()
+                ]
         except FileNotFoundError:
             return []
         return sorted((Entry(n, p, st.st_size, st.st_mtime_ns) for n, p, st in found), key=lambda e: e.name)
     infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-    return sorted((Entry(i.base_name, i.path, i.size, i.mtime_ns or 0) for i in infos if i.type == pafs.FileType.File
-                   and i.base_name.endswith(".parquet") and not i.base_name.startswith(".")), key=lambda e: e.name)  # fmt: skip
+    return sorted(
+        (
+            Entry(i.base_name, i.path, i.size, i.mtime_ns or 0)
+            for i in infos
+            if i.type == pafs.FileType.File and i.base_name.endswith(".parquet") and not i.base_name.startswith(".")
+        ),
+        key=lambda e: e.name,
+    )
 
 
 READ_CHUNK = 1000  # trial files joined into one table at a time while the index is built

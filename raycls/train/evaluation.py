@@ -142,6 +142,12 @@ def pick_rows(rows: list[dict[str, Any]], pick: str, experiment: str) -> list[di
         )
         match = picked.pick(usable if ranked else rows, pick, what=f"experiment {experiment!r}: --trial")
     except PickError as err:
+        if ranked and rows:  # rows exist, but none that a ranked pick may evaluate
+            statuses = sorted({str(r.get("status")) for r in rows})
+            raise ConfigError(
+                f"experiment {experiment!r}: no completed trial with a checkpoint to evaluate "
+                f"({len(rows)} row(s); statuses: {statuses})"
+            ) from None
         raise ConfigError(str(err)) from None
     if match[0] not in usable:
         raise ConfigError(f"--trial {pick!r}: the trial has no checkpoint to evaluate (status {match[0]['status']})")
