@@ -141,7 +141,7 @@ class Ranking:
             done = [r for r in rows if r.get("status") == "completed" and number(r.get("score")) is not None]
             if not done:
                 statuses = sorted({str(r.get("status")) for r in rows})
-                raise PickError(
+                raise NoCompletedTrial(
                     f"{what} {pick}: no completed trial with a score ({len(rows)} row(s); statuses: {statuses})"
                 )
             return self.sort(done)[:k]
@@ -154,6 +154,10 @@ class Ranking:
 
 class PickError(ValueError):
     """`--trial` / `pick:` names nothing that exists. Callers turn it into their own error type."""
+
+
+class NoCompletedTrial(PickError):
+    """`best` / `top:K` over rows of which none completed with a score."""
 
 
 def _positive(text: str, what: str) -> int:

@@ -132,7 +132,7 @@ def publish(local: Path, uri: str) -> None:
 def pick_rows(rows: list[dict[str, Any]], pick: str, experiment: str) -> list[dict[str, Any]]:
     """`best`, `top:K` (by score, completed trials) or a trial id (any status with a checkpoint)."""
     from raycls.errors import ConfigError
-    from raycls.ranking import PickError, Ranking
+    from raycls.ranking import NoCompletedTrial, PickError, Ranking
 
     usable = [r for r in rows if r.get("checkpoint") and r.get("config_json")]
     ranked = pick == "best" or pick.startswith("top:")
@@ -141,13 +141,15 @@ def pick_rows(rows: list[dict[str, Any]], pick: str, experiment: str) -> list[di
             Ranking.of(rows[0].get("metric") or "score", rows[0].get("mode")) if rows else Ranking.of("score", "max")
         )
         match = picked.pick(usable if ranked else rows, pick, what=f"experiment {experiment!r}: --trial")
-    except PickError as err:
-        if ranked and rows:  # rows exist, but none that a ranked pick may evaluate
+    except NoCompletedTrial:
+        if rows:  # rows exist, but none that a ranked pick may evaluate
             statuses = sorted({str(r.get("status")) for r in rows})
             raise ConfigError(
                 f"experiment {experiment!r}: no completed trial with a checkpoint to evaluate "
                 f"({len(rows)} row(s); statuses: {statuses})"
             ) from None
+        raise ConfigError(f"experiment {experiment!r}: no leaderboard rows") from None
+    except PickError as err:
         raise ConfigError(str(err)) from None
     if match[0] not in usable:
         raise ConfigError(f"--trial {pick!r}: the trial has no checkpoint to evaluate (status {match[0]['status']})")
