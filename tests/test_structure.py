@@ -6,6 +6,7 @@ import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,62 @@ def test_only_tune_and_train_import_ray() -> None:
             continue
         ray = {m for m in imported_modules(path) if m == "ray" or m.startswith("ray.")}
         assert not ray, f"raycls/{relative} imports {sorted(ray)}: Ray stays in raycls/tune/ and train/ray_train.py"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Every raycls module and the raycls modules it imports, anywhere in it (lazy imports inside functions
+    included, TYPE_CHECKING ones too: a protocol is named where it is needed instead)."""
+    root = REPO / "raycls"
+    modules = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p for p in root.rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+                found.add(node.module)
+        # `from raycls import names` names a module; `from raycls.x import f` its module.
+        graph[name] = {m for m in found if m in modules and m != name and not name.startswith(f"{m}.")}
+    return graph
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """No import circles (a package's __init__ handing on its modules' names aside): each module can be
+    read, tested and moved with what it imports and nothing that imports it."""
+    graph = import_graph()
+    cycles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for child in sorted(graph[node]):
+            if child.endswith("__init__") or graph.get(child) is None:
+                continue
+            if state.get(child) == "open":
+                cycles.append(path[path.index(child) :] + [child])
+            elif child not in state:
+                visit(child, [*path, child])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    packages = {m for m in graph if (REPO / Path(*m.split("."))).is_dir()}
+    real = [c for c in cycles if not set(c) & packages]  # a package's face imports its own modules
+    assert real == [], real
+
+
+def test_config_checks_names_through_registries_not_the_layers_above() -> None:
+    """config/ validates dataset, loss, metric, OOD and shift names through the registries that data, losses
+    and evaluate fill, so it imports none of them."""
+    graph = import_graph()
+    above = ("raycls.data", "raycls.losses", "raycls.evaluate", "raycls.models", "raycls.phases", "raycls.train")
+    wrong = {
+        m: sorted(i for i in imports if i.startswith(above))
+        for m, imports in graph.items()
+        if m.startswith("raycls.config")
+    }
+    assert not any(wrong.values()), wrong
