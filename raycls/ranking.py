@@ -62,11 +62,6 @@ class Ranking:
     def maximize(self) -> bool:
         return self.mode == "max"
 
-    @property
-    def direction(self) -> str:
-        """Optuna's word for it."""
-        return "maximize" if self.maximize else "minimize"
-
     # ---------------------------------------------------------------------------------------- values
     def better(self, value: float, than: float | None) -> bool:
         """Whether `value` beats `than` (None: nothing yet, so anything does). Ties keep the earlier one."""
@@ -145,11 +140,16 @@ class Ranking:
                     f"{what} {pick}: no completed trial with a score ({len(rows)} row(s); statuses: {statuses})"
                 )
             return self.sort(done)[:k]
-        match = [r for r in rows if r.get("trial_id") == pick]
-        if not match:
-            known = ", ".join(sorted(str(r.get("trial_id")) for r in rows))
-            raise PickError(f"{what} {pick!r}: no such trial (known: {known}); or use best / top:K")
-        return match[:1]
+        return [row_of(rows, pick, what=what, hint="; or use best / top:K")]
+
+
+def row_of(rows: Sequence[Row], trial_id: str, *, what: str = "--trial", hint: str = "") -> Row:
+    """The row of one trial id; PickError listing the known ids otherwise."""
+    match = next((r for r in rows if r.get("trial_id") == trial_id), None)
+    if match is None:
+        known = ", ".join(sorted(str(r.get("trial_id")) for r in rows))
+        raise PickError(f"{what} {trial_id!r}: no such trial (known: {known}){hint}")
+    return match
 
 
 class PickError(ValueError):

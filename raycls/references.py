@@ -13,7 +13,7 @@ from raycls.config.experiment import Experiment
 from raycls.config.load import config_of_row
 from raycls.config.schema import PhaseConfig, Reference, TeacherPhaseConfig
 from raycls.errors import CheckpointError
-from raycls.ranking import PickError, Ranking
+from raycls.ranking import PickError, Ranking, row_of
 from raycls.results.leaderboard import read_leaderboard
 
 
@@ -35,13 +35,6 @@ def pick_trial(storage: str, reference: Reference) -> dict[str, Any]:
     return row
 
 
-def _row_of(rows: list[dict[str, Any]], trial_id: str, *, what: str) -> dict[str, Any]:
-    matches = [r for r in rows if r["trial_id"] == trial_id]
-    if not matches:
-        raise CheckpointError(f"{what}: no such trial; trials: {', '.join(sorted(r['trial_id'] for r in rows))}")
-    return matches[0]
-
-
 def replay_row(storage: str, reference: str) -> dict[str, Any]:
     """The row `raycls train --trial EXPERIMENT/TRIAL_ID` replays: it must hold the trial's full config."""
     experiment, sep, trial_id = reference.rpartition("/")
@@ -50,7 +43,10 @@ def replay_row(storage: str, reference: str) -> dict[str, Any]:
     rows = read_leaderboard(storage, experiment).table.to_pylist()
     if not rows:
         raise CheckpointError(f"--trial {reference}: no leaderboard for experiment {experiment!r} under {storage}")
-    row = _row_of(rows, trial_id, what=f"--trial {reference}")
+    try:
+        row = row_of(rows, trial_id, what=f"--trial {reference}:")
+    except PickError as err:
+        raise CheckpointError(str(err)) from None
     if not row.get("config_json"):
         raise CheckpointError(
             f"--trial {reference}: the row has no config_json (its sampled values were not a valid config)"

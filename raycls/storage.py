@@ -190,15 +190,6 @@ class ExperimentPaths:
     def serve_log_dir(self) -> Path:
         return (self.folder or self.state_dir) / SERVE_LOG_DIR
 
-    def journal(self) -> Path:
-        return journal_file(self.state_dir)
-
-    def end_file(self) -> Path:
-        return end_file(self.state_dir)
-
-    def index(self, kind: str) -> str:
-        return index_file(self.root, kind)
-
     # ------------------------------------------------------------------------------------------- access
     @cached_property
     def _filesystem(self) -> tuple[pafs.FileSystem, str]:

@@ -25,9 +25,8 @@ from raycls.config.schema import FAST_DEV_BATCHES, TrialConfig
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
 from raycls.ranking import Ranking, checkpoint_attribute
-from raycls.storage import EVAL_DIR
+from raycls.storage import BEST, LAST, RunPaths
 from raycls.train.chain import fit
-from raycls.train.local import CONFIG_FILE, METRICS_FILE
 from raycls.train.loop import Metrics, RunContext
 from raycls.train.ray_data import ShardConfig, resolve_data, shard_source, trial_datasets
 
@@ -199,7 +198,8 @@ def train_with_ray(
     Ray must be initialised by the caller (the CLI, through raycls.tune.cluster.init_ray)."""
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / CONFIG_FILE, config.to_dict())
+    run = RunPaths(out)
+    write_json_atomic(run.config, config.to_dict())
     history_file = out / "history.jsonl"
     history_file.unlink(missing_ok=True)
     trainer = torch_trainer(
@@ -211,7 +211,7 @@ def train_with_ray(
         mode=mode,
         limit_batches=FAST_DEV_BATCHES if fast_dev_run else None,
         history_file=str(history_file),
-        eval_dir=str(out / EVAL_DIR),
+        eval_dir=str(run.eval_dir),
     )
     result = trainer.fit()
     if result.error:
@@ -227,11 +227,11 @@ def train_with_ray(
     best = result.get_best_checkpoint(checkpoint_score(config, metric), mode) or result.checkpoint
     if best is not None:
         with best.as_directory() as folder:
-            replace_dir(Path(folder), out / "checkpoints" / "best")
+            replace_dir(Path(folder), run.checkpoint(BEST))
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as folder:
-            replace_dir(Path(folder), out / "checkpoints" / "last")
-    write_json_atomic(out / METRICS_FILE, {**summary.to_dict(), "history": history})
+            replace_dir(Path(folder), run.checkpoint(LAST))
+    write_json_atomic(run.metrics, {**summary.to_dict(), "history": history})
     return summary
 
 
