@@ -156,14 +156,15 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
 
 
-def driver_flatness(folder: Path, *, trials: int) -> dict:
-    """A long search of trivial trials; RSS of this (the driver's) process against rows written."""
+def driver_flatness(folder: Path, *, trials: int, bounded: bool = True) -> dict:
+    """A long search of trivial trials; RSS of this (the driver's) process against rows written. `bounded`:
+    ended trials' Tune state trimmed (raycls's default, tune.ledger.EndedTrialTrimmer), else Tune's own."""
     import ray
 
     from raycls.tune.cluster import init_ray
     from raycls.tune.driver import TuneOptions, run_tune
 
-    name = "driver"
+    name = "driver" if bounded else "driver-unbounded"
     path = folder / f"{name}.yaml"
     path.write_text(TRIVIAL.format(name=name, trials=trials))
     storage = folder / "results"
@@ -183,7 +184,7 @@ def driver_flatness(folder: Path, *, trials: int) -> dict:
     sampler.start()
     try:
         with open(folder / "driver.log", "w") as log, contextlib.redirect_stdout(log):  # the live table's lines
-            run_tune(load_experiment(path), TuneOptions(storage=str(storage), live=True))
+            run_tune(load_experiment(path), TuneOptions(storage=str(storage), live=True, bounded_state=bounded))
     finally:
         done.set()
         sampler.join()
@@ -194,6 +195,7 @@ def driver_flatness(folder: Path, *, trials: int) -> dict:
     ends = sorted(r["ended_at"] for r in rows)
     per_100 = [100 / max((ends[i + 99] - ends[i]).total_seconds(), 1e-9) * 60 for i in range(0, len(ends) - 99, 100)]
     return {
+        "bounded_state": bounded,
         "trials": trials,
         "rows": len(rows),
         "statuses": sorted({r["status"] for r in rows}),
@@ -215,6 +217,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, nargs="*", default=[1, 2, 3])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--driver-trials", type=int, default=1000, help="trivial trials of the driver run (0: none)")
+    parser.add_argument(
+        "--unbounded", action="store_true", help="also a driver run with Tune's default per-trial state, for the slope"
+    )
     args = parser.parse_args()
 
     runs = []
@@ -230,6 +235,12 @@ def main() -> None:
             runs.append(run)
         driver = driver_flatness(Path(tmp), trials=args.driver_trials) if args.driver_trials else previous.get("driver")
         print(driver)
+        unbounded = (
+            driver_flatness(Path(tmp), trials=args.driver_trials, bounded=False)
+            if args.driver_trials and args.unbounded
+            else previous.get("driver_unbounded")
+        )
+        print(unbounded)
     if runs:
         base = next((r for r in runs if r["nodes"] == 1), runs[0])
         for run in runs:
@@ -241,6 +252,7 @@ def main() -> None:
             "the driver's memory grows less than 50 MB per 1,000 trials",
             "runs": runs or previous.get("runs", []),  # --nodes with no sizes: the node runs of the last full run
             "driver": driver,
+            "driver_unbounded": unbounded,
             "notes": [
                 f"Simulated cluster (ray.cluster_utils.Cluster) on a {os.cpu_count()}-core machine: every node shares "
                 "the same cores, so more nodes add scheduling slots, not compute. Throughput cannot rise with nodes "

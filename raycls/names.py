@@ -72,6 +72,7 @@ FLOPS = "flops"  # floating-point operations of one image's forward pass (torch.
 LATENCY_MS = "latency_ms"  # one image's forward pass, milliseconds, median of repeats
 LATENCY_MS_BATCH = "latency_ms_batch"  # one batch of `latency_batch` images, milliseconds, median of repeats
 LATENCY_BATCH = "latency_batch"  # the batch size latency_ms_batch was measured at (the eval batch size)
+COST_S = "cost_s"  # seconds measuring the above took (work of the trial, not platform overhead)
 COST_OBJECTIVES = (PARAMS, FLOPS, LATENCY_MS, LATENCY_MS_BATCH)  # what a multi-objective search may minimise
 COST_METRICS = (*COST_OBJECTIVES, LATENCY_BATCH)
 

@@ -142,6 +142,7 @@ class ChainRunner:
         """The trial's last epoch: what its model costs to run and, when evaluating, its held-out metrics,
         both reported with the epoch (a multi-objective search is told them)."""
         stage = self.stages[-1]
+        started = time.perf_counter()
         cost = measure_cost(
             unwrap(model),
             lambda x: phase.outputs(unwrap(model), x),
@@ -150,6 +151,7 @@ class ChainRunner:
             batch_size=min(stage.train.eval_batch_size, COST_BATCH),
             device=self.ctx.device,
         )
+        cost[names.COST_S] = time.perf_counter() - started
         if not self.evaluating:
             return cost
         # A stage whose metric was never reported (NaN-free but missing) has no best: its last weights.

@@ -31,7 +31,7 @@ from raycls.results.wandb_log import resolve_mode
 from raycls.search import TRIAL_SCHEDULERS
 from raycls.storage import ExperimentPaths, absolute, filesystem, journal_file
 from raycls.tune.cluster import cluster_nodes, init_ray
-from raycls.tune.ledger import TrialLedger, record_told_trials
+from raycls.tune.ledger import EndedTrialTrimmer, TrialLedger, record_told_trials
 from raycls.tune.live import LiveTable
 from raycls.tune.resume import ResumeMode, ResumePlan, SnapshotKeeper, prepare_resume, reconcile_study
 from raycls.tune.searcher import create_searcher, open_study_storage
@@ -50,6 +50,9 @@ class TuneOptions:
     live: bool = True
     # A plain --storage path that every node mounts at the same place (NFS, EFS); None: $RAYCLS_SHARED_STORAGE.
     shared_storage: bool | None = None
+    # Ended trials keep only what Tune reads again (tune.ledger.EndedTrialTrimmer); False: Tune's default,
+    # for benchmarks/cluster_scaling.py to measure the driver's memory both ways.
+    bounded_state: bool = True
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,9 @@ def _new_tuner(
         callbacks.append(SnapshotKeeper(paths.folder))
     if options.live:
         callbacks.append(LiveTable(experiment.name, section.metric, section.mode, trials))
+    score_key = checkpoint_attribute(section.metric, len(experiment.base.stages))
+    if options.bounded_state:  # last: every callback before it has read the ended trial whole
+        callbacks.append(EndedTrialTrimmer(frozenset({section.metric, score_key, names.EPOCH})))
     return ray.tune.Tuner(
         trainable,
         tune_config=ray.tune.TuneConfig(
@@ -242,7 +248,7 @@ def _new_tuner(
             checkpoint_config=ray.tune.CheckpointConfig(
                 num_to_keep=section.keep_checkpoints,
                 # A chain's epochs rank later stages first (names.CHAIN_SCORE): its product is its last stage.
-                checkpoint_score_attribute=checkpoint_attribute(section.metric, len(experiment.base.stages)),
+                checkpoint_score_attribute=score_key,
                 checkpoint_score_order=section.mode,
             ),
             verbose=0 if options.live else 1,

@@ -309,3 +309,41 @@ def _folder_error(folder: Path) -> str:
     if error.is_file():
         return last_error_line(error.read_text(errors="replace"))
     return "unknown error: the driver was killed before it recorded this trial's error"
+
+
+# ------------------------------------------------------------------------------------ bounded driver state
+# What an ended trial's Tune object goes on holding: Tune's own keys the controller and a restore read again.
+KEPT_TUNE_KEYS = frozenset({"done", "training_iteration", "time_total_s", "timestamp", "trial_id", "date"})
+
+
+class EndedTrialTrimmer(Callback):
+    """Keeps Tune's memory of an ended trial small, so a long search's driver does not grow with its trials.
+
+    For each trial Tune holds, for the whole search, its last result (every metric, and its config again), a
+    running max/min/avg/last-5/last-10 of every numeric metric with two deques each (`metric_analysis`),
+    the metrics of each kept checkpoint, and JSON copies of all of it, re-serialised into every experiment
+    snapshot. Once a trial has ended, its row (written by TrialLedger, earlier in the callback list) holds
+    every metric and epoch, and Tune's scheduler and searcher have already been told its result (Tune calls
+    them before the callbacks). So the ended trial keeps only what Tune reads again: the experiment's
+    metric (and a chain's checkpoint key) and Tune's own bookkeeping. benchmarks/cluster_scaling.py
+    measures the driver's memory per 1,000 trials with and without this.
+    """
+
+    def __init__(self, keep: frozenset[str]):
+        self.keep = frozenset(keep) | KEPT_TUNE_KEYS
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.trim(trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.trim(trial)
+
+    def trim(self, trial: Trial) -> None:
+        meta = trial.run_metadata
+        meta.last_result = {k: v for k, v in meta.last_result.items() if k in self.keep}
+        meta.metric_analysis = {k: v for k, v in meta.metric_analysis.items() if k in self.keep}
+        meta.metric_n_steps = {}
+        manager = meta.checkpoint_manager
+        for result in getattr(manager, "_checkpoint_results", None) or []:
+            result.metrics = {k: v for k, v in result.metrics.items() if k in self.keep}
+        trial.invalidate_json_state()
