@@ -6,8 +6,10 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -155,26 +157,46 @@ def _find_chromium() -> str | None:
     return next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
 
 
+@contextmanager
+def machine_lock(name: str) -> Iterator[None]:
+    """One holder at a time on this machine (pytest-xdist runs the suite in several processes): apt-get
+    installs, for one, fail at once when another holds dpkg's lock."""
+    import fcntl
+
+    with open(Path(tempfile.gettempdir()) / f"raycls-tests-{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def apt_install(package: str, found: Callable[[], str | None]) -> str | None:
+    """`found()`, else Debian's `package` installed here when apt-get can (root), then `found()` again;
+    None when there is none to be had."""
+    if (path := found()) or not shutil.which("apt-get") or os.geteuid() != 0:
+        return path
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    with machine_lock("apt"):
+        for step in (
+            ["apt-get", "install", "-y", "-q", package],
+            ["apt-get", "update", "-q"],
+            ["apt-get", "install", "-y", "-q", package],
+        ):
+            if path := found():  # another process installed it while this one waited
+                return path
+            try:
+                subprocess.run(step, capture_output=True, timeout=600, env=env)
+            except subprocess.TimeoutExpired:
+                return None
+        return found()
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str | None:
     """A Chromium for the report's PNGs (kaleido) and its headless rendering test: the machine's own, else
     Debian's `chromium` package installed here when apt-get can (root); None when there is none to be had."""
-    found = _find_chromium()
-    if found or not shutil.which("apt-get") or os.geteuid() != 0:
-        return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for step in (
-        ["apt-get", "install", "-y", "-q", "chromium"],
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "chromium"],
-    ):
-        try:
-            subprocess.run(step, capture_output=True, timeout=600, env=env)
-        except subprocess.TimeoutExpired:
-            return None
-        if found := _find_chromium():
-            return found
-    return None
+    return apt_install("chromium", _find_chromium)
 
 
 class Recorder:
