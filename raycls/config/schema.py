@@ -356,6 +356,41 @@ class SwaConfig(Frozen):
     select: bool = True
 
 
+class LrScheduleConfig(Frozen):
+    """Options of the lr schedules that are torch.optim.lr_scheduler classes (`train.scheduler`); periods are
+    in epochs. step: lr * gamma every `step_epochs`; multistep: lr * gamma at each of `milestones` (None: at
+    half and three quarters of the stage); cosine_restarts: cosine to lr * min_lr_ratio over `restart_epochs`,
+    each period `restart_mult` times the previous; onecycle: from lr / div_factor up to lr over `pct_start`
+    of the stage (or warmup_epochs), then down to lr / (div_factor * final_div_factor); plateau: lr * factor
+    once the phase's metric has not improved by more than `threshold` for `patience` epochs."""
+
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    step_epochs: PositiveInt = 30
+    milestones: list[PositiveInt] | None = None
+    restart_epochs: PositiveInt = 10
+    restart_mult: PositiveInt = 1
+    pct_start: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
+    div_factor: Annotated[float, Field(ge=1.0)] = 25.0
+    final_div_factor: Annotated[float, Field(ge=1.0)] = 1.0e4
+    factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    patience: Annotated[int, Field(ge=0)] = 2
+    threshold: Annotated[float, Field(ge=0.0)] = 0.0
+    # The validation metric plateau watches; None: the phase's own (the one its epochs are judged by).
+    metric: str | None = None
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"milestones must increase, got {value}")
+        return value
+
+    def milestones_for(self, epochs: int) -> list[int]:
+        return (
+            self.milestones if self.milestones is not None else sorted({max(1, epochs // 2), max(1, 3 * epochs // 4)})
+        )
+
+
 class TrainConfig(Frozen):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128
@@ -367,9 +402,11 @@ class TrainConfig(Frozen):
     nesterov: bool = True
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     scheduler: str = "cosine"  # the lr schedule (an LR_SCHEDULES name; the YAML key predates the rename)
+    # Options of the step, multistep, cosine_restarts, onecycle and plateau schedules.
+    lr_schedule: LrScheduleConfig = Field(default_factory=LrScheduleConfig)
     # Linear warm-up, in epochs (fractions allowed), before the schedule proper.
     warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
-    # The cosine schedule ends at lr * min_lr_ratio.
+    # The cosine and linear schedules end at lr * min_lr_ratio (cosine_restarts' and plateau's floor too).
     min_lr_ratio: Fraction = 0.0
     # Clip the global gradient norm to this value; None disables clipping.
     grad_clip: Annotated[float, Field(gt=0.0)] | None = None

