@@ -168,3 +168,78 @@ def test_unknown_schedule_names_the_key_and_the_known_ones() -> None:
         TrainConfig(scheduler="cosine_warm")
     text = str(info.value)
     assert "scheduler" in text and "cosine_restarts" in text and "onecycle" in text and "plateau" in text
+
+
+# ------------------------------------------------------------------------------------------------ CIFAR-100
+def _write_cifar100(folder, *, n_train: int = 30, n_test: int = 10, protocol: int = 2) -> dict:
+    """A tiny CIFAR-100 in the published python format: pickled dicts with 'data' (uint8 [N, 3072], channel
+    planes one after another), 'fine_labels', 'coarse_labels'; 'meta' with 'fine_label_names'."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    written = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        entry = {
+            "filenames": [f"img_{i}.png" for i in range(n)],
+            "batch_label": f"{split} batch",
+            "fine_labels": [(i * 37) % 100 for i in range(n)],  # every class equally often, not in order
+            "coarse_labels": [int(i % 20) for i in range(n)],
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        }
+        (folder / split).write_bytes(pickle.dumps(entry, protocol=protocol))
+        written[split] = entry
+    meta = {
+        "fine_label_names": [f"class_{i:02d}" for i in range(100)],
+        "coarse_label_names": [f"super_{i}" for i in range(20)],
+    }
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=protocol))
+    return written
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_cifar100_reader_on_a_file_in_its_format(tmp_path, protocol: int) -> None:
+    from raycls.config import DataConfig
+    from raycls.data.datasets import read_cifar100
+
+    written = _write_cifar100(tmp_path / "cifar100" / "cifar-100-python", protocol=protocol)
+    raw = read_cifar100(DataConfig(name="cifar100", download=False), tmp_path)
+    assert raw.train is not None and raw.test is not None
+    assert raw.train.images.shape == (30, 3, 32, 32) and raw.test.images.shape == (10, 3, 32, 32)
+    # Row 5's first 1024 bytes are its red plane, row-major: pixel (2, 3) is byte 2 * 32 + 3.
+    data = written["train"]["data"]
+    assert int(raw.train.images[5, 0, 2, 3]) == int(data[5, 2 * 32 + 3])
+    assert int(raw.train.images[5, 2, 31, 31]) == int(data[5, 2048 + 1023])
+    assert raw.train.labels.tolist() == written["train"]["fine_labels"]  # fine labels, not coarse
+    assert raw.test.labels.tolist() == written["test"]["fine_labels"]
+    assert len(raw.train.classes) == 100 and raw.train.classes[7] == "class_07"
+
+
+def test_cifar100_through_load_splits_and_missing_files_error(tmp_path) -> None:
+    from raycls.config import DataConfig
+    from raycls.data import load_splits
+    from raycls.errors import DataError
+
+    _write_cifar100(tmp_path / "cifar100" / "cifar-100-python", n_train=300)
+    splits = load_splits(DataConfig(name="cifar100", root=str(tmp_path), val_fraction=0.1, download=False), seed=0)
+    assert splits.num_classes == 100 and len(splits.train) + len(splits.val) == 300
+    assert splits.test is not None and len(splits.test) == 10
+    with pytest.raises(DataError, match=r"train, test, meta not found under .*cifar-100-python.*download is false"):
+        load_splits(DataConfig(name="cifar100", root=str(tmp_path / "empty"), download=False), seed=0)
+
+
+def test_cifar100_reader_refuses_a_pickle_that_would_run_code(tmp_path) -> None:
+    import os
+    import pickle
+
+    from raycls.config import DataConfig
+    from raycls.data.datasets import read_cifar100
+    from raycls.errors import DataError
+
+    folder = tmp_path / "cifar100"
+    _write_cifar100(folder)
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": os.getcwd}))  # a global outside the allowed
+    with pytest.raises(DataError, match="posix.getcwd is not allowed|getcwd is not allowed"):
+        read_cifar100(DataConfig(name="cifar100", download=False), tmp_path)
