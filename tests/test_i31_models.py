@@ -243,3 +243,76 @@ def test_cifar100_reader_refuses_a_pickle_that_would_run_code(tmp_path) -> None:
     (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": os.getcwd}))  # a global outside the allowed
     with pytest.raises(DataError, match="posix.getcwd is not allowed|getcwd is not allowed"):
         read_cifar100(DataConfig(name="cifar100", download=False), tmp_path)
+
+
+# ------------------------------------------------------------------------------------ progressive unfreezing
+def _grad_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_progressive_unfreezing_thaws_a_resnet_block_by_block_from_the_top() -> None:
+    from raycls.config.schema import ModelConfig, UnfreezeConfig
+    from raycls.models import InputSpec, create_model
+    from raycls.train.freeze import ProgressiveUnfreezing
+
+    model = create_model(ModelConfig(name="resnet18"), InputSpec(num_classes=10, in_chans=3, image_size=32))
+    policy = ProgressiveUnfreezing(model, UnfreezeConfig())
+    assert len(policy.blocks) == 9  # the stem and resnet18's eight basic blocks; the fc is the head
+    policy.at_epoch(0)
+    assert _grad_names(model) == {"fc.weight", "fc.bias"}
+    policy.at_epoch(1)
+    assert {n.split(".")[0] + "." + n.split(".")[1] for n in _grad_names(model) - {"fc.weight", "fc.bias"}} == {
+        "layer4.1"
+    }
+    frozen = policy.at_epoch(2)
+    thawed = {".".join(n.split(".")[:2]) for n in _grad_names(model) - {"fc.weight", "fc.bias"}}
+    assert thawed == {"layer4.0", "layer4.1"}
+    assert model.layer4[0].bn1 not in frozen and model.layer3[1].bn1 in frozen  # frozen BNs are kept in eval
+    policy.at_epoch(100)
+    assert _grad_names(model) == {n for n, _ in model.named_parameters()}
+
+
+def test_progressive_unfreezing_paces_by_every_and_blocks_on_a_vit() -> None:
+    from raycls.config.schema import ModelConfig, UnfreezeConfig
+    from raycls.models import InputSpec, create_model
+    from raycls.train.freeze import ProgressiveUnfreezing
+
+    config = ModelConfig(name="vit_tiny_patch16_224", kwargs={"depth": 3})
+    model = create_model(config, InputSpec(num_classes=5, in_chans=3, image_size=32))
+    policy = ProgressiveUnfreezing(model, UnfreezeConfig(every=2, blocks=2))
+    blocks = lambda names: sorted({n.split(".")[1] for n in names if n.startswith("blocks.")})  # noqa: E731
+    policy.at_epoch(0)
+    assert _grad_names(model) == {"head.weight", "head.bias"}
+    policy.at_epoch(1)
+    assert _grad_names(model) == {"head.weight", "head.bias"}  # every: 2 epochs per step
+    policy.at_epoch(2)
+    assert blocks(_grad_names(model)) == ["1", "2"] and "norm.weight" in _grad_names(model)
+    policy.at_epoch(4)
+    names = _grad_names(model)
+    assert blocks(names) == ["0", "1", "2"] and "cls_token" in names and "patch_embed.proj.weight" in names
+
+
+@pytest.mark.slow
+def test_progressive_unfreezing_in_a_training_run(tmp_path) -> None:
+    """Through the training loop: trainable_params grows each epoch, and the stem only moves once thawed."""
+    from raycls.config import TrialConfig
+    from raycls.train import run_local
+
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits", "val_fraction": 0.2, "train_subset": 400},
+            "model": {"name": "small_cnn", "width": 8},
+            "train": {
+                "epochs": 3,
+                "batch_size": 64,
+                "optimizer": "adamw",
+                "lr": 3e-3,
+                "freeze": "progressive",
+                "unfreeze": {"blocks": 2},
+            },
+        }
+    )
+    history = []
+    run_local(config, tmp_path, device=torch.device("cpu"), on_epoch=history.append)
+    counts = [h["trainable_params"] for h in history]
+    assert counts[0] < counts[1] < counts[2] and all(h["train_loss"] == h["train_loss"] for h in history)

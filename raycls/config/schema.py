@@ -391,6 +391,18 @@ class LrScheduleConfig(Frozen):
         )
 
 
+class UnfreezeConfig(Frozen):
+    """Progressive unfreezing (`train.freeze: progressive`, ULMFiT's gradual unfreezing): epoch 0 trains the
+    heads only; every `every` epochs the next `blocks` backbone blocks, counted from the top (nearest the
+    head) down to the stem, start training too. Blocks are timm's layer groups (`group_matcher`: the stem,
+    each residual / transformer block), or the backbone's children for models without one."""
+
+    every: PositiveInt = 1
+    blocks: PositiveInt = 1
+    # timm's coarse groups: whole stages (resnet's layer1..4) instead of single blocks.
+    coarse: bool = False
+
+
 class TrainConfig(Frozen):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128
@@ -428,8 +440,10 @@ class TrainConfig(Frozen):
     compile: bool = False
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     # Train only part of the model: "backbone" freezes the backbone but its classifier (heads train), a list
-    # names modules of the phase's model; frozen BatchNorm statistics stay as they are.
-    freeze: Literal["none", "backbone"] | list[str] = "none"
+    # names modules of the phase's model; frozen BatchNorm statistics stay as they are. "progressive": the
+    # backbone starts frozen and is unfrozen block by block from the top (`unfreeze`), heads training throughout.
+    freeze: Literal["none", "backbone", "progressive"] | list[str] = "none"
+    unfreeze: UnfreezeConfig = Field(default_factory=UnfreezeConfig)
 
     _known_optimizer = registered("optimizer", "optimizer")
 

@@ -35,7 +35,13 @@ from raycls.phases import Phase, create_phase
 from raycls.phases.base import Previous
 from raycls.train.averaging import WeightAverage, create_average
 from raycls.train.distributed import all_gather_cat, all_reduce_sum, broadcast_from_rank0
-from raycls.train.freeze import freeze_modules, frozen_modules, keep_frozen_norms_in_eval, trainable_parameters
+from raycls.train.freeze import (
+    freeze_modules,
+    frozen_modules,
+    keep_frozen_norms_in_eval,
+    progressive_unfreezing,
+    trainable_parameters,
+)
 from raycls.train.state import Best, Plateau, Position, Weights, load_checkpoint, read_best, save_checkpoint
 from raycls.train.steps import StepPolicy, autocast, check_finite, seed_everything, train_step
 
@@ -192,6 +198,13 @@ def train_stage(
     model, phase, policy = parts.model, parts.phase, parts.policy
     optimizer = create_optimizer(stage.train, model, backbone=phase.backbone(model))
     lr_schedule = create_lr_schedule(stage.train, optimizer, len(parts.train_loader), metric=phase.metric)
+    # After the optimizer, which must hold every parameter a later epoch thaws.
+    unfreezing = progressive_unfreezing(stage.train.freeze, stage.train.unfreeze, phase.backbone(model))
+    if unfreezing is not None and ctx.world_size > 1:
+        raise ConfigError(
+            "train.freeze: progressive trains on one worker per trial: DDP fixes the parameters it synchronises "
+            "when it wraps the model (set experiment.resources.workers: 1)"
+        )
     best = Best(phase.metric)
     average = create_average(model, stage.train, stage.train.epochs)  # train.ema / train.swa
     if run.resume_from is not None:
@@ -208,6 +221,8 @@ def train_stage(
     for epoch in range(run.start, stage.train.epochs):
         started = time.perf_counter()
         compiling = stage.train.compile and epoch == run.start
+        if unfreezing is not None:
+            parts.frozen = unfreezing.at_epoch(epoch)
         train_loss, images, seconds, first_step = train_epoch(
             trained,
             phase,
