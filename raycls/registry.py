@@ -28,6 +28,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "augmentation": "raycls.data.policies",  # imports raycls.data.augment: every op, base and policy
     "model": "raycls.models",
     "small-input adapter": "raycls.models",
+    "model module": "raycls.models.modules",
     "loss": "raycls.losses",
     "margin loss": "raycls.losses",
     "kd loss": "raycls.losses",

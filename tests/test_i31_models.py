@@ -316,3 +316,184 @@ def test_progressive_unfreezing_in_a_training_run(tmp_path) -> None:
     run_local(config, tmp_path, device=torch.device("cpu"), on_epoch=history.append)
     counts = [h["trainable_params"] for h in history]
     assert counts[0] < counts[1] < counts[2] and all(h["train_loss"] == h["train_loss"] for h in history)
+
+
+# ------------------------------------------------------------------------------------------ model modules
+SPEC = None
+
+
+def _spec(num_classes: int = 10):
+    from raycls.models import InputSpec
+
+    return InputSpec(num_classes=num_classes, in_chans=3, image_size=32)
+
+
+def _build(name: str, modules: dict, **kwargs):
+    from raycls.config.schema import ModelConfig
+    from raycls.models import create_model
+
+    torch.manual_seed(0)
+    return create_model(ModelConfig(name=name, kwargs=kwargs, modules=modules), _spec())
+
+
+TINY_VIT = {"depth": 3, "embed_dim": 48, "num_heads": 2}
+
+
+def _train_step(model: torch.nn.Module, *, batch: int = 6) -> tuple[float, dict[str, torch.Tensor | None]]:
+    """One real SGD step on random images; returns the loss and each parameter's gradient."""
+    model.train()
+    x, y = torch.randn(batch, 3, 32, 32), torch.arange(batch) % 10
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in model.named_parameters()}
+    optimizer.step()
+    return float(loss.detach()), grads
+
+
+def test_model_modules_are_registered_and_validated_by_name() -> None:
+    from pydantic import ValidationError
+
+    from raycls.config.schema import ModelConfig
+    from raycls.models.modules import MODEL_MODULES
+
+    assert {"cbam", "mixstyle", "tome", "token_learner"} <= set(MODEL_MODULES.names())
+    with pytest.raises(ValidationError) as info:
+        ModelConfig(name="resnet18", modules={"cbma": {}})
+    text = str(info.value)
+    assert "modules" in text and "cbma" in text and "cbam, mixstyle, token_learner, tome" in text
+    with pytest.raises(ValidationError, match=r"modules\.mixstyle\.q: Extra inputs"):
+        ModelConfig(name="resnet18", modules={"mixstyle": {"q": 1}})
+    with pytest.raises(ValidationError, match="tome and token_learner both change the token count"):
+        ModelConfig(name="vit_tiny_patch16_224", modules={"tome": {}, "token_learner": {}})
+    ModelConfig(name="vit_tiny_patch16_224", modules={"tome": {}, "token_learner": {"enabled": False}})
+
+
+def test_a_bad_module_name_in_a_space_names_the_key(tmp_path) -> None:
+    from raycls.config.load import load_experiment
+    from raycls.errors import ConfigError
+
+    space = tmp_path / "space.yaml"
+    space.write_text("base:\n  model: {name: resnet18, modules: {cbam: {}, tokenmerge: {}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_experiment(space)
+    assert "base.model.modules" in str(info.value) and "tokenmerge" in str(info.value) and "tome" in str(info.value)
+
+
+def test_cbam_on_each_resnet_stage_keeps_shapes_and_trains() -> None:
+    model = _build("resnet18", {"cbam": {"reduction": 8}})
+    attached = dict(model.model_modules.named_children())
+    assert sorted(attached) == ["cbam_layer1", "cbam_layer2", "cbam_layer3", "cbam_layer4"]
+    plain = _build("resnet18", {})
+    assert set(plain.state_dict()) < set(model.state_dict())  # the backbone's keys are untouched
+    features = model.forward_features(torch.randn(2, 3, 32, 32))
+    assert features.shape == plain.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 512, 4, 4)
+    loss, grads = _train_step(model)
+    assert loss == loss and loss < 1e3
+    for name in (
+        "model_modules.cbam_layer1.cbam.channel.fc1.weight",
+        "model_modules.cbam_layer4.cbam.spatial.conv.conv.weight",
+        "conv1.weight",
+    ):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_cbam_changes_what_a_stage_outputs() -> None:
+    model = _build("resnet18", {"cbam": {"stages": [0]}}).eval()
+    plain = _build("resnet18", {}).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("model_modules")})
+    x = torch.randn(2, 3, 32, 32)
+    assert not torch.allclose(model(x), plain(x))
+    with pytest.raises(Exception, match=r"model.modules.cbam.stages: \[7\] out of range"):
+        _build("resnet18", {"cbam": {"stages": [7]}})
+    with pytest.raises(Exception, match="model.modules.cbam: needs a CNN"):
+        _build("vit_tiny_patch16_224", {"cbam": {}}, **TINY_VIT)
+
+
+def test_mixstyle_mixes_statistics_in_training_and_is_off_at_eval() -> None:
+    from raycls.models.modules import MixStyle, MixStyleOptions
+
+    mix = MixStyle(MixStyleOptions(p=1.0, alpha=0.3))
+    x = torch.randn(8, 4, 5, 5) * torch.arange(1, 9.0).view(8, 1, 1, 1) + torch.arange(8.0).view(8, 1, 1, 1)
+    mix.train()
+    torch.manual_seed(1)
+    out = mix(x)
+    assert out.shape == x.shape and not torch.allclose(out, x)
+    # Each image keeps its own normalised content: its standardised map is unchanged.
+    standard = lambda t: (t - t.mean((2, 3), keepdim=True)) / t.std((2, 3), keepdim=True)  # noqa: E731
+    assert torch.allclose(standard(out), standard(x), atol=1e-3)
+    # Its new mean lies between its own and another image's: within the batch's range.
+    means = out.mean((2, 3))
+    assert (means >= x.mean((2, 3)).min() - 1e-4).all() and (means <= x.mean((2, 3)).max() + 1e-4).all()
+    mix.eval()
+    assert torch.equal(mix(x), x)
+
+
+def test_mixstyle_on_a_resnet_is_identity_at_eval_and_trains() -> None:
+    model = _build("resnet18", {"mixstyle": {"p": 1.0}})
+    plain = _build("resnet18", {})
+    plain.load_state_dict(model.state_dict())  # mixstyle has no weights
+    x = torch.randn(4, 3, 32, 32)
+    model.eval(), plain.eval()
+    assert torch.equal(model(x), plain(x))
+    model.train(), plain.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(model(x), plain(x))  # in training the statistics are mixed
+    loss, grads = _train_step(model)
+    assert loss == loss and grads["conv1.weight"].abs().sum() > 0
+
+
+def test_tome_merges_r_tokens_per_block_and_trains() -> None:
+    model = _build("vit_tiny_patch16_224", {"tome": {"r": 8}}, **TINY_VIT)
+    assert model.patch_embed.num_patches == 64  # 32 px, the small-input 4 px patch
+    assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 64 - 3 * 8, 48)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    plain = _build("vit_tiny_patch16_224", {}, **TINY_VIT)
+    assert list(plain.state_dict()) == list(model.state_dict())  # the blocks keep their keys
+    loss, grads = _train_step(model)
+    assert loss == loss and grads["blocks.0.attn.qkv.weight"].abs().sum() > 0
+    assert grads["blocks.2.mlp.fc1.weight"].abs().sum() > 0
+
+
+def test_tome_with_r_0_would_be_the_plain_vit_and_merging_keeps_sizes() -> None:
+    """The ToMe forward with nothing to merge is timm's Block forward (proportional attention with sizes 1
+    adds log 1 = 0); merging conserves the patches each token stands for and averages by size."""
+    from raycls.models.modules import bipartite_merge
+
+    model = _build("vit_tiny_patch16_224", {"tome": {"r": 1}}, **TINY_VIT).eval()
+    plain = _build("vit_tiny_patch16_224", {}, **TINY_VIT).eval()
+    model.blocks.r = 0
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model(x), plain(x), atol=1e-5)
+    tokens = torch.randn(3, 10, 6)
+    size = torch.rand(3, 10, 1) + 0.5
+    merge = bipartite_merge(tokens, 3)
+    assert merge(size).shape == (3, 7, 1) and torch.allclose(merge(size).sum(1), size.sum(1))
+    same = torch.ones(3, 10, 6) * 2.0
+    assert torch.allclose(merge(same * size) / merge(size), torch.full((3, 7, 6), 2.0))
+
+
+def test_token_learner_replaces_patch_tokens_and_trains() -> None:
+    model = _build("vit_tiny_patch16_224", {"token_learner": {"tokens": 5, "after": 0.34}}, **TINY_VIT)
+    x = torch.randn(2, 3, 32, 32)
+    assert model.forward_features(x).shape == (2, 1 + 5, 48)
+    assert model(x).shape == (2, 10)
+    loss, grads = _train_step(model)
+    assert loss == loss
+    assert grads["model_modules.token_learner.maps.2.weight"].abs().sum() > 0  # the learner learns
+    assert grads["blocks.0.attn.qkv.weight"].abs().sum() > 0  # and the blocks before it still do
+    with pytest.raises(Exception, match="token_learner.tokens: 64 must be fewer than the 64 patch tokens"):
+        _build("vit_tiny_patch16_224", {"token_learner": {"tokens": 64}}, **TINY_VIT)
+
+
+def test_modules_survive_deepcopy_for_weight_averages() -> None:
+    """EMA / SWA deep-copy the model: the copy's hooks must run the copy's modules, not the original's."""
+    import copy
+
+    model = _build("resnet18", {"cbam": {"stages": [3]}}).eval()
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    before = twin(x)
+    with torch.no_grad():
+        model.model_modules.cbam_layer4.cbam.channel.fc1.weight.mul_(5.0)
+    assert torch.allclose(twin(x), before) and not torch.allclose(model(x), before)

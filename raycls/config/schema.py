@@ -33,6 +33,14 @@ def check_name(family: str, name: str) -> str:
         raise ValueError(str(err)) from None
 
 
+def _check_entry(family: str, name: str) -> Any:
+    """The registry entry `name` of `family` (a ValueError listing the known names if unknown)."""
+    from raycls.registry import FAMILIES
+
+    check_name(family, name)
+    return FAMILIES[family].get(name)
+
+
 def _set_name(name: str, family: str, what: str) -> str:
     """An OOD or shift set: one of the family's own (generated images, the corruption suite) or a dataset."""
     if not is_registered(family, name) and not is_registered("dataset", name):
@@ -119,13 +127,43 @@ class ModelConfig(Frozen):
     # A model with a distillation token (cifar_deit_distilled) predicts from its class head, its distillation
     # head, or their mean; None: the mean (DeiT's and timm's choice).
     inference_head: Literal["class", "distill", "mean"] | None = None
+    # Modules added to the backbone, by MODEL_MODULES name (raycls.models.modules), each with its options:
+    # {cbam: {}, mixstyle: {p: 0.5}} on CNNs, {tome: {r: 4}} or {token_learner: {tokens: 8}} on ViTs.
+    modules: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
     _known = registered("model", "name")
+
+    @field_validator("modules")
+    @classmethod
+    def _known_modules(cls, value: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any] | None]:
+        """Each name a registered model module, its options the module's own (validated by its options model)."""
+        problems, tags = [], {}
+        for name, options in value.items():
+            try:
+                entry = _check_entry("model module", name)
+            except ValueError as err:
+                problems.append(f"modules.{name}: {err}")
+                continue
+            try:
+                parsed = entry.options.model_validate(options or {})
+            except ValidationError as err:
+                for e in err.errors():
+                    where = ".".join(str(p) for p in e["loc"])
+                    problems.append(f"modules.{name}.{where}: {e['msg']}")
+                continue
+            if parsed.enabled and entry.exclusive is not None:
+                tags.setdefault(entry.exclusive, []).append(name)
+        problems += [
+            f"modules: {' and '.join(n)} both change the {tag}; choose one" for tag, n in tags.items() if len(n) > 1
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     def same_architecture(self, other: ModelConfig) -> bool:
         """Whether weights of one load into the other: the fields that shape the network agree (dropout,
         drop-path, pretrained and the inference head change how it trains or predicts, not its weights)."""
-        shaping = ("name", "width", "small_input", "kwargs", "adapter")
+        shaping = ("name", "width", "small_input", "kwargs", "adapter", "modules")
         return all(getattr(self, f) == getattr(other, f) for f in shaping)
 
 
