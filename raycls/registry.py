@@ -34,6 +34,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "kd loss": "raycls.losses",
     "alpha schedule": "raycls.losses",
     "phase": "raycls.phases",
+    "batch mixer": "raycls.phases.mixing",
     "optimizer": "raycls.optim",
     "lr schedule": "raycls.optim",
     "sampler": "raycls.search",

@@ -497,3 +497,144 @@ def test_modules_survive_deepcopy_for_weight_averages() -> None:
     with torch.no_grad():
         model.model_modules.cbam_layer4.cbam.channel.fc1.weight.mul_(5.0)
     assert torch.allclose(twin(x), before) and not torch.allclose(model(x), before)
+
+
+# ------------------------------------------------------------------------------------------------- mixing
+def _mixer(name: str, num_classes: int = 10, smoothing: float = 0.0, **options):
+    from raycls.config.schema import MixConfig
+    from raycls.phases.mixing import MIXERS
+
+    return MIXERS.get(name)(MixConfig(name=name, **options), num_classes, smoothing)
+
+
+def _check_targets(mixed, y: torch.Tensor, num_classes: int = 10) -> None:
+    """Soft targets: lam on each image's label, 1 - lam on its partner's (the batch reversed), summing to 1."""
+    assert torch.allclose(mixed.soft.sum(-1), torch.ones(len(y)))
+    assert torch.equal(mixed.partners, y.flip(0))
+    expected = mixed.lam * torch.nn.functional.one_hot(y, num_classes) + (1 - mixed.lam) * torch.nn.functional.one_hot(
+        y.flip(0), num_classes
+    )
+    assert torch.allclose(mixed.soft, expected.float(), atol=1e-6)
+
+
+def test_mixers_are_registered_and_the_mix_key_is_validated() -> None:
+    from pydantic import ValidationError
+
+    from raycls.config.schema import DistillConfig, MetricConfig, SupervisedConfig
+    from raycls.phases.mixing import MIXERS
+
+    assert {"mixup", "cutmix", "tokenmix", "mixtoken", "manifold_mixup"} <= set(MIXERS.names())
+    with pytest.raises(ValidationError) as info:
+        SupervisedConfig(mix={"name": "token_mix"})
+    assert "mix.name" in str(info.value) and "tokenmix" in str(info.value) and "manifold_mixup" in str(info.value)
+    with pytest.raises(ValidationError, match="mix: tokenmix and mixup_alpha / cutmix_alpha are both set"):
+        MetricConfig(loss="arcface", mixup_alpha=0.2, mix={"name": "tokenmix"})
+    with pytest.raises(ValidationError, match="manifold_mixup mixes the student's hidden features"):
+        DistillConfig(teacher=None, mix={"name": "manifold_mixup"})
+    DistillConfig(teacher=None, mix={"name": "tokenmix"})
+
+
+def test_tokenmix_swaps_whole_token_cells_and_weights_labels_by_their_share() -> None:
+    torch.manual_seed(0)
+    import numpy as np
+
+    np.random.seed(0)
+    vit = _build("vit_tiny_patch16_224", {}, **TINY_VIT)  # 8x8 patches of 4 px
+    x, y = torch.rand(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5])
+    mixed = _mixer("tokenmix", alpha=1.0)(x, y, vit)
+    _check_targets(mixed, y)
+    from_partner = (mixed.images == x.flip(0)).all(dim=1) & (mixed.images != x).any(dim=1)  # [B, H, W]
+    cells = from_partner.view(6, 8, 4, 8, 4)
+    assert (cells.all(dim=(2, 4)) == cells.any(dim=(2, 4))).all()  # whole 4 px cells, never a part of one
+    assert float(from_partner[0].float().mean()) == pytest.approx(1 - mixed.lam)
+    assert 0.0 < mixed.lam < 1.0
+
+
+def test_mixtoken_mixes_the_patch_embeddings_inside_the_forward_pass() -> None:
+    import numpy as np
+
+    np.random.seed(3)
+    torch.manual_seed(0)
+    vit = _build("vit_tiny_patch16_224", {}, **TINY_VIT).eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    mixed = _mixer("mixtoken")(x, y, vit)
+    _check_targets(mixed, y)
+    assert torch.equal(mixed.images, x) and 0.0 < mixed.lam < 1.0  # pixels untouched: tokens are mixed
+    clean = vit.patch_embed(x)
+    seen = []
+    with mixed.inside:
+        handle = vit.patch_embed.register_forward_hook(lambda m, i, out: seen.append(out))  # runs after the mix
+        mixed_logits = vit(x)
+        handle.remove()
+    tokens = seen[0]
+    from_partner = (tokens - clean.flip(0)).abs().amax(-1) < 1e-6
+    assert float(from_partner[0].float().mean()) == pytest.approx(1 - mixed.lam)
+    assert not torch.allclose(mixed_logits, vit(x))
+    assert torch.equal(vit.patch_embed(x), clean)  # the hook is gone after the mixed pass
+    with pytest.raises(Exception, match="mixtoken needs a ViT"):
+        _mixer("mixtoken")(x, y, _build("resnet18", {}))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vit_tiny_patch16_224"])
+def test_manifold_mixup_mixes_one_hidden_layers_output(name: str) -> None:
+    import numpy as np
+
+    model = _build(name, {}, **({} if name == "resnet18" else TINY_VIT)).eval()
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    mixer = _mixer("manifold_mixup", alpha=2.0)
+    from raycls.phases.mixing import mixing_points
+
+    points = mixing_points(model)
+    assert len(points) == (4 if name == "resnet18" else 3)
+    for seed in range(20):  # until a hidden layer is drawn (0 is the input)
+        np.random.seed(seed)
+        mixed = mixer(x, y, model)
+        if torch.equal(mixed.images, x) and mixed.lam < 1.0:
+            break
+    _check_targets(mixed, y)
+    outputs: dict[int, torch.Tensor] = {}
+    handles = [p.register_forward_hook(lambda m, i, o, k=k: outputs.__setitem__(k, o)) for k, p in enumerate(points)]
+    model(x)
+    clean = dict(outputs)
+    with mixed.inside:
+        later = [p.register_forward_hook(lambda m, i, o, k=k: outputs.__setitem__(k, o)) for k, p in enumerate(points)]
+        model(x)
+    for h in handles + later:
+        h.remove()
+    hit = [k for k in clean if not torch.allclose(outputs[k], clean[k])]
+    first = hit[0]  # the mixed layer: its output is lam * h + (1 - lam) * h reversed; the later ones follow from it
+    lam = mixed.lam
+    assert torch.allclose(outputs[first], lam * clean[first] + (1 - lam) * clean[first].flip(0), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("mix", "model"),
+    [("tokenmix", "vit"), ("mixtoken", "vit"), ("manifold_mixup", "vit"), ("manifold_mixup", "cnn")],
+)
+def test_a_training_step_with_each_mixer(mix: str, model: str) -> None:
+    """Through the supervised phase's loss (the soft cross-entropy of the mixed batch): finite, and the
+    gradients reach the first layer."""
+    from raycls.config.schema import SupervisedConfig
+    from raycls.phases import create_phase
+
+    torch.manual_seed(0)
+    phase = create_phase(SupervisedConfig(mix={"name": mix, "alpha": 1.0}, label_smoothing=0.1), _spec())
+    backbone = _build("vit_tiny_patch16_224", {}, **TINY_VIT) if model == "vit" else _build("resnet18", {})
+    net = phase.build(backbone)
+    net.train()
+    loss, _ = phase.loss(net, (torch.rand(6, 3, 32, 32), torch.arange(6)))
+    loss.backward()
+    first = backbone.patch_embed.proj.weight if model == "vit" else backbone.conv1.weight
+    assert torch.isfinite(loss) and first.grad is not None and first.grad.abs().sum() > 0
+
+
+def test_metric_phase_takes_a_hidden_mix_with_both_labels() -> None:
+    from raycls.config.schema import MetricConfig
+    from raycls.phases import create_phase
+
+    torch.manual_seed(0)
+    phase = create_phase(MetricConfig(loss="arcface", mix={"name": "manifold_mixup"}), _spec())
+    net = phase.build(_build("resnet18", {}))
+    loss, _ = phase.loss(net, (torch.rand(6, 3, 32, 32), torch.arange(6)))
+    loss.backward()
+    assert torch.isfinite(loss) and net.backbone.conv1.weight.grad.abs().sum() > 0

@@ -173,12 +173,38 @@ class PhaseConfig(Frozen):
     name: str
 
 
+class MixConfig(Frozen):
+    """`phase.mix`: a batch mixer by MIXERS name (raycls.phases.mixing): mixup, cutmix, tokenmix, mixtoken
+    (ViTs), manifold_mixup. Each image is mixed with the batch reversed at lam ~ Beta(alpha, alpha)."""
+
+    name: str
+    alpha: Annotated[float, Field(gt=0.0)] = 1.0
+    prob: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0  # the share of batches mixed
+    # tokenmix / mixtoken: the token grid's side; None: the ViT's patch grid (else 8).
+    grid: PositiveInt | None = None
+
+    _known = registered("batch mixer", "name")
+
+
+def _one_mixing(config: Any) -> Any:
+    """`mix` replaces mixup_alpha / cutmix_alpha (the older keys); both at once would be two mixings."""
+    if config.mix is not None and (config.mixup_alpha > 0 or config.cutmix_alpha > 0):
+        raise ValueError(
+            f"mix: {config.mix.name} and mixup_alpha / cutmix_alpha are both set: choose one (mix: {{name: mixup}} "
+            "or {name: cutmix} replaces the alphas)"
+        )
+    return config
+
+
 class SupervisedConfig(PhaseConfig):
     name: Literal["supervised"] = "supervised"
     label_smoothing: Fraction = 0.0
     # MixUp / CutMix (timm's implementation); 0 disables each. The metric and distill phases take them too.
     mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
     cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    mix: MixConfig | None = None  # a MIXERS mixer (tokenmix, mixtoken, manifold_mixup, ...) instead of the alphas
+
+    _one_mixing = model_validator(mode="after")(_one_mixing)
 
 
 class MetricConfig(PhaseConfig):
@@ -190,6 +216,9 @@ class MetricConfig(PhaseConfig):
     # MixUp / CutMix (timm's mixing): the margin loss of both labels, weighted by the mixing ratio.
     mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
     cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    mix: MixConfig | None = None  # a MIXERS mixer (tokenmix, mixtoken, manifold_mixup, ...) instead of the alphas
+
+    _one_mixing = model_validator(mode="after")(_one_mixing)
     # None: the loss's own default (its paper's).
     margin: Annotated[float, Field(ge=0.0)] | None = None
     # Logit scale s. 30 rather than the face-recognition papers' 64: 10-100 classes need less.
@@ -274,6 +303,9 @@ class DistillConfig(TeacherPhaseConfig):
     # learns the mixed (smoothed) targets.
     mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
     cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    mix: MixConfig | None = None  # a MIXERS mixer (tokenmix, mixtoken, manifold_mixup, ...) instead of the alphas
+
+    _one_mixing = model_validator(mode="after")(_one_mixing)
     # DeiT (Touvron et al. 2021): a distilled ViT student (timm's *_distilled_* models) learns the labels
     # through its class token and the teacher through its distillation token; at inference both heads average.
     distill_token: bool = False
@@ -281,6 +313,16 @@ class DistillConfig(TeacherPhaseConfig):
     _known_kd = registered("kd loss", "kd")
 
     _known_alpha_schedule = registered("alpha schedule", "alpha_schedule")
+
+    @field_validator("mix")
+    @classmethod
+    def _teacher_sees_the_mix(cls, mix: MixConfig | None) -> MixConfig | None:
+        if mix is not None and _check_entry("batch mixer", mix.name).hidden:
+            raise ValueError(
+                f"mix: {mix.name} mixes the student's hidden features, which the teacher never sees; "
+                "distil with an image mixer (mixup, cutmix, tokenmix)"
+            )
+        return mix
 
 
 class TokenDistillConfig(TeacherPhaseConfig):

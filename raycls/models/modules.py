@@ -31,8 +31,10 @@ from pydantic import Field
 
 from raycls.config.schema import Frozen
 from raycls.errors import ConfigError
-from raycls.models.registry import InputSpec
 from raycls.registry import Registry
+
+# raycls.models.registry.InputSpec, by name only: the registry applies modules, so importing it is a circle.
+InputSpec = Any
 
 # Where added modules live on the backbone (one ModuleDict, so a state dict names them all under it).
 ATTACHED = "model_modules"
