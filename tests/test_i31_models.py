@@ -638,3 +638,79 @@ def test_metric_phase_takes_a_hidden_mix_with_both_labels() -> None:
     loss, _ = phase.loss(net, (torch.rand(6, 3, 32, 32), torch.arange(6)))
     loss.backward()
     assert torch.isfinite(loss) and net.backbone.conv1.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------- searchable keys
+SPACE = """
+base:
+  data: {name: digits}
+  model: {name: vit_tiny_patch16_224, kwargs: {depth: 2}, modules: {tome: {r: 2}}}
+  phase: {name: supervised, mix: {name: tokenmix}}
+  train: {epochs: 6, scheduler: cosine}
+space:
+  model.modules.tome.r: {type: int, low: 1, high: 4}
+  model.modules.tome.enabled: {type: choice, values: [true, false]}
+  phase.mix.name: {type: choice, values: [tokenmix, mixtoken, manifold_mixup]}
+  phase.mix.alpha: {type: uniform, low: 0.2, high: 2.0}
+  train.scheduler: {type: choice, values: [onecycle, step, multistep, cosine_restarts, plateau]}
+  train.lr_schedule.gamma: {type: uniform, low: 0.1, high: 0.5, when: {train.scheduler: [step, multistep]}}
+  train.lr_schedule.patience: {type: int, low: 1, high: 3, when: {train.scheduler: plateau}}
+  train.freeze: {type: choice, values: [none, progressive]}
+  train.unfreeze.every: {type: int, low: 1, high: 2}
+"""
+
+
+def test_the_new_options_are_searchable_through_a_space(tmp_path) -> None:
+    import optuna
+
+    from raycls.config.load import load_experiment, resolve_trial
+    from raycls.config.space import suggest
+
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    experiment = load_experiment(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        config = resolve_trial(experiment, suggest(trial, experiment.space))
+        seen.add(config.train.scheduler)
+        assert 1 <= config.model.modules["tome"]["r"] <= 4
+        assert config.phase.mix.name in {"tokenmix", "mixtoken", "manifold_mixup"}
+        if config.train.scheduler == "plateau":
+            assert 1 <= config.train.lr_schedule.patience <= 3
+    assert len(seen) >= 3
+    path.write_text(SPACE.replace("values: [tokenmix, mixtoken, manifold_mixup]", "values: [tokenmix, manifold_mix]"))
+    from raycls.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    assert "manifold_mix" in str(info.value) and "manifold_mixup" in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_digits_run_with_tome_mixtoken_and_plateau(tmp_path) -> None:
+    """The training loop end to end: a ViT with token merging, MixToken batches, and the plateau schedule
+    reading each epoch's val_acc (threshold 1.0: no epoch improves by that, so lr halves after each)."""
+    from raycls.config import TrialConfig
+    from raycls.train import run_local
+
+    config = TrialConfig.model_validate(
+        {
+            "data": {"name": "digits", "val_fraction": 0.2, "train_subset": 300},
+            "model": {"name": "vit_tiny_patch16_224", "kwargs": TINY_VIT, "modules": {"tome": {"r": 1}}},
+            "phase": {"name": "supervised", "mix": {"name": "mixtoken"}},
+            "train": {
+                "epochs": 3,
+                "batch_size": 64,
+                "optimizer": "adamw",
+                "lr": 1e-3,
+                "scheduler": "plateau",
+                "lr_schedule": {"patience": 0, "factor": 0.5, "threshold": 1.0},
+            },
+        }
+    )
+    history = []
+    run_local(config, tmp_path, device=torch.device("cpu"), on_epoch=history.append)
+    assert [h["lr"] for h in history] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    assert all(h["train_loss"] == h["train_loss"] and h["val_acc"] >= 0.0 for h in history)
