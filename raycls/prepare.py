@@ -46,6 +46,7 @@ def prepare_experiment(
     check_search(experiment)  # a grid enumerates choices, and has enough of them
     check_stages(experiment)  # what each phase can run on (token_distill: ViTs only)
     check_loader(experiment)  # data.loader: stream reads image files only
+    check_progressive_freeze(experiment)  # progressive unfreezing on one worker per trial
     check_input_sizes(experiment)  # each model a trial builds takes the images' size (ViTs: a fixed one)
     if environment:
         problems = environment_problems(experiment)
@@ -66,6 +67,19 @@ def check_loader(experiment: Experiment) -> None:
                 f"data.loader: stream needs a dataset of image files ({', '.join(streamable())}); "
                 f"data.name {data.name!r} is read into memory whole: use loader memory or auto"
             ],
+            source=experiment.source,
+        )
+
+
+def check_progressive_freeze(experiment: Experiment) -> None:
+    """`train.freeze: progressive` changes which parameters train from epoch to epoch; DDP fixes the set it
+    synchronises when it wraps the model, so such a trial runs on one worker."""
+    workers = experiment.experiment.resources.workers
+    progressive = [s.label for s in experiment.base.stages if s.train.freeze == "progressive"]
+    if workers > 1 and progressive:
+        where = "train.freeze" if len(experiment.base.stages) == 1 else f"phases {', '.join(progressive)}: train.freeze"
+        raise ConfigError(
+            [f"{where}: progressive trains on one worker per trial; experiment.resources.workers is {workers}"],
             source=experiment.source,
         )
 

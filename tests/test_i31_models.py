@@ -714,3 +714,16 @@ def test_a_digits_run_with_tome_mixtoken_and_plateau(tmp_path) -> None:
     run_local(config, tmp_path, device=torch.device("cpu"), on_epoch=history.append)
     assert [h["lr"] for h in history] == pytest.approx([1e-3, 5e-4, 2.5e-4])
     assert all(h["train_loss"] == h["train_loss"] and h["val_acc"] >= 0.0 for h in history)
+
+
+def test_progressive_freeze_with_several_workers_is_refused_before_trials(tmp_path) -> None:
+    from raycls.errors import ConfigError
+    from raycls.prepare import prepare_experiment
+
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "experiment: {resources: {workers: 2}}\n"
+        "base: {data: {name: digits}, model: {name: small_cnn}, train: {epochs: 2, freeze: progressive}}\n"
+    )
+    with pytest.raises(ConfigError, match="train.freeze: progressive trains on one worker per trial; .*workers is 2"):
+        prepare_experiment(space, environment=False)
