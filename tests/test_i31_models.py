@@ -727,3 +727,32 @@ def test_progressive_freeze_with_several_workers_is_refused_before_trials(tmp_pa
     )
     with pytest.raises(ConfigError, match="train.freeze: progressive trains on one worker per trial; .*workers is 2"):
         prepare_experiment(space, environment=False)
+
+
+@pytest.mark.parametrize(
+    ("modules", "message"),
+    [
+        ("{cbam: {}}", r"model.modules.cbam: needs a CNN with feature stages"),
+        ("{token_learner: {tokens: 80}}", r"model.modules.token_learner.tokens: 80 must be fewer than the 64 patch"),
+    ],
+)
+def test_modules_that_do_not_fit_the_model_are_refused_before_trials(tmp_path, modules: str, message: str) -> None:
+    from raycls.errors import ConfigError
+    from raycls.prepare import prepare_experiment
+
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "base:\n  data: {name: cifar10}\n"
+        f"  model: {{name: vit_tiny_patch16_224, kwargs: {{depth: 2}}, modules: {modules}}}\n"
+        "  train: {epochs: 2}\n"
+    )
+    with pytest.raises(ConfigError, match=message):
+        prepare_experiment(space, environment=False)
+    space.write_text(
+        "base:\n  data: {name: cifar10}\n  model: {name: resnet18, modules: {cbam: {stages: [9]}}}\n"
+        "  train: {epochs: 2}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"model.modules.cbam.stages: \[9\] out of range; this model's stages are 0: layer1"
+    ):
+        prepare_experiment(space, environment=False)
