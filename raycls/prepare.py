@@ -46,7 +46,9 @@ def prepare_experiment(
     check_search(experiment)  # a grid enumerates choices, and has enough of them
     check_stages(experiment)  # what each phase can run on (token_distill: ViTs only)
     check_loader(experiment)  # data.loader: stream reads image files only
+    check_progressive_freeze(experiment)  # progressive unfreezing on one worker per trial
     check_input_sizes(experiment)  # each model a trial builds takes the images' size (ViTs: a fixed one)
+    check_model_modules(experiment)  # model.modules fit their models (CNN modules on CNNs, ...)
     if environment:
         problems = environment_problems(experiment)
         if problems:
@@ -66,6 +68,19 @@ def check_loader(experiment: Experiment) -> None:
                 f"data.loader: stream needs a dataset of image files ({', '.join(streamable())}); "
                 f"data.name {data.name!r} is read into memory whole: use loader memory or auto"
             ],
+            source=experiment.source,
+        )
+
+
+def check_progressive_freeze(experiment: Experiment) -> None:
+    """`train.freeze: progressive` changes which parameters train from epoch to epoch; DDP fixes the set it
+    synchronises when it wraps the model, so such a trial runs on one worker."""
+    workers = experiment.experiment.resources.workers
+    progressive = [s.label for s in experiment.base.stages if s.train.freeze == "progressive"]
+    if workers > 1 and progressive:
+        where = "train.freeze" if len(experiment.base.stages) == 1 else f"phases {', '.join(progressive)}: train.freeze"
+        raise ConfigError(
+            [f"{where}: progressive trains on one worker per trial; experiment.resources.workers is {workers}"],
             source=experiment.source,
         )
 
@@ -115,6 +130,22 @@ def check_input_sizes(experiment: Experiment) -> None:
         problem = None if size is None or key.endswith("teacher_model") else input_size_problem(model, size)
         if problem:
             problems.append(f"{key}.name: {problem}")
+    if problems:
+        raise ConfigError(problems, source=experiment.source)
+
+
+def check_model_modules(experiment: Experiment) -> None:
+    """`model.modules` that do not fit their model (CBAM on a ViT, ToMe on a CNN, a stage index out of range)
+    are refused under the model's key before any trial starts."""
+    from raycls.data.datasets import DATASETS
+    from raycls.models.preflight import modules_problem
+
+    problems: list[str] = []
+    for key, model, config in models_to_check(experiment):
+        size = DATASETS.get(config.data.name).image_size(config.data)
+        problem = None if size is None else modules_problem(model, size)
+        if problem:  # the modules name themselves `model.modules.<name>`; a stage's model has its own key
+            problems.append(problem.replace("model.modules", f"{key}.modules") if key != "model" else problem)
     if problems:
         raise ConfigError(problems, source=experiment.source)
 

@@ -28,11 +28,13 @@ BUILTIN_MODULES: dict[str, str] = {
     "augmentation": "raycls.data.policies",  # imports raycls.data.augment: every op, base and policy
     "model": "raycls.models",
     "small-input adapter": "raycls.models",
+    "model module": "raycls.models.modules",
     "loss": "raycls.losses",
     "margin loss": "raycls.losses",
     "kd loss": "raycls.losses",
     "alpha schedule": "raycls.losses",
     "phase": "raycls.phases",
+    "batch mixer": "raycls.phases.mixing",
     "optimizer": "raycls.optim",
     "lr schedule": "raycls.optim",
     "sampler": "raycls.search",

@@ -33,6 +33,14 @@ def check_name(family: str, name: str) -> str:
         raise ValueError(str(err)) from None
 
 
+def _check_entry(family: str, name: str) -> Any:
+    """The registry entry `name` of `family` (a ValueError listing the known names if unknown)."""
+    from raycls.registry import FAMILIES
+
+    check_name(family, name)
+    return FAMILIES[family].get(name)
+
+
 def _set_name(name: str, family: str, what: str) -> str:
     """An OOD or shift set: one of the family's own (generated images, the corruption suite) or a dataset."""
     if not is_registered(family, name) and not is_registered("dataset", name):
@@ -119,13 +127,43 @@ class ModelConfig(Frozen):
     # A model with a distillation token (cifar_deit_distilled) predicts from its class head, its distillation
     # head, or their mean; None: the mean (DeiT's and timm's choice).
     inference_head: Literal["class", "distill", "mean"] | None = None
+    # Modules added to the backbone, by MODEL_MODULES name (raycls.models.modules), each with its options:
+    # {cbam: {}, mixstyle: {p: 0.5}} on CNNs, {tome: {r: 4}} or {token_learner: {tokens: 8}} on ViTs.
+    modules: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
     _known = registered("model", "name")
+
+    @field_validator("modules")
+    @classmethod
+    def _known_modules(cls, value: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any] | None]:
+        """Each name a registered model module, its options the module's own (validated by its options model)."""
+        problems, tags = [], {}
+        for name, options in value.items():
+            try:
+                entry = _check_entry("model module", name)
+            except ValueError as err:
+                problems.append(f"modules.{name}: {err}")
+                continue
+            try:
+                parsed = entry.options.model_validate(options or {})
+            except ValidationError as err:
+                for e in err.errors():
+                    where = ".".join(str(p) for p in e["loc"])
+                    problems.append(f"modules.{name}.{where}: {e['msg']}")
+                continue
+            if parsed.enabled and entry.exclusive is not None:
+                tags.setdefault(entry.exclusive, []).append(name)
+        problems += [
+            f"modules: {' and '.join(n)} both change the {tag}; choose one" for tag, n in tags.items() if len(n) > 1
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
 
     def same_architecture(self, other: ModelConfig) -> bool:
         """Whether weights of one load into the other: the fields that shape the network agree (dropout,
         drop-path, pretrained and the inference head change how it trains or predicts, not its weights)."""
-        shaping = ("name", "width", "small_input", "kwargs", "adapter")
+        shaping = ("name", "width", "small_input", "kwargs", "adapter", "modules")
         return all(getattr(self, f) == getattr(other, f) for f in shaping)
 
 
@@ -135,12 +173,38 @@ class PhaseConfig(Frozen):
     name: str
 
 
+class MixConfig(Frozen):
+    """`phase.mix`: a batch mixer by MIXERS name (raycls.phases.mixing): mixup, cutmix, tokenmix, mixtoken
+    (ViTs), manifold_mixup. Each image is mixed with the batch reversed at lam ~ Beta(alpha, alpha)."""
+
+    name: str
+    alpha: Annotated[float, Field(gt=0.0)] = 1.0
+    prob: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0  # the share of batches mixed
+    # tokenmix / mixtoken: the token grid's side; None: the ViT's patch grid (else 8).
+    grid: PositiveInt | None = None
+
+    _known = registered("batch mixer", "name")
+
+
+def _one_mixing(config: Any) -> Any:
+    """`mix` replaces mixup_alpha / cutmix_alpha (the older keys); both at once would be two mixings."""
+    if config.mix is not None and (config.mixup_alpha > 0 or config.cutmix_alpha > 0):
+        raise ValueError(
+            f"mix: {config.mix.name} and mixup_alpha / cutmix_alpha are both set: choose one (mix: {{name: mixup}} "
+            "or {name: cutmix} replaces the alphas)"
+        )
+    return config
+
+
 class SupervisedConfig(PhaseConfig):
     name: Literal["supervised"] = "supervised"
     label_smoothing: Fraction = 0.0
     # MixUp / CutMix (timm's implementation); 0 disables each. The metric and distill phases take them too.
     mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
     cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    mix: MixConfig | None = None  # a MIXERS mixer (tokenmix, mixtoken, manifold_mixup, ...) instead of the alphas
+
+    _one_mixing = model_validator(mode="after")(_one_mixing)
 
 
 class MetricConfig(PhaseConfig):
@@ -152,6 +216,9 @@ class MetricConfig(PhaseConfig):
     # MixUp / CutMix (timm's mixing): the margin loss of both labels, weighted by the mixing ratio.
     mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
     cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    mix: MixConfig | None = None  # a MIXERS mixer (tokenmix, mixtoken, manifold_mixup, ...) instead of the alphas
+
+    _one_mixing = model_validator(mode="after")(_one_mixing)
     # None: the loss's own default (its paper's).
     margin: Annotated[float, Field(ge=0.0)] | None = None
     # Logit scale s. 30 rather than the face-recognition papers' 64: 10-100 classes need less.
@@ -236,6 +303,9 @@ class DistillConfig(TeacherPhaseConfig):
     # learns the mixed (smoothed) targets.
     mixup_alpha: Annotated[float, Field(ge=0.0)] = 0.0
     cutmix_alpha: Annotated[float, Field(ge=0.0)] = 0.0
+    mix: MixConfig | None = None  # a MIXERS mixer (tokenmix, mixtoken, manifold_mixup, ...) instead of the alphas
+
+    _one_mixing = model_validator(mode="after")(_one_mixing)
     # DeiT (Touvron et al. 2021): a distilled ViT student (timm's *_distilled_* models) learns the labels
     # through its class token and the teacher through its distillation token; at inference both heads average.
     distill_token: bool = False
@@ -243,6 +313,16 @@ class DistillConfig(TeacherPhaseConfig):
     _known_kd = registered("kd loss", "kd")
 
     _known_alpha_schedule = registered("alpha schedule", "alpha_schedule")
+
+    @field_validator("mix")
+    @classmethod
+    def _teacher_sees_the_mix(cls, mix: MixConfig | None) -> MixConfig | None:
+        if mix is not None and _check_entry("batch mixer", mix.name).hidden:
+            raise ValueError(
+                f"mix: {mix.name} mixes the student's hidden features, which the teacher never sees; "
+                "distil with an image mixer (mixup, cutmix, tokenmix)"
+            )
+        return mix
 
 
 class TokenDistillConfig(TeacherPhaseConfig):
@@ -356,6 +436,53 @@ class SwaConfig(Frozen):
     select: bool = True
 
 
+class LrScheduleConfig(Frozen):
+    """Options of the lr schedules that are torch.optim.lr_scheduler classes (`train.scheduler`); periods are
+    in epochs. step: lr * gamma every `step_epochs`; multistep: lr * gamma at each of `milestones` (None: at
+    half and three quarters of the stage); cosine_restarts: cosine to lr * min_lr_ratio over `restart_epochs`,
+    each period `restart_mult` times the previous; onecycle: from lr / div_factor up to lr over `pct_start`
+    of the stage (or warmup_epochs), then down to lr / (div_factor * final_div_factor); plateau: lr * factor
+    once the phase's metric has not improved by more than `threshold` for `patience` epochs."""
+
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    step_epochs: PositiveInt = 30
+    milestones: list[PositiveInt] | None = None
+    restart_epochs: PositiveInt = 10
+    restart_mult: PositiveInt = 1
+    pct_start: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.3
+    div_factor: Annotated[float, Field(ge=1.0)] = 25.0
+    final_div_factor: Annotated[float, Field(ge=1.0)] = 1.0e4
+    factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    patience: Annotated[int, Field(ge=0)] = 2
+    threshold: Annotated[float, Field(ge=0.0)] = 0.0
+    # The validation metric plateau watches; None: the phase's own (the one its epochs are judged by).
+    metric: str | None = None
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(b <= a for a, b in zip(value, value[1:])):
+            raise ValueError(f"milestones must increase, got {value}")
+        return value
+
+    def milestones_for(self, epochs: int) -> list[int]:
+        return (
+            self.milestones if self.milestones is not None else sorted({max(1, epochs // 2), max(1, 3 * epochs // 4)})
+        )
+
+
+class UnfreezeConfig(Frozen):
+    """Progressive unfreezing (`train.freeze: progressive`, ULMFiT's gradual unfreezing): epoch 0 trains the
+    heads only; every `every` epochs the next `blocks` backbone blocks, counted from the top (nearest the
+    head) down to the stem, start training too. Blocks are timm's layer groups (`group_matcher`: the stem,
+    each residual / transformer block), or the backbone's children for models without one."""
+
+    every: PositiveInt = 1
+    blocks: PositiveInt = 1
+    # timm's coarse groups: whole stages (resnet's layer1..4) instead of single blocks.
+    coarse: bool = False
+
+
 class TrainConfig(Frozen):
     epochs: PositiveInt = 10
     batch_size: PositiveInt = 128
@@ -367,9 +494,11 @@ class TrainConfig(Frozen):
     nesterov: bool = True
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     scheduler: str = "cosine"  # the lr schedule (an LR_SCHEDULES name; the YAML key predates the rename)
+    # Options of the step, multistep, cosine_restarts, onecycle and plateau schedules.
+    lr_schedule: LrScheduleConfig = Field(default_factory=LrScheduleConfig)
     # Linear warm-up, in epochs (fractions allowed), before the schedule proper.
     warmup_epochs: Annotated[float, Field(ge=0.0)] = 0.0
-    # The cosine schedule ends at lr * min_lr_ratio.
+    # The cosine and linear schedules end at lr * min_lr_ratio (cosine_restarts' and plateau's floor too).
     min_lr_ratio: Fraction = 0.0
     # Clip the global gradient norm to this value; None disables clipping.
     grad_clip: Annotated[float, Field(gt=0.0)] | None = None
@@ -391,8 +520,10 @@ class TrainConfig(Frozen):
     compile: bool = False
     compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     # Train only part of the model: "backbone" freezes the backbone but its classifier (heads train), a list
-    # names modules of the phase's model; frozen BatchNorm statistics stay as they are.
-    freeze: Literal["none", "backbone"] | list[str] = "none"
+    # names modules of the phase's model; frozen BatchNorm statistics stay as they are. "progressive": the
+    # backbone starts frozen and is unfrozen block by block from the top (`unfreeze`), heads training throughout.
+    freeze: Literal["none", "backbone", "progressive"] | list[str] = "none"
+    unfreeze: UnfreezeConfig = Field(default_factory=UnfreezeConfig)
 
     _known_optimizer = registered("optimizer", "optimizer")
 

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import lzma
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -312,9 +313,70 @@ def read_cifar10(config: DataConfig, root: Path) -> RawDataset:
     return _read_torchvision_cifar(config, base, "CIFAR10")
 
 
+CIFAR100_FOLDER = "cifar-100-python"  # the folder inside the published archive (and torchvision's download)
+
+
 @register_dataset("cifar100", size=32)
 def read_cifar100(config: DataConfig, root: Path) -> RawDataset:
-    return _read_torchvision_cifar(config, root / "cifar100", "CIFAR100")
+    """CIFAR-100's 100 fine classes, from the published python pickles (`<root>/cifar100/cifar-100-python/
+    {train,test,meta}`, or those three files in `<root>/cifar100/` itself); downloaded through torchvision
+    when missing and data.download is true. Read here, not by torchvision's class: that one refuses files
+    whose MD5 differs from the published archive's (a subset, a re-export)."""
+    base = root / "cifar100"
+    folder = next((f for f in (base / CIFAR100_FOLDER, base) if _cifar100_files(f)), None)
+    if folder is None:
+        if not config.download:
+            raise DataError(
+                f"dataset 'cifar100': {', '.join(CIFAR100_FILES)} not found under {base / CIFAR100_FOLDER} "
+                "and data.download is false"
+            )
+        import torchvision.datasets as tvd
+
+        try:
+            tvd.CIFAR100(root=str(base), train=True, download=True)
+        except Exception as err:  # torchvision raises URLError, RuntimeError, ... depending on the failure
+            raise _download_error(config.name, base, err) from err
+        folder = base / CIFAR100_FOLDER
+    classes = tuple(_read_pickle(folder / "meta")["fine_label_names"])
+    splits = []
+    for split in ("train", "test"):
+        entry = _read_pickle(folder / split)
+        images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        splits.append(from_hwc(images, np.asarray(entry["fine_labels"]), classes))
+    return RawDataset(*splits)
+
+
+CIFAR100_FILES = ("train", "test", "meta")
+
+
+def _cifar100_files(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in CIFAR100_FILES)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays only: a data file runs no code when opened."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol 2 (Python 3's writers) spells an array's raw bytes
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's own signature
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a dataset file")
+
+
+def _read_pickle(path: Path) -> dict:
+    """A CIFAR python pickle (written by Python 2: latin-1 strings, as torchvision reads them)."""
+    try:
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, OSError) as err:
+        raise DataError(f"cannot read {path} as a CIFAR python pickle: {err}") from None
 
 
 def _read_torchvision_cifar(config: DataConfig, base: Path, tv_name: str) -> RawDataset:

@@ -87,6 +87,24 @@ def _pretrained_cfg(name: str):  # -> timm PretrainedCfg | None
     return get_pretrained_cfg(name)
 
 
+# ------------------------------------------------------------------------------------------------ modules
+def modules_problem(config: ModelConfig, image_size: int) -> str | None:
+    """Why `config.modules` cannot be added to its model at this size (a CNN module on a ViT, a stage index
+    out of range, more learned tokens than patches), or None. Built on the meta device, like the shape check."""
+    if not config.modules:
+        return None
+    from raycls.errors import ConfigError
+    from raycls.models.modules import apply_modules
+
+    spec = InputSpec(num_classes=CHECK_CLASSES, in_chans=CHECK_CHANNELS, image_size=image_size)
+    try:
+        with torch.device("meta"):
+            apply_modules(_build(config, spec), config.modules, spec)
+    except ConfigError as err:
+        return "; ".join(err.problems)
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ weights
 def weights_problem(config: ModelConfig) -> str | None:
     """Why `config.pretrained` cannot be met from this machine's caches (with how to fix it), or None.

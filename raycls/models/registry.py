@@ -65,6 +65,10 @@ def create_model(config: ModelConfig, spec: InputSpec) -> nn.Module:
             f"model.inference_head={config.inference_head}: {config.name} has one head; it applies to "
             "models with a distillation token (cifar_deit_distilled)"
         )
+    if config.modules:
+        from raycls.models.modules import apply_modules
+
+        model = apply_modules(model, config.modules, spec)
     if config.adapter is not None:
         from raycls.models.adapters import apply_adapter
 

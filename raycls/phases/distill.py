@@ -108,7 +108,7 @@ class Distill(Phase[DistillConfig]):
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
-        mixed = self.mixer(x, y) if self.mixer is not None else None
+        mixed = self.mixer(x, y, _unwrap(model).student) if self.mixer is not None else None
         if mixed is not None:
             x = mixed.images  # the teacher sees the same mixed images as the student
         label_logits, kd_logits = self.student_logits(model, x)

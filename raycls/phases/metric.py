@@ -15,7 +15,7 @@ from raycls.config.schema import MetricConfig
 from raycls.errors import ConfigError
 from raycls.evaluate.evaluators import Outputs
 from raycls.losses import LOSSES, MarginLoss
-from raycls.models import BackboneModel
+from raycls.models import BackboneModel, unwrap
 from raycls.phases.base import PHASES, Batch, Phase
 from raycls.phases.mixing import BatchMixer
 
@@ -83,8 +83,9 @@ class Metric(Phase[MetricConfig]):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
         if self.mixer is not None:
-            mixed = self.mixer(x, y)
-            return model(mixed.images, mixed.labels, mixed.partners, mixed.lam).loss, {}
+            mixed = self.mixer(x, y, self.backbone(unwrap(model)))
+            with mixed.inside:
+                return model(mixed.images, mixed.labels, mixed.partners, mixed.lam).loss, {}
         return model(x, y).loss, {}
 
     def outputs(self, model: nn.Module, x: torch.Tensor) -> Outputs:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from raycls import names
 from raycls.config.schema import SupervisedConfig
+from raycls.models.checkpoint import unwrap
 from raycls.models.registry import InputSpec
 from raycls.phases.base import PHASES, Batch, Phase
 from raycls.phases.mixing import BatchMixer, soft_cross_entropy
@@ -25,8 +26,10 @@ class Supervised(Phase[SupervisedConfig]):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x, y = batch
         if self.mixer is not None:
-            mixed = self.mixer(x, y)
-            return soft_cross_entropy(model(mixed.images), mixed.soft), {}
+            mixed = self.mixer(x, y, self.backbone(unwrap(model)))
+            with mixed.inside:
+                logits = model(mixed.images)
+            return soft_cross_entropy(logits, mixed.soft), {}
         logits = model(x)
         return F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing), {}
 

@@ -30,12 +30,18 @@ from raycls.data.stream import TRAIN, TRAIN_EVAL, VAL, StreamLoader, StreamSourc
 from raycls.errors import ConfigError
 from raycls.models import InputSpec, create_model, unwrap
 from raycls.models.checkpoint import backbone_weights, load_backbone
-from raycls.optim import create_lr_schedule, create_optimizer
+from raycls.optim import create_lr_schedule, create_optimizer, end_epoch
 from raycls.phases import Phase, create_phase
 from raycls.phases.base import Previous
 from raycls.train.averaging import WeightAverage, create_average
 from raycls.train.distributed import all_gather_cat, all_reduce_sum, broadcast_from_rank0
-from raycls.train.freeze import freeze_modules, frozen_modules, keep_frozen_norms_in_eval, trainable_parameters
+from raycls.train.freeze import (
+    freeze_modules,
+    frozen_modules,
+    keep_frozen_norms_in_eval,
+    progressive_unfreezing,
+    trainable_parameters,
+)
 from raycls.train.state import Best, Plateau, Position, Weights, load_checkpoint, read_best, save_checkpoint
 from raycls.train.steps import StepPolicy, autocast, check_finite, seed_everything, train_step
 
@@ -191,7 +197,14 @@ def train_stage(
     parts = build(config, stage, data, ctx, index=run.index, init=run.init, previous=run.previous)
     model, phase, policy = parts.model, parts.phase, parts.policy
     optimizer = create_optimizer(stage.train, model, backbone=phase.backbone(model))
-    lr_schedule = create_lr_schedule(stage.train, optimizer, len(parts.train_loader))
+    lr_schedule = create_lr_schedule(stage.train, optimizer, len(parts.train_loader), metric=phase.metric)
+    # After the optimizer, which must hold every parameter a later epoch thaws.
+    unfreezing = progressive_unfreezing(stage.train.freeze, stage.train.unfreeze, phase.backbone(model))
+    if unfreezing is not None and ctx.world_size > 1:
+        raise ConfigError(
+            "train.freeze: progressive trains on one worker per trial: DDP fixes the parameters it synchronises "
+            "when it wraps the model (set experiment.resources.workers: 1)"
+        )
     best = Best(phase.metric)
     average = create_average(model, stage.train, stage.train.epochs)  # train.ema / train.swa
     if run.resume_from is not None:
@@ -208,6 +221,8 @@ def train_stage(
     for epoch in range(run.start, stage.train.epochs):
         started = time.perf_counter()
         compiling = stage.train.compile and epoch == run.start
+        if unfreezing is not None:
+            parts.frozen = unfreezing.at_epoch(epoch)
         train_loss, images, seconds, first_step = train_epoch(
             trained,
             phase,
@@ -230,6 +245,7 @@ def train_stage(
             )
             validation = average.merge(validation, averaged)
         judged = average.judged(model) if average is not None else model  # what the epoch is judged and kept by
+        end_epoch(lr_schedule, validation)  # plateau reads the epoch's judged validation metric
         metrics = {
             names.EPOCH: run.offset + epoch + 1,  # epochs finished over the chain: the time axis ASHA's rungs count in
             names.TRAIN_LOSS: train_loss,
