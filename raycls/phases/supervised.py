@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from raycls import names
 from raycls.config.schema import SupervisedConfig
 from raycls.models.registry import InputSpec
-from raycls.phases.base import PHASES, Batch, Phase
+from raycls.phases.base import PHASES, Batch, Phase, training_hits
 from raycls.phases.mixing import BatchMixer, soft_cross_entropy
 
 
@@ -28,7 +28,7 @@ class Supervised(Phase[SupervisedConfig]):
             mixed = self.mixer(x, y)
             return soft_cross_entropy(model(mixed.images), mixed.soft), {}
         logits = model(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing), {}
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing), training_hits(logits, y)
 
     def classifier(self, model: nn.Module) -> nn.Module:
         return model
