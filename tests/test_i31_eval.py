@@ -245,13 +245,15 @@ def _write_rows(storage: Path, histories: dict[str, list[dict]]) -> None:
 
 
 def test_the_report_draws_train_vs_validation_curves_of_a_real_run(digits_run, tmp_path: Path) -> None:
-    """The digits trial's real history, and a built one that overfits (its point marked, the menu picks it)."""
+    """The digits trial's real history, and a built one that overfits (its point marked); the menu picks the
+    trial, best first."""
     from raycls.report.data import load_report_data
     from raycls.report.figures import build_sections, trial_overfitting
 
     _, _, run = digits_run
     real = json.loads((run / "metrics.json").read_text())["history"]
     assert len(real) == 8 and all(names.TRAIN_LOSS in h and names.VAL_LOSS in h for h in real)
+    assert all(0 < h[names.TRAIN_ACC] <= 1 for h in real) and real[-1][names.TRAIN_ACC] > real[0][names.TRAIN_ACC]
     losses = [0.9, 0.6, 0.4, 0.45, 0.5, 0.6]
     overfit = [
         {
@@ -263,8 +265,6 @@ def test_the_report_draws_train_vs_validation_curves_of_a_real_run(digits_run, t
         }
         for e, v in enumerate(losses)
     ]
-    for h in overfit:
-        h["val_acc"] = 0.99 if h[names.EPOCH] == 1 else h["val_acc"]  # ranks it first
     _write_rows(tmp_path, {"real": real, "overfits": overfit})
     data = load_report_data(str(tmp_path), "curves")
     sections = {s.name: s for s in build_sections(data)}
@@ -277,7 +277,7 @@ def test_the_report_draws_train_vs_validation_curves_of_a_real_run(digits_run, t
     assert list(by_name["overfits train_loss"].y) == pytest.approx([1.0 - 0.1 * e for e in range(6)])
     assert list(by_name["overfits val_loss"].y) == losses
     assert list(by_name["real val_loss"].y) == pytest.approx([h[names.VAL_LOSS] for h in real])
-    assert "overfits train_acc" in by_name and "real train_acc" not in by_name
+    assert list(by_name["real train_acc"].y) == pytest.approx([h[names.TRAIN_ACC] for h in real])
     star = [t for t in fig.data if t.name == "overfits overfitting point"]
     assert [(list(t.x), list(t.y)) for t in star] == [([3], [0.4]), ([3], [0.6])]
     assert trial_overfitting(data.histories["real"]) == (
@@ -287,8 +287,54 @@ def test_the_report_draws_train_vs_validation_curves_of_a_real_run(digits_run, t
     )
     # The menu: one button per trial; each shows that trial's traces only. The best trial shows first.
     buttons = fig.layout.updatemenus[0].buttons
-    assert [b.label for b in buttons] == ["overfits", "real"]
+    assert [b.label for b in buttons] == [r["trial_id"] for r in data.ranked()] and len(buttons) == 2
     for button in buttons:
         visible = button.args[0]["visible"]
         assert [t.name.split()[0] for t, v in zip(fig.data, visible) if v] == [button.label] * sum(visible)
-    assert all(t.visible for t in fig.data if t.name.startswith("overfits"))
+    first = buttons[0].label
+    assert all(bool(t.visible) == t.name.startswith(first) for t in fig.data)
+
+
+# ---------------------------------------------------------------------------- supervised.yaml's option
+def test_supervised_space_shows_the_seeds_early_stopping_and_it_loads_when_used(tmp_path: Path) -> None:
+    from raycls.config.load import load_experiment, resolve_trial
+
+    space = REPO / "search_spaces" / "supervised.yaml"
+    text = space.read_text()
+    assert resolve_trial(load_experiment(space)).stages[0].train.early_stopping is None  # off, as in the seed
+    commented = [line for line in text.splitlines() if line.strip().startswith("# early_stopping:")]
+    assert len(commented) == 1
+    used = tmp_path / "supervised.yaml"
+    used.write_text(text.replace(commented[0], commented[0].replace("# ", "", 1)))
+    stopping = resolve_trial(load_experiment(used)).stages[0].train.early_stopping
+    assert (stopping.patience, stopping.min_delta) == (5, 0.001)
+    by_set = load_experiment(space, overrides={"train.early_stopping.patience": 5})
+    assert resolve_trial(by_set).stages[0].train.early_stopping.patience == 5
+
+
+# ------------------------------------------------------------------------------------- train_acc
+def test_train_acc_counts_the_hits_of_unmixed_batches_only() -> None:
+    from raycls.phases import create_phase
+    from raycls.phases.base import TRAIN_CORRECT, TRAIN_SEEN
+    from raycls.train.steps import StepPolicy, train_step
+
+    config = TrialConfig.model_validate({"data": {"name": "digits"}, "model": {"name": "small_cnn", "width": 8}})
+    parts = build(config, config.stages[-1], load_data(config), RunContext())
+    # Evaluation mode and lr 0: both steps see the logits computed here (BatchNorm's running statistics).
+    model, phase = parts.model.eval(), parts.phase
+    x, y = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 10
+    with torch.no_grad():
+        expected = int((model(x).argmax(-1) == y).sum())
+    tally: dict[str, torch.Tensor] = {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    policy = StepPolicy.resolve(config.stages[-1].train, torch.device("cpu"))
+    for _ in range(2):
+        train_step(model, phase.loss, (x, y), optimizer, schedule, policy, tally)
+    assert int(tally[TRAIN_SEEN]) == 32 and int(tally[TRAIN_CORRECT]) == 2 * expected
+    mixing = TrialConfig.model_validate(
+        {"data": {"name": "digits"}, "model": {"name": "small_cnn", "width": 8}, "phase": {"cutmix_alpha": 1.0}}
+    )
+    mixed = create_phase(mixing.stages[-1].phase, parts.phase.spec)
+    _, extras = mixed.loss(model, (x, y))
+    assert TRAIN_CORRECT not in extras  # a mixed batch has no label to be right about
