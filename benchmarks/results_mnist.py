@@ -6,7 +6,9 @@ Trains the space's chain once (its base config: no search) on the full MNIST (`.
 process, keeps each stage's best checkpoint (by its validation accuracy), and scores each on the held-out
 test set with the default evaluation suite; then, unless the space has one, the ViT baseline: the last
 distilled stage's architecture without its distillation token, trained supervised from scratch with the
-same training section. Per stage: test accuracy, parameters of the model that predicts, wall time.
+same training section. Per stage: test accuracy, parameters of the model that predicts (a distilled
+stage's frozen teacher not counted), training wall time (from the previous stage's last epoch; the first
+stage's includes reading the data) and evaluation time.
 
     python benchmarks/results_mnist.py                                  # search_spaces/adaptive-deit-mnist.yaml
     python benchmarks/results_mnist.py --space search_spaces/adaptive-deit-mnist.yaml --set train.batch_size=256
