@@ -7,6 +7,7 @@ from typing import Literal
 EPOCH = "epoch"
 LR = "lr"
 TRAIN_LOSS = "train_loss"
+TRAIN_ACC = "train_acc"  # top-1 accuracy on the training batches as trained (phases without mixing only)
 VAL_LOSS = "val_loss"
 VAL_ACC = "val_acc"
 IMAGES_PER_S = "images_per_s"  # training images per second, all workers together
@@ -47,7 +48,11 @@ TEST_MACRO_PRECISION = "test_macro_precision"
 TEST_MACRO_RECALL = "test_macro_recall"
 TEST_WEIGHTED_PRECISION = "test_weighted_precision"
 TEST_WEIGHTED_RECALL = "test_weighted_recall"
-TEST_AUROC = "test_auroc"  # macro one-vs-rest
+TEST_AUROC = "test_auroc"  # macro one-vs-rest, over the classes present in the split
+TEST_AUROC_WORST = "test_auroc_worst"  # the lowest one-vs-rest AUROC of a class (roc_curves.png)
+TEST_CONF_CORRECT = "test_conf_correct"  # mean confidence (largest probability) of the correct predictions
+TEST_CONF_WRONG = "test_conf_wrong"  # ... of the wrong ones (confidence_histogram.png)
+TEST_CONF_GAP = "test_conf_gap"  # test_conf_correct - test_conf_wrong: how well confidence tells mistakes
 TEST_ECE = "test_ece"  # expected calibration error, 15 equal-width confidence bins
 TEST_MCE = "test_mce"  # maximum calibration error, same bins
 TEST_BRIER = "test_brier"
@@ -127,6 +132,8 @@ MODES: dict[str, Mode] = {
             TEST_MACRO_F1,
             TEST_WEIGHTED_F1,
             TEST_AUROC,
+            TEST_AUROC_WORST,
+            TEST_CONF_GAP,
             TEST_ACC_TTA,
             TEST_KNN_ACC,
             TEST_SHIFT_MCA,
@@ -143,5 +150,6 @@ MODES: dict[str, Mode] = {
     VAL_RECALL_AT_1: "max",
     VAL_LOSS: "min",
     TRAIN_LOSS: "min",
+    TRAIN_ACC: "max",
     **{val_topk(k): "max" for k in (2, 3, 5, 10)},
 }

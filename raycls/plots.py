@@ -131,3 +131,53 @@ def bars(values: dict[str, float], path: Path, *, title: str, ylabel: str, refer
     ax.set(title=title, ylabel=ylabel)
     ax.tick_params(axis="x", rotation=60)
     return _save(fig, path)
+
+
+def confidence_histogram(
+    edges: Sequence[float], correct: Sequence[int], wrong: Sequence[int], path: Path, *, title: str = ""
+) -> Path:
+    """Correct and wrong predictions per confidence bin, side by side, on a log scale (mistakes are few)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    lo = np.array(edges[:-1])
+    width = (edges[1] - edges[0]) / 2
+    ax.bar(lo, correct, width=width, align="edge", color="#2b8a3e", label=f"correct ({sum(correct)})")
+    ax.bar(lo + width, wrong, width=width, align="edge", color="#c92a2a", label=f"wrong ({sum(wrong)})")
+    if any(correct) or any(wrong):
+        ax.set_yscale("log")
+    ax.set(xlabel="confidence (largest probability)", ylabel="images (log scale)", xlim=(0, 1))
+    ax.set_title(title or "confidence of correct and wrong predictions")
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def roc_curves(
+    curves: Sequence[tuple[str, Sequence[float], Sequence[float], float]], path: Path, *, title: str
+) -> Path:
+    """One-vs-rest ROC curves: (label, false-positive rates, true-positive rates, AUROC) each."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    cmap = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    for i, (label, fpr, tpr, auroc) in enumerate(curves):
+        ax.plot(fpr, tpr, color=cmap(i % cmap.N), linewidth=1.2, label=f"{label} ({auroc:.3f})")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="chance (0.5)")
+    ax.set(xlabel="false-positive rate", ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.legend(loc="lower right", fontsize=7)
+    return _save(fig, path)
+
+
+def map_grid(cells: Sequence[Sequence[np.ndarray]], titles: Sequence[Sequence[str]], path: Path) -> Path:
+    """A grid of pictures: [H, W] arrays drawn as heat maps (each stretched to its own range), [H, W, 3]
+    uint8 arrays as colour images; `titles` like `cells`."""
+    rows, columns = len(cells), max(len(row) for row in cells)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.75 * rows), squeeze=False)
+    for r, row in enumerate(cells):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c >= len(row):
+                continue
+            cell = row[c]
+            if cell.ndim == 3:
+                ax.imshow(cell)
+            else:
+                ax.imshow(cell, cmap="viridis")
+            ax.set_title(titles[r][c], fontsize=6)
+    return _save(fig, path)

@@ -277,6 +277,7 @@ REPORT_SECTIONS = (
     "status",
     "best_so_far",
     "learning_curves",
+    "train_val_curves",
     "parallel_coordinates",
     "choices",
     "importance",

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
-    multiclass_auroc,
     multiclass_confusion_matrix,
     multiclass_f1_score,
     multiclass_precision,
@@ -18,6 +17,7 @@ from torchmetrics.functional.classification import (
 )
 
 from raycls import names
+from raycls.evaluate.roc import macro_auroc
 
 
 def classification_metrics(
@@ -41,8 +41,9 @@ def classification_metrics(
         ).item()
         metrics[f"test_{average}_recall"] = multiclass_recall(logits, labels, num_classes=c, average=average).item()
         metrics[f"test_{average}_f1"] = multiclass_f1_score(logits, labels, num_classes=c, average=average).item()
-    # One-vs-rest AUROC of each class present in the split, averaged (a class without positives has none).
-    metrics[names.TEST_AUROC] = multiclass_auroc(F.softmax(logits, -1), labels, num_classes=c, average="macro").item()
+    # One-vs-rest AUROC of each class present in the split, averaged (a class without positives has none;
+    # torchmetrics' own macro average would count it as 0).
+    metrics[names.TEST_AUROC] = macro_auroc(logits, labels)
     return metrics
 
 

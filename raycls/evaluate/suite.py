@@ -7,11 +7,13 @@ A suite is a list of steps (`EVAL_SUITES`); each step reads predictions (one cac
 runs every step (predictions are gathered onto all of them), so steps stay free of collective logic.
 
 - `default` (cheap: about one forward pass over the test and validation splits): classification metrics,
-  calibration with temperature scaling, per-class report, confusion matrix and reliability diagram; k-NN
-  accuracy for a model with no classifier yet (a supcon stage).
-- `full`: the default plus TTA (raycls.evaluate.tta), OOD detection, distribution shift (with and without
-  TTA), error analysis (confident mistakes, cleanlab's label issues), GradCAM++ overlays and a 2-D map of
-  the test embeddings.
+  calibration with temperature scaling, per-class report, confusion matrix, reliability diagram and the
+  confidence histogram of correct vs wrong predictions (no forward pass of its own); k-NN accuracy for a
+  model with no classifier yet (a supcon stage).
+- `full`: the default plus one-vs-rest ROC curves per class, TTA (raycls.evaluate.tta), OOD detection,
+  distribution shift (with and without TTA), error analysis (confident mistakes, cleanlab's label issues),
+  GradCAM++ overlays, the first blocks' feature maps (raycls.evaluate.feature_maps) and a 2-D map of the
+  test embeddings.
 
 `eval.images` evaluates a stratified seeded sample of each set instead of all of it (fast dev runs).
 
@@ -505,6 +507,11 @@ def cam_step(ev: Evaluation) -> dict[str, float]:
     return {}
 
 
+def _rgb(image: torch.Tensor) -> Any:
+    """A uint8 [C, H, W] image as an [H, W, 3] array to draw (grey repeated, extra channels dropped)."""
+    return (image if image.shape[0] >= 3 else image[:1].repeat(3, 1, 1))[:3].permute(1, 2, 0).numpy()
+
+
 def _normalise(ev: Evaluation, images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(ev.splits.mean, device=ev.device).view(1, -1, 1, 1)
     std = torch.tensor(ev.splits.std, device=ev.device).view(1, -1, 1, 1)
@@ -538,6 +545,118 @@ def embedding_map_step(ev: Evaluation) -> dict[str, float]:
         ev.file("embeddings_tsne.png"),
         title=f"t-SNE of {ev.split} embeddings",
     )
+    return {}
+
+
+@step("confidence")
+def confidence_step(ev: Evaluation) -> dict[str, float]:
+    """The confidence histogram of correct vs wrong predictions (confidence_histogram.png and .csv)."""
+    from raycls.evaluate.confidence import confidence_histogram, confidence_metrics
+    from raycls.plots import confidence_histogram as draw
+
+    test = ev.predictions("test")
+    if test.logits is None:
+        return {}
+    metrics = confidence_metrics(test.logits, test.labels)
+    if ev.writes:
+        histogram = confidence_histogram(test.logits, test.labels)
+        edges = histogram.edges
+        _write_csv(
+            ev.file("confidence_histogram.csv"),
+            [
+                {"low": edges[i], "high": edges[i + 1], "correct": histogram.correct[i], "wrong": histogram.wrong[i]}
+                for i in range(len(histogram.correct))
+            ],
+        )
+        gap = metrics.get(names.TEST_CONF_GAP)
+        draw(
+            edges,
+            histogram.correct,
+            histogram.wrong,
+            ev.file("confidence_histogram.png"),
+            title=f"{ev.split}: confidence of correct vs wrong" + (f" (gap {gap:.3f})" if gap is not None else ""),
+        )
+    return metrics
+
+
+ROC_CURVES_DRAWN = 10  # more classes: the worst ones are drawn (every class's AUROC is in roc_auroc.csv)
+
+
+@step("roc")
+def roc_step(ev: Evaluation) -> dict[str, float]:
+    """One-vs-rest ROC curves per class (roc_curves.png), every class's AUROC (roc_auroc.csv)."""
+    from raycls.evaluate.roc import roc_curves, roc_metrics
+    from raycls.plots import roc_curves as draw
+
+    test = ev.predictions("test")
+    if test.logits is None:
+        return {}
+    curves = roc_curves(test.logits, test.labels)
+    if ev.writes:
+        classes = _classes(ev)
+        _write_csv(
+            ev.file("roc_auroc.csv"),
+            [
+                {"class": classes[i] if i < len(classes) else str(i), "positives": c.positives, "auroc": c.auroc}
+                for i, c in enumerate(curves)
+            ],
+        )
+        present = [i for i, c in enumerate(curves) if c.positives > 0]
+        drawn = sorted(present, key=lambda i: curves[i].auroc)[:ROC_CURVES_DRAWN]
+        title = f"{ev.split}: one-vs-rest ROC" + (
+            f", the {len(drawn)} worst of {len(present)} classes" if len(drawn) < len(present) else ""
+        )
+        draw(
+            [
+                (str(classes[i]) if i < len(classes) else str(i), curves[i].fpr, curves[i].tpr, curves[i].auroc)
+                for i in sorted(drawn)
+            ],
+            ev.file("roc_curves.png"),
+            title=title,
+        )
+    return roc_metrics(curves)
+
+
+FEATURE_MAP_IMAGES = 4  # test images whose feature maps are drawn (of different classes)
+FEATURE_MAP_CHANNELS = 8  # strongest channels of each CNN layer drawn for the first of them
+
+
+@step("feature_maps")
+def feature_maps_step(ev: Evaluation) -> dict[str, float]:
+    """The first blocks' activations for a few test images (feature_maps.png: channel mean or token norm per
+    layer; feature_channels.png: a CNN's strongest channels for the first image)."""
+    from raycls.evaluate.feature_maps import feature_maps, strongest_channels
+    from raycls.plots import map_grid
+
+    if not ev.writes:
+        return {}
+    test = ev.test
+    picks: list[int] = []
+    for c in range(len(_classes(ev))):
+        picks += [int(i) for i in (test.labels == c).nonzero().flatten()[:1]]
+        if len(picks) == FEATURE_MAP_IMAGES:
+            break
+    if not picks:
+        return {}
+    images = test.images[torch.tensor(picks)]
+    x = _normalise(ev, images)
+    ev.model.eval()
+    layers = feature_maps(ev.phase.backbone(ev.model), lambda: ev.phase.outputs(ev.model, x))
+    shown = [_rgb(image) for image in images]
+    cells = [[shown[b]] + [layer.maps[b].abs().mean(0).numpy() for layer in layers] for b in range(len(picks))]
+    titles = [
+        [f"{_classes(ev)[int(test.labels[i])]}"] + [f"{layer.layer} {tuple(layer.maps.shape[-2:])}" for layer in layers]
+        for i in picks
+    ]
+    map_grid(cells, titles, ev.file("feature_maps.png"))
+    cnn_layers = [layer for layer in layers if layer.maps.shape[1] > 1]
+    if cnn_layers:
+        rows, row_titles = [], []
+        for layer in cnn_layers:
+            index = strongest_channels(layer.maps[0], FEATURE_MAP_CHANNELS)
+            rows.append([layer.maps[0, k].numpy() for k in index])
+            row_titles.append([f"{layer.layer} ch {int(k)}" for k in index])
+        map_grid(rows, row_titles, ev.file("feature_channels.png"))
     return {}
 
 
@@ -585,8 +704,22 @@ def textures(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
     return ((pattern[:, None] * 0.5 + 0.5) * colour * 255).round().to(torch.uint8)
 
 
-DEFAULT_STEPS = ("classification", "calibration", "knn_if_no_classifier")
+DEFAULT_STEPS = ("classification", "calibration", "confidence", "knn_if_no_classifier")
 EVAL_SUITES.register("default")(DEFAULT_STEPS)
 EVAL_SUITES.register("full")(
-    ("classification", "calibration", "knn", "tta", "ood", "shift", "shift_tta", "errors", "cam", "embedding_map")
+    (
+        "classification",
+        "calibration",
+        "confidence",
+        "roc",
+        "knn",
+        "tta",
+        "ood",
+        "shift",
+        "shift_tta",
+        "errors",
+        "cam",
+        "feature_maps",
+        "embedding_map",
+    )
 )

@@ -21,6 +21,17 @@ C = TypeVar("C", bound=PhaseConfig)
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+# Extra logs of a training batch that the loop sums into the epoch's train_acc: a phase whose loss sees
+# plain labels and class logits reports them (`training_hits`); one that mixes images has no accuracy.
+TRAIN_CORRECT, TRAIN_SEEN = "train_correct", "train_seen"
+
+
+def training_hits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch's top-1 hits and images, detached (summed over the epoch into train_acc)."""
+    correct = (logits.detach().argmax(-1) == labels).sum()
+    return {TRAIN_CORRECT: correct, TRAIN_SEEN: torch.tensor(len(labels), device=labels.device)}
+
+
 class Phase(ABC, Generic[C]):
     """One training objective: what it builds on the backbone (`build`) and its loss (`loss`).
 

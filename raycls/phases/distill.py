@@ -22,7 +22,7 @@ from raycls.errors import CheckpointError, ConfigError
 from raycls.losses import KD_LOSSES, kd_alpha
 from raycls.models import create_model, load_weights
 from raycls.models.registry import InputSpec
-from raycls.phases.base import PHASES, Batch, Phase, Previous, create_phase
+from raycls.phases.base import PHASES, Batch, Phase, Previous, create_phase, training_hits
 from raycls.phases.mixing import BatchMixer, soft_cross_entropy
 
 
@@ -121,7 +121,8 @@ class Distill(Phase[DistillConfig]):
             ce = soft_cross_entropy(label_logits, mixed.soft)  # timm's targets: smoothing already applied
         else:
             ce = F.cross_entropy(label_logits, y, label_smoothing=self.config.label_smoothing)
-        return alpha * self.kd(kd_logits, teacher) + (1.0 - alpha) * ce, {}
+        hits = training_hits(label_logits, y) if mixed is None else {}
+        return alpha * self.kd(kd_logits, teacher) + (1.0 - alpha) * ce, hits
 
     def student_logits(self, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits that learn the labels, logits that learn the teacher): the class and distillation heads of a

@@ -10,7 +10,7 @@ from raycls import names
 from raycls.config.schema import SupervisedConfig
 from raycls.models.checkpoint import unwrap
 from raycls.models.registry import InputSpec
-from raycls.phases.base import PHASES, Batch, Phase
+from raycls.phases.base import PHASES, Batch, Phase, training_hits
 from raycls.phases.mixing import BatchMixer, soft_cross_entropy
 
 
@@ -31,7 +31,7 @@ class Supervised(Phase[SupervisedConfig]):
                 logits = model(mixed.images)
             return soft_cross_entropy(logits, mixed.soft), {}
         logits = model(x)
-        return F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing), {}
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing), training_hits(logits, y)
 
     def classifier(self, model: nn.Module) -> nn.Module:
         return model

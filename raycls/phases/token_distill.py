@@ -21,7 +21,7 @@ from raycls.config.schema import PREVIOUS, ModelConfig, Stage, TokenDistillConfi
 from raycls.errors import ConfigError
 from raycls.losses.tokens import match_grid, token_relation_loss, token_representation_loss
 from raycls.models.registry import InputSpec, create_model
-from raycls.phases.base import PHASES, Batch, Phase
+from raycls.phases.base import PHASES, Batch, Phase, training_hits
 from raycls.phases.distill import teacher_module, teacher_trunk
 
 
@@ -161,7 +161,7 @@ class TokenDistill(Phase[TokenDistillConfig]):
         ce = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
         l_tok = torch.stack([token_representation_loss(p, t) for p, t in zip(projected, teacher)]).mean()
         loss = ce + self.config.tok_weight * l_tok
-        extras = {"l_tok": l_tok.detach()}
+        extras = {"l_tok": l_tok.detach(), **training_hits(logits, y)}
         if self.epoch >= self.config.rel_start_epoch:  # the staged start: L_tok alone before this epoch
             l_rel = torch.stack(
                 [token_relation_loss(s, t, self.config.rel_temperature) for s, t in zip(student, teacher)]

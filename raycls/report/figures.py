@@ -21,6 +21,7 @@ from plotly.subplots import make_subplots
 from raycls import names
 from raycls.registry import Registry
 from raycls.report.data import ReportData, timestamp
+from raycls.report.overfitting import overfitting_epoch
 
 STATUS_COLOURS = {"completed": "#2b8a3e", "early_stopped": "#e8590c", "failed": "#c92a2a"}
 TOP_EVALUATED = 3  # trials whose evaluation plots the report shows
@@ -259,6 +260,111 @@ def learning_curves(data: ReportData) -> Section:
     if rungs:
         about += " Dashed lines: ASHA's rungs, where it compared trials; an x: where it stopped one."
     return Section("learning_curves", "Learning curves", about, fig)
+
+
+TOP_CURVES = 10  # trials whose train vs validation curves the report draws (best first; a menu picks one)
+LOSSES = (names.TRAIN_LOSS, names.VAL_LOSS)
+ACCURACIES = (names.TRAIN_ACC, names.VAL_ACC)
+
+
+def trial_overfitting(history: list[dict[str, Any]]) -> int | None:
+    """A trial's overfitting point (raycls.report.overfitting) over its last stage's epochs: a chain's
+    stages train different objectives, whose losses do not continue one another."""
+    last = max((h.get(names.STAGE_INDEX) or 0 for h in history), default=0)
+    epochs = [h for h in history if (h.get(names.STAGE_INDEX) or 0) == last]
+    return overfitting_epoch(
+        [h.get(names.EPOCH) for h in epochs],
+        [h.get(names.TRAIN_LOSS) for h in epochs],
+        [h.get(names.VAL_LOSS) for h in epochs],
+    )
+
+
+@REPORT_SECTIONS.register("train_val_curves")
+def train_val_curves(data: ReportData) -> Section:
+    """Per trial: training vs validation loss, and accuracy, per epoch, with the overfitting point marked."""
+    title = "Training vs validation"
+    shown = [r for r in [*data.ranked(), *data.rows] if data.histories.get(r["trial_id"])]
+    trials = list(dict.fromkeys(r["trial_id"] for r in shown))[:TOP_CURVES]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "accuracy"))
+    owners: list[int] = []  # the trial (its position in `trials`) of each trace: what the menu shows
+    points: dict[str, int] = {}
+    for index, trial in enumerate(trials):
+        history = data.histories[trial]
+        epochs = [h.get(names.EPOCH) for h in history]
+        for col, columns in ((1, LOSSES), (2, ACCURACIES)):
+            for column in columns:
+                values = [h.get(column) for h in history]
+                if not any(isinstance(v, (int, float)) for v in values):
+                    continue
+                fig.add_scatter(
+                    x=epochs,
+                    y=values,
+                    mode="lines+markers",
+                    name=f"{trial} {column}",
+                    legendgroup=trial,
+                    line={"dash": "solid" if column.startswith("train") else "dash", "width": 1.5},
+                    marker={"size": 4},
+                    visible=index == 0,
+                    row=1,
+                    col=col,
+                )
+                owners.append(index)
+        point = trial_overfitting(history)
+        if point is None:
+            continue
+        points[trial] = point
+        at = next(h for h in history if h.get(names.EPOCH) == point)
+        for col, column in ((1, names.VAL_LOSS), (2, names.VAL_ACC)):
+            if isinstance(at.get(column), (int, float)):
+                fig.add_scatter(
+                    x=[point],
+                    y=[at[column]],
+                    mode="markers+text",
+                    text=[f"overfits after {point}"] if col == 1 else [""],
+                    textposition="top center",
+                    name=f"{trial} overfitting point",
+                    legendgroup=trial,
+                    showlegend=col == 1,
+                    marker={"symbol": "star", "size": 14, "color": STATUS_COLOURS["failed"]},
+                    visible=index == 0,
+                    row=1,
+                    col=col,
+                )
+                owners.append(index)
+    if not owners:
+        return Section(
+            "train_val_curves", title, "", note="No trial reported a training or validation loss or accuracy per epoch."
+        )
+    fig.update_xaxes(title_text="epoch")
+    _layout(fig, f"{trials[0]}: training (solid) vs validation (dashed)")
+    if len(trials) > 1:
+        buttons = [
+            {
+                "label": trial,
+                "method": "update",
+                "args": [
+                    {"visible": [owner == index for owner in owners]},
+                    {"title": f"{trial}: training (solid) vs validation (dashed)"},
+                ],
+            }
+            for index, trial in enumerate(trials)
+        ]
+        fig.update_layout(
+            updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.15}]
+        )
+    about = (
+        f"The {len(trials)} best trials' training and validation loss and accuracy per epoch (the menu picks "
+        "one). A star: the overfitting point, the epoch after which the validation loss rises while the "
+        "training loss keeps falling."
+    )
+    note = (
+        "Overfitting points: " + ", ".join(f"{t} after epoch {e}" for t, e in points.items()) + "."
+        if points
+        else "No drawn trial overfits: its validation loss does not rise while its training loss falls."
+    )
+    if not any(names.TRAIN_ACC in h for t in trials for h in data.histories[t]):
+        note += " Training accuracy is not recorded for these trials (phases that mix images have none)."
+    return Section("train_val_curves", title, about, fig, note)
 
 
 @REPORT_SECTIONS.register("parallel_coordinates")

@@ -32,7 +32,7 @@ from raycls.models import InputSpec, create_model, unwrap
 from raycls.models.checkpoint import backbone_weights, load_backbone
 from raycls.optim import create_lr_schedule, create_optimizer, end_epoch
 from raycls.phases import Phase, create_phase
-from raycls.phases.base import Previous
+from raycls.phases.base import TRAIN_CORRECT, TRAIN_SEEN, Previous
 from raycls.train.averaging import WeightAverage, create_average
 from raycls.train.distributed import all_gather_cat, all_reduce_sum, broadcast_from_rank0
 from raycls.train.freeze import (
@@ -219,6 +219,7 @@ def train_stage(
         trained = torch.compile(trained, backend=stage.train.compile_backend)
 
     for epoch in range(run.start, stage.train.epochs):
+        accuracy: Metrics = {}  # train_acc, when the phase counts its training hits (no mixing)
         started = time.perf_counter()
         compiling = stage.train.compile and epoch == run.start
         if unfreezing is not None:
@@ -234,6 +235,7 @@ def train_stage(
             epoch,
             frozen=parts.frozen,
             average=average,
+            accuracy=accuracy,
         )
         validation = evaluate(model, phase, parts.val_loader, policy, sync=ctx.world_size > 1)
         if average is not None:
@@ -253,6 +255,7 @@ def train_stage(
             names.TRAIN_IMAGES: images,
             names.IMAGES_PER_S: images / max(seconds - (first_step if compiling else 0.0), 1e-9),
             names.TRAINABLE_PARAMS: trainable_parameters(model),
+            **accuracy,
             **validation,
         }
         metrics[names.EPOCH_S] = time.perf_counter() - started
@@ -305,18 +308,21 @@ def train_epoch(
     *,
     frozen: Sequence[nn.Module] = (),
     average: WeightAverage | None = None,
+    accuracy: Metrics | None = None,
 ) -> tuple[float, float, float, float]:
     """One pass over this worker's shard; returns (mean loss, images trained on, both over all workers;
-    seconds; seconds of its first step, which compiles a compiled model)."""
+    seconds; seconds of its first step, which compiles a compiled model). Sets train_acc in `accuracy`
+    (over all workers) when the phase counted its training hits."""
     model.train()
     keep_frozen_norms_in_eval(frozen)
     loader.set_epoch(epoch)
     phase.begin_epoch(epoch)
     started = time.perf_counter()
     total = torch.zeros((), device=policy.device)
+    tally: dict[str, torch.Tensor] = {}
     first_step = 0.0
     for i, batch in enumerate(loader):
-        total += train_step(model, phase.loss, batch, optimizer, lr_schedule, policy)
+        total += train_step(model, phase.loss, batch, optimizer, lr_schedule, policy, tally)
         if i == 0:
             first_step = time.perf_counter() - started
         phase.after_step(unwrap(model))
@@ -324,9 +330,13 @@ def train_epoch(
             average.after_step(model)
         if ctx.progress is not None:
             ctx.progress(i + 1, len(loader))
+    # A phase counts its hits on every unmixed batch; all_reduce_sum agrees the keys over the workers.
+    hits = {k: tally[k].float() for k in (TRAIN_CORRECT, TRAIN_SEEN) if k in tally}
     summed = all_reduce_sum(
-        {"loss": total / len(loader), "images": torch.tensor(float(loader.num_images), device=policy.device)}
+        {"loss": total / len(loader), "images": torch.tensor(float(loader.num_images), device=policy.device), **hits}
     )
+    if accuracy is not None and summed.get(TRAIN_SEEN, 0) > 0:
+        accuracy[names.TRAIN_ACC] = summed[TRAIN_CORRECT] / summed[TRAIN_SEEN]
     seconds = time.perf_counter() - started  # after the all-reduce: includes waiting for the device
     mean_loss = summed["loss"] / ctx.world_size
     check_finite(mean_loss, what=names.TRAIN_LOSS, epoch=epoch + 1)

@@ -82,18 +82,23 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     policy: StepPolicy,
+    tally: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One optimisation step. Returns the loss as a detached device tensor (no host sync here)."""
+    """One optimisation step. Returns the loss as a detached device tensor (no host sync here); adds the
+    first forward pass's extra logs (a phase's training hits, raycls.phases.base.TRAIN_HITS) into `tally`."""
     scaler = policy.scaler
 
-    def forward_backward() -> torch.Tensor:
+    def forward_backward() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with autocast(policy):
-            loss, _ = loss_fn(model, batch)
+            loss, extras = loss_fn(model, batch)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        return loss
+        return loss, extras
 
     optimizer.zero_grad(set_to_none=True)
-    loss = forward_backward()
+    loss, extras = forward_backward()
+    if tally is not None:
+        for key, value in extras.items():
+            tally[key] = tally[key] + value.detach() if key in tally else value.detach()
     if policy.sam is not None:
         params = [p for p in model.parameters() if p.grad is not None]
         climbed = sam_climb(params, policy.sam)
