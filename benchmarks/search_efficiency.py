@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import SHARED_DATA, write_result  # noqa: E402
+from common import RESULTS, SHARED_DATA, write_result  # noqa: E402
 
 from raycls import names  # noqa: E402
 from raycls.ranking import Ranking  # noqa: E402
@@ -218,11 +218,15 @@ class Ledger:
             {
                 "trial": trial,
                 "epoch": int(result[names.EPOCH]),
-                METRIC: result.get(METRIC),
-                names.TEST_ACC: result.get(names.TEST_ACC),
-                "wall_s": round(time.perf_counter() - self.started, 3),
+                METRIC: _round(result.get(METRIC)),
+                names.TEST_ACC: _round(result.get(names.TEST_ACC)),
+                "wall_s": round(time.perf_counter() - self.started, 2),
             }
         )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 5)
 
 
 def anytime(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -457,7 +461,12 @@ def optuna_logging_quiet() -> None:
 
 
 def run_tune_method(setup: Setup, spec: dict[str, Any]) -> Ledger:
+    import logging
+
     from ray import tune
+
+    # Tune's result grid warns for every trial that it has no result files (this benchmark disables them).
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)
 
     searcher, scheduler, param_space = spec["parts"](setup, spec)
     ledger = Ledger(setup.budget)
@@ -657,11 +666,14 @@ def curve_table(runs: dict[str, dict[str, dict[str, Any]]], budget: int) -> dict
             curve = anytime(run["epochs"])
             seeds[s] = [None if c is None else c[names.TEST_ACC] for c in curve[:budget]]
         length = max((len(c) for c in seeds.values()), default=0)
-        median = []
+        columns: dict[str, list[float | None]] = {"median": [], "q25": [], "q75": []}
         for i in range(length):
-            values = [c[i] for c in seeds.values() if i < len(c) and c[i] is not None]
-            median.append(round(statistics.median(values), 4) if values else None)
-        out[m] = {"median": median, "per_seed": seeds}
+            # A seed that spent fewer epochs keeps its last selection.
+            values = [c[min(i, len(c) - 1)] for c in seeds.values() if c and c[min(i, len(c) - 1)] is not None]
+            q = np.quantile(values, [0.5, 0.25, 0.75]) if values else [None] * 3
+            for key, v in zip(columns, q, strict=True):
+                columns[key].append(None if v is None else round(float(v), 4))
+        out[m] = {"epochs": list(range(1, length + 1)), **columns, "per_seed": seeds}
     return out
 
 
@@ -819,7 +831,17 @@ def finish(payload: dict[str, Any], *, write: bool, name: str = RESULT_NAME) -> 
     payload = {**payload, "summary": summarise(payload["runs"], budgets)}
     payload["anytime"] = curve_table(payload["runs"], max(budgets))
     if write:
-        path = write_result(name, payload)
+        from raycls.files import write_text_atomic
+
+        # The raw epochs and per-seed curves go to a compact file beside (megabytes indented).
+        raw = RESULTS / f"{name}_runs.json"
+        kept = {k: payload[k] for k in ("config", "total_wall_s", "runs")}
+        per_seed = {m: t["per_seed"] for m, t in payload["anytime"].items()}
+        write_text_atomic(raw, json.dumps({**kept, "anytime_per_seed": per_seed}, separators=(",", ":")) + "\n")
+        main = {k: v for k, v in payload.items() if k not in ("runs", "anytime")}
+        main["anytime"] = {m: {k: v for k, v in t.items() if k != "per_seed"} for m, t in payload["anytime"].items()}
+        main["raw_runs"] = raw.name
+        path = write_result(name, main)
         png = plot(
             payload["anytime"],
             budgets,
