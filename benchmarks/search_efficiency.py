@@ -631,6 +631,24 @@ def summarise(runs: dict[str, dict[str, dict[str, Any]]], budgets: list[int]) ->
             }
         summary["reach_random_fifo_final"] = {"budget": big, "third": third, "methods": reach}
     if DEFAULT in methods:
+        # Paired by seed (the same seed gives every TPE and the random search the same first random draws):
+        # raycls's default minus each other method, test accuracy points at each budget.
+        paired: dict[str, Any] = {}
+        for key, rows in per_budget.items():
+            mine = rows[DEFAULT]["test_acc_per_seed"]
+            paired[key] = {}
+            for m in methods:
+                if m == DEFAULT:
+                    continue
+                theirs = rows[m]["test_acc_per_seed"]
+                diffs = [mine[s] - theirs[s] for s in mine if mine[s] is not None and theirs.get(s) is not None]
+                paired[key][m] = {
+                    "median_diff": round(statistics.median(diffs), 4) if diffs else None,
+                    "default_better": sum(d > 0 for d in diffs),
+                    "ties": sum(d == 0 for d in diffs),
+                    "default_worse": sum(d < 0 for d in diffs),
+                }
+        summary["default_paired"] = paired
         goals: dict[str, Any] = {}
         for budget in sorted({third, *budgets}):
             key = str(budget)
@@ -867,6 +885,10 @@ def print_table(payload: dict[str, Any]) -> None:
         print(f"\nreaches random_fifo's final test accuracy within {reach['third']} epochs (seeds):")
         for m, r in reach["methods"].items():
             print(f"  {m:22s} {r['seeds_within_third']}/{r['seeds']} (at all: {r['seeds_reached']})")
+    for budget, rows in payload["summary"].get("default_paired", {}).items():
+        print(f"\nB = {budget}: {DEFAULT} minus each method, by seed (median points; better/ties/worse)")
+        for m, r in rows.items():
+            print(f"  {m:22s} {r['median_diff']}  {r['default_better']}/{r['ties']}/{r['default_worse']}")
     for goal, verdict in payload["summary"].get("goals", {}).items():
         print(f"goal {goal}: {verdict}")
 
