@@ -701,7 +701,9 @@ def plot(curves: dict[str, Any], budgets: list[int], path: Path, title: str) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    # Left: the whole curve; right: the same curves from epoch max_budget/6 on, where methods differ by tenths.
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    zoom_from = max(1, max(budgets) // 6)
     for m, table in curves.items():
         per_seed = [c for c in table["per_seed"].values() if c]
         length = max(len(c) for c in per_seed)
@@ -716,16 +718,19 @@ def plot(curves: dict[str, Any], budgets: list[int], path: Path, title: str) -> 
             med = np.nanmedian(grid, axis=0)
             lo, hi = np.nanquantile(grid, 0.25, axis=0), np.nanquantile(grid, 0.75, axis=0)
         style = {"linewidth": 2.4} if m == DEFAULT else {"linewidth": 1.3, "linestyle": "--" if m in PEERS else "-"}
-        (line,) = ax.plot(x, med, label=m, **style)
-        ax.fill_between(x, lo, hi, alpha=0.12, color=line.get_color())
-    for b in sorted({max(budgets) // 3, *budgets}):
-        ax.axvline(b, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("epochs spent (budget)")
-    ax.set_ylabel("test accuracy of the selected epoch (median, IQR band)")
-    ax.set_title(title, fontsize=10)
-    ax.set_ylim(bottom=max(0.5, ax.get_ylim()[0]))
-    ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
+        for ax, start in zip(axes, (0, zoom_from - 1), strict=True):
+            (line,) = ax.plot(x[start:], med[start:], label=m, **style)
+            ax.fill_between(x[start:], lo[start:], hi[start:], alpha=0.10, color=line.get_color())
+    for ax in axes:
+        for b in sorted({max(budgets) // 3, *budgets}):
+            ax.axvline(b, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("epochs spent (budget)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy of the selected epoch (median over seeds, IQR band)")
+    axes[0].set_ylim(bottom=max(0.5, axes[0].get_ylim()[0]))
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[1].set_title(f"from epoch {zoom_from}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
