@@ -294,11 +294,17 @@ def tune(
     console.print(
         f"Results: {outcome.experiment_dir}   (raycls leaderboard {storage_root(storage)} --experiment {experiment.name})"
     )
+    from raycls.after import run_after
+
+    after = run_after(experiment, storage_root(storage), say=lambda text: console.print(text, highlight=False))
     if not no_report and board.num_rows:
         _report_after_search(storage_root(storage), experiment.name, wandb)
     nothing = outcome.none_completed()
     if nothing is not None:  # last, and a non-zero exit: CI and schedulers see a search that produced nothing
         console.print(f"[red]{nothing}[/]", highlight=False, soft_wrap=True)  # one line, for grep and CI
+        sys.exit(1)
+    if after.failed:  # the search is safe, but a step the space asked for did not happen
+        console.print(f"[red]after: {len(after.failed)} step(s) failed[/] (see {after.file})", highlight=False)
         sys.exit(1)
 
 
