@@ -74,6 +74,8 @@ def run_after(experiment: Experiment, storage: str, *, say: Say = print) -> Afte
         context = AfterContext(experiment, storage, paths, rows)
         for name in section.steps:
             outcome.records += _run_step(name, context, say)
+        if "mlflow" in experiment.experiment.tracking:
+            _to_mlflow(experiment, paths, outcome.records, say)
     write_json_atomic(
         outcome.file,
         {
@@ -99,6 +101,16 @@ def _run_step(name: str, context: AfterContext, say: Say) -> list[Record]:
     for record in records:
         say(f"after {name}{' ' + record['trial_id'] if record['trial_id'] else ''}: {_describe(record)}")
     return records
+
+
+def _to_mlflow(experiment: Experiment, paths: ExperimentPaths, records: list[Record], say: Say) -> None:
+    """The steps' metrics and files into each trial's MLflow run; MLflow mirrors, so a failure is said only."""
+    from raycls.results.mlflow_log import log_after
+
+    try:
+        say(f"after: {log_after(experiment.mlflow, paths, records)} record(s) logged to MLflow")
+    except Exception as err:  # noqa: BLE001 - the files are written; the mirror is best effort
+        say(f"after: MLflow logging failed ({type(err).__name__}: {err})")
 
 
 def _record(step: str, trial_id: str | None, status: str, seconds: float, **details: Any) -> Record:
