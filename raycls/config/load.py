@@ -260,7 +260,11 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
         scheduler=parsed["scheduler"],
         wandb=parsed["wandb"],
         mlflow=parsed["mlflow"],
-        after=_absolute_predict_paths(parsed["after"], Path(path).parent),
+        after=_absolute_predict_paths(
+            parsed["after"],
+            Path(path).parent,
+            typed=any(k == "after" or k.startswith("after.predict") for k in section_overrides),
+        ),
         base=parsed["base"],
         space=space,
         overrides=trial_overrides,
@@ -290,13 +294,18 @@ def _absolute_data_paths(
     return base.model_copy(update={"data": base.data.model_copy(update=data)}), pinned
 
 
-def _absolute_predict_paths(after: AfterSection, space_dir: Path) -> AfterSection:
-    """`after.predict.images` are read after the search, from wherever the command ran: absolute here, read
-    like `data.path` (under $RAYCLS_DATA when set, else the space file's folder)."""
+def _absolute_predict_paths(after: AfterSection, space_dir: Path, *, typed: bool) -> AfterSection:
+    """`after.predict.images` are read after the search: absolute here, read like `data.path` (in the file:
+    under $RAYCLS_DATA when set, else the space file's folder; `typed` on a command line: the working folder)."""
     if after.predict is None:
         return after
     images = [
-        value if _is_uri(value) else resolve_file_path("path", value, space_dir) for value in after.predict.images
+        value
+        if _is_uri(value)
+        else os.path.abspath(os.path.expanduser(value))
+        if typed
+        else resolve_file_path("path", value, space_dir)
+        for value in after.predict.images
     ]
     return after.model_copy(update={"predict": after.predict.model_copy(update={"images": images})})
 
