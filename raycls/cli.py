@@ -294,11 +294,17 @@ def tune(
     console.print(
         f"Results: {outcome.experiment_dir}   (raycls leaderboard {storage_root(storage)} --experiment {experiment.name})"
     )
+    from raycls.after import run_after
+
+    after = run_after(experiment, storage_root(storage), say=lambda text: console.print(text, highlight=False))
     if not no_report and board.num_rows:
         _report_after_search(storage_root(storage), experiment.name, wandb)
     nothing = outcome.none_completed()
     if nothing is not None:  # last, and a non-zero exit: CI and schedulers see a search that produced nothing
         console.print(f"[red]{nothing}[/]", highlight=False, soft_wrap=True)  # one line, for grep and CI
+        sys.exit(1)
+    if after.failed:  # the search is safe, but a step the space asked for did not happen
+        console.print(f"[red]after: {len(after.failed)} step(s) failed[/] (see {after.file})", highlight=False)
         sys.exit(1)
 
 
@@ -650,9 +656,14 @@ def predict_(
     ),
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 64,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda (default: cuda when there is one).")] = None,
+    invert: Annotated[
+        str,
+        typer.Option(help="Grey images made light-on-dark first: no, yes, or auto (those lighter than mid-grey)."),
+    ] = "no",
     storage: StorageOption = None,
 ) -> None:
-    """Predict classes for images with a trial's best model (or an exported ONNX file); one row per image."""
+    """Predict classes for images (files, folders, globs, or CSVs of file names such as an unlabelled test
+    set) with a trial's best model (or an exported ONNX file); one row per image."""
     import torch
 
     from raycls.deliver.model import load_trial_model
@@ -670,7 +681,12 @@ def predict_(
         )
     paths = image_paths(images)
     started = time.perf_counter()
-    rows = predict(predictor, paths, topk=topk, tta=tta, batch_size=batch_size, gradcam=gradcam)
+    inverted = {"no": False, "yes": True, "auto": "auto"}
+    if invert not in inverted:
+        raise RayclsError(f"--invert {invert!r}: expected no, yes or auto")
+    rows = predict(
+        predictor, paths, topk=topk, tta=tta, batch_size=batch_size, gradcam=gradcam, invert=inverted[invert]
+    )
     write_predictions(rows, out)
     failed = sum(r["error"] is not None for r in rows)
     console.print(

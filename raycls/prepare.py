@@ -154,7 +154,22 @@ def check_model_modules(experiment: Experiment) -> None:
 def environment_problems(experiment: Experiment) -> list[str]:
     """What this machine lacks for the experiment: data paths that do not exist, pretrained weights that are
     not in the local caches. Checked without the network, before any trial starts."""
-    return data_path_problems(experiment) + weights_problems(experiment)
+    return data_path_problems(experiment) + weights_problems(experiment) + after_path_problems(experiment)
+
+
+def after_path_problems(experiment: Experiment) -> list[str]:
+    """`after.predict.images` that match nothing: said before the search, not after hours of it."""
+    import glob
+
+    predict = experiment.after.predict
+    if predict is None:
+        return []
+    return [
+        f"after.predict.images: {image} does not exist and matches no file as a glob (relative entries are read "
+        "under $RAYCLS_DATA when that is set, else under the space file's folder)"
+        for image in predict.images
+        if is_local(image) and not Path(image).exists() and not glob.glob(image, recursive=True)
+    ]
 
 
 def data_path_problems(experiment: Experiment) -> list[str]:

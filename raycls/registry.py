@@ -49,6 +49,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "report section": "raycls.report.figures",
     "adapter": "raycls.models.adapters",
     "serve engine": "raycls.deliver.engines",
+    "after step": "raycls.after",
 }
 
 

@@ -9,12 +9,16 @@
         export/<trial_id>/               raycls export: model.onnx, export.json
         report/report.html               raycls report (and its PNGs)
         serve/requests/                  raycls serve's request log
+        after/after.json                 what `after:` did with the winner (raycls.after), step by step
+        after/explore/                   its data report (data_report.json and PNGs)
+        after/<trial_id>/                its predictions (predictions.parquet or .csv)
         .raycls/tune-snapshot/           a whole copy of Tune's latest snapshot (raycls.tune.resume)
         .raycls/search_end.json          why the last run ended early (raycls.tune.stop)
         .raycls/index/<kind>.parquet     the leaderboard's query index (raycls.results.index)
         optuna.journal                   the study (local storage; object storage keeps it in the cache)
         <trial folders>, tuner.pkl, experiment_state-*.json: Ray Tune's own
     <trial folder>/config.json           the trial's resolved TrialConfig
+    <storage>/mlruns/                    MLflow's local store (mlflow.db, artifacts/) when tracking: [mlflow]
 
     `raycls train --out DIR` (RunPaths):
         config.json, metrics.json, checkpoints/{best,last}/, eval/
@@ -47,6 +51,12 @@ EXPORT_DIR = "export"
 REPORT_DIR = "report"
 REPORT_FILE = "report.html"
 SERVE_LOG_DIR = "serve/requests"
+AFTER_DIR = "after"
+AFTER_FILE = "after.json"
+EXPLORE_DIR = "explore"
+MLRUNS_DIR = "mlruns"  # MLflow's local store, shared by the storage's experiments
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "artifacts"
 JOURNAL_FILE = "optuna.journal"
 END_FILE = "search_end.json"
 SNAPSHOT_DIR = "tune-snapshot"
@@ -189,6 +199,37 @@ class ExperimentPaths:
 
     def serve_log_dir(self) -> Path:
         return (self.folder or self.state_dir) / SERVE_LOG_DIR
+
+    def after_dir(self) -> Path:
+        """What `after:` wrote (local, as the report reads it; object storage: under the cache)."""
+        return (self.folder or self.state_dir) / AFTER_DIR
+
+    def after_file(self) -> Path:
+        return self.after_dir() / AFTER_FILE
+
+    def after_explore_dir(self) -> Path:
+        return self.after_dir() / EXPLORE_DIR
+
+    def after_trial_dir(self, trial_id: str) -> Path:
+        return self.after_dir() / trial_id
+
+    def local_export_dir(self, trial_id: str) -> Path:
+        """Where an export is written: the experiment's export folder, or under the cache for object storage
+        (onnxruntime and the quantizer write local files)."""
+        return Path(self.export_dir(trial_id)) if self.folder is not None else self.state_dir / EXPORT_DIR / trial_id
+
+    def mlruns_dir(self) -> Path:
+        """MLflow's local store of the storage (all its experiments): mlflow.db and artifacts/."""
+        base = Path(self.storage.removeprefix("file://")) if self.local else self.state_dir.parent.parent
+        return base / MLRUNS_DIR
+
+    def mlflow_uri(self) -> str:
+        """The default MLflow tracking URI: SQLite in mlruns/ (MLflow 3 refuses its plain file store unless
+        told to; SQLite is the local backend it recommends)."""
+        return f"sqlite:///{self.mlruns_dir() / MLFLOW_DB}"
+
+    def mlflow_artifacts_uri(self) -> str:
+        return (self.mlruns_dir() / MLFLOW_ARTIFACTS).as_uri()
 
     # ------------------------------------------------------------------------------------------- access
     @cached_property

@@ -67,6 +67,9 @@ class ExperimentSection(Frozen):
     # A smoke test of the whole search (`raycls tune --fast-dev-run`): every trial runs one epoch per stage
     # and two batches of each split (TrialConfig.fast_dev_run, FAST_DEV_BATCHES).
     fast_dev_run: bool = False
+    # Where each trial's params, epochs, final metrics, evaluation files and model are mirrored (the
+    # leaderboard is the record either way): W&B (the `wandb` section), MLflow (the `mlflow` section).
+    tracking: list[Literal["wandb", "mlflow"]] = Field(default_factory=lambda: ["wandb"])
 
     @model_validator(mode="before")
     @classmethod
@@ -140,6 +143,115 @@ class WandbSection(Frozen):
     tags: list[str] = Field(default_factory=list)
 
 
+class MlflowSection(Frozen):
+    """MLflow tracking (`experiment.tracking: [mlflow]`): one MLflow run per trial, in one MLflow experiment."""
+
+    # None: MLflow's local file store `<storage>/mlruns` (storage.mlruns_uri); else any MLflow tracking URI
+    # (http://host:5000, sqlite:///mlflow.db, databricks).
+    tracking_uri: str | None = None
+    # The MLflow experiment's name; None: the raycls experiment's.
+    experiment: str | None = None
+    # Also log each trial's best checkpoint folder as an artefact (`checkpoint/`): models can be large.
+    log_checkpoint: bool = True
+
+
+class AfterExport(Frozen):
+    """`after.export`: the picked trials' best models to ONNX (`raycls export`)."""
+
+    format: Literal["onnx"] = "onnx"
+    int8: bool = False  # also try int8 copies, shipped only when they keep the accuracy
+
+
+class AfterPredict(Frozen):
+    """`after.predict`: labels with confidence for new images (`raycls predict`), e.g. an unlabelled test set."""
+
+    # Image files, folders, globs, or CSV files of image paths (a path/filepath/file/image column, else the
+    # first; relative to the CSV's folder). Relative entries are read like `data.path` (under $RAYCLS_DATA
+    # when set, else the space file's folder).
+    images: list[str]
+    # A .parquet or .csv file name, written under `<experiment>/after/<trial_id>/`; an absolute path as is.
+    out: str = "predictions.parquet"
+    topk: PositiveInt = 3
+    tta: bool = False
+    # Make grey images light-on-dark before predicting: true (always), auto (those whose mean is above
+    # half-grey: a digit drawn dark on white paper, for a model trained on MNIST), false.
+    invert: Union[Literal["auto"], bool] = False
+
+    @field_validator("images", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("images")
+    @classmethod
+    def _some(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("expected at least one image file, folder, glob or CSV")
+        return value
+
+    @field_validator("out")
+    @classmethod
+    def _format(cls, value: str) -> str:
+        if not value.endswith((".parquet", ".csv")):
+            raise ValueError(f"{value!r}: predictions are written as .parquet or .csv")
+        return value
+
+
+class AfterSection(Frozen):
+    """What `raycls tune` does with the winner once the search ends, before it draws the report. Every step
+    is optional (absent or false: skipped); each writes under `<experiment>/after/` (storage.ExperimentPaths)
+    and the report shows them. Steps run in the order explore, evaluate, export, predict (raycls.after)."""
+
+    # Which trials: best, or top:K (by the experiment metric, completed trials; raycls.ranking).
+    trials: str = "best"
+    explore: bool = False  # the data report of `raycls data explore` (class balance, duplicates, leakage)
+    evaluate: str | None = None  # an eval suite (default, full): `raycls eval` of the picked trials
+    export: AfterExport | None = None
+    predict: AfterPredict | None = None
+
+    @field_validator("evaluate", mode="before")
+    @classmethod
+    def _evaluate_off(cls, value: Any) -> Any:
+        if value is True:
+            return "default"
+        return None if value is False else value
+
+    @field_validator("evaluate")
+    @classmethod
+    def _suite(cls, value: str | None) -> str | None:
+        from raycls.config.schema import check_name
+
+        return None if value is None else check_name("eval suite", value)
+
+    @field_validator("export", mode="before")
+    @classmethod
+    def _export_switch(cls, value: Any) -> Any:
+        return {} if value is True else (None if value is False else value)
+
+    @field_validator("predict", mode="before")
+    @classmethod
+    def _predict_off(cls, value: Any) -> Any:
+        return None if value is False else value
+
+    @field_validator("trials")
+    @classmethod
+    def _pick(cls, value: str) -> str:
+        if value != "best" and not (value.startswith("top:") and value[4:].isdigit() and int(value[4:]) >= 1):
+            raise ValueError("expected best or top:K with K >= 1")
+        return value
+
+    @property
+    def steps(self) -> list[str]:
+        """The steps asked for, by name (raycls.after.AFTER_STEPS)."""
+        asked = {
+            "explore": self.explore,
+            "evaluate": self.evaluate is not None,
+            "export": self.export is not None,
+            "predict": self.predict is not None,
+        }
+        return [name for name, on in asked.items() if on]
+
+
 class Experiment(Frozen):
     """A loaded search-space YAML: everything a `raycls tune` run needs besides the CLI flags."""
 
@@ -150,6 +262,8 @@ class Experiment(Frozen):
     wandb: WandbSection
     base: TrialConfig
     space: Space
+    after: AfterSection = AfterSection()
+    mlflow: MlflowSection = MlflowSection()
     # `--set` overrides on trial-config paths: they win over sampled values (and pin those parameters).
     overrides: dict[str, Any] = Field(default_factory=dict)
 

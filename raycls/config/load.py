@@ -19,8 +19,10 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from raycls.config.experiment import (
+    AfterSection,
     Experiment,
     ExperimentSection,
+    MlflowSection,
     SchedulerSection,
     SearchSection,
     WandbSection,
@@ -34,6 +36,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "search": SearchSection,
     "scheduler": SchedulerSection,
     "wandb": WandbSection,
+    "mlflow": MlflowSection,
+    "after": AfterSection,
     "base": TrialConfig,
 }
 TOP_LEVEL = (*SECTIONS, "space")
@@ -255,6 +259,12 @@ def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None
         search=parsed["search"],
         scheduler=parsed["scheduler"],
         wandb=parsed["wandb"],
+        mlflow=parsed["mlflow"],
+        after=_absolute_predict_paths(
+            parsed["after"],
+            Path(path).parent,
+            typed=any(k == "after" or k.startswith("after.predict") for k in section_overrides),
+        ),
         base=parsed["base"],
         space=space,
         overrides=trial_overrides,
@@ -282,6 +292,22 @@ def _absolute_data_paths(
         for key, value in overrides.items()
     }
     return base.model_copy(update={"data": base.data.model_copy(update=data)}), pinned
+
+
+def _absolute_predict_paths(after: AfterSection, space_dir: Path, *, typed: bool) -> AfterSection:
+    """`after.predict.images` are read after the search: absolute here, read like `data.path` (in the file:
+    under $RAYCLS_DATA when set, else the space file's folder; `typed` on a command line: the working folder)."""
+    if after.predict is None:
+        return after
+    images = [
+        value
+        if _is_uri(value)
+        else os.path.abspath(os.path.expanduser(value))
+        if typed
+        else resolve_file_path("path", value, space_dir)
+        for value in after.predict.images
+    ]
+    return after.model_copy(update={"predict": after.predict.model_copy(update={"images": images})})
 
 
 def resolve_file_path(key: str, value: str, space_dir: Path) -> str:

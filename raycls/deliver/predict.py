@@ -29,11 +29,14 @@ from raycls.evaluate.tta import IDENTITY, tta_logits
 
 
 def image_paths(inputs: Iterable[str]) -> list[Path]:
-    """Files as given, folders searched recursively for images, anything else as a glob; sorted, unique."""
+    """Files as given, a CSV's listed images (an unlabelled test set: `csv_images`), folders searched
+    recursively for images, anything else as a glob; in that order, unique."""
     found: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
-        if path.is_dir():
+        if path.is_file() and path.suffix.lower() == ".csv":
+            found += csv_images(path)
+        elif path.is_dir():
             found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         elif path.is_file():
             found.append(path)
@@ -45,7 +48,30 @@ def image_paths(inputs: Iterable[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def read_image(source: Path | BinaryIO, channels: int, size: int) -> np.ndarray:
+def csv_images(table: Path) -> list[Path]:
+    """The image paths of a CSV with a header (a test set of file names, labelled or not): its path, filepath,
+    file or image column (as `data.name: csv` reads them), else its first column; relative to the CSV's
+    folder. A listed file that is missing gets its own row with the error, as an unreadable one does."""
+    import csv
+
+    from raycls.data.datasets import CSV_PATH_COLUMNS
+
+    with open(table, newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = list(reader.fieldnames or [])
+        if not header:
+            raise RayclsError(f"{table}: an empty CSV (expected a header and one image path per row)")
+        column = next((c for c in CSV_PATH_COLUMNS if c in header), header[0])
+        listed = [(row.get(column) or "").strip() for row in reader]
+    return [table.parent / Path(name).expanduser() for name in listed if name]
+
+
+# `invert`: grey images made light-on-dark before predicting (true), or only those lighter than half-grey
+# ("auto"): a model trained on MNIST's white digits on black reads a dark digit drawn on white paper.
+Invert = bool | str
+
+
+def read_image(source: Path | BinaryIO, channels: int, size: int, invert: Invert = False) -> np.ndarray:
     """uint8 [C, H, W] from an image file or stream; raises on anything PIL cannot decode (a corrupt or
     truncated file, not an image)."""
     from PIL import Image
@@ -54,6 +80,8 @@ def read_image(source: Path | BinaryIO, channels: int, size: int) -> np.ndarray:
         image.load()  # decode now: a truncated file fails here, not later
         converted = image.convert("RGB" if channels == 3 else "L").resize((size, size), Image.Resampling.BILINEAR)
     array = np.asarray(converted, dtype=np.uint8)
+    if channels == 1 and (invert is True or (invert == "auto" and array.mean() > 127.5)):
+        array = 255 - array
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
@@ -127,6 +155,7 @@ def predict(
     tta: bool = False,
     batch_size: int = 64,
     gradcam: Path | None = None,
+    invert: Invert = False,
 ) -> list[dict[str, Any]]:
     """One row per path, in order: the top-k classes and their softmax confidences, or the error."""
     rows: list[dict[str, Any]] = []
@@ -135,7 +164,7 @@ def predict(
         images, readable, errors = [], [], {}
         for path in chunk:
             try:
-                images.append(read_image(path, predictor.channels, predictor.size))
+                images.append(read_image(path, predictor.channels, predictor.size, invert))
                 readable.append(path)
             except Exception as err:  # noqa: BLE001 (any decoding failure is this file's row, not the run's end)
                 errors[path] = f"{type(err).__name__}: {err}"

@@ -543,6 +543,36 @@ def evaluation(data: ReportData) -> Section:
     return Section("evaluation", "Evaluation of the top trials", about, images=images)
 
 
+@REPORT_SECTIONS.register("after")
+def after(data: ReportData) -> Section | None:
+    """What the space's `after:` did with the winner (raycls.after): one table row per step and trial."""
+    from raycls.after import read_after
+
+    done = read_after(data.paths)
+    if done is None:
+        return None
+    about = (
+        f"The space's after: steps ({', '.join(done['steps'])}) for the {done['trials']} trial(s), run when the "
+        "search ended; files under the experiment's eval/, export/ and after/ folders."
+    )
+    records = done["records"]
+    columns = ["step", "trial", "status", "seconds", "results", "output"]
+    cells = [
+        [r["step"] for r in records],
+        [r.get("trial_id") or "" for r in records],
+        [r["status"] for r in records],
+        [_fmt(r.get("seconds")) for r in records],
+        [r.get("error") or ", ".join(f"{k} {_fmt(v)}" for k, v in (r.get("metrics") or {}).items()) for r in records],
+        [r.get("out") or "" for r in records],
+    ]
+    fig = go.Figure(go.Table(header={"values": columns, "align": "left"}, cells={"values": cells, "align": "left"}))
+    explore = data.paths.after_explore_dir()
+    images = [(f"data: {png.stem.replace('_', ' ')}", png) for png in sorted(explore.glob("*.png"))]
+    failed = [r for r in records if r["status"] == "failed"]
+    note = f"{len(failed)} step(s) failed: see the results column." if failed else None
+    return Section("after", "After the search", about, _layout(fig, "After the search"), note=note, images=images)
+
+
 @REPORT_SECTIONS.register("pareto")
 def pareto(data: ReportData) -> Section | None:
     """Multi-objective experiments only: the completed trials on the first two objectives, the front (rank 0,

@@ -63,6 +63,8 @@ def write_report(
         files.pngs, files.png_error = write_pngs(sections, out.parent)
     write_text_atomic(out, render_html(data, sections, png_error=files.png_error))
     mode = wandb_mode or (data.space.wandb.mode if data.space is not None else "auto")
+    if wandb_mode is None and data.space is not None and "wandb" not in data.space.experiment.tracking:
+        mode = "disabled"  # the experiment tracks elsewhere (experiment.tracking: [mlflow])
     files.wandb_dir = log_to_wandb(data, sections, files.pngs, mode)
     files.seconds = time.perf_counter() - started
     return files

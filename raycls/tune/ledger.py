@@ -25,7 +25,7 @@ from raycls.ranking import Ranking
 from raycls.results.leaderboard import Status, read_evaluation, write_trial
 from raycls.results.provenance import GitState
 from raycls.results.row import TrialSeen, build_record
-from raycls.results.wandb_log import WandbWriter
+from raycls.results.tracking import open_trackers
 from raycls.storage import TRIAL_CONFIG_FILE, ExperimentPaths, is_local
 from raycls.train.state import is_whole, read_metrics
 from raycls.tune.resume import LOST_ATTR, ROW_STATES, TRIAL_ID_ATTR
@@ -83,7 +83,7 @@ class TrialLog:
 
 
 class TrialLedger(Callback):
-    """Writes every ended trial to the leaderboard (completed, early_stopped or failed) and to W&B."""
+    """Writes every ended trial to the leaderboard (completed, early_stopped or failed) and to W&B / MLflow."""
 
     def __init__(self, experiment: Experiment, storage: str, experiment_dir: Path, wandb_mode: str, git: GitState):
         self.experiment_json = experiment.model_dump_json()
@@ -98,9 +98,8 @@ class TrialLedger(Callback):
         self.paths = ExperimentPaths(self.storage, self.experiment.name)
         self.logs: dict[str, TrialLog] = {}
         self.written: set[str] = self.paths.trial_ids()
-        self.wandb = WandbWriter(
-            self.experiment.wandb, self.wandb_mode, Path(self.experiment_dir), experiment=self.experiment.name
-        )
+        # W&B and/or MLflow (experiment.tracking), one interface
+        self.wandb = open_trackers(self.experiment, self.wandb_mode, Path(self.experiment_dir), self.storage)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("experiment_json", "storage", "experiment_dir", "wandb_mode", "git")}
