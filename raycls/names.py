@@ -144,3 +144,13 @@ MODES: dict[str, Mode] = {
     TRAIN_LOSS: "min",
     **{val_topk(k): "max" for k in (2, 3, 5, 10)},
 }
+
+
+# ------------------------------------------------------------------------------- population-based training
+# Keys a PBT / PB2 scheduler adds to a trial's Tune config (raycls.search): not trial-config paths, stripped
+# before the config is resolved. LINEAGE: the trial's own exploits, [{epoch, cloned, from_epoch, values}];
+# SCHEDULE: the mutated values its weights trained under, from epoch 0, [{epoch, values}] (its ancestors'
+# segments up to the clone point, then its own), which `raycls train --trial` replays.
+LINEAGE = "raycls_lineage"
+SCHEDULE = "raycls_schedule"
+POPULATION_KEYS = (LINEAGE, SCHEDULE)

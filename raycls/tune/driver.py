@@ -34,7 +34,7 @@ from raycls.tune.cluster import cluster_nodes, init_ray
 from raycls.tune.ledger import TrialLedger, record_told_trials
 from raycls.tune.live import LiveTable
 from raycls.tune.resume import ResumeMode, ResumePlan, SnapshotKeeper, prepare_resume, reconcile_study
-from raycls.tune.searcher import create_searcher, open_study_storage
+from raycls.tune.searcher import open_study_storage, search_algorithm
 from raycls.tune.stop import SearchEnd, SearchStopper, clear_end, read_end
 from raycls.tune.trainable import tune_trainable
 
@@ -226,10 +226,11 @@ def _new_tuner(
         tune_config=ray.tune.TuneConfig(
             metric=section.metric,
             mode=section.mode,
-            search_alg=create_searcher(experiment, state, warm_dir),
+            # raycls's Optuna search behind its own concurrency limit (or PBT's population: raycls.tune.searcher)
+            search_alg=search_algorithm(experiment, state, warm_dir, concurrency),
             scheduler=TRIAL_SCHEDULERS.create(experiment.scheduler.name, experiment),
             num_samples=trials,
-            max_concurrent_trials=concurrency,
+            max_concurrent_trials=None,  # search_algorithm limits it
             # A trial actor that ends is reused for the next trial: no new Python process, and torch,
             # sklearn and raycls are imported once per actor instead of once per trial (seconds each).
             reuse_actors=True,
