@@ -5,10 +5,12 @@ Errors a user can cause (RayclsError) print one message and exit with code 2, ne
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -60,6 +62,8 @@ class TrainJob:
     metric: str
     mode: str
     resources: Any  # Resources
+    # A PBT trial's replay: (first epoch, config) segments of its schedule (raycls.train.local.run_schedule).
+    schedule: list = field(default_factory=list)
 
 
 def _job_from_space(space: Path, overrides: list[str], storage: str, fast_dev_run: bool) -> TrainJob:
@@ -89,7 +93,24 @@ def _job_from_row(reference: str, overrides: list[str], storage: str, fast_dev_r
         if paths.local and paths.exists(paths.space_file())
         else Resources(workers=row.get("workers") or 1)
     )
-    return TrainJob(f"{row['experiment']}-{row['trial_id']}", config, row["metric"], row["mode"], resources)
+    job = TrainJob(f"{row['experiment']}-{row['trial_id']}", config, row["metric"], row["mode"], resources)
+    if row.get("schedule") and len(json.loads(row["schedule"])) > 1:  # a PBT trial that cloned: its schedule
+        from raycls.train.local import schedule_segments
+
+        pinned = parse_overrides(overrides)
+        segments = schedule_segments(
+            json.loads(row["schedule"]),
+            lambda values: _segment_config(row, {**values, **pinned}, fast_dev_run),
+        )
+        job = dataclasses.replace(job, schedule=segments)
+    return job
+
+
+def _segment_config(row: dict, values: dict, fast_dev_run: bool):
+    from raycls.config.load import config_of_row
+
+    config = config_of_row(row, values)
+    return config.fast_dev_run() if fast_dev_run else config
 
 
 @app.command()
@@ -122,7 +143,14 @@ def train(
     if not is_local(str(out)):
         raise RayclsError(f"--out {out}: `raycls train` writes to a local folder; use --out DIR")
     started = time.perf_counter()
-    if no_ray:
+    if job.schedule:  # a PBT trial's schedule: its segments, one after another, in this process
+        from raycls.train.local import run_schedule
+
+        console.print(f"[dim]replaying the trial's PBT schedule: {len(job.schedule)} segment(s), in this process[/]")
+        summary = run_schedule(
+            job.schedule, out, metric=job.metric, mode=job.mode, fast_dev_run=fast_dev_run, on_epoch=_print_epoch
+        )
+    elif no_ray:
         if trial is not None:
             # A replay computes as its trial did: Ray runs a trial with as many intra-op threads as CPUs it
             # asked for, and a CPU's float sums depend on how work is split over threads.

@@ -154,3 +154,11 @@ MODES: dict[str, Mode] = {
 LINEAGE = "raycls_lineage"
 SCHEDULE = "raycls_schedule"
 POPULATION_KEYS = (LINEAGE, SCHEDULE)
+# A population's member that did not sample a conditional parameter holds this in its Tune config (Tune
+# needs every member's keys in its param_space): not a value, stripped like the keys above.
+UNSAMPLED = "raycls:unsampled"
+
+
+def sampled_values(params: dict) -> dict:
+    """A Tune trial's config as the trial config's sampled values: PBT's bookkeeping and placeholders out."""
+    return {k: v for k, v in params.items() if k not in POPULATION_KEYS and not (isinstance(v, str) and v == UNSAMPLED)}

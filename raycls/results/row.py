@@ -54,7 +54,7 @@ def build_record(experiment: Experiment, seen: TrialSeen, git: GitState) -> Tria
     types = param_types(experiment)
     error = seen.error
     try:
-        sampled = {k: v for k, v in seen.params.items() if k not in names.POPULATION_KEYS}
+        sampled = names.sampled_values(seen.params)
         config = TrialConfig.from_json(seen.config_json) if seen.config_json else resolve_trial(experiment, sampled)
         config_json, seed, phase = config.to_json(), config.seed, config.chain
         max_epochs, teacher = config.total_epochs, teacher_of(config)
@@ -68,7 +68,7 @@ def build_record(experiment: Experiment, seen: TrialSeen, git: GitState) -> Tria
         status=seen.status,
         metric=section.metric,
         mode=section.mode,
-        params={k: v for k, v in seen.params.items() if k in types},
+        params={k: v for k, v in names.sampled_values(seen.params).items() if k in types},
         param_types=types,
         history=seen.history,
         phase=phase,

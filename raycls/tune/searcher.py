@@ -370,6 +370,26 @@ class PausingLimiter(ConcurrencyLimiter):
         return super().on_trial_complete(trial_id, result=result, error=error)
 
 
+class PopulationGenerator(BasicVariantGenerator):
+    """Tune's generator of the given points, one trial each. Tune resolves a point against the param_space, so
+    every sampled path goes into it first (a member that did not sample one holds names.UNSAMPLED)."""
+
+    def __init__(self, points: list[dict[str, Any]]):
+        self.keys = sorted({key for point in points for key in point})
+        super().__init__(
+            points_to_evaluate=[{**{key: names.UNSAMPLED for key in self.keys}, **point} for point in points]
+        )
+
+    def add_configurations(self, experiments: Any) -> None:
+        from ray.tune.experiment import _convert_to_experiment_list
+
+        for experiment in _convert_to_experiment_list(experiments):
+            config = experiment.spec.setdefault("config", {})
+            for key in self.keys:
+                config.setdefault(key, {})  # a sub-dict a point replaces whole (Tune checks no value against it)
+        super().add_configurations(experiments)
+
+
 def initial_population(experiment: Experiment) -> list[dict[str, Any]]:
     """A population-based search's first trials: `experiment.trials` points of the space drawn by the
     configured sampler (an in-memory study: PBT is its own search algorithm, and no Optuna study is kept),
@@ -377,7 +397,10 @@ def initial_population(experiment: Experiment) -> list[dict[str, Any]]:
     space = experiment.space.model_copy(
         update={"params": {k: v for k, v in experiment.space.params.items() if k not in experiment.overrides}}
     )
-    study = optuna.create_study(sampler=SAMPLERS.create(experiment.search.algorithm, experiment.search, space))
+    study = optuna.create_study(
+        study_name=f"{experiment.name}-population",
+        sampler=SAMPLERS.create(experiment.search.algorithm, experiment.search, space),
+    )
     for point in experiment.search.points_to_evaluate:
         study.enqueue_trial(dict(point))
     function = SpaceFunction(experiment.space, experiment.overrides)
@@ -397,5 +420,5 @@ def search_algorithm(
     slot); or, for a population-based scheduler (PBT, PB2: Tune allows them no searcher), the population
     drawn up front, every member started at once (the cluster's resources limit how many run)."""
     if population_based(experiment.scheduler.name):
-        return BasicVariantGenerator(points_to_evaluate=initial_population(experiment))
+        return PopulationGenerator(initial_population(experiment))
     return PausingLimiter(create_searcher(experiment, experiment_dir, warm_start_dir), max_concurrent=concurrency)

@@ -49,7 +49,7 @@ def tune_trainable(params: dict[str, Any], *, experiment_json: str, storage: str
         return
     # Resolved here, once per trial (--set is already in the experiment); the driver's row reads this file.
     # PBT's bookkeeping keys (its lineage) ride in the Tune config; the trial config is the rest.
-    config = resolve_trial(experiment, {k: v for k, v in params.items() if k not in names.POPULATION_KEYS})
+    config = resolve_trial(experiment, names.sampled_values(params))
     paths.write_text(paths.trial_config(Path(context.get_trial_dir()).name), json.dumps(config.to_dict(), indent=2))
     limit = FAST_DEV_BATCHES if experiment.experiment.fast_dev_run else None
     eval_dir = paths.eval_dir(trial_id)  # evaluated there once it completes (eval.on), by its own workers
