@@ -535,12 +535,20 @@ def eval_(
     storage: StorageOption = None,
     set_: SetOption = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda when there is one).")] = None,
+    ensemble: Annotated[
+        Optional[str],
+        typer.Option(
+            help="top:K: average the K best trials' probabilities on the test split (a row of kind ensemble)."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate finished trials' best checkpoints on held-out data; results become leaderboard columns."""
     from raycls.config import parse_overrides
     from raycls.registry import check_name
     from raycls.train.evaluation import evaluate_rows, pick_rows, trial_rows
 
+    if ensemble is not None:
+        return _eval_ensemble(experiment, ensemble, storage_root(storage), device or "cpu")
     if suite is not None:
         check_name("eval suite", suite)
     root = storage_root(storage)
@@ -572,6 +580,21 @@ def eval_(
     console.print(
         f"evaluated {len(summaries)} trial(s) in {time.perf_counter() - started:.1f} s; files under "
         f"{root.rstrip('/')}/{experiment}/eval/"
+    )
+
+
+def _eval_ensemble(experiment: str, pick: str, root: str, device: str) -> None:
+    from raycls.deliver.ensemble import evaluate_ensemble, load_ensemble
+
+    started = time.perf_counter()
+    row = evaluate_ensemble(root, load_ensemble(root, experiment, pick, device=device))
+    members = ", ".join(f"{k}={v:.4f}" for k, v in json.loads(row["member_test_acc"]).items())
+    console.print(
+        f"{row['trial_id']} (test split, {int(row['test_images'])} images): test_acc={row['test_acc']:.4f} "
+        f"test_nll={row['test_nll']:.4f} test_ece={row['test_ece']:.4f} params={row['params']:.0f} "
+        f"latency_ms={row['latency_ms']:.2f}; members' test_acc: {members} "
+        f"({time.perf_counter() - started:.1f} s)",
+        highlight=False,
     )
 
 
@@ -621,6 +644,9 @@ def export_(
         Optional[Path], typer.Option("--out", help="Folder (default <storage>/<experiment>/export/<trial_id>).")
     ] = None,
     storage: StorageOption = None,
+    ensemble: Annotated[
+        Optional[str], typer.Option(help="top:K: the K best trials as one ONNX graph (their mean probabilities).")
+    ] = None,
 ) -> None:
     """Export a trial's best model to ONNX (metadata inside), checked against PyTorch with onnxruntime."""
     from raycls.deliver.export import REPORT_FILE, export
@@ -629,6 +655,18 @@ def export_(
     if format != "onnx":
         raise RayclsError(f"--format {format!r}: only onnx is supported")
     root = storage_root(storage)
+    if ensemble is not None:
+        from raycls.deliver.ensemble import export_ensemble, load_ensemble
+
+        loaded = load_ensemble(root, experiment, ensemble)
+        folder = out or Path(ExperimentPaths(root, experiment).export_dir(loaded.name))
+        parity = export_ensemble(loaded, folder)["parity"]
+        console.print(
+            f"{loaded.name} ({len(loaded.members)} members): max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
+            f"accuracy torch {parity['torch_acc']:.4f} / onnx {parity['onnx_acc']:.4f}; wrote {folder}",
+            highlight=False,
+        )
+        return
     model = load_trial_model(root, experiment, trial)
     out = out or Path(ExperimentPaths(root, experiment).export_dir(model.trial_id))
     if not is_local(str(out)):
