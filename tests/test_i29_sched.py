@@ -439,11 +439,7 @@ def test_pb2_explores_within_its_bounds(ray_local, tmp_path: Path) -> None:
             assert 0.0 <= event["values"]["train.weight_decay"] <= 0.1
 
 
-@pytest.mark.slow
-def test_constraints_mark_rows_reach_optuna_and_best_is_feasible(ray_local, tmp_path: Path) -> None:
-    from raycls.ranking import Ranking
-
-    text = """
+CONSTRAINED = """
 experiment: {name: constrained, trials: 5, concurrency: 2, constraints: ["params <= 30000"]}
 search:
   seed: 0
@@ -455,19 +451,65 @@ space:
   model.width: {type: choice, values: [8, 32]}
   train.lr: {type: loguniform, low: 1.0e-3, high: 0.02}
 """
-    _, storage, outcome, rows = _search(tmp_path, text.replace("epochs: 4", "epochs: 2"), "constrained")
+
+
+@pytest.fixture(scope="module")
+def constrained(ray_local, tmp_path_factory: pytest.TempPathFactory):
+    """A digits search of two widths, the wider one breaking `params <= 30000` (shared by the constraint and
+    the ensemble tests)."""
+    tmp_path = tmp_path_factory.mktemp("constrained")
+    return _search(tmp_path, CONSTRAINED.replace("epochs: 4", "epochs: 2"), "constrained")
+
+
+@pytest.mark.slow
+def test_constraints_mark_rows_reach_optuna_and_best_is_feasible(constrained) -> None:
+    from raycls.tune.resume import TRIAL_ID_ATTR
+
+    _, storage, outcome, rows = constrained
     assert outcome.errors == 0 and len(rows) == 5
     for row in rows:
         assert row["feasible"] is (row["params"] <= 30000), row
     assert {r["feasible"] for r in rows} == {True, False}  # both widths ran
     best = Ranking.of("val_acc", "max").pick(rows, "best")[0]
     assert best["feasible"] is True
-    from raycls.tune.resume import TRIAL_ID_ATTR
-
     told = {t.user_attrs[TRIAL_ID_ATTR]: t for t in _study(storage, "constrained").trials}
     for row in rows:
         (violation,) = told[row["trial_id"]].system_attrs["constraints"]  # what TPE's constraints_func saw
         assert (violation <= 0) is row["feasible"] and violation == pytest.approx(row["params"] - 30000)
+
+
+@pytest.mark.slow
+def test_top_k_ensemble_averages_the_best_feasible_trials_and_exports_one_graph(constrained, tmp_path: Path) -> None:
+    import onnx
+
+    from raycls.deliver.ensemble import evaluate_ensemble, export_ensemble, load_ensemble, probabilities, read_ensembles
+    from raycls.deliver.export import _resized
+    from raycls.deliver.model import Classifier
+    from raycls.results import read_leaderboard
+
+    _, storage, _, rows = constrained
+    ensemble = load_ensemble(storage, "constrained", "top:2")
+    expected = [r["trial_id"] for r in Ranking.of("val_acc", "max").pick(rows, "top:2")]
+    assert [m.trial_id for m in ensemble.members] == expected
+    assert all(r["feasible"] is not False for r in ensemble.rows)  # an infeasible trial is never a member
+    row = evaluate_ensemble(storage, ensemble)
+    first = ensemble.first
+    images, labels = _resized(first, first.data.splits.test.images), first.data.splits.test.labels
+    members = [probabilities(Classifier(m).eval(), images) for m in ensemble.members]
+    mean = torch.stack(members).mean(0)
+    assert torch.allclose(probabilities(ensemble.module, images), mean, atol=1e-5)
+    assert row["test_acc"] == pytest.approx(float((mean.argmax(1) == labels).float().mean()))
+    assert json.loads(row["members"]) == expected and row["kind"] == "ensemble"
+    assert row["params"] == pytest.approx(sum(r["params"] for r in ensemble.rows))  # cost: every member runs
+    assert row["latency_ms"] > 0 and row["test_images"] == len(labels)
+    assert [r["trial_id"] for r in read_ensembles(storage, "constrained")] == ["ensemble-top2"]
+    assert len(read_leaderboard(storage, "constrained").table) == 5  # not a trial: the leaderboard is untouched
+    report = export_ensemble(ensemble, tmp_path / "export")
+    assert report["parity"]["max_abs_logit_diff"] < 1e-3 and report["parity"]["top1_agreement"] == 1.0
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "export" / "model.onnx")).metadata_props}
+    assert json.loads(props["ensemble"]) == expected
+    with pytest.raises(ConfigError, match="expected top:K"):
+        load_ensemble(storage, "constrained", "best")
 
 
 @pytest.mark.slow
