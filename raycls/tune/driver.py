@@ -227,7 +227,7 @@ def _new_tuner(
             metric=section.metric,
             mode=section.mode,
             # raycls's Optuna search behind its own concurrency limit (or PBT's population: raycls.tune.searcher)
-            search_alg=search_algorithm(experiment, state, warm_dir, concurrency),
+            search_alg=search_algorithm(experiment, state, warm_dir, concurrency, trials),
             scheduler=TRIAL_SCHEDULERS.create(experiment.scheduler.name, experiment),
             num_samples=trials,
             max_concurrent_trials=None,  # search_algorithm limits it

@@ -390,10 +390,10 @@ class PopulationGenerator(BasicVariantGenerator):
         super().add_configurations(experiments)
 
 
-def initial_population(experiment: Experiment) -> list[dict[str, Any]]:
+def initial_population(experiment: Experiment, size: int | None = None) -> list[dict[str, Any]]:
     """A population-based search's first trials: `experiment.trials` points of the space drawn by the
     configured sampler (an in-memory study: PBT is its own search algorithm, and no Optuna study is kept),
-    `search.points_to_evaluate` first."""
+    `search.points_to_evaluate` first; `size`: fewer (a resumed search's remaining trials)."""
     space = experiment.space.model_copy(
         update={"params": {k: v for k, v in experiment.space.params.items() if k not in experiment.overrides}}
     )
@@ -405,7 +405,7 @@ def initial_population(experiment: Experiment) -> list[dict[str, Any]]:
         study.enqueue_trial(dict(point))
     function = SpaceFunction(experiment.space, experiment.overrides)
     points = []
-    for _ in range(experiment.experiment.trials):
+    for _ in range(size or experiment.experiment.trials):
         trial = study.ask()
         function(trial)
         points.append(dict(trial.params))
@@ -414,11 +414,11 @@ def initial_population(experiment: Experiment) -> list[dict[str, Any]]:
 
 
 def search_algorithm(
-    experiment: Experiment, experiment_dir: Path, warm_start_dir: Path | None, concurrency: int
+    experiment: Experiment, experiment_dir: Path, warm_start_dir: Path | None, concurrency: int, trials: int
 ) -> SearchAlgorithm | Searcher:
     """What proposes the trials: raycls's Optuna search, `concurrency` trials at a time (paused trials hold no
     slot); or, for a population-based scheduler (PBT, PB2: Tune allows them no searcher), the population
     drawn up front, every member started at once (the cluster's resources limit how many run)."""
     if population_based(experiment.scheduler.name):
-        return PopulationGenerator(initial_population(experiment))
+        return PopulationGenerator(initial_population(experiment, trials))
     return PausingLimiter(create_searcher(experiment, experiment_dir, warm_start_dir), max_concurrent=concurrency)

@@ -62,7 +62,8 @@ class SearchStopper(Stopper):
         self._clock()
 
     def _watch(self) -> None:
-        self.watch = PlateauWatch(*self.plateau) if self.plateau else None
+        rule = getattr(self, "plateau", None)  # a stopper pickled before plateaus existed has none
+        self.watch = PlateauWatch(*rule) if rule else None
 
     def _clock(self) -> None:
         self.started = time.monotonic()
