@@ -335,11 +335,6 @@ def check_schedule(experiment: Experiment) -> None:
             resolve_trial(experiment, {path: param.representative()})
         except RayclsError as err:
             problems.append(f"scheduler.mutations.{path}: {err}")
-    if population_based(section.name) and experiment.experiment.keep_checkpoints < 2:
-        problems.append(
-            f"experiment.keep_checkpoints: {section.name} clones trials' latest checkpoints; keep at least 2 "
-            "(a trial's best and its latest)"
-        )
     if problems:
         raise ConfigError(problems, source=experiment.source)
 

@@ -28,7 +28,7 @@ from raycls.ranking import checkpoint_attribute
 from raycls.results.leaderboard import SCORED_STATUSES, ReadResult, read_leaderboard
 from raycls.results.provenance import git_state, write_space_as_run
 from raycls.results.wandb_log import resolve_mode
-from raycls.search import TRIAL_SCHEDULERS
+from raycls.search import TRIAL_SCHEDULERS, population_based
 from raycls.storage import ExperimentPaths, absolute, filesystem, journal_file
 from raycls.tune.cluster import cluster_nodes, init_ray
 from raycls.tune.ledger import TrialLedger, record_told_trials
@@ -241,7 +241,8 @@ def _new_tuner(
             callbacks=callbacks,
             failure_config=ray.tune.FailureConfig(max_failures=section.max_failures),
             checkpoint_config=ray.tune.CheckpointConfig(
-                num_to_keep=section.keep_checkpoints,
+                # PBT / PB2 restore other trials' checkpoints, maybe epochs later: none is deleted under them.
+                num_to_keep=None if population_based(experiment.scheduler.name) else section.keep_checkpoints,
                 # A chain's epochs rank later stages first (names.CHAIN_SCORE): its product is its last stage.
                 checkpoint_score_attribute=checkpoint_attribute(section.metric, len(experiment.base.stages)),
                 checkpoint_score_order=section.mode,
