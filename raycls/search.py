@@ -7,7 +7,7 @@ Ray or Optuna: each factory imports what it builds when it is called (by `raycls
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from raycls import names
@@ -20,19 +20,16 @@ if TYPE_CHECKING:
     from raycls.config.experiment import Experiment, SearchSection
     from raycls.config.space import Space
 
-# A sampler is made from the search section and the space it samples (the grid enumerates the space), and
-# `constraints_func` when the experiment has constraints (TPE and NSGA-II model them; the others ignore them,
-# and the rows still say which trials are feasible).
-SAMPLERS: Registry[Callable[..., optuna.samplers.BaseSampler]] = Registry("sampler")
-ConstraintsFunc = Callable[["optuna.trial.FrozenTrial"], Sequence[float]]
+# A sampler is made from the search section and the space it samples (the grid enumerates the space).
+# Constraints need nothing here: the searcher sets them on each trial (Optuna's Trial.set_constraint), and
+# TPE and NSGA-II read them from the trials (the others ignore them; the rows still say which are feasible).
+SAMPLERS: Registry[Callable[[SearchSection, Space], optuna.samplers.BaseSampler]] = Registry("sampler")
 TRIAL_SCHEDULERS: Registry[Callable[[Experiment], TrialScheduler]] = Registry("trial scheduler")
 
 
 # ------------------------------------------------------------------------------------------- samplers
 @SAMPLERS.register("tpe")
-def tpe(
-    search: SearchSection, space: Space, constraints_func: ConstraintsFunc | None = None
-) -> optuna.samplers.BaseSampler:
+def tpe(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
     import optuna
 
     with warnings.catch_warnings():
@@ -44,24 +41,19 @@ def tpe(
             multivariate=True,
             group=True,
             constant_liar=True,
-            constraints_func=constraints_func,
             **({"n_startup_trials": search.n_startup_trials} if search.n_startup_trials is not None else {}),
         )
 
 
 @SAMPLERS.register("random")
-def random(
-    search: SearchSection, space: Space, constraints_func: ConstraintsFunc | None = None
-) -> optuna.samplers.BaseSampler:
+def random(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
     import optuna
 
     return optuna.samplers.RandomSampler(seed=search.seed)
 
 
 @SAMPLERS.register("cmaes")
-def cmaes(
-    search: SearchSection, space: Space, constraints_func: ConstraintsFunc | None = None
-) -> optuna.samplers.BaseSampler:
+def cmaes(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
     import optuna
 
     # CMA-ES handles numeric parameters; categorical ones fall back to independent (random) sampling.
@@ -71,21 +63,17 @@ def cmaes(
 
 
 @SAMPLERS.register("nsga2")
-def nsga2(
-    search: SearchSection, space: Space, constraints_func: ConstraintsFunc | None = None
-) -> optuna.samplers.BaseSampler:
+def nsga2(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
     """NSGA-II, the classic multi-objective evolutionary sampler (TPE handles several objectives too).
     `search.n_startup_trials` sets its population size (Optuna's default: 50)."""
     import optuna
 
     population = {"population_size": max(2, search.n_startup_trials)} if search.n_startup_trials else {}
-    return optuna.samplers.NSGAIISampler(seed=search.seed, constraints_func=constraints_func, **population)
+    return optuna.samplers.NSGAIISampler(seed=search.seed, **population)
 
 
 @SAMPLERS.register("grid")
-def grid(
-    search: SearchSection, space: Space, constraints_func: ConstraintsFunc | None = None
-) -> optuna.samplers.BaseSampler:
+def grid(search: SearchSection, space: Space) -> optuna.samplers.BaseSampler:
     """Every combination of the space's choices once (Optuna's GridSampler, in a seeded random order):
     "each model once" without listing points_to_evaluate. Only for spaces of unconditional choices."""
     from raycls.samplers import AskTellGridSampler

@@ -60,7 +60,7 @@ CONSTRAINT_PATTERN = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|<|>)\s*([-+]?(\
 
 @dataclass(frozen=True)
 class Constraint:
-    """One parsed constraint. `violation` is Optuna's convention for constraints_func: <= 0 is feasible."""
+    """One parsed constraint. `violation` is Optuna's convention for constraint values: <= 0 is feasible."""
 
     metric: str
     op: str
@@ -104,7 +104,7 @@ class ExperimentSection(Frozen):
     # the metric's mode: `metric`'s, an objective's, or the metric's usual one); `plateau: {patience, min_delta}`
     # stops it once the best score stops improving (PlateauRule).
     stop: dict[str, Union[float, PlateauRule]] = Field(default_factory=dict)
-    # Feasibility rules, e.g. ["latency_ms <= 5", "params <= 2e6"]: told to Optuna's samplers (constraints_func),
+    # Feasibility rules, e.g. ["latency_ms <= 5", "params <= 2e6"]: set on each Optuna trial (set_constraint),
     # marked per row (`feasible`), and an infeasible trial is never "best".
     constraints: list[str] = Field(default_factory=list)
     # Trials at a time; None: as many as the cluster's CPUs/GPUs fit.

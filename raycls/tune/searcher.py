@@ -33,16 +33,6 @@ from raycls.search import SAMPLERS, population_based
 from raycls.storage import journal_file
 from raycls.tune.resume import TRIAL_ID_ATTR
 
-# The trial's constraint values (Optuna's convention: <= 0 is feasible), set before it is told; the sampler's
-# constraints_func reads them back (a module function: the sampler is pickled with the searcher).
-CONSTRAINTS_ATTR = "raycls_constraints"
-
-
-def told_constraints(trial: FrozenTrial) -> list[float]:
-    """Optuna's constraints_func: the values the searcher stored on the trial (a trial told without them, such
-    as one pruned before its cost was measured, is not judged: 0.0)."""
-    return list(trial.user_attrs.get(CONSTRAINTS_ATTR) or [0.0])
-
 
 def constraint_values(constraints: list[Constraint], best: dict, last: dict) -> list[float]:
     """Each constraint's violation (<= 0: feasible): epoch metrics at the best epoch, held-out and cost metrics
@@ -231,11 +221,14 @@ class RayclsOptunaSearch(OptunaSearch):
         return super().on_trial_complete(trial_id, result, error)
 
     def _store_constraints(self, trial_id: str, last: dict) -> None:
-        """The trial's constraint values, where the sampler's constraints_func (told_constraints) reads them."""
+        """The trial's constraint violations, set on its Optuna trial under each constraint's text (Optuna's
+        Trial.set_constraint: TPE and NSGA-II read them from the trials, <= 0 is feasible)."""
         best = self._best_epoch.get(trial_id, last)
         parsed = [Constraint.parse(text) for text in self._constraints]
+        ot_trial = self._ot_trials[trial_id]
         try:
-            self._ot_trials[trial_id].set_user_attr(CONSTRAINTS_ATTR, constraint_values(parsed, best, last))
+            for text, value in zip(self._constraints, constraint_values(parsed, best, last)):
+                ot_trial.set_constraint(text, value)
         except Exception as err:  # never break the search for Optuna's bookkeeping
             warnings.warn(f"optuna could not record trial {trial_id}'s constraints: {err}", stacklevel=2)
 
@@ -332,7 +325,6 @@ def create_searcher(experiment: Experiment, experiment_dir: Path, warm_start_dir
             experiment.space.model_copy(
                 update={"params": {k: v for k, v in experiment.space.params.items() if k not in experiment.overrides}}
             ),
-            constraints_func=told_constraints if section.constraints else None,
         ),
         points_to_evaluate=[dict(p) for p in search.points_to_evaluate] or None,
         study_name=experiment.name,
