@@ -5,10 +5,12 @@ Errors a user can cause (RayclsError) print one message and exit with code 2, ne
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -60,6 +62,8 @@ class TrainJob:
     metric: str
     mode: str
     resources: Any  # Resources
+    # A PBT trial's replay: (first epoch, config) segments of its schedule (raycls.train.local.run_schedule).
+    schedule: list = field(default_factory=list)
 
 
 def _job_from_space(space: Path, overrides: list[str], storage: str, fast_dev_run: bool) -> TrainJob:
@@ -89,7 +93,24 @@ def _job_from_row(reference: str, overrides: list[str], storage: str, fast_dev_r
         if paths.local and paths.exists(paths.space_file())
         else Resources(workers=row.get("workers") or 1)
     )
-    return TrainJob(f"{row['experiment']}-{row['trial_id']}", config, row["metric"], row["mode"], resources)
+    job = TrainJob(f"{row['experiment']}-{row['trial_id']}", config, row["metric"], row["mode"], resources)
+    if row.get("schedule") and len(json.loads(row["schedule"])) > 1:  # a PBT trial that cloned: its schedule
+        from raycls.train.local import schedule_segments
+
+        pinned = parse_overrides(overrides)
+        segments = schedule_segments(
+            json.loads(row["schedule"]),
+            lambda values: _segment_config(row, {**values, **pinned}, fast_dev_run),
+        )
+        job = dataclasses.replace(job, schedule=segments)
+    return job
+
+
+def _segment_config(row: dict, values: dict, fast_dev_run: bool):
+    from raycls.config.load import config_of_row
+
+    config = config_of_row(row, values)
+    return config.fast_dev_run() if fast_dev_run else config
 
 
 @app.command()
@@ -122,7 +143,14 @@ def train(
     if not is_local(str(out)):
         raise RayclsError(f"--out {out}: `raycls train` writes to a local folder; use --out DIR")
     started = time.perf_counter()
-    if no_ray:
+    if job.schedule:  # a PBT trial's schedule: its segments, one after another, in this process
+        from raycls.train.local import run_schedule
+
+        console.print(f"[dim]replaying the trial's PBT schedule: {len(job.schedule)} segment(s), in this process[/]")
+        summary = run_schedule(
+            job.schedule, out, metric=job.metric, mode=job.mode, fast_dev_run=fast_dev_run, on_epoch=_print_epoch
+        )
+    elif no_ray:
         if trial is not None:
             # A replay computes as its trial did: Ray runs a trial with as many intra-op threads as CPUs it
             # asked for, and a CPU's float sums depend on how work is split over threads.
@@ -513,12 +541,20 @@ def eval_(
     storage: StorageOption = None,
     set_: SetOption = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda when there is one).")] = None,
+    ensemble: Annotated[
+        Optional[str],
+        typer.Option(
+            help="top:K: average the K best trials' probabilities on the test split (a row of kind ensemble)."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate finished trials' best checkpoints on held-out data; results become leaderboard columns."""
     from raycls.config import parse_overrides
     from raycls.registry import check_name
     from raycls.train.evaluation import evaluate_rows, pick_rows, trial_rows
 
+    if ensemble is not None:
+        return _eval_ensemble(experiment, ensemble, storage_root(storage), device or "cpu")
     if suite is not None:
         check_name("eval suite", suite)
     root = storage_root(storage)
@@ -550,6 +586,21 @@ def eval_(
     console.print(
         f"evaluated {len(summaries)} trial(s) in {time.perf_counter() - started:.1f} s; files under "
         f"{root.rstrip('/')}/{experiment}/eval/"
+    )
+
+
+def _eval_ensemble(experiment: str, pick: str, root: str, device: str) -> None:
+    from raycls.deliver.ensemble import evaluate_ensemble, load_ensemble
+
+    started = time.perf_counter()
+    row = evaluate_ensemble(root, load_ensemble(root, experiment, pick, device=device))
+    members = ", ".join(f"{k}={v:.4f}" for k, v in json.loads(row["member_test_acc"]).items())
+    console.print(
+        f"{row['trial_id']} (test split, {int(row['test_images'])} images): test_acc={row['test_acc']:.4f} "
+        f"test_nll={row['test_nll']:.4f} test_ece={row['test_ece']:.4f} params={row['params']:.0f} "
+        f"latency_ms={row['latency_ms']:.2f}; members' test_acc: {members} "
+        f"({time.perf_counter() - started:.1f} s)",
+        highlight=False,
     )
 
 
@@ -599,6 +650,9 @@ def export_(
         Optional[Path], typer.Option("--out", help="Folder (default <storage>/<experiment>/export/<trial_id>).")
     ] = None,
     storage: StorageOption = None,
+    ensemble: Annotated[
+        Optional[str], typer.Option(help="top:K: the K best trials as one ONNX graph (their mean probabilities).")
+    ] = None,
 ) -> None:
     """Export a trial's best model to ONNX (metadata inside), checked against PyTorch with onnxruntime."""
     from raycls.deliver.export import REPORT_FILE, export
@@ -607,6 +661,18 @@ def export_(
     if format != "onnx":
         raise RayclsError(f"--format {format!r}: only onnx is supported")
     root = storage_root(storage)
+    if ensemble is not None:
+        from raycls.deliver.ensemble import export_ensemble, load_ensemble
+
+        loaded = load_ensemble(root, experiment, ensemble)
+        folder = out or Path(ExperimentPaths(root, experiment).export_dir(loaded.name))
+        parity = export_ensemble(loaded, folder)["parity"]
+        console.print(
+            f"{loaded.name} ({len(loaded.members)} members): max |logit diff| {parity['max_abs_logit_diff']:.2e}, "
+            f"accuracy torch {parity['torch_acc']:.4f} / onnx {parity['onnx_acc']:.4f}; wrote {folder}",
+            highlight=False,
+        )
+        return
     model = load_trial_model(root, experiment, trial)
     out = out or Path(ExperimentPaths(root, experiment).export_dir(model.trial_id))
     if not is_local(str(out)):

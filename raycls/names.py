@@ -153,3 +153,21 @@ MODES: dict[str, Mode] = {
     TRAIN_ACC: "max",
     **{val_topk(k): "max" for k in (2, 3, 5, 10)},
 }
+
+
+# ------------------------------------------------------------------------------- population-based training
+# Keys a PBT / PB2 scheduler adds to a trial's Tune config (raycls.search): not trial-config paths, stripped
+# before the config is resolved. LINEAGE: the trial's own exploits, [{epoch, cloned, from_epoch, values}];
+# SCHEDULE: the mutated values its weights trained under, from epoch 0, [{epoch, values}] (its ancestors'
+# segments up to the clone point, then its own), which `raycls train --trial` replays.
+LINEAGE = "raycls_lineage"
+SCHEDULE = "raycls_schedule"
+POPULATION_KEYS = (LINEAGE, SCHEDULE)
+# A population's member that did not sample a conditional parameter holds this in its Tune config (Tune
+# needs every member's keys in its param_space): not a value, stripped like the keys above.
+UNSAMPLED = "raycls:unsampled"
+
+
+def sampled_values(params: dict) -> dict:
+    """A Tune trial's config as the trial config's sampled values: PBT's bookkeeping and placeholders out."""
+    return {k: v for k, v in params.items() if k not in POPULATION_KEYS and not (isinstance(v, str) and v == UNSAMPLED)}

@@ -18,7 +18,7 @@ from raycls.config.schema import ModelConfig, TrialConfig
 from raycls.errors import ConfigError
 from raycls.phases.base import check_experiment_metric, check_objectives, check_stages
 from raycls.references import resolve_references
-from raycls.search import check_search
+from raycls.search import check_schedule, check_search
 from raycls.storage import is_local
 
 
@@ -44,6 +44,7 @@ def prepare_experiment(
     check_experiment_metric(experiment)
     check_objectives(experiment)  # objectives and stop targets name metrics a trial reports
     check_search(experiment)  # a grid enumerates choices, and has enough of them
+    check_schedule(experiment)  # pbt / pb2 perturb trial-config paths their values fit
     check_stages(experiment)  # what each phase can run on (token_distill: ViTs only)
     check_loader(experiment)  # data.loader: stream reads image files only
     check_progressive_freeze(experiment)  # progressive unfreezing on one worker per trial

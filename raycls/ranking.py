@@ -130,7 +130,8 @@ class Ranking:
 
     def pick(self, rows: Sequence[Row], pick: str, *, what: str = "--trial") -> list[Row]:
         """`best` (the completed trial with the best score), `top:K` (the K best completed trials) or a trial
-        id (any status). Raises PickError with what was expected and what there is."""
+        id (any status). A trial that breaks the experiment's constraints (`feasible` false) is never best nor
+        in a top:K. Raises PickError with what was expected and what there is."""
         if pick == "best" or pick.startswith("top:"):
             k = 1 if pick == "best" else _positive(pick.removeprefix("top:"), what)
             done = [r for r in rows if r.get("status") == "completed" and number(r.get("score")) is not None]
@@ -139,6 +140,9 @@ class Ranking:
                 raise NoCompletedTrial(
                     f"{what} {pick}: no completed trial with a score ({len(rows)} row(s); statuses: {statuses})"
                 )
+            done = [r for r in done if r.get("feasible") is not False]
+            if not done:
+                raise NoCompletedTrial(f"{what} {pick}: every completed trial breaks the experiment's constraints")
             return self.sort(done)[:k]
         return [row_of(rows, pick, what=what, hint="; or use best / top:K")]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from raycls import names
 from raycls.registry import Registry
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from raycls.config.space import Space
 
 # A sampler is made from the search section and the space it samples (the grid enumerates the space).
+# Constraints need nothing here: the searcher sets them on each trial (Optuna's Trial.set_constraint), and
+# TPE and NSGA-II read them from the trials (the others ignore them; the rows still say which are feasible).
 SAMPLERS: Registry[Callable[[SearchSection, Space], optuna.samplers.BaseSampler]] = Registry("sampler")
 TRIAL_SCHEDULERS: Registry[Callable[[Experiment], TrialScheduler]] = Registry("trial scheduler")
 
@@ -148,10 +150,181 @@ def asha(experiment: Experiment) -> TrialScheduler:
         max_t=experiment.max_t,
         grace_period=section.grace_period,
         reduction_factor=section.reduction_factor,
+        brackets=section.brackets,  # more than 1: asynchronous Hyperband (ASHA's brackets of different rigor)
         # Let a trial that reaches max_t finish on its own: stopping it there would kill a multi-worker
         # trial's Train run at its last epoch (and count a finished trial as stopped).
         stop_last_trials=False,
     )
+
+
+@TRIAL_SCHEDULERS.register("hyperband")
+def hyperband(experiment: Experiment) -> TrialScheduler:
+    """Hyperband (Li et al. 2018) with its brackets: Ray's synchronous HyperBandScheduler, which runs several
+    successive-halving brackets of different aggressiveness (from max_t and reduction_factor) and pauses a
+    trial at a rung until its bracket's trials reach it (the trial resumes from its checkpoint)."""
+    from ray.tune.schedulers import HyperBandScheduler
+
+    section = experiment.scheduler
+    return last_stage(HyperBandScheduler)(
+        time_attr=names.EPOCH,
+        max_t=experiment.max_t,
+        reduction_factor=section.reduction_factor,
+        stop_last_trials=False,  # as ASHA: a trial at max_t finishes on its own (a completed trial)
+    )
+
+
+@TRIAL_SCHEDULERS.register("bohb")
+def bohb(experiment: Experiment) -> TrialScheduler:
+    """BOHB-style (Falkner et al. 2018): Ray's HyperBandForBOHB brackets (largest bracket first, trials paused
+    at rungs) with raycls's Optuna TPE as the model in place of TuneBOHB's (hpbandster/ConfigSpace): TPE learns
+    from every rung through the pruned trials' intermediate values, and the study stays raycls's journal."""
+    from ray.tune.schedulers import HyperBandForBOHB
+
+    section = experiment.scheduler
+    return last_stage(HyperBandForBOHB)(
+        time_attr=names.EPOCH,
+        max_t=experiment.max_t,
+        reduction_factor=section.reduction_factor,
+        stop_last_trials=False,
+    )
+
+
+@TRIAL_SCHEDULERS.register("median")
+def median(experiment: Experiment) -> TrialScheduler:
+    """The median stopping rule (Golovin et al. 2017, Google Vizier): stop a trial whose best score so far is
+    worse than the median of the other trials' running averages at the same epoch."""
+    from ray.tune.schedulers import MedianStoppingRule
+
+    section = experiment.scheduler
+    return last_stage(MedianStoppingRule)(
+        time_attr=names.EPOCH,
+        grace_period=section.grace_period,
+        min_samples_required=section.min_samples,
+    )
+
+
+def population_based(name: str) -> bool:
+    """Whether a scheduler clones and perturbs trials (PBT, PB2): Tune runs it without a searcher."""
+    return bool(getattr(TRIAL_SCHEDULERS.get(name), "population_based", False))
+
+
+def _population(factory: Callable[[Experiment], TrialScheduler]) -> Callable[[Experiment], TrialScheduler]:
+    factory.population_based = True  # type: ignore[attr-defined]
+    return factory
+
+
+def with_lineage(scheduler: type[TrialScheduler]) -> type[TrialScheduler]:
+    """A PBT-family scheduler whose exploits write themselves into the exploiting trial's config: the events
+    (names.LINEAGE: which trial it cloned, at which epoch, the perturbed values) and the schedule of values its
+    weights trained under (names.SCHEDULE). They travel with the trial (Tune's params.json, its snapshot), and
+    the trial's leaderboard row reads them. Defined when called: this module loads without Ray."""
+
+    class WithLineage(scheduler):  # type: ignore[misc, valid-type]
+        def on_trial_add(self, tune_controller, trial) -> None:  # noqa: ANN001 - Tune's types
+            super().on_trial_add(tune_controller, trial)
+            if names.SCHEDULE not in trial.config:  # its starting values (sampled or filled in by PBT)
+                trial.config[names.SCHEDULE] = [{"epoch": 0, "values": self._mutated(trial.config)}]
+                trial.config[names.LINEAGE] = []
+
+        def _mutated(self, config: dict) -> dict:
+            return {key: config.get(key) for key in self._hyperparam_mutations}
+
+        def _get_new_config(self, trial, trial_to_clone):  # noqa: ANN001, ANN202 - Tune's types
+            new_config, operations = super()._get_new_config(trial, trial_to_clone)
+            at = int(self._trial_state[trial].last_train_time)
+            source = int(self._trial_state[trial_to_clone].last_train_time)  # the epoch of the cloned checkpoint
+            values = self._mutated(new_config)
+            ancestry = [s for s in trial_to_clone.config.get(names.SCHEDULE, []) if s["epoch"] < source]
+            new_config[names.SCHEDULE] = [*ancestry, {"epoch": source, "values": values}]
+            event = {"epoch": at, "cloned": trial_to_clone.trial_id, "from_epoch": source, "values": values}
+            new_config[names.LINEAGE] = [*trial.config.get(names.LINEAGE, []), event]
+            return new_config, operations
+
+    WithLineage.__name__ = WithLineage.__qualname__ = f"WithLineage{scheduler.__name__}"
+    return WithLineage
+
+
+def tune_domain(param: Any) -> Any:
+    """A space parameter as PBT's mutation: a list for choices (PBT steps to a neighbouring value), Tune's
+    distribution for ranges (resampled, or scaled by 0.8 / 1.2)."""
+    from ray import tune
+
+    if param.type == "choice":
+        return list(param.values)
+    if param.type == "loguniform":
+        return tune.loguniform(param.low, param.high)
+    if param.type == "int":
+        return (
+            tune.qrandint(param.low, param.high, param.step)
+            if not param.log
+            else tune.lograndint(param.low, param.high + 1)
+        )
+    return tune.uniform(param.low, param.high)
+
+
+@TRIAL_SCHEDULERS.register("pbt")
+@_population
+def pbt(experiment: Experiment) -> TrialScheduler:
+    """Population-based training (Jaderberg et al. 2017): every `perturbation_interval` epochs a trial in the
+    bottom quantile clones a top trial's checkpoint and perturbs `mutations` (Ray's PopulationBasedTraining)."""
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    section = experiment.scheduler
+    return with_lineage(PopulationBasedTraining)(
+        time_attr=names.EPOCH,
+        perturbation_interval=section.perturbation_interval,
+        burn_in_period=section.burn_in,
+        hyperparam_mutations={path: tune_domain(param) for path, param in section.mutations.items()},
+        quantile_fraction=section.quantile_fraction,
+        resample_probability=section.resample_probability,
+        log_config=False,  # the lineage goes to the leaderboard rows instead
+    )
+
+
+@TRIAL_SCHEDULERS.register("pb2")
+@_population
+def pb2(experiment: Experiment) -> TrialScheduler:
+    """PB2 (Parker-Holder et al. 2020): PBT whose explore step is a GP bandit over `mutations`' ranges
+    (uniform / loguniform only; Ray's PB2, which needs GPy and scikit-learn)."""
+    from ray.tune.schedulers.pb2 import PB2
+
+    section = experiment.scheduler
+    return with_lineage(PB2)(
+        time_attr=names.EPOCH,
+        perturbation_interval=section.perturbation_interval,
+        hyperparam_bounds={path: [param.low, param.high] for path, param in section.mutations.items()},
+        quantile_fraction=section.quantile_fraction,
+        log_config=False,
+    )
+
+
+def check_schedule(experiment: Experiment) -> None:
+    """Before any trial: PBT and PB2 have mutations, each a trial-config path its values fit (PB2: ranges of
+    floats); other schedulers take none."""
+    from raycls.config.load import resolve_trial
+    from raycls.errors import ConfigError, RayclsError
+
+    section = experiment.scheduler
+    problems = []
+    if not population_based(section.name):
+        if section.mutations:
+            problems.append(f"scheduler.mutations: only pbt and pb2 perturb parameters, not {section.name!r}")
+    elif not section.mutations:
+        problems.append(
+            f"scheduler.mutations: {section.name} needs the parameters it perturbs, e.g. "
+            "{train.lr: {type: loguniform, low: 1.0e-4, high: 0.1}}"
+        )
+    for path, param in section.mutations.items():
+        if section.name == "pb2" and param.type not in ("uniform", "loguniform"):
+            problems.append(f"scheduler.mutations.{path}: pb2 perturbs ranges of floats, not {param.type!r}")
+        if param.when:
+            problems.append(f"scheduler.mutations.{path}: a mutation cannot have `when`")
+        try:
+            resolve_trial(experiment, {path: param.representative()})
+        except RayclsError as err:
+            problems.append(f"scheduler.mutations.{path}: {err}")
+    if problems:
+        raise ConfigError(problems, source=experiment.source)
 
 
 @TRIAL_SCHEDULERS.register("fifo")

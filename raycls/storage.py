@@ -41,6 +41,7 @@ from raycls.errors import StorageError
 
 LEADERBOARD_DIR = "leaderboard"
 HISTORY_DIR = "history"
+ENSEMBLE_DIR = "ensembles"  # ensembles/<name>.parquet: `raycls eval --ensemble top:K` rows (kind ensemble)
 SPACE_FILE = "space.yaml"
 TRAIN_RUNS_DIR = "train_runs"
 EVAL_DIR = "eval"  # eval/<trial_id>/: the held-out evaluation of the trial's best weights
@@ -167,6 +168,9 @@ class ExperimentPaths:
 
     def row(self, trial_id: str) -> str:
         return f"{self.root}/{LEADERBOARD_DIR}/{trial_id}.parquet"
+
+    def ensemble_row(self, name: str) -> str:
+        return f"{self.root}/{ENSEMBLE_DIR}/{name}.parquet"
 
     def history(self, trial_id: str) -> str:
         return f"{self.root}/{HISTORY_DIR}/{trial_id}.parquet"

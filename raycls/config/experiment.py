@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, field_validator, model_validator
 
 from raycls.config.schema import Frozen, PositiveInt, TrialConfig, registered
-from raycls.config.space import Space
+from raycls.config.space import Param, Space
 from raycls.ranking import mode_of
+
+PLATEAU = "plateau"  # the key of `experiment.stop` that holds the plateau rule, not a metric target
 
 
 class Resources(Frozen):
@@ -41,6 +45,48 @@ class Objective(Frozen):
     mode: Literal["max", "min"]
 
 
+class PlateauRule(Frozen):
+    """`experiment.stop: {plateau: {patience: N, min_delta: x}}`: end the whole search once `patience` epochs in
+    a row, counted over all trials as they report, have not raised the search's best score (by `metric`) by
+    more than `min_delta` (early stopping for the search, beside the time budget and targets)."""
+
+    patience: PositiveInt
+    min_delta: Annotated[float, Field(ge=0.0)] = 0.0
+
+
+# `experiment.constraints: ["latency_ms <= 5", "params <= 2e6"]`: a metric, a comparison, a number.
+CONSTRAINT_PATTERN = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|<|>)\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One parsed constraint. `violation` is Optuna's convention for constraint values: <= 0 is feasible."""
+
+    metric: str
+    op: str
+    bound: float
+
+    @classmethod
+    def parse(cls, text: str) -> Constraint:
+        match = CONSTRAINT_PATTERN.match(text)
+        if match is None:
+            raise ValueError(
+                f"{text!r}: expected `METRIC OP NUMBER` with OP one of <=, >=, <, > (e.g. 'latency_ms <= 5')"
+            )
+        return cls(match.group(1), match.group(2), float(match.group(3)))
+
+    def violation(self, value: float) -> float:
+        """How far `value` is past the bound (> 0: infeasible; a strict bound counts equality as infeasible)."""
+        excess = value - self.bound if self.op in ("<=", "<") else self.bound - value
+        return excess if self.op in ("<=", ">=") or excess != 0 else 1e-12
+
+    def holds(self, value: float) -> bool:
+        return self.violation(value) <= 0
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.bound:g}"
+
+
 class ExperimentSection(Frozen):
     # None: the YAML file's stem.
     name: str | None = None
@@ -55,8 +101,12 @@ class ExperimentSection(Frozen):
     # The whole search's wall-clock budget: no new trial starts after it, running ones are stopped.
     time_budget_s: Annotated[float, Field(gt=0)] | None = None
     # Stop the search as soon as any trial reaches one of these, e.g. {val_acc: 0.99} (the direction is
-    # the metric's mode: `metric`'s, an objective's, or the metric's usual one).
-    stop: dict[str, float] = Field(default_factory=dict)
+    # the metric's mode: `metric`'s, an objective's, or the metric's usual one); `plateau: {patience, min_delta}`
+    # stops it once the best score stops improving (PlateauRule).
+    stop: dict[str, Union[float, PlateauRule]] = Field(default_factory=dict)
+    # Feasibility rules, e.g. ["latency_ms <= 5", "params <= 2e6"]: set on each Optuna trial (set_constraint),
+    # marked per row (`feasible`), and an infeasible trial is never "best".
+    constraints: list[str] = Field(default_factory=list)
     # Trials at a time; None: as many as the cluster's CPUs/GPUs fit.
     concurrency: PositiveInt | None = None
     resources: Resources = Resources()
@@ -100,6 +150,50 @@ class ExperimentSection(Frozen):
             raise ValueError(f"{metrics}: each metric once")
         return objectives
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, stop: Any) -> Any:
+        """`plateau` holds a rule; every other key a metric's target number."""
+        if not isinstance(stop, dict):
+            return stop
+        wrong = [
+            f"stop.{key}: expected a number (a target), got {value!r}"
+            for key, value in stop.items()
+            if key != PLATEAU and (isinstance(value, (bool, dict, list, str)) or value is None)
+        ]
+        if PLATEAU in stop and not isinstance(stop[PLATEAU], dict):
+            wrong.append(f"stop.plateau: expected {{patience: N, min_delta: x}}, got {stop[PLATEAU]!r}")
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        return {k: (PlateauRule.model_validate(v) if k == PLATEAU else v) for k, v in stop.items()}
+
+    @field_validator("constraints")
+    @classmethod
+    def _constraints(cls, constraints: list[str]) -> list[str]:
+        problems = []
+        for text in constraints:
+            try:
+                Constraint.parse(text)
+            except ValueError as err:
+                problems.append(str(err))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return constraints
+
+    @property
+    def targets(self) -> dict[str, float]:
+        """`stop`'s metric targets (the plateau rule aside)."""
+        return {k: float(v) for k, v in self.stop.items() if not isinstance(v, PlateauRule)}
+
+    @property
+    def plateau(self) -> PlateauRule | None:
+        rule = self.stop.get(PLATEAU)
+        return rule if isinstance(rule, PlateauRule) else None
+
+    @property
+    def parsed_constraints(self) -> list[Constraint]:
+        return [Constraint.parse(text) for text in self.constraints]
+
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
@@ -132,6 +226,17 @@ class SchedulerSection(Frozen):
     max_t: PositiveInt | None = None
     grace_period: PositiveInt = 1
     reduction_factor: Annotated[float, Field(gt=1)] = 2.0
+    # asha: more than one bracket is asynchronous Hyperband (brackets of different grace periods).
+    brackets: PositiveInt = 1
+    # median: trials that must have reached an epoch before the median of theirs judges another.
+    min_samples: PositiveInt = 3
+    # pbt / pb2: every `perturbation_interval` epochs a trial in the bottom `quantile_fraction` clones a top
+    # trial's checkpoint and perturbs `mutations` (trial-config paths, in the space's distribution syntax).
+    perturbation_interval: PositiveInt = 2
+    burn_in: Annotated[int, Field(ge=0)] = 0
+    quantile_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.25
+    resample_probability: Annotated[float, Field(ge=0, le=1)] = 0.25
+    mutations: dict[str, Param] = Field(default_factory=dict)
     _known_trial_scheduler = registered("trial scheduler", "name")
 
 

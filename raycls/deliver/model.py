@@ -64,7 +64,12 @@ class Classifier(nn.Module):
 
 def load_trial_model(storage: str, experiment: str, pick: str = "best", *, device: str = "cpu") -> TrialModel:
     """The picked trial's (best | top:1 | a trial id) best checkpoint in its phase module, ready to predict."""
-    row = pick_rows(trial_rows(storage, experiment), pick, experiment)[0]
+    return model_of_row(pick_rows(trial_rows(storage, experiment), pick, experiment)[0], device=device)
+
+
+def model_of_row(row: dict, *, device: str = "cpu") -> TrialModel:
+    """A leaderboard row's best checkpoint in its phase module, ready to predict."""
+    experiment = row["experiment"]
     config = config_of_row(row)
     data = load_data(config)
     weights, stage = read_checkpoint(row["checkpoint"])

@@ -166,7 +166,7 @@ def check_experiment_metric(experiment: Experiment) -> None:
 def check_objectives(experiment: Experiment) -> None:
     """Every objective is something a trial ends with: a metric its last stage reports each epoch, a
     held-out `test_*` metric (when trials are evaluated), or a cost (params, flops, latency_ms); every
-    `stop` target is a metric each stage reports."""
+    `stop` target is a metric each stage reports; every constraint names one of the first kinds."""
     section, base = experiment.experiment, experiment.base
     last = base.stages[-1]
     reported = PHASES.get(last.phase.name).reports(base.eval.val_topk)
@@ -191,9 +191,18 @@ def check_objectives(experiment: Experiment) -> None:
     problems += [
         f"experiment.stop.{metric}: not reported every epoch by every phase of {base.chain}; they report: "
         f"{', '.join(sorted(every - {names.VAL_IMAGES}))}"
-        for metric in section.stop
+        for metric in section.targets
         if metric not in every
     ]
+    for index, constraint in enumerate(section.parsed_constraints):
+        metric = constraint.metric
+        if names.is_evaluation_metric(metric) and base.eval.on == "none":
+            problems.append(f"experiment.constraints.{index}: {metric!r} is a held-out metric, and eval.on is 'none'")
+        elif not (metric in reported or metric in names.COST_METRICS or names.is_evaluation_metric(metric)):
+            known = sorted(set(reported) - {names.VAL_IMAGES}) + ["test_...", *names.COST_METRICS]
+            problems.append(
+                f"experiment.constraints.{index}: {metric!r} is not a metric trials end with; known: {', '.join(known)}"
+            )
     if problems:
         raise ConfigError(problems, source=experiment.source)
 

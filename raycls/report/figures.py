@@ -8,6 +8,7 @@ trials stays a handful of traces, which browsers and kaleido draw in a blink.
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections.abc import Callable
@@ -523,6 +524,63 @@ def stages(data: ReportData) -> Section | None:
             fig.add_scatter(x=x, y=y, mode="lines+markers", name=state, line={"color": colour, "width": 1}, opacity=0.7)
     _layout(fig, "Each stage's validation metric, per trial", xaxis_title="stage metric", yaxis_title="value")
     return Section("stages", "Chain stages", "One line per trial across the stages of its chain.", fig)
+
+
+def exploits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every PBT exploit of the experiment, from its rows' `lineage` JSON: {trial, epoch, cloned, from_epoch,
+    values}, in epoch order."""
+    found = []
+    for row in rows:
+        for event in json.loads(row.get("lineage") or "[]"):
+            found.append({"trial": row["trial_id"], **event})
+    return sorted(found, key=lambda e: (e["epoch"], e["trial"]))
+
+
+@REPORT_SECTIONS.register("lineage")
+def lineage(data: ReportData) -> Section | None:
+    """PBT / PB2: which trial cloned which, when, and the values it went on with."""
+    if not any(row.get("lineage") for row in data.rows):
+        return None  # not a population-based search: no section at all
+    events = exploits(data.rows)
+    fig = go.Figure()
+    order = [row["trial_id"] for row in data.rows]
+    x: list[Any] = []
+    y: list[Any] = []
+    for row in data.rows:  # each trial's life, epoch 0 to its last
+        x += [0, row.get("epochs") or 0, None]
+        y += [row["trial_id"], row["trial_id"], None]
+    fig.add_scatter(x=x, y=y, mode="lines", name="trial", line={"color": "#adb5bd", "width": 6})
+    if events:
+        ex: list[Any] = []
+        ey: list[Any] = []
+        text: list[str] = []
+        for event in events:
+            values = ", ".join(f"{k}={_fmt(v)}" for k, v in event["values"].items())
+            ex += [event["from_epoch"], event["epoch"], None]
+            ey += [event["cloned"], event["trial"], None]
+            text += ["", f"{event['trial']} cloned {event['cloned']} (its epoch {event['from_epoch']}): {values}", ""]
+        fig.add_scatter(
+            x=ex,
+            y=ey,
+            text=text,
+            hoverinfo="text",
+            mode="lines+markers",
+            name="exploit (clone + perturb)",
+            line={"color": "#1c7ed6", "width": 2},
+            marker={"symbol": "arrow-bar-up", "size": 9, "angleref": "previous"},
+        )
+    _layout(
+        fig,
+        f"PBT lineage: {len(events)} exploit(s)",
+        xaxis_title="epoch",
+        yaxis={"title": "trial", "categoryorder": "array", "categoryarray": order},
+    )
+    about = (
+        "Each grey bar is a trial; each blue arrow an exploit: the trial at the arrow's head took the checkpoint of "
+        "the trial at its tail (at the tail's epoch) and went on with perturbed values (hover for them)."
+    )
+    note = None if events else "No trial was exploited (none fell in the bottom quantile at a perturbation)."
+    return Section("lineage", "Population-based training lineage", about, fig, note=note)
 
 
 @REPORT_SECTIONS.register("evaluation")

@@ -57,6 +57,16 @@ FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("stopped_by", pa.string()),
     ("checkpoint", pa.string()),
     ("teacher", pa.string()),  # distillation: EXPERIMENT/TRIAL_ID of a referenced teacher, or its path, or "ema"
+    # experiment.constraints: whether the trial meets them all (null: no constraints, or a metric it never
+    # reported); an infeasible trial is never "best" (raycls.ranking)
+    ("feasible", pa.bool_()),
+    # PBT / PB2: the trial it last cloned, at which of its epochs, and every exploit as JSON
+    # ([{epoch, cloned, from_epoch, values}]); `schedule`: the perturbed values its weights trained under, from
+    # epoch 0 ([{epoch, values}], ancestors' segments included), which `raycls train --trial` replays
+    ("cloned_from", pa.string()),
+    ("cloned_at", pa.int64()),
+    ("lineage", pa.string()),
+    ("schedule", pa.string()),
     ("config_json", pa.string()),
     ("git_commit", pa.string()),
     ("git_dirty", pa.bool_()),
@@ -96,6 +106,9 @@ class TrialRecord:
     evaluation: dict[str, Any] = field(default_factory=dict)
     ended_by: str | None = None  # early_stopped by the end of the search (time_budget, target), not ASHA
     objectives: str | None = None  # see raycls.results.pareto
+    constraints: list[str] = field(default_factory=list)  # experiment.constraints, judged in to_table
+    lineage: list[dict[str, Any]] = field(default_factory=list)  # PBT exploits (names.LINEAGE)
+    schedule: list[dict[str, Any]] = field(default_factory=list)  # PBT schedule (names.SCHEDULE)
 
     def best_row(self) -> dict[str, Any]:
         """Every metric at the best epoch. A trial with no epoch that counts (failed first, or cut before a
@@ -172,6 +185,11 @@ class TrialRecord:
         for key, dtype in self.param_types.items():
             fields.append((key, dtype))
             values[key] = self.params.get(key)
+        values["feasible"] = feasible(self.constraints, values) if self.status != "failed" else None
+        if self.lineage:
+            values["cloned_from"], values["cloned_at"] = self.lineage[-1]["cloned"], int(self.lineage[-1]["epoch"])
+        values["lineage"] = json.dumps(self.lineage) if self.lineage or self.schedule else None
+        values["schedule"] = json.dumps(self.schedule) if self.schedule else None
         schema = pa.schema(fields)
         return pa.Table.from_pylist([{name: values.get(name) for name in schema.names}], schema=schema)
 
@@ -190,6 +208,23 @@ class TrialRecord:
             return pa.table({"experiment": pa.array([], pa.string())})
         columns = list(dict.fromkeys(key for row in rows for key in row))  # the union, in first-seen order
         return pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
+
+
+def feasible(constraints: Sequence[str], values: Mapping[str, Any]) -> bool | None:
+    """Whether a row's values meet every constraint: False when one is broken, None when there are none or a
+    metric is missing (and none is broken)."""
+    from raycls.config.experiment import Constraint
+
+    if not constraints:
+        return None
+    verdicts = []
+    for text in constraints:
+        constraint = Constraint.parse(text)
+        value = _float(values.get(constraint.metric))
+        verdicts.append(None if value is None else constraint.holds(value))
+    if False in verdicts:
+        return False
+    return None if None in verdicts else True
 
 
 def evaluation_columns(summary: Mapping[str, Any]) -> dict[str, Any]:

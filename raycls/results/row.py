@@ -54,7 +54,8 @@ def build_record(experiment: Experiment, seen: TrialSeen, git: GitState) -> Tria
     types = param_types(experiment)
     error = seen.error
     try:
-        config = TrialConfig.from_json(seen.config_json) if seen.config_json else resolve_trial(experiment, seen.params)
+        sampled = names.sampled_values(seen.params)
+        config = TrialConfig.from_json(seen.config_json) if seen.config_json else resolve_trial(experiment, sampled)
         config_json, seed, phase = config.to_json(), config.seed, config.chain
         max_epochs, teacher = config.total_epochs, teacher_of(config)
     except RayclsError as err:  # the sampled values do not make a valid config: still a failed row
@@ -67,7 +68,7 @@ def build_record(experiment: Experiment, seen: TrialSeen, git: GitState) -> Tria
         status=seen.status,
         metric=section.metric,
         mode=section.mode,
-        params={k: v for k, v in seen.params.items() if k in types},
+        params={k: v for k, v in names.sampled_values(seen.params).items() if k in types},
         param_types=types,
         history=seen.history,
         phase=phase,
@@ -85,6 +86,9 @@ def build_record(experiment: Experiment, seen: TrialSeen, git: GitState) -> Tria
         git=git,
         ended_by=seen.ended_by,
         objectives=format_objectives([(o.metric, o.mode) for o in section.objectives]),
+        constraints=list(section.constraints),
+        lineage=list(seen.params.get(names.LINEAGE) or []),
+        schedule=list(seen.params.get(names.SCHEDULE) or []),
     )
 
 

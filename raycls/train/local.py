@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from raycls import names
 from raycls.config.schema import FAST_DEV_BATCHES, TrialConfig
 from raycls.evaluate.summary import Summary, summarize
 from raycls.files import replace_dir, write_json_atomic
@@ -61,3 +62,72 @@ def run_local(
     summary = summarize(history, metric, mode)
     write_json_atomic(run.metrics, {**summary.to_dict(), "history": history})
     return summary
+
+
+class SegmentEnd(Exception):
+    """A schedule's segment reached the epoch where the next one takes over."""
+
+
+class SegmentReporter:
+    """Forwards to the run's reporter, and ends the segment once epoch `end` is reported (None: never)."""
+
+    def __init__(self, keeper: KeepBestReporter, end: int | None):
+        self.keeper, self.end = keeper, end
+
+    def __call__(self, metrics: Metrics, checkpoint: Path | None) -> None:
+        self.keeper(metrics, checkpoint)
+        if self.end is not None and int(metrics[names.EPOCH]) >= self.end:
+            raise SegmentEnd
+
+
+def run_schedule(
+    segments: list[tuple[int, TrialConfig]],
+    out: Path,
+    *,
+    metric: str = "val_acc",
+    mode: Mode = "max",
+    fast_dev_run: bool = False,
+    device: torch.device | None = None,
+    on_epoch: Callable[[Metrics], None] | None = None,
+) -> Summary:
+    """Replay a PBT trial's schedule (its row's `schedule`): segment k, (first epoch, config), trains until the
+    next segment's first epoch, which resumes from its last checkpoint under its own config (the config's lr
+    and weight decay replace the checkpoint's: raycls.train.state.keep_configured; augmentation and MixUp are
+    built from the config). Writes what run_local writes; config.json is the last segment's."""
+    out.mkdir(parents=True, exist_ok=True)
+    run = RunPaths(out)
+    write_json_atomic(run.config, segments[-1][1].to_dict())
+    history: list[Metrics] = []
+
+    def record(metrics: Metrics) -> None:
+        history.append(dict(metrics))
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    keeper = KeepBestReporter(out, metric, mode, record)
+    for index, (_, config) in enumerate(segments):
+        end = segments[index + 1][0] if index + 1 < len(segments) else None
+        ctx = RunContext(
+            device=device or default_device(),
+            limit_batches=FAST_DEV_BATCHES if fast_dev_run else None,
+            eval_dir=str(run.eval_dir),
+            resume_from=run.checkpoint(LAST) if index else None,
+        )
+        try:
+            fit(config, SegmentReporter(keeper, end), ctx)
+        except SegmentEnd:
+            continue
+    summary = summarize(history, metric, mode)
+    write_json_atomic(run.metrics, {**summary.to_dict(), "history": history})
+    return summary
+
+
+def schedule_segments(schedule: list[dict], config_of: Callable[[dict], TrialConfig]) -> list[tuple[int, TrialConfig]]:
+    """A row's `schedule` ([{epoch, values}]) as (first epoch, config) segments, `config_of(values)` making each
+    segment's config; a segment that starts where the next one does never trains and is dropped."""
+    ordered = sorted(schedule, key=lambda s: int(s["epoch"]))
+    return [
+        (int(s["epoch"]), config_of(s["values"]))
+        for i, s in enumerate(ordered)
+        if i + 1 == len(ordered) or int(ordered[i + 1]["epoch"]) > int(s["epoch"])
+    ]

@@ -42,7 +42,17 @@ from raycls.train.freeze import (
     progressive_unfreezing,
     trainable_parameters,
 )
-from raycls.train.state import Best, Plateau, Position, Weights, load_checkpoint, read_best, save_checkpoint
+from raycls.train.state import (
+    Best,
+    Plateau,
+    Position,
+    Weights,
+    configured_hyperparameters,
+    keep_configured,
+    load_checkpoint,
+    read_best,
+    save_checkpoint,
+)
 from raycls.train.steps import StepPolicy, autocast, check_finite, seed_everything, train_step
 
 Metrics = dict[str, float]
@@ -208,7 +218,9 @@ def train_stage(
     best = Best(phase.metric)
     average = create_average(model, stage.train, stage.train.epochs)  # train.ema / train.swa
     if run.resume_from is not None:
+        configured = configured_hyperparameters(optimizer)  # this config's, before the checkpoint's replace them
         load_checkpoint(run.resume_from, model, optimizer, lr_schedule, average=average)
+        keep_configured(optimizer, lr_schedule, configured)
         best = read_best(run.resume_from, phase.metric)
     stopping = stage.train.early_stopping
     plateau = Plateau(phase.metric, stopping.patience, stopping.min_delta, best=best.value) if stopping else None

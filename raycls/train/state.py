@@ -160,6 +160,25 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
 
 
+def configured_hyperparameters(optimizer: torch.optim.Optimizer) -> list[tuple[float, float]]:
+    """Each parameter group's initial lr and weight decay as the config set them (before a checkpoint loads)."""
+    return [(group.get("initial_lr", group["lr"]), group.get("weight_decay", 0.0)) for group in optimizer.param_groups]
+
+
+def keep_configured(optimizer: torch.optim.Optimizer, schedule, configured: list[tuple[float, float]]) -> None:
+    """After loading a checkpoint, the config's lr and weight decay win over the checkpoint's: a PBT exploit
+    resumes another trial's checkpoint under perturbed values (a plain resume has the same ones: no change).
+    The schedule keeps its position; its base lrs become the config's."""
+    if len(configured) != len(optimizer.param_groups):
+        return  # a different grouping: the checkpoint's own values stand
+    schedule.base_lrs = [lr for lr, _ in configured]
+    for index, (group, (lr, decay)) in enumerate(zip(optimizer.param_groups, configured)):
+        group["initial_lr"] = lr
+        if "weight_decay" in group:
+            group["weight_decay"] = decay
+        group["lr"] = lr * schedule.lr_lambdas[index](schedule.last_epoch)
+
+
 def is_whole(folder: Path) -> bool:
     """Whether `folder` holds a checkpoint that loads: a copy cut short by a killed process does not."""
     try:

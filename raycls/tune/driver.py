@@ -28,13 +28,13 @@ from raycls.ranking import checkpoint_attribute
 from raycls.results.leaderboard import SCORED_STATUSES, ReadResult, read_leaderboard
 from raycls.results.provenance import git_state, write_space_as_run
 from raycls.results.wandb_log import resolve_mode
-from raycls.search import TRIAL_SCHEDULERS
+from raycls.search import TRIAL_SCHEDULERS, population_based
 from raycls.storage import ExperimentPaths, absolute, filesystem, journal_file
 from raycls.tune.cluster import cluster_nodes, init_ray
 from raycls.tune.ledger import EndedTrialTrimmer, TrialLedger, record_told_trials
 from raycls.tune.live import LiveTable
 from raycls.tune.resume import ResumeMode, ResumePlan, SnapshotKeeper, prepare_resume, reconcile_study
-from raycls.tune.searcher import create_searcher, open_study_storage
+from raycls.tune.searcher import open_study_storage, search_algorithm
 from raycls.tune.stop import SearchEnd, SearchStopper, clear_end, read_end
 from raycls.tune.trainable import tune_trainable
 
@@ -232,10 +232,11 @@ def _new_tuner(
         tune_config=ray.tune.TuneConfig(
             metric=section.metric,
             mode=section.mode,
-            search_alg=create_searcher(experiment, state, warm_dir),
+            # raycls's Optuna search behind its own concurrency limit (or PBT's population: raycls.tune.searcher)
+            search_alg=search_algorithm(experiment, state, warm_dir, concurrency, trials),
             scheduler=TRIAL_SCHEDULERS.create(experiment.scheduler.name, experiment),
             num_samples=trials,
-            max_concurrent_trials=concurrency,
+            max_concurrent_trials=None,  # search_algorithm limits it
             # A trial actor that ends is reused for the next trial: no new Python process, and torch,
             # sklearn and raycls are imported once per actor instead of once per trial (seconds each).
             reuse_actors=True,
@@ -246,7 +247,8 @@ def _new_tuner(
             callbacks=callbacks,
             failure_config=ray.tune.FailureConfig(max_failures=section.max_failures),
             checkpoint_config=ray.tune.CheckpointConfig(
-                num_to_keep=section.keep_checkpoints,
+                # PBT / PB2 restore other trials' checkpoints, maybe epochs later: none is deleted under them.
+                num_to_keep=None if population_based(experiment.scheduler.name) else section.keep_checkpoints,
                 # A chain's epochs rank later stages first (names.CHAIN_SCORE): its product is its last stage.
                 checkpoint_score_attribute=score_key,
                 checkpoint_score_order=section.mode,

@@ -22,15 +22,29 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from raycls import names
-from raycls.config.experiment import Experiment
+from raycls.config.experiment import Constraint, Experiment
 from raycls.config.space import Space, suggest
-from raycls.ranking import Ranking
-from raycls.search import SAMPLERS
+from raycls.ranking import Ranking, number
+from raycls.search import SAMPLERS, population_based
 from raycls.storage import journal_file
 from raycls.tune.resume import TRIAL_ID_ATTR
+
+
+def constraint_values(constraints: list[Constraint], best: dict, last: dict) -> list[float]:
+    """Each constraint's violation (<= 0: feasible): epoch metrics at the best epoch, held-out and cost metrics
+    from the last (as the row has them); a metric the trial never reported is not judged (0.0)."""
+    values = []
+    for constraint in constraints:
+        source = (
+            last if names.is_evaluation_metric(constraint.metric) or constraint.metric in names.COST_METRICS else best
+        )
+        value = number(source.get(constraint.metric))
+        values.append(constraint.violation(value) if value is not None else 0.0)
+    return values
 
 
 class SpaceFunction:
@@ -74,6 +88,7 @@ class RayclsOptunaSearch(OptunaSearch):
         objectives: list[tuple[str, str]] | None = None,
         distributions: dict[str, BaseDistribution] | None = None,
         early_stopped_as: str = "pruned",
+        constraints: list[str] | None = None,
         **kwargs: Any,
     ):
         # Set before super().__init__, which already sets up the study when given metric and mode.
@@ -81,7 +96,8 @@ class RayclsOptunaSearch(OptunaSearch):
         self._objectives = list(objectives or [])  # (metric, mode) pairs; empty: one objective, `metric`
         self._distributions = dict(distributions or {})  # the space's, for the warm start's checks
         self._early_stopped_as = early_stopped_as
-        self._best_epoch: dict[str, dict] = {}  # multi-objective: each trial's result at its best epoch so far
+        self._best_epoch: dict[str, dict] = {}  # each trial's result at its best epoch so far
+        self._constraints = list(constraints or [])  # experiment.constraints (strings: picklable as they are)
         super().__init__(*args, **kwargs)
 
     def _setup_study(self, mode: str | list) -> None:
@@ -135,8 +151,9 @@ class RayclsOptunaSearch(OptunaSearch):
         # whole resumed search. Its row is written when it ends; the study already has its outcome.
         if trial_id in self._ot_trials and self._told(trial_id):
             return None
-        if self.multi_objective:  # Optuna takes no intermediate values for several objectives
+        if self.multi_objective or self._constraints:  # objectives / constraints read the best epoch's values
             self._keep_best_epoch(trial_id, result)
+        if self.multi_objective:  # Optuna takes no intermediate values for several objectives
             return None
         if not self._ranking.counts(result):
             return None  # a chain's earlier stage: its values are not the trial's (raycls.ranking)
@@ -170,8 +187,10 @@ class RayclsOptunaSearch(OptunaSearch):
         if self._told(trial_id):
             self._completed_trials.add(trial_id)
             return None
-        if self.multi_objective:
+        if self.multi_objective or self._constraints:
             self._keep_best_epoch(trial_id, result or {})
+        if self._constraints and not error:
+            self._store_constraints(trial_id, result or {})
         if not error and stopped_early(result) and self._early_stopped_as == "complete" and not self.multi_objective:
             return super().on_trial_complete(trial_id, result, error)  # Ray's bookkeeping: the rung score as final
         if error or stopped_early(result):
@@ -198,7 +217,28 @@ class RayclsOptunaSearch(OptunaSearch):
             # Told the row's score, the best epoch's value (not the last epoch's: a plateau's last epoch is
             # `patience` epochs past its best, and a chain's earlier stages do not count).
             result = {**result, self._metric: self._best_reported(trial_id, self._ranking.value(result))}
+        self._best_epoch.pop(trial_id, None)
         return super().on_trial_complete(trial_id, result, error)
+
+    def _store_constraints(self, trial_id: str, last: dict) -> None:
+        """The trial's constraint violations, set on its Optuna trial under each constraint's text (Optuna's
+        Trial.set_constraint: TPE and NSGA-II read them from the trials, <= 0 is feasible)."""
+        best = self._best_epoch.get(trial_id, last)
+        parsed = [Constraint.parse(text) for text in self._constraints]
+        ot_trial = self._ot_trials[trial_id]
+        try:
+            for text, value in zip(self._constraints, constraint_values(parsed, best, last)):
+                ot_trial.set_constraint(text, value)
+        except Exception as err:  # never break the search for Optuna's bookkeeping
+            warnings.warn(f"optuna could not record trial {trial_id}'s constraints: {err}", stacklevel=2)
+
+    # BOHB-style brackets (HyperBandForBOHB) pause trials at rungs and say so to the searcher: nothing to do
+    # here (a paused trial's epochs are already intermediate values); PausingLimiter frees its slot.
+    def on_pause(self, trial_id: str) -> None:
+        pass
+
+    def on_unpause(self, trial_id: str) -> None:
+        pass
 
     def _tell_objectives(self, trial_id: str, result: dict) -> None:
         values = self.objective_values(trial_id, result)
@@ -277,6 +317,7 @@ def create_searcher(experiment: Experiment, experiment_dir: Path, warm_start_dir
         objectives=[(o.metric, o.mode) for o in section.objectives],
         distributions={path: param.distribution() for path, param in experiment.space.params.items()},
         early_stopped_as=search.early_stopped_as,
+        constraints=list(section.constraints),
         # The sampler sees the space less the parameters --set pinned (those are not sampled).
         sampler=SAMPLERS.create(
             search.algorithm,
@@ -290,3 +331,86 @@ def create_searcher(experiment: Experiment, experiment_dir: Path, warm_start_dir
         storage=open_study_storage(journal_file(experiment_dir)),
         warm_start_journal=journal_file(warm_start_dir) if warm_start_dir else None,
     )
+
+
+class PausingLimiter(ConcurrencyLimiter):
+    """Tune's ConcurrencyLimiter, less the trials a bracket scheduler paused at a rung (HyperBandForBOHB says
+    so through on_pause): a paused trial holds no slot, so new trials fill the bracket meanwhile, as BOHB
+    intends; it takes one again when unpaused or when it ends."""
+
+    def __init__(self, searcher: RayclsOptunaSearch, max_concurrent: int):
+        super().__init__(searcher, max_concurrent=max_concurrent)
+        self.paused: set[str] = set()
+
+    def on_pause(self, trial_id: str) -> None:
+        if trial_id in self.live_trials:
+            self.live_trials.remove(trial_id)
+            self.paused.add(trial_id)
+        self.searcher.on_pause(trial_id)
+
+    def on_unpause(self, trial_id: str) -> None:
+        self._resume(trial_id)
+        self.searcher.on_unpause(trial_id)
+
+    def _resume(self, trial_id: str) -> None:
+        if trial_id in self.paused:
+            self.paused.remove(trial_id)
+            self.live_trials.add(trial_id)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._resume(trial_id)  # stopped while paused: it is told to the searcher like any other
+        return super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class PopulationGenerator(BasicVariantGenerator):
+    """Tune's generator of the given points, one trial each. Tune resolves a point against the param_space, so
+    every sampled path goes into it first (a member that did not sample one holds names.UNSAMPLED)."""
+
+    def __init__(self, points: list[dict[str, Any]]):
+        self.keys = sorted({key for point in points for key in point})
+        super().__init__(
+            points_to_evaluate=[{**{key: names.UNSAMPLED for key in self.keys}, **point} for point in points]
+        )
+
+    def add_configurations(self, experiments: Any) -> None:
+        from ray.tune.experiment import _convert_to_experiment_list
+
+        for experiment in _convert_to_experiment_list(experiments):
+            config = experiment.spec.setdefault("config", {})
+            for key in self.keys:
+                config.setdefault(key, {})  # a sub-dict a point replaces whole (Tune checks no value against it)
+        super().add_configurations(experiments)
+
+
+def initial_population(experiment: Experiment, size: int | None = None) -> list[dict[str, Any]]:
+    """A population-based search's first trials: `experiment.trials` points of the space drawn by the
+    configured sampler (an in-memory study: PBT is its own search algorithm, and no Optuna study is kept),
+    `search.points_to_evaluate` first; `size`: fewer (a resumed search's remaining trials)."""
+    space = experiment.space.model_copy(
+        update={"params": {k: v for k, v in experiment.space.params.items() if k not in experiment.overrides}}
+    )
+    study = optuna.create_study(
+        study_name=f"{experiment.name}-population",
+        sampler=SAMPLERS.create(experiment.search.algorithm, experiment.search, space),
+    )
+    for point in experiment.search.points_to_evaluate:
+        study.enqueue_trial(dict(point))
+    function = SpaceFunction(experiment.space, experiment.overrides)
+    points = []
+    for _ in range(size or experiment.experiment.trials):
+        trial = study.ask()
+        function(trial)
+        points.append(dict(trial.params))
+        study.tell(trial, 0.0)  # the population is drawn up front: no score to tell
+    return points
+
+
+def search_algorithm(
+    experiment: Experiment, experiment_dir: Path, warm_start_dir: Path | None, concurrency: int, trials: int
+) -> SearchAlgorithm | Searcher:
+    """What proposes the trials: raycls's Optuna search, `concurrency` trials at a time (paused trials hold no
+    slot); or, for a population-based scheduler (PBT, PB2: Tune allows them no searcher), the population
+    drawn up front, every member started at once (the cluster's resources limit how many run)."""
+    if population_based(experiment.scheduler.name):
+        return PopulationGenerator(initial_population(experiment, trials))
+    return PausingLimiter(create_searcher(experiment, experiment_dir, warm_start_dir), max_concurrent=concurrency)

@@ -19,6 +19,7 @@ import ray.train
 import ray.tune
 import torch
 
+from raycls import names
 from raycls.config.experiment import Experiment, Resources
 from raycls.config.load import resolve_trial
 from raycls.config.schema import FAST_DEV_BATCHES, TrialConfig
@@ -47,7 +48,8 @@ def tune_trainable(params: dict[str, Any], *, experiment_json: str, storage: str
         # is written, so they are not trained again (nor counted twice).
         return
     # Resolved here, once per trial (--set is already in the experiment); the driver's row reads this file.
-    config = resolve_trial(experiment, params)
+    # PBT's bookkeeping keys (its lineage) ride in the Tune config; the trial config is the rest.
+    config = resolve_trial(experiment, names.sampled_values(params))
     paths.write_text(paths.trial_config(Path(context.get_trial_dir()).name), json.dumps(config.to_dict(), indent=2))
     limit = FAST_DEV_BATCHES if experiment.experiment.fast_dev_run else None
     eval_dir = paths.eval_dir(trial_id)  # evaluated there once it completes (eval.on), by its own workers

@@ -1,0 +1,191 @@
+"""Top-k ensembles: `raycls eval EXP --ensemble top:K` averages the K best trials' probabilities.
+
+    K leaderboard rows (raycls.ranking: completed, feasible, best first) -> their Classifiers (normalisation
+    inside each) -> Ensemble: log of the mean softmax -> held-out metrics and cost -> a row of kind `ensemble`
+    under `<experiment>/ensembles/`, and (`raycls export --ensemble top:K`) one ONNX graph of all members.
+
+The ensemble's output is the log of the averaged probabilities: a softmax of it gives them back, so everything
+that reads logits (predict, serve, parity checks) reads an ensemble the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import nn
+
+import raycls
+from raycls import names
+from raycls.deliver.model import Classifier, TrialModel, model_of_row
+from raycls.errors import ConfigError
+from raycls.files import write_json_atomic
+from raycls.results.index import write_table_atomic
+from raycls.storage import ENSEMBLE_DIR, ExperimentPaths
+from raycls.train.evaluation import pick_rows, trial_rows
+
+KIND = "ensemble"
+
+
+class Ensemble(nn.Module):
+    """Pixels in [0, 1] -> log of the members' mean softmax probabilities."""
+
+    def __init__(self, members: list[TrialModel]):
+        super().__init__()
+        self.members = nn.ModuleList(Classifier(member) for member in members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.stack([member(images).softmax(-1) for member in self.members]).mean(0)
+        return probabilities.clamp_min(1e-12).log()
+
+
+@dataclass
+class LoadedEnsemble:
+    experiment: str
+    name: str  # "ensemble-top3"
+    pick: str
+    members: list[TrialModel]
+    rows: list[dict[str, Any]]
+
+    @property
+    def module(self) -> Ensemble:
+        return Ensemble(self.members).eval()
+
+    @property
+    def first(self) -> TrialModel:
+        return self.members[0]
+
+
+def load_ensemble(storage: str, experiment: str, pick: str, *, device: str = "cpu") -> LoadedEnsemble:
+    """The `top:K` rows' models (best first). They must see the same images: one dataset, classes and size."""
+    if not pick.startswith("top:"):
+        raise ConfigError(f"--ensemble {pick!r}: expected top:K (the K best completed trials), e.g. top:3")
+    rows = pick_rows(trial_rows(storage, experiment), pick, experiment)
+    members = [model_of_row(row, device=device) for row in rows]
+    first = members[0]
+    for member in members[1:]:
+        if (member.config.data.name, member.classes, member.image_size, member.channels) != (
+            first.config.data.name,
+            first.classes,
+            first.image_size,
+            first.channels,
+        ):
+            raise ConfigError(
+                f"--ensemble {pick}: trial {member.trial_id} sees other images than {first.trial_id} (dataset, "
+                "classes, size or channels differ): its probabilities cannot be averaged with theirs"
+            )
+    return LoadedEnsemble(experiment, f"ensemble-{pick.replace(':', '')}", pick, members, rows)
+
+
+@torch.no_grad()
+def probabilities(module: nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Softmax probabilities of uint8 [N, C, H, W] images."""
+    return torch.cat([module(images[i : i + batch].float() / 255).softmax(-1) for i in range(0, len(images), batch)])
+
+
+def held_out_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, negative log-likelihood and top-label ECE (15 bins, torchmetrics) of probabilities."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    return {
+        names.TEST_ACC: float((probs.argmax(1) == labels).float().mean()),
+        "test_nll": float(torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels)),
+        "test_ece": float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=15)),
+    }
+
+
+def evaluate_ensemble(storage: str, ensemble: LoadedEnsemble) -> dict[str, Any]:
+    """Each member's and the ensemble's held-out metrics (the test split), the ensemble's cost; written as the
+    ensemble's row (kind `ensemble`, under `ensembles/`). Returns the row."""
+    from raycls.deliver.export import _resized
+    from raycls.evaluate.cost import measure_cost
+
+    first = ensemble.first
+    test = first.data.splits.test
+    images, labels = _resized(first, test.images), test.labels.long()
+    module = ensemble.module
+    member_acc = {
+        member.trial_id: held_out_metrics(probabilities(Classifier(member).eval(), images), labels)[names.TEST_ACC]
+        for member in ensemble.members
+    }
+    metrics = held_out_metrics(probabilities(module, images), labels)
+    device = next(module.parameters()).device
+    cost = measure_cost(
+        module,
+        lambda x: module(x),
+        channels=first.channels,
+        image_size=first.image_size,
+        batch_size=min(64, len(images)),
+        device=device,
+    )
+    row = {
+        "experiment": ensemble.experiment,
+        "trial_id": ensemble.name,
+        "kind": KIND,
+        "status": "completed",
+        "metric": names.TEST_ACC,
+        "mode": "max",
+        "score": metrics[names.TEST_ACC],
+        "members": json.dumps([r["trial_id"] for r in ensemble.rows]),
+        "member_test_acc": json.dumps(member_acc),
+        names.EVAL_SPLIT: "test",
+        "test_images": float(len(labels)),
+        **metrics,
+        **cost,
+        "ended_at": datetime.now(timezone.utc),
+        "raycls_version": raycls.__version__,
+    }
+    paths = ExperimentPaths(storage, ensemble.experiment)
+    write_table_atomic(*paths.locate(paths.ensemble_row(ensemble.name)), pa.Table.from_pylist([row]))
+    return row
+
+
+def read_ensembles(storage: str, experiment: str) -> list[dict[str, Any]]:
+    """The experiment's ensemble rows."""
+    from raycls.results import read_leaderboard
+
+    return read_leaderboard(storage, experiment, kind=ENSEMBLE_DIR).table.to_pylist()
+
+
+def export_ensemble(ensemble: LoadedEnsemble, out: Path, *, parity_images: int = 500) -> dict[str, Any]:
+    """One ONNX graph of every member (model.onnx, output: log mean probabilities), checked against PyTorch."""
+    from raycls.data.sampling import stratified_sample
+    from raycls.deliver.export import MODEL_FILE, REPORT_FILE, _resized, metadata, onnx_logits, session, to_onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    first, module = ensemble.first, ensemble.module
+    held_out = stratified_sample(first.data.splits.test, parity_images, first.config.seed)
+    images, labels = _resized(first, held_out.images), held_out.labels.numpy()
+    props = {
+        **metadata(first),
+        "trial_id": ensemble.name,
+        "ensemble": json.dumps([m.trial_id for m in ensemble.members]),
+        "output": "log of the members' mean softmax probabilities",
+    }
+    exporter = to_onnx(module, images[:2].float() / 255, out / MODEL_FILE, props)
+    with torch.no_grad():
+        reference = torch.cat([module(images[i : i + 256].float() / 255) for i in range(0, len(images), 256)]).numpy()
+    got = onnx_logits(session(out / MODEL_FILE), images)
+    report = {
+        "experiment": ensemble.experiment,
+        "trial_id": ensemble.name,
+        "members": [m.trial_id for m in ensemble.members],
+        "exporter": exporter,
+        "parity": {
+            "split": "test",
+            "images": len(labels),
+            "max_abs_logit_diff": float(np.abs(got - reference).max()),
+            "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
+            "torch_acc": float((reference.argmax(1) == labels).mean()),
+            "onnx_acc": float((got.argmax(1) == labels).mean()),
+        },
+        "files": {MODEL_FILE: (out / MODEL_FILE).stat().st_size},
+    }
+    write_json_atomic(out / REPORT_FILE, report)
+    return report
