@@ -40,6 +40,8 @@ PREFIX = "rcl"  # namespaces rcl<pid>-<host>, bridge rclbr<pid>: a dead run's le
 
 # The init of each host: PID 1 of its PID namespace, reaping orphans (Ray's daemons are re-parented to it).
 # It ignores SIGTERM as every PID 1 without a handler does; SIGKILL from outside ends the host.
+# The `unshare` process of every host made, by the pid of the run that made it (one file per run).
+REGISTRY = Path("/tmp/raycls-netns-hosts")
 INIT = (
     "import os, time\nwhile True:\n    try:\n        os.wait()\n    except ChildProcessError:\n        time.sleep(1)\n"
 )
@@ -75,7 +77,7 @@ class Host:
     ip: str
     netns: str
     veth: str  # the root namespace's end of its link
-    root: Path  # its private folders (tmp-ray, dot-ray, hosts)
+    root: Path  # its private folders (tmp-ray, home, hosts)
     env: dict[str, str]
     init: subprocess.Popen | None = None  # `unshare`, whose child is the host's PID 1
     logs: list[Path] = field(default_factory=list)
@@ -135,39 +137,52 @@ class Host:
         self.init.wait(timeout=30)
 
     def boot(self) -> None:
-        """Start the host's namespaces (again, after `kill`): an empty machine on the same address."""
-        for sub in ("tmp-ray", "dot-ray"):
+        """Start the host's namespaces (again, after `kill`): an empty machine on the same address, with a
+        home of its own (`~/.ray`, `~/.bashrc`, what `ray up` copies) in which the machine's Python is
+        mounted (`~/.pyenv`, when it lives there)."""
+        home = self.root / "home"
+        for sub in ("tmp-ray", "home/.ray"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         Path("/tmp/ray").mkdir(exist_ok=True)  # the mount point (the machine's own Rays use it too)
-        Path.home().joinpath(".ray").mkdir(exist_ok=True)
         (self.root / "hosts").write_text(f"127.0.0.1 localhost\n{self.ip} {self.hostname}\n")
-        setup = (
-            f"hostname {self.hostname}"
-            f" && mount --bind {self.root / 'tmp-ray'} /tmp/ray"
-            f" && mount --bind {self.root / 'dot-ray'} {Path.home() / '.ray'}"
-            f" && mount --bind {self.root / 'hosts'} /etc/hosts"
-            f" && exec {sys.executable} -c '{INIT}'"
-        )
+        # Login shells on the host (ssh, `ray up`) find this Python, Ray and the raycls under test.
+        exports = {k: v for k, v in self.env.items() if k not in ("HOME", "LANG")}
+        exports["PATH"] = f"{Path(sys.executable).parent}:{exports.get('PATH', '/usr/bin:/bin')}"
+        (home / ".bashrc").write_text("".join(f"export {k}='{v}'\n" for k, v in exports.items()))
+        (home / ".profile").write_text(". ~/.bashrc\n")
+        mounts = [f"mount --bind {self.root / 'tmp-ray'} /tmp/ray", f"mount --bind {self.root / 'hosts'} /etc/hosts"]
+        for inside in (Path.home() / ".pyenv",):  # parts of the machine's home the host's needs
+            if inside.is_dir():
+                (home / inside.name).mkdir(exist_ok=True)
+                mounts.append(f"mount --bind {inside} {home / inside.name}")
+        mounts.append(f"mount --rbind {home} {Path.home()}")
+        setup = " && ".join([f"hostname {self.hostname}", *mounts, f"exec {sys.executable} -c '{INIT}'"])
+        # --kill-child: the host's PID 1 (and so the whole host) dies with this `unshare`.
+        unshare = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "--uts", "sh", "-c", setup]
         self.init = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.netns,
-                "unshare",
-                "--pid",
-                "--fork",
-                "--mount-proc",
-                "--uts",
-                "sh",
-                "-c",
-                setup,
-            ],
+            ["ip", "netns", "exec", self.netns, *unshare],
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         self.init_pid  # noqa: B018 - waits for it
+        with open(REGISTRY / self.netns.removeprefix(PREFIX).split("-")[0], "a") as registry:
+            registry.write(f"{self.init.pid}\n")  # for `clean_leftovers`, should this run die without teardown
+
+    def start_sshd(self, host_key: Path, authorized_keys: Path) -> subprocess.Popen:
+        """An OpenSSH server on this host's address, for `ray up` (root may log in with the key)."""
+        Path("/run/sshd").mkdir(exist_ok=True)  # its privilege-separation folder
+        options = {
+            "ListenAddress": self.ip,
+            "AuthorizedKeysFile": str(authorized_keys),
+            "PermitRootLogin": "prohibit-password",
+            "StrictModes": "no",
+            "UsePAM": "no",
+            "PidFile": "none",
+        }
+        command = ["/usr/sbin/sshd", "-D", "-e", "-f", "/dev/null", "-h", str(host_key)]
+        command += [arg for key, value in options.items() for arg in ("-o", f"{key}={value}")]
+        return self.popen(command, self.root / "sshd.log")
 
     @property
     def hostname(self) -> str:
@@ -236,10 +251,11 @@ class Hosts:
                     ("addr", "add", f"{host.ip}/24", "dev", "eth0"),
                     ("link", "set", "eth0", "up"),
                     ("link", "set", "lo", "up"),
+                    ("route", "add", "default", "via", f"{subnet}.1"),  # Ray finds its address by the route out
                 ):
                     _run("ip", "-n", host.netns, *args)
                 host.boot()
-                (host.root / "dot-ray" / "auth_token").write_text(token)
+                (host.root / "home" / ".ray" / "auth_token").write_text(token)
         except BaseException:
             made.close()
             raise
@@ -304,6 +320,7 @@ class Hosts:
             _run("ip", "link", "del", host.veth, check=False)
             _run("ip", "netns", "del", host.netns, check=False)
         _run("ip", "link", "del", self.bridge, check=False)
+        (REGISTRY / self.tag).unlink(missing_ok=True)
 
     def memory_mib(self) -> dict[str, float]:
         """Resident memory of each host's processes (MiB, the sum of their RSS)."""
@@ -315,7 +332,17 @@ class Hosts:
 
 
 def clean_leftovers() -> None:
-    """Namespaces and links of earlier runs whose process is gone (a killed pytest never ran its teardown)."""
+    """Hosts, namespaces and links of earlier runs whose process is gone (a killed pytest never ran its
+    teardown): their hosts' `unshare` processes are killed (and with them everything on those hosts)."""
+    REGISTRY.mkdir(exist_ok=True)
+    for registry in REGISTRY.iterdir():
+        if _alive(registry.name):
+            continue
+        for pid in registry.read_text().split():
+            cmdline = Path(f"/proc/{pid}/cmdline")
+            if cmdline.exists() and b"unshare" in cmdline.read_bytes():
+                os.kill(int(pid), signal.SIGKILL)
+        registry.unlink()
     listed = _run("ip", "netns", "list", check=False).stdout.split()
     for name in listed:
         if name.startswith(PREFIX) and "-" in name and not _alive(name[len(PREFIX) :].split("-")[0]):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,8 +27,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from .conftest import assert_resumed_whole, kill_driver_when, rows_written, write_yaml
+from .conftest import REPO, assert_resumed_whole, kill_driver_when, rows_written, write_yaml
 from .netns_hosts import Hosts, hosts_available
 
 pytestmark = pytest.mark.slow
@@ -376,3 +379,128 @@ def test_drill_driver_killed_then_resume(cluster: Hosts) -> None:
     drill_result("driver killed, --resume", found, started)
     # The cluster outlived its driver: the three hosts are still there.
     assert len(cluster.wait_for_nodes(3)) == 3
+
+
+# ------------------------------------------------------------------------------------------- ray up
+def ssh_tools() -> str | None:
+    """Why `ray up` cannot run here (no sshd / rsync and no way to install them), or None. Installs Debian's
+    openssh-server and rsync when apt-get can (root), as the report tests install Chromium."""
+    missing = [tool for tool in ("/usr/sbin/sshd", "rsync", "ssh", "ssh-keygen") if not shutil.which(tool)]
+    if missing and shutil.which("apt-get") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for step in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "openssh-server", "rsync"]):
+            subprocess.run(step, capture_output=True, timeout=600, env=env)
+        missing = [tool for tool in ("/usr/sbin/sshd", "rsync", "ssh", "ssh-keygen") if not shutil.which(tool)]
+    return f"needs {', '.join(missing)} (openssh-server, rsync) and apt-get could not install them" if missing else None
+
+
+def onprem_yaml(cluster: Hosts, key: Path, storage: Path) -> Path:
+    """cluster/onprem.yaml with the hosts filled in: their addresses, root with the test's key, and the
+    storage a folder every host sees at the same path instead of the NFS share; the raycls install line
+    goes (the hosts have the machine's Python, and their ~/.bashrc puts this checkout first)."""
+    config = yaml.safe_load((REPO / "cluster" / "onprem.yaml").read_text())
+    config["cluster_name"] = f"raycls-test-{cluster.tag}"
+    config["provider"].update(head_ip=cluster.head.ip, worker_ips=[w.ip for w in cluster.workers])
+    config["auth"] = {"ssh_user": "root", "ssh_private_key": str(key)}
+    setup = [c for c in config["setup_commands"] if "mount" not in c and "pip install" not in c]
+    config["setup_commands"] = [c.replace("/mnt/raycls/results", str(storage)) for c in setup]
+    assert any(str(storage) in c for c in config["setup_commands"]), "onprem.yaml's RAYCLS_STORAGE line moved"
+    return write_yaml(cluster.root / "onprem.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_ray_up_job_submit_ray_down(cluster: Hosts) -> None:
+    """The README's on-prem commands, for real: `ray up cluster/onprem.yaml` over ssh into the hosts (fresh
+    machines: every Ray of the fixture stopped), `ray dashboard` + `ray job submit` of a search, its rows
+    read back, `ray down`. Run from this machine's own namespace (the laptop)."""
+    why = ssh_tools()
+    if why:
+        pytest.skip(why)
+    for host in cluster.hosts:  # fresh machines, no Ray
+        host.kill()
+        host.boot()
+    keys = cluster.root / "ssh"
+    keys.mkdir(exist_ok=True)
+    for name in ("id_ed25519", "host_ed25519"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
+    for host in cluster.hosts:
+        host.start_sshd(keys / "host_ed25519", keys / "id_ed25519.pub")
+    storage = cluster.root / "results-ray-up"
+    storage.mkdir()
+    launcher = onprem_yaml(cluster, keys / "id_ed25519", storage)
+    # Autoscaler v1: with v2 (`ray up`'s default since Ray 2.50) the local provider's head finds its own
+    # instance "no longer found" and started one of the two workers here (seen with Ray 2.60).
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_UP_enable_autoscaler_v2": "0"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    started = time.monotonic()
+    try:
+        up = subprocess.run(
+            [ray_bin, "up", "-y", "--no-config-cache", str(launcher)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        alive = cluster.wait_for_nodes(3, timeout=300)
+        assert sorted(n["NodeManagerAddress"] for n in alive) == sorted(h.ip for h in cluster.hosts)
+        port = free_port()
+        with open(cluster.root / "ray-dashboard.log", "wb") as log:
+            tunnel = subprocess.Popen(
+                [ray_bin, "dashboard", "-p", str(port), str(launcher)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        try:
+            space = space_file(
+                cluster,
+                "rayup",
+                "experiment: {name: rayup, trials: 2, concurrency: 2}\nscheduler: {name: fifo}\nwandb: {mode: disabled}\n",
+                3,
+            )
+            assert wait_for(lambda: _listening(port), tunnel, timeout=60), (
+                cluster.root / "ray-dashboard.log"
+            ).read_text()
+            submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{port}", "--working-dir", str(REPO)]
+            submit += [
+                "--",
+                "raycls",
+                "tune",
+                str(space),
+                "--address",
+                "auto",
+                "--storage",
+                str(storage),
+                "--no-report",
+            ]
+            job = subprocess.run(submit, capture_output=True, text=True, timeout=600, env=env)
+            assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
+        finally:
+            os.killpg(tunnel.pid, 9)
+            tunnel.wait()
+        from raycls.results import read_leaderboard
+
+        found = read_leaderboard(str(storage), "rayup").table.to_pylist()
+        assert len(found) == 2 and all(r["status"] == "completed" and r["epochs"] == 3 for r in found)
+        DRILLS.append(
+            {"drill": "ray up + job submit", "rows": len(found), "wall_s": round(time.monotonic() - started, 1)}
+        )
+    finally:
+        down = subprocess.run(
+            [ray_bin, "down", "-y", str(launcher)], capture_output=True, text=True, timeout=300, env=env
+        )
+    assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
+    for host in cluster.hosts:  # `ray down` stopped Ray on every host (each host's `ray stop` saw only its own)
+        assert host.run(["sh", "-c", "ps -eo comm= | grep -c raylet || true"]).stdout.strip() == "0", host.name
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
