@@ -30,7 +30,9 @@ app = typer.Typer(
 )
 space_app = typer.Typer(no_args_is_help=True, help="Inspect search-space YAMLs.")
 app.add_typer(space_app, name="space")
-cluster_app = typer.Typer(no_args_is_help=True, help="Check Ray cluster launcher YAMLs (cluster/).")
+cluster_app = typer.Typer(
+    no_args_is_help=True, help="Check Ray cluster launcher YAMLs (cluster/); show a running cluster's hosts."
+)
 app.add_typer(cluster_app, name="cluster")
 data_app = typer.Typer(no_args_is_help=True, help="Look at a dataset before training on it.")
 app.add_typer(data_app, name="data")
@@ -889,6 +891,36 @@ def cluster_validate(
 
     check_launcher(launcher)
     console.print(f"[green]OK[/] {launcher}")
+
+
+@cluster_app.command("status")
+def cluster_status(
+    address: Annotated[
+        str, typer.Option(help="The cluster: auto (the one this node belongs to) or HOST:PORT.")
+    ] = "auto",
+    storage: StorageOption = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The cluster's hosts, their resources and which trials run on each, from Ray's State API (on the head, or
+    through `ray dashboard`). With --storage, trials are named by their trial ids."""
+    from raycls.tune.cluster import init_ray
+    from raycls.tune.cluster_status import as_json
+    from raycls.tune.cluster_status import cluster_status as read_status
+
+    init_ray(address)
+    hosts = read_status(storage)
+    if json_:
+        print(as_json(hosts))
+        return
+    table = Table(title=f"{sum(h.alive for h in hosts)} alive hosts")
+    for column in ("host", "address", "node", "state", "resources", "actors", "trials"):
+        table.add_column(column)
+    for h in hosts:
+        resources = ", ".join(f"{k}={v:g}" for k, v in sorted(h.resources.items()))
+        actors = ", ".join(f"{k}={v}" for k, v in h.actors.items())
+        state = ("head, " if h.head else "") + ("alive" if h.alive else "dead")
+        table.add_row(h.hostname, h.ip, h.node_id[:12], state, resources, actors, " ".join(h.trials))
+    console.print(table)
 
 
 # -------------------------------------------------------------------------------------------- main

@@ -49,6 +49,9 @@ FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("wall_s", pa.float64()),
     ("train_s", pa.float64()),  # seconds inside the training loop (sum of epoch_s)
     ("device", pa.string()),
+    # The Ray node (id) that reported the trial's last epoch (rank 0's): where it ended, after any restart on
+    # another node; each epoch's node is in the history.
+    (names.NODE_ID, pa.string()),
     ("workers", pa.int64()),
     ("seed", pa.int64()),
     ("restarts", pa.int64()),
@@ -94,6 +97,7 @@ class TrialRecord:
     started_at: datetime | None = None
     ended_at: datetime | None = None
     device: str | None = None
+    node_id: str | None = None
     workers: int = 1
     seed: int | None = None
     restarts: int = 0
@@ -151,6 +155,7 @@ class TrialRecord:
             "wall_s": wall,
             "train_s": sum(_float(h.get("epoch_s")) or 0.0 for h in self.history),
             "device": self.device,
+            names.NODE_ID: self.node_id,
             "workers": self.workers,
             "seed": self.seed,
             "restarts": self.restarts,

@@ -76,6 +76,7 @@ def build_record(experiment: Experiment, seen: TrialSeen, git: GitState) -> Tria
         started_at=seen.started_at,
         ended_at=seen.ended_at,
         device=str(last[names.DEVICE]) if last.get(names.DEVICE) else None,
+        node_id=str(last[names.NODE_ID]) if last.get(names.NODE_ID) else None,
         workers=section.resources.workers,
         seed=seed,
         restarts=count_restarts(seen.history, seen.num_failures, failed=seen.status == "failed"),
