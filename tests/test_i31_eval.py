@@ -293,6 +293,10 @@ def test_the_report_draws_train_vs_validation_curves_of_a_real_run(digits_run, t
         assert [t.name.split()[0] for t, v in zip(fig.data, visible) if v] == [button.label] * sum(visible)
     first = buttons[0].label
     assert all(bool(t.visible) == t.name.startswith(first) for t in fig.data)
+    from raycls.report.page import render_html
+
+    page = render_html(data, list(sections.values()))
+    assert '<section id="train_val_curves">' in page and 'id="figure-train_val_curves"' in page
 
 
 # ---------------------------------------------------------------------------- supervised.yaml's option
