@@ -157,6 +157,25 @@ def asha(experiment: Experiment) -> TrialScheduler:
     )
 
 
+def pausing(scheduler: type[TrialScheduler]) -> type[TrialScheduler]:
+    """Ray's synchronous HyperBand, telling the search when it pauses and unpauses a trial (as its BOHB variant
+    does): a paused trial then frees its concurrency slot, so new trials fill its bracket. Without it, a
+    bracket larger than the concurrency halves only the trials that hold a slot, which keeps them all."""
+
+    class Pausing(scheduler):  # type: ignore[misc, valid-type]
+        def on_trial_result(self, tune_controller, trial, result: dict) -> str:  # noqa: ANN001 - Tune's types
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision == self.PAUSE:
+                tune_controller.search_alg.searcher.on_pause(trial.trial_id)
+            return decision
+
+        def _unpause_trial(self, tune_controller, trial) -> None:  # noqa: ANN001 - Tune's types
+            tune_controller.search_alg.searcher.on_unpause(trial.trial_id)
+
+    Pausing.__name__ = Pausing.__qualname__ = f"Pausing{scheduler.__name__}"
+    return Pausing
+
+
 @TRIAL_SCHEDULERS.register("hyperband")
 def hyperband(experiment: Experiment) -> TrialScheduler:
     """Hyperband (Li et al. 2018) with its brackets: Ray's synchronous HyperBandScheduler, which runs several
@@ -165,7 +184,7 @@ def hyperband(experiment: Experiment) -> TrialScheduler:
     from ray.tune.schedulers import HyperBandScheduler
 
     section = experiment.scheduler
-    return last_stage(HyperBandScheduler)(
+    return last_stage(pausing(HyperBandScheduler))(
         time_attr=names.EPOCH,
         max_t=experiment.max_t,
         reduction_factor=section.reduction_factor,
