@@ -204,12 +204,18 @@ class Ledger:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     uncounted: int = 0
     trials: set[str] = field(default_factory=set)
+    seen: set[tuple[str, int]] = field(default_factory=set)
 
     @property
     def full(self) -> bool:
         return len(self.epochs) >= self.budget
 
     def add(self, trial: str, result: dict[str, Any]) -> None:
+        # Tune hands the Stopper a trial's last result again when its function returns by itself (its
+        # RESULT_DUPLICATE, as raycls's ASHA lets trials at max_t finish): the same epoch, not a new one.
+        if (trial, int(result[names.EPOCH])) in self.seen:
+            return
+        self.seen.add((trial, int(result[names.EPOCH])))
         if self.full:
             self.uncounted += 1
             return
@@ -858,7 +864,8 @@ def finish(payload: dict[str, Any], *, write: bool, name: str = RESULT_NAME) -> 
 
         # The raw epochs and per-seed curves go to a compact file beside (megabytes indented).
         raw = RESULTS / f"{name}_runs.json"
-        kept = {k: payload[k] for k in ("config", "total_wall_s", "runs")}
+        kept = {k: payload[k] for k in ("config", "total_wall_s", "runs", "merged_from") if k in payload}
+        kept["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         per_seed = {m: t["per_seed"] for m, t in payload["anytime"].items()}
         write_text_atomic(raw, json.dumps({**kept, "anytime_per_seed": per_seed}, separators=(",", ":")) + "\n")
         main = {k: v for k, v in payload.items() if k not in ("runs", "anytime")}
@@ -874,6 +881,28 @@ def finish(payload: dict[str, Any], *, write: bool, name: str = RESULT_NAME) -> 
         )
         print(f"-> {path}\n-> {png}")
     return payload
+
+
+def merge_results(paths: list[Path]) -> dict[str, Any]:
+    """Raw runs of one or more earlier results, merged by method (a method rerun replaces its old runs)."""
+    merged: dict[str, Any] | None = None
+    for path in paths:
+        loaded = json.loads(path.read_text())
+        if merged is None:
+            merged = {k: loaded[k] for k in ("config", "total_wall_s", "runs")}
+            merged["merged_from"] = {}
+        else:
+            same = ("splits", "budgets", "max_t", "seeds", "space")
+            differ = [k for k in same if loaded["config"][k] != merged["config"][k]]
+            if differ:
+                raise SystemExit(f"{path}: config differs from {paths[0]} in {differ}: not merged")
+            merged["runs"].update(loaded["runs"])
+            merged["config"]["methods"].update(loaded["config"]["methods"])
+            merged["total_wall_s"] = round(merged["total_wall_s"] + loaded["total_wall_s"], 1)
+        for m in loaded["runs"]:
+            merged["merged_from"][m] = {"file": path.name, "written_at": loaded.get("written_at")}
+    assert merged is not None
+    return merged
 
 
 def print_table(payload: dict[str, Any]) -> None:
@@ -910,11 +939,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="Ray methods: trials at a time")
     parser.add_argument("--trainers", type=int, default=2, help="actors that train the Ray methods' epochs")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--from-result", type=Path, metavar="JSON", help="summarise and plot an earlier result again")
+    parser.add_argument(
+        "--from-result",
+        type=Path,
+        nargs="+",
+        metavar="RUNS_JSON",
+        help="summarise and plot earlier *_runs.json files again; several: merged by method (a later file's "
+        "method replaces an earlier one's; same seeds, budgets, max_t and splits required)",
+    )
+    parser.add_argument("--name", default=RESULT_NAME, help="results/<name>.json, <name>_runs.json, <name>.png")
     args = parser.parse_args()
     if args.from_result:
-        payload = json.loads(args.from_result.read_text())
-        payload = finish({k: payload[k] for k in ("config", "total_wall_s", "runs")}, write=not args.no_write)
+        payload = finish(merge_results(args.from_result), write=not args.no_write, name=args.name)
     else:
         options = Options(
             seeds=args.seeds,
@@ -926,9 +962,9 @@ def main() -> None:
             num_cpus=args.num_cpus,
             trainers=args.trainers,
             concurrency=args.concurrency,
-            on_seed=None if args.no_write else lambda partial: finish(partial, write=True),
+            on_seed=None if args.no_write else lambda partial: finish(partial, write=True, name=args.name),
         )
-        payload = finish(run_benchmark(options), write=not args.no_write)
+        payload = finish(run_benchmark(options), write=not args.no_write, name=args.name)
     print_table(payload)
 
 

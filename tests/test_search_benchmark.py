@@ -92,3 +92,16 @@ def test_equal_budget_through_ray_tune(shared_data: Path, ray_local: None) -> No
     goals = payload["summary"]["goals"]
     assert {"default_median_ge_every_peer_at_4", "default_median_ge_every_peer_at_12"} <= set(goals)
     assert isinstance(goals["default_reaches_random_fifo_final_within_third"]["met"], bool)
+
+
+def test_ledger_counts_each_epoch_once_and_never_past_the_budget() -> None:
+    bench = load_benchmark()
+    ledger = bench.Ledger(budget=3)
+    for epoch in (1, 2, 2):  # Tune repeats a trial's last result when its function returns: not a new epoch
+        ledger.add("a", {"epoch": epoch, "val_acc": 0.5, "test_acc": 0.4})
+    assert [e["epoch"] for e in ledger.epochs] == [1, 2] and not ledger.full
+    ledger.add("b", {"epoch": 1, "val_acc": 0.7, "test_acc": 0.6})
+    ledger.add("b", {"epoch": 2, "val_acc": 0.9, "test_acc": 0.8})  # past the budget: trained, not counted
+    assert ledger.full and len(ledger.epochs) == 3 and ledger.uncounted == 1
+    curve = bench.anytime(ledger.epochs)
+    assert [c["test_acc"] for c in curve] == [0.4, 0.4, 0.6]  # ties go to the later epoch; b's 0.8 never counted
