@@ -102,7 +102,7 @@ def reports(experiment_dir: Path) -> list[dict]:
 
 def cluster_status(cluster: Hosts) -> list[dict]:
     """`raycls cluster status --json`, on the head."""
-    command = [sys.executable, "-m", "raycls.cli", "cluster", "status", "--address", cluster.address]
+    command = [sys.executable, "-m", "raycls.cli", "cluster", "status", cluster.address]
     done = cluster.head.run([*command, "--storage", str(storage_of(cluster)), "--json"], timeout=120)
     return json.loads(done.stdout[done.stdout.index("[") :])
 
