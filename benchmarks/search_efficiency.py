@@ -20,16 +20,16 @@ it selected. Validation: 5,000 images (one image = 0.02 points); test: Fashion-M
     raycls_*          the same objects with candidate defaults (grace period, reduction factor, startup
                       trials, ASHA brackets)
 
-Ray methods run in one local Ray (num_cpus=4), a trial per logical CPU; their trainable runs the same
-`train_epoch`. The budget is counted in epochs as the driver receives them (a Tune Stopper ends the search
+Ray methods run in one local Ray (num_cpus=4), 2 trials at a time (--concurrency); each epoch runs the same
+`train_epoch` in one of 2 long-lived Trainer actors (trial actors only relay: see Trainer). The budget is counted in epochs as the driver receives them (a Tune Stopper ends the search
 once B arrived; epochs in flight past B are trained but not counted); ASHA-style methods run as many trials
 as fit. The anytime curve (selected test accuracy after each counted epoch) is recorded once, at the largest
 budget, and read at every budget asked for (B/3 = 60 and B = 180 by default); wall seconds are reported
 beside (Ray methods pay Tune's scheduling, the in-process ones do not).
 
-    nice -n 10 python benchmarks/search_efficiency.py                    # 10 seeds, B = 180 (~20 min, 2 cores)
+    nice -n 10 python benchmarks/search_efficiency.py                    # 10 seeds, B = 180 (~30 min, shared 2 cores)
     python benchmarks/search_efficiency.py --seeds 0 1 --budget 30 --methods random_fifo optuna_alone
-    python benchmarks/search_efficiency.py --from-result results/search_efficiency.json   # summary + plot again
+    python benchmarks/search_efficiency.py --from-result results/search_efficiency_runs.json  # summary + plot again
 """
 
 from __future__ import annotations

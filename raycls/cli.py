@@ -895,9 +895,7 @@ def cluster_validate(
 
 @cluster_app.command("status")
 def cluster_status(
-    address: Annotated[
-        str, typer.Option(help="The cluster: auto (the one this node belongs to) or HOST:PORT.")
-    ] = "auto",
+    address: Annotated[str, typer.Argument(help="The cluster: auto (the one this node belongs to) or HOST:PORT.")],
     storage: StorageOption = None,
     json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:

@@ -3,17 +3,19 @@
 Each host is a network namespace with its own address on a bridge (`ip netns`, a veth pair per host), plus
 its own PID, mount and UTS namespaces (`unshare --pid --fork --mount-proc --uts`):
 
-    root namespace (the tests, `ray up`)  10.77.N.1  --- bridge rcbr<tag> ---+--- head  10.77.N.10
+    root namespace (the tests, `ray up`)  10.77.N.1  --- bridge rclbr<pid> --+--- head  10.77.N.10
                                                                              +--- w1    10.77.N.11
                                                                              +--- w2    10.77.N.12
 
 - Ray runs on a host as on a real node, `ray start` with its node's address. The host's PID namespace holds
   every process started on it, so `ray stop` (or `ray down`'s) there sees that host's Ray alone, never the
   suite's or anyone else's on the machine; killing the namespace's init (`Host.kill`) takes the whole host down.
-- The mount namespace gives each host its own `/tmp/ray` (Ray's sessions, sockets and the
-  `ray_current_cluster` file), `/etc/hosts` (its hostname resolves to its address: gloo picks the bridge
-  for DDP, as on a real node) and `~/.ray` (the auth token, one per cluster, as `file_mounts` copies it).
-  Everything else is the machine's: the Python with Ray and raycls, and the shared storage folder.
+- The mount namespace gives each host its own `/tmp/ray` (Ray's sessions, sockets, `ray_current_cluster`,
+  the launcher's cluster state), `/etc/hosts` (its hostname resolves to its address: gloo picks the bridge for
+  DDP, as on a real node) and home folder (`~/.ray/auth_token`, one token per cluster; `~/.bashrc`, which puts
+  this checkout's raycls and the machine's Python first; what `ray up` copies), with the machine's `~/.pyenv`
+  mounted in it. Everything else is the machine's: the Python with Ray and raycls, the shared storage folder.
+  Each host has a default route via the bridge: Ray finds a node's address by the route out.
 - Cutting a host off the network is `Host.link(False)` (its end of the veth pair down).
 
 Needs root and iproute2; `hosts_available()` says why not when it cannot. Teardown kills every host's init

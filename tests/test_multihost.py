@@ -12,6 +12,10 @@ Each asserts that every trial ends with exactly one leaderboard row and counts i
 
 Memory (measured, `Hosts.memory_mib`, idle): the head ~1.6 GiB resident (GCS, dashboard and its agents,
 raylet), each worker ~0.35 GiB; a training trial adds ~0.4 GiB on its host.
+
+Time (the whole module, on the shared 2-core machine it was written on): 16 min (8 passed), over the 8-minute
+goal. Starting the hosts' Rays costs ~2 min; each `raycls tune` driver ~1 min before its first trial runs
+(imports, Tune, the trial actors' processes), and the spread test's status is a new Ray driver each time.
 """
 
 from __future__ import annotations
@@ -102,7 +106,7 @@ def reports(experiment_dir: Path) -> list[dict]:
 
 def cluster_status(cluster: Hosts) -> list[dict]:
     """`raycls cluster status --json`, on the head."""
-    command = [sys.executable, "-m", "raycls.cli", "cluster", "status", "--address", cluster.address]
+    command = [sys.executable, "-m", "raycls.cli", "cluster", "status", cluster.address]
     done = cluster.head.run([*command, "--storage", str(storage_of(cluster)), "--json"], timeout=120)
     return json.loads(done.stdout[done.stdout.index("[") :])
 
@@ -217,21 +221,25 @@ def test_two_worker_ddp_trial_spans_two_hosts(cluster: Hosts) -> None:
         cluster,
         "ddp",
         "experiment: {name: ddp, trials: 1, resources: {workers: 2, cpus_per_worker: 1}}\nscheduler: {name: fifo}\nwandb: {mode: disabled}\n",
-        3,
+        8,
     )
     experiment_dir = storage_of(cluster) / "ddp"
     seen: list[list[dict]] = []
 
     def watch(process: subprocess.Popen) -> None:
+        # Asked again until it shows the trial's two Train workers (or the search ends).
         if wait_for(lambda: len(reports(experiment_dir)) >= 1, process):
-            seen.append(cluster_status(cluster))
+            while process.poll() is None:
+                seen.append(cluster_status(cluster))
+                if sum(h["actors"].get("train_workers", 0) for h in seen[-1]) >= 2:
+                    return
 
     code = while_running(tune_command(cluster, space), cluster.root / "ddp.log", watch)
     assert code == 0, (cluster.root / "ddp.log").read_text()[-3000:]
     (row,) = rows(cluster, "ddp")
-    assert row["status"] == "completed" and row["workers"] == 2 and row["epochs"] == 3 and row["restarts"] == 0
+    assert row["status"] == "completed" and row["workers"] == 2 and row["epochs"] == 8 and row["restarts"] == 0
     assert seen
-    by_ip = {h["ip"]: h for h in seen[0]}
+    by_ip = {h["ip"]: h for h in seen[-1]}
     head, w1, w2 = (by_ip[h.ip] for h in cluster.hosts)
     assert w1["actors"].get("train_workers") == 1 and w2["actors"].get("train_workers") == 1
     assert head["actors"].get("trials") == 1 and head["trials"] == [row["trial_id"]]  # the coordinator
@@ -497,8 +505,19 @@ def test_ray_up_job_submit_ray_down(cluster: Hosts) -> None:
             [ray_bin, "down", "-y", str(launcher)], capture_output=True, text=True, timeout=300, env=env
         )
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
-    for host in cluster.hosts:  # `ray down` stopped Ray on every host (each host's `ray stop` saw only its own)
-        assert host.run(["sh", "-c", "ps -eo comm= | grep -c raylet || true"]).stdout.strip() == "0", host.name
+    # `ray down` runs `ray stop` on the head only (each host's `ray stop` sees only its own Ray); the local
+    # provider's workers are merely marked terminated, and their raylets exit once the head has been gone for
+    # Ray's GCS reconnect timeout (60 s).
+    down_at = time.monotonic()
+
+    def raylets() -> dict[str, str]:
+        return {
+            h.name: h.run(["sh", "-c", "ps -eo comm= | grep -c raylet || true"]).stdout.strip() for h in cluster.hosts
+        }
+
+    assert raylets()["head"] == "0"
+    assert wait_for(lambda: set(raylets().values()) == {"0"}, timeout=180), raylets()
+    DRILLS.append({"drill": "ray down: last worker raylet gone after", "wall_s": round(time.monotonic() - down_at, 1)})
 
 
 def _listening(port: int) -> bool:
