@@ -940,7 +940,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except RayclsError as err:
-        console.print(f"[red]error:[/] {err}", highlight=False)
+        console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)  # a path in it stays whole
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]")

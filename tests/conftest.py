@@ -25,6 +25,9 @@ SHARED_DATA = Path(os.environ.get("RAYCLS_TEST_DATA", REPO.parent / "shared" / "
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 # Offline machines: make hub lookups fail at once instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pytest-xdist's workers get COLUMNS=80 (the controller's terminal): the CLI's piped output is as wide as a
+# log's (200), which the tests of one-line tables and messages read.
+os.environ["COLUMNS"] = "200"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -71,7 +71,10 @@ def test_deit_cst_twin_distils_tokens_from_a_vit_stage(ray_local, tmp_path: Path
 def test_finetune_twin_on_real_jpegs(ray_local, tmp_path: Path, shared_data: Path) -> None:
     """Head on a frozen backbone, then the whole network with early stopping, on imagenette-mini's JPEGs
     (from scratch offline, as the twin says); the full evaluation's error analysis is written."""
-    rows = run_twin("finetune-imagenette.yaml", tmp_path, **{"data.path": str(shared_data / "imagenette-mini")})
+    mini = shared_data / "imagenette-mini"
+    rows = run_twin(
+        "finetune-imagenette.yaml", tmp_path, **{"data.path": str(mini), "after.predict.images": str(mini / "val")}
+    )
     for row in rows:
         assert row["phase"] == "head>full" and row["head.val_acc"] >= 0.0 and row["test_acc"] >= 0.0
         folder = tmp_path / "finetune-imagenette" / "eval" / row["trial_id"]
