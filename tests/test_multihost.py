@@ -397,9 +397,12 @@ def ssh_tools() -> str | None:
     openssh-server and rsync when apt-get can (root), as the report tests install Chromium."""
     missing = [tool for tool in ("/usr/sbin/sshd", "rsync", "ssh", "ssh-keygen") if not shutil.which(tool)]
     if missing and shutil.which("apt-get") and os.geteuid() == 0:
+        from tests.conftest import machine_lock
+
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for step in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "openssh-server", "rsync"]):
-            subprocess.run(step, capture_output=True, timeout=600, env=env)
+        with machine_lock("apt"):  # the other test process may be installing Chromium (dpkg's lock)
+            for step in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "openssh-server", "rsync"]):
+                subprocess.run(step, capture_output=True, timeout=600, env=env)
         missing = [tool for tool in ("/usr/sbin/sshd", "rsync", "ssh", "ssh-keygen") if not shutil.which(tool)]
     return f"needs {', '.join(missing)} (openssh-server, rsync) and apt-get could not install them" if missing else None
 
