@@ -40,7 +40,7 @@ base:
 
 E2E = (
     """
-experiment: {name: e2e, trials: 8, concurrency: 2}
+experiment: {name: e2e, trials: 8, concurrency: 1}  # one at a time: ASHA sees results in one order, every run
 search:
   seed: 0
   n_startup_trials: 8
