@@ -138,43 +138,40 @@ def last_stage(scheduler: type[TrialScheduler]) -> type[TrialScheduler]:
     return LastStage
 
 
-@TRIAL_SCHEDULERS.register("asha")
-def asha(experiment: Experiment) -> TrialScheduler:
-    """Stops weak trials at rungs counted in epochs (a chain's last stage only)."""
-    from ray.tune.schedulers import ASHAScheduler
+def _async_hyperband(experiment: Experiment, brackets: int) -> TrialScheduler:
+    """Ray's AsyncHyperBandScheduler (ASHA is its 1-bracket case) on rungs counted in epochs of the last stage."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler
 
     section = experiment.scheduler
     # time_attr is our own epoch counter, not Tune's training_iteration: it stays right across restores.
-    return last_stage(ASHAScheduler)(
+    return last_stage(AsyncHyperBandScheduler)(
         time_attr=names.EPOCH,
         max_t=experiment.max_t,
         grace_period=section.grace_period,
         reduction_factor=section.reduction_factor,
-        brackets=section.brackets,  # more than 1: asynchronous Hyperband (ASHA's brackets of different rigor)
+        brackets=brackets,
         # Let a trial that reaches max_t finish on its own: stopping it there would kill a multi-worker
         # trial's Train run at its last epoch (and count a finished trial as stopped).
         stop_last_trials=False,
     )
 
 
+@TRIAL_SCHEDULERS.register("asha")
+def asha(experiment: Experiment) -> TrialScheduler:
+    """Stops weak trials at rungs counted in epochs (a chain's last stage only); `brackets` above 1 gives
+    ASHA's brackets of different rigor."""
+    return _async_hyperband(experiment, experiment.scheduler.brackets)
+
+
 @TRIAL_SCHEDULERS.register("hyperband")
 def hyperband(experiment: Experiment) -> TrialScheduler:
-    """Hyperband with brackets, asynchronously (Li et al. 2020, the ASHA paper's Hyperband): Ray's
-    AsyncHyperBandScheduler with `brackets` (default 3 here) brackets of growing grace periods, each trial
-    assigned to one at random; no trial waits for its bracket. (Ray's synchronous HyperBandScheduler pauses
-    trials until their bracket fills; under raycls's concurrency limit it stopped no trial in our digits test,
-    so the synchronous brackets are offered as bohb's, whose pausing is handled.)"""
-    from ray.tune.schedulers import AsyncHyperBandScheduler
-
-    section = experiment.scheduler
-    return last_stage(AsyncHyperBandScheduler)(
-        time_attr=names.EPOCH,
-        max_t=experiment.max_t,
-        grace_period=section.grace_period,
-        reduction_factor=section.reduction_factor,
-        brackets=section.brackets if section.brackets > 1 else 3,
-        stop_last_trials=False,
-    )
+    """Hyperband with brackets, asynchronously (Li et al. 2020, the ASHA paper's Hyperband): `brackets`
+    (default 3 here) brackets of growing grace periods, each trial assigned to one at random; no trial waits
+    for its bracket. (Ray's synchronous HyperBandScheduler pauses trials until their bracket fills; under
+    raycls's concurrency limit it stopped no trial in our digits test, so the synchronous brackets are
+    offered as bohb's, whose pausing is handled.)"""
+    brackets = experiment.scheduler.brackets
+    return _async_hyperband(experiment, brackets if brackets > 1 else 3)
 
 
 @TRIAL_SCHEDULERS.register("bohb")

@@ -371,12 +371,14 @@ def test_stopping_schedulers_stop_weak_trials_told_as_pruned(ray_local, tmp_path
     _states_match_rows(storage, name, rows)
 
 
+# A perturbation at every epoch: whichever order a loaded machine runs the 4 trials in, a trial in the bottom
+# half meets one in the top half at some epoch (at every 2nd epoch, loaded runs of PBT and PB2 saw none).
 PBT = """
 experiment: {name: NAME, trials: 4}
 search: {seed: 0}
 scheduler:
   name: NAME
-  perturbation_interval: 2
+  perturbation_interval: 1
   quantile_fraction: 0.5
   mutations:
     train.lr: {type: loguniform, low: 1.0e-4, high: 0.05}
@@ -418,9 +420,6 @@ def test_pbt_clones_and_perturbs_rows_record_lineage_and_train_replays_it(ray_lo
     from raycls.train.local import run_schedule, schedule_segments
 
     text = PBT.replace("NAME", "pbt").replace("MIXUP", "    phase.mixup_alpha: {type: choice, values: [0.0, 0.2, 0.4]}")
-    # A perturbation at every epoch: whichever order a loaded machine runs the 4 trials in, a trial in the
-    # bottom half meets one in the top half at some epoch (at every 2nd epoch, a run under load saw none).
-    text = text.replace("perturbation_interval: 2", "perturbation_interval: 1")
     _, storage, outcome, rows = _search(tmp_path, text, "pbt", epochs=6)
     assert outcome.errors == 0 and len(rows) == 4 and all(r["status"] == "completed" for r in rows)
     cloned = _assert_lineage(rows)

@@ -39,6 +39,17 @@ def feature_maps(backbone: nn.Module, run: Callable[[], object], *, stages: int 
     return _cnn_maps(backbone, run, stages)
 
 
+def _run_hooked(run: Callable[[], object], hooks: list[tuple[nn.Module, Callable]]) -> None:
+    """One forward pass (`run`) without gradients, with each forward hook on its module for that pass only."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _cnn_maps(backbone: nn.Module, run: Callable[[], object], stages: int) -> list[FeatureMap]:
     latest: dict[tuple[int, int], FeatureMap] = {}  # resolution -> its latest output, in first-seen order
 
@@ -53,13 +64,7 @@ def _cnn_maps(backbone: nn.Module, run: Callable[[], object], stages: int) -> li
 
         return keep
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in backbone.named_modules()]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_hooked(run, [(m, hook(n)) for n, m in backbone.named_modules()])
     if not latest:
         raise ValueError(f"{type(backbone).__name__}: no module made a 4-D feature map to show")
     return list(latest.values())[:stages]
@@ -80,13 +85,7 @@ def _token_norm_maps(backbone: nn.Module, run: Callable[[], object], stages: int
         return keep
 
     blocks = list(backbone.blocks)[:stages]
-    handles = [block.register_forward_hook(hook(f"blocks.{i}")) for i, block in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_hooked(run, [(block, hook(f"blocks.{i}")) for i, block in enumerate(blocks)])
     return found
 
 

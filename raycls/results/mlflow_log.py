@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from raycls.config.experiment import MlflowSection
+from raycls.results.background import BackgroundTracker
 from raycls.results.wandb_log import scrub
 from raycls.storage import ExperimentPaths, is_local
 
@@ -134,75 +135,28 @@ class TrialRun:
         self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
-class MlflowWriter:
-    """All MLflow calls of a search on one background thread, in order; the W&B writer's interface (start,
-    log, finish, close). A failing call is reported once per trial and never stops the search."""
+class MlflowWriter(BackgroundTracker):
+    """All MLflow calls of a search on one background thread, in order."""
+
+    label = "MLflow"
 
     def __init__(self, settings: MlflowSection, paths: ExperimentPaths):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.settings, self.paths = settings, paths
-        self.runs: dict[str, TrialRun] = {}  # filled on the background thread
-        self.started: set[str] = set()
-        self.failed: set[str] = set()
         self._client: Any = None
-        self._pool: Any = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raycls-mlflow")
-
-    def _submit(self, trial_id: str, fn, *args: Any) -> None:
-        if self._pool is None:
-            return
-
-        def call() -> None:
-            if trial_id in self.failed:
-                return
-            try:
-                fn(*args)
-            except Exception as err:  # MLflow mirrors the leaderboard: never let it break the search
-                self.failed.add(trial_id)
-                print(f"raycls: MLflow logging for trial {trial_id} failed and is off for it: {err}")
-
-        self._pool.submit(call)
+        super().__init__()
 
     def _open(self):
         if self._client is None:  # the first run opens the store (creating a SQLite store takes seconds)
             self._client = open_client(self.settings, self.paths)
         return self._client
 
-    def start(self, trial_id: str, config: dict[str, Any]) -> None:
-        if trial_id in self.started:
-            return
-        self.started.add(trial_id)
+    def open_run(self, trial_id: str, config: dict[str, Any]) -> TrialRun:
+        client, experiment_id = self._open()
+        return TrialRun(client, experiment_id, experiment=self.paths.experiment, trial_id=trial_id, config=config)
 
-        def start() -> None:
-            client, experiment_id = self._open()
-            self.runs[trial_id] = TrialRun(
-                client, experiment_id, experiment=self.paths.experiment, trial_id=trial_id, config=config
-            )
-
-        self._submit(trial_id, start)
-
-    def log(self, trial_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
-        self._submit(trial_id, lambda: self.runs[trial_id].log(metrics, step) if trial_id in self.runs else None)
-
-    def finish(
-        self, trial_id: str, summary: dict[str, Any], *, failed: bool = False, images: dict[str, str] | None = None
-    ) -> None:
+    def finish_run(self, trial_id: str, run: TrialRun, summary: dict[str, Any], *, failed: bool, images) -> None:
         eval_dir = Path(self.paths.eval_dir(trial_id)) if self.paths.local else None
-
-        def finish() -> None:
-            run = self.runs.pop(trial_id, None)
-            if run is not None:
-                run.finish(summary, failed=failed, eval_dir=eval_dir, log_checkpoint=self.settings.log_checkpoint)
-
-        self._submit(trial_id, finish)
-
-    def close(self) -> None:
-        """Finish runs still open (an interrupted search) and wait for every queued call."""
-        for trial_id in list(self.runs):
-            self.finish(trial_id, {}, failed=True)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        run.finish(summary, failed=failed, eval_dir=eval_dir, log_checkpoint=self.settings.log_checkpoint)
 
 
 def log_after(settings: MlflowSection, paths: ExperimentPaths, records: list[dict[str, Any]]) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from raycls.config.experiment import WandbSection
+from raycls.results.background import BackgroundTracker
 
 # Keys whose values must never be logged (configs are checked before they reach W&B).
 SECRET_MARKERS = ("api_key", "apikey", "token", "secret", "password", "credential")
@@ -78,68 +79,20 @@ class TrialRun:
         self.run = None
 
 
-class WandbWriter:
-    """All W&B calls of a search, on one background thread, in order.
+class WandbWriter(BackgroundTracker):
+    """All W&B calls of a search, on one background thread, in order (`wandb.init` and `run.finish` take
+    about a second each); no thread at all when the mode is `disabled`."""
 
-    `wandb.init` and `run.finish` take about a second each; on the Tune driver's thread that would stall
-    scheduling for every trial. A failing W&B call is reported once per trial and never stops the search.
-    """
+    label = "W&B"
 
     def __init__(self, settings: WandbSection, mode: str, folder: Path, *, experiment: str):
-        from concurrent.futures import ThreadPoolExecutor
-
         self.settings, self.mode, self.folder, self.experiment = settings, mode, folder, experiment
-        self.runs: dict[str, TrialRun] = {}  # filled on the background thread
-        self.started: set[str] = set()  # filled on the caller's thread
-        self.failed: set[str] = set()
-        self._pool = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="raycls-wandb") if mode != "disabled" else None
+        super().__init__(enabled=mode != "disabled")
+
+    def open_run(self, trial_id: str, config: dict[str, Any]) -> TrialRun:
+        return TrialRun(
+            self.settings, self.mode, self.folder, experiment=self.experiment, trial_id=trial_id, config=config
         )
 
-    def _submit(self, trial_id: str, fn, *args: Any) -> None:
-        if self._pool is None:
-            return
-
-        def call() -> None:
-            if trial_id in self.failed:
-                return
-            try:
-                fn(*args)
-            except Exception as err:  # W&B is a mirror of the leaderboard: never let it break the search
-                self.failed.add(trial_id)
-                print(f"raycls: W&B logging for trial {trial_id} failed and is off for it: {err}")
-
-        self._pool.submit(call)
-
-    def start(self, trial_id: str, config: dict[str, Any]) -> None:
-        if trial_id in self.started:  # a retried trial goes on logging to its first run
-            return
-        self.started.add(trial_id)
-
-        def start() -> None:
-            self.runs[trial_id] = TrialRun(
-                self.settings, self.mode, self.folder, experiment=self.experiment, trial_id=trial_id, config=config
-            )
-
-        self._submit(trial_id, start)
-
-    def log(self, trial_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
-        self._submit(trial_id, lambda: self.runs[trial_id].log(metrics, step) if trial_id in self.runs else None)
-
-    def finish(
-        self, trial_id: str, summary: dict[str, Any], *, failed: bool = False, images: dict[str, str] | None = None
-    ) -> None:
-        def finish() -> None:
-            run = self.runs.pop(trial_id, None)
-            if run is not None:
-                run.finish(summary, failed=failed, images=images)
-
-        self._submit(trial_id, finish)
-
-    def close(self) -> None:
-        """Finish runs still open (an interrupted search) and wait for every queued call."""
-        for trial_id in list(self.runs):
-            self.finish(trial_id, {}, failed=True)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+    def finish_run(self, trial_id: str, run: TrialRun, summary: dict[str, Any], *, failed: bool, images) -> None:
+        run.finish(summary, failed=failed, images=images)
