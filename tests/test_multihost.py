@@ -13,9 +13,9 @@ Each asserts that every trial ends with exactly one leaderboard row and counts i
 Memory (measured, `Hosts.memory_mib`, idle): the head ~1.6 GiB resident (GCS, dashboard and its agents,
 raylet), each worker ~0.35 GiB; a training trial adds ~0.4 GiB on its host.
 
-Time (the whole module, on the shared 2-core machine it was written on): 16 min (8 passed), over the 8-minute
-goal. Starting the hosts' Rays costs ~2 min; each `raycls tune` driver ~1 min before its first trial runs
-(imports, Tune, the trial actors' processes), and the spread test's status is a new Ray driver each time.
+Time (the whole module alone on the 2-core machine): 5 min 46 s (the goal is 8); inside the full suite,
+beside the other test process, ~10 min of its process. The ray up test's hosts give up on a lost head after
+10 s instead of Ray's 60 (so `ray down`'s worker raylets are gone sooner; the YAML under test is unchanged).
 """
 
 from __future__ import annotations
@@ -212,7 +212,9 @@ def test_trials_spread_over_the_worker_hosts_and_cluster_status_shows_them(clust
     assert head["head"] and head["resources"].get("on_demand") == 1 and not head["resources"].get("CPU")
     assert w1["resources"]["CPU"] == 1 and w2["resources"]["CPU"] == 1
     assert head["trials"] == [] and len(w1["trials"]) <= 1 and len(w2["trials"]) <= 1
-    assert all(w["actors"].get("trials", 0) == len(w["trials"]) for w in (w1, w2))
+    # Each trial named runs in a trial actor there; an actor may be unnamed for a moment (a reused actor between
+    # two trials, or one whose trial has not reported yet: a run alone on a quiet machine caught that).
+    assert all(w["actors"].get("trials", 0) >= len(w["trials"]) for w in (w1, w2)), status
     assert {*w1["trials"], *w2["trials"]} <= {r["trial_id"] for r in found}
 
 
@@ -436,6 +438,10 @@ def test_ray_up_job_submit_ray_down(cluster: Hosts) -> None:
         pytest.skip(why)
     for host in cluster.hosts:  # fresh machines, no Ray
         host.kill()
+        # `ray down` stops the head only; a worker's raylet exits once it has lost the head for Ray's GCS
+        # reconnect timeout (60 s). Hosts that give up after 10 s make the test's wait for it shorter; the
+        # YAML under test is unchanged.
+        host.env["RAY_gcs_rpc_server_reconnect_timeout_s"] = "10"
         host.boot()
     keys = cluster.root / "ssh"
     keys.mkdir(exist_ok=True)
@@ -512,7 +518,7 @@ def test_ray_up_job_submit_ray_down(cluster: Hosts) -> None:
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     # `ray down` runs `ray stop` on the head only (each host's `ray stop` sees only its own Ray); the local
     # provider's workers are merely marked terminated, and their raylets exit once the head has been gone for
-    # Ray's GCS reconnect timeout (60 s).
+    # Ray's GCS reconnect timeout (60 s by default; 10 s on these hosts).
     down_at = time.monotonic()
 
     def raylets() -> dict[str, str]:
