@@ -263,6 +263,14 @@ def tune(
     no_report: Annotated[
         bool, typer.Option("--no-report", help="Do not write the experiment's HTML report at the end.")
     ] = False,
+    report_png: Annotated[
+        bool,
+        typer.Option(
+            "--report-png",
+            help="Also write the report's figures as PNGs at the end (kaleido + Chromium, ~6 s); "
+            "`raycls report EXPERIMENT` writes them by default.",
+        ),
+    ] = False,
     trials: Annotated[
         Optional[int],
         typer.Option(
@@ -328,7 +336,7 @@ def tune(
 
     after = run_after(experiment, storage_root(storage), say=lambda text: console.print(text, highlight=False))
     if not no_report and board.num_rows:
-        _report_after_search(storage_root(storage), experiment.name, wandb)
+        _report_after_search(storage_root(storage), experiment.name, wandb, png=report_png)
     nothing = outcome.none_completed()
     if nothing is not None:  # last, and a non-zero exit: CI and schedulers see a search that produced nothing
         console.print(f"[red]{nothing}[/]", highlight=False, soft_wrap=True)  # one line, for grep and CI
@@ -338,12 +346,13 @@ def tune(
         sys.exit(1)
 
 
-def _report_after_search(root: str, experiment: str, wandb_mode: str | None) -> None:
-    """The search's results are safe in the leaderboard: a report that cannot be drawn is said, not fatal."""
+def _report_after_search(root: str, experiment: str, wandb_mode: str | None, *, png: bool) -> None:
+    """The search's results are safe in the leaderboard: a report that cannot be drawn is said, not fatal.
+    The interactive HTML only, unless asked: the PNGs start a browser (kaleido), 6 of the quickstart's 45 s."""
     from raycls.report.page import write_report
 
     try:
-        files = write_report(root, experiment, wandb_mode=wandb_mode)
+        files = write_report(root, experiment, wandb_mode=wandb_mode, png=png)
     except Exception as err:  # noqa: BLE001 - any failure here must not hide the finished search
         console.print(
             f"[yellow]the report could not be written[/] ({type(err).__name__}: {err}); "

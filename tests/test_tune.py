@@ -438,6 +438,7 @@ def test_report_of_one_trial_and_of_only_failed_trials_says_so(ray_local, tmp_pa
     main(["tune", str(one), "--storage", storage])
     report = Path(storage) / "one" / "report" / "report.html"
     assert f"Report: {report}" in capsys.readouterr().out.replace("\n", "")
+    assert not list(report.parent.glob("*.png"))  # the PNGs only with --report-png (or `raycls report`)
     page = report.read_text()
     assert "1 trial (1 completed" in page and "One trial: there is no progress to show yet." in page
     assert "Needs at least two completed trials and a sampled parameter" in page  # importance, slices
