@@ -48,7 +48,11 @@ def run_local(
     progress: ProgressFn | None = None,
     on_epoch: Callable[[Metrics], None] | None = None,
 ) -> Summary:
-    """Train `config`; write config.json, metrics.json and checkpoints/{last,best} into `out`."""
+    """Train `config`; write config.json, metrics.json and checkpoints/{last,best} into `out`. A fast dev run is
+    the config's (`TrialConfig.fast_dev_run`: one epoch, small batches, a few images per evaluated set) and the
+    loop's (FAST_DEV_BATCHES batches of each split)."""
+    if fast_dev_run:  # idempotent: a caller that already shrank the config loses nothing
+        config = config.fast_dev_run()
     out.mkdir(parents=True, exist_ok=True)
     run = RunPaths(out)
     write_json_atomic(run.config, config.to_dict())
