@@ -195,7 +195,10 @@ def train_with_ray(
     on_epoch: Callable[[Metrics], None] | None = None,
 ) -> Summary:
     """`raycls train` without --no-ray: one Ray Train run (DDP over `resources.workers`), no Tune.
-    Ray must be initialised by the caller (the CLI, through raycls.tune.cluster.init_ray)."""
+    Ray must be initialised by the caller (the CLI, through raycls.tune.cluster.init_ray). A fast dev run is
+    the config's and the loop's, as in run_local."""
+    if fast_dev_run:
+        config = config.fast_dev_run()
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     run = RunPaths(out)
