@@ -357,6 +357,11 @@ def test_stopping_schedulers_stop_weak_trials_told_as_pruned(ray_local, tmp_path
 
     np.random.seed(0)  # async Hyperband's bracket draws (on this driver)
     text = STOPPING.replace("NAME", name).replace("POINTS", STRONG_THEN_WEAK[name])
+    if name == "median":
+        # One at a time: the rule judges a trial only against others that reached its epoch (min_samples 2).
+        # Two at a time, a loaded run let a weak trial run ahead of the strong one beside it and finish,
+        # never judged (seen once in a full suite).
+        text = text.replace("concurrency: 2", "concurrency: 1")
     _, storage, outcome, rows = _search(tmp_path, text, name)
     assert outcome.errors == 0 and len(rows) == 6
     stopped = [r for r in rows if r["status"] == "early_stopped"]
