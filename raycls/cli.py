@@ -102,17 +102,10 @@ def _job_from_row(reference: str, overrides: list[str], storage: str, fast_dev_r
         pinned = parse_overrides(overrides)
         segments = schedule_segments(
             json.loads(row["schedule"]),
-            lambda values: _segment_config(row, {**values, **pinned}, fast_dev_run),
+            lambda values: config_of_row(row, {**values, **pinned}),  # run_schedule shrinks a fast dev run
         )
         job = dataclasses.replace(job, schedule=segments)
     return job
-
-
-def _segment_config(row: dict, values: dict, fast_dev_run: bool):
-    from raycls.config.load import config_of_row
-
-    config = config_of_row(row, values)
-    return config.fast_dev_run() if fast_dev_run else config
 
 
 @app.command()

@@ -97,7 +97,10 @@ def run_schedule(
     """Replay a PBT trial's schedule (its row's `schedule`): segment k, (first epoch, config), trains until the
     next segment's first epoch, which resumes from its last checkpoint under its own config (the config's lr
     and weight decay replace the checkpoint's: raycls.train.state.keep_configured; augmentation and MixUp are
-    built from the config). Writes what run_local writes; config.json is the last segment's."""
+    built from the config). Writes what run_local writes; config.json is the last segment's. A fast dev run
+    shrinks every segment's config, as run_local does its one."""
+    if fast_dev_run:
+        segments = [(start, config.fast_dev_run()) for start, config in segments]
     out.mkdir(parents=True, exist_ok=True)
     run = RunPaths(out)
     write_json_atomic(run.config, segments[-1][1].to_dict())
