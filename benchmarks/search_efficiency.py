@@ -702,10 +702,7 @@ def curve_table(runs: dict[str, dict[str, dict[str, Any]]], budget: int) -> dict
 
 
 def plot(curves: dict[str, Any], budgets: list[int], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from raycls.plots import plt, save  # pyplot under the Agg backend (no display)
 
     # Left: the whole curve; right: the same curves from epoch max_budget/6 on, where methods differ by tenths.
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
@@ -737,12 +734,7 @@ def plot(curves: dict[str, Any], budgets: list[int], path: Path, title: str) -> 
     axes[0].legend(fontsize=8, loc="lower right")
     axes[1].set_title(f"from epoch {zoom_from}", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------------- main

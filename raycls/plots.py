@@ -25,10 +25,11 @@ class ReliabilityBins(Protocol):
     count: list[int]
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path, *, dpi: int = 100) -> Path:
+    """Write `fig` to `path` whole (a temporary file, then a rename) and close it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
     return path
@@ -43,7 +44,7 @@ def reliability_diagram(bins: ReliabilityBins, path: Path, *, title: str = "") -
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=title or "reliability")
     ax.legend(loc="upper left")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def confusion_png(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> Path:
@@ -68,7 +69,7 @@ def confusion_png(matrix: torch.Tensor, classes: Sequence[str], path: Path) -> P
                         color="white" if normalised[i, j] > 0.5 else "black",
                     )
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (row-normalised colours)")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def histograms(groups: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
@@ -82,7 +83,7 @@ def histograms(groups: dict[str, dict[str, np.ndarray]], path: Path) -> Path:
                 ax.hist(finite, bins=40, alpha=0.5, density=True, label=label)
         ax.set(title=scorer, xlabel="score (higher: in-distribution)")
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def image_grid(
@@ -101,7 +102,7 @@ def image_grid(
         if overlays is not None:
             ax.imshow(overlays[i].numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=1)
         ax.set_title(captions[i], fontsize=6)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def scatter_2d(points: np.ndarray, labels: np.ndarray, classes: Sequence[str], path: Path, *, title: str) -> Path:
@@ -119,7 +120,7 @@ def scatter_2d(points: np.ndarray, labels: np.ndarray, classes: Sequence[str], p
     if len(classes) <= 20:
         ax.legend(markerscale=3, fontsize=7, loc="best")
     ax.set(title=title, xticks=[], yticks=[])
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def bars(values: dict[str, float], path: Path, *, title: str, ylabel: str, reference: float | None = None) -> Path:
@@ -130,7 +131,7 @@ def bars(values: dict[str, float], path: Path, *, title: str, ylabel: str, refer
         ax.legend()
     ax.set(title=title, ylabel=ylabel)
     ax.tick_params(axis="x", rotation=60)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def confidence_histogram(
@@ -147,7 +148,7 @@ def confidence_histogram(
     ax.set(xlabel="confidence (largest probability)", ylabel="images (log scale)", xlim=(0, 1))
     ax.set_title(title or "confidence of correct and wrong predictions")
     ax.legend(loc="upper left")
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def roc_curves(
@@ -161,7 +162,7 @@ def roc_curves(
     ax.plot([0, 1], [0, 1], "--", color="gray", label="chance (0.5)")
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.legend(loc="lower right", fontsize=7)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def map_grid(cells: Sequence[Sequence[np.ndarray]], titles: Sequence[Sequence[str]], path: Path) -> Path:
@@ -180,4 +181,4 @@ def map_grid(cells: Sequence[Sequence[np.ndarray]], titles: Sequence[Sequence[st
             else:
                 ax.imshow(cell, cmap="viridis")
             ax.set_title(titles[r][c], fontsize=6)
-    return _save(fig, path)
+    return save(fig, path)
