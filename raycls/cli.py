@@ -548,7 +548,8 @@ def eval_(
     ensemble: Annotated[
         Optional[str],
         typer.Option(
-            help="top:K: average the K best trials' probabilities on the test split (a row of kind ensemble)."
+            help="top:K: average the K best trials' probabilities on the test split (a row of kind ensemble); "
+            "snapshots:best or snapshots:TRIAL: those of one trial's kept checkpoints (experiment.keep_checkpoints)."
         ),
     ] = None,
 ) -> None:
@@ -655,7 +656,11 @@ def export_(
     ] = None,
     storage: StorageOption = None,
     ensemble: Annotated[
-        Optional[str], typer.Option(help="top:K: the K best trials as one ONNX graph (their mean probabilities).")
+        Optional[str],
+        typer.Option(
+            help="top:K (the K best trials) or snapshots:best|TRIAL (one trial's kept checkpoints) as one ONNX graph "
+            "(their mean probabilities).",
+        ),
     ] = None,
 ) -> None:
     """Export a trial's best model to ONNX (metadata inside), checked against PyTorch with onnxruntime."""

@@ -64,6 +64,9 @@ SNAPSHOT_DIR = "tune-snapshot"
 INDEX_DIR = f"{RAYCLS_DIR}/index"
 CHECKPOINTS_DIR = "checkpoints"
 BEST, LAST = "best", "last"
+# A trial's kept checkpoints, side by side in its folder: Tune's `checkpoint_000003`, Ray Train's
+# `checkpoint_2026-12-02_20-41-07.123456`; both sort oldest first.
+TRIAL_CHECKPOINTS = "checkpoint_*"
 # Files that need a local filesystem (the Optuna journal, offline W&B runs) when the storage is a URI.
 CACHE_ENV = "RAYCLS_CACHE"
 
@@ -84,6 +87,18 @@ def kept_snapshot_dir(experiment_dir: Path) -> Path:
 def aside_dir(experiment_dir: Path, name: str) -> Path:
     """Where broken Tune snapshot files are moved for a post-mortem (Tune never looks there)."""
     return experiment_dir / RAYCLS_DIR / name
+
+
+def sibling_checkpoints(checkpoint: str) -> list[str]:
+    """Every checkpoint kept beside `checkpoint` (a URI or local path) in its trial's folder, `checkpoint`
+    included, oldest first: the snapshots a trial's `keep_checkpoints` left."""
+    fs, path = filesystem(checkpoint)
+    folder, _, _ = path.rstrip("/").rpartition("/")
+    found = fs.get_file_info(pafs.FileSelector(folder))
+    prefix = TRIAL_CHECKPOINTS.removesuffix("*")
+    kept = sorted(i.base_name for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
+    base = checkpoint.rstrip("/").rpartition("/")[0]
+    return [f"{base}/{name}" for name in kept]
 
 
 def index_file(experiment_root: str, kind: str) -> str:

@@ -460,7 +460,7 @@ def test_pb2_explores_within_its_bounds(ray_local, tmp_path: Path) -> None:
 
 
 CONSTRAINED = """
-experiment: {name: constrained, trials: 5, concurrency: 2, constraints: ["params <= 30000"]}
+experiment: {name: constrained, trials: 5, concurrency: 2, constraints: ["params <= 30000"], keep_checkpoints: 2}
 search:
   seed: 0
   n_startup_trials: 2
@@ -532,6 +532,35 @@ def test_top_k_ensemble_averages_the_best_feasible_trials_and_exports_one_graph(
     assert json.loads(props["ensemble"]) == expected
     with pytest.raises(ConfigError, match="expected top:K"):
         load_ensemble(storage, "constrained", "best")
+
+
+@pytest.mark.slow
+def test_snapshot_ensemble_averages_one_trials_kept_checkpoints(constrained, tmp_path: Path) -> None:
+    """Seed 000's snapshot ensembling: the best trial's kept checkpoints (keep_checkpoints: 2 of its 2 epochs)."""
+    from raycls.deliver.ensemble import evaluate_ensemble, export_ensemble, load_ensemble, probabilities
+    from raycls.deliver.export import _resized
+    from raycls.deliver.model import Classifier
+    from raycls.storage import sibling_checkpoints
+
+    _, storage, _, rows = constrained
+    best = Ranking.of("val_acc", "max").pick(rows, "best")[0]
+    kept = sibling_checkpoints(best["checkpoint"])
+    assert len(kept) == 2 and best["checkpoint"] in kept
+    ensemble = load_ensemble(storage, "constrained", "snapshots:best")
+    assert ensemble.name == f"ensemble-snapshots-{best['trial_id']}"
+    assert ensemble.member_ids == [f"{best['trial_id']}/{Path(k).name}" for k in kept]
+    first, second = (Classifier(m).eval() for m in ensemble.members)
+    images = _resized(ensemble.first, ensemble.first.data.splits.test.images)
+    one, two = probabilities(first, images), probabilities(second, images)
+    assert not torch.allclose(one, two)  # two epochs' weights, not one model twice
+    assert torch.allclose(probabilities(ensemble.module, images), (one + two) / 2, atol=1e-5)
+    row = evaluate_ensemble(storage, ensemble)
+    assert json.loads(row["members"]) == ensemble.member_ids and set(json.loads(row["member_test_acc"])) == set(
+        ensemble.member_ids
+    )
+    assert export_ensemble(ensemble, tmp_path / "export")["parity"]["top1_agreement"] == 1.0
+    with pytest.raises(ConfigError, match="expected top:K"):
+        load_ensemble(storage, "constrained", "snapshots:")
 
 
 @pytest.mark.slow

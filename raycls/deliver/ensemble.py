@@ -1,8 +1,11 @@
-"""Top-k ensembles: `raycls eval EXP --ensemble top:K` averages the K best trials' probabilities.
+"""Ensembles: `raycls eval EXP --ensemble top:K` averages the K best trials' probabilities, `--ensemble
+snapshots:best` (or `snapshots:TRIAL`) those of one trial's kept checkpoints (snapshot ensembling: set
+`experiment.keep_checkpoints: K`, Tune keeps the trial's K best epochs).
 
-    K leaderboard rows (raycls.ranking: completed, feasible, best first) -> their Classifiers (normalisation
-    inside each) -> Ensemble: log of the mean softmax -> held-out metrics and cost -> a row of kind `ensemble`
-    under `<experiment>/ensembles/`, and (`raycls export --ensemble top:K`) one ONNX graph of all members.
+    members (top:K: K leaderboard rows by raycls.ranking, completed and feasible, best first; snapshots: the
+    checkpoints beside the trial's best, of its stage) -> their Classifiers (normalisation inside each) ->
+    Ensemble: log of the mean softmax -> held-out metrics and cost -> a row of kind `ensemble` under
+    `<experiment>/ensembles/`, and (`raycls export --ensemble ...`) one ONNX graph of all members.
 
 The ensemble's output is the log of the averaged probabilities: a softmax of it gives them back, so everything
 that reads logits (predict, serve, parity checks) reads an ensemble the same way.
@@ -27,7 +30,7 @@ from raycls.deliver.model import Classifier, TrialModel, model_of_row
 from raycls.errors import ConfigError
 from raycls.files import write_json_atomic
 from raycls.results.index import write_table_atomic
-from raycls.storage import ENSEMBLE_DIR, ExperimentPaths
+from raycls.storage import ENSEMBLE_DIR, ExperimentPaths, sibling_checkpoints
 from raycls.train.evaluation import pick_rows, trial_rows
 
 KIND = "ensemble"
@@ -48,10 +51,11 @@ class Ensemble(nn.Module):
 @dataclass
 class LoadedEnsemble:
     experiment: str
-    name: str  # "ensemble-top3"
+    name: str  # "ensemble-top3", "ensemble-snapshots-<trial id>"
     pick: str
     members: list[TrialModel]
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # each member's leaderboard row (a snapshot ensemble: one trial's, K times)
+    member_ids: list[str]  # trial ids; a snapshot: "<trial id>/<checkpoint folder>"
 
     @property
     def module(self) -> Ensemble:
@@ -63,13 +67,17 @@ class LoadedEnsemble:
 
 
 def load_ensemble(storage: str, experiment: str, pick: str, *, device: str = "cpu") -> LoadedEnsemble:
-    """The `top:K` rows' models (best first). They must see the same images: one dataset, classes and size."""
-    if not pick.startswith("top:"):
-        raise ConfigError(f"--ensemble {pick!r}: expected top:K (the K best completed trials), e.g. top:3")
-    rows = pick_rows(trial_rows(storage, experiment), pick, experiment)
-    members = [model_of_row(row, device=device) for row in rows]
+    """The members `pick` names: `top:K` (the K best trials) or `snapshots:best|TRIAL` (one trial's kept
+    checkpoints). They must see the same images: one dataset, classes and size."""
+    kind, _, what = pick.partition(":")
+    if kind not in MEMBERS or not what:
+        raise ConfigError(
+            f"--ensemble {pick!r}: expected top:K (the K best completed trials, e.g. top:3) or snapshots:best | "
+            "snapshots:TRIAL (one trial's kept checkpoints, experiment.keep_checkpoints)"
+        )
+    members, rows, ids = MEMBERS[kind](trial_rows(storage, experiment), what, experiment, device)
     first = members[0]
-    for member in members[1:]:
+    for member, member_id in zip(members[1:], ids[1:], strict=True):
         if (member.config.data.name, member.classes, member.image_size, member.channels) != (
             first.config.data.name,
             first.classes,
@@ -77,10 +85,45 @@ def load_ensemble(storage: str, experiment: str, pick: str, *, device: str = "cp
             first.channels,
         ):
             raise ConfigError(
-                f"--ensemble {pick}: trial {member.trial_id} sees other images than {first.trial_id} (dataset, "
-                "classes, size or channels differ): its probabilities cannot be averaged with theirs"
+                f"--ensemble {pick}: {member_id} sees other images than {ids[0]} (dataset, classes, size or "
+                "channels differ): its probabilities cannot be averaged with theirs"
             )
-    return LoadedEnsemble(experiment, f"ensemble-{pick.replace(':', '')}", pick, members, rows)
+    name = f"ensemble-{pick.replace(':', '')}" if kind == "top" else f"ensemble-{kind}-{rows[0]['trial_id']}"
+    return LoadedEnsemble(experiment, name, pick, members, rows, ids)
+
+
+Members = tuple[list[TrialModel], list[dict[str, Any]], list[str]]
+
+
+def _top_trials(rows: list[dict[str, Any]], what: str, experiment: str, device: str) -> Members:
+    picked = pick_rows(rows, f"top:{what}", experiment)
+    return [model_of_row(row, device=device) for row in picked], picked, [r["trial_id"] for r in picked]
+
+
+def _snapshots(rows: list[dict[str, Any]], what: str, experiment: str, device: str) -> Members:
+    """The checkpoints Tune kept beside the trial's best (its `keep_checkpoints` best epochs), those of the
+    best's chain stage: an earlier stage's model may not even classify."""
+    row = pick_rows(rows, what, experiment)[0]
+    best = model_of_row(row, device=device)
+    members, ids = [], []
+    for checkpoint in sibling_checkpoints(row["checkpoint"]):
+        member = (
+            best
+            if checkpoint == row["checkpoint"]
+            else model_of_row(row, device=device, checkpoint=checkpoint, data=best.data)
+        )
+        if member.stage == best.stage:
+            members.append(member)
+            ids.append(f"{row['trial_id']}/{checkpoint.rpartition('/')[2]}")
+    if len(members) < 2:
+        raise ConfigError(
+            f"--ensemble snapshots:{what}: trial {row['trial_id']} kept {len(members)} checkpoint(s) of its last "
+            "stage; a snapshot ensemble needs 2 or more: set experiment.keep_checkpoints (e.g. 3) and run the search"
+        )
+    return members, [row] * len(members), ids
+
+
+MEMBERS = {"top": _top_trials, "snapshots": _snapshots}  # --ensemble KIND:WHAT
 
 
 @torch.no_grad()
@@ -111,8 +154,8 @@ def evaluate_ensemble(storage: str, ensemble: LoadedEnsemble) -> dict[str, Any]:
     images, labels = _resized(first, test.images), test.labels.long()
     module = ensemble.module
     member_acc = {
-        member.trial_id: held_out_metrics(probabilities(Classifier(member).eval(), images), labels)[names.TEST_ACC]
-        for member in ensemble.members
+        member_id: held_out_metrics(probabilities(Classifier(member).eval(), images), labels)[names.TEST_ACC]
+        for member, member_id in zip(ensemble.members, ensemble.member_ids, strict=True)
     }
     metrics = held_out_metrics(probabilities(module, images), labels)
     device = next(module.parameters()).device
@@ -132,7 +175,7 @@ def evaluate_ensemble(storage: str, ensemble: LoadedEnsemble) -> dict[str, Any]:
         "metric": names.TEST_ACC,
         "mode": "max",
         "score": metrics[names.TEST_ACC],
-        "members": json.dumps([r["trial_id"] for r in ensemble.rows]),
+        "members": json.dumps(ensemble.member_ids),
         "member_test_acc": json.dumps(member_acc),
         names.EVAL_SPLIT: "test",
         "test_images": float(len(labels)),
@@ -165,7 +208,7 @@ def export_ensemble(ensemble: LoadedEnsemble, out: Path, *, parity_images: int =
     props = {
         **metadata(first),
         "trial_id": ensemble.name,
-        "ensemble": json.dumps([m.trial_id for m in ensemble.members]),
+        "ensemble": json.dumps(ensemble.member_ids),
         "output": "log of the members' mean softmax probabilities",
     }
     exporter = to_onnx(module, images[:2].float() / 255, out / MODEL_FILE, props)
@@ -175,7 +218,7 @@ def export_ensemble(ensemble: LoadedEnsemble, out: Path, *, parity_images: int =
     report = {
         "experiment": ensemble.experiment,
         "trial_id": ensemble.name,
-        "members": [m.trial_id for m in ensemble.members],
+        "members": ensemble.member_ids,
         "exporter": exporter,
         "parity": {
             "split": "test",

@@ -67,12 +67,15 @@ def load_trial_model(storage: str, experiment: str, pick: str = "best", *, devic
     return model_of_row(pick_rows(trial_rows(storage, experiment), pick, experiment)[0], device=device)
 
 
-def model_of_row(row: dict, *, device: str = "cpu") -> TrialModel:
-    """A leaderboard row's best checkpoint in its phase module, ready to predict."""
+def model_of_row(
+    row: dict, *, device: str = "cpu", checkpoint: str | None = None, data: Data | None = None
+) -> TrialModel:
+    """A leaderboard row's best checkpoint (or another of its kept `checkpoint`s) in its phase module, ready to
+    predict. `data`: the row's data when the caller already read it (snapshots of one trial share it)."""
     experiment = row["experiment"]
     config = config_of_row(row)
-    data = load_data(config)
-    weights, stage = read_checkpoint(row["checkpoint"])
+    data = load_data(config) if data is None else data
+    weights, stage = read_checkpoint(checkpoint or row["checkpoint"])
     index = len(config.stages) - 1 if stage is None else stage
     parts = stage_model(config, weights, data, RunContext(device=torch.device(device)), index)
     parts.model.eval()

@@ -26,7 +26,7 @@ from raycls.results.leaderboard import Status, read_evaluation, write_trial
 from raycls.results.provenance import GitState
 from raycls.results.row import TrialSeen, build_record
 from raycls.results.tracking import open_trackers
-from raycls.storage import TRIAL_CONFIG_FILE, ExperimentPaths, is_local
+from raycls.storage import TRIAL_CHECKPOINTS, TRIAL_CONFIG_FILE, ExperimentPaths, is_local
 from raycls.train.state import is_whole, read_metrics
 from raycls.tune.resume import LOST_ATTR, ROW_STATES, TRIAL_ID_ATTR
 from raycls.tune.searcher import stopped_early
@@ -285,7 +285,7 @@ def _seen_in_folder(experiment: Experiment, folder: Path, trial_id: str, status:
     history = _read_result_json(results) if results.is_file() else {}
     ranking = Ranking.of(experiment.experiment.metric, experiment.experiment.mode)
     best: tuple[float | None, Path | None] = (None, None)
-    for checkpoint in sorted(folder.glob("checkpoint_*")):
+    for checkpoint in sorted(folder.glob(TRIAL_CHECKPOINTS)):
         value = ranking.checkpoint_key(read_metrics(checkpoint)) if is_whole(checkpoint) else None
         if value is not None and (best[1] is None or ranking.as_good(value, best[0])):
             best = (value, checkpoint)

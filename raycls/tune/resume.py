@@ -38,7 +38,7 @@ from optuna.trial import TrialState
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from raycls.storage import aside_dir, kept_snapshot_dir
+from raycls.storage import TRIAL_CHECKPOINTS, aside_dir, kept_snapshot_dir
 
 # Tune's snapshot files, one of each per driver session (the newest of each is what Tune restores).
 SNAPSHOT_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
@@ -216,7 +216,7 @@ def restore_missing_checkpoints(experiment_dir: Path) -> list[str]:
         wanted = experiment_dir / wanted.parent.name / wanted.name  # the experiment folder may have moved
         if is_whole(wanted):
             continue
-        candidates = sorted((p for p in wanted.parent.glob("checkpoint_*") if p.is_dir() and p != wanted), reverse=True)
+        candidates = sorted((p for p in wanted.parent.glob(TRIAL_CHECKPOINTS) if p.is_dir() and p != wanted), reverse=True)
         newest = next((p for p in candidates if is_whole(p)), None)
         if newest is None:  # nothing to resume from: the trial starts again (Tune will say so)
             continue
