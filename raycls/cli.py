@@ -559,7 +559,7 @@ def eval_(
     from raycls.train.evaluation import evaluate_rows, pick_rows, trial_rows
 
     if ensemble is not None:
-        return _eval_ensemble(experiment, ensemble, storage_root(storage), device or "cpu")
+        return _eval_ensemble(experiment, ensemble, storage_root(storage), device or "cpu", suite or "default")
     if suite is not None:
         check_name("eval suite", suite)
     root = storage_root(storage)
@@ -594,11 +594,14 @@ def eval_(
     )
 
 
-def _eval_ensemble(experiment: str, pick: str, root: str, device: str) -> None:
+def _eval_ensemble(experiment: str, pick: str, root: str, device: str, suite: str) -> None:
+    from raycls import names
     from raycls.deliver.ensemble import evaluate_ensemble, load_ensemble
+    from raycls.registry import check_name
 
+    check_name("eval suite", suite)
     started = time.perf_counter()
-    row = evaluate_ensemble(root, load_ensemble(root, experiment, pick, device=device))
+    row = evaluate_ensemble(root, load_ensemble(root, experiment, pick, device=device), suite=suite)
     members = ", ".join(f"{k}={v:.4f}" for k, v in json.loads(row["member_test_acc"]).items())
     console.print(
         f"{row['trial_id']} (test split, {int(row['test_images'])} images): test_acc={row['test_acc']:.4f} "
@@ -607,6 +610,9 @@ def _eval_ensemble(experiment: str, pick: str, root: str, device: str) -> None:
         f"({time.perf_counter() - started:.1f} s)",
         highlight=False,
     )
+    if names.TEST_SHIFT_MCA in row:  # the suite has the shift step (full)
+        shifted = ", ".join(f"{k}={v:.4f}" for k, v in json.loads(row["member_test_shift_mca"]).items())
+        console.print(f"  under shift: test_shift_mca={row[names.TEST_SHIFT_MCA]:.4f}; members': {shifted}")
 
 
 # ------------------------------------------------------------------------------------------ report

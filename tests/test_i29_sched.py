@@ -564,6 +564,34 @@ def test_snapshot_ensemble_averages_one_trials_kept_checkpoints(constrained, tmp
 
 
 @pytest.mark.slow
+def test_an_ensemble_under_the_full_suite_is_scored_on_the_shifted_sets(constrained) -> None:
+    from raycls.deliver.ensemble import evaluate_ensemble, load_ensemble, probabilities
+    from raycls.deliver.export import _resized
+    from raycls.evaluate.shift import corrupt
+
+    _, storage, _, _ = constrained
+    ensemble = load_ensemble(storage, "constrained", "top:2")
+    first = ensemble.first
+    small = {"shift": ("corruptions",), "corruptions": ("gaussian_noise", "contrast"), "severities": (3,)}
+    first.config = first.config.model_copy(update={"eval": first.config.eval.model_copy(update=small)})
+    assert names.TEST_SHIFT_MCA not in evaluate_ensemble(storage, ensemble)  # the default suite: no shift step
+    row = evaluate_ensemble(storage, ensemble, suite="full")
+    members = json.loads(row["member_test_shift_mca"])
+    assert list(members) == ensemble.member_ids
+    # Recomputed by hand for one corruption: the same sample and seed as the suite's own shift step.
+    from raycls.data.sampling import stratified_sample
+
+    sample = stratified_sample(first.data.splits.test, first.config.eval.shift_images, first.config.seed)
+    noisy = corrupt(sample.images, "gaussian_noise", 3, seed=first.config.seed + 3)
+    probs = probabilities(ensemble.module, _resized(first, noisy))
+    expected = float((probs.argmax(1) == sample.labels.long()).float().mean())
+    assert row[names.test_shift("gaussian_noise")] == pytest.approx(expected)
+    assert row[names.TEST_SHIFT_MCA] == pytest.approx(
+        (row[names.test_shift("gaussian_noise")] + row[names.test_shift("contrast")]) / 2
+    )
+
+
+@pytest.mark.slow
 def test_a_plateau_ends_the_search_and_says_so(ray_local, tmp_path: Path) -> None:
     from raycls.storage import END_FILE, RAYCLS_DIR
 

@@ -143,11 +143,13 @@ def held_out_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, flo
     }
 
 
-def evaluate_ensemble(storage: str, ensemble: LoadedEnsemble) -> dict[str, Any]:
-    """Each member's and the ensemble's held-out metrics (the test split), the ensemble's cost; written as the
+def evaluate_ensemble(storage: str, ensemble: LoadedEnsemble, *, suite: str = "default") -> dict[str, Any]:
+    """Each member's and the ensemble's held-out metrics (the test split), the ensemble's cost, and with a suite
+    that has the `shift` step (`full`) their accuracies on the first member's `eval.shift` sets; written as the
     ensemble's row (kind `ensemble`, under `ensembles/`). Returns the row."""
     from raycls.deliver.export import _resized
     from raycls.evaluate.cost import measure_cost
+    from raycls.evaluate.suite import EVAL_SUITES
 
     first = ensemble.first
     test = first.data.splits.test
@@ -158,6 +160,9 @@ def evaluate_ensemble(storage: str, ensemble: LoadedEnsemble) -> dict[str, Any]:
         for member, member_id in zip(ensemble.members, ensemble.member_ids, strict=True)
     }
     metrics = held_out_metrics(probabilities(module, images), labels)
+    shift: dict[str, Any] = {}
+    if "shift" in EVAL_SUITES.get(suite):
+        shift = shift_metrics(ensemble)
     device = next(module.parameters()).device
     cost = measure_cost(
         module,
@@ -180,6 +185,7 @@ def evaluate_ensemble(storage: str, ensemble: LoadedEnsemble) -> dict[str, Any]:
         names.EVAL_SPLIT: "test",
         "test_images": float(len(labels)),
         **metrics,
+        **shift,
         **cost,
         "ended_at": datetime.now(timezone.utc),
         "raycls_version": raycls.__version__,
@@ -187,6 +193,47 @@ def evaluate_ensemble(storage: str, ensemble: LoadedEnsemble) -> dict[str, Any]:
     paths = ExperimentPaths(storage, ensemble.experiment)
     write_table_atomic(*paths.locate(paths.ensemble_row(ensemble.name)), pa.Table.from_pylist([row]))
     return row
+
+
+def shift_metrics(ensemble: LoadedEnsemble) -> dict[str, Any]:
+    """The ensemble's accuracies on the shifted sets the evaluation suite draws for its first member (its
+    `eval.shift`: corruptions, same-class datasets): the `test_shift_*` columns, and each member's
+    `test_shift_mca` beside them (`member_test_shift_mca`): does averaging help under shift?"""
+    import tempfile
+
+    from raycls.deliver.export import _resized
+    from raycls.evaluate.suite import Evaluation, shift_accuracies, shifted_sets
+
+    first = ensemble.first
+    config = first.config
+    # Only to draw the sets (the same samples and corruption seeds as a trial's own evaluation): writes nothing.
+    drawer = Evaluation(
+        model=first.model,
+        phase=first.phase,
+        splits=first.data.splits,
+        config=config.eval,
+        out=Path(tempfile.gettempdir()),
+        image_size=config.data.image_size,
+        seed=config.seed,
+        data_config=config.data,
+    )
+    sets = shifted_sets(drawer)
+
+    def accuracy_of(model: nn.Module):
+        def accuracy(data) -> float:
+            probs = probabilities(model, _resized(first, data.images))
+            return float((probs.argmax(1) == data.labels.long()).float().mean())
+
+        return accuracy
+
+    metrics: dict[str, Any] = shift_accuracies(sets, accuracy_of(ensemble.module))
+    if names.TEST_SHIFT_MCA in metrics:
+        members = {
+            member_id: shift_accuracies(sets, accuracy_of(Classifier(member).eval())).get(names.TEST_SHIFT_MCA)
+            for member, member_id in zip(ensemble.members, ensemble.member_ids, strict=True)
+        }
+        metrics["member_test_shift_mca"] = json.dumps(members)
+    return metrics
 
 
 def read_ensembles(storage: str, experiment: str) -> list[dict[str, Any]]:

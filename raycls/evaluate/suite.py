@@ -391,13 +391,13 @@ def shifted_sets(ev: Evaluation) -> list[ShiftedSet]:
 
 
 def shift_accuracies(
-    ev: Evaluation, accuracy: Callable[[ArrayData], float], suffix: Callable[[str], str]
+    sets: list[ShiftedSet], accuracy: Callable[[ArrayData], float], suffix: Callable[[str], str] = str
 ) -> dict[str, float]:
-    """`accuracy` on every shifted set: per dataset, per corruption (mean over severities) and their mean
-    (`test_shift_mca`); `suffix` names each metric (plain, or with TTA)."""
+    """`accuracy` on every shifted set (`shifted_sets`): per dataset, per corruption (mean over severities) and
+    their mean (`test_shift_mca`); `suffix` names each metric (plain, or with TTA)."""
     metrics: dict[str, float] = {}
     per_corruption: dict[str, list[float]] = {}
-    for name, severity, data in shifted_sets(ev):
+    for name, severity, data in sets:
         if severity is None:
             metrics[suffix(names.test_shift(name))] = accuracy(data)
         else:
@@ -427,7 +427,7 @@ def shift_step(ev: Evaluation) -> dict[str, float]:
         shifted = ev.predict(data)
         return _accuracy(shifted.logits, shifted.labels)
 
-    metrics = shift_accuracies(ev, accuracy, lambda name: name)
+    metrics = shift_accuracies(shifted_sets(ev), accuracy)
     if names.TEST_SHIFT_MCA in metrics:
         clean_acc = _accuracy(clean.logits, clean.labels)
         metrics[names.TEST_SHIFT_GAP] = clean_acc - metrics[names.TEST_SHIFT_MCA]
@@ -453,7 +453,7 @@ def shift_tta_step(ev: Evaluation) -> dict[str, float]:
         plain = ev.predict(data)
         return _accuracy(ev.tta_logits(data, plain), plain.labels)
 
-    return shift_accuracies(ev, accuracy, names.with_tta)
+    return shift_accuracies(shifted_sets(ev), accuracy, names.with_tta)
 
 
 @step("errors")

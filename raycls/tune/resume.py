@@ -216,7 +216,9 @@ def restore_missing_checkpoints(experiment_dir: Path) -> list[str]:
         wanted = experiment_dir / wanted.parent.name / wanted.name  # the experiment folder may have moved
         if is_whole(wanted):
             continue
-        candidates = sorted((p for p in wanted.parent.glob(TRIAL_CHECKPOINTS) if p.is_dir() and p != wanted), reverse=True)
+        candidates = sorted(
+            (p for p in wanted.parent.glob(TRIAL_CHECKPOINTS) if p.is_dir() and p != wanted), reverse=True
+        )
         newest = next((p for p in candidates if is_whole(p)), None)
         if newest is None:  # nothing to resume from: the trial starts again (Tune will say so)
             continue
