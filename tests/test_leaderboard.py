@@ -174,3 +174,25 @@ def test_a_row_is_built_from_what_the_driver_saw_without_tune(tmp_path: Path) ->
     # Values that make no valid config still give a (failed) row, with the reason.
     bad = build_record(experiment, TrialSeen("t2", "failed", {"train.lr": -1.0, "model.width": 8}), GitState())
     assert bad.config_json is None and "train.lr" in bad.error
+
+
+def test_evaluating_again_judges_the_constraints_again(tmp_path: Path) -> None:
+    """A constraint on a held-out metric: the row's `feasible` follows the evaluation that replaced it."""
+    from raycls.results.leaderboard import update_evaluation
+
+    storage = str(tmp_path)
+    rules = ["test_acc >= 0.9", "params <= 1000"]
+    row = record("t1", "completed", 0.01, [0.5, 0.8], constraints=rules)
+    row.evaluation = {"eval_split": "test", "eval_suite": "default", "metrics": {"test_acc": 0.85}}
+    row.history[-1]["params"] = 500.0
+    write_trial(storage, row)
+    (first,) = read_leaderboard(storage, "exp").table.to_pylist()
+    assert first["feasible"] is False and json.loads(first["constraints"]) == rules
+    update_evaluation(storage, "exp", "t1", {"eval_split": "test", "eval_suite": "full", "metrics": {"test_acc": 0.93}})
+    (again,) = read_leaderboard(storage, "exp").table.to_pylist()
+    assert again["feasible"] is True and again["test_acc"] == 0.93 and again["eval_suite"] == "full"
+    unconstrained = record("t2", "completed", 0.01, [0.5, 0.8])
+    write_trial(storage, unconstrained)
+    update_evaluation(storage, "exp", "t2", {"eval_split": "test", "metrics": {"test_acc": 0.1}})
+    rows = {r["trial_id"]: r for r in read_leaderboard(storage, "exp").table.to_pylist()}
+    assert rows["t2"]["feasible"] is None and rows["t2"]["constraints"] is None

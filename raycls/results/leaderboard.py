@@ -63,6 +63,9 @@ FIXED_COLUMNS: list[tuple[str, pa.DataType]] = [
     # experiment.constraints: whether the trial meets them all (null: no constraints, or a metric it never
     # reported); an infeasible trial is never "best" (raycls.ranking)
     ("feasible", pa.bool_()),
+    # The constraints `feasible` judged (JSON list; null: none): a later `raycls eval` judges them again when
+    # it replaces the evaluation columns a constraint may name (test_acc >= 0.9)
+    ("constraints", pa.string()),
     # PBT / PB2: the trial it last cloned, at which of its epochs, and every exploit as JSON
     # ([{epoch, cloned, from_epoch, values}]); `schedule`: the perturbed values its weights trained under, from
     # epoch 0 ([{epoch, values}], ancestors' segments included), which `raycls train --trial` replays
@@ -191,6 +194,7 @@ class TrialRecord:
             fields.append((key, dtype))
             values[key] = self.params.get(key)
         values["feasible"] = feasible(self.constraints, values) if self.status != "failed" else None
+        values["constraints"] = json.dumps(self.constraints) if self.constraints else None
         if self.lineage:
             values["cloned_from"], values["cloned_at"] = self.lineage[-1]["cloned"], int(self.lineage[-1]["epoch"])
         values["lineage"] = json.dumps(self.lineage) if self.lineage or self.schedule else None
@@ -270,7 +274,16 @@ def update_evaluation(storage: str, experiment: str, trial_id: str, summary: Map
     for key, value in evaluation_columns(summary).items():
         dtype = pa.string() if isinstance(value, str) or key in (names.EVAL_SPLIT, names.EVAL_SUITE) else pa.float64()
         table = table.append_column(pa.field(key, dtype), pa.array([value], dtype))
-    return write_table_atomic(fs, path, table)
+    return write_table_atomic(fs, path, _judged_again(table))
+
+
+def _judged_again(row: pa.Table) -> pa.Table:
+    """The one-row `row` with `feasible` judged again from its own `constraints` and its current values."""
+    values = row.to_pylist()[0]
+    if not values.get("constraints") or values.get("status") == "failed" or "feasible" not in row.column_names:
+        return row
+    verdict = feasible(json.loads(values["constraints"]), values)
+    return row.set_column(row.column_names.index("feasible"), "feasible", pa.array([verdict], pa.bool_()))
 
 
 def _float(value: Any) -> float | None:
