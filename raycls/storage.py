@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from functools import cached_property
 from pathlib import Path
 
@@ -95,8 +96,9 @@ def sibling_checkpoints(checkpoint: str) -> list[str]:
     fs, path = filesystem(checkpoint)
     folder, _, _ = path.rstrip("/").rpartition("/")
     found = fs.get_file_info(pafs.FileSelector(folder))
-    prefix = TRIAL_CHECKPOINTS.removesuffix("*")
-    kept = sorted(i.base_name for i in found if i.type == pafs.FileType.Directory and i.base_name.startswith(prefix))
+    kept = sorted(
+        i.base_name for i in found if i.type == pafs.FileType.Directory and fnmatch(i.base_name, TRIAL_CHECKPOINTS)
+    )
     base = checkpoint.rstrip("/").rpartition("/")[0]
     return [f"{base}/{name}" for name in kept]
 

@@ -193,7 +193,7 @@ class TrialRecord:
         for key, dtype in self.param_types.items():
             fields.append((key, dtype))
             values[key] = self.params.get(key)
-        values["feasible"] = feasible(self.constraints, values) if self.status != "failed" else None
+        values["feasible"] = judge(self.constraints, values)
         values["constraints"] = json.dumps(self.constraints) if self.constraints else None
         if self.lineage:
             values["cloned_from"], values["cloned_at"] = self.lineage[-1]["cloned"], int(self.lineage[-1]["epoch"])
@@ -217,6 +217,11 @@ class TrialRecord:
             return pa.table({"experiment": pa.array([], pa.string())})
         columns = list(dict.fromkeys(key for row in rows for key in row))  # the union, in first-seen order
         return pa.Table.from_pylist([{key: row.get(key) for key in columns} for row in rows])
+
+
+def judge(constraints: Sequence[str], row: Mapping[str, Any]) -> bool | None:
+    """A row's `feasible` column: `feasible` of its values; a failed trial's is null (it has nothing to judge)."""
+    return None if row.get("status") == "failed" else feasible(constraints, row)
 
 
 def feasible(constraints: Sequence[str], values: Mapping[str, Any]) -> bool | None:
@@ -280,9 +285,9 @@ def update_evaluation(storage: str, experiment: str, trial_id: str, summary: Map
 def _judged_again(row: pa.Table) -> pa.Table:
     """The one-row `row` with `feasible` judged again from its own `constraints` and its current values."""
     values = row.to_pylist()[0]
-    if not values.get("constraints") or values.get("status") == "failed" or "feasible" not in row.column_names:
+    if not values.get("constraints") or "feasible" not in row.column_names:
         return row
-    verdict = feasible(json.loads(values["constraints"]), values)
+    verdict = judge(json.loads(values["constraints"]), values)
     return row.set_column(row.column_names.index("feasible"), "feasible", pa.array([verdict], pa.bool_()))
 
 
