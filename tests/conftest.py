@@ -28,7 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # pytest-xdist's workers get COLUMNS=80 (the controller's terminal): the CLI's piped output is as wide as a
 # log's (200), which the tests of one-line tables and messages read.
 os.environ["COLUMNS"] = "200"
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# A core per pytest-xdist worker: with more torch threads than cores left to them, OpenMP's spinning threads
+# wait on each other (the digits model trained 14x slower beside the other worker with 2 threads each).
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 @pytest.fixture(scope="session")
