@@ -50,11 +50,12 @@ RUNS = {
 
 def run(raw: dict) -> list[dict[str, float]]:
     history: list[dict] = []
+    threads = torch.get_num_threads()  # conftest's share of the cores, given back after
     torch.set_num_threads(1)  # reductions in one fixed order
     try:
         fit(TrialConfig.model_validate(raw), lambda metrics, checkpoint: history.append(metrics), RunContext())
     finally:
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        torch.set_num_threads(threads)
     return [{k: h[k] for k in KEYS if k in h} for h in history]
 
 
