@@ -95,26 +95,8 @@ def wait_until_released(timeout: float = 60.0) -> dict[str, float]:
         time.sleep(0.5)
 
 
-# ------------------------------------------------------------------------------------------- spread
-def test_trials_spread_over_the_nodes(cluster, tmp_path: Path) -> None:
-    storage, outcome = tune(
-        tmp_path,
-        "spread",
-        """
-experiment: {name: spread, trials: 6}
-scheduler: {name: fifo}
-wandb: {mode: disabled}
-space:
-  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
-"""
-        + NO_EVAL,
-    )
-    rows = read_leaderboard(storage, "spread").table.to_pylist()
-    assert len(rows) == 6 and all(r["status"] == "completed" and r["restarts"] == 0 for r in rows)
-    history = read_leaderboard(storage, "spread", kind="history").table.to_pylist()
-    nodes = {h["node_id"] for h in history}
-    # The default concurrency is 6 (2 one-CPU trials per node): the head and both workers ran trials.
-    assert nodes == alive_node_ids() and len(nodes) == 3
+# Spread: trials spreading over the nodes is test_multihost's (real hosts, `raycls cluster status` beside it),
+# and the default concurrency a cluster's nodes give is test_cluster's (`default_concurrency`, pure).
 
 
 # ------------------------------------------------------------------------------------------- failures
@@ -263,13 +245,6 @@ def kill_and_resume(cluster, tmp_path: Path, ready, damage=None, *, concurrency:
     assert wait_until_released().get("CPU") == 6
 
 
-@pytest.mark.parametrize("point", [p for p in KILL_POINTS if p != "between_trials"])
-def test_driver_sigkill_then_resume_on_the_cluster(cluster, tmp_path: Path, point: str) -> None:
-    """~25 s each: the driver is SIGKILLed at `point`; `--resume` ends every trial with exactly one row.
-    (`between_trials` is the kill point of the two snapshot-damage tests below, which resume from it too.)"""
-    kill_and_resume(cluster, tmp_path, KILL_POINTS[point], concurrency=CONCURRENCY.get(point, 2))
-
-
 def cut_tune_snapshot(experiment_dir: Path) -> None:
     """What a kill during Tune's copy of its snapshot to the storage leaves: its files emptied."""
     for pattern in ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl"):
@@ -282,12 +257,24 @@ def cut_every_snapshot(experiment_dir: Path) -> None:
     shutil.rmtree(experiment_dir / ".raycls", ignore_errors=True)
 
 
-@pytest.mark.parametrize("damage", [cut_tune_snapshot, cut_every_snapshot], ids=["kept_copy", "no_snapshot"])
-def test_resume_after_the_kill_cut_tunes_snapshot(cluster, tmp_path: Path, damage) -> None:
-    """~25 s each. Tune copies its experiment state to the storage in place; a kill mid-copy left empty files,
-    and Tune's restore then "restarted" the experiment with 1 of 6 trials (seen: 3 rows of 6, exit 0).
-    raycls resumes from the snapshot it kept; with none kept, it reruns the trials that have no row."""
-    kill_and_resume(cluster, tmp_path, KILL_POINTS["between_trials"], damage)
+# Each kill point once; two of them also lose what a kill can cut. Tune copies its experiment state to the
+# storage in place: a kill mid-copy left empty files, and Tune's restore then "restarted" the experiment
+# with 1 of 6 trials (seen: 3 rows of 6, exit 0). raycls resumes from the snapshot it kept (`kept_copy`,
+# here with a trial running); with none kept, it reruns the trials that have no row (`no_snapshot`).
+DRILLS = {
+    "before_the_first_row": None,
+    "mid_trial+kept_copy": cut_tune_snapshot,
+    "during_the_last_trial": None,
+    "between_trials+no_snapshot": cut_every_snapshot,
+}
+
+
+@pytest.mark.parametrize("drill", list(DRILLS))
+def test_driver_sigkill_then_resume_on_the_cluster(cluster, tmp_path: Path, drill: str) -> None:
+    """~25-50 s each: the driver is SIGKILLed at the drill's point (and its damage done); `--resume` ends every
+    trial with exactly one row."""
+    point = drill.split("+")[0]
+    kill_and_resume(cluster, tmp_path, KILL_POINTS[point], DRILLS[drill], concurrency=CONCURRENCY.get(point, 2))
 
 
 # ---------------------------------------------------------------------------------------- node lost

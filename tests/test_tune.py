@@ -18,12 +18,9 @@ from pathlib import Path
 import optuna
 import pyarrow as pa
 import pytest
-import ray
 import torch
 
 from raycls.config import TrialConfig, load_experiment
-from raycls.config.schema import DataConfig
-from raycls.data import load_splits
 from raycls.results import read_leaderboard
 from raycls.tune.driver import TuneOptions, run_tune
 from raycls.tune.searcher import create_searcher
@@ -561,39 +558,9 @@ def test_conditional_space_through_the_searcher(tmp_path: Path) -> None:
     assert seen[0]["train.lr"] == 1e30  # points_to_evaluate come first
 
 
-@pytest.mark.slow
-def test_two_worker_ddp_trial(ray_local, tmp_path: Path) -> None:
-    space = write_yaml(
-        tmp_path / "ddp.yaml",
-        """
-experiment: {name: ddp, trials: 1, concurrency: 1, resources: {workers: 2, cpus_per_worker: 1}}
-scheduler: {name: fifo}
-wandb: {mode: disabled}
-"""
-        + BASE,  # 4 epochs: enough to learn digits on 2 workers (each a half of the training split)
-    )
-    storage = str(tmp_path / "results")
-    run_tune(load_experiment(space), TuneOptions(storage=storage, live=False))
-    (row,) = read_leaderboard(storage, "ddp").table.to_pylist()
-    assert row["status"] == "completed" and row["workers"] == 2 and row["val_acc"] > 0.3
-    splits = load_splits(DataConfig(name="digits", val_fraction=0.2), seed=0)
-    # Both ranks trained (each on its own half) and rank 0 reported metrics over the whole validation split.
-    per_rank = (len(splits.train) + 1) // 2 // 64 * 64
-    assert row["train_images"] == 2 * per_rank
-    assert row["val_images"] == len(splits.val)
-    assert list((Path(storage) / "ddp" / "train_runs").glob("train-*"))  # it ran through Ray Train
-    # Evaluated by its 2 workers, each predicting half the split: every image once, and the same metrics as
-    # one process evaluating the same best checkpoint afterwards (`raycls eval`'s path).
-    assert row["test_images"] == len(splits.test) and row["eval_split"] == "test"
-    from raycls.train.evaluation import evaluate_rows
-
-    (single,) = evaluate_rows(storage, "ddp", [row])
-    for name in ("test_acc", "test_nll", "test_macro_f1", "test_auroc", "test_ece", "test_brier"):
-        assert single["metrics"][name] == pytest.approx(row[name], abs=1e-6), name
-    deadline = time.monotonic() + 60  # the Train run's workers and placement group are released
-    while ray.available_resources().get("CPU", 0) < 8 and time.monotonic() < deadline:
-        time.sleep(1)
-    assert ray.available_resources().get("CPU", 0) == 8
+# A two-worker trial through Ray Train: test_stream's (each image once over the ranks, resources released
+# after), test_evaluate's (its two workers' evaluation equals one process's), test_multihost's (spanning two
+# hosts) and test_faults' (a node lost, a diverging trial retried).
 
 
 @pytest.mark.slow
@@ -601,27 +568,29 @@ def test_resume_after_driver_sigkill(tmp_path: Path) -> None:
     space = write_yaml(
         tmp_path / "resume.yaml",
         """
-experiment: {name: resume, trials: 6, concurrency: 1}
+experiment: {name: resume, trials: 4, concurrency: 1}
 search: {seed: 1}
 scheduler: {name: fifo}
 wandb: {mode: disabled}
 space:
   train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
 """
-        + BASE.replace("epochs: 4", "epochs: 2"),
+        # The local Ray dies with its driver here: resume starts a new one (test_faults' kill points and
+        # test_multihost's drill resume on a cluster that lives on). No evaluation: the property is the rows.
+        + without_eval(BASE.replace("epochs: 4", "epochs: 2")),
     )
     storage = tmp_path / "results"
     command = [sys.executable, "-m", "raycls.cli", "tune", str(space), "--storage", str(storage), "--num-cpus", "4"]
     env = dict(os.environ)
     board = storage / "resume" / "leaderboard"
-    before = kill_driver_after_rows(command, env, board, tmp_path / "driver.log")  # and the Ray it started
-    assert 2 <= len(before) < 6, f"kill came too late or too early: {len(before)} rows"
+    before = kill_driver_after_rows(command, env, board, tmp_path / "driver.log", rows=1)  # and its Ray
+    assert 1 <= len(before) < 4, f"kill came too late or too early: {len(before)} rows"
 
     resumed = subprocess.run(
         [*command, "--resume", "--no-report"], capture_output=True, text=True, timeout=400, env=env
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    rows = assert_resumed_whole(storage, "resume", 6, before)
+    rows = assert_resumed_whole(storage, "resume", 4, before)
     assert all(r["status"] == "completed" for r in rows)
 
 
