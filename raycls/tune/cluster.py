@@ -18,6 +18,7 @@ def init_ray(
     num_cpus: int | None = None,
     num_gpus: int | None = None,
     verbose: bool = False,
+    dashboard: bool = True,
 ) -> None:
     """Join a cluster (`--address auto|HOST:PORT|ray://host:10001`) or start a local one.
 
@@ -30,6 +31,8 @@ def init_ray(
     its workers' CPUs/GPUs until the cluster is idle forever. The State API client in Ray's workers finds
     the cluster by address (else by the newest Ray started on their machine), so every worker is told the
     address: a local head is started on a known port, and a joined cluster's address is resolved first.
+    `dashboard=False` (a local Ray whose trials never start a Ray Train run: one worker each) saves its
+    start, about 1.5 s of a 2-core machine's Ray start.
     """
     if ray.is_initialized():
         return
@@ -50,6 +53,7 @@ def init_ray(
             address="local",
             num_cpus=num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus)),
             num_gpus=num_gpus,
+            include_dashboard=dashboard,
             runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}},
             **kwargs,
         )

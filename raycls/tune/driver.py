@@ -87,7 +87,14 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
     experiment = prepare_experiment(experiment, storage=storage)
     resources = experiment.experiment.resources
     concurrency_cpus = per_trial_request(resources)["CPU"] * (experiment.experiment.concurrency or 1) + 1
-    init_ray(options.address, needed_cpus=concurrency_cpus, num_cpus=options.num_cpus, verbose=options.verbose)
+    # One-worker trials train in their trial actor, never through Ray Train: no State API to serve.
+    init_ray(
+        options.address,
+        needed_cpus=concurrency_cpus,
+        num_cpus=options.num_cpus,
+        verbose=options.verbose,
+        dashboard=resources.workers > 1,
+    )
     shared = shared_storage_from_env() if options.shared_storage is None else options.shared_storage
     # Refuse what Ray would only punish later (node-local storage on several nodes, workers no node holds).
     plan = preflight(
