@@ -161,7 +161,7 @@ def error_reason(err: BaseException) -> str:
 def log_to_wandb(data: ReportData, sections: list[Section], pngs: list[Path], mode: str) -> Path | None:
     """The figures as one run of the experiment's W&B group (job_type "report"), beside its trial runs."""
     from raycls.config.experiment import WandbSection
-    from raycls.results.wandb_log import resolve_mode
+    from raycls.results.wandb_log import open_run, resolve_mode
 
     mode = resolve_mode(mode)
     if mode == "disabled":
@@ -169,21 +169,14 @@ def log_to_wandb(data: ReportData, sections: list[Section], pngs: list[Path], mo
     import wandb
 
     settings = data.space.wandb if data.space is not None else WandbSection()
-    folder = data.paths.state_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(
-        project=settings.project,
-        entity=settings.entity,
+    run = open_run(
+        settings,
+        mode,
+        data.paths.state_dir,
         group=data.experiment,
         job_type="report",
         name=f"{data.experiment}-report",
         id=f"{data.experiment}-report"[:64],
-        tags=settings.tags,
-        dir=str(folder),
-        mode=mode,
-        reinit="create_new",
-        resume="allow",
-        settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True),
     )
     try:
         logged = {f"report/{s.name}": wandb.Plotly(s.figure) for s in sections if s.figure is not None}

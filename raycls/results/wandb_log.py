@@ -30,6 +30,30 @@ def resolve_mode(requested: str) -> str:
     return "offline"
 
 
+def open_run(settings: WandbSection, mode: str, folder: Path, **init: Any) -> Any:
+    """`wandb.init` as raycls opens every run (a trial's, the report's): silent, no code, no system stats.
+
+    An offline run sends nothing: W&B's SDK otherwise starts its own telemetry exporter to W&B's servers
+    (two OpenTelemetry threads, flushed when the process exits) even for offline runs; its documented
+    switch, WANDB_ERROR_REPORTING=false, is set unless the user set it."""
+    import wandb
+
+    if mode == "offline":
+        os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    folder.mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=settings.project,
+        entity=settings.entity,
+        tags=settings.tags,
+        dir=str(folder),
+        mode=mode,
+        reinit="create_new",  # several runs are open at once in the driver (one per running trial)
+        resume="allow",  # a resumed experiment continues the same run
+        settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True),
+        **init,
+    )
+
+
 def scrub(config: dict[str, Any]) -> dict[str, Any]:
     return {k: ("***" if any(m in k.lower() for m in SECRET_MARKERS) else v) for k, v in config.items()}
 
@@ -43,22 +67,14 @@ class TrialRun:
         self.run = None
         if mode == "disabled":
             return
-        import wandb
-
-        folder.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=settings.project,
-            entity=settings.entity,
+        self.run = open_run(
+            settings,
+            mode,
+            folder,
             group=experiment,
             name=trial_id,
             id=f"{experiment}-{trial_id}"[:64].replace("/", "-"),
-            tags=settings.tags,
             config=scrub(config),
-            dir=str(folder),
-            mode=mode,
-            reinit="create_new",  # several trials' runs are open at once in the driver
-            resume="allow",  # a resumed experiment continues the same run
-            settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True),
         )
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
