@@ -10,7 +10,8 @@ onnxruntime), and sends N requests at concurrency C (loopback only, one httpx cl
     local           `raycls serve --engine local` (a process of its own, like the plain app)
 
 all up at once and loaded in turn, round after round (each target's best round kept: the CPU may be shared),
-and reports requests/s, p50/p99 latency, errors and the ratios (ray / ray_floor, local / plain_floor), the
+and reports requests/s, p50/p99 latency, errors and the ratios (ray / ray_floor, local / plain_floor: of the
+best rounds, and the median over rounds of each round's own ratio, which cancels a shared CPU's drift), the
 request log's file count, then ONNX int8 vs fp32 CPU latency of the same model (batch 1 and 64).
 
     python benchmarks/serve_load.py                        # 1000 requests at concurrency 16, best of 3 rounds
@@ -115,6 +116,11 @@ def alternate(urls: dict[str, str], bodies: list[bytes], args: argparse.Namespac
     return {
         label: {**max(runs, key=lambda run: run["requests_per_s"]), "rounds": runs} for label, runs in rounds.items()
     }
+
+
+def paired_median(runs: dict[str, dict], over: str, under: str, key: str) -> float:
+    """The median over rounds of `over`'s figure divided by `under`'s in the same round."""
+    return statistics.median(a[key] / b[key] for a, b in zip(runs[over]["rounds"], runs[under]["rounds"]))
 
 
 def ray_runs(storage: str, bodies: list[bytes], args: argparse.Namespace, logs: Path) -> dict[str, dict]:
@@ -272,6 +278,14 @@ def main() -> None:
         "local_over_plain_floor_rps": runs["local"]["requests_per_s"] / runs["plain_floor"]["requests_per_s"],
         "local_over_ray_rps": runs["local"]["requests_per_s"] / runs["ray"]["requests_per_s"],
     }
+    # The best rounds of two targets may come from different minutes of a shared CPU; the ratio within each
+    # round (the two loaded back to back) cancels that drift: its median over the rounds is the steadier one.
+    paired = {
+        "ray_over_ray_floor_rps": paired_median(runs, "ray", "ray_floor", "requests_per_s"),
+        "ray_over_ray_floor_p99": paired_median(runs, "ray", "ray_floor", "p99_ms"),
+        "ray_2_replicas_over_ray_floor_rps": paired_median(runs, "ray_2_replicas", "ray_floor", "requests_per_s"),
+        "local_over_plain_floor_rps": paired_median(runs, "local", "plain_floor", "requests_per_s"),
+    }
     path = write_result(
         args.out,
         {
@@ -279,12 +293,14 @@ def main() -> None:
             "config": vars(args),
             "serve": runs,
             "ratios": ratios,
+            "ratios_median_of_rounds": paired,
             "onnx_cpu_latency": onnx,
             "int8_accuracy_delta": report["int8"]["acc_delta"],
             "torch_threads": torch.get_num_threads(),
         },
     )
     print(" ".join(f"{k} {v:.2f}" for k, v in ratios.items()), f"-> {path}")
+    print("median of rounds:", " ".join(f"{k} {v:.2f}" for k, v in paired.items()))
 
 
 if __name__ == "__main__":
