@@ -3,6 +3,8 @@ session's: `ray_local`)."""
 
 from __future__ import annotations
 
+import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from raycls.errors import RayclsError
 from raycls.results.row import count_restarts
 from raycls.storage import TRAIN_RUNS_DIR, ExperimentPaths
 from raycls.train.ray_train import RESTARTS_FILE, mark_restarts, restarts_of
-from raycls.tune.cluster import cluster_nodes
+from raycls.tune.cluster import bound_malloc_arenas, cluster_nodes
 from raycls.tune.trainable import FAILED_FILE
 
 from .conftest import SESSION_RAY
@@ -154,3 +156,12 @@ def test_preflight_on_a_local_ray(ray_local, tmp_path: Path) -> None:
     assert plan.concurrency == 2 and plan.nodes == 1 and not plan.pin_on_demand
     with pytest.raises(RayclsError, match="GPU=2"):
         preflight(Resources(gpus_per_worker=2), str(tmp_path), nodes)
+
+
+# ------------------------------------------------------------------------------------- the driver's memory
+def test_the_driver_bounds_its_malloc_arenas_unless_the_user_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert bound_malloc_arenas() is False  # the user's setting stands (glibc read it at start)
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert bound_malloc_arenas() is glibc
