@@ -161,7 +161,7 @@ def driver_flatness(folder: Path, *, trials: int, bounded: bool = True) -> dict:
     ended trials' Tune state trimmed (raycls's default, tune.ledger.EndedTrialTrimmer), else Tune's own."""
     import ray
 
-    from raycls.tune.cluster import init_ray
+    from raycls.tune.cluster import bound_malloc_arenas, init_ray
     from raycls.tune.driver import TuneOptions, run_tune
 
     name = "driver" if bounded else "driver-unbounded"
@@ -178,6 +178,7 @@ def driver_flatness(folder: Path, *, trials: int, bounded: bool = True) -> dict:
             rows = sum(1 for e in os.scandir(board) if e.name.endswith(".parquet")) if board.is_dir() else 0
             samples.append((time.perf_counter() - started, rows, rss_mb()))
 
+    bound_malloc_arenas()  # as `raycls tune` does before it starts Ray (run_tune's own call comes after Ray here)
     init_ray(None, num_cpus=4)
     sampler = threading.Thread(target=sample, daemon=True)
     started = time.perf_counter()
