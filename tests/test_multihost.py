@@ -409,12 +409,17 @@ def ssh_tools() -> str | None:
     return f"needs {', '.join(missing)} (openssh-server, rsync) and apt-get could not install them" if missing else None
 
 
+def launcher_name(cluster: Hosts) -> str:
+    """The `cluster_name` of the test's `ray up` YAML."""
+    return f"raycls-test-{cluster.tag}"
+
+
 def onprem_yaml(cluster: Hosts, key: Path, storage: Path) -> Path:
     """cluster/onprem.yaml with the hosts filled in: their addresses, root with the test's key, and the
     storage a folder every host sees at the same path instead of the NFS share; the raycls install line
     goes (the hosts have the machine's Python, and their ~/.bashrc puts this checkout first)."""
     config = yaml.safe_load((REPO / "cluster" / "onprem.yaml").read_text())
-    config["cluster_name"] = f"raycls-test-{cluster.tag}"
+    config["cluster_name"] = launcher_name(cluster)
     config["provider"].update(head_ip=cluster.head.ip, worker_ips=[w.ip for w in cluster.workers])
     config["auth"] = {"ssh_user": "root", "ssh_private_key": str(key)}
     setup = [c for c in config["setup_commands"] if "mount" not in c and "pip install" not in c]
@@ -515,6 +520,12 @@ def test_ray_up_job_submit_ray_down(cluster: Hosts) -> None:
         down = subprocess.run(
             [ray_bin, "down", "-y", str(launcher)], capture_output=True, text=True, timeout=300, env=env
         )
+    # The local provider keeps its cluster's state beside Ray's temp folder on the launching machine (this
+    # one), and `ray down` leaves it: gone with the test's cluster.
+    from ray.autoscaler._private.local.config import get_lock_path, get_state_path
+
+    for leftover in (get_lock_path(launcher_name(cluster)), get_state_path(launcher_name(cluster))):
+        Path(leftover).unlink(missing_ok=True)
     assert down.returncode == 0, down.stdout[-3000:] + down.stderr[-3000:]
     # `ray down` runs `ray stop` on the head only (each host's `ray stop` sees only its own Ray); the local
     # provider's workers are merely marked terminated, and their raylets exit once the head has been gone for
