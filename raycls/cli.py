@@ -6,6 +6,7 @@ Errors a user can cause (RayclsError) print one message and exit with code 2, ne
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -963,5 +964,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.exit_code)  # type: ignore[attr-defined]
 
 
+def run() -> None:
+    """The `raycls` command: `main`, then the process ends. A search leaves a heap of torch, Ray and Arrow
+    objects that the interpreter's last collections at exit walk: 3.5 s from the quickstart's return to the
+    process's end, 2.1 s with them frozen (measured on 2 cores). Frozen, those collections skip them;
+    atexit handlers (Ray's shutdown, W&B's) still run. Not in `main`: tests call it in their own process."""
+    try:
+        main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    main()
+    run()
