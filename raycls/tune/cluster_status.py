@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ray.util.state import list_actors, list_nodes
+from ray.util.state.exception import ServerUnavailable
 
+from raycls.errors import RayclsError
 from raycls.storage import ExperimentPaths
 
 # The Ray actor classes that are a trial's processes, by what `raycls cluster status` calls them.
@@ -39,6 +41,14 @@ class HostStatus:
 
 def cluster_status(storage: str | None = None) -> list[HostStatus]:
     """The hosts of the cluster `ray.init` joined, head first, then by address."""
+    try:
+        nodes = list_nodes(limit=10_000, raise_on_missing_output=False)
+    except ServerUnavailable as err:
+        raise RayclsError(
+            "Ray's State API did not answer: this Ray runs without its dashboard (a local `raycls tune` of "
+            "one-worker trials starts Ray without it; `ray start --head` and `ray up` clusters have it), or "
+            f"it is not reachable from here (run on the head or through `ray dashboard`). Ray said: {err}"
+        ) from None
     hosts = {
         n.node_id: HostStatus(
             node_id=n.node_id,
@@ -48,7 +58,7 @@ def cluster_status(storage: str | None = None) -> list[HostStatus]:
             alive=n.state == "ALIVE",
             resources={k: float(v) for k, v in (n.resources_total or {}).items() if not k.startswith("node:")},
         )
-        for n in list_nodes(limit=10_000, raise_on_missing_output=False)
+        for n in nodes
     }
     actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
     counts: dict[str, Counter] = {node: Counter() for node in hosts}
