@@ -92,6 +92,18 @@ def own_ray() -> Iterator[None]:
     ray.shutdown()
 
 
+def wait_until_released(timeout: float = 60.0) -> dict[str, float]:
+    """The connected Ray's available resources once every CPU and GPU is back (or the timeout passes)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        if all(free.get(k, 0.0) >= total.get(k, 0.0) - 1e-6 for k in ("CPU", "GPU")) or time.monotonic() > deadline:
+            return free
+        time.sleep(0.5)
+
+
 def write_yaml(path: Path, text: str) -> Path:
     path.write_text(text)
     return path

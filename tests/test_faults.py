@@ -30,7 +30,7 @@ from raycls.results import read_leaderboard
 from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 
-from .conftest import assert_resumed_whole, kill_driver_when, rows_written, write_yaml
+from .conftest import assert_resumed_whole, kill_driver_when, rows_written, wait_until_released, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -83,16 +83,6 @@ def tune(tmp_path: Path, name: str, text: str):
     storage = str(tmp_path / "results")
     outcome = run_tune(load_experiment(space), TuneOptions(storage=storage, live=False, shared_storage=True))
     return storage, outcome
-
-
-def wait_until_released(timeout: float = 60.0) -> dict[str, float]:
-    """Available resources once every CPU and GPU is back (or the timeout passes)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        total, free = ray.cluster_resources(), ray.available_resources()
-        if all(free.get(k, 0.0) >= total.get(k, 0.0) - 1e-6 for k in ("CPU", "GPU")) or time.monotonic() > deadline:
-            return free
-        time.sleep(0.5)
 
 
 # Spread: trials spreading over the nodes is test_multihost's (real hosts, `raycls cluster status` beside it),
@@ -261,20 +251,19 @@ def cut_every_snapshot(experiment_dir: Path) -> None:
 # storage in place: a kill mid-copy left empty files, and Tune's restore then "restarted" the experiment
 # with 1 of 6 trials (seen: 3 rows of 6, exit 0). raycls resumes from the snapshot it kept (`kept_copy`,
 # here with a trial running); with none kept, it reruns the trials that have no row (`no_snapshot`).
-DRILLS = {
-    "before_the_first_row": None,
-    "mid_trial+kept_copy": cut_tune_snapshot,
-    "during_the_last_trial": None,
-    "between_trials+no_snapshot": cut_every_snapshot,
-}
+DRILLS = [
+    pytest.param("before_the_first_row", None, id="before_the_first_row"),
+    pytest.param("mid_trial", cut_tune_snapshot, id="mid_trial+kept_copy"),
+    pytest.param("during_the_last_trial", None, id="during_the_last_trial"),
+    pytest.param("between_trials", cut_every_snapshot, id="between_trials+no_snapshot"),
+]
 
 
-@pytest.mark.parametrize("drill", list(DRILLS))
-def test_driver_sigkill_then_resume_on_the_cluster(cluster, tmp_path: Path, drill: str) -> None:
-    """~25-50 s each: the driver is SIGKILLed at the drill's point (and its damage done); `--resume` ends every
-    trial with exactly one row."""
-    point = drill.split("+")[0]
-    kill_and_resume(cluster, tmp_path, KILL_POINTS[point], DRILLS[drill], concurrency=CONCURRENCY.get(point, 2))
+@pytest.mark.parametrize(("point", "damage"), DRILLS)
+def test_driver_sigkill_then_resume_on_the_cluster(cluster, tmp_path: Path, point: str, damage) -> None:
+    """~25-50 s each: the driver is SIGKILLed at `point` (and `damage` done); `--resume` ends every trial with
+    exactly one row."""
+    kill_and_resume(cluster, tmp_path, KILL_POINTS[point], damage, concurrency=CONCURRENCY.get(point, 2))
 
 
 # ---------------------------------------------------------------------------------------- node lost

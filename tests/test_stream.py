@@ -3,12 +3,10 @@ raycls.train.ray_data), on folders generated here. Real Ray, real Ray Data, real
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -22,7 +20,7 @@ from raycls.errors import DataError
 from raycls.results import read_leaderboard
 from raycls.tune.driver import TuneOptions, run_tune
 
-from .conftest import SESSION_RAY, write_yaml
+from .conftest import SESSION_RAY, wait_until_released, write_yaml
 
 CLASSES = 4
 
@@ -138,10 +136,8 @@ def test_a_trial_forced_onto_the_streaming_path_trains_and_counts_each_image_onc
     assert row["val_acc"] > 1.5 / CLASSES  # it learned from the streamed pixels (chance is 0.25)
     if workers > 1:
         assert list((Path(storage) / name / "train_runs").glob("train-*"))  # through Ray Train
-        deadline = time.monotonic() + 60  # the Train run's workers and placement group are released
-        while ray.available_resources().get("CPU", 0) < SESSION_RAY["num_cpus"] and time.monotonic() < deadline:
-            time.sleep(1)
-        assert ray.available_resources().get("CPU", 0) == SESSION_RAY["num_cpus"]
+        # The Train run's workers and placement group are released.
+        assert wait_until_released().get("CPU", 0) == SESSION_RAY["num_cpus"]
 
 
 def test_streaming_an_array_dataset_is_refused_before_any_trial(tmp_path: Path) -> None:
