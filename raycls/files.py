@@ -18,6 +18,19 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def save_npy_atomic(path: str | Path, array: Any) -> Path:
+    """`np.save` through a temp file: concurrent trials reading a cache never see half an array."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array)
+    os.replace(tmp, path)
+    return path
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -20,6 +20,8 @@ from raycls.models.timm_models import timm_factory
 
 # Any count works for a shape check; 3 channels is what every timm model accepts.
 CHECK_CLASSES, CHECK_CHANNELS = 10, 3
+# Up to this many parameters (20 MB of float32) the shape check builds and runs the model on the CPU.
+REAL_FORWARD_PARAMS = 5_000_000
 
 
 def input_size_problem(config: ModelConfig, image_size: int) -> str | None:
@@ -50,12 +52,17 @@ def _input_size_problem(config_json: str, image_size: int) -> str | None:
 
 
 def _forward_error(config: ModelConfig, image_size: int) -> str | None:
-    """One forward pass of two images on the meta device: the error text, or None when it runs."""
+    """One forward pass of two images: the error text, or None when it runs. Built on the meta device; a
+    small model then runs for real (on the CPU, in milliseconds): PyTorch's meta kernels import its compiler
+    stack (dynamo, sympy: ~1.5 s) on first use, which a search of raycls's own models never needs otherwise."""
     spec = InputSpec(num_classes=CHECK_CLASSES, in_chans=CHECK_CHANNELS, image_size=image_size)
     try:
         with torch.device("meta"):
-            model = _build(config, spec).eval()  # eval: BatchNorm takes a 1x1 map of one image too
-            model(torch.empty(2, CHECK_CHANNELS, image_size, image_size))
+            model = _build(config, spec)
+        device = "meta" if sum(p.numel() for p in model.parameters()) > REAL_FORWARD_PARAMS else "cpu"
+        with torch.device(device), torch.no_grad():
+            model = _build(config, spec).eval() if device == "cpu" else model.eval()  # eval: BatchNorm on 1x1
+            model(torch.zeros(2, CHECK_CHANNELS, image_size, image_size))
     except Exception as err:  # noqa: BLE001 - any failure to build or run at this size is the answer
         text = str(err).strip().splitlines()
         return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
