@@ -331,6 +331,7 @@ def test_report_pngs_are_images_and_wandb_has_the_figures(e2e, e2e_report, chrom
     (run_dir,) = (Path(e2e[1]) / "e2e" / "wandb").glob("offline-run-*-e2e-report")
     run = read_run(run_dir)
     assert run["group"] == "e2e" and run["summary"]["report/trials"] == 8
+    assert (run_dir / "files" / "requirements.txt").is_file()  # the experiment's installed packages (not per trial)
     logged = {
         key.split("/")[1] for h in run["history"] for key in h if key.startswith("report/") and key.endswith("/_type")
     }

@@ -34,5 +34,8 @@ def test_an_offline_trial_run_starts_no_telemetry_exporter(tmp_path: Path) -> No
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert not [name for name in seen["threads"] if name.startswith("Otel")], seen["threads"]
     assert seen["error_reporting"] == "false"
-    # The run itself is there, offline, ready for `wandb sync`.
-    assert list((tmp_path / "wandb").rglob("offline-run-*/run-*.wandb"))
+    # The run itself is there, offline, ready for `wandb sync`; a trial's run does not list the installed
+    # packages (the experiment's report run does: tests/test_tune.py).
+    [run_dir] = (tmp_path / "wandb").rglob("offline-run-*")
+    assert list(run_dir.glob("run-*.wandb")) and (run_dir / "files").is_dir()
+    assert not (run_dir / "files" / "requirements.txt").exists()

@@ -30,8 +30,12 @@ def resolve_mode(requested: str) -> str:
     return "offline"
 
 
-def open_run(settings: WandbSection, mode: str, folder: Path, **init: Any) -> Any:
+def open_run(settings: WandbSection, mode: str, folder: Path, *, requirements: bool = True, **init: Any) -> Any:
     """`wandb.init` as raycls opens every run (a trial's, the report's): silent, no code, no system stats.
+
+    `requirements`: W&B lists every installed package into the run's requirements.txt, reading each one's
+    metadata (~0.2 s of the driver's CPU per run, beside running trials): the experiment's report run keeps
+    the list, its trial runs (same process, same packages) skip it.
 
     An offline run sends nothing: W&B's SDK otherwise starts its own telemetry exporter to W&B's servers
     (two OpenTelemetry threads, flushed when the process exits) even for offline runs; its documented
@@ -49,7 +53,9 @@ def open_run(settings: WandbSection, mode: str, folder: Path, **init: Any) -> An
         mode=mode,
         reinit="create_new",  # several runs are open at once in the driver (one per running trial)
         resume="allow",  # a resumed experiment continues the same run
-        settings=wandb.Settings(silent=True, console="off", save_code=False, x_disable_stats=True),
+        settings=wandb.Settings(
+            silent=True, console="off", save_code=False, x_disable_stats=True, x_save_requirements=requirements
+        ),
         **init,
     )
 
@@ -75,6 +81,7 @@ class TrialRun:
             name=trial_id,
             id=f"{experiment}-{trial_id}"[:64].replace("/", "-"),
             config=scrub(config),
+            requirements=False,  # the report's run of the experiment lists the packages
         )
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
