@@ -44,6 +44,10 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray is imported
 
+from raycls.allocator import DRIVER_ARENAS, bound_malloc_arenas  # noqa: E402
+
+bound_malloc_arenas()  # as the `raycls` command does first thing, before any thread allocates
+
 from common import RESULTS, write_result  # noqa: E402
 
 from raycls.config import load_experiment  # noqa: E402
@@ -161,7 +165,7 @@ def driver_flatness(folder: Path, *, trials: int, bounded: bool = True) -> dict:
     ended trials' Tune state trimmed (raycls's default, tune.ledger.EndedTrialTrimmer), else Tune's own."""
     import ray
 
-    from raycls.tune.cluster import bound_malloc_arenas, init_ray
+    from raycls.tune.cluster import init_ray
     from raycls.tune.driver import TuneOptions, run_tune
 
     name = "driver" if bounded else "driver-unbounded"
@@ -178,7 +182,6 @@ def driver_flatness(folder: Path, *, trials: int, bounded: bool = True) -> dict:
             rows = sum(1 for e in os.scandir(board) if e.name.endswith(".parquet")) if board.is_dir() else 0
             samples.append((time.perf_counter() - started, rows, rss_mb()))
 
-    bound_malloc_arenas()  # as `raycls tune` does before it starts Ray (run_tune's own call comes after Ray here)
     init_ray(None, num_cpus=4)
     sampler = threading.Thread(target=sample, daemon=True)
     started = time.perf_counter()
@@ -254,6 +257,8 @@ def main() -> None:
             "runs": runs or previous.get("runs", []),  # --nodes with no sizes: the node runs of the last full run
             "driver": driver,
             "driver_unbounded": unbounded,
+            # The driver's glibc arenas: the user's MALLOC_ARENA_MAX, else what `raycls tune` sets.
+            "malloc_arena_max": os.environ.get("MALLOC_ARENA_MAX") or f"{DRIVER_ARENAS} (raycls default)",
             "notes": [
                 f"Simulated cluster (ray.cluster_utils.Cluster) on a {os.cpu_count()}-core machine: every node shares "
                 "the same cores, so more nodes add scheduling slots, not compute. Throughput cannot rise with nodes "
@@ -270,6 +275,13 @@ def main() -> None:
                 "per trial here (raycls forces it when a trial checkpoints, for --resume): 74 ms per snapshot at 400 "
                 "trials, the falling trials_per_min_by_100. raycls's own holder, the live table's row per trial, now "
                 "keeps the running trials and the best 10.",
+                "driver memory and glibc's malloc arenas (raycls.allocator): 300-trial runs in one session: no cap "
+                "137 and 158 MB per 1,000 trials; two arenas 58-70; one arena 51 (pyarrow's pool is not the cause: "
+                "ARROW_DEFAULT_MEMORY_POOL=system 187). 1,000 trials, 2026-12-03: two arenas 54.5 MB (351 s); "
+                "MALLOC_ARENA_MAX=1 46.2 MB (363 s); mallopt(1) set after pyarrow's import had made a second arena "
+                "(glibc then reuses both) 56.6 and 55.9; malloc_trim every 50 trials changed nothing (the growth "
+                "is live memory, not free pages). With the cap set first thing, as the raycls command does: 47.1 MB "
+                "(414 s; a test run shared the cores during the first 100 trials).",
             ],
         },
     )

@@ -15,13 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import typer
-from rich.console import Console
-from rich.table import Table
+from raycls.allocator import bound_malloc_arenas
 
-from raycls.errors import RayclsError
-from raycls.ranking import Ranking
-from raycls.storage import ExperimentPaths, is_local
+bound_malloc_arenas()  # before any thread allocates (pyarrow's import starts one): the driver's memory
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from raycls.errors import RayclsError  # noqa: E402
+from raycls.ranking import Ranking  # noqa: E402
+from raycls.storage import ExperimentPaths, is_local  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,

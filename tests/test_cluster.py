@@ -3,12 +3,15 @@ session's: `ray_local`)."""
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from raycls.allocator import DRIVER_ARENAS, bound_malloc_arenas
 from raycls.cluster.nodes import Node
 from raycls.cluster.preflight import default_concurrency, preflight, shared_storage_from_env
 from raycls.cluster.resources import ON_DEMAND, trial_bundle
@@ -17,7 +20,7 @@ from raycls.errors import RayclsError
 from raycls.results.row import count_restarts
 from raycls.storage import TRAIN_RUNS_DIR, ExperimentPaths
 from raycls.train.ray_train import RESTARTS_FILE, mark_restarts, restarts_of
-from raycls.tune.cluster import bound_malloc_arenas, cluster_nodes
+from raycls.tune.cluster import cluster_nodes
 from raycls.tune.trainable import FAILED_FILE
 
 from .conftest import SESSION_RAY
@@ -165,3 +168,22 @@ def test_the_driver_bounds_its_malloc_arenas_unless_the_user_did(monkeypatch: py
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert bound_malloc_arenas() is glibc
+
+
+# The arenas a `raycls` process has once its command module is loaded (glibc prints one "Arena N:" block per
+# arena). Importing pyarrow alone starts a thread with an arena of its own: the cap must come before it.
+ARENAS_AFTER_IMPORT = """
+import ctypes, raycls.cli, pyarrow.fs
+ctypes.CDLL("libc.so.6").malloc_stats()
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
+def test_the_raycls_command_caps_the_arenas_before_any_thread_allocates() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    done = subprocess.run(
+        [sys.executable, "-c", ARENAS_AFTER_IMPORT], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    arenas = [line for line in done.stderr.splitlines() if line.startswith("Arena ")]
+    assert len(arenas) == DRIVER_ARENAS, done.stderr

@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import socket
-import sys
 
 import ray
 
 from raycls.cluster.nodes import Node
-
-# glibc's mallopt parameter for the number of malloc arenas.
-M_ARENA_MAX = -8
-
-
-def bound_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap this process's glibc malloc arenas (whether it did). glibc gives threads that allocate arenas of
-    their own, up to 8 per core; the driver's threads (Tune's, Ray's, the trackers') each grew one, and the
-    memory freed in them stayed resident: 137-158 MB of RSS per 1,000 trivial trials, against 58-70 MB with
-    two arenas (benchmarks/cluster_scaling.py, 300 trials, same machine and session). Only arenas made after
-    the call are bounded: call it before Ray starts its threads. A user's MALLOC_ARENA_MAX wins."""
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # another C library (musl): its allocator has no arenas to bound
-        return False
-    return bool(libc.mallopt(M_ARENA_MAX, arenas))
 
 
 def init_ray(

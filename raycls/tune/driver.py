@@ -19,6 +19,7 @@ import ray
 import ray.tune
 
 from raycls import names
+from raycls.allocator import bound_malloc_arenas
 from raycls.cluster.preflight import preflight, shared_storage_from_env
 from raycls.cluster.resources import per_trial_request, trial_bundle
 from raycls.config.experiment import Experiment
@@ -30,7 +31,7 @@ from raycls.results.provenance import git_state, write_space_as_run
 from raycls.results.wandb_log import resolve_mode
 from raycls.search import TRIAL_SCHEDULERS, population_based
 from raycls.storage import ExperimentPaths, absolute, filesystem, journal_file
-from raycls.tune.cluster import bound_malloc_arenas, cluster_nodes, init_ray
+from raycls.tune.cluster import cluster_nodes, init_ray
 from raycls.tune.ledger import EndedTrialTrimmer, TrialLedger, record_told_trials
 from raycls.tune.live import LiveTable
 from raycls.tune.resume import ResumeMode, ResumePlan, SnapshotKeeper, prepare_resume, reconcile_study
@@ -81,7 +82,7 @@ def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
     # Tune warns whenever checkpoints force experiment snapshots (every epoch here, by design: a trial's
     # best-k checkpoints must stay consistent with the experiment state that --resume reads).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    bound_malloc_arenas()  # the driver's memory per 1,000 trials (before Ray's and Tune's threads start)
+    bound_malloc_arenas()  # the driver's memory per 1,000 trials (raycls.cli set it first; library callers here)
     storage = absolute(options.storage)
     filesystem(storage)  # fail early, with a clear message, on a storage we cannot reach
     # The metric checked, teacher / init {from: EXP, pick: best} -> checkpoint paths, before any trial starts.
