@@ -26,6 +26,51 @@ def test_digits_split_is_stratified_and_seeded() -> None:
     assert a.train.images.shape[1:] == (1, 8, 8) and a.train.images.dtype == torch.uint8
 
 
+# A trial actor loading digits: which splits it gets, and whether it imported scikit-learn to get them.
+SPLITS_IN_A_FRESH_PROCESS = """
+import json, sys
+from raycls.config import DataConfig
+from raycls.data import load_splits
+splits = load_splits(DataConfig(name="digits", val_fraction=0.2), seed=3)
+print(json.dumps({"val": splits.val.labels.tolist(), "test": splits.test.labels.tolist(),
+                  "sklearn": "sklearn" in sys.modules}))
+"""
+
+
+def test_digits_splits_are_sklearns_and_kept_on_the_node(tmp_path: Path) -> None:
+    """Every trial splits the same labels: the first computes scikit-learn's stratified split and keeps it
+    under $RAYCLS_CACHE/splits; a later trial actor reads it (and the digits) without importing sklearn."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    env = {**os.environ, "RAYCLS_CACHE": str(tmp_path / "cache")}
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", SPLITS_IN_A_FRESH_PROCESS],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=120,
+            ).stdout
+        )
+        for _ in range(2)
+    ]
+    assert [r["sklearn"] for r in runs] == [True, False]  # computed once, then read
+    assert runs[0]["val"] == runs[1]["val"] and runs[0]["test"] == runs[1]["test"]
+    assert len(list((tmp_path / "cache" / "splits").glob("*.npy"))) == 2  # the test split, then validation
+    # scikit-learn's own split of the same images: the test split is carved with seed 0, 20% of 1,797.
+    labels = load_digits().target
+    _, test_idx = train_test_split(np.arange(len(labels)), test_size=359, stratify=labels, random_state=0)
+    assert runs[0]["test"] == labels[np.sort(test_idx)].tolist()
+
+
 def test_mnist_and_fashion_from_idx_files(shared_data: Path) -> None:
     for name, _folder in [("mnist", "mnist"), ("fashion_mnist", "fashion-mnist")]:
         raw = DATASETS.get(name).read(DataConfig(name=name, download=False), shared_data)
