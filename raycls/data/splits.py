@@ -4,7 +4,9 @@ carved once for a dataset that ships none."""
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,17 +54,41 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     taken = max(int(round(fraction * len(labels))), n_classes)
     # scikit-learn's split (the one users reproduce), kept on the node: every trial of a search splits the
     # same labels, and importing scikit-learn costs ~1.5 s in each trial actor.
-    key = hashlib.sha1(np.ascontiguousarray(labels, dtype=np.int64).tobytes() + f":{taken}:{seed}".encode())
-    path = cache_dir() / "splits" / f"{key.hexdigest()[:24]}.npy"
-    if path.exists():
-        taken_idx = np.load(path)
-    else:
+    path = _split_file(labels, taken, seed)
+    taken_idx = _read_split(path, taken, len(labels))
+    if taken_idx is None:  # not computed on this node yet (or unreadable: computed again)
         from sklearn.model_selection import train_test_split
 
         _, taken_idx = train_test_split(np.arange(len(labels)), test_size=taken, stratify=labels, random_state=seed)
         taken_idx = np.sort(taken_idx)
-        save_npy_atomic(path, taken_idx)
+        try:
+            save_npy_atomic(path, taken_idx)
+        except OSError:  # a read-only or full cache: the split is still right, only not kept
+            pass
     return np.setdiff1d(np.arange(len(labels)), taken_idx, assume_unique=True), taken_idx
+
+
+def _split_file(labels: np.ndarray, taken: int, seed: int) -> Path:
+    """The cache file of one split: the labels, the count taken, the seed and scikit-learn's version (read from
+    its metadata, not imported: a new version may split otherwise)."""
+    version = importlib.metadata.version("scikit-learn")
+    key = hashlib.sha1(np.ascontiguousarray(labels, dtype=np.int64).tobytes() + f":{taken}:{seed}:{version}".encode())
+    return cache_dir() / "splits" / f"{key.hexdigest()[:24]}.npy"
+
+
+def _read_split(path: Path, taken: int, size: int) -> np.ndarray | None:
+    """The kept indices when the file holds `taken` sorted indices of `size` items, else None."""
+    try:
+        indices = np.load(path)
+    except (OSError, ValueError, EOFError):  # absent, cut short or not an array
+        return None
+    valid = (
+        indices.ndim == 1
+        and indices.dtype.kind in "iu"
+        and len(indices) == taken
+        and (taken == 0 or (indices[0] >= 0 and indices[-1] < size and bool(np.all(np.diff(indices) > 0))))
+    )
+    return indices.astype(np.int64) if valid else None
 
 
 def carve_test(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
