@@ -134,17 +134,27 @@ def write_pngs(sections: list[Section], folder: Path) -> tuple[list[Path], str |
         return [], None
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".png-") as tmp:
-        paths = [Path(tmp) / f"{s.name}.png" for s in drawn]
+        paths = {s.name: Path(tmp) / f"{s.name}.png" for s in drawn}
+        figures = {s.name: s.figure for s in drawn}
         try:
-            pio.write_images([s.figure for s in drawn], paths, format="png", **PNG_SIZE)
+            # plotly's write_images drops the errors kaleido returns per figure (a render that timed out on a
+            # busy machine writes no file and raises nothing): what is missing is drawn once more.
+            for _ in range(2):
+                missing = [name for name, path in paths.items() if not path.is_file()]
+                if missing:
+                    pio.write_images(
+                        [figures[n] for n in missing], [paths[n] for n in missing], format="png", **PNG_SIZE
+                    )
         except Exception as err:  # noqa: BLE001 - kaleido raises its own types (no Chrome, a crashed browser)
             why = (
                 f"kaleido could not draw them ({error_reason(err)}); install Chrome or Chromium "
                 "(`plotly_get_chrome`, or apt install chromium) and run `raycls report` again"
             )
             return [], why
+        missing = [name for name, path in paths.items() if not path.is_file()]
+        why = f"kaleido drew no {', '.join(missing)} (twice); run `raycls report` again" if missing else None
         # Whole files only: each PNG lands under its name by a rename.
-        return [Path(shutil.move(str(p), folder / p.name)) for p in paths], None
+        return [Path(shutil.move(str(p), folder / p.name)) for p in paths.values() if p.is_file()], why
 
 
 def error_reason(err: BaseException) -> str:
