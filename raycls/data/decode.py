@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from raycls.errors import DataError
+from raycls.files import save_npy_atomic
 
 DECODER_VERSION = 1  # bump when decode_image's output changes (resampling, colour conversion)
 CACHE_SUBDIR = "decoded"
@@ -80,9 +81,7 @@ def decode_cached(
             fcntl.flock(lock, fcntl.LOCK_EX)  # a trial decoding these files: wait for it, then read its cache
             if not path.is_file():
                 images = decode_all(files, size, resize=resize, where=where, workers=workers)
-                tmp = folder / f".{path.stem}.{os.getpid()}.tmp.npy"
-                np.save(tmp, images)
-                os.replace(tmp, path)
+                save_npy_atomic(path, images)
                 return images
     STATS.cached += len(files)
     return np.load(path, mmap_mode="r")

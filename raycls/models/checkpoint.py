@@ -5,7 +5,6 @@ starts from a previous phase, never reaches into train/. Files are plain state_d
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +12,15 @@ import torch
 import torch.nn as nn
 
 from raycls.errors import CheckpointError
+from raycls.files import atomic_path
 
 WEIGHTS_FILE = "model.pt"
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
