@@ -1,6 +1,7 @@
 """Calibration: do the model's confidences mean what they say? On tensors alone.
 
-ECE and MCE over 15 equal-width confidence bins (torchmetrics, Guo et al. 2017's definition), the multiclass
+ECE and MCE over 15 equal-width confidence bins (torchmetrics' numbers, computed by raycls.evaluate.stats
+without torchmetrics' seconds-long import; Guo et al. 2017's definition), the multiclass
 Brier score, a reliability diagram's bins, and temperature scaling: one scalar T fitted on the validation
 split by minimising its NLL (logits / T keep their argmax, so accuracy is unchanged).
 """
@@ -11,23 +12,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import multiclass_calibration_error
 
 from raycls import names
+from raycls.evaluate import stats
 
 BINS = 15
 
 
 def ece(logits: torch.Tensor, labels: torch.Tensor, *, bins: int = BINS) -> float:
-    return multiclass_calibration_error(
-        F.softmax(logits.float(), -1), labels, num_classes=logits.shape[1], n_bins=bins, norm="l1"
-    ).item()
+    return stats.calibration_error(F.softmax(logits.float(), -1), labels, bins, "l1").item()
 
 
 def mce(logits: torch.Tensor, labels: torch.Tensor, *, bins: int = BINS) -> float:
-    return multiclass_calibration_error(
-        F.softmax(logits.float(), -1), labels, num_classes=logits.shape[1], n_bins=bins, norm="max"
-    ).item()
+    return stats.calibration_error(F.softmax(logits.float(), -1), labels, bins, "max").item()
 
 
 def brier(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -49,7 +46,7 @@ def reliability_bins(logits: torch.Tensor, labels: torch.Tensor, *, bins: int = 
     confidence, predicted = probs.max(-1)
     correct = (predicted == labels).double()
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    which = torch.bucketize(confidence, edges[1:-1], right=True)  # (lo, hi] bins, like torchmetrics
+    which = torch.bucketize(confidence, edges[1:-1], right=True)  # [lo, hi) bins, like stats.calibration_error
     count = torch.bincount(which, minlength=bins)
     conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, confidence)
     acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, which, correct)

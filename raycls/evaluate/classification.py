@@ -1,22 +1,17 @@
-"""Held-out classification metrics from logits and labels (torchmetrics), on tensors alone.
+"""Held-out classification metrics from logits and labels (raycls.evaluate.stats), on tensors alone.
 
 Top-1 and top-k accuracy, macro and weighted precision / recall / F1, macro one-vs-rest AUROC and NLL; the
-per-class report and the confusion matrix are tables for the evaluation folder.
+per-class report and the confusion matrix are tables for the evaluation folder. The statistics are
+raycls.evaluate.stats' plain-torch copies of torchmetrics' (same numbers, without its seconds-long import).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import (
-    multiclass_accuracy,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-    multiclass_precision,
-    multiclass_recall,
-)
 
 from raycls import names
+from raycls.evaluate import stats
 from raycls.evaluate.roc import macro_auroc
 
 
@@ -27,20 +22,17 @@ def classification_metrics(
     logits, labels = logits.float(), labels.long()
     c = logits.shape[1]
     metrics = {
-        names.TEST_ACC: multiclass_accuracy(logits, labels, num_classes=c, average="micro").item(),
+        names.TEST_ACC: stats.topk_accuracy(logits, labels, 1).item(),
         names.TEST_NLL: F.cross_entropy(logits, labels).item(),
     }
     for k in sorted(set(topk)):
         if 1 < k <= c:
-            metrics[names.test_topk(k)] = multiclass_accuracy(
-                logits, labels, num_classes=c, average="micro", top_k=k
-            ).item()
+            metrics[names.test_topk(k)] = stats.topk_accuracy(logits, labels, k).item()
     for average in ("macro", "weighted"):
-        metrics[f"test_{average}_precision"] = multiclass_precision(
-            logits, labels, num_classes=c, average=average
-        ).item()
-        metrics[f"test_{average}_recall"] = multiclass_recall(logits, labels, num_classes=c, average=average).item()
-        metrics[f"test_{average}_f1"] = multiclass_f1_score(logits, labels, num_classes=c, average=average).item()
+        precision, recall, f1 = stats.precision_recall_f1(logits, labels, average)
+        metrics[f"test_{average}_precision"] = precision.item()
+        metrics[f"test_{average}_recall"] = recall.item()
+        metrics[f"test_{average}_f1"] = f1.item()
     # One-vs-rest AUROC of each class present in the split, averaged (a class without positives has none;
     # torchmetrics' own macro average would count it as 0).
     metrics[names.TEST_AUROC] = macro_auroc(logits, labels)
@@ -50,10 +42,7 @@ def classification_metrics(
 def per_class_report(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> list[dict[str, object]]:
     """One row per class: support, accuracy (= recall), precision, recall, F1."""
     c = logits.shape[1]
-    kwargs = dict(num_classes=c, average="none")
-    precision = multiclass_precision(logits, labels, **kwargs)
-    recall = multiclass_recall(logits, labels, **kwargs)
-    f1 = multiclass_f1_score(logits, labels, **kwargs)
+    precision, recall, f1 = stats.precision_recall_f1(logits, labels, "none")
     support = torch.bincount(labels, minlength=c)
     return [
         {
@@ -70,4 +59,4 @@ def per_class_report(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[
 
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[true, predicted] counts."""
-    return multiclass_confusion_matrix(logits, labels, num_classes=logits.shape[1])
+    return stats.confusion_matrix(logits.argmax(1), labels, logits.shape[1])

@@ -1,21 +1,21 @@
-"""One-vs-rest ROC curves and AUROC per class (torchmetrics), on tensors alone.
+"""One-vs-rest ROC curves and AUROC per class (raycls.evaluate.stats), on tensors alone.
 
 Each class in turn is the positive class and every other class the negatives, scored by its softmax
 probability. A class with no positive image in the split has no curve: its AUROC is NaN and it is left out
-of the macro average (torchmetrics would count it as 0).
+of the macro average (torchmetrics, whose numbers raycls.evaluate.stats reproduces without its
+seconds-long import, would count it as 0).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import multiclass_auroc, multiclass_roc
 
 from raycls import names
+from raycls.evaluate import stats
 
 
 @dataclass(frozen=True)
@@ -31,13 +31,10 @@ def roc_curves(logits: torch.Tensor, labels: torch.Tensor) -> list[RocCurve]:
     probs = F.softmax(logits.float(), -1)
     c = probs.shape[1]
     positives = torch.bincount(labels, minlength=c)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchmetrics warns about classes without positives: NaN below
-        fpr, tpr, _ = multiclass_roc(probs, labels, num_classes=c)
-    aurocs = per_class_auroc(logits, labels)
+    aurocs = per_class_auroc(logits, labels)  # NaN for a class without positives (its tpr is all zeros)
     return [
-        RocCurve(fpr=fpr[i].tolist(), tpr=tpr[i].tolist(), auroc=float(aurocs[i]), positives=int(positives[i]))
-        for i in range(c)
+        RocCurve(fpr=fpr.tolist(), tpr=tpr.tolist(), auroc=float(aurocs[i]), positives=int(positives[i]))
+        for i, (fpr, tpr, _) in enumerate(stats.roc(probs, labels))
     ]
 
 
@@ -45,9 +42,7 @@ def per_class_auroc(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[C] one-vs-rest AUROC of each class's softmax probability; NaN for a class absent from `labels`."""
     probs = F.softmax(logits.float(), -1)
     c = probs.shape[1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # classes without positives: torchmetrics warns and returns 0
-        aurocs = multiclass_auroc(probs, labels, num_classes=c, average="none").double()
+    aurocs = stats.auroc_per_class(probs, labels).double()  # 0 for a class without positives: NaN below
     return torch.where(torch.bincount(labels, minlength=c) > 0, aurocs, math.nan)
 
 

@@ -17,8 +17,9 @@ runs every step (predictions are gathered onto all of them), so steps stay free 
 
 `eval.images` evaluates a stratified seeded sample of each set instead of all of it (fast dev runs).
 
-The heavy libraries (torchmetrics, scikit-learn, matplotlib, cleanlab, pytorch-grad-cam) are imported by
-the steps that use them: validating a config that names a suite imports this module, nothing more.
+The heavy libraries (scikit-learn, matplotlib, cleanlab, pytorch-grad-cam) are imported by the steps that
+use them: validating a config that names a suite imports this module, nothing more. torchmetrics is not
+imported at all (seconds in a fresh process): raycls.evaluate.stats computes its statistics in plain torch.
 """
 
 from __future__ import annotations
