@@ -7,14 +7,16 @@ and which are reported apart below. Everything else is the platform.
 
 Every method runs the same objective (digits, small_cnn, 2 epochs) through the same `raycls.train.fit`
 loop, writing a checkpoint each epoch:
-  1 worker:  (a) raycls tune (the loop in the Tune trial's actor), W&B offline, and W&B disabled
+  1 worker (rounds in a rotating order, medians compared):
+             (a) raycls tune (the loop in the Tune trial's actor), W&B offline, and W&B disabled
              (b) the floor: a raw Ray Tune function trainable, `reuse_actors=True`, `ray.tune.report` with
                  a checkpoint per epoch, Tune's default search (no raycls ledger, rows, searcher, stopper)
              (c) plain Optuna in-process (study.optimize calling the loop): what Ray itself costs
-  2 workers: (d) raycls tune (a Ray Train TorchTrainer per trial, DDP over gloo)
+  2 workers (rounds the same way):
+             (d) raycls tune (a Ray Train TorchTrainer per trial, DDP over gloo)
              (e) the floor: a bare `TorchTrainer.fit` of the same loop from the driver, one per trial
 
-    python benchmarks/trial_overhead.py [--trials 12] [--trials-2w 3] [--concurrency 2]
+    python benchmarks/trial_overhead.py [--trials 12] [--rounds 3] [--trials-2w 3] [--rounds-2w 2] [--concurrency 2]
 """
 
 from __future__ import annotations
@@ -215,6 +217,42 @@ def run_bare_torch_trainer(folder: Path, *, trials: int) -> dict:
     return summary(time.perf_counter() - started, 1, trials, loop_seconds(history))
 
 
+ONE_WORKER = ["raw_tune_reuse", "raycls_1worker", "raycls_1worker_nowandb"]
+TWO_WORKERS = ["bare_torch_trainer_2worker", "raycls_2worker"]
+
+
+def run_method(key: str, folder: Path, args: argparse.Namespace) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    if key == "raw_tune_reuse":
+        return run_raw_tune(folder, trials=args.trials, concurrency=args.concurrency)
+    if key == "bare_torch_trainer_2worker":
+        return run_bare_torch_trainer(folder, trials=args.trials_2w)
+    if key == "raycls_2worker":
+        return run_raycls(folder, name=key, trials=args.trials_2w, concurrency=1, workers=2, wandb="offline")
+    wandb = "offline" if key == "raycls_1worker" else "disabled"
+    return run_raycls(folder, name=key, trials=args.trials, concurrency=args.concurrency, workers=1, wandb=wandb)
+
+
+def rotated_rounds(methods: list[str], rounds: int, folder: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """Each method `rounds` times, the order rotating every round: whichever runs first in the process also
+    pays the process's first-search costs (Tune's and the trainable's lazy imports in the driver), so no
+    method always carries them. Each method's median round is compared; every round is kept in the JSON."""
+    runs: dict[str, list[dict]] = {key: [] for key in methods}
+    for index in range(rounds):
+        shift = index % len(methods)
+        for key in methods[shift:] + methods[:shift]:
+            runs[key].append(run_method(key, folder / f"r{index}", args))
+            print(f"round {index} {key}: overhead {runs[key][-1]['overhead_per_trial_s']:.2f} s/trial", flush=True)
+    return {key: median_run(done) for key, done in runs.items()}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The median round's details, its overhead the median of every round's (the mean of the middle two)."""
+    overheads = [r["overhead_per_trial_s"] for r in runs]
+    middle = sorted(runs, key=lambda r: r["overhead_per_trial_s"])[(len(runs) - 1) // 2]
+    return {**middle, "overhead_per_trial_s": statistics.median(overheads), "rounds_overhead_per_trial_s": overheads}
+
+
 def ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator > 0 else None
 
@@ -224,6 +262,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--trials-2w", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="1-worker rounds; medians are compared.")
+    parser.add_argument("--rounds-2w", type=int, default=2, help="2-worker rounds; medians are compared.")
     parser.add_argument("--skip-2w", action="store_true", help="Only the 1-worker comparison.")
     args = parser.parse_args()
 
@@ -237,20 +277,10 @@ def main() -> None:
 
         init_ray(None, num_cpus=8)
         ray_init_s = time.perf_counter() - ray_started
-        # Alternated, so a busy neighbour on a shared machine weighs on both sides alike.
         results["optuna_inprocess"] = run_optuna(folder, args.trials)
-        results["raw_tune_reuse"] = run_raw_tune(folder, trials=args.trials, concurrency=args.concurrency)
-        results["raycls_1worker"] = run_raycls(
-            folder, name="w1", trials=args.trials, concurrency=args.concurrency, workers=1, wandb="offline"
-        )
-        results["raycls_1worker_nowandb"] = run_raycls(
-            folder, name="w1nowandb", trials=args.trials, concurrency=args.concurrency, workers=1, wandb="disabled"
-        )
+        results.update(rotated_rounds(ONE_WORKER, args.rounds, folder / "w1", args))
         if not args.skip_2w:
-            results["bare_torch_trainer_2worker"] = run_bare_torch_trainer(folder, trials=args.trials_2w)
-            results["raycls_2worker"] = run_raycls(
-                folder, name="w2", trials=args.trials_2w, concurrency=1, workers=2, wandb="offline"
-            )
+            results.update(rotated_rounds(TWO_WORKERS, args.rounds_2w, folder / "w2", args))
         ray.shutdown()
     for key, value in results.items():
         print(f"{key}: overhead {value['overhead_per_trial_s']:.2f} s/trial  ({value})")
