@@ -286,31 +286,33 @@ def tune(
 ) -> None:
     """Search the space: Optuna proposes trials, ASHA stops weak ones, every trial lands in the leaderboard."""
     from raycls.config import load_experiment, parse_overrides
-    from raycls.tune.driver import TuneOptions, run_tune
 
     if wandb not in (None, "auto", "online", "offline", "disabled"):
         raise RayclsError(f"--wandb {wandb!r}: expected auto, online, offline or disabled")
     # --trials / --time-budget go in before the checks (a grid checks its trials against its combinations);
-    # run_tune runs every check once (raycls.prepare) and resolves references against its storage, all before
-    # Ray starts.
+    # start_search runs every check once (raycls.prepare) and resolves references against the storage, all
+    # before Ray starts.
     experiment = load_experiment(space, parse_overrides(set_ or [])).with_limits(
         trials=trials, time_budget_s=time_budget
     )
     if fast_dev_run:
         experiment = experiment.as_fast_dev_run()
     started = time.perf_counter()
-    outcome = run_tune(
-        experiment,
-        TuneOptions(
-            storage=storage_root(storage),
-            address=address,
-            resume=resume,
-            wandb_mode=wandb,
-            num_cpus=num_cpus,
-            verbose=verbose,
-            shared_storage=shared_storage or None,
-        ),
+    from raycls.tune.start import TuneOptions, start_search
+
+    options = TuneOptions(
+        storage=storage_root(storage),
+        address=address,
+        resume=resume,
+        wandb_mode=wandb,
+        num_cpus=num_cpus,
+        verbose=verbose,
+        shared_storage=shared_storage or None,
     )
+    search = start_search(experiment, options)  # every check, then Ray coming up on a thread of its own
+    from raycls.tune.driver import run_tune  # Ray Tune and Optuna (~2 s) load while Ray starts
+
+    outcome = run_tune(experiment, options, search)
     board = outcome.leaderboard.table
     counts = {s: 0 for s in ("completed", "early_stopped", "failed")}
     for status in board.column("status").to_pylist() if board.num_rows else []:

@@ -187,3 +187,30 @@ def test_the_raycls_command_caps_the_arenas_before_any_thread_allocates() -> Non
     assert done.returncode == 0, done.stderr[-2000:]
     arenas = [line for line in done.stderr.splitlines() if line.startswith("Arena ")]
     assert len(arenas) == DRIVER_ARENAS, done.stderr
+
+
+# Ray started on a thread of its own (what `raycls tune` does, so Ray comes up while the driver imports):
+# Linux sends Ray's processes their parent-death signal when the *thread* that spawned them ends, so a thread
+# that returned after `ray.init` left a Ray whose GCS was gone (the next call hung for 60 s, then aborted).
+RAY_ON_ITS_OWN_THREAD = """
+import signal, time, ray
+from raycls.tune.cluster import RayStart
+start = RayStart(address=None, needed_cpus=2, num_cpus=2, dashboard=False)
+import raycls.tune.driver  # Ray Tune and Optuna load on this thread meanwhile
+start.wait()
+time.sleep(2)  # Ray's processes outlive the moment its start ended
+
+@ray.remote
+def answer():
+    return 42
+
+print("answer", ray.get(answer.remote(), timeout=60))
+print("sigterm", signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None))
+"""
+
+
+def test_a_ray_started_on_its_own_thread_stays_up_and_exits_on_sigterm_like_ray_init() -> None:
+    done = subprocess.run([sys.executable, "-c", RAY_ON_ITS_OWN_THREAD], capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "answer 42" in done.stdout and "sigterm True" in done.stdout, done.stdout
+    assert "SIGTERM handler is not set" not in done.stderr  # Ray's warning for a start off the main thread

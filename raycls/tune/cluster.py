@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import signal
 import socket
+import sys
+import threading
+from typing import Any
 
 import ray
 
 from raycls.cluster.nodes import Node
+from raycls.cluster.resources import per_trial_request
+from raycls.config.experiment import Experiment
 
 
 def init_ray(
@@ -59,6 +66,92 @@ def init_ray(
         )
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def search_ray(
+    experiment: Experiment, address: str | None, *, num_cpus: int | None = None, verbose: bool = False
+) -> dict[str, Any]:
+    """`init_ray`'s arguments for a search: enough logical CPUs for its concurrent trials (and the driver),
+    and the dashboard only when its trials run Ray Train (one-worker trials train in their trial actor: no
+    State API to serve)."""
+    resources = experiment.experiment.resources
+    return dict(
+        address=address,
+        needed_cpus=per_trial_request(resources)["CPU"] * (experiment.experiment.concurrency or 1) + 1,
+        num_cpus=num_cpus,
+        verbose=verbose,
+        dashboard=resources.workers > 1,
+    )
+
+
+class RayStart:
+    """`init_ray` on a thread of its own, so Ray comes up while the caller's thread goes on (`background`;
+    else on the caller's thread, before the constructor returns).
+
+    `raycls tune` starts it as soon as the search-space file has loaded: Ray's start (4-5 s on 2 cores, mostly
+    waiting on the processes it spawns) then overlaps the driver's imports (torch, Ray Tune, Optuna: 3-4 s)
+    and the experiment's checks, instead of following them. A check that fails still ends the command with
+    its error; the Ray that came up is shut down at exit by Ray's own atexit hook.
+
+    The thread lives as long as the process: Ray starts its GCS and raylet with a parent-death signal, which
+    Linux sends when the *thread* that spawned them ends (a thread that returned after `ray.init` would take
+    the local Ray down with it). Two threads importing at once can deadlock on a circular import: the
+    modules `ray.init` imports lazily that the driver's imports also need (Ray's usage stats, the dashboard
+    package) are imported here first, so the two threads never import the same module. `ray.init` installs
+    its SIGTERM handler (exit, so atexit shuts Ray down) only on the main thread: `wait` installs it there."""
+
+    _PRE_IMPORTED = ("ray._common.usage.usage_lib", "ray.dashboard")
+
+    def __init__(self, *, background: bool = True, **init: Any):
+        import atexit
+        import importlib
+
+        self._error: BaseException | None = None
+        self._up = threading.Event()
+        self._started = background and not ray.is_initialized()
+        if not self._started:  # on this thread (or a caller's Ray: a notebook, a test session)
+            init_ray(**init)
+            self._up.set()
+            return
+        for module in self._PRE_IMPORTED:
+            try:
+                importlib.import_module(module)
+            except ImportError:  # another Ray version lays its modules out differently: nothing to share
+                pass
+        # An exit while Ray is still starting (a check failed) first lets it finish, then Ray's hook stops it
+        # (atexit runs the last registered first; Ray registered its hook when it was imported).
+        atexit.register(self._up.wait)
+        threading.Thread(target=self._run, kwargs=init, name="raycls-ray-start", daemon=True).start()
+
+    def _run(self, **init: Any) -> None:
+        quiet = _DropMessage("SIGTERM handler is not set")  # `wait` sets it: Ray's warning would mislead
+        logging.getLogger("ray._private.worker").addFilter(quiet)
+        try:
+            init_ray(**init)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread by `wait`
+            self._error = err
+        finally:
+            logging.getLogger("ray._private.worker").removeFilter(quiet)
+            self._up.set()
+        if self._error is None:
+            threading.Event().wait()  # the parent of Ray's processes until the process ends (see above)
+
+    def wait(self) -> None:
+        """Ray is up (or the error that stopped it is raised here)."""
+        self._up.wait()
+        if self._error is not None:
+            raise self._error
+        if self._started and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init sets there
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def _resolve(address: str) -> str | None:

@@ -19,41 +19,24 @@ import ray
 import ray.tune
 
 from raycls import names
-from raycls.allocator import bound_malloc_arenas
 from raycls.cluster.preflight import preflight, shared_storage_from_env
-from raycls.cluster.resources import per_trial_request, trial_bundle
+from raycls.cluster.resources import trial_bundle
 from raycls.config.experiment import Experiment
 from raycls.errors import RayclsError
-from raycls.prepare import prepare_experiment
 from raycls.ranking import checkpoint_attribute
 from raycls.results.leaderboard import SCORED_STATUSES, ReadResult, read_leaderboard
 from raycls.results.provenance import git_state, write_space_as_run
 from raycls.results.wandb_log import resolve_mode
 from raycls.search import TRIAL_SCHEDULERS, population_based
-from raycls.storage import ExperimentPaths, absolute, filesystem, journal_file
-from raycls.tune.cluster import cluster_nodes, init_ray
+from raycls.storage import ExperimentPaths, journal_file
+from raycls.tune.cluster import cluster_nodes
 from raycls.tune.ledger import EndedTrialTrimmer, TrialLedger, record_told_trials
 from raycls.tune.live import LiveTable
 from raycls.tune.resume import ResumeMode, ResumePlan, SnapshotKeeper, prepare_resume, reconcile_study
 from raycls.tune.searcher import open_study_storage, search_algorithm
+from raycls.tune.start import StartedSearch, TuneOptions, start_search
 from raycls.tune.stop import SearchEnd, SearchStopper, clear_end, read_end
 from raycls.tune.trainable import tune_trainable
-
-
-@dataclass(frozen=True)
-class TuneOptions:
-    storage: str
-    address: str | None = None
-    resume: bool = False
-    wandb_mode: str | None = None  # overrides the YAML's wandb.mode
-    num_cpus: int | None = None  # logical CPUs of a local Ray (default: enough for the trials)
-    verbose: bool = False
-    live: bool = True
-    # A plain --storage path that every node mounts at the same place (NFS, EFS); None: $RAYCLS_SHARED_STORAGE.
-    shared_storage: bool | None = None
-    # Ended trials keep only what Tune reads again (tune.ledger.EndedTrialTrimmer); False: Tune's default,
-    # for benchmarks/cluster_scaling.py to measure the driver's memory both ways.
-    bounded_state: bool = True
 
 
 @dataclass(frozen=True)
@@ -78,25 +61,15 @@ class TuneOutcome:
         return f"no trial completed: {ended or 'no trial ran'}" + (f" (first error: {first})" if first else "")
 
 
-def run_tune(experiment: Experiment, options: TuneOptions) -> TuneOutcome:
+def run_tune(experiment: Experiment, options: TuneOptions, started: StartedSearch | None = None) -> TuneOutcome:
+    """`started`: the checks and the Ray the caller began (`raycls tune`: Ray comes up while this module is
+    imported); None: both happen here, Ray on this thread."""
     # Tune warns whenever checkpoints force experiment snapshots (every epoch here, by design: a trial's
     # best-k checkpoints must stay consistent with the experiment state that --resume reads).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    bound_malloc_arenas()  # the driver's memory per 1,000 trials (raycls.cli set it first; library callers here)
-    storage = absolute(options.storage)
-    filesystem(storage)  # fail early, with a clear message, on a storage we cannot reach
-    # The metric checked, teacher / init {from: EXP, pick: best} -> checkpoint paths, before any trial starts.
-    experiment = prepare_experiment(experiment, storage=storage)
-    resources = experiment.experiment.resources
-    concurrency_cpus = per_trial_request(resources)["CPU"] * (experiment.experiment.concurrency or 1) + 1
-    # One-worker trials train in their trial actor, never through Ray Train: no State API to serve.
-    init_ray(
-        options.address,
-        needed_cpus=concurrency_cpus,
-        num_cpus=options.num_cpus,
-        verbose=options.verbose,
-        dashboard=resources.workers > 1,
-    )
+    started = started or start_search(experiment, options, background=False)
+    experiment, storage, resources = started.experiment, started.storage, started.experiment.experiment.resources
+    started.ray.wait()
     shared = shared_storage_from_env() if options.shared_storage is None else options.shared_storage
     # Refuse what Ray would only punish later (node-local storage on several nodes, workers no node holds).
     plan = preflight(
