@@ -3,7 +3,6 @@ whole or not at all. Ground floor: any layer may draw."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -14,6 +13,8 @@ matplotlib.use("Agg")  # no display on workers and CI; set before pyplot is impo
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+from raycls.files import atomic_path
 
 
 class ReliabilityBins(Protocol):
@@ -27,11 +28,11 @@ class ReliabilityBins(Protocol):
 
 def save(fig, path: Path, *, dpi: int = 100) -> Path:
     """Write `fig` to `path` whole (a temporary file, then a rename) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:  # the temp name has no image suffix: the format is said
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -24,6 +24,7 @@ import torch
 from raycls.config.schema import DataConfig
 from raycls.data.decode import decode_cached
 from raycls.errors import DataError
+from raycls.files import atomic_path
 from raycls.images import decode_image
 from raycls.registry import Registry
 
@@ -293,12 +294,10 @@ def load_npy(path: Path) -> np.ndarray:
     stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = cache_dir() / f"{path.stem}.{key}.npy"
-    if not cached.exists():
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        with lzma.open(path) as src, open(tmp, "wb") as dst:
+    if not cached.exists():  # atomic: concurrent workers never read a half-written cache
+        with atomic_path(cached) as tmp, lzma.open(path) as src, open(tmp, "wb") as dst:
             while chunk := src.read(1 << 24):
                 dst.write(chunk)
-        os.replace(tmp, cached)  # atomic: concurrent workers never read a half-written cache
     return np.load(cached, mmap_mode="r")
 
 

@@ -24,7 +24,7 @@ import torch
 import raycls
 from raycls.data.sampling import stratified_sample
 from raycls.deliver.model import Classifier, TrialModel
-from raycls.files import write_json_atomic
+from raycls.files import atomic_path, write_json_atomic
 
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -55,8 +55,17 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, props: d
     default since 2.9); the TorchScript one when it cannot trace a model."""
     import onnx
 
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    module = module.eval()
+    with atomic_path(path) as tmp:
+        exporter = _export_onnx(module.eval(), example, tmp)
+        model = onnx.load(str(tmp))
+        for key, value in props.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(model, str(tmp))
+    return exporter
+
+
+def _export_onnx(module: torch.nn.Module, example: torch.Tensor, tmp: Path) -> str:
     try:
         program = torch.onnx.export(
             module,
@@ -82,12 +91,6 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path, props: d
             dynamo=False,
         )
         exporter = "torchscript"
-    model = onnx.load(str(tmp))
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.save(model, str(tmp))
-    os.replace(tmp, path)
     return exporter
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from raycls.data.datasets import IMAGE_SUFFIXES
 from raycls.deliver.model import Classifier, TrialModel
 from raycls.errors import RayclsError
 from raycls.evaluate.tta import IDENTITY, tta_logits
+from raycls.files import atomic_path
 
 
 def image_paths(inputs: Iterable[str]) -> list[Path]:
@@ -228,9 +228,15 @@ SCHEMA = pa.schema(
 def write_predictions(rows: list[dict[str, Any]], out: Path) -> Path:
     """Parquet (.parquet) or CSV (.csv; the top-k lists joined by ';'), written whole or not at all."""
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    if out.suffix == ".csv":
+    if out.suffix not in (".csv", ".parquet"):
+        raise RayclsError(f"--out {out}: write .parquet or .csv")
+    with atomic_path(out) as tmp:
+        _write_table(table, tmp, csv=out.suffix == ".csv")
+    return out
+
+
+def _write_table(table: pa.Table, tmp: Path, *, csv: bool) -> None:
+    if csv:
         flat = {
             **{n: table[n] for n in table.column_names},
             "topk_labels": pa.array([";".join(v) if v else None for v in table["topk_labels"].to_pylist()]),
@@ -239,9 +245,5 @@ def write_predictions(rows: list[dict[str, Any]], out: Path) -> Path:
             ),
         }
         pacsv.write_csv(pa.table(flat), tmp)
-    elif out.suffix == ".parquet":
-        pq.write_table(table, tmp)
     else:
-        raise RayclsError(f"--out {out}: write .parquet or .csv")
-    os.replace(tmp, out)
-    return out
+        pq.write_table(table, tmp)

@@ -10,7 +10,6 @@ rows: `seconds` bounds how many.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -19,6 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from raycls.files import atomic_path
 
 SCHEMA = pa.schema(
     [
@@ -40,12 +41,10 @@ def write_log(folder: Path, rows: list[dict[str, Any]]) -> Path | None:
     """One Parquet file for `rows` (a temp name, then a rename); None when there is nothing to write."""
     if not rows:
         return None
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp = folder / f".{name}.tmp"
-    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in rows], schema=SCHEMA), tmp)
-    os.replace(tmp, folder / name)
-    return folder / name
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet"
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in SCHEMA.names} for r in rows], schema=SCHEMA), tmp)
+    return path
 
 
 class RequestLog:
