@@ -3,6 +3,7 @@ session's: `ray_local`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -214,3 +215,37 @@ def test_a_ray_started_on_its_own_thread_stays_up_and_exits_on_sigterm_like_ray_
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "answer 42" in done.stdout and "sigterm True" in done.stdout, done.stdout
     assert "SIGTERM handler is not set" not in done.stderr  # Ray's warning for a start off the main thread
+
+
+# Two threads importing at once can deadlock on a circular import. `raycls tune` imports the driver (Ray Tune,
+# Optuna), MLflow (through Tune's usage count) and wandb while `ray.init` runs on its own thread: the modules
+# both sides need are imported before that thread starts (RayStart.SHARED_IMPORTS), so what each side still
+# imports is disjoint. New versions of Ray, MLflow or wandb may change the sets: this test says which.
+IMPORTED_BY = """
+import importlib, json, sys
+import raycls.config, raycls.prepare, raycls.tune.start, ray
+from raycls.tune.cluster import RayStart, init_ray
+for module in RayStart.SHARED_IMPORTS:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pass
+before = set(sys.modules)
+{action}
+print(json.dumps(sorted(set(sys.modules) - before)))
+"""
+
+
+@pytest.mark.slow
+def test_the_ray_start_thread_and_the_driver_import_no_module_in_common() -> None:
+    def imported(action: str) -> set[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", IMPORTED_BY.format(action=action)], capture_output=True, text=True, timeout=150
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return set(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    by_ray = imported("init_ray(None, num_cpus=2, dashboard=False)")
+    by_driver = imported("import raycls.tune.driver, ray.air.integrations.mlflow, wandb")
+    assert by_ray and by_driver
+    assert not by_ray & by_driver, f"add to RayStart.SHARED_IMPORTS: {sorted(by_ray & by_driver)}"

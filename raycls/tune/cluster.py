@@ -96,11 +96,28 @@ class RayStart:
     The thread lives as long as the process: Ray starts its GCS and raylet with a parent-death signal, which
     Linux sends when the *thread* that spawned them ends (a thread that returned after `ray.init` would take
     the local Ray down with it). Two threads importing at once can deadlock on a circular import: the
-    modules `ray.init` imports lazily that the driver's imports also need (Ray's usage stats, the dashboard
-    package) are imported here first, so the two threads never import the same module. `ray.init` installs
+    modules `ray.init` imports lazily that the driver's imports also need (Ray's usage stats, click,
+    OpenTelemetry) are imported here first, so the two threads never import the same module. `ray.init` installs
     its SIGTERM handler (exit, so atexit shuts Ray down) only on the main thread: `wait` installs it there."""
 
-    _PRE_IMPORTED = ("ray._common.usage.usage_lib", "ray.dashboard")
+    # What `ray.init` imports lazily that the driver's own imports (Ray Tune, Optuna, MLflow via Tune's usage
+    # count, wandb) also import; tests/test_cluster.py checks the two sets share nothing else.
+    SHARED_IMPORTS = (
+        "ray._common.usage.usage_lib",
+        "ray.dashboard",
+        "click",
+        "netrc",
+        "socketserver",
+        "opentelemetry.metrics",
+        "opentelemetry.trace",
+        "opentelemetry.sdk.resources",
+        "opentelemetry.sdk.util.instrumentation",
+        "opentelemetry.sdk.util._configurator",
+        "opentelemetry.semconv._incubating.metrics.otel_metrics",
+        "opentelemetry.semconv._incubating.attributes.otel_attributes",
+        "opentelemetry.proto",
+        "opentelemetry.sdk.environment_variables._internal",
+    )
 
     def __init__(self, *, background: bool = True, **init: Any):
         import atexit
@@ -113,7 +130,7 @@ class RayStart:
             init_ray(**init)
             self._up.set()
             return
-        for module in self._PRE_IMPORTED:
+        for module in self.SHARED_IMPORTS:
             try:
                 importlib.import_module(module)
             except ImportError:  # another Ray version lays its modules out differently: nothing to share
