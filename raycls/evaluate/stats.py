@@ -117,7 +117,11 @@ def calibration_error(
     count = zeros.clone().scatter_add_(0, which, torch.ones_like(confidences))
     conf = torch.nan_to_num(zeros.clone().scatter_add_(0, which, confidences) / count)
     acc = torch.nan_to_num(zeros.clone().scatter_add_(0, which, accuracies) / count)
-    gap = torch.abs(acc - conf)
-    if norm == "max":
-        return torch.max(gap)
-    return torch.sum(gap * (count / count.sum()))
+    return _NORMS[norm](torch.abs(acc - conf), count / count.sum())
+
+
+# How the per-bin gaps |accuracy - confidence| reduce to one number, given each bin's share of the images.
+_NORMS = {
+    "l1": lambda gap, share: torch.sum(gap * share),
+    "max": lambda gap, share: torch.max(gap),
+}
