@@ -50,4 +50,6 @@ def start_search(experiment: Experiment, options: TuneOptions, *, background: bo
     # The metric checked, teacher / init {from: EXP, pick: best} -> checkpoint paths, before any trial starts.
     experiment = prepare_experiment(experiment, storage=storage)
     ray = search_ray(experiment, options.address, num_cpus=options.num_cpus, verbose=options.verbose)
-    return StartedSearch(experiment, storage, RayStart(background=background, **ray))
+    # Ray Client (ray://) holds its context per thread (RayAPIStub): it connects on the caller's thread.
+    client = (options.address or "").startswith("ray://")
+    return StartedSearch(experiment, storage, RayStart(background=background and not client, **ray))
