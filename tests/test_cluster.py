@@ -210,6 +210,7 @@ print("sigterm", signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None))
 """
 
 
+@pytest.mark.slow  # a Ray start of its own (~20 s); the fast tier stays under 3 min on 2 cores
 def test_a_ray_started_on_its_own_thread_stays_up_and_exits_on_sigterm_like_ray_init() -> None:
     done = subprocess.run([sys.executable, "-c", RAY_ON_ITS_OWN_THREAD], capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
