@@ -28,22 +28,24 @@ class RocCurve:
 
 def roc_curves(logits: torch.Tensor, labels: torch.Tensor) -> list[RocCurve]:
     """One curve per class, in class order."""
-    probs = F.softmax(logits.float(), -1)
-    c = probs.shape[1]
-    positives = torch.bincount(labels, minlength=c)
-    aurocs = per_class_auroc(logits, labels)  # NaN for a class without positives (its tpr is all zeros)
+    curves = stats.roc(F.softmax(logits.float(), -1), labels)
+    positives = torch.bincount(labels, minlength=len(curves))
+    aurocs = _absent_as_nan(stats.areas(curves), positives)
     return [
         RocCurve(fpr=fpr.tolist(), tpr=tpr.tolist(), auroc=float(aurocs[i]), positives=int(positives[i]))
-        for i, (fpr, tpr, _) in enumerate(stats.roc(probs, labels))
+        for i, (fpr, tpr, _) in enumerate(curves)
     ]
 
 
 def per_class_auroc(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[C] one-vs-rest AUROC of each class's softmax probability; NaN for a class absent from `labels`."""
     probs = F.softmax(logits.float(), -1)
-    c = probs.shape[1]
-    aurocs = stats.auroc_per_class(probs, labels).double()  # 0 for a class without positives: NaN below
-    return torch.where(torch.bincount(labels, minlength=c) > 0, aurocs, math.nan)
+    return _absent_as_nan(stats.auroc_per_class(probs, labels), torch.bincount(labels, minlength=probs.shape[1]))
+
+
+def _absent_as_nan(aurocs: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """stats gives 0 for a class without positives (torchmetrics' rule); here it has no AUROC: NaN."""
+    return torch.where(positives > 0, aurocs.double(), math.nan)
 
 
 def macro_auroc(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -99,7 +99,12 @@ def roc(probs: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, t
 def auroc_per_class(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[C] float32 trapezoidal area under each class's ROC curve: 0 for a class without positives (or without
     negatives), as in torchmetrics (callers that want NaN there mask it themselves)."""
-    return torch.stack([torch.trapz(tpr, fpr) for fpr, tpr, _ in roc(probs, labels)])
+    return areas(roc(probs, labels))
+
+
+def areas(curves: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """[C] trapezoidal area under each (fpr, tpr, thresholds) curve of `roc`."""
+    return torch.stack([torch.trapz(tpr, fpr) for fpr, tpr, _ in curves])
 
 
 def calibration_error(
