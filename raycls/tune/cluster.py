@@ -88,10 +88,10 @@ class RayStart:
     """`init_ray` on a thread of its own, so Ray comes up while the caller's thread goes on (`background`;
     else on the caller's thread, before the constructor returns).
 
-    `raycls tune` starts it as soon as the search-space file has loaded: Ray's start (4-5 s on 2 cores, mostly
-    waiting on the processes it spawns) then overlaps the driver's imports (torch, Ray Tune, Optuna: 3-4 s)
-    and the experiment's checks, instead of following them. A check that fails still ends the command with
-    its error; the Ray that came up is shut down at exit by Ray's own atexit hook.
+    `raycls tune` starts it once every check has passed (raycls.tune.start): Ray's start (4-5 s on 2 cores,
+    mostly waiting on the processes it spawns) then overlaps the driver's imports (Ray Tune, Optuna, and what
+    Tune's fit would import: several seconds) instead of following them. An error before `wait` still ends
+    the command with it; the Ray that came up is shut down at exit by Ray's own atexit hook.
 
     The thread lives as long as the process: Ray starts its GCS and raylet with a parent-death signal, which
     Linux sends when the *thread* that spawned them ends (a thread that returned after `ray.init` would take
@@ -125,8 +125,8 @@ class RayStart:
 
         self._error: BaseException | None = None
         self._up = threading.Event()
-        self._started = background and not ray.is_initialized()
-        if not self._started:  # on this thread (or a caller's Ray: a notebook, a test session)
+        self.in_background = background and not ray.is_initialized()
+        if not self.in_background:  # on this thread (or a caller's Ray: a notebook, a test session)
             init_ray(**init)
             self._up.set()
             return
@@ -135,7 +135,7 @@ class RayStart:
                 importlib.import_module(module)
             except ImportError:  # another Ray version lays its modules out differently: nothing to share
                 pass
-        # An exit while Ray is still starting (a check failed) first lets it finish, then Ray's hook stops it
+        # An exit while Ray is still starting (an error before `wait`) first lets it finish, then Ray's hook stops it
         # (atexit runs the last registered first; Ray registered its hook when it was imported).
         atexit.register(self._up.wait)
         threading.Thread(target=self._run, kwargs=init, name="raycls-ray-start", daemon=True).start()
@@ -158,7 +158,7 @@ class RayStart:
         self._up.wait()
         if self._error is not None:
             raise self._error
-        if self._started and threading.current_thread() is threading.main_thread():
+        if self.in_background and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init sets there
 
 

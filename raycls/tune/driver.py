@@ -69,7 +69,8 @@ def run_tune(experiment: Experiment, options: TuneOptions, started: StartedSearc
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started = started or start_search(experiment, options, background=False)
     experiment, storage, resources = started.experiment, started.storage, started.experiment.experiment.resources
-    _import_ahead(resolve_mode(options.wandb_mode or experiment.wandb.mode))
+    if started.ray.in_background:  # else Ray is up already: nothing to overlap
+        _import_ahead(resolve_mode(options.wandb_mode or experiment.wandb.mode))
     started.ray.wait()
     shared = shared_storage_from_env() if options.shared_storage is None else options.shared_storage
     # Refuse what Ray would only punish later (node-local storage on several nodes, workers no node holds).
