@@ -217,20 +217,32 @@ def run_bare_torch_trainer(folder: Path, *, trials: int) -> dict:
     return summary(time.perf_counter() - started, 1, trials, loop_seconds(history))
 
 
+# Each compared method: how it runs one round in `folder`, given the command line.
+METHODS = {
+    "raw_tune_reuse": lambda folder, args: run_raw_tune(folder, trials=args.trials, concurrency=args.concurrency),
+    "raycls_1worker": lambda folder, args: run_raycls(
+        folder, name="raycls_1worker", trials=args.trials, concurrency=args.concurrency, workers=1, wandb="offline"
+    ),
+    "raycls_1worker_nowandb": lambda folder, args: run_raycls(
+        folder,
+        name="raycls_1worker_nowandb",
+        trials=args.trials,
+        concurrency=args.concurrency,
+        workers=1,
+        wandb="disabled",
+    ),
+    "bare_torch_trainer_2worker": lambda folder, args: run_bare_torch_trainer(folder, trials=args.trials_2w),
+    "raycls_2worker": lambda folder, args: run_raycls(
+        folder, name="raycls_2worker", trials=args.trials_2w, concurrency=1, workers=2, wandb="offline"
+    ),
+}
 ONE_WORKER = ["raw_tune_reuse", "raycls_1worker", "raycls_1worker_nowandb"]
 TWO_WORKERS = ["bare_torch_trainer_2worker", "raycls_2worker"]
 
 
 def run_method(key: str, folder: Path, args: argparse.Namespace) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    if key == "raw_tune_reuse":
-        return run_raw_tune(folder, trials=args.trials, concurrency=args.concurrency)
-    if key == "bare_torch_trainer_2worker":
-        return run_bare_torch_trainer(folder, trials=args.trials_2w)
-    if key == "raycls_2worker":
-        return run_raycls(folder, name=key, trials=args.trials_2w, concurrency=1, workers=2, wandb="offline")
-    wandb = "offline" if key == "raycls_1worker" else "disabled"
-    return run_raycls(folder, name=key, trials=args.trials, concurrency=args.concurrency, workers=1, wandb=wandb)
+    return METHODS[key](folder, args)
 
 
 def rotated_rounds(methods: list[str], rounds: int, folder: Path, args: argparse.Namespace) -> dict[str, dict]:
