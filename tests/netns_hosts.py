@@ -44,6 +44,7 @@ PREFIX = "rcl"  # namespaces rcl<pid>-<host>, bridge rclbr<pid>: a dead run's le
 # It ignores SIGTERM as every PID 1 without a handler does; SIGKILL from outside ends the host.
 # The `unshare` process of every host made, by the pid of the run that made it (one file per run).
 REGISTRY = Path("/tmp/raycls-netns-hosts")
+NODES_MARK = "RAYCLS-NODES "  # the line `Hosts.nodes` reads back from a driver on the head
 INIT = (
     "import os, time\nwhile True:\n    try:\n        os.wait()\n    except ChildProcessError:\n        time.sleep(1)\n"
 )
@@ -297,9 +298,15 @@ class Hosts:
         code = (
             "import json, ray\n"
             f"ray.init(address='{self.address}', logging_level='ERROR', log_to_driver=False)\n"
-            "print(json.dumps([{k: n[k] for k in ('NodeID', 'NodeManagerAddress', 'Alive', 'Resources')} for n in ray.nodes()]))\n"
+            f"print({NODES_MARK!r} + json.dumps([{{k: n[k] for k in ('NodeID', 'NodeManagerAddress', 'Alive', 'Resources')}} for n in ray.nodes()]))\n"
         )
-        return json.loads(self.head.python(code).strip().splitlines()[-1])
+        # The marked line, not the last one: Ray's C++ core can write to the driver's stdout after it (seen: a
+        # raylet backtrace while `ray up`'s nodes were joining).
+        out = self.head.python(code)
+        found = next((line[len(NODES_MARK) :] for line in out.splitlines() if line.startswith(NODES_MARK)), None)
+        if found is None:
+            raise RuntimeError(f"no node list in the head driver's output:\n{out[-3000:]}")
+        return json.loads(found)
 
     def wait_for_nodes(self, count: int, timeout: float = 120) -> list[dict]:
         deadline = time.monotonic() + timeout
