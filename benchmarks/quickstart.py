@@ -5,8 +5,11 @@ A fresh `git clone` of this checkout into a temp folder (the install, `pip insta
 command and is not timed: the clone runs with PYTHONPATH on it), then the README's command as a user runs it
 (default W&B mode: offline without a key; the HTML report at the end). A thread watches the experiment
 folder and stamps the milestones: the folder written (checks done, before Ray), the first trial started
-(its Tune folder), the first and last leaderboard rows, the report, the process's end. The floor beside it:
-the same command with `--no-report --wandb disabled` (what the platform's extras cost on top).
+(its Tune folder), the first and last leaderboard rows, the report, the process's end. Beside it, in the same
+rounds: the same command with `--no-report --wandb disabled` (what the platform's extras cost on top), and
+the floors no search on this machine goes under, each in a fresh process: Ray's own start and stop
+(`ray.init` of a local Ray with as many logical CPUs as the quickstart's and no dashboard, as raycls starts
+it), and what every trial actor imports before its first step (Ray Tune and PyTorch).
 
     python benchmarks/quickstart.py              # both runs, JSON in benchmarks/results/quickstart.json
     python benchmarks/quickstart.py --rounds 2   # the median of 2 rounds each
@@ -82,12 +85,35 @@ def run_once(clone: Path, storage: Path, extra: list[str]) -> dict:
     }
 
 
+# The floors, each timed inside a fresh Python process (its own interpreter start excluded).
+FLOORS = {
+    "ray_start_and_stop": """
+import time; t = time.perf_counter()
+import ray
+ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR")
+ray.shutdown()
+print(time.perf_counter() - t)
+""",
+    "trial_actor_imports": """
+import time; t = time.perf_counter()
+import ray.tune, torch
+print(time.perf_counter() - t)
+""",
+}
+
+
+def floor_once(code: str) -> float:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return round(float(done.stdout.strip().splitlines()[-1]), 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     variants = {"readme_command": [], "no_report_no_wandb": ["--no-report", "--wandb", "disabled"]}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
+    floors: dict[str, list[float]] = {name: [] for name in FLOORS}
     with tempfile.TemporaryDirectory(prefix="raycls-quickstart-") as tmp:
         clone = Path(tmp) / "raycls"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
@@ -96,6 +122,9 @@ def main() -> None:
                 result = run_once(clone, Path(tmp) / f"results-{name}-{round_}", extra)
                 print(name, result, flush=True)
                 runs[name].append(result)
+            for name, code in FLOORS.items():
+                floors[name].append(floor_once(code))
+                print(name, floors[name][-1], flush=True)
     summary = {name: statistics.median(r["wall_s"] for r in found) for name, found in runs.items()}
     write_result(
         "quickstart",
@@ -105,6 +134,10 @@ def main() -> None:
             "median_wall_s": summary,
             "met": summary["readme_command"] <= GOAL_S,
             "extras_ratio": round(summary["readme_command"] / summary["no_report_no_wandb"], 3),
+            # Seconds of every quickstart that are Ray's and PyTorch's, not raycls's: the start of Ray, and
+            # a trial actor's imports (paid before the first trial; two actors share the 2 cores).
+            "floors_median_s": {name: statistics.median(found) for name, found in floors.items()},
+            "floors_s": floors,
             "runs": runs,
         },
     )
