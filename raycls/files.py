@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the same folder, then a rename. Readers never see half a file."""
+"""This machine's files: atomic writes (a temp file in the same folder, then a rename: readers never see half a
+file) and the local cache folder every layer keeps its node-local files under."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# The local cache: decoded datasets, splits and decoded image files (raycls.data), and the files of an
+# experiment on object storage that need a local filesystem (raycls.storage: experiments/<name>/).
+CACHE_ENV = "RAYCLS_CACHE"
+
+
+def cache_root() -> Path:
+    """$RAYCLS_CACHE, else ~/.cache/raycls (not created here)."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "raycls").expanduser()
 
 
 @contextlib.contextmanager

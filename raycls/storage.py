@@ -29,7 +29,6 @@ all of them alike, so nothing else in raycls parses a URI.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from functools import cached_property
@@ -39,6 +38,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from raycls.errors import StorageError
+from raycls.files import cache_root
 
 LEADERBOARD_DIR = "leaderboard"
 HISTORY_DIR = "history"
@@ -68,8 +68,6 @@ BEST, LAST = "best", "last"
 # A trial's kept checkpoints, side by side in its folder: Tune's `checkpoint_000003`, Ray Train's
 # `checkpoint_2026-12-02_20-41-07.123456`; both sort oldest first.
 TRIAL_CHECKPOINTS = "checkpoint_*"
-# Files that need a local filesystem (the Optuna journal, offline W&B runs) when the storage is a URI.
-CACHE_ENV = "RAYCLS_CACHE"
 
 
 def journal_file(state_dir: Path) -> Path:
@@ -178,7 +176,7 @@ class ExperimentPaths:
         """Where files that need a local filesystem go (Optuna journal, offline W&B runs)."""
         if self.folder is not None:
             return self.folder
-        return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "raycls")) / "experiments" / self.experiment
+        return cache_root() / "experiments" / self.experiment
 
     def leaderboard_dir(self) -> str:
         return f"{self.root}/{LEADERBOARD_DIR}"

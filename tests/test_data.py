@@ -75,6 +75,23 @@ def test_digits_splits_are_sklearns_and_kept_on_the_node(tmp_path: Path) -> None
     assert runs[0]["test"] == labels[np.sort(test_idx)].tolist()
 
 
+def test_data_and_object_storage_experiments_share_one_cache_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One folder per node, set by $RAYCLS_CACHE (raycls.files.cache_root): the data layer's caches and an
+    object-storage experiment's local files (its Optuna journal) both live under it, set or not."""
+    from raycls.data.datasets import cache_dir
+    from raycls.storage import ExperimentPaths
+
+    monkeypatch.setenv("RAYCLS_CACHE", str(tmp_path / "cache"))
+    assert cache_dir() == tmp_path / "cache"
+    assert ExperimentPaths("s3://bucket/results", "exp").state_dir == tmp_path / "cache" / "experiments" / "exp"
+    monkeypatch.delenv("RAYCLS_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "raycls"
+    assert ExperimentPaths("s3://bucket/results", "exp").state_dir == cache_dir() / "experiments" / "exp"
+
+
 def test_mnist_and_fashion_from_idx_files(shared_data: Path) -> None:
     for name, _folder in [("mnist", "mnist"), ("fashion_mnist", "fashion-mnist")]:
         raw = DATASETS.get(name).read(DataConfig(name=name, download=False), shared_data)

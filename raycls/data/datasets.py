@@ -24,7 +24,7 @@ import torch
 from raycls.config.schema import DataConfig
 from raycls.data.decode import decode_cached
 from raycls.errors import DataError
-from raycls.files import atomic_path
+from raycls.files import atomic_path, cache_root
 from raycls.images import decode_image
 from raycls.registry import Registry
 
@@ -181,7 +181,8 @@ def data_root(config: DataConfig) -> Path:
 
 
 def cache_dir() -> Path:
-    path = Path(os.environ.get("RAYCLS_CACHE", Path.home() / ".cache" / "raycls" / "cache")).expanduser()
+    """Where decoded datasets, splits and decoded images are kept on this node (raycls.files.cache_root)."""
+    path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
