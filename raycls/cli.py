@@ -159,10 +159,11 @@ def train(
             torch.set_num_threads(max(1, int(job.resources.cpus_per_worker)))
         summary = _train_in_process(job.config, out, job.metric, job.mode, fast_dev_run)
     else:
+        from raycls.cluster.resources import local_cpus_needed
         from raycls.train.ray_train import train_with_ray
         from raycls.tune.cluster import init_ray
 
-        init_ray(None, needed_cpus=job.resources.workers * job.resources.cpus_per_worker + 1)
+        init_ray(None, needed_cpus=local_cpus_needed(job.resources))
         console.print(f"[dim]Ray Train: {job.resources.workers} worker(s); use --no-ray to debug in-process[/]")
         summary = train_with_ray(
             job.config,

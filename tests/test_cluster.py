@@ -15,7 +15,7 @@ import pytest
 from raycls.allocator import DRIVER_ARENAS, bound_malloc_arenas
 from raycls.cluster.nodes import Node
 from raycls.cluster.preflight import default_concurrency, preflight, shared_storage_from_env
-from raycls.cluster.resources import ON_DEMAND, trial_bundle
+from raycls.cluster.resources import ON_DEMAND, local_cpus_needed, trial_bundle
 from raycls.config.experiment import Resources
 from raycls.errors import RayclsError
 from raycls.results.row import count_restarts
@@ -111,6 +111,19 @@ def test_multi_worker_coordinators_are_pinned_to_on_demand_nodes() -> None:
     one = Resources(gpus_per_worker=1)
     assert not preflight(one, "s3://b/r", GPU_NODES).pin_on_demand
     assert trial_bundle(one) == {"cpu": 1.0, "gpu": 1.0}
+
+
+def test_a_local_ray_is_sized_for_the_concurrent_trials_and_the_driver(tmp_path: Path) -> None:
+    """`raycls tune` (search_ray) and `raycls train` size a local Ray with the same rule."""
+    from raycls.config import load_experiment
+    from raycls.tune.cluster import search_ray
+
+    assert local_cpus_needed(Resources(workers=2, cpus_per_worker=2), 3) == 13
+    assert local_cpus_needed(Resources()) == 2  # `raycls train`: one trial and the driver
+    space = tmp_path / "s.yaml"
+    space.write_text("experiment: {concurrency: 3, resources: {workers: 2, cpus_per_worker: 2}}\n")
+    ray_args = search_ray(load_experiment(space), None)
+    assert ray_args["needed_cpus"] == 13 and ray_args["dashboard"] is True
 
 
 # ---------------------------------------------------------------------------------------- restarts

@@ -31,6 +31,11 @@ def per_trial_request(resources: Resources) -> dict[str, float]:
     }
 
 
+def local_cpus_needed(resources: Resources, concurrent: int = 1) -> float:
+    """Logical CPUs a local Ray needs for `concurrent` trials of `resources` at once, and the driver's one."""
+    return per_trial_request(resources)["CPU"] * concurrent + 1
+
+
 def trial_bundle(resources: Resources, *, pin_on_demand: bool = False) -> dict[str, float]:
     """What the Tune trial itself holds. One-worker trials train inside it; multi-worker trials only
     drive a Ray Train run whose workers request their own CPUs/GPUs, so the trial holds a token share of a

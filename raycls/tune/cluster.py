@@ -14,7 +14,7 @@ from typing import Any
 import ray
 
 from raycls.cluster.nodes import Node
-from raycls.cluster.resources import per_trial_request
+from raycls.cluster.resources import local_cpus_needed
 from raycls.config.experiment import Experiment
 
 
@@ -77,7 +77,7 @@ def search_ray(
     resources = experiment.experiment.resources
     return dict(
         address=address,
-        needed_cpus=per_trial_request(resources)["CPU"] * (experiment.experiment.concurrency or 1) + 1,
+        needed_cpus=local_cpus_needed(resources, experiment.experiment.concurrency or 1),
         num_cpus=num_cpus,
         verbose=verbose,
         dashboard=resources.workers > 1,
