@@ -69,8 +69,9 @@ def run_tune(experiment: Experiment, options: TuneOptions, started: StartedSearc
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     started = started or start_search(experiment, options, background=False)
     experiment, storage, resources = started.experiment, started.storage, started.experiment.experiment.resources
+    wandb_mode = resolve_mode(options.wandb_mode or experiment.wandb.mode)  # auto: online with a key
     if started.ray.in_background:  # else Ray is up already: nothing to overlap
-        _import_ahead(resolve_mode(options.wandb_mode or experiment.wandb.mode))
+        _import_ahead(wandb_mode)
     started.ray.wait()
     shared = shared_storage_from_env() if options.shared_storage is None else options.shared_storage
     # Refuse what Ray would only punish later (node-local storage on several nodes, workers no node holds).
@@ -84,7 +85,7 @@ def run_tune(experiment: Experiment, options: TuneOptions, started: StartedSearc
         ray.tune.with_parameters(tune_trainable, experiment_json=experiment.model_dump_json(), storage=storage),
         trial_bundle(resources, pin_on_demand=plan.pin_on_demand),
     )
-    errors = _fit(experiment, options, paths, trainable, concurrency)
+    errors = _fit(experiment, options, paths, trainable, concurrency, wandb_mode)
     if experiment.base.eval.on == "all":
         _evaluate_stopped(experiment, storage)
     board = read_leaderboard(storage, experiment.name)
@@ -108,7 +109,14 @@ def _import_ahead(wandb_mode: str) -> None:
             pass
 
 
-def _fit(experiment: Experiment, options: TuneOptions, paths: ExperimentPaths, trainable: Any, concurrency: int) -> int:
+def _fit(
+    experiment: Experiment,
+    options: TuneOptions,
+    paths: ExperimentPaths,
+    trainable: Any,
+    concurrency: int,
+    wandb_mode: str,
+) -> int:
     """Run the search's trials, the one door for --resume: a fresh search, Tune's restore of an interrupted
     one, or a rebuilt search of the trials that have no row yet. Returns how many trials errored."""
     path, state = paths.root, paths.state_dir
@@ -135,7 +143,10 @@ def _fit(experiment: Experiment, options: TuneOptions, paths: ExperimentPaths, t
             )
         errors = 0
         if remaining > 0:
-            grid = _new_tuner(experiment, options, paths, trainable, min(concurrency, remaining), remaining).fit()
+            tuner = _new_tuner(
+                experiment, options, paths, trainable, min(concurrency, remaining), remaining, wandb_mode
+            )
+            grid = tuner.fit()
             errors = sum(1 for r in grid if r.error is not None)
     if resume.mode is ResumeMode.RESTORE:
         # Tune may restore a trial Optuna closed as ended, without its row (a rebuilt search wrote them first).
@@ -210,14 +221,19 @@ def _reconcile(experiment: Experiment, state: Path, board: ReadResult) -> None:
 
 
 def _new_tuner(
-    experiment: Experiment, options: TuneOptions, paths: ExperimentPaths, trainable, concurrency: int, trials: int
+    experiment: Experiment,
+    options: TuneOptions,
+    paths: ExperimentPaths,
+    trainable,
+    concurrency: int,
+    trials: int,
+    wandb_mode: str,
 ):
     section, storage, state = experiment.experiment, paths.storage, paths.state_dir
     warm = experiment.search.warm_start
     warm_dir = ExperimentPaths(storage, warm).state_dir if warm else None
     if warm_dir is not None and not journal_file(warm_dir).is_file():
         raise RayclsError(f"search.warm_start: no Optuna study for experiment {warm!r} at {journal_file(warm_dir)}")
-    wandb_mode = resolve_mode(options.wandb_mode or experiment.wandb.mode)
     write_space_as_run(experiment, storage)  # `raycls tune <experiment>/space.yaml` runs this search again
     callbacks = [TrialLedger(experiment, storage, state, wandb_mode, git_state(experiment.source))]
     if paths.folder is not None:  # object stores write whole objects: Tune's own snapshot cannot be cut short
