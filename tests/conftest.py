@@ -17,8 +17,6 @@ import torch
 
 from raycls import names
 
-from . import file_seconds
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RAYCLS_TEST_DATA", REPO.parent / "shared" / "data"))
 
@@ -33,30 +31,6 @@ os.environ["COLUMNS"] = "200"
 # A core per pytest-xdist worker: with more torch threads than cores left to them, OpenMP's spinning threads
 # wait on each other (the digits model trained 14x slower beside the other worker with 2 threads each).
 torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
-
-
-# A file not in the table yet (new since the last refresh): started early, as a middling file.
-UNMEASURED_FILE_S = 60.0
-
-
-@pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselected: a file weighs what is selected of it
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Heaviest files first (tests/file_seconds.py): with `--dist loadfile` each process takes the next file
-    when it is nearly done, so a long file taken last ran alone while the other process sat idle. Tests keep
-    their order within a file (module fixtures stay whole); pyproject's `--no-loadscope-reorder` keeps this
-    order instead of pytest-xdist's own (most tests first)."""
-    table = file_seconds.measured()
-    weight: dict[str, float] = {}
-    for item in items:
-        file = _file_key(item)
-        weight[file] = weight.get(file, 0.0) + table.get(file, {}).get(item.name, 0.0)
-    weight.update({file: UNMEASURED_FILE_S for file in weight if file not in table})
-    position = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (-weight[_file_key(item)], position[id(item)]))
-
-
-def _file_key(item: pytest.Item) -> str:
-    return Path(item.fspath).resolve().relative_to(REPO).as_posix()
 
 
 @pytest.fixture(scope="session")
