@@ -29,7 +29,9 @@ from pathlib import Path
 
 from common import write_result
 
+from raycls.config import load_experiment
 from raycls.results import read_leaderboard
+from raycls.tune.cluster import local_num_cpus, search_ray
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_S = 30.0
@@ -90,7 +92,7 @@ FLOORS = {
     "ray_start_and_stop": """
 import time; t = time.perf_counter()
 import ray
-ray.init(num_cpus=3, include_dashboard=False, logging_level="ERROR")
+ray.init(num_cpus={num_cpus}, include_dashboard=False, logging_level="ERROR")
 ray.shutdown()
 print(time.perf_counter() - t)
 """,
@@ -102,7 +104,14 @@ print(time.perf_counter() - t)
 }
 
 
-def floor_once(code: str) -> float:
+def quickstart_num_cpus() -> int:
+    """The logical CPUs raycls gives the quickstart's local Ray (its concurrency, the driver, the cores)."""
+    ray_args = search_ray(load_experiment(REPO / "search_spaces" / "quickstart.yaml"), None)
+    return local_num_cpus(ray_args["needed_cpus"])
+
+
+def floor_once(code: str, num_cpus: int) -> float:
+    code = code.replace("{num_cpus}", str(num_cpus))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return round(float(done.stdout.strip().splitlines()[-1]), 2)
 
@@ -114,6 +123,7 @@ def main() -> None:
     variants = {"readme_command": [], "no_report_no_wandb": ["--no-report", "--wandb", "disabled"]}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     floors: dict[str, list[float]] = {name: [] for name in FLOORS}
+    num_cpus = quickstart_num_cpus()
     with tempfile.TemporaryDirectory(prefix="raycls-quickstart-") as tmp:
         clone = Path(tmp) / "raycls"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
@@ -123,7 +133,7 @@ def main() -> None:
                 print(name, result, flush=True)
                 runs[name].append(result)
             for name, code in FLOORS.items():
-                floors[name].append(floor_once(code))
+                floors[name].append(floor_once(code, num_cpus))
                 print(name, floors[name][-1], flush=True)
     summary = {name: statistics.median(r["wall_s"] for r in found) for name, found in runs.items()}
     write_result(

@@ -58,7 +58,7 @@ def init_ray(
             # "local": a new Ray of our own even when another runs on this machine (a second search, a test
             # cluster); without it ray.init joins the newest one and refuses num_cpus.
             address="local",
-            num_cpus=num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus)),
+            num_cpus=local_num_cpus(needed_cpus, num_cpus),
             num_gpus=num_gpus,
             include_dashboard=dashboard,
             runtime_env={"env_vars": {"RAY_ADDRESS": f"{get_node_ip_address()}:{port}"}},
@@ -66,6 +66,12 @@ def init_ray(
         )
     finally:
         os.environ.pop("RAY_GCS_SERVER_PORT", None)
+
+
+def local_num_cpus(needed_cpus: float, num_cpus: int | None = None) -> int:
+    """The logical CPUs of a local Ray that `init_ray` starts: the user's `num_cpus`, else the machine's cores
+    or `needed_cpus`, whichever is more."""
+    return num_cpus or max(os.cpu_count() or 1, math.ceil(needed_cpus))
 
 
 def search_ray(
