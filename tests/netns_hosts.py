@@ -192,6 +192,17 @@ class Host:
         return f"rc-{self.name}"
 
 
+def ray_start(host: Host, command: list[str], attempts: int = 3) -> None:
+    """`ray start` on a host, tried again after a failure, as cluster/*.yaml's start commands do: a raylet exits
+    when its dashboard agent takes over Ray's hard-coded 15 s to write its port file (ray-project/ray#65983),
+    which a 2-core machine running the whole suite reaches. `ray stop` here sees only this host's Ray."""
+    for attempt in range(1, attempts + 1):
+        done = host.run(command, timeout=180, check=attempt == attempts)
+        if done.returncode == 0:
+            return
+        host.run(["ray", "stop", "--force"], timeout=60, check=False)
+
+
 @dataclass
 class Hosts:
     """N hosts on one bridge; `Hosts.make(...)` sets them up, `close()` takes everything down."""
@@ -276,17 +287,17 @@ class Hosts:
         ]  # fmt: skip
         if system_config:
             head.append(f"--system-config={json.dumps(system_config)}")
-        self.head.run(head, timeout=180)
+        ray_start(self.head, head)
         for worker in self.workers:
             self.start_worker(worker, worker_cpus)
 
     def start_worker(self, worker: Host, cpus: int) -> None:
-        worker.run(
+        ray_start(
+            worker,
             [
                 "ray", "start", f"--address={self.head.ip}:6379", f"--node-ip-address={worker.ip}",
                 f"--num-cpus={cpus}", "--num-gpus=0", "--object-store-memory=100000000", "--disable-usage-stats",
             ],
-            timeout=180,
         )  # fmt: skip
 
     @property
