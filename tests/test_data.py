@@ -29,11 +29,22 @@ def test_digits_split_is_stratified_and_seeded() -> None:
 # A trial actor loading digits: which splits it gets, and whether it imported scikit-learn to get them.
 SPLITS_IN_A_FRESH_PROCESS = """
 import json, sys
+from pathlib import Path
+import numpy as np
 from raycls.config import DataConfig
 from raycls.data import load_splits
-splits = load_splits(DataConfig(name="digits", val_fraction=0.2), seed=3)
-print(json.dumps({"val": splits.val.labels.tolist(), "test": splits.test.labels.tolist(),
-                  "sklearn": "sklearn" in sys.modules}))
+
+def load() -> dict:
+    splits = load_splits(DataConfig(name="digits", val_fraction=0.2), seed=3)
+    return {"val": splits.val.labels.tolist(), "test": splits.test.labels.tolist(), "sklearn": "sklearn" in sys.modules}
+
+runs = [load()]
+if len(sys.argv) > 1:  # then damage the kept files (a crash mid-write elsewhere, other indices) and load again
+    kept = sorted(Path(sys.argv[1]).glob("*.npy"))
+    kept[0].write_bytes(kept[0].read_bytes()[:40])
+    np.save(kept[1], np.arange(5))
+    runs.append(load())
+print(json.dumps(runs))
 """
 
 
@@ -50,29 +61,32 @@ def test_digits_splits_are_sklearns_and_kept_on_the_node(tmp_path: Path) -> None
 
     env = {**os.environ, "RAYCLS_CACHE": str(tmp_path / "cache")}
 
-    def fresh_process() -> dict:
+    def fresh_process(*args: str) -> list[dict]:
         done = subprocess.run(
-            [sys.executable, "-c", SPLITS_IN_A_FRESH_PROCESS], env=env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", SPLITS_IN_A_FRESH_PROCESS, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout)
 
-    runs = [fresh_process() for _ in range(2)]
-    assert [r["sklearn"] for r in runs] == [True, False]  # computed once, then read
-    assert runs[0]["val"] == runs[1]["val"] and runs[0]["test"] == runs[1]["test"]
-    kept = sorted((tmp_path / "cache" / "splits").glob("*.npy"))
-    assert len(kept) == 2 and not list((tmp_path / "cache" / "splits").glob(".*"))  # test, validation; no temp
-    # A file cut short (a crash mid-write elsewhere) or holding other indices is computed again, not trusted.
-    whole = [path.read_bytes() for path in kept]
-    kept[0].write_bytes(whole[0][:40])
-    np.save(kept[1], np.arange(5))
-    again = fresh_process()
-    assert again["sklearn"] and again["val"] == runs[0]["val"] and again["test"] == runs[0]["test"]
-    assert [path.read_bytes() for path in kept] == whole  # and kept again: the files a later trial reads
+    splits = tmp_path / "cache" / "splits"
+    (first,) = fresh_process()
+    kept_after_first = sorted(splits.glob("*.npy"))
+    whole = [path.read_bytes() for path in kept_after_first]
+    # The second process reads them without sklearn; then, with a file cut short (a crash mid-write
+    # elsewhere) and one holding other indices, it computes them again instead of trusting them.
+    read, again = fresh_process(str(splits))
+    assert [first["sklearn"], read["sklearn"], again["sklearn"]] == [True, False, True]
+    assert first["val"] == read["val"] == again["val"] and first["test"] == read["test"] == again["test"]
+    assert len(kept_after_first) == 2 and not list(splits.glob(".*"))  # test, validation; no temp file
+    assert [path.read_bytes() for path in sorted(splits.glob("*.npy"))] == whole  # whole again for later trials
     # scikit-learn's own split of the same images: the test split is carved with seed 0, 20% of 1,797.
     labels = load_digits().target
     _, test_idx = train_test_split(np.arange(len(labels)), test_size=359, stratify=labels, random_state=0)
-    assert runs[0]["test"] == labels[np.sort(test_idx)].tolist()
+    assert first["test"] == labels[np.sort(test_idx)].tolist()
 
 
 def test_data_and_object_storage_experiments_share_one_cache_root(

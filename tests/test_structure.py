@@ -15,42 +15,60 @@ from .conftest import REPO
 HEAVY = ("ray", "wandb", "raycls.tune")
 
 
-def modules_after(code: str) -> set[str]:
-    """The modules loaded by running `code` in a fresh interpreter."""
-    script = f"import json, sys\n{code}\nprint(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
-@pytest.mark.parametrize(
-    "package",
-    [
-        "raycls.data",
-        "raycls.models",
-        "raycls.phases",
-        "raycls.losses",
-        "raycls.evaluate",
-        "raycls.config",
-        "raycls.cluster.validate",
-        "raycls.cluster.preflight",
-        "raycls.results.row",
-    ],
+LAYERS = [
+    "raycls.data",
+    "raycls.models",
+    "raycls.phases",
+    "raycls.losses",
+    "raycls.evaluate",
+    "raycls.config",
+    "raycls.cluster.validate",
+    "raycls.cluster.preflight",
+    "raycls.results.row",
+]
+LOAD_A_SPACE = (
+    "from raycls.config import load_experiment\n"
+    "load_experiment('search_spaces/quickstart.yaml')\n"
+    "load_experiment('search_spaces/pipeline.yaml')"
 )
-def test_lower_layers_leave_ray_wandb_and_tune_out(package: str) -> None:
-    loaded = modules_after(f"import {package}")
-    assert not loaded & set(HEAVY), f"importing {package} loads {sorted(loaded & set(HEAVY))}"
+STEPS_IN_ONE_INTERPRETER = """
+import json, sys
+steps, seen, added = json.loads(sys.argv[1]), set(sys.modules), {}
+for name, code in steps:
+    exec(code, {})
+    added[name] = sorted(set(sys.modules) - seen)
+    seen = set(sys.modules)
+print(json.dumps(added))
+"""
 
 
-def test_loading_a_space_leaves_the_training_loop_out() -> None:
-    loaded = modules_after(
-        "from raycls.config import load_experiment\n"
-        "load_experiment('search_spaces/quickstart.yaml')\n"
-        "load_experiment('search_spaces/pipeline.yaml')"
+@pytest.fixture(scope="module")
+def loaded_by() -> dict[str, set[str]]:
+    """The modules each step added, the steps run in turn in one fresh interpreter (import state is global;
+    one interpreter instead of one per step saves ~4 s each). A step is charged only with what was not
+    loaded before it, so a heavy import shows at the first step whose imports bring it in."""
+    steps = [(package, f"import {package}") for package in LAYERS] + [("load a space", LOAD_A_SPACE)]
+    out = subprocess.run(
+        [sys.executable, "-c", STEPS_IN_ONE_INTERPRETER, json.dumps(steps)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
+    return {name: set(modules) for name, modules in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_lower_layers_leave_ray_wandb_and_tune_out(package: str, loaded_by: dict[str, set[str]]) -> None:
+    heavy = loaded_by[package] & set(HEAVY)
+    assert not heavy, f"importing {package} loads {sorted(heavy)}"
+
+
+def test_loading_a_space_leaves_the_training_loop_out(loaded_by: dict[str, set[str]]) -> None:
     # (wandb may load here: timm's model lookup imports timm.utils, which imports wandb when it is installed.)
-    assert not loaded & {"raycls.train", "raycls.tune", "ray", "optuna"}, sorted(
-        loaded & {"raycls.train", "raycls.tune", "ray", "optuna"}
-    )
+    # Charged with every step's modules: the layers below it must not load the training loop either.
+    loaded = set().union(*loaded_by.values()) & {"raycls.train", "raycls.tune", "ray", "optuna"}
+    assert not loaded, sorted(loaded)
 
 
 def imported_modules(path) -> set[str]:
