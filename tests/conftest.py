@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -13,9 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import torch
 
-from raycls import names
+# Bytecode on, for this process and every one it starts (Ray workers, CLI subprocesses), before raycls is
+# imported: an image with PYTHONDONTWRITEBYTECODE=1 (this machine's) makes each of the suite's hundreds of
+# processes compile raycls from source again (~2 s each on 2 cores) and each xdist worker re-rewrite every test
+# file. The .pyc files go to the checkout's git-ignored __pycache__ folders.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
+import torch  # noqa: E402
+
+from raycls import names  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RAYCLS_TEST_DATA", REPO.parent / "shared" / "data"))
