@@ -203,6 +203,7 @@ def test_serve_answers_good_bad_and_concurrent_requests(engine: str, digits_row,
 
 
 # ------------------------------------------------------------------------------------------- SIGTERM
+@pytest.mark.slow  # a process killed, both engines (~10 s for the local one on 2 cores)
 @pytest.mark.parametrize("engine", ENGINE_PARAMS)
 def test_sigterm_keeps_every_request_in_the_log(engine: str, digits_row, tmp_path: Path, request) -> None:
     """`raycls serve` as a process, stopped by SIGTERM with every row still in memory: all are written."""
