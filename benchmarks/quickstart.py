@@ -6,8 +6,9 @@ command and is not timed: the clone runs with PYTHONPATH on it), then the README
 (default W&B mode: offline without a key; the HTML report at the end). A thread watches the experiment
 folder and stamps the milestones: the folder written (checks done, before Ray), the first trial started
 (its Tune folder), the first and last leaderboard rows, the report, the process's end. Beside it, in the same
-rounds: the same command with `--no-report --wandb disabled` (what the platform's extras cost on top), and
-the floors no search on this machine goes under, each in a fresh process: Ray's own start and stop
+rounds: the same command with `--no-report --wandb disabled` (what the platform's extras cost on top), the
+README's command with PYTHONDONTWRITEBYTECODE=1 (this machine's image sets it: every process then compiles
+raycls from source again; the other runs write bytecode, as CPython does by default), and the floors no search on this machine goes under, each in a fresh process: Ray's own start and stop
 (`ray.init` of a local Ray with as many logical CPUs as the quickstart's and no dashboard, as raycls starts
 it), and what every trial actor imports before its first step (Ray Tune and PyTorch).
 
@@ -52,7 +53,7 @@ def watch(experiment_dir: Path, started: float, stamps: dict[str, float], done: 
         time.sleep(0.05)
 
 
-def run_once(clone: Path, storage: Path, extra: list[str]) -> dict:
+def run_once(clone: Path, storage: Path, extra: list[str], bytecode: bool) -> dict:
     experiment_dir = storage / "quickstart"
     stamps: dict[str, float] = {}
     done = threading.Event()
@@ -65,7 +66,7 @@ def run_once(clone: Path, storage: Path, extra: list[str]) -> dict:
         cwd=clone,
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(clone)},
+        env=command_env(clone, bytecode),
     )
     wall = time.perf_counter() - started
     done.set()
@@ -85,6 +86,11 @@ def run_once(clone: Path, storage: Path, extra: list[str]) -> dict:
         "best_val_acc": best["val_acc"],
         "best_test_acc": best.get("test_acc"),
     }
+
+
+def command_env(clone: Path, bytecode: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    return {**env, "PYTHONPATH": str(clone)} | ({} if bytecode else {"PYTHONDONTWRITEBYTECODE": "1"})
 
 
 # The floors, each timed inside a fresh Python process (its own interpreter start excluded).
@@ -120,7 +126,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    variants = {"readme_command": [], "no_report_no_wandb": ["--no-report", "--wandb", "disabled"]}
+    variants = {  # name: (extra arguments, bytecode written)
+        "readme_command": ([], True),
+        "no_report_no_wandb": (["--no-report", "--wandb", "disabled"], True),
+        "readme_command_no_bytecode": ([], False),
+    }
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     floors: dict[str, list[float]] = {name: [] for name in FLOORS}
     num_cpus = quickstart_num_cpus()
@@ -128,8 +138,8 @@ def main() -> None:
         clone = Path(tmp) / "raycls"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
         for round_ in range(args.rounds):
-            for name, extra in variants.items():  # interleaved: a noisy minute hits both
-                result = run_once(clone, Path(tmp) / f"results-{name}-{round_}", extra)
+            for name, (extra, bytecode) in variants.items():  # interleaved: a noisy minute hits them all
+                result = run_once(clone, Path(tmp) / f"results-{name}-{round_}", extra, bytecode)
                 print(name, result, flush=True)
                 runs[name].append(result)
             for name, code in FLOORS.items():
@@ -144,6 +154,10 @@ def main() -> None:
             "median_wall_s": summary,
             "met": summary["readme_command"] <= GOAL_S,
             "extras_ratio": round(summary["readme_command"] / summary["no_report_no_wandb"], 3),
+            "no_bytecode_ratio": round(summary["readme_command_no_bytecode"] / summary["readme_command"], 3),
+            "bytecode": "written (CPython's default) except in readme_command_no_bytecode; PYTHONDONTWRITEBYTECODE="
+            + os.environ.get("PYTHONDONTWRITEBYTECODE", "(unset)")
+            + " in this machine's environment",
             # Seconds of every quickstart that are Ray's and PyTorch's, not raycls's: the start of Ray, and
             # a trial actor's imports (paid before the first trial; two actors share the 2 cores).
             "floors_median_s": {name: statistics.median(found) for name, found in floors.items()},
