@@ -165,6 +165,9 @@ def test_a_failed_train_run_is_not_restarted_again_by_tune(tmp_path: Path) -> No
 
 
 # ----------------------------------------------------------------------------------- a real Ray node
+# Slow: the fast tier's one local Ray is test_tune's fast-dev-run search (its run_tune reads cluster_nodes()
+# for its preflight); a second worker starting Ray for this test alone cost the fast tier ~10 s.
+@pytest.mark.slow
 def test_preflight_on_a_local_ray(ray_local, tmp_path: Path) -> None:
     nodes = cluster_nodes()
     (node,) = nodes
