@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 # Bytecode on, for this process and every one it starts (Ray workers, CLI subprocesses), before raycls is
-# imported: an image with PYTHONDONTWRITEBYTECODE=1 (this machine's) makes each of the suite's hundreds of
-# processes compile raycls from source again (~2 s each on 2 cores) and each xdist worker re-rewrite every test
-# file. The .pyc files go to the checkout's git-ignored __pycache__ folders.
+# imported: an image with PYTHONDONTWRITEBYTECODE=1 (this machine's) makes each such process compile the raycls
+# modules it imports from source again (the CLI and a trial's modules: 8.0 s against 6.2 s from .pyc) and each
+# xdist worker rewrite every test file again. The .pyc files go to the checkout's git-ignored __pycache__.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
 
