@@ -8,7 +8,8 @@ folder and stamps the milestones: the folder written (checks done, before Ray), 
 (its Tune folder), the first and last leaderboard rows, the report, the process's end. Beside it, in the same
 rounds: the same command with `--no-report --wandb disabled` (what the platform's extras cost on top), the
 README's command with PYTHONDONTWRITEBYTECODE=1 (this machine's image sets it: every process then compiles
-raycls from source again; the other runs write bytecode, as CPython does by default), and the floors no search on this machine goes under, each in a fresh process: Ray's own start and stop
+raycls from source again; the other runs write bytecode, as CPython does by default), and the floors no
+search on this machine goes under, each in a fresh process: Ray's own start and stop
 (`ray.init` of a local Ray with as many logical CPUs as the quickstart's and no dashboard, as raycls starts
 it), and what every trial actor imports before its first step (Ray Tune and PyTorch).
 
