@@ -184,7 +184,9 @@ def _print_epoch(metrics: dict[str, float]) -> None:
         for k in ("epoch", "stage", "train_loss", "val_loss", "val_acc", "val_knn_acc", "images_per_s")
         if k in metrics
     }
-    console.print("  ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
+    from raycls.results.render import cell
+
+    console.print("  ".join(f"{k}={cell(v)}" for k, v in shown.items()))
 
 
 def _train_in_process(config, out: Path, metric: str, mode: str, fast_dev_run: bool):
@@ -219,13 +221,15 @@ def _train_in_process(config, out: Path, metric: str, mode: str, fast_dev_run: b
 
 
 def _print_summary(summary, seconds: float) -> None:
+    from raycls.results.render import cell
+
     table = Table(title=f"Trial finished in {seconds:.1f} s (best epoch {summary.best_epoch} by {summary.metric})")
     table.add_column("metric")
     table.add_column("final", justify="right")
     table.add_column("best", justify="right")
     for key, value in summary.final.items():
         best = summary.best.get(key)
-        table.add_row(key, _fmt(value), "" if best is None else _fmt(best))
+        table.add_row(key, cell(value), "" if best is None else cell(best))
     console.print(table)
 
 
@@ -329,7 +333,9 @@ def tune(
             highlight=False,
         )
     ranking = Ranking.of(experiment.experiment.metric, experiment.experiment.mode)
-    _print_leaderboard(outcome.leaderboard, ranking.metric, ranking.maximize, top)
+    from raycls.results.render import print_top
+
+    print_top(console, outcome.leaderboard, ranking.metric, descending=ranking.maximize, top=top)
     console.print(
         f"Results: {outcome.experiment_dir}   (raycls leaderboard {storage_root(storage)} --experiment {experiment.name})"
     )
@@ -370,68 +376,6 @@ def _print_report(files) -> None:
         console.print(f"[yellow]no PNGs[/]: {files.png_error}", highlight=False)
 
 
-def _print_leaderboard(read, sort: str, descending: bool, top: int) -> None:
-    from raycls.results.query import top_rows
-
-    for problem in read.skipped:
-        console.print(f"[yellow]skipped[/] {problem}", highlight=False)
-    if read.table.num_rows == 0:
-        console.print("no trials yet")
-        return
-    sort = sort if sort in read.table.column_names else "score"
-    rows = top_rows(read.table, sort, descending=descending, top=top)
-    title = f"top {min(top, rows.num_rows)} by {sort}"
-    if console.is_terminal:
-        console.print(_rich_table(rows, title=title))
-        return
-    # A log (CI, a scheduler's file): the key columns, one line per trial however wide, as Tune's reporter
-    # prints them; every column stays in `raycls leaderboard` and its --format csv / json / markdown.
-    from raycls.results.leaderboard import param_columns
-
-    key = [c for c in dict.fromkeys((*LOG_COLUMNS, sort)) if c in rows.column_names] + param_columns(rows)
-    table = _rich_table(rows, title=title, columns=key, wrap=False)
-    console.print(table, width=max(console.width, console.measure(table).maximum))
-
-
-SUMMARY_COLUMNS = (
-    "experiment",
-    "trial_id",
-    "status",
-    "phase",
-    "score",
-    "val_acc",
-    "val_loss",
-    "test_acc",
-    "test_ece",
-    "epochs",
-    "wall_s",
-)
-LOG_COLUMNS = ("trial_id", "status", "score", "epochs", "wall_s")
-
-
-def _rich_table(table, *, title: str | None = None, columns: list[str] | None = None, wrap: bool = True) -> Table:
-    from raycls.results.arrays import to_pylist  # table.to_pylist() would import pandas for the timestamps
-    from raycls.results.leaderboard import param_columns, stage_columns
-
-    columns = columns or [c for c in SUMMARY_COLUMNS if c in table.column_names] + stage_columns(table) + param_columns(
-        table
-    )
-    out = Table(title=title)
-    for column in columns:
-        out.add_column(column, overflow="fold", no_wrap=not wrap)
-    for row in to_pylist(table):
-        out.add_row(*(_fmt(row.get(c)) for c in columns))
-    return out
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 # ------------------------------------------------------------------------------------- leaderboard
 @app.command()
 def leaderboard(
@@ -464,7 +408,7 @@ def leaderboard(
 ) -> None:
     """Query the leaderboards of one or all experiments."""
     from raycls.results import read_leaderboard, run_sql, select
-    from raycls.results.render import render
+    from raycls.results.render import render, rich_table
     from raycls.storage import HISTORY_DIR, LEADERBOARD_DIR
 
     kind = HISTORY_DIR if history else LEADERBOARD_DIR
@@ -502,7 +446,7 @@ def leaderboard(
             raise RayclsError(f"--columns: no such column {missing}; columns: {', '.join(rows.column_names)}")
         rows = rows.select(wanted)
     if format == "table":
-        console.print(_rich_table(rows, columns=wanted or (None if not sql and not history else rows.column_names)))
+        console.print(rich_table(rows, columns=wanted or (None if not sql and not history else rows.column_names)))
     else:
         sys.stdout.write(render(rows, format))
 

@@ -267,8 +267,9 @@ def test_kaleidos_bare_error_gets_a_reason() -> None:
 
 def test_the_final_table_in_a_log_keeps_each_trial_on_one_line(capsys) -> None:
     """stdout is not a terminal here (as in CI logs): no cell may wrap onto a second line."""
-    from raycls.cli import _print_leaderboard
+    from raycls.cli import console
     from raycls.results.leaderboard import ReadResult
+    from raycls.results.render import print_top
 
     n = 3
     columns = {
@@ -290,7 +291,7 @@ def test_the_final_table_in_a_log_keeps_each_trial_on_one_line(capsys) -> None:
         "phase.label_smoothing": [0.1] * n,
         "train.optimizer": ["adamw"] * n,
     }
-    _print_leaderboard(ReadResult(pa.table(columns)), "val_acc", True, 5)
+    print_top(console, ReadResult(pa.table(columns)), "val_acc", descending=True, top=5)
     lines = capsys.readouterr().out.splitlines()
     for i in range(n):
         [line] = [line for line in lines if f"trial_{i:05d}" in line]

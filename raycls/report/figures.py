@@ -23,6 +23,7 @@ from raycls import names
 from raycls.registry import Registry
 from raycls.report.data import ReportData, timestamp
 from raycls.report.overfitting import overfitting_epoch
+from raycls.results.render import cell
 
 STATUS_COLOURS = {"completed": "#2b8a3e", "early_stopped": "#e8590c", "failed": "#c92a2a"}
 TOP_EVALUATED = 3  # trials whose evaluation plots the report shows
@@ -48,13 +49,12 @@ def build_sections(data: ReportData) -> list[Section]:
 
 
 def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A leaderboard cell as the CLI shows it (`cell`), but a NaN blank and a timestamp to the second."""
+    if isinstance(value, float) and math.isnan(value):
         return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
     if hasattr(value, "strftime"):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
+    return cell(value)
 
 
 def _layout(fig: go.Figure, title: str, **kwargs: Any) -> go.Figure:
