@@ -534,6 +534,13 @@ METHODS: dict[str, dict[str, Any]] = {
         "scheduler": {"reduction_factor": 3},
         "what": "raycls, reduction factor 3",
     },
+    "raycls_rf4": {
+        "run": run_tune_method,
+        "parts": raycls_parts,
+        "ray": True,
+        "scheduler": {"reduction_factor": 4},
+        "what": "raycls, reduction factor 4 (Ray's ASHA default)",
+    },
     "raycls_startup5": {
         "run": run_tune_method,
         "parts": raycls_parts,
