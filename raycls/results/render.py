@@ -7,14 +7,16 @@ import csv
 import io
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-from rich.console import Console
-from rich.table import Table
 
 from raycls.errors import LeaderboardError
 from raycls.results.leaderboard import ReadResult, param_columns, rows_as_dicts, stage_columns
+
+if TYPE_CHECKING:  # rich is imported where a table is drawn: csv / json / markdown and the report's cells skip it
+    from rich.console import Console
+    from rich.table import Table
 
 # The columns a table shows first, before each chain stage's and each sampled parameter's.
 SUMMARY_COLUMNS = (
@@ -46,6 +48,8 @@ def cell(value: Any) -> str:
 def rich_table(
     table: pa.Table, *, title: str | None = None, columns: list[str] | None = None, wrap: bool = True
 ) -> Table:
+    from rich.table import Table
+
     from raycls.results.arrays import to_pylist  # table.to_pylist() would import pandas for the timestamps
 
     columns = columns or [c for c in SUMMARY_COLUMNS if c in table.column_names] + stage_columns(table) + param_columns(
