@@ -41,6 +41,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "trial scheduler": "raycls.search",
     "eval suite": "raycls.evaluate.suite",
     "eval step": "raycls.evaluate.suite",
+    "eval figure": "raycls.evaluate.figures",
     "ood set": "raycls.evaluate.suite",
     "shift set": "raycls.evaluate.suite",
     "ood scorer": "raycls.evaluate.ood",

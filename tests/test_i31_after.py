@@ -263,7 +263,7 @@ def test_mlflow_writer_logs_a_trial_that_mlflows_client_reads_back(tmp_path: Pat
     for epoch, acc in ((1, 0.5), (2, 0.75)):
         writer.log("t1", {"epoch": epoch, "val_acc": acc, "val_recall@1": acc, "stage": "x", "ok": True}, step=epoch)
     summary = {"status": "completed", "score": 0.75, "test_acc": 0.9, "val_acc": 0.75, "checkpoint": str(checkpoint)}
-    writer.finish("t1", {**summary, "config_json": '{"seed": 0}'})
+    writer.finish("t1", {**summary, "config_json": '{"seed": 0}'}, evaluation=evaluation)
     writer.close()
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")

@@ -24,6 +24,7 @@ from raycls.config import TrialConfig
 from raycls.evaluate.classification import classification_metrics
 from raycls.evaluate.confidence import confidence_histogram, confidence_metrics
 from raycls.evaluate.feature_maps import feature_maps
+from raycls.evaluate.figures import draw_figures
 from raycls.evaluate.roc import per_class_auroc, roc_curves, roc_metrics
 from raycls.evaluate.suite import (
     EVAL_SUITES,
@@ -189,6 +190,8 @@ def test_the_steps_write_their_files_on_a_trained_digits_cnn(digits_run, tmp_pat
     assert roc[names.TEST_AUROC_WORST] == pytest.approx(min(values))
 
     assert feature_maps_step(ev) == {}
+    assert not (tmp_path / "eval" / "confidence_histogram.png").exists()  # a step writes the table only
+    draw_figures(ev.out)  # ... and the picture is drawn from it
     for name in ("confidence_histogram.png", "roc_curves.png", "feature_maps.png", "feature_channels.png"):
         with Image.open(tmp_path / "eval" / name) as image:
             image.verify()
@@ -202,6 +205,42 @@ def test_the_default_suite_writes_the_confidence_histogram_and_its_metrics(digit
     assert {names.TEST_CONF_CORRECT, names.TEST_CONF_GAP} <= set(written) and written == summary["metrics"]
     assert (tmp_path / "eval" / "confidence_histogram.png").is_file()
     assert not (tmp_path / "eval" / "roc_curves.png").exists()  # the full suite's
+
+
+def test_a_trials_evaluation_writes_tables_and_the_pictures_are_drawn_from_them(digits_run, tmp_path: Path) -> None:
+    """A search's trial (draw=False) writes the default suite's tables only; draw_figures draws the same
+    pictures `raycls eval` does from them, into another folder when asked (the report's), and W&B gets the
+    tables as its own charts."""
+    from raycls.evaluate.figures import FIGURES, confusion, reliability
+    from raycls.results.wandb_log import evaluation_media
+
+    trial = _evaluation(digits_run, tmp_path / "trial")
+    trial.draw = False
+    metrics = run_suite(trial, "default")["metrics"]
+    folder = tmp_path / "trial"
+    assert not list(folder.glob("*.png"))
+    classes, counts = confusion(folder)  # type: ignore[misc]
+    assert sum(map(sum, counts)) == metrics[names.TEST_IMAGES] and len(classes) == 10
+    assert sum(counts[i][i] for i in range(10)) / metrics[names.TEST_IMAGES] == pytest.approx(metrics[names.TEST_ACC])
+    bins = reliability(folder)
+    assert bins is not None and sum(bins.count) == metrics[names.TEST_IMAGES]
+
+    drawn = draw_figures(folder, tmp_path / "report")
+    assert {p.name for p in drawn} == {f"{name}.png" for name in FIGURES.names()} and not list(folder.glob("*.png"))
+    for png in drawn:
+        assert png.parent == tmp_path / "report"
+        with Image.open(png) as image:
+            assert 150 <= min(image.size), png
+
+    evaluated = _evaluation(digits_run, tmp_path / "eval")  # `raycls eval`: the same pictures, drawn with it
+    run_suite(evaluated, "default")
+    assert {p.name for p in (tmp_path / "eval").glob("*.png")} == {p.name for p in drawn}
+
+    media = evaluation_media(folder)
+    assert set(media) == {"eval/confusion_matrix", "eval/reliability", "eval/reliability_ts"}
+    cells = media["eval/confusion_matrix"].table.data
+    assert sum(n for _, _, n in cells) == metrics[names.TEST_IMAGES]
+    assert {k for k in evaluation_media(tmp_path / "eval")} >= {"eval/confusion_matrix", "eval/confidence_histogram"}
 
 
 # ------------------------------------------------------------------------------- overfitting point

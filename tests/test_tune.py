@@ -171,15 +171,14 @@ def test_wandb_offline_runs_hold_the_logged_metrics(e2e) -> None:
         assert run["summary"]["status"] == row["status"]
         if row["score"] is not None:
             assert run["summary"]["score"] == pytest.approx(row["score"])
-        if row["status"] == "completed":  # the held-out evaluation: its summary and its plots
+        if row["status"] == "completed":  # the held-out evaluation: its summary, and its tables as W&B charts
             assert run["summary"]["test_acc"] == pytest.approx(row["test_acc"])
-            images = {
-                key.split("/")[1]
-                for h in run["history"]
-                for key in h
-                if key.startswith("eval/") and key.endswith("/_type")
-            }
-            assert {"reliability", "confusion_matrix"} <= images
+            media = {key.removesuffix("/_type"): h[key] for h in run["history"] for key in h if key.endswith("/_type")}
+            assert media["eval/confusion_matrix_table"] == media["eval/reliability_table"] == "table-file"
+            table = next(run_dir.glob("files/media/table/eval/confusion_matrix_table_*.table.json"))
+            cells = json.loads(table.read_text())["data"]  # [actual, predicted, count]: every test image once
+            assert sum(n for _, _, n in cells) == row["test_images"]
+            assert sum(n for a, p, n in cells if a == p) / row["test_images"] == pytest.approx(row["test_acc"])
 
 
 @pytest.mark.slow
@@ -195,9 +194,9 @@ def test_completed_trials_are_evaluated_on_held_out_data(e2e) -> None:
             assert row["eval_split"] == summary["eval_split"] == "test"  # digits' carved test split
             assert row["eval_suite"] == "default" and row["test_acc"] == pytest.approx(summary["metrics"]["test_acc"])
             assert 0 <= row["test_ece"] <= 1 and row["test_auroc"] > 0.5 and row["test_macro_f1"] is not None
-            assert {"reliability.png", "confusion_matrix.png", "classification_report.csv"} <= {
-                p.name for p in folder.iterdir()
-            }
+            written = {p.name for p in folder.iterdir()}  # a search's trials write the pictures' tables only
+            assert {"confusion_matrix.csv", "reliability.csv", "classification_report.csv"} <= written
+            assert not any(name.endswith(".png") for name in written)
         else:
             assert not folder.exists() and row["test_acc"] is None and row["eval_split"] is None
 

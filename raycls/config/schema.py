@@ -641,6 +641,10 @@ class EvalConfig(Frozen):
     # `all` (early-stopped ones too, by the driver after the search), `none`.
     on: Literal["completed", "all", "none"] = "completed"
     suite: str = "default"  # a registered eval suite: default (cheap) or full
+    # Whether a trial's own evaluation draws the default suite's pictures (confusion matrix, reliability,
+    # confidence histogram: about 0.6 s of the trial's CPU). Off, it writes their tables only and the
+    # pictures are drawn by whoever shows them: `raycls eval`, the report, W&B (raycls.evaluate.figures).
+    trial_plots: bool = False
     # OOD sets of the full suite: generated (uniform_noise, gaussian_blobs, textures) or any dataset name,
     # resized to the training images' size (its channels must match).
     ood: tuple[str, ...] = ("uniform_noise", "gaussian_blobs", "textures")

@@ -4,7 +4,9 @@
 
 A suite is a list of steps (`EVAL_SUITES`); each step reads predictions (one cached forward pass per split,
 `Evaluation.predict`) and returns `test_*` metrics, writing its tables and pictures on rank 0. Every worker
-runs every step (predictions are gathered onto all of them), so steps stay free of collective logic.
+runs every step (predictions are gathered onto all of them), so steps stay free of collective logic. The
+default suite's pictures are drawn from its tables at the end, when `Evaluation.draw` (raycls.evaluate.figures:
+`raycls eval` draws them; a search's trials leave them to the report and W&B unless `eval.trial_plots`).
 
 - `default` (cheap: about one forward pass over the test and validation splits): classification metrics,
   calibration with temperature scaling, per-class report, confusion matrix, reliability diagram and the
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 
 from raycls import names
+from raycls.evaluate import figures
 from raycls.evaluate.predict import Predictions, Predicts, predict
 from raycls.registry import Registry
 from raycls.storage import METRICS_FILE
@@ -75,6 +78,7 @@ class Evaluation:
     seed: int = 0
     data_config: Any = None  # the trial's DataConfig (OOD and shift sets are read from its root)
     augment: AugmentConfig | None = None  # the evaluated stage's training augmentation (TTA follows it)
+    draw: bool = True  # a search's trials leave the default suite's pictures to whoever shows them
     notes: list[str] = field(default_factory=list)
     _cache: dict[str, Predictions] = field(default_factory=dict)
     _arrays: dict[str, ArrayData] = field(default_factory=dict)
@@ -104,6 +108,11 @@ class Evaluation:
     @property
     def writes(self) -> bool:
         return self.rank == 0
+
+    @property
+    def draws(self) -> bool:
+        """Whether the default suite's pictures are drawn here, from its tables (raycls.evaluate.figures)."""
+        return self.writes and self.draw
 
     def predict(
         self, data: ArrayData, key: str | None = None, *, augment: AugmentConfig | None = None, run: int = 0
@@ -187,6 +196,8 @@ def run_suite(evaluation: Evaluation, suite: str) -> dict[str, Any]:
     }
     if evaluation.writes:
         evaluation.file(METRICS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if evaluation.draws:
+        figures.draw_figures(evaluation.out)
     return summary
 
 
@@ -209,7 +220,6 @@ def classification_step(ev: Evaluation) -> dict[str, float]:
         confusion_matrix,
         per_class_report,
     )
-    from raycls.plots import confusion_png
 
     test = ev.predictions("test")
     if test.logits is None:
@@ -220,40 +230,34 @@ def classification_step(ev: Evaluation) -> dict[str, float]:
         _write_csv(ev.file("classification_report.csv"), per_class_report(test.logits, test.labels, _classes(ev)))
         matrix = confusion_matrix(test.logits, test.labels)
         _write_csv(
-            ev.file("confusion_matrix.csv"),
+            ev.file(figures.CONFUSION_CSV),
             [
                 {"true": _classes(ev)[i], **{c: int(v) for c, v in zip(_classes(ev), row)}}
                 for i, row in enumerate(matrix.tolist())
             ],
         )
-        confusion_png(matrix, _classes(ev), ev.file("confusion_matrix.png"))
     return metrics
 
 
 @step("calibration")
 def calibration_step(ev: Evaluation) -> dict[str, float]:
     from raycls.evaluate.calibration import calibration_metrics, reliability_bins
-    from raycls.plots import reliability_diagram
 
     test = ev.predictions("test")
     if test.logits is None:
         return {}
     val = ev.predictions("val")  # T is fitted on validation, never on the split it is scored on
     metrics = calibration_metrics(test.logits, test.labels, val_logits=val.logits, val_labels=val.labels)
-    if ev.writes:
-        reliability_diagram(
-            reliability_bins(test.logits, test.labels),
-            ev.file("reliability.png"),
-            title=f"{ev.split}: ECE {metrics[names.TEST_ECE]:.3f}",
-        )
+    if ev.writes:  # the reliability diagrams' tables (raycls.evaluate.figures draws them)
+        _write_csv(ev.file(figures.RELIABILITY_CSV), _bins(reliability_bins(test.logits, test.labels)))
         if names.TEST_TEMPERATURE in metrics:
             scaled = test.logits / metrics[names.TEST_TEMPERATURE]
-            reliability_diagram(
-                reliability_bins(scaled, test.labels),
-                ev.file("reliability_ts.png"),
-                title=f"temperature {metrics[names.TEST_TEMPERATURE]:.2f}: ECE {metrics[names.TEST_ECE_TS]:.3f}",
-            )
+            _write_csv(ev.file(figures.RELIABILITY_TS_CSV), _bins(reliability_bins(scaled, test.labels)))
     return metrics
+
+
+def _bins(bins: Any) -> list[dict[str, float]]:
+    return figures.Bins(bins.edges, bins.confidence, bins.accuracy, bins.count).rows()
 
 
 @step("knn")
@@ -553,7 +557,6 @@ def embedding_map_step(ev: Evaluation) -> dict[str, float]:
 def confidence_step(ev: Evaluation) -> dict[str, float]:
     """The confidence histogram of correct vs wrong predictions (confidence_histogram.png and .csv)."""
     from raycls.evaluate.confidence import confidence_histogram, confidence_metrics
-    from raycls.plots import confidence_histogram as draw
 
     test = ev.predictions("test")
     if test.logits is None:
@@ -563,19 +566,11 @@ def confidence_step(ev: Evaluation) -> dict[str, float]:
         histogram = confidence_histogram(test.logits, test.labels)
         edges = histogram.edges
         _write_csv(
-            ev.file("confidence_histogram.csv"),
+            ev.file(figures.CONFIDENCE_CSV),
             [
                 {"low": edges[i], "high": edges[i + 1], "correct": histogram.correct[i], "wrong": histogram.wrong[i]}
                 for i in range(len(histogram.correct))
             ],
-        )
-        gap = metrics.get(names.TEST_CONF_GAP)
-        draw(
-            edges,
-            histogram.correct,
-            histogram.wrong,
-            ev.file("confidence_histogram.png"),
-            title=f"{ev.split}: confidence of correct vs wrong" + (f" (gap {gap:.3f})" if gap is not None else ""),
         )
     return metrics
 

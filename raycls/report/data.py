@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 from raycls import names
 from raycls.errors import LeaderboardError, RayclsError
+from raycls.evaluate.figures import draw_figures
 from raycls.ranking import Ranking
 from raycls.results.leaderboard import param_columns, read_leaderboard, stage_columns
-from raycls.storage import HISTORY_DIR, ExperimentPaths
+from raycls.storage import EVAL_DIR, HISTORY_DIR, ExperimentPaths
 
 if TYPE_CHECKING:
     import optuna
@@ -37,6 +38,7 @@ class ReportData:
     stages: list[str] = field(default_factory=list)  # a chain's per-stage metric columns
     space: Experiment | None = None  # the space as run (space.yaml); None when the experiment has none
     skipped: list[str] = field(default_factory=list)  # files that could not be read, and why
+    drawn: Path | None = None  # where evaluation pictures missing from a trial's eval folder are drawn
 
     @property
     def paths(self) -> ExperimentPaths:
@@ -98,11 +100,17 @@ class ReportData:
             return None
 
     def eval_images(self, trial_id: str) -> list[Path]:
-        """The PNGs of the trial's held-out evaluation (raycls eval), when it has one on this machine."""
+        """The PNGs of the trial's held-out evaluation, when it has one on this machine: those drawn with it
+        (raycls eval, `eval.trial_plots`), and the default suite's others drawn now from its tables into
+        `drawn` (a search's trials write the tables only)."""
         folder = self.paths.folder
         if folder is None:
             return []
-        return sorted((folder / "eval" / trial_id).glob("*.png"))
+        evaluated = folder / EVAL_DIR / trial_id
+        pictures = set(evaluated.glob("*.png"))
+        if self.drawn is not None and evaluated.is_dir():
+            pictures.update(draw_figures(evaluated, self.drawn / trial_id))
+        return sorted(pictures, key=lambda p: p.name)
 
 
 def timestamp(value: datetime | None) -> float:

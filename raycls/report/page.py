@@ -56,12 +56,14 @@ def write_report(
     """Draw the experiment; a LeaderboardError when it has no row to draw."""
     started = time.perf_counter()
     data = load_report_data(storage, experiment)
-    sections = build_sections(data)
     out = Path(out) if out is not None else default_out(storage, experiment)
-    files = ReportFiles(out, sections=sections)
-    if png:
-        files.pngs, files.png_error = write_pngs(sections, out.parent)
-    write_text_atomic(out, render_html(data, sections, png_error=files.png_error))
+    with tempfile.TemporaryDirectory(prefix="raycls-report-") as scratch:
+        data.drawn = Path(scratch)  # the evaluation pictures a trial left to its viewers, inlined below
+        sections = build_sections(data)
+        files = ReportFiles(out, sections=sections)
+        if png:
+            files.pngs, files.png_error = write_pngs(sections, out.parent)
+        write_text_atomic(out, render_html(data, sections, png_error=files.png_error))
     mode = wandb_mode or (data.space.wandb.mode if data.space is not None else "auto")
     if wandb_mode is None and data.space is not None and "wandb" not in data.space.experiment.tracking:
         mode = "disabled"  # the experiment tracks elsewhere (experiment.tracking: [mlflow])

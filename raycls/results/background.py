@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 
@@ -32,7 +33,9 @@ class BackgroundTracker:
     def open_run(self, trial_id: str, config: dict[str, Any]) -> Any:
         raise NotImplementedError
 
-    def finish_run(self, trial_id: str, run: Any, summary: dict[str, Any], *, failed: bool, images) -> None:
+    def finish_run(
+        self, trial_id: str, run: Any, summary: dict[str, Any], *, failed: bool, evaluation: Path | None
+    ) -> None:
         raise NotImplementedError
 
     def _submit(self, trial_id: str, fn: Callable[[], None]) -> None:
@@ -64,12 +67,12 @@ class BackgroundTracker:
         self._submit(trial_id, lambda: self.runs[trial_id].log(metrics, step) if trial_id in self.runs else None)
 
     def finish(
-        self, trial_id: str, summary: dict[str, Any], *, failed: bool = False, images: dict[str, str] | None = None
+        self, trial_id: str, summary: dict[str, Any], *, failed: bool = False, evaluation: Path | None = None
     ) -> None:
         def finish() -> None:
             run = self.runs.pop(trial_id, None)
             if run is not None:
-                self.finish_run(trial_id, run, summary, failed=failed, images=images)
+                self.finish_run(trial_id, run, summary, failed=failed, evaluation=evaluation)
 
         self._submit(trial_id, finish)
 

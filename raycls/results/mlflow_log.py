@@ -154,9 +154,10 @@ class MlflowWriter(BackgroundTracker):
         client, experiment_id = self._open()
         return TrialRun(client, experiment_id, experiment=self.paths.experiment, trial_id=trial_id, config=config)
 
-    def finish_run(self, trial_id: str, run: TrialRun, summary: dict[str, Any], *, failed: bool, images) -> None:
-        eval_dir = Path(self.paths.eval_dir(trial_id)) if self.paths.local else None
-        run.finish(summary, failed=failed, eval_dir=eval_dir, log_checkpoint=self.settings.log_checkpoint)
+    def finish_run(
+        self, trial_id: str, run: TrialRun, summary: dict[str, Any], *, failed: bool, evaluation: Path | None
+    ) -> None:
+        run.finish(summary, failed=failed, eval_dir=evaluation, log_checkpoint=self.settings.log_checkpoint)
 
 
 def log_after(settings: MlflowSection, paths: ExperimentPaths, records: list[dict[str, Any]]) -> int:

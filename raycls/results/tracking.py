@@ -16,7 +16,7 @@ class Writer(Protocol):
     def start(self, trial_id: str, config: dict[str, Any]) -> None: ...
     def log(self, trial_id: str, metrics: dict[str, Any], step: int | None = None) -> None: ...
     def finish(
-        self, trial_id: str, summary: dict[str, Any], *, failed: bool = False, images: dict[str, str] | None = None
+        self, trial_id: str, summary: dict[str, Any], *, failed: bool = False, evaluation: Path | None = None
     ) -> None: ...
     def close(self) -> None: ...
 
@@ -36,10 +36,10 @@ class Trackers:
             writer.log(trial_id, metrics, step)
 
     def finish(
-        self, trial_id: str, summary: dict[str, Any], *, failed: bool = False, images: dict[str, str] | None = None
+        self, trial_id: str, summary: dict[str, Any], *, failed: bool = False, evaluation: Path | None = None
     ) -> None:
         for writer in self.writers:
-            writer.finish(trial_id, summary, failed=failed, images=images)
+            writer.finish(trial_id, summary, failed=failed, evaluation=evaluation)
 
     def close(self) -> None:
         for writer in self.writers:

@@ -7,11 +7,13 @@ for `wandb sync`. raycls never writes the API key anywhere: it is read from the 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from raycls.config.experiment import WandbSection
+from raycls.evaluate import figures
 from raycls.results.background import BackgroundTracker
 
 # Keys whose values must never be logged (configs are checked before they reach W&B).
@@ -64,6 +66,37 @@ def scrub(config: dict[str, Any]) -> dict[str, Any]:
     return {k: ("***" if any(m in k.lower() for m in SECRET_MARKERS) else v) for k, v in config.items()}
 
 
+def evaluation_media(folder: Path) -> dict[str, Any]:
+    """A trial's evaluation as W&B media: each picture drawn with it (`eval/<name>`: an image), and the
+    default suite's tables as W&B's own charts, which W&B draws (`eval/confusion_matrix`,
+    `eval/reliability`, `eval/reliability_ts`: interactive, and nothing for the trial to draw)."""
+    import wandb
+
+    media: dict[str, Any] = {f"eval/{p.stem}": wandb.Image(str(p)) for p in sorted(folder.glob("*.png"))}
+    matrix = figures.confusion(folder)
+    if matrix is not None and "eval/confusion_matrix" not in media:
+        classes, counts = matrix
+        cells = [(t, p, n) for t, row in enumerate(counts) for p, n in enumerate(row)]
+        media["eval/confusion_matrix"] = wandb.plot.confusion_matrix(
+            y_true=[t for t, _, n in cells for _ in range(n)],
+            preds=[p for _, p, n in cells for _ in range(n)],
+            class_names=classes,
+            title="confusion matrix",
+        )
+    for name, table in (("reliability", figures.RELIABILITY_CSV), ("reliability_ts", figures.RELIABILITY_TS_CSV)):
+        bins = figures.reliability(folder, table)
+        if bins is None or f"eval/{name}" in media:
+            continue
+        points = [[c, a] for c, a in zip(bins.confidence, bins.accuracy) if math.isfinite(c) and math.isfinite(a)]
+        media[f"eval/{name}"] = wandb.plot.line(
+            wandb.Table(columns=["confidence", "accuracy"], data=points),
+            "confidence",
+            "accuracy",
+            title=f"{name.replace('_', ' ')}: accuracy per confidence bin (perfect calibration: the diagonal)",
+        )
+    return media
+
+
 class TrialRun:
     """A W&B run for one trial; every method is a no-op when mode is `disabled`."""
 
@@ -88,13 +121,13 @@ class TrialRun:
         if self.run is not None:
             self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, step=step)
 
-    def finish(self, summary: dict[str, Any], *, failed: bool = False, images: dict[str, str] | None = None) -> None:
+    def finish(self, summary: dict[str, Any], *, failed: bool = False, evaluation: Path | None = None) -> None:
         if self.run is None:
             return
-        if images:  # the evaluation's plots, one image each (reliability diagram, confusion matrix, ...)
-            import wandb
-
-            self.run.log({key: wandb.Image(path) for key, path in images.items()})
+        if evaluation is not None:
+            media = evaluation_media(evaluation)
+            if media:
+                self.run.log(media)
         for key, value in summary.items():
             if value is not None and isinstance(value, (int, float, str, bool)):
                 self.run.summary[key] = value
@@ -117,5 +150,7 @@ class WandbWriter(BackgroundTracker):
             self.settings, self.mode, self.folder, experiment=self.experiment, trial_id=trial_id, config=config
         )
 
-    def finish_run(self, trial_id: str, run: TrialRun, summary: dict[str, Any], *, failed: bool, images) -> None:
-        run.finish(summary, failed=failed, images=images)
+    def finish_run(
+        self, trial_id: str, run: TrialRun, summary: dict[str, Any], *, failed: bool, evaluation: Path | None
+    ) -> None:
+        run.finish(summary, failed=failed, evaluation=evaluation)

@@ -167,7 +167,9 @@ class ChainRunner:
         returns its numeric `test_*` metrics."""
         from raycls.train.evaluation import evaluate_weights
 
-        summary = evaluate_weights(self.config, weights, self.data, self.ctx, out_uri=self.ctx.eval_dir)
+        summary = evaluate_weights(
+            self.config, weights, self.data, self.ctx, out_uri=self.ctx.eval_dir, draw=self.config.eval.trial_plots
+        )
         return {
             k: float(v)
             for k, v in summary.get("metrics", {}).items()

@@ -36,10 +36,11 @@ def evaluate_weights(
     out_uri: str | None,
     suite: str | None = None,
     stage: int | None = None,
+    draw: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the whole phase module's `weights` (of chain stage `stage`, default the last) with `suite`
-    (default: the config's); returns the summary run_suite gives (metrics, split, suite). Every worker must
-    call it."""
+    (default: the config's), drawing the default suite's pictures when `draw`; returns the summary run_suite
+    gives (metrics, split, suite). Every worker must call it."""
     stages = config.stages
     index = len(stages) - 1 if stage is None else stage
     parts = stage_model(config, weights, data, ctx, index)
@@ -61,6 +62,7 @@ def evaluate_weights(
             seed=config.seed,
             data_config=config.data,
             augment=stages[index].augment,
+            draw=draw,
         )
         summary = run_suite(evaluation, suite or config.eval.suite)
         if ctx.rank == 0 and out_uri is not None:
@@ -164,9 +166,10 @@ def evaluate_rows(
     suite: str | None = None,
     overrides: dict[str, Any] | None = None,
     device: str | None = None,
+    draw: bool = True,
 ) -> list[dict[str, Any]]:
-    """Evaluate each row's checkpoint in this process; its `eval/<trial_id>/` folder and its row's
-    evaluation columns are replaced. Returns each trial's summary."""
+    """Evaluate each row's checkpoint in this process (drawing the pictures when `draw`); its
+    `eval/<trial_id>/` folder and its row's evaluation columns are replaced. Returns each trial's summary."""
 
     import torch
 
@@ -190,6 +193,7 @@ def evaluate_rows(
             out_uri=paths.eval_dir(row["trial_id"]),
             suite=suite,
             stage=stage,
+            draw=draw,
         )
         update_evaluation(storage, experiment, row["trial_id"], summary)
         summaries.append({"trial_id": row["trial_id"], **summary})

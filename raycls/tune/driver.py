@@ -190,7 +190,7 @@ def _evaluate_stopped(experiment: Experiment, storage: str) -> None:
     ]
     if rows:
         print(f"eval.on=all: evaluating {len(rows)} early-stopped trial(s) in the driver")
-        evaluate_rows(storage, experiment.name, rows)
+        evaluate_rows(storage, experiment.name, rows, draw=experiment.base.eval.trial_plots)
 
 
 def _study(experiment: Experiment, state: Path) -> optuna.Study | None:

@@ -214,14 +214,12 @@ class TrialLedger(Callback):
         self.written.add(trial.trial_id)
         self.logs.pop(trial.trial_id, None)  # its epochs are in its files now: the driver keeps only its id
         row = {k: v for k, v in record.to_table().to_pylist()[0].items() if not isinstance(v, datetime)}
-        self.wandb.finish(trial.trial_id, row, failed=status == "failed", images=self._eval_images(trial.trial_id))
+        self.wandb.finish(trial.trial_id, row, failed=status == "failed", evaluation=self._eval_folder(trial.trial_id))
 
-    def _eval_images(self, trial_id: str) -> dict[str, str]:
-        """The evaluation's PNGs, by W&B key (`eval/reliability`), when the storage is on this machine."""
+    def _eval_folder(self, trial_id: str) -> Path | None:
+        """The trial's evaluation folder, when it has one on this machine (trackers log its files)."""
         folder = self.paths.eval_dir(trial_id)
-        if not is_local(folder) or not Path(folder).is_dir():
-            return {}
-        return {f"eval/{p.stem}": str(p) for p in sorted(Path(folder).glob("*.png"))}
+        return Path(folder) if is_local(folder) and Path(folder).is_dir() else None
 
 
 def _read_result_json(path: Path) -> dict[int, dict[str, Any]]:
