@@ -604,6 +604,21 @@ def epochs_to_reach(curve: list[dict[str, Any] | None], target: float) -> int | 
     return None
 
 
+def paired_diffs(mine: dict[str, float | None], theirs: dict[str, float | None]) -> dict[str, Any]:
+    """Seed by seed, mine minus theirs: the median, the counts each way, and the two-sided Wilcoxon
+    signed-rank p-value (is the median difference zero?)."""
+    from scipy.stats import wilcoxon
+
+    diffs = [v - theirs[s] for s, v in mine.items() if v is not None and theirs.get(s) is not None]
+    return {
+        "median_diff": round(statistics.median(diffs), 4) if diffs else None,
+        "default_better": sum(d > 0 for d in diffs),
+        "ties": sum(d == 0 for d in diffs),
+        "default_worse": sum(d < 0 for d in diffs),
+        "wilcoxon_p": round(float(wilcoxon(diffs).pvalue), 3) if any(diffs) else None,
+    }
+
+
 def summarise(runs: dict[str, dict[str, dict[str, Any]]], budgets: list[int]) -> dict[str, Any]:
     """Per method and budget: the spread over seeds of the selected epoch's test (and validation) accuracy,
     trials run and wall seconds; then the issue's two goals."""
@@ -624,6 +639,7 @@ def summarise(runs: dict[str, dict[str, dict[str, Any]]], budgets: list[int]) ->
                 ),
                 "epochs_counted": spread([min(budget, len(runs[m][s]["epochs"])) for s in runs[m]]),
                 "test_acc_per_seed": {s: p[names.TEST_ACC] if p else None for s, p in picked.items()},
+                "val_acc_per_seed": {s: p[METRIC] if p else None for s, p in picked.items()},
             }
         per_budget[str(budget)] = rows
     summary: dict[str, Any] = {"per_budget": per_budget}
@@ -645,21 +661,17 @@ def summarise(runs: dict[str, dict[str, dict[str, Any]]], budgets: list[int]) ->
         summary["reach_random_fifo_final"] = {"budget": big, "third": third, "methods": reach}
     if DEFAULT in methods:
         # Paired by seed (the same seed gives every TPE and the random search the same first random draws):
-        # raycls's default minus each other method, test accuracy points at each budget.
+        # raycls's default minus each other method at each budget, on the held-out test accuracy and on the
+        # validation accuracy the searches select on, with a Wilcoxon signed-rank test of the differences.
         paired: dict[str, Any] = {}
         for key, rows in per_budget.items():
-            mine = rows[DEFAULT]["test_acc_per_seed"]
             paired[key] = {}
             for m in methods:
                 if m == DEFAULT:
                     continue
-                theirs = rows[m]["test_acc_per_seed"]
-                diffs = [mine[s] - theirs[s] for s in mine if mine[s] is not None and theirs.get(s) is not None]
                 paired[key][m] = {
-                    "median_diff": round(statistics.median(diffs), 4) if diffs else None,
-                    "default_better": sum(d > 0 for d in diffs),
-                    "ties": sum(d == 0 for d in diffs),
-                    "default_worse": sum(d < 0 for d in diffs),
+                    "test_acc": paired_diffs(rows[DEFAULT]["test_acc_per_seed"], rows[m]["test_acc_per_seed"]),
+                    "val_acc": paired_diffs(rows[DEFAULT]["val_acc_per_seed"], rows[m]["val_acc_per_seed"]),
                 }
         summary["default_paired"] = paired
         goals: dict[str, Any] = {}
@@ -883,7 +895,8 @@ def finish(payload: dict[str, Any], *, write: bool, name: str = RESULT_NAME) -> 
 
 
 def merge_results(paths: list[Path]) -> dict[str, Any]:
-    """Raw runs of one or more earlier results, merged by method (a method rerun replaces its old runs)."""
+    """Raw runs of one or more earlier results, merged by method: on the same seeds a method rerun replaces
+    its old runs; on other seeds (disjoint sets) each method's seeds are pooled, for more seeds per method."""
     merged: dict[str, Any] | None = None
     for path in paths:
         loaded = json.loads(path.read_text())
@@ -891,11 +904,18 @@ def merge_results(paths: list[Path]) -> dict[str, Any]:
             merged = {k: loaded[k] for k in ("config", "total_wall_s", "runs")}
             merged["merged_from"] = {}
         else:
-            same = ("splits", "budgets", "max_t", "seeds", "space")
+            same = ("splits", "budgets", "max_t", "space")
             differ = [k for k in same if loaded["config"][k] != merged["config"][k]]
             if differ:
                 raise SystemExit(f"{path}: config differs from {paths[0]} in {differ}: not merged")
-            merged["runs"].update(loaded["runs"])
+            if loaded["config"]["seeds"] == merged["config"]["seeds"]:
+                merged["runs"].update(loaded["runs"])
+            elif set(loaded["config"]["seeds"]) & set(merged["config"]["seeds"]):
+                raise SystemExit(f"{path}: its seeds overlap the others' without being the same: not merged")
+            else:
+                for method, runs in loaded["runs"].items():
+                    merged["runs"].setdefault(method, {}).update(runs)
+                merged["config"]["seeds"] = sorted({*merged["config"]["seeds"], *loaded["config"]["seeds"]})
             merged["config"]["methods"].update(loaded["config"]["methods"])
             merged["total_wall_s"] = round(merged["total_wall_s"] + loaded["total_wall_s"], 1)
         for m in loaded["runs"]:
@@ -919,9 +939,14 @@ def print_table(payload: dict[str, Any]) -> None:
         for m, r in reach["methods"].items():
             print(f"  {m:22s} {r['seeds_within_third']}/{r['seeds']} (at all: {r['seeds_reached']})")
     for budget, rows in payload["summary"].get("default_paired", {}).items():
-        print(f"\nB = {budget}: {DEFAULT} minus each method, by seed (median points; better/ties/worse)")
+        print(f"\nB = {budget}: {DEFAULT} minus each method, by seed (median; better/ties/worse; Wilcoxon p)")
         for m, r in rows.items():
-            print(f"  {m:22s} {r['median_diff']}  {r['default_better']}/{r['ties']}/{r['default_worse']}")
+            test, val = r["test_acc"], r["val_acc"]
+            print(
+                f"  {m:22s} test {test['median_diff']}  {test['default_better']}/{test['ties']}/"
+                f"{test['default_worse']}  p {test['wilcoxon_p']}   validation {val['median_diff']}  "
+                f"{val['default_better']}/{val['ties']}/{val['default_worse']}  p {val['wilcoxon_p']}"
+            )
     for goal, verdict in payload["summary"].get("goals", {}).items():
         print(f"goal {goal}: {verdict}")
 

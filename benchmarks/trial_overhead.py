@@ -11,6 +11,8 @@ loop, writing a checkpoint each epoch:
              (a) raycls tune (the loop in the Tune trial's actor), W&B offline, and W&B disabled
              (b) the floor: a raw Ray Tune function trainable, `reuse_actors=True`, `ray.tune.report` with
                  a checkpoint per epoch, Tune's default search (no raycls ledger, rows, searcher, stopper)
+                 and Tune's default loggers (CSV, JSON, TensorBoard); beside it the same floor with JSON
+                 only, as raycls runs Tune, to show what that choice alone is worth
              (c) plain Optuna in-process (study.optimize calling the loop): what Ray itself costs
   2 workers (rounds the same way):
              (d) raycls tune (a Ray Train TorchTrainer per trial, DDP over gloo)
@@ -128,7 +130,8 @@ def _raw_trainable(params: dict, *, experiment_json: str) -> None:
     fit(config, report, RunContext())
 
 
-def run_raw_tune(folder: Path, *, trials: int, concurrency: int) -> dict:
+def run_raw_tune(folder: Path, *, trials: int, concurrency: int, json_only: bool = False) -> dict:
+    """`json_only`: Tune's CSV and TensorBoard loggers off, as raycls runs Tune (what that alone is worth)."""
     import ray.tune
 
     experiment = write_space(folder, name="raw", trials=trials, concurrency=concurrency, workers=1, wandb="disabled")
@@ -145,11 +148,26 @@ def run_raw_tune(folder: Path, *, trials: int, concurrency: int) -> dict:
             max_concurrent_trials=concurrency,
             reuse_actors=True,
         ),
-        run_config=ray.tune.RunConfig(name="raw", storage_path=str(folder / "raw"), verbose=0),
+        run_config=ray.tune.RunConfig(
+            name="raw",
+            storage_path=str(folder / "raw"),
+            verbose=0,
+            callbacks=[ray.tune.logger.JsonLoggerCallback()] if json_only else None,
+        ),
     )
-    started = time.perf_counter()
-    grid = tuner.fit()
-    wall = time.perf_counter() - started
+    # The floor is Tune as a user gets it: its default loggers (CSV, JSON, TensorBoard) on, whatever
+    # raycls's own searches in this process set (raycls keeps JSON only: raycls.tune.driver).
+    saved = os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
+    if json_only:
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        started = time.perf_counter()
+        grid = tuner.fit()
+        wall = time.perf_counter() - started
+    finally:
+        os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
+        if saved is not None:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = saved
     history = [row for result in grid for row in result.metrics_dataframe.to_dict("records")]
     return {**summary(wall, concurrency, trials, loop_seconds(history)), "errors": grid.num_errors}
 
@@ -220,6 +238,9 @@ def run_bare_torch_trainer(folder: Path, *, trials: int) -> dict:
 # Each compared method: how it runs one round in `folder`, given the command line.
 METHODS = {
     "raw_tune_reuse": lambda folder, args: run_raw_tune(folder, trials=args.trials, concurrency=args.concurrency),
+    "raw_tune_reuse_json_only": lambda folder, args: run_raw_tune(
+        folder, trials=args.trials, concurrency=args.concurrency, json_only=True
+    ),
     "raycls_1worker": lambda folder, args: run_raycls(
         folder, name="raycls_1worker", trials=args.trials, concurrency=args.concurrency, workers=1, wandb="offline"
     ),
@@ -236,7 +257,7 @@ METHODS = {
         folder, name="raycls_2worker", trials=args.trials_2w, concurrency=1, workers=2, wandb="offline"
     ),
 }
-ONE_WORKER = ["raw_tune_reuse", "raycls_1worker", "raycls_1worker_nowandb"]
+ONE_WORKER = ["raw_tune_reuse", "raycls_1worker", "raycls_1worker_nowandb", "raw_tune_reuse_json_only"]
 TWO_WORKERS = ["bare_torch_trainer_2worker", "raycls_2worker"]
 
 
@@ -314,6 +335,11 @@ def main() -> None:
             "raycls_1worker_overhead_s": overhead("raycls_1worker"),
             "raycls_1worker_nowandb_overhead_s": overhead("raycls_1worker_nowandb"),
             "raw_tune_reuse_overhead_s": overhead("raw_tune_reuse"),
+            # Tune with raycls's logger choice (JSON only): the part of the ratio that choice explains.
+            "raw_tune_reuse_json_only_overhead_s": overhead("raw_tune_reuse_json_only"),
+            "ratio_1worker_vs_raw_tune_json_only": ratio(
+                overhead("raycls_1worker"), overhead("raw_tune_reuse_json_only")
+            ),
             "optuna_inprocess_overhead_s": overhead("optuna_inprocess"),
             "raycls_1worker_evaluation_per_trial_s": results["raycls_1worker"]["evaluation_per_trial_s"],
             "raycls_1worker_cost_per_trial_s": results["raycls_1worker"]["cost_per_trial_s"],

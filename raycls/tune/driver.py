@@ -67,6 +67,10 @@ def run_tune(experiment: Experiment, options: TuneOptions, started: StartedSearc
     # Tune warns whenever checkpoints force experiment snapshots (every epoch here, by design: a trial's
     # best-k checkpoints must stay consistent with the experiment state that --resume reads).
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own per-trial CSV and TensorBoard files repeat the leaderboard, W&B and the report; building
+    # the TensorBoard writer alone imports tensorboardX (1.6 s) before the first trial starts. The JSON log
+    # (result.json) stays: Tune's results and `raycls cluster status` read it. "0" brings the others back.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     started = started or start_search(experiment, options, background=False)
     experiment, storage, resources = started.experiment, started.storage, started.experiment.experiment.resources
     wandb_mode = resolve_mode(options.wandb_mode or experiment.wandb.mode)  # auto: online with a key
@@ -235,7 +239,10 @@ def _new_tuner(
     if warm_dir is not None and not journal_file(warm_dir).is_file():
         raise RayclsError(f"search.warm_start: no Optuna study for experiment {warm!r} at {journal_file(warm_dir)}")
     write_space_as_run(experiment, storage)  # `raycls tune <experiment>/space.yaml` runs this search again
-    callbacks = [TrialLedger(experiment, storage, state, wandb_mode, git_state(experiment.source))]
+    callbacks = [
+        TrialLedger(experiment, storage, state, wandb_mode, git_state(experiment.source)),
+        ray.tune.logger.JsonLoggerCallback(),
+    ]
     if paths.folder is not None:  # object stores write whole objects: Tune's own snapshot cannot be cut short
         callbacks.append(SnapshotKeeper(paths.folder))
     if options.live:
