@@ -18,11 +18,14 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raycls import names
 from raycls.registry import Registry
 from raycls.storage import METRICS_FILE
+
+if TYPE_CHECKING:
+    from raycls.evaluate.calibration import ReliabilityBins
 
 CONFUSION_CSV = "confusion_matrix.csv"
 RELIABILITY_CSV = "reliability.csv"
@@ -65,34 +68,29 @@ def confusion(folder: Path) -> tuple[list[str], list[list[int]]] | None:
     return classes, [[int(row[c]) for c in classes] for row in rows]
 
 
-@dataclass(frozen=True)
-class Bins:
-    """Reliability bins as raycls.evaluate.calibration makes them (NaN where a bin is empty)."""
-
-    edges: list[float]
-    confidence: list[float]
-    accuracy: list[float]
-    count: list[int]
-
-    def rows(self) -> list[dict[str, float]]:
-        return [
-            {
-                "low": self.edges[i],
-                "high": self.edges[i + 1],
-                "confidence": self.confidence[i],
-                "accuracy": self.accuracy[i],
-                "count": self.count[i],
-            }
-            for i in range(len(self.count))
-        ]
+def bin_rows(bins: ReliabilityBins) -> list[dict[str, float]]:
+    """Reliability bins (raycls.evaluate.calibration.reliability_bins) as the rows of their table."""
+    return [
+        {
+            "low": bins.edges[i],
+            "high": bins.edges[i + 1],
+            "confidence": bins.confidence[i],
+            "accuracy": bins.accuracy[i],
+            "count": bins.count[i],
+        }
+        for i in range(len(bins.count))
+    ]
 
 
-def reliability(folder: Path, table: str = RELIABILITY_CSV) -> Bins | None:
+def reliability(folder: Path, table: str = RELIABILITY_CSV) -> ReliabilityBins | None:
+    """The bins written by bin_rows, read back (NaN where a bin is empty); None when there is no table."""
+    from raycls.evaluate.calibration import ReliabilityBins
+
     path = folder / table
     if not path.is_file():
         return None
     rows = read_rows(path)
-    return Bins(
+    return ReliabilityBins(
         edges=[float(rows[0]["low"])] + [float(r["high"]) for r in rows],
         confidence=[float(r["confidence"]) for r in rows],
         accuracy=[float(r["accuracy"]) for r in rows],

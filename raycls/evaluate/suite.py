@@ -249,15 +249,11 @@ def calibration_step(ev: Evaluation) -> dict[str, float]:
     val = ev.predictions("val")  # T is fitted on validation, never on the split it is scored on
     metrics = calibration_metrics(test.logits, test.labels, val_logits=val.logits, val_labels=val.labels)
     if ev.writes:  # the reliability diagrams' tables (raycls.evaluate.figures draws them)
-        _write_csv(ev.file(figures.RELIABILITY_CSV), _bins(reliability_bins(test.logits, test.labels)))
+        _write_csv(ev.file(figures.RELIABILITY_CSV), figures.bin_rows(reliability_bins(test.logits, test.labels)))
         if names.TEST_TEMPERATURE in metrics:
             scaled = test.logits / metrics[names.TEST_TEMPERATURE]
-            _write_csv(ev.file(figures.RELIABILITY_TS_CSV), _bins(reliability_bins(scaled, test.labels)))
+            _write_csv(ev.file(figures.RELIABILITY_TS_CSV), figures.bin_rows(reliability_bins(scaled, test.labels)))
     return metrics
-
-
-def _bins(bins: Any) -> list[dict[str, float]]:
-    return figures.Bins(bins.edges, bins.confidence, bins.accuracy, bins.count).rows()
 
 
 @step("knn")
