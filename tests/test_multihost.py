@@ -248,6 +248,12 @@ def test_two_worker_ddp_trial_spans_two_hosts(cluster: Hosts) -> None:
         if wait_for(lambda: any(experiment_dir.glob("tune_trainable_*")), process):
             while process.poll() is None and not shown_whole():
                 seen.append({h["ip"]: h for h in cluster_status(cluster)})
+                # Each ask is a Python process: back to back they would slow the trial they watch. Once both
+                # workers were shown, the next ask waits for the trial's first report (its name on the head).
+                if ever(w1, one_worker) and ever(w2, one_worker):
+                    wait_for(lambda: len(reports(experiment_dir)) >= 1, process)
+                else:
+                    time.sleep(1)
 
     code = while_running(tune_command(cluster, space), cluster.root / "ddp.log", watch)
     assert code == 0, (cluster.root / "ddp.log").read_text()[-3000:]
