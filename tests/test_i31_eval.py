@@ -243,6 +243,24 @@ def test_a_trials_evaluation_writes_tables_and_the_pictures_are_drawn_from_them(
     assert {k for k in evaluation_media(tmp_path / "eval")} >= {"eval/confusion_matrix", "eval/confidence_histogram"}
 
 
+def test_wandb_gets_no_confusion_chart_past_its_class_limit(tmp_path: Path) -> None:
+    """A chart's table has classes x classes rows: past CONFUSION_CHART_CLASSES the CSV stays, the chart is left out."""
+    from raycls.results.wandb_log import CONFUSION_CHART_CLASSES, evaluation_media
+
+    for classes, charted in ((CONFUSION_CHART_CLASSES, True), (CONFUSION_CHART_CLASSES + 1, False)):
+        folder = tmp_path / str(classes)
+        folder.mkdir()
+        names_ = [f"c{i}" for i in range(classes)]
+        with open(folder / "confusion_matrix.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["true", *names_])
+            writer.writeheader()
+            writer.writerows({"true": t, **{c: int(c == t) for c in names_}} for t in names_)
+        media = evaluation_media(folder)
+        assert ("eval/confusion_matrix" in media) is charted
+        if charted:
+            assert sum(n for _, _, n in media["eval/confusion_matrix"].table.data) == classes
+
+
 # ------------------------------------------------------------------------------- overfitting point
 def test_overfitting_point_is_where_validation_rises_while_training_falls() -> None:
     epochs = [1, 2, 3, 4, 5, 6]

@@ -66,6 +66,11 @@ def scrub(config: dict[str, Any]) -> dict[str, Any]:
     return {k: ("***" if any(m in k.lower() for m in SECRET_MARKERS) else v) for k, v in config.items()}
 
 
+# W&B's confusion chart is a table of classes x classes rows: 10,000 at 100 classes, a million at 1,000 (a
+# trial's run would carry that table; confusion_matrix.csv stays in the evaluation folder either way).
+CONFUSION_CHART_CLASSES = 100
+
+
 def evaluation_media(folder: Path) -> dict[str, Any]:
     """A trial's evaluation as W&B media: each picture drawn with it (`eval/<name>`: an image), and the
     default suite's tables as W&B's own charts, which W&B draws (`eval/confusion_matrix`,
@@ -74,7 +79,7 @@ def evaluation_media(folder: Path) -> dict[str, Any]:
 
     media: dict[str, Any] = {f"eval/{p.stem}": wandb.Image(str(p)) for p in sorted(folder.glob("*.png"))}
     matrix = figures.confusion(folder)
-    if matrix is not None and "eval/confusion_matrix" not in media:
+    if matrix is not None and "eval/confusion_matrix" not in media and len(matrix[0]) <= CONFUSION_CHART_CLASSES:
         classes, counts = matrix
         cells = [(t, p, n) for t, row in enumerate(counts) for p, n in enumerate(row)]
         media["eval/confusion_matrix"] = wandb.plot.confusion_matrix(
