@@ -35,10 +35,11 @@ CONFIDENCE_CSV = "confidence_histogram.csv"
 
 @dataclass(frozen=True)
 class Figure:
-    """A picture of an evaluation folder: `<name>.png`, drawn from `table` by `draw(folder, png)`."""
+    """A picture of an evaluation folder: `<name>.png`, drawn from `table` by `draw(folder, png, metrics)`
+    (metrics: the evaluation's, for the title)."""
 
     table: str
-    draw: Callable[[Path, Path], Path]
+    draw: Callable[[Path, Path, dict[str, Any]], Path]
 
 
 FIGURES: Registry[Figure] = Registry("eval figure")
@@ -103,7 +104,7 @@ def _number(metrics: dict[str, Any], key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def _draw_confusion(folder: Path, png: Path) -> Path:
+def _draw_confusion(folder: Path, png: Path, metrics: dict[str, Any]) -> Path:
     import torch
 
     from raycls.plots import confusion_png
@@ -112,28 +113,25 @@ def _draw_confusion(folder: Path, png: Path) -> Path:
     return confusion_png(torch.tensor(counts), classes, png)
 
 
-def _draw_reliability(folder: Path, png: Path) -> Path:
+def _draw_reliability(folder: Path, png: Path, metrics: dict[str, Any]) -> Path:
     from raycls.plots import reliability_diagram
 
-    metrics = read_metrics(folder)
     ece = _number(metrics, names.TEST_ECE)
     title = f"{metrics.get(names.EVAL_SPLIT, 'test')}: ECE {ece:.3f}" if ece is not None else ""
     return reliability_diagram(reliability(folder), png, title=title)  # type: ignore[arg-type]
 
 
-def _draw_reliability_ts(folder: Path, png: Path) -> Path:
+def _draw_reliability_ts(folder: Path, png: Path, metrics: dict[str, Any]) -> Path:
     from raycls.plots import reliability_diagram
 
-    metrics = read_metrics(folder)
     t, ece = _number(metrics, names.TEST_TEMPERATURE), _number(metrics, names.TEST_ECE_TS)
     title = f"temperature {t:.2f}: ECE {ece:.3f}" if t is not None and ece is not None else ""
     return reliability_diagram(reliability(folder, RELIABILITY_TS_CSV), png, title=title)  # type: ignore[arg-type]
 
 
-def _draw_confidence(folder: Path, png: Path) -> Path:
+def _draw_confidence(folder: Path, png: Path, metrics: dict[str, Any]) -> Path:
     from raycls.plots import confidence_histogram
 
-    metrics = read_metrics(folder)
     rows = read_rows(folder / CONFIDENCE_CSV)
     gap = _number(metrics, names.TEST_CONF_GAP)
     return confidence_histogram(
@@ -157,6 +155,7 @@ def draw_figures(folder: Path, out: Path | None = None) -> list[Path]:
     drawn into `out` (default: `folder`); returns every such picture's PNG, drawn now or before."""
     out = folder if out is None else out
     pngs: list[Path] = []
+    metrics: dict[str, Any] | None = None  # read once, by the first picture drawn
     for name, figure in FIGURES.in_order():
         if not (folder / figure.table).is_file():
             continue
@@ -167,6 +166,7 @@ def draw_figures(folder: Path, out: Path | None = None) -> list[Path]:
         png = out / f"{name}.png"
         if not png.is_file():
             out.mkdir(parents=True, exist_ok=True)
-            figure.draw(folder, png)
+            metrics = read_metrics(folder) if metrics is None else metrics
+            figure.draw(folder, png, metrics)
         pngs.append(png)
     return pngs
