@@ -16,9 +16,12 @@ loop, writing a checkpoint each epoch:
              (c) plain Optuna in-process (study.optimize calling the loop): what Ray itself costs
   2 workers (rounds the same way):
              (d) raycls tune (a Ray Train TorchTrainer per trial, DDP over gloo)
-             (e) the floor: a bare `TorchTrainer.fit` of the same loop from the driver, one per trial
+             (e) the floor: a bare `TorchTrainer.fit` of the same loop from the driver, one per trial, with
+                 Ray's defaults; beside it the same floor with raycls's controller poll interval
+                 (`raycls.train.ray_train.POLL_INTERVAL_S`), to show what that choice alone is worth
 
     python benchmarks/trial_overhead.py [--trials 12] [--rounds 3] [--trials-2w 3] [--rounds-2w 2] [--concurrency 2]
+        [--skip-1w | --skip-2w]
 """
 
 from __future__ import annotations
@@ -212,14 +215,20 @@ def _bare_worker(loop_config: dict) -> None:
     fit(TrialConfig.from_json(loop_config["config_json"]), report, ctx)
 
 
-def run_bare_torch_trainer(folder: Path, *, trials: int) -> dict:
+def run_bare_torch_trainer(folder: Path, *, trials: int, raycls_poll: bool = False) -> dict:
+    """`raycls_poll`: Ray Train's controller polls at raycls's interval, not Ray's default."""
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from raycls.train.ray_train import POLL_INTERVAL_ENV, POLL_INTERVAL_S
 
     experiment = write_space(folder, name="bare2w", trials=trials, concurrency=1, workers=2, wandb="disabled")
     rng = optuna.samplers.RandomSampler(seed=0)
     study = optuna.create_study(sampler=rng)
     history: list[dict] = []
+    saved = os.environ.pop(POLL_INTERVAL_ENV, None)
+    if raycls_poll:
+        os.environ[POLL_INTERVAL_ENV] = POLL_INTERVAL_S
     started = time.perf_counter()
     for index in range(trials):
         config = resolve_trial(experiment, suggest(study.ask(), experiment.space))
@@ -232,7 +241,11 @@ def run_bare_torch_trainer(folder: Path, *, trials: int) -> dict:
         )
         trainer.fit()
         history += [json.loads(line) for line in history_file.read_text().splitlines()]
-    return summary(time.perf_counter() - started, 1, trials, loop_seconds(history))
+    wall = time.perf_counter() - started
+    os.environ.pop(POLL_INTERVAL_ENV, None)
+    if saved is not None:
+        os.environ[POLL_INTERVAL_ENV] = saved
+    return summary(wall, 1, trials, loop_seconds(history))
 
 
 # Each compared method: how it runs one round in `folder`, given the command line.
@@ -253,12 +266,15 @@ METHODS = {
         wandb="disabled",
     ),
     "bare_torch_trainer_2worker": lambda folder, args: run_bare_torch_trainer(folder, trials=args.trials_2w),
+    "bare_torch_trainer_2worker_raycls_poll": lambda folder, args: run_bare_torch_trainer(
+        folder, trials=args.trials_2w, raycls_poll=True
+    ),
     "raycls_2worker": lambda folder, args: run_raycls(
         folder, name="raycls_2worker", trials=args.trials_2w, concurrency=1, workers=2, wandb="offline"
     ),
 }
 ONE_WORKER = ["raw_tune_reuse", "raycls_1worker", "raycls_1worker_nowandb", "raw_tune_reuse_json_only"]
-TWO_WORKERS = ["bare_torch_trainer_2worker", "raycls_2worker"]
+TWO_WORKERS = ["bare_torch_trainer_2worker", "raycls_2worker", "bare_torch_trainer_2worker_raycls_poll"]
 
 
 def run_method(key: str, folder: Path, args: argparse.Namespace) -> dict:
@@ -298,6 +314,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="1-worker rounds; medians are compared.")
     parser.add_argument("--rounds-2w", type=int, default=2, help="2-worker rounds; medians are compared.")
     parser.add_argument("--skip-2w", action="store_true", help="Only the 1-worker comparison.")
+    parser.add_argument("--skip-1w", action="store_true", help="Only the 2-worker comparison.")
     args = parser.parse_args()
 
     import ray
@@ -310,8 +327,9 @@ def main() -> None:
 
         init_ray(None, num_cpus=8)
         ray_init_s = time.perf_counter() - ray_started
-        results["optuna_inprocess"] = run_optuna(folder, args.trials)
-        results.update(rotated_rounds(ONE_WORKER, args.rounds, folder / "w1", args))
+        if not args.skip_1w:
+            results["optuna_inprocess"] = run_optuna(folder, args.trials)
+            results.update(rotated_rounds(ONE_WORKER, args.rounds, folder / "w1", args))
         if not args.skip_2w:
             results.update(rotated_rounds(TWO_WORKERS, args.rounds_2w, folder / "w2", args))
         ray.shutdown()
@@ -321,7 +339,7 @@ def main() -> None:
     def overhead(key: str) -> float | None:
         return results[key]["overhead_per_trial_s"] if key in results else None
 
-    one_ratio = ratio(overhead("raycls_1worker"), overhead("raw_tune_reuse"))
+    one_ratio = ratio(overhead("raycls_1worker"), overhead("raw_tune_reuse")) if "raycls_1worker" in results else None
     two_ratio = (
         ratio(overhead("raycls_2worker"), overhead("bare_torch_trainer_2worker"))
         if "raycls_2worker" in results
@@ -341,12 +359,19 @@ def main() -> None:
                 overhead("raycls_1worker"), overhead("raw_tune_reuse_json_only")
             ),
             "optuna_inprocess_overhead_s": overhead("optuna_inprocess"),
-            "raycls_1worker_evaluation_per_trial_s": results["raycls_1worker"]["evaluation_per_trial_s"],
-            "raycls_1worker_cost_per_trial_s": results["raycls_1worker"]["cost_per_trial_s"],
+            "raycls_1worker_evaluation_per_trial_s": results.get("raycls_1worker", {}).get("evaluation_per_trial_s"),
+            "raycls_1worker_cost_per_trial_s": results.get("raycls_1worker", {}).get("cost_per_trial_s"),
             "ratio_1worker_vs_raw_tune": one_ratio,
             "raycls_2worker_overhead_s": overhead("raycls_2worker"),
             "bare_torch_trainer_2worker_overhead_s": overhead("bare_torch_trainer_2worker"),
             "ratio_2worker_vs_bare_torch_trainer": two_ratio,
+            # The floor with raycls's Train poll interval: the part of the ratio that choice explains.
+            "bare_torch_trainer_2worker_raycls_poll_overhead_s": overhead("bare_torch_trainer_2worker_raycls_poll"),
+            "ratio_2worker_vs_bare_torch_trainer_raycls_poll": ratio(
+                overhead("raycls_2worker"), overhead("bare_torch_trainer_2worker_raycls_poll")
+            )
+            if "raycls_2worker" in results
+            else None,
             "ray_init_s": ray_init_s,
             "details": results,
             "goal_ratio": 1.0,

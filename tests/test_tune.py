@@ -711,6 +711,44 @@ def test_raycls_train_through_ray_train(ray_local, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_two_worker_trials_in_a_row_on_one_trial_actor_each_report_their_own_epochs(ray_local, tmp_path: Path) -> None:
+    """~35 s: two DDP trials one after the other. Tune reuses the trial actor, which hands the second trial
+    the report queue the first one used (raycls.tune.trainable): each trial reports its own two epochs once,
+    nothing left over from the trial before."""
+    space = write_yaml(
+        tmp_path / "two.yaml",
+        """
+experiment: {name: two, trials: 2, concurrency: 1, resources: {workers: 2, cpus_per_worker: 1}}
+search: {points_to_evaluate: [{train.lr: 0.001}, {train.lr: 0.01}]}
+scheduler: {name: fifo}
+wandb: {mode: disabled}
+space:
+  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}
+"""
+        + without_eval(
+            BASE.replace("epochs: 4", "epochs: 2").replace(
+                "val_fraction: 0.2}", "val_fraction: 0.2, train_subset: 300}"
+            )
+        ),
+    )
+    storage = tmp_path / "results"
+    run_tune(load_experiment(space), TuneOptions(storage=str(storage), live=False))
+    rows = read_leaderboard(str(storage), "two").table.to_pylist()
+    assert sorted(r["train.lr"] for r in rows) == [0.001, 0.01]
+    assert all(r["status"] == "completed" and r["epochs"] == 2 and r["workers"] == 2 for r in rows)
+    history = read_leaderboard(str(storage), "two", kind="history").table.to_pylist()
+    for row in rows:
+        assert sorted(h["epoch"] for h in history if h["trial_id"] == row["trial_id"]) == [1, 2]
+    # Both trials ran in one trial actor (Tune's reuse): the second took the first one's queue.
+    pids = {
+        json.loads(line)["pid"]
+        for p in (storage / "two").glob("tune_trainable_*/result.json")
+        for line in p.read_text().splitlines()
+    }
+    assert len(pids) == 1
+
+
+@pytest.mark.slow
 def test_distilled_trial_records_its_teacher(ray_local, tmp_path: Path) -> None:
     space = write_yaml(
         tmp_path / "ema.yaml",

@@ -29,12 +29,26 @@ from raycls.storage import ExperimentPaths, filesystem
 from raycls.train.chain import fit
 from raycls.train.loop import RunContext
 from raycls.train.ray_data import local_source, resolve_data, trial_datasets
-from raycls.train.ray_train import RESTARTS, RayReporter, restarts_of, restored, torch_trainer, trial_extras
+from raycls.train.ray_train import (
+    RESTARTS,
+    RayReporter,
+    fit_trainer,
+    restarts_of,
+    restored,
+    torch_trainer,
+    trial_extras,
+)
 
 # A multi-worker trial whose Ray Train run gave up (after its own max_failures restarts) leaves this file in
 # the run's folder: Tune's retry of the trial then fails at once instead of restarting the worker group
 # max_failures times more (retries would multiply: (max_failures + 1) ** 2 attempts).
 FAILED_FILE = "raycls_failed.txt"
+
+# Ray's TuneReportCallback forwards a Train run's reports to the trial through a queue actor that the trial's
+# Tune session creates, one per trial: a new process started beside the Train controller and workers at
+# every trial's start (measured: the first report came ~1 s later on 2 cores). A reused trial actor runs its
+# trials one after the other, so it keeps one queue for all of them (`_reuse_report_queue`).
+_report_queue: Any = None
 
 
 def tune_trainable(params: dict[str, Any], *, experiment_json: str, storage: str) -> None:
@@ -107,6 +121,7 @@ def _run_torch_trainer(
         with fs.open_input_stream(failed) as stream:
             message = stream.read().decode(errors="replace")
         raise RuntimeError(f"the Ray Train run already failed after its retries (max_failures): {message}")
+    _reuse_report_queue()
     trainer = torch_trainer(
         config,
         experiment.experiment.resources,
@@ -123,13 +138,37 @@ def _run_torch_trainer(
         eval_dir=eval_dir,
     )
     try:
-        trainer.fit()
+        fit_trainer(trainer)
     except ray.train.TrainingFailedError as err:
         if _raised_by_training(err):  # not a lost process or node (a killed driver takes its workers along)
             fs.create_dir(root, recursive=True)
             with fs.open_output_stream(failed) as stream:
                 stream.write(_last_line(err).encode())
         raise
+
+
+def _reuse_report_queue() -> None:
+    """Hands this trial's Tune session the queue an earlier trial of this actor made (see `_report_queue`),
+    emptied first; the first trial makes it. The previous trial's Train run had ended (its `fit` returned)
+    before this one began, so nothing writes to it any more. A Ray whose session keeps the queue elsewhere
+    makes one per trial, as Ray does."""
+    global _report_queue
+    from ray.train._internal.session import get_session
+    from ray.util.queue import Empty
+
+    session = get_session()
+    if session is None or not hasattr(session, "_inter_actor_queue"):
+        return
+    if _report_queue is not None:
+        try:
+            while True:
+                _report_queue.get_nowait()
+        except Empty:
+            session._inter_actor_queue = _report_queue
+            return
+        except Exception:  # its actor is gone (its node was lost): make a new one, as Ray would
+            pass
+    _report_queue = session._get_or_create_inter_actor_queue()
 
 
 def _raised_by_training(error: BaseException) -> bool:
