@@ -225,7 +225,7 @@ def test_two_worker_ddp_trial_spans_two_hosts(cluster: Hosts) -> None:
         cluster,
         "ddp",
         "experiment: {name: ddp, trials: 1, resources: {workers: 2, cpus_per_worker: 1}}\nscheduler: {name: fifo}\nwandb: {mode: disabled}\n",
-        8,
+        16,  # its workers live long enough to be seen by asks that take seconds each (an epoch is ~0.5 s)
     )
     experiment_dir = storage_of(cluster) / "ddp"
     head, w1, w2 = cluster.hosts
@@ -258,7 +258,7 @@ def test_two_worker_ddp_trial_spans_two_hosts(cluster: Hosts) -> None:
     code = while_running(tune_command(cluster, space), cluster.root / "ddp.log", watch)
     assert code == 0, (cluster.root / "ddp.log").read_text()[-3000:]
     (row,) = rows(cluster, "ddp")
-    assert row["status"] == "completed" and row["workers"] == 2 and row["epochs"] == 8 and row["restarts"] == 0
+    assert row["status"] == "completed" and row["workers"] == 2 and row["epochs"] == 16 and row["restarts"] == 0
     assert shown_whole(), seen
     assert ever(head, lambda h: h["trials"] == [row["trial_id"]] and h["actors"].get("trials") == 1)  # coordinator
     assert not ever(head, lambda h: h["actors"].get("train_workers", 0) > 0)  # no Train worker on the head
