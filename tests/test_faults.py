@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -266,6 +267,24 @@ def test_driver_sigkill_then_resume_on_the_cluster(cluster, tmp_path: Path, poin
 
 
 # ---------------------------------------------------------------------------------------- node lost
+def lose(cluster: Cluster, node) -> None:
+    """Every process of a node at once, as a preempted machine: the processes its Ray started (the Train
+    workers among them) and Ray's own. `remove_node` kills only Ray's own; the workers noticed that their
+    raylet had gone only seconds later and, on a loaded machine, finished the trial first (seen in a suite)."""
+    started: list[psutil.Process] = []
+    for _, process in node.live_processes():
+        try:
+            started += psutil.Process(process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    for child in started:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    cluster.remove_node(node, allow_graceful=False)
+
+
 def train_worker_nodes() -> set[str]:
     """Nodes holding a Ray Train worker group's bundles (one CPU each, no share of `on_demand`)."""
     return {
@@ -308,7 +327,7 @@ wandb: {mode: disabled}
         for node in cluster.worker_nodes:
             if node.node_id in train_worker_nodes():
                 removed["node_id"] = node.node_id
-                cluster.remove_node(node, allow_graceful=False)  # a hard loss, as a preempted spot node
+                lose(cluster, node)
                 break
         for pg in ray.util.placement_group_table().values():  # the trial's coordinator bundle, and its node
             if pg["state"] == "CREATED" and ON_DEMAND in pg["bundles"][0]:
