@@ -306,7 +306,9 @@ DRILL_SPACE = "experiment: {name: NAME, trials: 2, concurrency: 2, max_failures:
 def test_drill_worker_host_killed_mid_trial(cluster: Hosts) -> None:
     """Every process of w1 SIGKILLed once its trial has a checkpoint: the trial goes on from that checkpoint
     on w2 (Tune's retry, `max_failures`), and counts the restart."""
-    epochs = 6
+    # Its trials outlive the watcher's seconds-late view of their second epoch (at 6 epochs the trial on w1
+    # once ended before the link went down, in a loaded suite).
+    epochs = 12
     space = space_file(cluster, "killed", DRILL_SPACE.replace("NAME", "killed"), epochs)
     experiment_dir = storage_of(cluster) / "killed"
     w1 = cluster["w1"]
@@ -334,7 +336,9 @@ def test_drill_worker_host_link_down_30s(cluster: Hosts) -> None:
     """w1's link down for 30 s once its trial has a checkpoint, then up: Ray declares w1 dead, its trial
     goes on on w2; w1's Ray, told it is dead when the link is back, is started again (the host rejoins);
     every trial has one row."""
-    epochs = 6
+    # Its trials outlive the watcher's seconds-late view of their second epoch (at 6 epochs the trial on w1
+    # once ended before the link went down, in a loaded suite).
+    epochs = 12
     space = space_file(cluster, "cut", DRILL_SPACE.replace("NAME", "cut"), epochs)
     experiment_dir = storage_of(cluster) / "cut"
     w1 = cluster["w1"]
@@ -361,7 +365,9 @@ def test_drill_worker_host_link_down_30s(cluster: Hosts) -> None:
 def test_drill_head_link_flapping_5s(cluster: Hosts) -> None:
     """The head's link down and up every second for 5 s while both trials report: Ray rides it out (its
     health checks allow 5 s), the search finishes, every trial has one row."""
-    epochs = 6
+    # Its trials outlive the watcher's seconds-late view of their second epoch (at 6 epochs the trial on w1
+    # once ended before the link went down, in a loaded suite).
+    epochs = 12
     space = space_file(cluster, "flap", DRILL_SPACE.replace("NAME", "flap"), epochs)
     experiment_dir = storage_of(cluster) / "flap"
     started = time.monotonic()
