@@ -239,9 +239,16 @@ def test_two_worker_ddp_trial_spans_two_hosts(cluster: Hosts) -> None:
     def one_worker(host: dict) -> bool:
         return host["actors"].get("train_workers") == 1
 
-    def shown_whole() -> bool:
+    def parts_shown() -> dict[str, bool]:
         """A Train worker on each worker host, and the trial on the head (named from its first report)."""
-        return ever(w1, one_worker) and ever(w2, one_worker) and ever(head, lambda h: bool(h["trials"]))
+        return {
+            "w1 worker": ever(w1, one_worker),
+            "w2 worker": ever(w2, one_worker),
+            "head trial": ever(head, lambda h: bool(h["trials"])),
+        }
+
+    def shown_whole() -> bool:
+        return all(parts_shown().values())
 
     def watch(process: subprocess.Popen) -> None:
         # Asked again and again from the trial's start (its Tune folder) until every part was shown, or the
@@ -261,12 +268,7 @@ def test_two_worker_ddp_trial_spans_two_hosts(cluster: Hosts) -> None:
     assert code == 0, (cluster.root / "ddp.log").read_text()[-3000:]
     (row,) = rows(cluster, "ddp")
     assert row["status"] == "completed" and row["workers"] == 2 and row["epochs"] == 30 and row["restarts"] == 0
-    parts = {
-        "w1 worker": ever(w1, one_worker),
-        "w2 worker": ever(w2, one_worker),
-        "head trial": ever(head, lambda h: bool(h["trials"])),
-    }
-    assert shown_whole(), f"never shown: {[k for k, v in parts.items() if not v]} in {len(seen)} asks: {seen}"
+    assert shown_whole(), f"never shown: {[k for k, v in parts_shown().items() if not v]} in {len(seen)} asks: {seen}"
     assert ever(head, lambda h: h["trials"] == [row["trial_id"]] and h["actors"].get("trials") == 1)  # coordinator
     assert not ever(head, lambda h: h["actors"].get("train_workers", 0) > 0)  # no Train worker on the head
     assert not any(ever(w, lambda h: h["actors"].get("train_workers", 0) > 1) for w in (w1, w2))
@@ -301,14 +303,15 @@ def assert_one_row_each(cluster: Hosts, experiment: str, trials: int, epochs: in
 
 
 DRILL_SPACE = "experiment: {name: NAME, trials: 2, concurrency: 2, max_failures: 3}\nscheduler: {name: fifo}\nwandb: {mode: disabled}\n"
+# A drill's trials outlive the watcher's seconds-late view of their second epoch (at 6 epochs the trial on
+# w1 once ended before the link went down, in a loaded suite).
+DRILL_EPOCHS = 12
 
 
 def test_drill_worker_host_killed_mid_trial(cluster: Hosts) -> None:
     """Every process of w1 SIGKILLed once its trial has a checkpoint: the trial goes on from that checkpoint
     on w2 (Tune's retry, `max_failures`), and counts the restart."""
-    # Its trials outlive the watcher's seconds-late view of their second epoch (at 6 epochs the trial on w1
-    # once ended before the link went down, in a loaded suite).
-    epochs = 12
+    epochs = DRILL_EPOCHS
     space = space_file(cluster, "killed", DRILL_SPACE.replace("NAME", "killed"), epochs)
     experiment_dir = storage_of(cluster) / "killed"
     w1 = cluster["w1"]
@@ -336,9 +339,7 @@ def test_drill_worker_host_link_down_30s(cluster: Hosts) -> None:
     """w1's link down for 30 s once its trial has a checkpoint, then up: Ray declares w1 dead, its trial
     goes on on w2; w1's Ray, told it is dead when the link is back, is started again (the host rejoins);
     every trial has one row."""
-    # Its trials outlive the watcher's seconds-late view of their second epoch (at 6 epochs the trial on w1
-    # once ended before the link went down, in a loaded suite).
-    epochs = 12
+    epochs = DRILL_EPOCHS
     space = space_file(cluster, "cut", DRILL_SPACE.replace("NAME", "cut"), epochs)
     experiment_dir = storage_of(cluster) / "cut"
     w1 = cluster["w1"]
@@ -365,9 +366,7 @@ def test_drill_worker_host_link_down_30s(cluster: Hosts) -> None:
 def test_drill_head_link_flapping_5s(cluster: Hosts) -> None:
     """The head's link down and up every second for 5 s while both trials report: Ray rides it out (its
     health checks allow 5 s), the search finishes, every trial has one row."""
-    # Its trials outlive the watcher's seconds-late view of their second epoch (at 6 epochs the trial on w1
-    # once ended before the link went down, in a loaded suite).
-    epochs = 12
+    epochs = DRILL_EPOCHS
     space = space_file(cluster, "flap", DRILL_SPACE.replace("NAME", "flap"), epochs)
     experiment_dir = storage_of(cluster) / "flap"
     started = time.monotonic()
