@@ -220,15 +220,14 @@ def run_bare_torch_trainer(folder: Path, *, trials: int, raycls_poll: bool = Fal
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raycls.train.ray_train import POLL_INTERVAL_ENV, POLL_INTERVAL_S
+    from raycls.train.ray_train import POLL_INTERVAL_ENV, fit_trainer
 
     experiment = write_space(folder, name="bare2w", trials=trials, concurrency=1, workers=2, wandb="disabled")
     rng = optuna.samplers.RandomSampler(seed=0)
     study = optuna.create_study(sampler=rng)
     history: list[dict] = []
+    # Ray's default unless asked for raycls's, whatever this process's environment says.
     saved = os.environ.pop(POLL_INTERVAL_ENV, None)
-    if raycls_poll:
-        os.environ[POLL_INTERVAL_ENV] = POLL_INTERVAL_S
     started = time.perf_counter()
     for index in range(trials):
         config = resolve_trial(experiment, suggest(study.ask(), experiment.space))
@@ -239,10 +238,9 @@ def run_bare_torch_trainer(folder: Path, *, trials: int, raycls_poll: bool = Fal
             scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
             run_config=ray.train.RunConfig(name=f"bare-{index}", storage_path=str(folder / "bare")),
         )
-        trainer.fit()
+        fit_trainer(trainer) if raycls_poll else trainer.fit()
         history += [json.loads(line) for line in history_file.read_text().splitlines()]
     wall = time.perf_counter() - started
-    os.environ.pop(POLL_INTERVAL_ENV, None)
     if saved is not None:
         os.environ[POLL_INTERVAL_ENV] = saved
     return summary(wall, 1, trials, loop_seconds(history))
@@ -302,8 +300,11 @@ def median_run(runs: list[dict]) -> dict:
     return {**middle, "overhead_per_trial_s": statistics.median(overheads), "rounds_overhead_per_trial_s": overheads}
 
 
-def ratio(numerator: float, denominator: float) -> float | None:
-    return numerator / denominator if denominator > 0 else None
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    """None where either side was not run (--skip-1w / --skip-2w) or the floor is not positive."""
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
 
 
 def main() -> None:
@@ -339,12 +340,8 @@ def main() -> None:
     def overhead(key: str) -> float | None:
         return results[key]["overhead_per_trial_s"] if key in results else None
 
-    one_ratio = ratio(overhead("raycls_1worker"), overhead("raw_tune_reuse")) if "raycls_1worker" in results else None
-    two_ratio = (
-        ratio(overhead("raycls_2worker"), overhead("bare_torch_trainer_2worker"))
-        if "raycls_2worker" in results
-        else None
-    )
+    one_ratio = ratio(overhead("raycls_1worker"), overhead("raw_tune_reuse"))
+    two_ratio = ratio(overhead("raycls_2worker"), overhead("bare_torch_trainer_2worker"))
     path = write_result(
         "trial_overhead",
         {
@@ -369,9 +366,7 @@ def main() -> None:
             "bare_torch_trainer_2worker_raycls_poll_overhead_s": overhead("bare_torch_trainer_2worker_raycls_poll"),
             "ratio_2worker_vs_bare_torch_trainer_raycls_poll": ratio(
                 overhead("raycls_2worker"), overhead("bare_torch_trainer_2worker_raycls_poll")
-            )
-            if "raycls_2worker" in results
-            else None,
+            ),
             "ray_init_s": ray_init_s,
             "details": results,
             "goal_ratio": 1.0,
