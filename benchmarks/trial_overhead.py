@@ -103,6 +103,7 @@ def run_raycls(folder: Path, *, name: str, trials: int, concurrency: int, worker
 
     experiment = write_space(folder, name=name, trials=trials, concurrency=concurrency, workers=workers, wandb=wandb)
     storage = str(folder / "results")
+    started_at = time.time()  # the rows' start times are the driver's wall clock
     started = time.perf_counter()
     run_tune(experiment, TuneOptions(storage=storage, live=False))
     wall = time.perf_counter() - started
@@ -111,12 +112,29 @@ def run_raycls(folder: Path, *, name: str, trials: int, concurrency: int, worker
     evaluation, cost = extra_work_seconds(history)
     return {
         **summary(wall, concurrency, trials, loop_seconds(history), evaluation, cost),
+        **search_split(rows, started_at, wall, concurrency, work=loop_seconds(history) + evaluation + cost),
         "workers": workers,
         "wandb": wandb,
         "statuses": sorted(r["status"] for r in rows),
         "trial_wall_s_median": statistics.median(r["wall_s"] for r in rows),
         "setup_s_median": statistics.median(r[names.SETUP_S] for r in history if r.get(names.SETUP_S) is not None),
         "epoch_s_median": statistics.median(r[names.EPOCH_S] for r in history),
+    }
+
+
+def search_split(rows: list[dict], started_at: float, wall: float, concurrency: int, *, work: float) -> dict:
+    """Where a search's seconds went, from its rows' start and end times (the driver's, as Tune starts and
+    completes each trial): until its first trial started (Ray Tune's start and its first trial actor's,
+    paid once per search), and the overhead per trial from each trial's start to its end. Only for
+    one trial at a time (concurrency 1): trials that overlap share seconds."""
+    if concurrency != 1 or not rows or any(r.get("started_at") is None or r.get("wall_s") is None for r in rows):
+        return {}
+    first = min(r["started_at"].timestamp() for r in rows)
+    in_trials = sum(r["wall_s"] for r in rows)
+    return {
+        "search_start_s": first - started_at,
+        "between_and_after_trials_s": wall - (first - started_at) - in_trials,
+        "in_trial_overhead_per_trial_s": (in_trials - work) / len(rows),
     }
 
 
@@ -362,6 +380,17 @@ def main() -> None:
             "raycls_2worker_overhead_s": overhead("raycls_2worker"),
             "bare_torch_trainer_2worker_overhead_s": overhead("bare_torch_trainer_2worker"),
             "ratio_2worker_vs_bare_torch_trainer": two_ratio,
+            # Where raycls's 2-worker seconds went: once per search until its first trial started (Tune's start
+            # and its trial actor's), then per trial from its start to its end (its Ray Train run, reports,
+            # evaluation and row), beside the floor's whole fit.
+            "raycls_2worker_search_start_s": results.get("raycls_2worker", {}).get("search_start_s"),
+            "raycls_2worker_in_trial_overhead_s": results.get("raycls_2worker", {}).get(
+                "in_trial_overhead_per_trial_s"
+            ),
+            "ratio_2worker_in_trial_vs_bare_torch_trainer": ratio(
+                results.get("raycls_2worker", {}).get("in_trial_overhead_per_trial_s"),
+                overhead("bare_torch_trainer_2worker"),
+            ),
             # The floor with raycls's Train poll interval: the part of the ratio that choice explains.
             "bare_torch_trainer_2worker_raycls_poll_overhead_s": overhead("bare_torch_trainer_2worker_raycls_poll"),
             "ratio_2worker_vs_bare_torch_trainer_raycls_poll": ratio(
