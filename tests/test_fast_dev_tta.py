@@ -163,13 +163,10 @@ def test_predict_tta_averages_the_trials_views() -> None:
     assert np.allclose(predictor(("identity", "hflip")).tta_logits(images), mirrored, atol=1e-6)
 
 
-@pytest.mark.slow  # a local Ray: ~25-60 s on 2 shared cores
-def test_a_streamed_fast_dev_run_reads_a_stratified_sample_of_each_split(tmp_path: Path) -> None:
+@pytest.mark.slow  # Ray Data on the session's Ray
+def test_a_streamed_fast_dev_run_reads_a_stratified_sample_of_each_split(ray_local, tmp_path: Path) -> None:
     """A folder lists its files class by class: a fast dev run's streamed splits were their first files."""
-    import ray
-
     from raycls.train.ray_data import trial_datasets
-    from raycls.tune.cluster import init_ray
     from tests.test_stream import CLASSES, image_folder
 
     folder = image_folder(tmp_path / "images", per_class=12, test_per_class=1)
@@ -179,11 +176,7 @@ def test_a_streamed_fast_dev_run_reads_a_stratified_sample_of_each_split(tmp_pat
             "train": {"batch_size": 4, "eval_batch_size": 4},
         }
     )
-    init_ray(None, num_cpus=2)
-    try:
-        datasets = trial_datasets(config, limit_batches=1)
-        for split, dataset in datasets.items():
-            labels = [row["label"] for row in dataset.take_all()]
-            assert len(labels) == 4 and len(set(labels)) == CLASSES, (split, labels)
-    finally:
-        ray.shutdown()
+    datasets = trial_datasets(config, limit_batches=1)
+    for split, dataset in datasets.items():
+        labels = [row["label"] for row in dataset.take_all()]
+        assert len(labels) == 4 and len(set(labels)) == CLASSES, (split, labels)

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import optuna
 import pyarrow as pa
 import pytest
-import ray
 import torch
 
 from raycls.cli import main
@@ -51,30 +50,24 @@ def said(capsys: pytest.CaptureFixture[str]) -> str:
 
 # ------------------------------------------------------------------------ 7: a search with nothing to show
 @pytest.mark.slow
-def test_a_search_whose_trials_all_fail_exits_1_and_says_so_last(tmp_path: Path, capsys) -> None:
+def test_a_search_whose_trials_all_fail_exits_1_and_says_so_last(ray_local, tmp_path: Path, capsys) -> None:
     """Two trials that fail at run time (a data folder that exists but holds no class folders): exit 1, and
     the last line says no trial completed, how many failed and the first error."""
-    from raycls.tune.cluster import init_ray
-
     space = write_yaml(tmp_path / "tiny.yaml", DIGITS)
     (tmp_path / "no-images").mkdir()
-    init_ray(None, num_cpus=4)
-    try:
-        code = exit_code(
-            [
-                "tune",
-                str(space),
-                "--storage",
-                str(tmp_path / "results"),
-                "--no-report",
-                "--set",
-                "data.name=folder",
-                "--set",
-                f"data.path={tmp_path / 'no-images'}",
-            ]
-        )
-    finally:
-        ray.shutdown()
+    code = exit_code(  # on the session's Ray (`ray_local`): `raycls tune` keeps a Ray it finds running
+        [
+            "tune",
+            str(space),
+            "--storage",
+            str(tmp_path / "results"),
+            "--no-report",
+            "--set",
+            "data.name=folder",
+            "--set",
+            f"data.path={tmp_path / 'no-images'}",
+        ]
+    )
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert code == 1, lines[-5:]
     assert lines[-1].startswith("no trial completed: 2 failed (first error:") and "no class subfolders" in lines[-1]
