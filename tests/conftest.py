@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -169,6 +170,20 @@ def kill_driver_when(
 def rows_written(board: Path) -> dict[str, int]:
     """The leaderboard files in `board`, with their modification times."""
     return {p.name: p.stat().st_mtime_ns for p in board.glob("*.parquet")}
+
+
+def tune_reports(experiment_dir: Path) -> list[dict]:
+    """Every report Tune has written so far (each trial's result.json lines: trial_id, node_ip, node_id,
+    pid, epoch, ...); a line still being written is skipped."""
+    found = []
+    for path in experiment_dir.glob("tune_trainable_*/result.json"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.strip().endswith("}"):
+                try:
+                    found.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return found
 
 
 def kill_driver_after_rows(

@@ -10,7 +10,6 @@ Every test here runs searches on a multi-node cluster: the whole module is `slow
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -31,7 +30,14 @@ from raycls.results import read_leaderboard
 from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 
-from .conftest import assert_resumed_whole, kill_driver_when, rows_written, wait_until_released, write_yaml
+from .conftest import (
+    assert_resumed_whole,
+    kill_driver_when,
+    rows_written,
+    tune_reports,
+    wait_until_released,
+    write_yaml,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -307,20 +313,13 @@ wandb: {mode: disabled}
     removed: dict[str, str] = {}
 
     def remove_a_worker_node() -> None:
-        def reports() -> list[dict]:  # seen by Tune: reports whose checkpoint Ray Train has registered
-            lines = [
-                line
-                for p in (storage / "lost").glob("tune_trainable_*/result.json")
-                for line in p.read_text().splitlines()
-            ]
-            return [json.loads(line) for line in lines if line.strip().endswith("}")]
-
+        # Watched through what Tune has seen: reports whose checkpoint Ray Train has registered.
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not reports():
+        while time.monotonic() < deadline and not tune_reports(storage / "lost"):
             time.sleep(0.05)
         # Rank 0's node, from its own report. Not from the placement groups: a worker group's bundles once
         # named another node than the one its rank 0 reported from, and the trial ran on, not restarted.
-        hosts = {r.get("node_id") for r in reports()}
+        hosts = {r.get("node_id") for r in tune_reports(storage / "lost")}
         for node in cluster.worker_nodes:
             if node.node_id in hosts:
                 removed["node_id"] = node.node_id

@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import REPO, assert_resumed_whole, kill_driver_when, rows_written, write_yaml
+from .conftest import REPO, assert_resumed_whole, kill_driver_when, rows_written, tune_reports, write_yaml
 from .netns_hosts import Host, Hosts, hosts_available
 
 pytestmark = pytest.mark.slow
@@ -89,19 +89,6 @@ def run_tune(cluster: Hosts, space: Path, *extra: str, timeout: float = 400) -> 
     done = subprocess.run(tune_command(cluster, space, *extra), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
-
-
-def reports(experiment_dir: Path) -> list[dict]:
-    """Every Tune report so far (each trial's result.json lines: trial_id, node_ip, pid, epoch, ...)."""
-    found = []
-    for path in experiment_dir.glob("tune_trainable_*/result.json"):
-        for line in path.read_text(errors="replace").splitlines():
-            if line.strip().endswith("}"):
-                try:
-                    found.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return found
 
 
 def cluster_status(cluster: Hosts) -> list[dict]:
@@ -260,7 +247,7 @@ def test_two_worker_ddp_trial_spans_two_hosts(cluster: Hosts) -> None:
                 # Each ask is a Python process: back to back they would slow the trial they watch. Once both
                 # workers were shown, the next ask waits for the trial's first report (its name on the head).
                 if ever(w1, one_worker) and ever(w2, one_worker):
-                    wait_for(lambda: len(reports(experiment_dir)) >= 1, process)
+                    wait_for(lambda: len(tune_reports(experiment_dir)) >= 1, process)
                 else:
                     time.sleep(1)
 
@@ -318,7 +305,7 @@ def test_drill_worker_host_killed_mid_trial(cluster: Hosts) -> None:
     started = time.monotonic()
 
     def kill_w1(process: subprocess.Popen) -> None:
-        on_w1 = lambda: any(r.get("node_ip") == w1.ip and r.get("epoch", 0) >= 2 for r in reports(experiment_dir))  # noqa: E731
+        on_w1 = lambda: any(r.get("node_ip") == w1.ip and r.get("epoch", 0) >= 2 for r in tune_reports(experiment_dir))  # noqa: E731
         assert wait_for(on_w1, process), "no trial reported 2 epochs on w1"
         w1.kill()
 
@@ -327,7 +314,7 @@ def test_drill_worker_host_killed_mid_trial(cluster: Hosts) -> None:
         assert code == 0, (cluster.root / "killed.log").read_text()[-3000:]
         found = assert_one_row_each(cluster, "killed", 2, epochs)
         drill_result("worker host killed", found, started)
-        w1_ids = {r["trial_id"] for r in reports(experiment_dir) if r.get("node_ip") == w1.ip}
+        w1_ids = {r["trial_id"] for r in tune_reports(experiment_dir) if r.get("node_ip") == w1.ip}
         (moved,) = [r for r in found if r["trial_id"] in w1_ids]
         assert moved["restarts"] >= 1
         assert moved["node_id"] in {n for n, h in cluster.node_hosts().items() if h == "w2"}
@@ -346,7 +333,7 @@ def test_drill_worker_host_link_down_30s(cluster: Hosts) -> None:
     started = time.monotonic()
 
     def cut_w1(process: subprocess.Popen) -> None:
-        on_w1 = lambda: any(r.get("node_ip") == w1.ip and r.get("epoch", 0) >= 2 for r in reports(experiment_dir))  # noqa: E731
+        on_w1 = lambda: any(r.get("node_ip") == w1.ip and r.get("epoch", 0) >= 2 for r in tune_reports(experiment_dir))  # noqa: E731
         assert wait_for(on_w1, process), "no trial reported 2 epochs on w1"
         w1.link(False)
         time.sleep(30)
@@ -372,7 +359,7 @@ def test_drill_head_link_flapping_5s(cluster: Hosts) -> None:
     started = time.monotonic()
 
     def flap(process: subprocess.Popen) -> None:
-        both = lambda: len({r["trial_id"] for r in reports(experiment_dir) if r.get("epoch", 0) >= 1}) >= 2  # noqa: E731
+        both = lambda: len({r["trial_id"] for r in tune_reports(experiment_dir) if r.get("epoch", 0) >= 1}) >= 2  # noqa: E731
         assert wait_for(both, process), "the two trials never reported"
         end = time.monotonic() + 5
         while time.monotonic() < end:
@@ -408,7 +395,7 @@ def test_drill_driver_killed_then_resume(cluster: Hosts) -> None:
 
     def ready() -> bool:  # mid-trial: a row written, and a trial that has not ended has reported
         done = len(list(board.glob("*.parquet")))
-        return done >= 1 and len(reports(experiment_dir)) >= epochs * done + 1
+        return done >= 1 and len(tune_reports(experiment_dir)) >= epochs * done + 1
 
     assert kill_driver_when(tune_command(cluster, space), {**os.environ}, log, ready), log.read_text()[-3000:]
     before = rows_written(board)

@@ -25,7 +25,7 @@ from raycls.results import read_leaderboard
 from raycls.tune.driver import TuneOptions, run_tune
 from raycls.tune.searcher import create_searcher
 
-from .conftest import REPO, assert_resumed_whole, kill_driver_after_rows, rows_written, write_yaml
+from .conftest import REPO, assert_resumed_whole, kill_driver_after_rows, rows_written, tune_reports, write_yaml
 from .wandb_reader import read_run
 
 BASE = """
@@ -740,11 +740,7 @@ space:
     for row in rows:
         assert sorted(h["epoch"] for h in history if h["trial_id"] == row["trial_id"]) == [1, 2]
     # Both trials ran in one trial actor (Tune's reuse): the second took the first one's queue.
-    pids = {
-        json.loads(line)["pid"]
-        for p in (storage / "two").glob("tune_trainable_*/result.json")
-        for line in p.read_text().splitlines()
-    }
+    pids = {r["pid"] for r in tune_reports(storage / "two")}
     assert len(pids) == 1
 
 
