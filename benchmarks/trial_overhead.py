@@ -110,9 +110,10 @@ def run_raycls(folder: Path, *, name: str, trials: int, concurrency: int, worker
     history = read_leaderboard(storage, name, kind="history").table.to_pylist()
     rows = read_leaderboard(storage, name).table.to_pylist()
     evaluation, cost = extra_work_seconds(history)
+    loop = loop_seconds(history)
     return {
-        **summary(wall, concurrency, trials, loop_seconds(history), evaluation, cost),
-        **search_split(rows, started_at, wall, concurrency, work=loop_seconds(history) + evaluation + cost),
+        **summary(wall, concurrency, trials, loop, evaluation, cost),
+        **search_split(rows, started_at, wall, concurrency, work=loop + evaluation + cost),
         "workers": workers,
         "wandb": wandb,
         "statuses": sorted(r["status"] for r in rows),
@@ -355,8 +356,11 @@ def main() -> None:
     for key, value in results.items():
         print(f"{key}: overhead {value['overhead_per_trial_s']:.2f} s/trial  ({value})")
 
+    def detail(key: str, field: str) -> float | None:
+        return results.get(key, {}).get(field)
+
     def overhead(key: str) -> float | None:
-        return results[key]["overhead_per_trial_s"] if key in results else None
+        return detail(key, "overhead_per_trial_s")
 
     one_ratio = ratio(overhead("raycls_1worker"), overhead("raw_tune_reuse"))
     two_ratio = ratio(overhead("raycls_2worker"), overhead("bare_torch_trainer_2worker"))
@@ -374,8 +378,8 @@ def main() -> None:
                 overhead("raycls_1worker"), overhead("raw_tune_reuse_json_only")
             ),
             "optuna_inprocess_overhead_s": overhead("optuna_inprocess"),
-            "raycls_1worker_evaluation_per_trial_s": results.get("raycls_1worker", {}).get("evaluation_per_trial_s"),
-            "raycls_1worker_cost_per_trial_s": results.get("raycls_1worker", {}).get("cost_per_trial_s"),
+            "raycls_1worker_evaluation_per_trial_s": detail("raycls_1worker", "evaluation_per_trial_s"),
+            "raycls_1worker_cost_per_trial_s": detail("raycls_1worker", "cost_per_trial_s"),
             "ratio_1worker_vs_raw_tune": one_ratio,
             "raycls_2worker_overhead_s": overhead("raycls_2worker"),
             "bare_torch_trainer_2worker_overhead_s": overhead("bare_torch_trainer_2worker"),
@@ -383,13 +387,10 @@ def main() -> None:
             # Where raycls's 2-worker seconds went: once per search until its first trial started (Tune's start
             # and its trial actor's), then per trial from its start to its end (its Ray Train run, reports,
             # evaluation and row), beside the floor's whole fit.
-            "raycls_2worker_search_start_s": results.get("raycls_2worker", {}).get("search_start_s"),
-            "raycls_2worker_in_trial_overhead_s": results.get("raycls_2worker", {}).get(
-                "in_trial_overhead_per_trial_s"
-            ),
+            "raycls_2worker_search_start_s": detail("raycls_2worker", "search_start_s"),
+            "raycls_2worker_in_trial_overhead_s": detail("raycls_2worker", "in_trial_overhead_per_trial_s"),
             "ratio_2worker_in_trial_vs_bare_torch_trainer": ratio(
-                results.get("raycls_2worker", {}).get("in_trial_overhead_per_trial_s"),
-                overhead("bare_torch_trainer_2worker"),
+                detail("raycls_2worker", "in_trial_overhead_per_trial_s"), overhead("bare_torch_trainer_2worker")
             ),
             # The floor with raycls's Train poll interval: the part of the ratio that choice explains.
             "bare_torch_trainer_2worker_raycls_poll_overhead_s": overhead("bare_torch_trainer_2worker_raycls_poll"),
