@@ -92,7 +92,10 @@ def test_finetune_twin_on_real_jpegs_is_one_command(ray_local, tmp_path: Path, s
     csv.write_text("filename\n" + "\n".join(str(p) for p in val) + "\n")  # absolute names work too
     storage = tmp_path / "results"
     (row,) = run_twin(
-        "finetune-imagenette.yaml", storage, report=True, **{"data.path": str(mini), "after.predict.images": str(csv)}
+        "finetune-imagenette.yaml",
+        storage,
+        report=True,
+        **{"data.path": str(mini), "after.predict.images": str(csv), "phases.full.train.epochs": 2},
     )
     assert row["phase"] == "head>full" and row["head.val_acc"] >= 0.0 and row["test_acc"] >= 0.0
     folder = storage / "finetune-imagenette" / "eval" / row["trial_id"]
