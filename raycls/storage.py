@@ -29,6 +29,7 @@ all of them alike, so nothing else in raycls parses a URI.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from functools import cached_property
@@ -68,6 +69,23 @@ BEST, LAST = "best", "last"
 # A trial's kept checkpoints, side by side in its folder: Tune's `checkpoint_000003`, Ray Train's
 # `checkpoint_2026-12-02_20-41-07.123456`; both sort oldest first.
 TRIAL_CHECKPOINTS = "checkpoint_*"
+TUNE_RESULT_FILE = "result.json"  # in a trial folder: Tune's reports, one JSON object per line
+
+
+def tune_results(trial_folder: Path) -> list[dict]:
+    """The reports Tune has written to a trial folder's result.json, oldest first ([] before the first). A
+    line still being written, or cut short by a killed driver, is skipped."""
+    path = trial_folder / TUNE_RESULT_FILE
+    if not path.is_file():
+        return []
+    found = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.strip().endswith("}"):
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return found
 
 
 def journal_file(state_dir: Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -26,6 +25,7 @@ sys.dont_write_bytecode = False
 import torch  # noqa: E402
 
 from raycls import names  # noqa: E402
+from raycls.storage import tune_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RAYCLS_TEST_DATA", REPO.parent / "shared" / "data"))
@@ -173,17 +173,8 @@ def rows_written(board: Path) -> dict[str, int]:
 
 
 def tune_reports(experiment_dir: Path) -> list[dict]:
-    """Every report Tune has written so far (each trial's result.json lines: trial_id, node_ip, node_id,
-    pid, epoch, ...); a line still being written is skipped."""
-    found = []
-    for path in experiment_dir.glob("tune_trainable_*/result.json"):
-        for line in path.read_text(errors="replace").splitlines():
-            if line.strip().endswith("}"):
-                try:
-                    found.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return found
+    """Every report Tune has written so far, of every trial (trial_id, node_ip, node_id, pid, epoch, ...)."""
+    return [report for folder in experiment_dir.glob("tune_trainable_*") for report in tune_results(folder)]
 
 
 def kill_driver_after_rows(

@@ -19,7 +19,7 @@ from ray.util.state import list_actors, list_nodes
 from ray.util.state.exception import ServerUnavailable
 
 from raycls.errors import RayclsError
-from raycls.storage import ExperimentPaths
+from raycls.storage import TUNE_RESULT_FILE, ExperimentPaths, tune_results
 
 # The Ray actor classes that are a trial's processes, by what `raycls cluster status` calls them.
 TRIAL_ACTOR = "ImplicitFunc"  # Tune's function trainable (repr: the trainable's name, tune_trainable)
@@ -88,24 +88,15 @@ def last_reporters(storage: Path) -> dict[str, tuple[str, int]]:
     latest: dict[tuple[str, int], tuple[float, str]] = {}
     for experiment in (p for p in storage.iterdir() if p.is_dir()) if storage.is_dir() else ():
         ended = ExperimentPaths(str(storage), experiment.name).trial_ids()
-        for results in experiment.glob("*/result.json"):
-            last = _last_line(results)
+        for results in experiment.glob(f"*/{TUNE_RESULT_FILE}"):
+            reports = tune_results(results.parent)
+            last = reports[-1] if reports else None
             if not last or not last.get("node_ip") or not last.get("pid") or last.get("trial_id") in ended:
                 continue
             process, when = (str(last["node_ip"]), int(last["pid"])), float(last.get("timestamp") or 0)
             if process not in latest or when >= latest[process][0]:
                 latest[process] = (when, str(last["trial_id"]))
     return {trial: process for process, (_, trial) in latest.items()}
-
-
-def _last_line(path: Path) -> dict | None:
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip().endswith("}")]
-    for line in reversed(lines):  # a line being written while we read is skipped
-        try:
-            return json.loads(line)
-        except json.JSONDecodeError:
-            continue
-    return None
 
 
 def as_json(hosts: list[HostStatus]) -> str:

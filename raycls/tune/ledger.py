@@ -26,7 +26,14 @@ from raycls.results.leaderboard import Status, read_evaluation, write_trial
 from raycls.results.provenance import GitState
 from raycls.results.row import TrialSeen, build_record
 from raycls.results.tracking import open_trackers
-from raycls.storage import TRIAL_CHECKPOINTS, TRIAL_CONFIG_FILE, ExperimentPaths, is_local
+from raycls.storage import (
+    TRIAL_CHECKPOINTS,
+    TRIAL_CONFIG_FILE,
+    TUNE_RESULT_FILE,
+    ExperimentPaths,
+    is_local,
+    tune_results,
+)
 from raycls.train.state import is_whole, read_metrics
 from raycls.tune.resume import LOST_ATTR, ROW_STATES, TRIAL_ID_ATTR
 from raycls.tune.searcher import stopped_early
@@ -165,8 +172,7 @@ class TrialLedger(Callback):
     def _history_on_disk(self, trial: Trial) -> dict[int, dict[str, Any]]:
         """Epochs reported before a driver restart: Tune keeps them in the trial's result.json."""
         try:
-            path = Path(trial.path) / "result.json"
-            return _read_result_json(path) if is_local(str(trial.path)) and path.is_file() else {}
+            return _epochs(tune_results(Path(trial.path))) if is_local(str(trial.path)) else {}
         except (OSError, AttributeError, TypeError):
             return {}
 
@@ -222,13 +228,10 @@ class TrialLedger(Callback):
         return Path(folder) if is_local(folder) and Path(folder).is_dir() else None
 
 
-def _read_result_json(path: Path) -> dict[int, dict[str, Any]]:
+def _epochs(reports: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Tune's reports by epoch, less Tune's own keys and nested results."""
     history: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        try:
-            result = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a killed driver
-            continue
+    for result in reports:
         if names.EPOCH in result:
             history[int(result[names.EPOCH])] = {
                 k: v for k, v in result.items() if k not in TUNE_KEYS and not isinstance(v, dict)
@@ -279,8 +282,8 @@ def record_told_trials(experiment: Experiment, paths: ExperimentPaths, study: op
 
 def _seen_in_folder(experiment: Experiment, folder: Path, trial_id: str, status: Status) -> TrialSeen:
     """A trial as its Tune folder tells it, for a row the driver did not live to write."""
-    results = folder / "result.json"
-    history = _read_result_json(results) if results.is_file() else {}
+    history = _epochs(tune_results(folder))
+    results = folder / TUNE_RESULT_FILE
     ranking = Ranking.of(experiment.experiment.metric, experiment.experiment.mode)
     best: tuple[float | None, Path | None] = (None, None)
     for checkpoint in sorted(folder.glob(TRIAL_CHECKPOINTS)):
