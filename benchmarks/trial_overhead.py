@@ -248,20 +248,22 @@ def run_bare_torch_trainer(folder: Path, *, trials: int, raycls_poll: bool = Fal
     # Ray's default unless asked for raycls's, whatever this process's environment says.
     saved = os.environ.pop(POLL_INTERVAL_ENV, None)
     started = time.perf_counter()
-    for index in range(trials):
-        config = resolve_trial(experiment, suggest(study.ask(), experiment.space))
-        history_file = folder / f"bare-{index}.jsonl"
-        trainer = TorchTrainer(
-            _bare_worker,
-            train_loop_config={"config_json": config.to_json(), "history_file": str(history_file)},
-            scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
-            run_config=ray.train.RunConfig(name=f"bare-{index}", storage_path=str(folder / "bare")),
-        )
-        fit_trainer(trainer) if raycls_poll else trainer.fit()
-        history += [json.loads(line) for line in history_file.read_text().splitlines()]
-    wall = time.perf_counter() - started
-    if saved is not None:
-        os.environ[POLL_INTERVAL_ENV] = saved
+    try:
+        for index in range(trials):
+            config = resolve_trial(experiment, suggest(study.ask(), experiment.space))
+            history_file = folder / f"bare-{index}.jsonl"
+            trainer = TorchTrainer(
+                _bare_worker,
+                train_loop_config={"config_json": config.to_json(), "history_file": str(history_file)},
+                scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+                run_config=ray.train.RunConfig(name=f"bare-{index}", storage_path=str(folder / "bare")),
+            )
+            fit_trainer(trainer) if raycls_poll else trainer.fit()
+            history += [json.loads(line) for line in history_file.read_text().splitlines()]
+        wall = time.perf_counter() - started
+    finally:  # the caller's environment back, also when a fit fails
+        if saved is not None:
+            os.environ[POLL_INTERVAL_ENV] = saved
     return summary(wall, 1, trials, loop_seconds(history))
 
 
