@@ -107,3 +107,22 @@ def test_a_trial_optuna_closed_before_the_kill_may_report_again(tmp_path: Path) 
     searcher.on_trial_complete("t1", result)
     (trial,) = searcher._ot_study.trials
     assert trial.state == TrialState.COMPLETE and trial.value == 0.8 and trial.intermediate_values == {1: 0.7}
+
+
+def test_a_second_run_without_resume_says_it_adds_to_the_experiment(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raycls.storage import ExperimentPaths
+    from raycls.tune.driver import TuneOptions, _resume_plan
+
+    paths = ExperimentPaths(str(tmp_path), "again")
+    fresh = _resume_plan(TuneOptions(storage=str(tmp_path)), paths)
+    assert fresh.mode is ResumeMode.START and fresh.note == ""  # a first run says nothing
+    board = Path(paths.leaderboard_dir())
+    board.mkdir(parents=True)
+    for trial in ("t1", "t2"):
+        pq.write_table(pa.table({"trial_id": [trial]}), board / f"{trial}.parquet")
+    second = _resume_plan(TuneOptions(storage=str(tmp_path)), paths)
+    assert second.mode is ResumeMode.START and "already has 2 trial row(s)" in second.note
+    assert "--resume" in second.note

@@ -128,7 +128,7 @@ def _fit(
     if resume.mode is not ResumeMode.RESTORE:
         clear_end(state)  # a new run (or a continued one) ends for its own reasons
     if resume.note:
-        print(f"resume: {resume.note}")
+        print(f"resume: {resume.note}" if options.resume else resume.note)
     if resume.mode is ResumeMode.RESTORE:
         # Tune restores its callbacks, searcher and scheduler from the experiment folder; trials that were
         # running resume from their checkpoints, and those that already have a row end at once.
@@ -170,7 +170,14 @@ def _without_evaluated_points(experiment: Experiment, rows: list[dict]) -> Exper
 
 def _resume_plan(options: TuneOptions, paths: ExperimentPaths) -> ResumePlan:
     if not options.resume:
-        return ResumePlan(ResumeMode.START)
+        had = len(paths.trial_ids())
+        # Like Optuna's load_if_exists: a second run of a name adds its trials to the same leaderboard and
+        # study (TPE learns from the first run's). Said, since a user may have meant --resume or a new name.
+        note = (
+            f"{paths.root} already has {had} trial row(s): adding this run's trials to the same leaderboard "
+            "and Optuna study (--resume finishes an interrupted run instead; a new experiment.name starts apart)"
+        )
+        return ResumePlan(ResumeMode.START, note=note if had else "")
     end = read_end(paths.state_dir)
     if end is not None:
         # Tune's run ended on purpose: its trials are all closed, and a restore would re-arm the old stop.
