@@ -50,11 +50,21 @@ base:
   eval: {on: none}
 """
 LR = "space:\n  train.lr: {type: loguniform, low: 1.0e-3, high: 1.0e-2}\n"
+RECONNECT_TIMEOUT = "RAY_gcs_rpc_server_reconnect_timeout_s"
 DRILLS: list[dict] = []  # each drill's rows, restarts and wall time, printed at the end (-s)
 
 
+# Hosts whose Ray a test took down (`ray up` takes them as fresh machines): the next test starts it again.
+TAKEN_DOWN: set[Path] = set()
+
+
+def start_cluster_ray(hosts: Hosts) -> None:
+    hosts.start_ray(head_resources={"on_demand": 1}, head_cpus=0, worker_cpus=1, system_config=HEALTH)
+    assert len(hosts.wait_for_nodes(3)) == 3
+
+
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
     why = hosts_available()
     if why:
         pytest.skip(why)
@@ -62,13 +72,27 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
     env = {"RAYCLS_SHARED_STORAGE": "1", "RAYCLS_CACHE": os.environ.get("RAYCLS_CACHE", str(root / "cache"))}
     hosts = Hosts.make(root, env=env)
     try:
-        hosts.start_ray(head_resources={"on_demand": 1}, head_cpus=0, worker_cpus=1, system_config=HEALTH)
-        assert len(hosts.wait_for_nodes(3)) == 3
+        start_cluster_ray(hosts)
         yield hosts
     finally:
         hosts.close()
         for drill in DRILLS:
             print("drill", json.dumps(drill))
+
+
+@pytest.fixture
+def cluster(hosts: Hosts) -> Hosts:
+    """The module's hosts with the cluster's Ray on them, whatever ran before (in file order the `ray up`
+    test comes last, and nothing pays for this; in any other order the next test does)."""
+    if hosts.root in TAKEN_DOWN:
+        for host in hosts.hosts:
+            host.env.pop(RECONNECT_TIMEOUT, None)
+            host.kill()
+            host.link(True)
+            host.boot()
+        start_cluster_ray(hosts)
+        TAKEN_DOWN.discard(hosts.root)
+    return hosts
 
 
 def storage_of(cluster: Hosts) -> Path:
@@ -162,31 +186,35 @@ def test_hosts_have_their_own_addresses_and_processes(cluster: Hosts) -> None:
 
 
 def test_trials_spread_over_the_worker_hosts_and_cluster_status_shows_them(cluster: Hosts) -> None:
-    """4 one-worker trials, two at a time: one on each worker host (one CPU each), never on the head (no
-    CPUs). While they run, `raycls cluster status` shows the hosts, their resources and which trial runs
-    where; the rows say which node each trial ran on."""
+    """2 one-worker trials at once: one on each worker host (one CPU each), never on the head (no CPUs).
+    While they run, `raycls cluster status` shows the hosts, their resources and which trial runs where; the
+    rows say which node each trial ran on."""
     space = space_file(
         cluster,
         "spread",
-        "experiment: {name: spread, trials: 4, concurrency: 2}\nscheduler: {name: fifo}\nwandb: {mode: disabled}\n",
-        6,
+        "experiment: {name: spread, trials: 2, concurrency: 2}\nscheduler: {name: fifo}\nwandb: {mode: disabled}\n",
+        # A trial is named from its first report on, and an ask takes seconds (it starts a Ray driver): on a
+        # quiet machine 6-epoch trials reported and ended between two asks. 30 epochs last seconds after it.
+        30,
     )
+    experiment_dir = storage_of(cluster) / "spread"
     seen: list[list[dict]] = []
 
     def watch(process: subprocess.Popen) -> None:
-        # Asked again until it shows a trial on each worker host (a status takes seconds to start, and a
-        # trial may end meanwhile), or the search ends.
-        while process.poll() is None:
-            status = cluster_status(cluster)
-            seen.append(status)
-            if sum(bool(h["trials"]) for h in status) >= 2:
-                return
+        # Asked once both trials have reported, and again until it shows a trial on each worker host (a trial
+        # may end meanwhile on a loaded machine), or the search ends.
+        if wait_for(lambda: len({r.get("trial_id") for r in tune_reports(experiment_dir)}) >= 2, process):
+            while process.poll() is None:
+                status = cluster_status(cluster)
+                seen.append(status)
+                if sum(bool(h["trials"]) for h in status) >= 2:
+                    return
 
     code = while_running(tune_command(cluster, space), cluster.root / "spread.log", watch)
     assert code == 0, (cluster.root / "spread.log").read_text()[-3000:]
     node_hosts = cluster.node_hosts()
     found = rows(cluster, "spread")
-    assert len(found) == 4 and all(r["status"] == "completed" and r["restarts"] == 0 for r in found)
+    assert len(found) == 2 and all(r["status"] == "completed" and r["restarts"] == 0 for r in found)
     assert {node_hosts[r["node_id"]] for r in found} == {"w1", "w2"}
     # The status that caught the most running trials (both, unless a loaded machine let one end between
     # two reads: each read starts a Ray driver): the fixture's hosts, their resources, trials on workers only.
@@ -449,19 +477,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_ray_up_job_submit_ray_down(cluster: Hosts) -> None:
+def test_ray_up_job_submit_ray_down(hosts: Hosts) -> None:
     """The README's on-prem commands, for real: `ray up cluster/onprem.yaml` over ssh into the hosts (fresh
     machines: every Ray of the fixture stopped), `ray dashboard` + `ray job submit` of a search, its rows
     read back, `ray down`. Run from this machine's own namespace (the laptop)."""
     why = ssh_tools()
     if why:
         pytest.skip(why)
+    cluster = hosts
+    TAKEN_DOWN.add(cluster.root)
     for host in cluster.hosts:  # fresh machines, no Ray
         host.kill()
         # `ray down` stops the head only; a worker's raylet exits once it has lost the head for Ray's GCS
         # reconnect timeout (60 s). Hosts that give up after 10 s make the test's wait for it shorter; the
         # YAML under test is unchanged.
-        host.env["RAY_gcs_rpc_server_reconnect_timeout_s"] = "10"
+        host.env[RECONNECT_TIMEOUT] = "10"
         host.boot()
     keys = cluster.root / "ssh"
     keys.mkdir(exist_ok=True)
