@@ -27,6 +27,7 @@ from ray.cluster_utils import Cluster
 from raycls.cluster.resources import ON_DEMAND
 from raycls.config import load_experiment
 from raycls.results import read_leaderboard
+from raycls.storage import tune_results
 from raycls.tune.cluster import init_ray
 from raycls.tune.driver import TuneOptions, run_tune
 
@@ -175,8 +176,9 @@ TRIALS = 4
 
 
 def epochs_reported(experiment_dir: Path) -> dict[str, int]:
-    """Epochs each trial has reported to Tune so far (its result.json), by trial folder."""
-    return {p.parent.name: len(p.read_text().splitlines()) for p in experiment_dir.glob("tune_trainable_*/result.json")}
+    """Epochs each trial has reported to Tune so far (its result.json, read by storage's one reader: a line
+    still being written does not count yet), by trial folder."""
+    return {folder.name: len(tune_results(folder)) for folder in experiment_dir.glob("tune_trainable_*")}
 
 
 def _rows(experiment_dir: Path) -> int:
