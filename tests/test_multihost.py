@@ -87,9 +87,7 @@ def cluster(hosts: Hosts) -> Hosts:
     if hosts.root in TAKEN_DOWN:
         for host in hosts.hosts:
             host.env.pop(RECONNECT_TIMEOUT, None)
-            host.kill()
-            host.link(True)
-            host.boot()
+            reboot(host)
         start_cluster_ray(hosts)
         TAKEN_DOWN.discard(hosts.root)
     return hosts
@@ -160,12 +158,17 @@ def wait_for(condition: Callable[[], bool], process: subprocess.Popen | None = N
     return False
 
 
-def restore_worker(cluster: Hosts, name: str) -> None:
-    """The host back as a fresh machine with Ray joined again (after a drill took it down)."""
-    host = cluster[name]
+def reboot(host: Host) -> None:
+    """The host as a fresh machine on the same address: every process gone, its cable plugged in, no Ray."""
     host.kill()
     host.link(True)
     host.boot()
+
+
+def restore_worker(cluster: Hosts, name: str) -> None:
+    """The host back as a fresh machine with Ray joined again (after a drill took it down)."""
+    host = cluster[name]
+    reboot(host)
     cluster.start_worker(host, 1)
     assert len(cluster.wait_for_nodes(3)) == 3
 
@@ -487,12 +490,11 @@ def test_ray_up_job_submit_ray_down(hosts: Hosts) -> None:
     cluster = hosts
     TAKEN_DOWN.add(cluster.root)
     for host in cluster.hosts:  # fresh machines, no Ray
-        host.kill()
         # `ray down` stops the head only; a worker's raylet exits once it has lost the head for Ray's GCS
         # reconnect timeout (60 s). Hosts that give up after 10 s make the test's wait for it shorter; the
         # YAML under test is unchanged.
         host.env[RECONNECT_TIMEOUT] = "10"
-        host.boot()
+        reboot(host)
     keys = cluster.root / "ssh"
     keys.mkdir(exist_ok=True)
     for name in ("id_ed25519", "host_ed25519"):
