@@ -70,6 +70,7 @@ def cluster(own_ray):
             "health_check_initial_delay_ms": 0,
             "health_check_period_ms": 500,
             "health_check_failure_threshold": 3,
+            "prestart_worker_first_driver": False,  # as raycls's own local Ray (init_ray): actors only here
         },
     }
     simulated = Cluster(initialize_head=True, head_node_args=head)
