@@ -2,7 +2,7 @@
 `raycls space validate` and `run_tune`, so each checks the same things in the same order.
 
     load the YAML (--set applied, once) -> the fast-dev-run variant -> every stage reports the metric
-    -> each model takes the input size -> this machine has the data and the pretrained weights
+    -> each model takes the input size -> OOD and shift datasets have its channels -> this machine has the data and the pretrained weights
     -> leaderboard references resolved (teacher / init: {from: EXPERIMENT, pick: best})
 """
 
@@ -50,6 +50,7 @@ def prepare_experiment(
     check_progressive_freeze(experiment)  # progressive unfreezing on one worker per trial
     check_input_sizes(experiment)  # each model a trial builds takes the images' size (ViTs: a fixed one)
     check_model_modules(experiment)  # model.modules fit their models (CNN modules on CNNs, ...)
+    check_eval_sets(experiment)  # OOD and shift datasets have the trial's channels
     if environment:
         problems = environment_problems(experiment)
         if problems:
@@ -147,6 +148,24 @@ def check_model_modules(experiment: Experiment) -> None:
         problem = None if size is None else modules_problem(model, size)
         if problem:  # the modules name themselves `model.modules.<name>`; a stage's model has its own key
             problems.append(problem.replace("model.modules", f"{key}.modules") if key != "model" else problem)
+    if problems:
+        raise ConfigError(problems, source=experiment.source)
+
+
+def check_eval_sets(experiment: Experiment) -> None:
+    """An OOD or shift set that is a dataset of other channels than the trial's (CIFAR-10 beside MNIST) is
+    refused before any trial starts: each trial's evaluation would otherwise fail it after training."""
+    from raycls.data.datasets import DATASETS
+    from raycls.evaluate.suite import set_channels_problem
+
+    config = resolve_trial(experiment)
+    channels = DATASETS.get(config.data.name).channels
+    problems = [
+        problem
+        for key, sets in (("eval.ood", config.eval.ood), ("eval.shift", config.eval.shift))
+        for name in sets
+        if name in DATASETS.names() and (problem := set_channels_problem(name, channels, what=f"{key}: {name}"))
+    ]
     if problems:
         raise ConfigError(problems, source=experiment.source)
 

@@ -289,3 +289,22 @@ def test_the_final_table_in_a_log_keeps_each_trial_on_one_line(capsys) -> None:
     for i in range(n):
         [line] = [line for line in lines if f"trial_{i:05d}" in line]
         assert "completed" in line and "efficientnet_b0_with_a_long_name" in line and "adamw" in line, "\n".join(lines)
+
+
+# ------------------------------------------------------------------- an OOD or shift set of other channels
+def test_an_ood_or_shift_dataset_of_other_channels_is_refused_before_any_trial(tmp_path: Path) -> None:
+    """Known from the dataset registry (CIFAR-10 is RGB, digits grey) without reading either: each trial's
+    evaluation would otherwise fail it after training. A dataset of the same channels passes."""
+    space = write_yaml(
+        tmp_path / "ood.yaml",
+        DIGITS.replace("eval: {on: none}", "eval: {on: completed, ood: [uniform_noise, cifar10], shift: [cifar100]}"),
+    )
+    with pytest.raises(ConfigError) as refused:
+        prepare_experiment(space, environment=False)
+    text = str(refused.value)
+    assert "ood.yaml" in text
+    assert "eval.ood: cifar10: its images have 3 channel(s), the model's have 1" in text
+    assert "eval.shift: cifar100: its images have 3 channel(s)" in text
+    assert "1-channel images (digits, fashion_mnist, mnist)" in text  # only datasets that would fit are named
+    fits = write_yaml(tmp_path / "fits.yaml", DIGITS.replace("eval: {on: none}", "eval: {ood: [mnist]}"))
+    assert prepare_experiment(fits, environment=False).base.eval.ood == ("mnist",)

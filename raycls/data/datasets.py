@@ -127,6 +127,9 @@ class DatasetSpec:
     # The side length its images load at, known without reading them (so models can be checked against it
     # before any trial starts); None: unknown until read.
     native_size: Callable[[DataConfig], int] | None = None
+    # The channels its images load with, also known without reading them (image files decode to RGB): an
+    # OOD or shift set of other channels is refused before any trial starts, not after a 60k-image read.
+    channels: int = 3
 
     def image_size(self, config: DataConfig) -> int | None:
         """The side length a model sees: data.image_size (resized on the device), else the native size."""
@@ -142,11 +145,14 @@ def register_dataset(
     eval_only: bool = False,
     from_files: bool = False,
     size: int | Callable[[DataConfig], int] | None = None,
+    channels: int = 3,
 ) -> Callable[[Reader], Reader]:
-    """`size`: the images' side length, or a function of the config giving it (None: unknown until read)."""
+    """`size`: the images' side length, or a function of the config giving it (None: unknown until read);
+    `channels`: the channels its reader returns."""
 
     def add(read: Reader) -> Reader:
-        DATASETS.register(name)(DatasetSpec(read, eval_only, from_files=from_files, native_size=_fixed_size(size)))
+        spec = DatasetSpec(read, eval_only, from_files=from_files, native_size=_fixed_size(size), channels=channels)
+        DATASETS.register(name)(spec)
         return read
 
     return add
@@ -201,7 +207,7 @@ def _download_error(name: str, where: Path, err: Exception) -> DataError:
 
 
 # ----------------------------------------------------------------------------------------------- digits
-@register_dataset("digits", size=8)
+@register_dataset("digits", size=8, channels=1)
 def read_digits(config: DataConfig, root: Path) -> RawDataset:
     """The 1,797 real 8x8 handwritten digits that ship inside scikit-learn: no download, trains in seconds."""
     table = np.loadtxt(_sklearn_data_file("digits.csv.gz"), delimiter=",")  # what load_digits reads
@@ -271,7 +277,7 @@ def _read_mnist_like(config: DataConfig, root: Path, folder: str, tv_name: str, 
     return RawDataset(splits["train"], splits["test"])
 
 
-@register_dataset("mnist", size=28)
+@register_dataset("mnist", size=28, channels=1)
 def read_mnist(config: DataConfig, root: Path) -> RawDataset:
     return _read_mnist_like(config, root, "mnist", "MNIST", tuple(str(i) for i in range(10)))
 
@@ -279,7 +285,7 @@ def read_mnist(config: DataConfig, root: Path) -> RawDataset:
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 
 
-@register_dataset("fashion_mnist", size=28)
+@register_dataset("fashion_mnist", size=28, channels=1)
 def read_fashion_mnist(config: DataConfig, root: Path) -> RawDataset:
     return _read_mnist_like(config, root, "fashion-mnist", "FashionMNIST", FASHION_CLASSES)
 

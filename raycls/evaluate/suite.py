@@ -314,6 +314,27 @@ def ood_set(ev: Evaluation, name: str) -> ArrayData:
     return ArrayData(images, torch.zeros(len(images), dtype=torch.long), test.classes)
 
 
+def set_channels_problem(name: str, channels: int, *, what: str) -> str | None:
+    """Why the registered dataset `name` cannot be an OOD or shift set of a model of `channels`-channel images
+    (from the registry, without reading it): checked before any trial starts and again before it is read."""
+    from raycls.data.datasets import DATASETS
+
+    found = DATASETS.get(name).channels
+    if found == channels:
+        return None
+    # Suggestions come from the registries: a name raycls cannot read would only move the error.
+    others = [
+        n
+        for n in DATASETS.names()
+        if n != name and not DATASETS.get(n).eval_only and DATASETS.get(n).channels == channels
+    ]
+    return (
+        f"{what}: its images have {found} channel(s), the model's have {channels}; "
+        f"choose a generated set (made with any channels: {', '.join(GENERATED_OOD.names())}) "
+        f"or a registered dataset of {channels}-channel images ({', '.join(others)})"
+    )
+
+
 def registered_set(ev: Evaluation, name: str, *, what: str) -> ArrayData:
     """A registered dataset's test split (its training pool when it has none), read from the trial's data
     root and resized to the evaluated images' size; its channels must match."""
@@ -322,18 +343,13 @@ def registered_set(ev: Evaluation, name: str, *, what: str) -> ArrayData:
     from raycls.errors import ConfigError
 
     channels, size = ev.test.images.shape[1], ev.test.images.shape[-1]
+    problem = set_channels_problem(name, channels, what=what)  # before reading it (CIFAR-10: 60k images)
+    if problem:
+        raise ConfigError(problem)
     config = DataConfig(name=name, root=getattr(ev.data_config, "root", None)) if name != "folder" else ev.data_config
     raw = DATASETS.get(name).read(config, data_root(config))
     data = raw.test if raw.test is not None else raw.train
     images = data.images
-    if images.shape[1] != channels:
-        # Suggestions come from the registries: a name raycls cannot read would only move the error.
-        others = [n for n in DATASETS.names() if n != name and not DATASETS.get(n).eval_only]
-        raise ConfigError(
-            f"{what}: its images have {images.shape[1]} channel(s), the model's have {channels}; "
-            f"choose a generated set (made with any channels: {', '.join(GENERATED_OOD.names())}) "
-            f"or a registered dataset of {channels}-channel images ({', '.join(others)})"
-        )
     if images.shape[-1] != size or images.shape[-2] != size:
         images = (
             torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False)
