@@ -153,19 +153,26 @@ def check_model_modules(experiment: Experiment) -> None:
 
 
 def check_eval_sets(experiment: Experiment) -> None:
-    """An OOD or shift set that is a dataset of other channels than the trial's (CIFAR-10 beside MNIST) is
-    refused before any trial starts: each trial's evaluation would otherwise fail it after training."""
+    """An OOD or shift set that is a dataset of other channels than the trial's (CIFAR-10 beside MNIST), or a
+    shift set of other classes (CIFAR-100 beside CIFAR-10), is refused before any trial starts: each trial's
+    evaluation would otherwise fail it after training, or score unrelated labels. Known from the dataset
+    registry; classes only where both datasets have fixed ones (a folder's are read with it)."""
     from raycls.data.datasets import DATASETS
-    from raycls.evaluate.suite import set_channels_problem
+    from raycls.evaluate.suite import set_channels_problem, shift_classes_problem
 
     config = resolve_trial(experiment)
-    channels = DATASETS.get(config.data.name).channels
+    trial = DATASETS.get(config.data.name)
     problems = [
         problem
         for key, sets in (("eval.ood", config.eval.ood), ("eval.shift", config.eval.shift))
         for name in sets
-        if name in DATASETS.names() and (problem := set_channels_problem(name, channels, what=f"{key}: {name}"))
+        if name in DATASETS.names() and (problem := set_channels_problem(name, trial.channels, what=f"{key}: {name}"))
     ]
+    for name in config.eval.shift:
+        found = DATASETS.get(name).classes if name in DATASETS.names() else None
+        problem = found and trial.classes and shift_classes_problem(found, trial.classes, what=f"eval.shift: {name}")
+        if problem:
+            problems.append(problem)
     if problems:
         raise ConfigError(problems, source=experiment.source)
 

@@ -38,6 +38,7 @@ from raycls.evaluate.suite import (
     errors_step,
     ood_step,
     run_suite,
+    shifted_sets,
 )
 from raycls.evaluate.tta import weighted_views
 from raycls.models import load_weights
@@ -197,6 +198,15 @@ def test_an_ood_set_with_other_channels_is_a_clear_error(mnist_model, tmp_path: 
     ev = _evaluation(config, weights, data, tmp_path / "eval", ood=("cifar10",))
     with pytest.raises(ConfigError, match=r"eval.ood: cifar10: its images have 3 channel\(s\), the model's have 1"):
         ood_step(ev)
+
+
+@pytest.mark.slow
+def test_a_shift_set_of_other_classes_is_a_clear_error(mnist_model, tmp_path: Path) -> None:
+    """Checked on the images read too (the preflight knows only registries' fixed classes)."""
+    config, weights, data = mnist_model
+    ev = _evaluation(config, weights, data, tmp_path / "eval", shift=("fashion_mnist",))
+    with pytest.raises(ConfigError, match=r"eval.shift: fashion_mnist: its classes \(10: t-shirt, .*not the model's"):
+        shifted_sets(ev)
 
 
 @pytest.fixture(scope="module")

@@ -306,5 +306,21 @@ def test_an_ood_or_shift_dataset_of_other_channels_is_refused_before_any_trial(t
     assert "eval.ood: cifar10: its images have 3 channel(s), the model's have 1" in text
     assert "eval.shift: cifar100: its images have 3 channel(s)" in text
     assert "1-channel images (digits, fashion_mnist, mnist)" in text  # only datasets that would fit are named
-    fits = write_yaml(tmp_path / "fits.yaml", DIGITS.replace("eval: {on: none}", "eval: {ood: [mnist]}"))
-    assert prepare_experiment(fits, environment=False).base.eval.ood == ("mnist",)
+    fits = write_yaml(
+        tmp_path / "fits.yaml", DIGITS.replace("eval: {on: none}", "eval: {ood: [mnist], shift: [corruptions, mnist]}")
+    )
+    assert prepare_experiment(fits, environment=False).base.eval.shift == ("corruptions", "mnist")  # same classes
+
+
+def test_a_shift_dataset_of_other_classes_is_refused_before_any_trial(tmp_path: Path) -> None:
+    """A shift set's accuracy compares its labels with the model's: Fashion-MNIST's coat is not MNIST's 4."""
+    space = write_yaml(
+        tmp_path / "shift.yaml",
+        DIGITS.replace("name: digits", "name: mnist").replace("eval: {on: none}", "eval: {shift: [fashion_mnist]}"),
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"shift.yaml.*eval.shift: fashion_mnist: its classes \(10: t-shirt, "
+        r"trouser, pullover, dress, \.\.\.\) are not the model's \(10: 0, 1, 2, 3, \.\.\.\)",
+    ):
+        prepare_experiment(space, environment=False)

@@ -130,6 +130,9 @@ class DatasetSpec:
     # The channels its images load with, also known without reading them (image files decode to RGB): an
     # OOD or shift set of other channels is refused before any trial starts, not after a 60k-image read.
     channels: int = 3
+    # Its class names when they are fixed (None: read from its files or metadata): a shift set must have
+    # the trial's classes, else its accuracy compares unrelated labels.
+    classes: tuple[str, ...] | None = None
 
     def image_size(self, config: DataConfig) -> int | None:
         """The side length a model sees: data.image_size (resized on the device), else the native size."""
@@ -146,12 +149,15 @@ def register_dataset(
     from_files: bool = False,
     size: int | Callable[[DataConfig], int] | None = None,
     channels: int = 3,
+    classes: tuple[str, ...] | None = None,
 ) -> Callable[[Reader], Reader]:
     """`size`: the images' side length, or a function of the config giving it (None: unknown until read);
-    `channels`: the channels its reader returns."""
+    `channels` and `classes`: what its reader returns (classes None: known only once read)."""
 
     def add(read: Reader) -> Reader:
-        spec = DatasetSpec(read, eval_only, from_files=from_files, native_size=_fixed_size(size), channels=channels)
+        spec = DatasetSpec(
+            read, eval_only, from_files=from_files, native_size=_fixed_size(size), channels=channels, classes=classes
+        )
         DATASETS.register(name)(spec)
         return read
 
@@ -207,14 +213,17 @@ def _download_error(name: str, where: Path, err: Exception) -> DataError:
 
 
 # ----------------------------------------------------------------------------------------------- digits
-@register_dataset("digits", size=8, channels=1)
+DIGIT_CLASSES = tuple(str(c) for c in range(10))
+
+
+@register_dataset("digits", size=8, channels=1, classes=DIGIT_CLASSES)
 def read_digits(config: DataConfig, root: Path) -> RawDataset:
     """The 1,797 real 8x8 handwritten digits that ship inside scikit-learn: no download, trains in seconds."""
     table = np.loadtxt(_sklearn_data_file("digits.csv.gz"), delimiter=",")  # what load_digits reads
     # Pixel values are 0..16 (counts of set pixels in 4x4 blocks); scale to the uint8 range.
     images = np.round(table[:, :-1].reshape(-1, 1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
     labels = torch.as_tensor(table[:, -1].astype(np.int64))
-    return RawDataset(ArrayData(torch.from_numpy(images), labels, tuple(str(c) for c in range(10))), None)
+    return RawDataset(ArrayData(torch.from_numpy(images), labels, DIGIT_CLASSES), None)
 
 
 def _sklearn_data_file(name: str) -> Path:
@@ -277,15 +286,15 @@ def _read_mnist_like(config: DataConfig, root: Path, folder: str, tv_name: str, 
     return RawDataset(splits["train"], splits["test"])
 
 
-@register_dataset("mnist", size=28, channels=1)
+@register_dataset("mnist", size=28, channels=1, classes=DIGIT_CLASSES)
 def read_mnist(config: DataConfig, root: Path) -> RawDataset:
-    return _read_mnist_like(config, root, "mnist", "MNIST", tuple(str(i) for i in range(10)))
+    return _read_mnist_like(config, root, "mnist", "MNIST", DIGIT_CLASSES)
 
 
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 
 
-@register_dataset("fashion_mnist", size=28, channels=1)
+@register_dataset("fashion_mnist", size=28, channels=1, classes=FASHION_CLASSES)
 def read_fashion_mnist(config: DataConfig, root: Path) -> RawDataset:
     return _read_mnist_like(config, root, "fashion-mnist", "FashionMNIST", FASHION_CLASSES)
 
@@ -315,7 +324,7 @@ def _array_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
-@register_dataset("cifar10", size=32)
+@register_dataset("cifar10", size=32, classes=CIFAR10_CLASSES)
 def read_cifar10(config: DataConfig, root: Path) -> RawDataset:
     base = root / "cifar10"
     files = {s: (_array_file(base, f"{s}_images"), _array_file(base, f"{s}_labels")) for s in ("train", "test")}
@@ -407,7 +416,7 @@ CIFAR10_1_URL = "https://github.com/modestyachts/CIFAR-10.1/raw/master/datasets/
 CIFAR10_1_FILES = ("cifar10.1_v6_data.npy", "cifar10.1_v6_labels.npy")
 
 
-@register_dataset("cifar10_1", eval_only=True, size=32)
+@register_dataset("cifar10_1", eval_only=True, size=32, classes=CIFAR10_CLASSES)
 def read_cifar10_1(config: DataConfig, root: Path) -> RawDataset:
     """CIFAR-10.1 (Recht et al. 2018), v6: 2,000 new test images for CIFAR-10 models; evaluation only."""
     base = root / "cifar10_1"

@@ -335,6 +335,22 @@ def set_channels_problem(name: str, channels: int, *, what: str) -> str | None:
     )
 
 
+def shift_classes_problem(found: tuple[str, ...], classes: tuple[str, ...], *, what: str) -> str | None:
+    """Why a shift set whose class names are `found` cannot be scored against a model of `classes`: its
+    accuracy would compare unrelated labels. Checked from the registry before any trial starts where both
+    are fixed, and on the images read in any case."""
+    if found == classes:
+        return None
+
+    def few(names: tuple[str, ...]) -> str:
+        return f"{len(names)}: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+
+    return (
+        f"{what}: its classes ({few(found)}) are not the model's ({few(classes)}); a shift set holds the same "
+        f"classes from another distribution (cifar10_1 for cifar10)"
+    )
+
+
 def registered_set(ev: Evaluation, name: str, *, what: str) -> ArrayData:
     """A registered dataset's test split (its training pool when it has none), read from the trial's data
     root and resized to the evaluated images' size; its channels must match."""
@@ -392,12 +408,18 @@ def shifted_sets(ev: Evaluation) -> list[ShiftedSet]:
     """The full suite's shifted sets (`eval.shift`): datasets with the same classes, and each corruption at
     each severity of `eval.shift_images` test images (a stratified sample)."""
     from raycls.data.datasets import ArrayData
+    from raycls.errors import ConfigError
     from raycls.evaluate.shift import corrupt
 
     sets: list[ShiftedSet] = []
     for name in ev.config.shift:
         if name != CORRUPTIONS_SET:  # a dataset with the same classes (CIFAR-10.1 for CIFAR-10)
-            sets.append((name, None, ev.sample(registered_set(ev, name, what=f"eval.shift: {name}"), ev.config.images)))
+            what = f"eval.shift: {name}"
+            data = registered_set(ev, name, what=what)
+            problem = shift_classes_problem(data.classes, ev.test.classes, what=what)
+            if problem:
+                raise ConfigError(problem)
+            sets.append((name, None, ev.sample(data, ev.config.images)))
             continue
         sample = ev.sample(ev.test, ev.config.shift_images)
         for corruption in ev.config.corruptions:
