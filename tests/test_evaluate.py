@@ -192,21 +192,27 @@ def test_mnist_model_tells_fashion_mnist_apart(mnist_model, tmp_path: Path) -> N
     assert Image.open(tmp_path / "eval" / "ood_scores.png").size[0] > 200
 
 
-@pytest.mark.slow
-def test_an_ood_set_with_other_channels_is_a_clear_error(mnist_model, tmp_path: Path) -> None:
-    config, weights, data = mnist_model
-    ev = _evaluation(config, weights, data, tmp_path / "eval", ood=("cifar10",))
-    with pytest.raises(ConfigError, match=r"eval.ood: cifar10: its images have 3 channel\(s\), the model's have 1"):
-        ood_step(ev)
+# The same checks as raycls.prepare's, at evaluation: `raycls eval --set` and sets whose classes only their
+# files know reach the suite without the preflight.
+OTHER_SETS = {
+    "ood_channels": (
+        "ood",
+        "cifar10",
+        ood_step,
+        r"eval.ood: cifar10: its images have 3 channel\(s\), the model's have 1",
+    ),
+    "shift_classes": ("shift", "fashion_mnist", shifted_sets, r"eval.shift: fashion_mnist: its classes \(10: t-shirt"),
+}
 
 
 @pytest.mark.slow
-def test_a_shift_set_of_other_classes_is_a_clear_error(mnist_model, tmp_path: Path) -> None:
-    """Checked on the images read too (the preflight knows only registries' fixed classes)."""
+@pytest.mark.parametrize("case", list(OTHER_SETS))
+def test_an_eval_set_the_model_cannot_be_scored_on_is_a_clear_error(mnist_model, tmp_path: Path, case: str) -> None:
+    key, name, step, message = OTHER_SETS[case]
     config, weights, data = mnist_model
-    ev = _evaluation(config, weights, data, tmp_path / "eval", shift=("fashion_mnist",))
-    with pytest.raises(ConfigError, match=r"eval.shift: fashion_mnist: its classes \(10: t-shirt, .*not the model's"):
-        shifted_sets(ev)
+    ev = _evaluation(config, weights, data, tmp_path / "eval", **{key: (name,)})
+    with pytest.raises(ConfigError, match=message):
+        step(ev)
 
 
 @pytest.fixture(scope="module")
