@@ -2,7 +2,8 @@
 `raycls space validate` and `run_tune`, so each checks the same things in the same order.
 
     load the YAML (--set applied, once) -> the fast-dev-run variant -> every stage reports the metric
-    -> each model takes the input size -> OOD and shift datasets have its channels -> this machine has the data and the pretrained weights
+    -> each model takes the input size -> OOD and shift datasets fit its images
+    -> this machine has the data and the pretrained weights
     -> leaderboard references resolved (teacher / init: {from: EXPERIMENT, pick: best})
 """
 
@@ -50,7 +51,7 @@ def prepare_experiment(
     check_progressive_freeze(experiment)  # progressive unfreezing on one worker per trial
     check_input_sizes(experiment)  # each model a trial builds takes the images' size (ViTs: a fixed one)
     check_model_modules(experiment)  # model.modules fit their models (CNN modules on CNNs, ...)
-    check_eval_sets(experiment)  # OOD and shift datasets have the trial's channels
+    check_eval_sets(experiment)  # OOD and shift datasets have the trial's channels (shift sets: its classes)
     if environment:
         problems = environment_problems(experiment)
         if problems:
@@ -154,7 +155,7 @@ def check_model_modules(experiment: Experiment) -> None:
 
 def check_eval_sets(experiment: Experiment) -> None:
     """An OOD or shift set that is a dataset of other channels than the trial's (CIFAR-10 beside MNIST), or a
-    shift set of other classes (CIFAR-100 beside CIFAR-10), is refused before any trial starts: each trial's
+    shift set of other classes (Fashion-MNIST beside MNIST), is refused before any trial starts: each trial's
     evaluation would otherwise fail it after training, or score unrelated labels. Known from the dataset
     registry; classes only where both datasets have fixed ones (a folder's are read with it)."""
     from raycls.data.datasets import DATASETS
@@ -170,9 +171,9 @@ def check_eval_sets(experiment: Experiment) -> None:
     ]
     for name in config.eval.shift:
         found = DATASETS.get(name).classes if name in DATASETS.names() else None
-        problem = found and trial.classes and shift_classes_problem(found, trial.classes, what=f"eval.shift: {name}")
-        if problem:
-            problems.append(problem)
+        if found is not None and trial.classes is not None:
+            problem = shift_classes_problem(found, trial.classes, what=f"eval.shift: {name}")
+            problems += [problem] if problem else []
     if problems:
         raise ConfigError(problems, source=experiment.source)
 
