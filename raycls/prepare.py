@@ -167,7 +167,7 @@ def check_eval_sets(experiment: Experiment) -> None:
         problem
         for key, sets in (("eval.ood", config.eval.ood), ("eval.shift", config.eval.shift))
         for name in sets
-        if name in DATASETS.names() and (problem := set_channels_problem(name, trial.channels, what=f"{key}: {name}"))
+        if name in DATASETS.names() and (problem := set_channels_problem(name, trial.channels, key=key))
     ]
     for name in config.eval.shift:
         found = DATASETS.get(name).classes if name in DATASETS.names() else None

@@ -219,7 +219,7 @@ def test_an_ood_set_of_other_channels_suggests_only_registered_sets() -> None:
         test=SimpleNamespace(images=torch.zeros(2, 3, 8, 8, dtype=torch.uint8)), data_config=None
     )
     with pytest.raises(ConfigError) as info:
-        registered_set(evaluation, "digits", what="eval.ood: digits")
+        registered_set(evaluation, "digits", key="eval.ood")
     message = str(info.value)
     suggested = set(re.findall(r"[a-z0-9_]+", " ".join(re.findall(r"\(([^)]*)\)", message.split("; ", 1)[1]))))
     suggested -= {"made", "with", "any", "channels"}
@@ -305,6 +305,10 @@ def test_an_ood_or_shift_dataset_of_other_channels_is_refused_before_any_trial(t
     assert "ood.yaml" in text
     assert "eval.ood: cifar10: its images have 3 channel(s), the model's have 1" in text
     assert "eval.shift: cifar100: its images have 3 channel(s)" in text
+    # Each family suggests its own generated sets: noise is an OOD set, corruptions a shift set.
+    ood_line, shift_line = (line for line in text.splitlines() if "channel(s)" in line)
+    assert "uniform_noise" in ood_line and "corruptions" not in ood_line
+    assert "(made with any channels: corruptions)" in shift_line and "uniform_noise" not in shift_line
     assert "1-channel images (digits, fashion_mnist, mnist)" in text  # only datasets that would fit are named
     fits = write_yaml(
         tmp_path / "fits.yaml", DIGITS.replace("eval: {on: none}", "eval: {ood: [mnist], shift: [corruptions, mnist]}")

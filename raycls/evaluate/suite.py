@@ -310,13 +310,18 @@ def ood_set(ev: Evaluation, name: str) -> ArrayData:
     if name in GENERATED_OOD:
         images = GENERATED_OOD.get(name)(n, channels, size, ev.seed)
     else:
-        images = ev.sample(registered_set(ev, name, what=f"eval.ood: {name}"), n).images
+        images = ev.sample(registered_set(ev, name, key="eval.ood"), n).images
     return ArrayData(images, torch.zeros(len(images), dtype=torch.long), test.classes)
 
 
-def set_channels_problem(name: str, channels: int, *, what: str) -> str | None:
-    """Why the registered dataset `name` cannot be an OOD or shift set of a model of `channels`-channel images
-    (from the registry, without reading it): checked before any trial starts and again before it is read."""
+# The sets of each family that raycls makes for any model (what an error suggests instead of a dataset).
+MADE_FOR_ANY_MODEL = {"eval.ood": GENERATED_OOD, "eval.shift": SHIFT_SETS}
+
+
+def set_channels_problem(name: str, channels: int, *, key: str) -> str | None:
+    """Why the registered dataset `name` cannot be an OOD or shift set (`key`: eval.ood or eval.shift) of a
+    model of `channels`-channel images, from the registry without reading it: checked before any trial
+    starts and again before it is read."""
     from raycls.data.datasets import DATASETS
 
     found = DATASETS.get(name).channels
@@ -329,8 +334,8 @@ def set_channels_problem(name: str, channels: int, *, what: str) -> str | None:
         if n != name and not DATASETS.get(n).eval_only and DATASETS.get(n).channels == channels
     ]
     return (
-        f"{what}: its images have {found} channel(s), the model's have {channels}; "
-        f"choose a generated set (made with any channels: {', '.join(GENERATED_OOD.names())}) "
+        f"{key}: {name}: its images have {found} channel(s), the model's have {channels}; "
+        f"choose a generated set (made with any channels: {', '.join(MADE_FOR_ANY_MODEL[key].names())}) "
         f"or a registered dataset of {channels}-channel images ({', '.join(others)})"
     )
 
@@ -351,7 +356,7 @@ def shift_classes_problem(found: tuple[str, ...], classes: tuple[str, ...], *, w
     )
 
 
-def registered_set(ev: Evaluation, name: str, *, what: str) -> ArrayData:
+def registered_set(ev: Evaluation, name: str, *, key: str) -> ArrayData:
     """A registered dataset's test split (its training pool when it has none), read from the trial's data
     root and resized to the evaluated images' size; its channels must match."""
     from raycls.config.schema import DataConfig
@@ -359,7 +364,7 @@ def registered_set(ev: Evaluation, name: str, *, what: str) -> ArrayData:
     from raycls.errors import ConfigError
 
     channels, size = ev.test.images.shape[1], ev.test.images.shape[-1]
-    problem = set_channels_problem(name, channels, what=what)  # before reading it (CIFAR-10: 60k images)
+    problem = set_channels_problem(name, channels, key=key)  # before reading it (CIFAR-10: 60k images)
     if problem:
         raise ConfigError(problem)
     config = DataConfig(name=name, root=getattr(ev.data_config, "root", None)) if name != "folder" else ev.data_config
@@ -414,9 +419,8 @@ def shifted_sets(ev: Evaluation) -> list[ShiftedSet]:
     sets: list[ShiftedSet] = []
     for name in ev.config.shift:
         if name != CORRUPTIONS_SET:  # a dataset with the same classes (CIFAR-10.1 for CIFAR-10)
-            what = f"eval.shift: {name}"
-            data = registered_set(ev, name, what=what)
-            problem = shift_classes_problem(data.classes, ev.test.classes, what=what)
+            data = registered_set(ev, name, key="eval.shift")
+            problem = shift_classes_problem(data.classes, ev.test.classes, what=f"eval.shift: {name}")
             if problem:
                 raise ConfigError(problem)
             sets.append((name, None, ev.sample(data, ev.config.images)))
