@@ -163,17 +163,14 @@ def check_eval_sets(experiment: Experiment) -> None:
 
     config = resolve_trial(experiment)
     trial = DATASETS.get(config.data.name)
-    problems = [
-        problem
-        for key, sets in (("eval.ood", config.eval.ood), ("eval.shift", config.eval.shift))
-        for name in sets
-        if name in DATASETS.names() and (problem := set_channels_problem(name, trial.channels, key=key))
-    ]
-    for name in config.eval.shift:
-        found = DATASETS.get(name).classes if name in DATASETS.names() else None
-        if found is not None and trial.classes is not None:
-            problem = shift_classes_problem(found, trial.classes, what=f"eval.shift: {name}")
-            problems += [problem] if problem else []
+    checked: list[str | None] = []  # one answer per check, None where it passed
+    for key, sets in (("eval.ood", config.eval.ood), ("eval.shift", config.eval.shift)):
+        for name in (n for n in sets if n in DATASETS):  # the generated sets are made for any model
+            checked.append(set_channels_problem(name, trial.channels, key=key))
+            found = DATASETS.get(name).classes
+            if key == "eval.shift" and found is not None and trial.classes is not None:
+                checked.append(shift_classes_problem(found, trial.classes, what=f"{key}: {name}"))
+    problems = [p for p in checked if p]
     if problems:
         raise ConfigError(problems, source=experiment.source)
 
